@@ -1,0 +1,174 @@
+//! File backend: one file per object under a root directory.
+//!
+//! `put` writes `KEY.tmp-RANDOM`, `fsync`s it, renames it over `KEY` and `fsync`s the directory,
+//! so an object is either wholly present or absent after a crash. All file I/O runs on tokio's
+//! blocking pool.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{check_key, check_range, Backend, BackendError};
+
+/// Objects as files below `root`.
+#[derive(Debug, Clone)]
+pub struct FileBackend {
+    root: PathBuf,
+}
+
+impl FileBackend {
+    /// A backend rooted at `root` (created if missing).
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, BackendError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|e| io_err(&root.display().to_string(), e))?;
+        Ok(Self { root })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, BackendError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn io_err(key: &str, e: std::io::Error) -> BackendError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        return BackendError::NotFound(key.to_owned());
+    }
+    BackendError::Io {
+        key: key.to_owned(),
+        message: e.to_string(),
+        transient: matches!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+        ) || e.raw_os_error() == Some(28),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    key: &str,
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Io {
+            key: key.to_owned(),
+            message: format!("blocking task failed: {e}"),
+            transient: false,
+        })?
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[async_trait]
+impl Backend for FileBackend {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        let path = self.path(key)?;
+        let k = key.to_owned();
+        blocking(key, move || {
+            let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+            std::fs::create_dir_all(&dir).map_err(|e| io_err(&k, e))?;
+            let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+            let result = (|| {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                fsync_dir(&dir)
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            result.map_err(|e| io_err(&k, e))
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let path = self.path(key)?;
+        let k = key.to_owned();
+        blocking(key, move || {
+            std::fs::read(&path)
+                .map(Bytes::from)
+                .map_err(|e| io_err(&k, e))
+        })
+        .await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+        let path = self.path(key)?;
+        let k = key.to_owned();
+        blocking(key, move || {
+            let mut f = std::fs::File::open(&path).map_err(|e| io_err(&k, e))?;
+            let len = f.metadata().map_err(|e| io_err(&k, e))?.len();
+            check_range(&k, &range, len)?;
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            f.seek(SeekFrom::Start(range.start))
+                .and_then(|_| f.read_exact(&mut buf))
+                .map_err(|e| io_err(&k, e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        let path = self.path(key)?;
+        let k = key.to_owned();
+        blocking(key, move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&k, e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        blocking(&prefix.clone(), move || {
+            let mut out = Vec::new();
+            walk(&root, &root, &mut out).map_err(|e| io_err(&prefix, e))?;
+            out.retain(|k| k.starts_with(&prefix) && !k.contains(".tmp-"));
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            walk(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            if let Some(s) = rel.to_str() {
+                out.push(s.to_owned());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn contract() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::contract::check(&super::FileBackend::new(dir.path()).unwrap()).await;
+    }
+}

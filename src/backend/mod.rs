@@ -1,0 +1,171 @@
+//! Object backends: where chunk objects live. One async trait, one file per implementation.
+//!
+//! Keys are `/`-separated relative paths made by [`chunk_key`] (FORMAT.md, "Object keys").
+//! Backends do not retry: the caller (the flusher, the read path) owns retry policy.
+
+pub mod file;
+pub mod memory;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::ids::VolumeId;
+
+/// Errors of the backend layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// No object under the key.
+    #[error("object {0} not found")]
+    NotFound(String),
+    /// The requested byte range is not inside the object.
+    #[error("range {start}..{end} outside object {key} of {len} bytes")]
+    BadRange {
+        /// Key.
+        key: String,
+        /// Requested start byte.
+        start: u64,
+        /// Requested end byte (exclusive).
+        end: u64,
+        /// Object length in bytes.
+        len: u64,
+    },
+    /// A key that is not a safe relative path.
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    /// An I/O or transport failure; `transient` says whether a retry may succeed.
+    #[error("backend I/O error on {key}: {message}")]
+    Io {
+        /// Key (or prefix) being accessed.
+        key: String,
+        /// What failed.
+        message: String,
+        /// True for timeouts, 5xx, throttling, connection failures.
+        transient: bool,
+    },
+}
+
+impl BackendError {
+    /// True when retrying the same call may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Io {
+                transient: true,
+                ..
+            }
+        )
+    }
+}
+
+/// An object store. Objects are immutable once `put` returns `Ok`: `put` is atomic and durable
+/// (a reader sees the whole object or none of it, also after a crash).
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Stores `data` under `key`, replacing any object there.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    /// The whole object.
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    /// Bytes `range.start..range.end` of the object (a ranged GET); the range must lie inside it.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError>;
+    /// Deletes the object; deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), BackendError>;
+    /// Keys that start with `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+    /// Short name for logs (`file`, `memory`, `s3`).
+    fn kind(&self) -> &'static str;
+}
+
+/// A shared backend.
+pub type SharedBackend = Arc<dyn Backend>;
+
+/// Key of chunk object `object_id` written by `volume`: `VOLUMEID/chunks/OBJECTID` with the id as
+/// 16 lowercase hex digits (FORMAT.md, "Object keys").
+pub fn chunk_key(volume: &VolumeId, object_id: u64) -> String {
+    format!("{volume}/chunks/{object_id:016x}")
+}
+
+/// Prefix of every object of `volume`.
+pub fn volume_prefix(volume: &VolumeId) -> String {
+    format!("{volume}/")
+}
+
+/// Checks that a key is a relative path of safe segments (no `..`, no empty or absolute parts).
+pub(crate) fn check_key(key: &str) -> Result<(), BackendError> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::InvalidKey(key.chars().take(200).collect()))
+    }
+}
+
+pub(crate) fn check_range(key: &str, range: &Range<u64>, len: u64) -> Result<(), BackendError> {
+    if range.start > range.end || range.end > len {
+        return Err(BackendError::BadRange {
+            key: key.to_owned(),
+            start: range.start,
+            end: range.end,
+            len,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! The behaviour every backend must show; each implementation runs it.
+    use super::*;
+
+    pub async fn check(b: &dyn Backend) {
+        let key = "vol-0123456789abcdef0/chunks/0000000000000001";
+        assert!(matches!(b.get(key).await, Err(BackendError::NotFound(_))));
+        b.put(key, Bytes::from_static(b"hello world"))
+            .await
+            .unwrap();
+        assert_eq!(&b.get(key).await.unwrap()[..], b"hello world");
+        assert_eq!(&b.get_range(key, 6..11).await.unwrap()[..], b"world");
+        assert_eq!(&b.get_range(key, 0..0).await.unwrap()[..], b"");
+        assert!(matches!(
+            b.get_range(key, 6..12).await,
+            Err(BackendError::BadRange { .. })
+        ));
+        b.put(key, Bytes::from_static(b"replaced")).await.unwrap();
+        assert_eq!(&b.get(key).await.unwrap()[..], b"replaced");
+        let key2 = "vol-0123456789abcdef0/chunks/0000000000000002";
+        b.put(key2, Bytes::from_static(b"2")).await.unwrap();
+        b.put(
+            "vol-1111111111111111a/chunks/0000000000000001",
+            Bytes::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            b.list("vol-0123456789abcdef0/").await.unwrap(),
+            vec![key.to_owned(), key2.to_owned()]
+        );
+        b.delete(key).await.unwrap();
+        b.delete(key).await.unwrap();
+        assert!(matches!(b.get(key).await, Err(BackendError::NotFound(_))));
+        assert_eq!(
+            b.list("vol-0123456789abcdef0/").await.unwrap(),
+            vec![key2.to_owned()]
+        );
+        for bad in ["", "../x", "a//b", "/abs", "a/../../b", "a/b c"] {
+            assert!(matches!(
+                b.put(bad, Bytes::new()).await,
+                Err(BackendError::InvalidKey(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Chunk object format, version 1: immutable objects of up to 4 MiB of block data.
+//! `docs/FORMAT.md` ("Chunk object") is the prose spec; keep both in step.
+//!
+//! Layout (integers little-endian):
+//! ```text
+//! header (48 bytes): magic u32 "VBCK" | version u16 | flags u16 | volume_tag u64 | object_id u64 |
+//!                    min_seq u64 | max_seq u64 | extent_count u32 | crc32 u32
+//! index  (extent_count x 40 bytes), sorted by start_block, non-overlapping:
+//!        start_block u64 | seq u64 | block_count u32 | kind u8 | reserved [u8;3] |
+//!        frame_offset u32 | frame_len u32 | frame_crc u32 | reserved u32
+//! frames: one zstd frame per data extent, at frame_offset, frame_len bytes long
+//! ```
+//! The header CRC covers header bytes 0..44 and the whole index; each frame has its own CRC32 over
+//! its compressed bytes, so one extent can be fetched (ranged read) and verified alone. Zero
+//! extents (trimmed, write-zeroes or all-zero data) have no frame: `frame_*` are 0.
+
+use bytes::Bytes;
+
+use crate::block::{is_zero, BLOCK_BYTES};
+
+/// ASCII "VBCK".
+pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"VBCK");
+/// The only chunk format version this build writes and reads.
+pub const CHUNK_VERSION: u16 = 1;
+/// Header length in bytes.
+pub const CHUNK_HEADER_LEN: usize = 48;
+/// Index entry length in bytes.
+pub const INDEX_ENTRY_LEN: usize = 40;
+/// Largest frame the decoder accepts, in blocks (16 MiB uncompressed).
+pub const MAX_FRAME_BLOCKS: u32 = 4096;
+
+/// Errors of the chunk layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    /// The object is shorter than its header and index say.
+    #[error("chunk truncated: need {need} bytes, have {have}")]
+    Truncated {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// Not a chunk object.
+    #[error("bad chunk magic {0:#010x}")]
+    BadMagic(u32),
+    /// A format version this build does not read.
+    #[error("unsupported chunk version {0}")]
+    BadVersion(u16),
+    /// The header/index CRC or a frame CRC does not match.
+    #[error("chunk {what} crc mismatch")]
+    Crc {
+        /// `index` or `frame`.
+        what: &'static str,
+    },
+    /// The index is inconsistent (unsorted, overlapping, frame outside the object, bad kind).
+    #[error("chunk index invalid: {0}")]
+    BadIndex(String),
+    /// zstd failed, or a frame decompressed to the wrong length.
+    #[error("chunk frame decode failed: {0}")]
+    Frame(String),
+}
+
+/// Data or zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExtentKind {
+    /// Blocks stored in a frame.
+    Data = 1,
+    /// Blocks that read as zeros; nothing stored.
+    Zero = 2,
+}
+
+/// One index entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkExtent {
+    /// First block.
+    pub start_block: u64,
+    /// Sequence number of the write that produced these blocks.
+    pub seq: u64,
+    /// Number of blocks.
+    pub block_count: u32,
+    /// Data or zero.
+    pub kind: ExtentKind,
+    /// Byte offset of the frame in the object (0 for zero extents).
+    pub frame_offset: u32,
+    /// Compressed frame length in bytes (0 for zero extents).
+    pub frame_len: u32,
+    /// CRC32 of the compressed frame bytes (0 for zero extents).
+    pub frame_crc: u32,
+}
+
+/// The decoded header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// Tag of the volume that wrote the chunk.
+    pub volume_tag: u64,
+    /// Object id (also in its key).
+    pub object_id: u64,
+    /// Smallest extent sequence number.
+    pub min_seq: u64,
+    /// Largest extent sequence number.
+    pub max_seq: u64,
+    /// Number of index entries.
+    pub extent_count: u32,
+}
+
+/// What to put in a chunk: a run of blocks at `start_block` written at `seq`, as data (whole
+/// blocks) or zeros.
+#[derive(Debug, Clone)]
+pub struct InputExtent {
+    /// First block.
+    pub start_block: u64,
+    /// Blocks.
+    pub block_count: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// `Some(data)` with `block_count * 4096` bytes, or `None` for zeros.
+    pub data: Option<Bytes>,
+}
+
+/// Chunk build settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkOptions {
+    /// Largest data extent (one zstd frame), in blocks; a read of one block decompresses at most
+    /// this much (default 16 = 64 KiB).
+    pub frame_blocks: u32,
+    /// zstd level (default 1).
+    pub zstd_level: i32,
+}
+
+impl Default for ChunkOptions {
+    fn default() -> Self {
+        Self {
+            frame_blocks: 16,
+            zstd_level: 1,
+        }
+    }
+}
+
+/// Builds a chunk object from `input` (sorted by block, non-overlapping). All-zero blocks become
+/// zero extents; data runs are split into frames of at most `frame_blocks`.
+///
+/// Returns the object bytes and its index. CPU-bound: call from a blocking thread.
+pub fn build(
+    volume_tag: u64,
+    object_id: u64,
+    input: &[InputExtent],
+    opts: ChunkOptions,
+) -> Result<(Bytes, Vec<ChunkExtent>), ChunkError> {
+    let frame_blocks = opts.frame_blocks.clamp(1, MAX_FRAME_BLOCKS) as u64;
+    let mut index: Vec<ChunkExtent> = Vec::new();
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let push_zero = |index: &mut Vec<ChunkExtent>, start: u64, count: u64, seq: u64| {
+        // Merge with a preceding adjacent zero extent of the same write.
+        if let Some(last) = index.last_mut() {
+            if last.kind == ExtentKind::Zero
+                && last.seq == seq
+                && last.start_block + u64::from(last.block_count) == start
+                && u64::from(last.block_count) + count <= u64::from(u32::MAX)
+            {
+                last.block_count += count as u32;
+                return;
+            }
+        }
+        let mut left = count;
+        let mut at = start;
+        while left > 0 {
+            let n = left.min(u64::from(u32::MAX));
+            index.push(ChunkExtent {
+                start_block: at,
+                seq,
+                block_count: n as u32,
+                kind: ExtentKind::Zero,
+                frame_offset: 0,
+                frame_len: 0,
+                frame_crc: 0,
+            });
+            at += n;
+            left -= n;
+        }
+    };
+    for ext in input {
+        let Some(data) = &ext.data else {
+            push_zero(&mut index, ext.start_block, ext.block_count, ext.seq);
+            continue;
+        };
+        if data.len() as u64 != ext.block_count * BLOCK_BYTES as u64 {
+            return Err(ChunkError::BadIndex(format!(
+                "input extent at block {} has {} bytes for {} blocks",
+                ext.start_block,
+                data.len(),
+                ext.block_count
+            )));
+        }
+        let mut b = 0u64;
+        while b < ext.block_count {
+            let block = |i: u64| &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
+            let zero = is_zero(block(b));
+            let mut e = b + 1;
+            while e < ext.block_count && is_zero(block(e)) == zero && (zero || e - b < frame_blocks)
+            {
+                e += 1;
+            }
+            if zero {
+                push_zero(&mut index, ext.start_block + b, e - b, ext.seq);
+            } else {
+                let raw = &data[(b * 4096) as usize..(e * 4096) as usize];
+                let frame = zstd::bulk::compress(raw, opts.zstd_level)
+                    .map_err(|e| ChunkError::Frame(e.to_string()))?;
+                index.push(ChunkExtent {
+                    start_block: ext.start_block + b,
+                    seq: ext.seq,
+                    block_count: (e - b) as u32,
+                    kind: ExtentKind::Data,
+                    frame_offset: 0,
+                    frame_len: frame.len() as u32,
+                    frame_crc: crc32fast::hash(&frame),
+                });
+                frames.push(frame);
+            }
+            b = e;
+        }
+    }
+    let mut offset = CHUNK_HEADER_LEN + index.len() * INDEX_ENTRY_LEN;
+    let total = offset + frames.iter().map(Vec::len).sum::<usize>();
+    if total > u32::MAX as usize {
+        return Err(ChunkError::BadIndex("chunk larger than 4 GiB".into()));
+    }
+    for e in index.iter_mut().filter(|e| e.kind == ExtentKind::Data) {
+        e.frame_offset = offset as u32;
+        offset += e.frame_len as usize;
+    }
+    let header = ChunkHeader {
+        volume_tag,
+        object_id,
+        min_seq: index.iter().map(|e| e.seq).min().unwrap_or(0),
+        max_seq: index.iter().map(|e| e.seq).max().unwrap_or(0),
+        extent_count: index.len() as u32,
+    };
+    let mut out = Vec::with_capacity(total);
+    encode_header_and_index(&header, &index, &mut out);
+    for f in &frames {
+        out.extend_from_slice(f);
+    }
+    Ok((Bytes::from(out), index))
+}
+
+fn encode_header_and_index(h: &ChunkHeader, index: &[ChunkExtent], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&CHUNK_MAGIC.to_le_bytes());
+    out.extend_from_slice(&CHUNK_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&h.volume_tag.to_le_bytes());
+    out.extend_from_slice(&h.object_id.to_le_bytes());
+    out.extend_from_slice(&h.min_seq.to_le_bytes());
+    out.extend_from_slice(&h.max_seq.to_le_bytes());
+    out.extend_from_slice(&h.extent_count.to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    for e in index {
+        out.extend_from_slice(&e.start_block.to_le_bytes());
+        out.extend_from_slice(&e.seq.to_le_bytes());
+        out.extend_from_slice(&e.block_count.to_le_bytes());
+        out.push(e.kind as u8);
+        out.extend_from_slice(&[0u8; 3]);
+        out.extend_from_slice(&e.frame_offset.to_le_bytes());
+        out.extend_from_slice(&e.frame_len.to_le_bytes());
+        out.extend_from_slice(&e.frame_crc.to_le_bytes());
+        out.extend_from_slice(&[0u8; 4]);
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[start..start + 44]);
+    crc.update(&out[start + CHUNK_HEADER_LEN..]);
+    let crc = crc.finalize().to_le_bytes();
+    out[start + 44..start + 48].copy_from_slice(&crc);
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Decodes and verifies the header and index of a chunk object (`b` may be just the object's
+/// first `CHUNK_HEADER_LEN + extent_count * INDEX_ENTRY_LEN` bytes). Frame bounds are checked
+/// against `object_len`.
+pub fn decode_index(
+    b: &[u8],
+    object_len: u64,
+) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkError> {
+    if b.len() < CHUNK_HEADER_LEN {
+        return Err(ChunkError::Truncated {
+            need: CHUNK_HEADER_LEN,
+            have: b.len(),
+        });
+    }
+    let magic = le_u32(b, 0);
+    if magic != CHUNK_MAGIC {
+        return Err(ChunkError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != CHUNK_VERSION {
+        return Err(ChunkError::BadVersion(version));
+    }
+    let header = ChunkHeader {
+        volume_tag: le_u64(b, 8),
+        object_id: le_u64(b, 16),
+        min_seq: le_u64(b, 24),
+        max_seq: le_u64(b, 32),
+        extent_count: le_u32(b, 40),
+    };
+    let need = CHUNK_HEADER_LEN as u64 + u64::from(header.extent_count) * INDEX_ENTRY_LEN as u64;
+    if (b.len() as u64) < need || object_len < need {
+        return Err(ChunkError::Truncated {
+            need: need.min(usize::MAX as u64) as usize,
+            have: b.len().min(object_len as usize),
+        });
+    }
+    let need = need as usize;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&b[0..44]);
+    crc.update(&b[CHUNK_HEADER_LEN..need]);
+    if crc.finalize() != le_u32(b, 44) {
+        return Err(ChunkError::Crc { what: "index" });
+    }
+    let mut index = Vec::with_capacity(header.extent_count as usize);
+    let mut prev_end = 0u64;
+    for i in 0..header.extent_count as usize {
+        let at = CHUNK_HEADER_LEN + i * INDEX_ENTRY_LEN;
+        let kind = match b[at + 20] {
+            1 => ExtentKind::Data,
+            2 => ExtentKind::Zero,
+            k => return Err(ChunkError::BadIndex(format!("extent {i}: kind {k}"))),
+        };
+        let e = ChunkExtent {
+            start_block: le_u64(b, at),
+            seq: le_u64(b, at + 8),
+            block_count: le_u32(b, at + 16),
+            kind,
+            frame_offset: le_u32(b, at + 24),
+            frame_len: le_u32(b, at + 28),
+            frame_crc: le_u32(b, at + 32),
+        };
+        let end = e.start_block.checked_add(u64::from(e.block_count));
+        let frame_end = u64::from(e.frame_offset) + u64::from(e.frame_len);
+        let bad = e.block_count == 0
+            || end.is_none()
+            || (i > 0 && e.start_block < prev_end)
+            || (kind == ExtentKind::Data
+                && (e.block_count > MAX_FRAME_BLOCKS
+                    || (e.frame_offset as usize) < need
+                    || frame_end > object_len));
+        if bad {
+            return Err(ChunkError::BadIndex(format!("extent {i}: {e:?}")));
+        }
+        prev_end = end.unwrap_or(u64::MAX);
+        index.push(e);
+    }
+    Ok((header, index))
+}
+
+/// Verifies a frame's CRC and decompresses it to exactly `blocks * 4096` bytes.
+/// CPU-bound: call from a blocking thread.
+pub fn decode_frame(frame: &[u8], crc: u32, blocks: u32) -> Result<Bytes, ChunkError> {
+    if crc32fast::hash(frame) != crc {
+        return Err(ChunkError::Crc { what: "frame" });
+    }
+    if blocks == 0 || blocks > MAX_FRAME_BLOCKS {
+        return Err(ChunkError::Frame(format!("frame of {blocks} blocks")));
+    }
+    let expected = blocks as usize * BLOCK_BYTES;
+    let data =
+        zstd::bulk::decompress(frame, expected).map_err(|e| ChunkError::Frame(e.to_string()))?;
+    if data.len() != expected {
+        return Err(ChunkError::Frame(format!(
+            "frame decompressed to {} bytes, expected {expected}",
+            data.len()
+        )));
+    }
+    Ok(Bytes::from(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn block(fill: u8) -> Vec<u8> {
+        vec![fill; BLOCK_BYTES]
+    }
+
+    #[test]
+    fn round_trip_with_zero_detection_and_frames() {
+        let mut data = Vec::new();
+        for i in 0..40u8 {
+            data.extend(block(if (10..13).contains(&i) { 0 } else { i + 1 }));
+        }
+        let input = vec![
+            InputExtent {
+                start_block: 100,
+                block_count: 40,
+                seq: 5,
+                data: Some(Bytes::from(data.clone())),
+            },
+            InputExtent {
+                start_block: 200,
+                block_count: 1000,
+                seq: 6,
+                data: None,
+            },
+        ];
+        let (obj, index) = build(9, 77, &input, ChunkOptions::default()).unwrap();
+        let (h, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
+        assert_eq!(decoded, index);
+        assert_eq!(
+            (h.object_id, h.volume_tag, h.min_seq, h.max_seq),
+            (77, 9, 5, 6)
+        );
+        // blocks 100..110 data, 110..113 zero, 113..129 data (16), 129..140 data, 200..1200 zero
+        let shape: Vec<_> = index
+            .iter()
+            .map(|e| (e.start_block, e.block_count, e.kind))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (100, 10, ExtentKind::Data),
+                (110, 3, ExtentKind::Zero),
+                (113, 16, ExtentKind::Data),
+                (129, 11, ExtentKind::Data),
+                (200, 1000, ExtentKind::Zero),
+            ]
+        );
+        let mut rebuilt = Vec::new();
+        for e in &index {
+            match e.kind {
+                ExtentKind::Data => {
+                    let f = &obj[e.frame_offset as usize..(e.frame_offset + e.frame_len) as usize];
+                    rebuilt
+                        .extend_from_slice(&decode_frame(f, e.frame_crc, e.block_count).unwrap());
+                }
+                ExtentKind::Zero if e.start_block < 200 => {
+                    rebuilt.extend(vec![0u8; e.block_count as usize * BLOCK_BYTES])
+                }
+                ExtentKind::Zero => {}
+            }
+        }
+        assert_eq!(rebuilt, data);
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let input = vec![InputExtent {
+            start_block: 0,
+            block_count: 2,
+            seq: 1,
+            data: Some(Bytes::from([block(1), block(2)].concat())),
+        }];
+        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
+        let head = CHUNK_HEADER_LEN + INDEX_ENTRY_LEN;
+        for i in 0..head {
+            let mut b = obj.to_vec();
+            b[i] ^= 0x10;
+            assert!(decode_index(&b, b.len() as u64).is_err(), "byte {i}");
+        }
+        let e = index[0];
+        let mut f = obj[e.frame_offset as usize..].to_vec();
+        f[3] ^= 1;
+        assert_eq!(
+            decode_frame(&f, e.frame_crc, 2),
+            Err(ChunkError::Crc { what: "frame" })
+        );
+        assert!(decode_index(&obj[..head - 1], obj.len() as u64).is_err());
+        assert!(
+            decode_index(&obj, (head + 1) as u64).is_err(),
+            "frame beyond object end"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), crc in any::<u32>(), blocks in any::<u32>()) {
+            let _ = decode_index(&bytes, bytes.len() as u64);
+            let _ = decode_frame(&bytes, crc, blocks % 8);
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The engine: every volume of one daemon — metadata DB, backend, frame cache, open volumes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use crate::backend::{volume_prefix, SharedBackend};
+use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
+use crate::cache::{frame_cache, FrameCache};
+use crate::ids::VolumeId;
+use crate::meta::{blocking, MetaStore, VolumeRecord, VolumeStateName};
+use crate::volume::{Volume, VolumeConfig, VolumeError};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Directory for RocksDB metadata (`DATA_DIR/meta`).
+    pub data_dir: PathBuf,
+    /// Directory holding one WAL directory per volume (`WAL_DIR/VOLUMEID/`).
+    pub wal_dir: PathBuf,
+    /// Per-volume engine settings.
+    pub volume: VolumeConfig,
+    /// RocksDB block cache in bytes (default 64 MiB): the bounded in-memory part of the map.
+    pub meta_cache_bytes: usize,
+    /// Decompressed-frame cache in bytes, shared by all volumes (default 256 MiB).
+    pub frame_cache_bytes: u64,
+    /// How long closing a volume may spend turning its buffer into chunks (default 30 s).
+    pub close_drain_timeout: Duration,
+}
+
+impl EngineConfig {
+    /// Defaults with everything under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        Self {
+            wal_dir: data_dir.join("wal"),
+            data_dir,
+            volume: VolumeConfig::default(),
+            meta_cache_bytes: 64 << 20,
+            frame_cache_bytes: 256 << 20,
+            close_drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// All volumes of one daemon.
+pub struct Engine {
+    config: EngineConfig,
+    meta: MetaStore,
+    backend: SharedBackend,
+    cache: FrameCache,
+    open: tokio::sync::Mutex<HashMap<VolumeId, Volume>>,
+}
+
+/// RFC 3339 timestamp of now, to the second.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Engine {
+    /// Opens the metadata DB under `config.data_dir/meta` and uses `backend` for chunks.
+    pub async fn open(config: EngineConfig, backend: SharedBackend) -> Result<Self, VolumeError> {
+        let dir = config.data_dir.join("meta");
+        let cache_bytes = config.meta_cache_bytes;
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::create_dir_all(&config.wal_dir))
+            .map_err(|e| VolumeError::Invalid(format!("cannot create data directories: {e}")))?;
+        let meta = blocking(move || MetaStore::open(&dir, cache_bytes)).await?;
+        Ok(Self {
+            cache: frame_cache(config.frame_cache_bytes),
+            config,
+            meta,
+            backend,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The metadata store (volume records).
+    pub fn meta(&self) -> &MetaStore {
+        &self.meta
+    }
+
+    /// The chunk backend.
+    pub fn backend(&self) -> &SharedBackend {
+        &self.backend
+    }
+
+    /// Checks a size in bytes: a positive multiple of 4096 up to 16 TiB.
+    pub fn check_size(size_bytes: u64) -> Result<(), VolumeError> {
+        if size_bytes == 0 || size_bytes % BLOCK_SIZE != 0 || size_bytes > MAX_VOLUME_BYTES {
+            return Err(VolumeError::Invalid(format!(
+                "volume size {size_bytes} bytes must be a positive multiple of 4096 up to 16 TiB"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A new record for a volume of `size_bytes` named `name`, state `available`.
+    pub fn new_record(size_bytes: u64, name: &str) -> VolumeRecord {
+        VolumeRecord {
+            volume_id: VolumeId::generate(),
+            name: name.to_owned(),
+            size_bytes,
+            create_time: now_rfc3339(),
+            state: VolumeStateName::Available,
+            volume_type: "gp3".into(),
+            iops: 3000,
+            availability_zone: String::new(),
+            snapshot_id: String::new(),
+            tags: Vec::new(),
+            attachments: Vec::new(),
+            client_token: String::new(),
+            mounted: false,
+        }
+    }
+
+    /// Creates a volume of `size_bytes` (see [`Engine::check_size`]) and persists its record.
+    pub async fn create_volume(
+        &self,
+        size_bytes: u64,
+        name: &str,
+    ) -> Result<VolumeRecord, VolumeError> {
+        let rec = Self::new_record(size_bytes, name);
+        self.create_volume_from(rec.clone()).await?;
+        Ok(rec)
+    }
+
+    /// Persists a new volume record prepared by the caller (the control plane fills EC2 fields).
+    pub async fn create_volume_from(&self, rec: VolumeRecord) -> Result<(), VolumeError> {
+        Self::check_size(rec.size_bytes)?;
+        let meta = self.meta.clone();
+        blocking(move || {
+            if meta.get_volume(&rec.volume_id)?.is_some() {
+                return Err(crate::meta::MetaError::Corrupt {
+                    key: rec.volume_id.to_string(),
+                    reason: "volume id already exists".into(),
+                });
+            }
+            meta.put_volume(&rec)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The record of `id`, if any.
+    pub async fn get_record(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, VolumeError> {
+        let meta = self.meta.clone();
+        let id = id.clone();
+        Ok(blocking(move || meta.get_volume(&id)).await?)
+    }
+
+    /// Every volume record.
+    pub async fn list_records(&self) -> Result<Vec<VolumeRecord>, VolumeError> {
+        let meta = self.meta.clone();
+        Ok(blocking(move || meta.list_volumes()).await?)
+    }
+
+    /// Replaces a volume record durably.
+    pub async fn put_record(&self, rec: VolumeRecord) -> Result<(), VolumeError> {
+        let meta = self.meta.clone();
+        Ok(blocking(move || meta.put_volume(&rec)).await?)
+    }
+
+    /// The open volume `id`, opening it (WAL replay) on first use. One instance per volume is
+    /// shared by every caller, so flushes on any connection cover every connection's writes.
+    pub async fn volume(&self, id: &VolumeId) -> Result<Volume, VolumeError> {
+        let mut open = self.open.lock().await;
+        if let Some(v) = open.get(id) {
+            return Ok(v.clone());
+        }
+        let rec = self
+            .get_record(id)
+            .await?
+            .ok_or_else(|| VolumeError::Invalid(format!("volume {id} not found")))?;
+        let vol = Volume::open(
+            self.meta.clone(),
+            self.backend.clone(),
+            self.cache.clone(),
+            id.clone(),
+            rec.size_bytes,
+            self.config.wal_dir.join(id.as_str()),
+            self.config.volume.clone(),
+        )
+        .await?;
+        open.insert(id.clone(), vol.clone());
+        Ok(vol)
+    }
+
+    /// Grows volume `id` to `size_bytes` (never shrinks). An open volume is closed first and
+    /// reopened at the new size by its next user.
+    pub async fn resize_volume(
+        &self,
+        id: &VolumeId,
+        size_bytes: u64,
+    ) -> Result<VolumeRecord, VolumeError> {
+        Self::check_size(size_bytes)?;
+        let mut rec = self
+            .get_record(id)
+            .await?
+            .ok_or_else(|| VolumeError::Invalid(format!("volume {id} not found")))?;
+        if size_bytes < rec.size_bytes {
+            return Err(VolumeError::Invalid(format!(
+                "cannot shrink volume from {} to {size_bytes} bytes",
+                rec.size_bytes
+            )));
+        }
+        self.close_volume(id).await?;
+        rec.size_bytes = size_bytes;
+        self.put_record(rec.clone()).await?;
+        Ok(rec)
+    }
+
+    /// Closes volume `id` if open (drains the buffer into chunks, syncs the WAL).
+    pub async fn close_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
+        let vol = self.open.lock().await.remove(id);
+        if let Some(vol) = vol {
+            vol.close(self.config.close_drain_timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes volume `id`: closes it, removes its chunk objects, WAL and metadata.
+    pub async fn delete_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
+        self.close_volume(id).await?;
+        for key in self.backend.list(&volume_prefix(id)).await? {
+            self.backend.delete(&key).await?;
+        }
+        let wal = self.config.wal_dir.join(id.as_str());
+        if let Err(e) = std::fs::remove_dir_all(&wal) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(VolumeError::Invalid(format!(
+                    "cannot remove {}: {e}",
+                    wal.display()
+                )));
+            }
+        }
+        let meta = self.meta.clone();
+        let id = id.clone();
+        blocking(move || meta.delete_volume(&id)).await?;
+        Ok(())
+    }
+
+    /// Closes every open volume.
+    pub async fn close_all(&self) {
+        let vols: Vec<Volume> = self.open.lock().await.drain().map(|(_, v)| v).collect();
+        for v in vols {
+            if let Err(e) = v.close(self.config.close_drain_timeout).await {
+                tracing::error!(volume = %v.id(), error = %e, "close failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! vblock core: virtual block volumes stored as a write-ahead log plus immutable chunk objects.
+//!
+//! Layers, each in its own module: [`wal`] (segments, group commit, replay), [`buffer`]
+//! (memtables), [`chunk`] (object format), [`backend`] (file / memory object stores),
+//! [`lookup`] (the BlockLookup extent map in RocksDB, via [`meta`]), [`volume`] (the byte-level
+//! engine API) and [`engine`] (all volumes of a daemon). Formats are specified in `docs/FORMAT.md`.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod block;
+pub mod buffer;
+pub mod cache;
+pub mod chunk;
+pub mod engine;
+pub mod ids;
+pub mod lookup;
+pub mod meta;
+pub mod retry;
+pub mod volume;
+pub mod wal;
+
+pub use engine::{Engine, EngineConfig};
+pub use ids::{SnapshotId, VolumeId};
+pub use volume::{StatusExtent, Volume, VolumeConfig, VolumeError};

@@ -1,0 +1,461 @@
+//! BlockLookup: the extent map from blocks to where their newest version lives, in RocksDB.
+//!
+//! One entry per extent, keyed `m VOL start_block(BE)`, non-overlapping. Value v1, 48 bytes LE
+//! (FORMAT.md, "Map extent"):
+//! `version u8 = 1 | kind u8 (1 data, 2 zero) | reserved u16 | block_count u32 | seq u64 |
+//!  object_id u64 | frame_first_block u64 | frame_offset u32 | frame_len u32 | frame_crc u32 |
+//!  frame_blocks u32`
+//!
+//! Block `b` of a data extent is at byte `(b - frame_first_block) * 4096` of the decompressed
+//! frame. Newer sequence numbers win: committing an extent cuts older ones and is itself cut
+//! around newer ones. RocksDB is the source of truth; its block cache is the bounded in-memory
+//! part, so the map may be far larger than RAM.
+
+use std::collections::HashMap;
+
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+
+use crate::chunk::{ChunkExtent, ExtentKind};
+use crate::ids::VolumeId;
+use crate::meta::{
+    vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore, VolumeState, PREFIX_CHUNK, PREFIX_MAP,
+    PREFIX_STATE,
+};
+
+/// Version byte of map values.
+pub const MAP_VALUE_VERSION: u8 = 1;
+/// Map value length in bytes.
+pub const MAP_VALUE_LEN: usize = 48;
+
+/// Where a data extent's bytes are: a zstd frame inside a chunk object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FrameRef {
+    /// Chunk object id (key via [`crate::backend::chunk_key`]).
+    pub object_id: u64,
+    /// Block number of the frame's first block.
+    pub first_block: u64,
+    /// Blocks in the frame.
+    pub blocks: u32,
+    /// Byte offset of the frame in the object.
+    pub offset: u32,
+    /// Compressed length in bytes.
+    pub len: u32,
+    /// CRC32 of the compressed bytes.
+    pub crc: u32,
+}
+
+/// What an extent's blocks hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Zeros (trimmed, write-zeroes or all-zero data).
+    Zero,
+    /// Data in a chunk frame.
+    Data(FrameRef),
+}
+
+/// One map entry: blocks `start..start + count` hold `target`, written at `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    /// First block.
+    pub start: u64,
+    /// Number of blocks.
+    pub count: u64,
+    /// Sequence number of the write.
+    pub seq: u64,
+    /// Data location or zero.
+    pub target: Target,
+}
+
+impl MapExtent {
+    /// One past the last block.
+    pub fn end(&self) -> u64 {
+        self.start + self.count
+    }
+
+    /// The part `from..to` (must lie inside the extent).
+    pub fn slice(&self, from: u64, to: u64) -> Self {
+        debug_assert!(self.start <= from && from < to && to <= self.end());
+        Self {
+            start: from,
+            count: to - from,
+            ..*self
+        }
+    }
+
+    fn data_blocks(&self) -> u64 {
+        match self.target {
+            Target::Data(_) => self.count,
+            Target::Zero => 0,
+        }
+    }
+
+    /// Encodes the value (the key holds `start`).
+    pub fn encode(&self) -> [u8; MAP_VALUE_LEN] {
+        let mut b = [0u8; MAP_VALUE_LEN];
+        b[0] = MAP_VALUE_VERSION;
+        let f = match self.target {
+            Target::Zero => {
+                b[1] = ExtentKind::Zero as u8;
+                FrameRef {
+                    object_id: 0,
+                    first_block: 0,
+                    blocks: 0,
+                    offset: 0,
+                    len: 0,
+                    crc: 0,
+                }
+            }
+            Target::Data(f) => {
+                b[1] = ExtentKind::Data as u8;
+                f
+            }
+        };
+        b[4..8].copy_from_slice(&(self.count as u32).to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&f.object_id.to_le_bytes());
+        b[24..32].copy_from_slice(&f.first_block.to_le_bytes());
+        b[32..36].copy_from_slice(&f.offset.to_le_bytes());
+        b[36..40].copy_from_slice(&f.len.to_le_bytes());
+        b[40..44].copy_from_slice(&f.crc.to_le_bytes());
+        b[44..48].copy_from_slice(&f.blocks.to_le_bytes());
+        b
+    }
+
+    /// Decodes a value stored under block `start`.
+    pub fn decode(start: u64, b: &[u8]) -> Option<Self> {
+        if b.len() != MAP_VALUE_LEN || b[0] != MAP_VALUE_VERSION {
+            return None;
+        }
+        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let u64_at = |at: usize| crate::meta::u64_le(&b[at..at + 8]);
+        let count = u64::from(u32_at(4));
+        let target = match b[1] {
+            2 => Target::Zero,
+            1 => Target::Data(FrameRef {
+                object_id: u64_at(16),
+                first_block: u64_at(24),
+                offset: u32_at(32),
+                len: u32_at(36),
+                crc: u32_at(40),
+                blocks: u32_at(44),
+            }),
+            _ => return None,
+        };
+        if count == 0 {
+            return None;
+        }
+        if let Target::Data(f) = target {
+            let frame_end = f.first_block + u64::from(f.blocks);
+            if start < f.first_block || start + count > frame_end {
+                return None;
+            }
+        }
+        Some(Self {
+            start,
+            count,
+            seq: u64_at(8),
+            target,
+        })
+    }
+
+    /// The map extent for a chunk index entry of object `object_id`.
+    pub fn from_chunk(object_id: u64, e: &ChunkExtent) -> Self {
+        let target = match e.kind {
+            ExtentKind::Zero => Target::Zero,
+            ExtentKind::Data => Target::Data(FrameRef {
+                object_id,
+                first_block: e.start_block,
+                blocks: e.block_count,
+                offset: e.frame_offset,
+                len: e.frame_len,
+                crc: e.frame_crc,
+            }),
+        };
+        Self {
+            start: e.start_block,
+            count: u64::from(e.block_count),
+            seq: e.seq,
+            target,
+        }
+    }
+}
+
+/// A chunk ready to be committed to the map.
+#[derive(Debug, Clone)]
+pub struct ChunkCommit {
+    /// Object id of the chunk (already durable in the backend).
+    pub object_id: u64,
+    /// Its extents, sorted and non-overlapping.
+    pub extents: Vec<MapExtent>,
+    /// Object size in bytes.
+    pub stored_bytes: u64,
+    /// WAL checkpoint this commit establishes (every record with seq at or below is covered).
+    pub checkpoint: u64,
+}
+
+/// One volume's view of the map.
+#[derive(Clone)]
+pub struct BlockLookup {
+    meta: MetaStore,
+    volume: VolumeId,
+}
+
+impl BlockLookup {
+    /// The map of `volume` in `meta`.
+    pub fn new(meta: MetaStore, volume: VolumeId) -> Self {
+        Self { meta, volume }
+    }
+
+    /// Extents intersecting blocks `start..end`, sorted, clipped to the range.
+    /// Blocking (RocksDB): call from a blocking thread.
+    pub fn lookup(&self, start: u64, end: u64) -> Result<Vec<MapExtent>, MetaError> {
+        Ok(self
+            .overlapping(start, end)?
+            .into_iter()
+            .map(|e| e.slice(e.start.max(start), e.end().min(end)))
+            .collect())
+    }
+
+    /// Extents intersecting `start..end`, unclipped.
+    fn overlapping(&self, start: u64, end: u64) -> Result<Vec<MapExtent>, MetaError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let db = self.meta.db();
+        let prefix = vol_key(PREFIX_MAP, &self.volume);
+        let mut out = Vec::new();
+        // The extent that starts at or before `start` may reach into the range.
+        let from = vol_u64_key(PREFIX_MAP, &self.volume, start);
+        if let Some(item) = db
+            .iterator(IteratorMode::From(&from, Direction::Reverse))
+            .next()
+        {
+            let (k, v) = item?;
+            if k.starts_with(&prefix) && k.len() == prefix.len() + 8 {
+                let e = self.decode(&k, &v)?;
+                if e.start < start && e.end() > start {
+                    out.push(e);
+                }
+            }
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(vol_u64_key(PREFIX_MAP, &self.volume, end));
+        for item in db.iterator_opt(IteratorMode::From(&from, Direction::Forward), ro) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(self.decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn decode(&self, k: &[u8], v: &[u8]) -> Result<MapExtent, MetaError> {
+        let corrupt = || MetaError::Corrupt {
+            key: format!("m{}+{:02x?}", self.volume, &k[k.len().saturating_sub(8)..]),
+            reason: "bad map extent".into(),
+        };
+        let start = u64::from_be_bytes(k[k.len() - 8..].try_into().map_err(|_| corrupt())?);
+        MapExtent::decode(start, v).ok_or_else(corrupt)
+    }
+
+    /// Commits a chunk: overlays its extents (newest seq wins), updates chunk accounting and
+    /// the volume state (checkpoint, next object id), all in one synced `WriteBatch`.
+    /// Must not run concurrently with another commit of the same volume (the flusher is the
+    /// only writer). Blocking (RocksDB): call from a blocking thread.
+    pub fn commit_chunk(&self, commit: &ChunkCommit, state: VolumeState) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        let mut live_delta: HashMap<u64, i64> = HashMap::new();
+        let mut new_live = 0u64;
+        for new in &commit.extents {
+            let existing = self.overlapping(new.start, new.end())?;
+            // Parts of `new` not shadowed by newer extents.
+            let mut pieces = vec![(new.start, new.end())];
+            for old in &existing {
+                if old.seq > new.seq {
+                    pieces = subtract(&pieces, old.start, old.end());
+                    continue;
+                }
+                batch.delete(vol_u64_key(PREFIX_MAP, &self.volume, old.start));
+                let cut_from = old.start.max(new.start);
+                let cut_to = old.end().min(new.end());
+                if old.start < new.start {
+                    let left = old.slice(old.start, new.start);
+                    batch.put(
+                        vol_u64_key(PREFIX_MAP, &self.volume, left.start),
+                        left.encode(),
+                    );
+                }
+                if old.end() > new.end() {
+                    let right = old.slice(new.end(), old.end());
+                    batch.put(
+                        vol_u64_key(PREFIX_MAP, &self.volume, right.start),
+                        right.encode(),
+                    );
+                }
+                if let Target::Data(f) = old.target {
+                    *live_delta.entry(f.object_id).or_default() -= (cut_to - cut_from) as i64;
+                }
+            }
+            for (s, e) in pieces {
+                let piece = new.slice(s, e);
+                batch.put(vol_u64_key(PREFIX_MAP, &self.volume, s), piece.encode());
+                new_live += piece.data_blocks();
+            }
+        }
+        let stats_key = |id| vol_u64_key(PREFIX_CHUNK, &self.volume, id);
+        for (id, delta) in live_delta {
+            if id == commit.object_id {
+                continue;
+            }
+            if let Some(v) = self.meta.db().get(stats_key(id))? {
+                let mut s = ChunkStats::decode(&v).ok_or_else(|| MetaError::Corrupt {
+                    key: format!("c{}/{id:016x}", self.volume),
+                    reason: "bad chunk stats".into(),
+                })?;
+                s.live_blocks = s.live_blocks.saturating_add_signed(delta);
+                batch.put(stats_key(id), s.encode());
+            }
+        }
+        let stats = ChunkStats {
+            data_blocks: commit.extents.iter().map(MapExtent::data_blocks).sum(),
+            live_blocks: new_live,
+            stored_bytes: commit.stored_bytes,
+        };
+        batch.put(stats_key(commit.object_id), stats.encode());
+        batch.put(vol_key(PREFIX_STATE, &self.volume), state.encode());
+        self.meta.write_sync(batch)
+    }
+
+    /// Number of map entries and data blocks mapped (for stats and tests).
+    pub fn summary(&self) -> Result<(u64, u64), MetaError> {
+        let mut entries = 0;
+        let mut data = 0;
+        for e in self.overlapping(0, u64::MAX)? {
+            entries += 1;
+            data += e.data_blocks();
+        }
+        Ok((entries, data))
+    }
+}
+
+/// `ranges` minus `[s, e)`.
+fn subtract(ranges: &[(u64, u64)], s: u64, e: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(a, b) in ranges {
+        if e <= a || b <= s {
+            out.push((a, b));
+            continue;
+        }
+        if a < s {
+            out.push((a, s));
+        }
+        if e < b {
+            out.push((e, b));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(start: u64, count: u64, seq: u64, object_id: u64) -> MapExtent {
+        MapExtent {
+            start,
+            count,
+            seq,
+            target: Target::Data(FrameRef {
+                object_id,
+                first_block: start,
+                blocks: count as u32,
+                offset: 100,
+                len: 10,
+                crc: 7,
+            }),
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, MetaStore, BlockLookup) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path(), 1 << 20).unwrap();
+        let vol = VolumeId::parse("vol-0000000000000000a").unwrap();
+        let lookup = BlockLookup::new(meta.clone(), vol);
+        (dir, meta, lookup)
+    }
+
+    fn commit(l: &BlockLookup, object_id: u64, extents: Vec<MapExtent>) {
+        let c = ChunkCommit {
+            object_id,
+            extents,
+            stored_bytes: 1000,
+            checkpoint: 0,
+        };
+        l.commit_chunk(&c, VolumeState::default()).unwrap();
+    }
+
+    #[test]
+    fn value_round_trip() {
+        let e = data(10, 5, 99, 3);
+        assert_eq!(MapExtent::decode(10, &e.encode()), Some(e));
+        let z = MapExtent {
+            start: 1,
+            count: 1 << 20,
+            seq: 4,
+            target: Target::Zero,
+        };
+        assert_eq!(MapExtent::decode(1, &z.encode()), Some(z));
+        assert_eq!(
+            MapExtent::decode(9, &e.encode()),
+            None,
+            "start outside its frame"
+        );
+        assert_eq!(MapExtent::decode(10, &e.encode()[..47]), None);
+    }
+
+    #[test]
+    fn overwrite_splits_and_accounts_live_blocks() {
+        let (_d, meta, l) = setup();
+        commit(&l, 1, vec![data(0, 16, 1, 1)]);
+        commit(&l, 2, vec![data(4, 4, 2, 2)]);
+        let got = l.lookup(0, 100).unwrap();
+        let shape: Vec<_> = got.iter().map(|e| (e.start, e.count, e.seq)).collect();
+        assert_eq!(shape, vec![(0, 4, 1), (4, 4, 2), (8, 8, 1)]);
+        // The right remainder still points into object 1's frame, which starts at block 0.
+        assert!(matches!(got[2].target, Target::Data(f) if f.object_id == 1 && f.first_block == 0));
+        let stats = meta.chunk_stats(&l.volume).unwrap();
+        assert_eq!(stats[0].1.live_blocks, 12);
+        assert_eq!(stats[1].1.live_blocks, 4);
+        // Clipped lookup in the middle of an extent.
+        let mid = l.lookup(9, 10).unwrap();
+        assert_eq!((mid[0].start, mid[0].count), (9, 1));
+    }
+
+    #[test]
+    fn newer_existing_extent_wins() {
+        let (_d, _m, l) = setup();
+        commit(&l, 1, vec![data(5, 2, 10, 1)]);
+        commit(&l, 2, vec![data(0, 10, 3, 2)]);
+        let shape: Vec<_> = l
+            .lookup(0, 10)
+            .unwrap()
+            .iter()
+            .map(|e| (e.start, e.count, e.seq))
+            .collect();
+        assert_eq!(shape, vec![(0, 5, 3), (5, 2, 10), (7, 3, 3)]);
+    }
+
+    #[test]
+    fn volumes_do_not_see_each_other() {
+        let (_d, meta, l) = setup();
+        let other = BlockLookup::new(
+            meta.clone(),
+            VolumeId::parse("vol-0000000000000000b").unwrap(),
+        );
+        commit(&l, 1, vec![data(0, 4, 1, 1)]);
+        assert!(other.lookup(0, u64::MAX).unwrap().is_empty());
+        meta.delete_volume(&l.volume).unwrap();
+        assert!(l.lookup(0, u64::MAX).unwrap().is_empty());
+    }
+}

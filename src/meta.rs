@@ -1,0 +1,335 @@
+//! The daemon's RocksDB: volume records, per-volume state, BlockLookup extents, chunk accounting.
+//!
+//! Key layout (FORMAT.md, "RocksDB keys"); `VOL` is the 21-byte ASCII VolumeId:
+//! - `v` VOL → volume record (JSON, [`VolumeRecord`])
+//! - `s` VOL → volume state ([`VolumeState`], 24 bytes)
+//! - `m` VOL start_block(u64 BE) → map extent (48 bytes, [`crate::lookup`])
+//! - `c` VOL object_id(u64 BE) → chunk stats (24 bytes, [`ChunkStats`])
+//!
+//! Every write that must survive a crash uses a synced `WriteBatch`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::VolumeId;
+
+/// Errors of the metadata layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// RocksDB reported an error.
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A stored value does not decode.
+    #[error("corrupt metadata under key {key}: {reason}")]
+    Corrupt {
+        /// Printable key.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A blocking task failed.
+    #[error("metadata task failed: {0}")]
+    Task(String),
+}
+
+/// Key prefixes.
+pub(crate) const PREFIX_VOLUME: u8 = b'v';
+pub(crate) const PREFIX_STATE: u8 = b's';
+pub(crate) const PREFIX_MAP: u8 = b'm';
+pub(crate) const PREFIX_CHUNK: u8 = b'c';
+
+/// `prefix` + VolumeId.
+pub(crate) fn vol_key(prefix: u8, vol: &VolumeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 21 + 8);
+    k.push(prefix);
+    k.extend_from_slice(vol.as_str().as_bytes());
+    k
+}
+
+/// `prefix` + VolumeId + u64 big-endian (sorts numerically).
+pub(crate) fn vol_u64_key(prefix: u8, vol: &VolumeId, n: u64) -> Vec<u8> {
+    let mut k = vol_key(prefix, vol);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// Lifecycle state of a volume (EC2 `VolumeState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeStateName {
+    /// Being created.
+    Creating,
+    /// Ready, not attached.
+    Available,
+    /// Attached or mounted.
+    InUse,
+    /// Being deleted.
+    Deleting,
+    /// Gone.
+    Deleted,
+    /// Failed.
+    Error,
+}
+
+/// A tag (EC2 `Tag`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tag {
+    /// Key.
+    #[serde(rename = "Key")]
+    pub key: String,
+    /// Value.
+    #[serde(rename = "Value")]
+    pub value: String,
+}
+
+/// An attachment (EC2 `VolumeAttachment`), persisted with the volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Instance id.
+    pub instance_id: String,
+    /// Device name, e.g. `/dev/sdf`.
+    pub device: String,
+    /// `attached` (persisted attachments are attached).
+    pub state: String,
+    /// RFC 3339.
+    pub attach_time: String,
+    /// EC2 `DeleteOnTermination`.
+    pub delete_on_termination: bool,
+}
+
+/// Everything persisted about a volume besides its data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Id.
+    pub volume_id: VolumeId,
+    /// Human name (optional, may be empty).
+    #[serde(default)]
+    pub name: String,
+    /// Size in bytes (a multiple of 4096).
+    pub size_bytes: u64,
+    /// RFC 3339 creation time.
+    pub create_time: String,
+    /// Lifecycle state.
+    pub state: VolumeStateName,
+    /// EC2 `VolumeType` (default `gp3`).
+    #[serde(default)]
+    pub volume_type: String,
+    /// EC2 `Iops`.
+    #[serde(default)]
+    pub iops: u32,
+    /// EC2 `AvailabilityZone`.
+    #[serde(default)]
+    pub availability_zone: String,
+    /// EC2 `SnapshotId` the volume was created from (empty if none).
+    #[serde(default)]
+    pub snapshot_id: String,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    /// Attachments.
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+    /// EC2 `ClientToken` used to create it (idempotency).
+    #[serde(default)]
+    pub client_token: String,
+    /// True while mounted (exported for a VM via `ebs.mount`).
+    #[serde(default)]
+    pub mounted: bool,
+}
+
+/// Per-volume engine state, written with every chunk commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeState {
+    /// Every WAL record with `seq <= checkpoint` is in chunks and the map.
+    pub checkpoint: u64,
+    /// Next chunk object id to allocate.
+    pub next_object_id: u64,
+    /// Largest sequence number ever committed (never goes backwards).
+    pub max_seq: u64,
+}
+
+impl VolumeState {
+    pub(crate) fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.checkpoint.to_le_bytes());
+        b[8..16].copy_from_slice(&self.next_object_id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.max_seq.to_le_bytes());
+        b
+    }
+    pub(crate) fn decode(b: &[u8]) -> Option<Self> {
+        (b.len() == 24).then(|| Self {
+            checkpoint: u64_le(&b[0..8]),
+            next_object_id: u64_le(&b[8..16]),
+            max_seq: u64_le(&b[16..24]),
+        })
+    }
+}
+
+/// Per-chunk accounting: how much of a chunk is still referenced by the map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    /// Data blocks stored in the chunk.
+    pub data_blocks: u64,
+    /// Of those, blocks the map still points at (live bytes = live_blocks * 4096).
+    pub live_blocks: u64,
+    /// Object size in bytes (compressed).
+    pub stored_bytes: u64,
+}
+
+impl ChunkStats {
+    pub(crate) fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.data_blocks.to_le_bytes());
+        b[8..16].copy_from_slice(&self.live_blocks.to_le_bytes());
+        b[16..24].copy_from_slice(&self.stored_bytes.to_le_bytes());
+        b
+    }
+    pub(crate) fn decode(b: &[u8]) -> Option<Self> {
+        (b.len() == 24).then(|| Self {
+            data_blocks: u64_le(&b[0..8]),
+            live_blocks: u64_le(&b[8..16]),
+            stored_bytes: u64_le(&b[16..24]),
+        })
+    }
+}
+
+pub(crate) fn u64_le(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// The open metadata database.
+#[derive(Clone)]
+pub struct MetaStore {
+    db: Arc<DB>,
+}
+
+impl MetaStore {
+    /// Opens (creating) the database in `dir` with a bounded block cache of `cache_bytes`
+    /// (this cache is the bounded in-memory part of the BlockLookup).
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, MetaError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_max_open_files(256);
+        opts.set_keep_log_file_num(4);
+        let mut block = BlockBasedOptions::default();
+        block.set_block_cache(&Cache::new_lru_cache(cache_bytes)?);
+        opts.set_block_based_table_factory(&block);
+        let db = DB::open(&opts, dir)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Writes a batch durably (WAL of RocksDB synced).
+    pub(crate) fn write_sync(&self, batch: WriteBatch) -> Result<(), MetaError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Stores a volume record durably.
+    pub fn put_volume(&self, rec: &VolumeRecord) -> Result<(), MetaError> {
+        let value = serde_json::to_vec(rec).map_err(|e| MetaError::Corrupt {
+            key: rec.volume_id.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut batch = WriteBatch::default();
+        batch.put(vol_key(PREFIX_VOLUME, &rec.volume_id), value);
+        self.write_sync(batch)
+    }
+
+    /// The record of `vol`, if it exists.
+    pub fn get_volume(&self, vol: &VolumeId) -> Result<Option<VolumeRecord>, MetaError> {
+        match self.db.get(vol_key(PREFIX_VOLUME, vol))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| MetaError::Corrupt {
+                    key: vol.to_string(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Every volume record, ordered by id.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator([PREFIX_VOLUME]) {
+            let (k, v) = item?;
+            if k.first() != Some(&PREFIX_VOLUME) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(|e| MetaError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// The engine state of `vol` (zeros for a new volume).
+    pub fn volume_state(&self, vol: &VolumeId) -> Result<VolumeState, MetaError> {
+        match self.db.get(vol_key(PREFIX_STATE, vol))? {
+            None => Ok(VolumeState::default()),
+            Some(v) => VolumeState::decode(&v).ok_or_else(|| MetaError::Corrupt {
+                key: format!("s{vol}"),
+                reason: format!("{} bytes, expected 24", v.len()),
+            }),
+        }
+    }
+
+    /// Accounting of every chunk of `vol`, by object id.
+    pub fn chunk_stats(&self, vol: &VolumeId) -> Result<Vec<(u64, ChunkStats)>, MetaError> {
+        let prefix = vol_key(PREFIX_CHUNK, vol);
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(&prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = u64::from_be_bytes(k[prefix.len()..].try_into().map_err(|_| {
+                MetaError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "bad chunk key".into(),
+                }
+            })?);
+            let stats = ChunkStats::decode(&v).ok_or_else(|| MetaError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "bad chunk stats".into(),
+            })?;
+            out.push((id, stats));
+        }
+        Ok(out)
+    }
+
+    /// Removes every key of `vol` (record, state, map, chunk stats) in one synced batch.
+    pub fn delete_volume(&self, vol: &VolumeId) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        batch.delete(vol_key(PREFIX_VOLUME, vol));
+        batch.delete(vol_key(PREFIX_STATE, vol));
+        for prefix in [PREFIX_MAP, PREFIX_CHUNK] {
+            let from = vol_u64_key(prefix, vol, 0);
+            let mut to = vol_key(prefix, vol);
+            to.extend_from_slice(&[0xff; 9]);
+            batch.delete_range(from, to);
+        }
+        self.write_sync(batch)
+    }
+}
+
+/// Runs blocking metadata work on tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, MetaError> + Send + 'static,
+) -> Result<T, MetaError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| MetaError::Task(e.to_string()))?
+}

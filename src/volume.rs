@@ -1,0 +1,847 @@
+//! A volume: the engine API in bytes over the write buffer, WAL, chunks and BlockLookup.
+//!
+//! Write path: validate → (unaligned: read-modify-write the edge blocks under the RMW lock) →
+//! take write-buffer permits (backpressure) → under the state lock assign the next sequence
+//! number, queue the WAL record and insert into the active memtable → with FUA, wait for the WAL
+//! sync. A memtable that reaches the chunk size is frozen; the flusher turns each frozen memtable
+//! into one chunk object, commits its extents and the new WAL checkpoint in one RocksDB batch,
+//! drops the memtable (returning its permits) and trims the WAL.
+//!
+//! Read path: newest wins — the active memtable, then frozen memtables newest first, then the
+//! BlockLookup map and chunk frames (through the shared frame cache); anything else reads as zeros.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::backend::{chunk_key, BackendError, SharedBackend};
+use crate::block::{is_aligned, BlockRange, BLOCK_BYTES, BLOCK_SIZE};
+use crate::buffer::{BufExtent, MemTable, Payload};
+use crate::cache::FrameCache;
+use crate::chunk::{self, ChunkError, ChunkOptions};
+use crate::ids::VolumeId;
+use crate::lookup::{BlockLookup, ChunkCommit, FrameRef, MapExtent, Target};
+use crate::meta::{blocking, MetaError, MetaStore, VolumeState};
+use crate::retry::{retry, RetryPolicy};
+use crate::wal::{self, RecordHeader, RecordKind, Wal, WalConfig, WalError};
+
+/// Engine settings for a volume.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// Write buffer bound in bytes (default 256 MiB): writers wait when it is full.
+    pub buffer_bytes: u64,
+    /// Data bytes per chunk object (default 4 MiB).
+    pub chunk_bytes: u64,
+    /// WAL segment size in bytes (default 64 MiB).
+    pub wal_segment_bytes: u64,
+    /// Chunk encoding options.
+    pub chunk: ChunkOptions,
+    /// A partly filled memtable is turned into a chunk after this long without writes
+    /// (default 2 s).
+    pub idle_flush: Duration,
+    /// Retry policy for backend reads (bounded) — after it, reads fail with an I/O error.
+    pub read_retry: RetryPolicy,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        Self {
+            buffer_bytes: 256 << 20,
+            chunk_bytes: 4 << 20,
+            wal_segment_bytes: 64 << 20,
+            chunk: ChunkOptions::default(),
+            idle_flush: Duration::from_secs(2),
+            read_retry: RetryPolicy::reads(),
+        }
+    }
+}
+
+/// Largest single request in bytes (the NBD maximum block size, 32 MiB).
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+
+/// Errors of the volume layer (mapped to NBD errnos and EC2 codes at the edges).
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The byte range is not inside the volume.
+    #[error("range {offset}+{len} outside volume of {size} bytes")]
+    OutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Volume size in bytes.
+        size: u64,
+    },
+    /// A request larger than [`MAX_REQUEST_BYTES`] (or `data.len()` not matching).
+    #[error("request of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Requested bytes.
+        len: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// The WAL failed (disk full, I/O error, corruption at open).
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// Metadata (RocksDB) failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// A backend call failed (after retries, for reads).
+    #[error("backend error: {0}")]
+    Backend(#[from] BackendError),
+    /// A chunk object failed verification.
+    #[error("chunk object {key} is corrupt: {source}")]
+    Chunk {
+        /// Object key.
+        key: String,
+        /// What failed.
+        #[source]
+        source: ChunkError,
+    },
+    /// The volume is closed.
+    #[error("volume is closed")]
+    Closed,
+    /// An invalid argument (size, configuration).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// One run of a [`Volume::block_status`] answer (NBD `base:allocation` semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    /// Length in bytes.
+    pub len: u64,
+    /// True when the range reads as zeros and has no storage (`NBD_STATE_HOLE | NBD_STATE_ZERO`);
+    /// false for stored data.
+    pub hole: bool,
+}
+
+/// Counters of one volume.
+#[derive(Debug, Default)]
+pub struct VolumeStats {
+    /// Chunk objects written.
+    pub chunks: AtomicU64,
+    /// Bytes of chunk objects written.
+    pub chunk_bytes: AtomicU64,
+    /// Frames fetched from the backend (cache misses).
+    pub frame_fetches: AtomicU64,
+    /// Backend errors retried by the flusher.
+    pub flush_retries: AtomicU64,
+}
+
+struct BufState {
+    next_seq: u64,
+    active: MemTable,
+    frozen: VecDeque<Arc<MemTable>>,
+    last_write: Instant,
+    closed: bool,
+}
+
+struct Inner {
+    id: VolumeId,
+    size: u64,
+    config: VolumeConfig,
+    state: Mutex<BufState>,
+    permits: Semaphore,
+    /// Permits owed after replay loaded more than the buffer holds; paid before any are returned.
+    permit_debt: Mutex<u64>,
+    wal: Wal,
+    lookup: BlockLookup,
+    backend: SharedBackend,
+    cache: FrameCache,
+    rmw: tokio::sync::Mutex<()>,
+    wake: Notify,
+    /// Flusher: finish the frozen memtables (and the active one), then exit.
+    draining: AtomicBool,
+    /// Flusher: exit at the next step boundary (crash simulation, forced close).
+    stop: AtomicBool,
+    flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stats: VolumeStats,
+}
+
+/// An open volume. Cheap to clone; all clones share the engine state.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+/// Locks a std mutex, recovering the data if a panicking thread poisoned it (the state it guards
+/// is kept consistent by every critical section).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Replays WAL records into memtables.
+struct Replayer {
+    chunk_bytes: u64,
+    chunk_blocks: u64,
+    active: MemTable,
+    frozen: VecDeque<Arc<MemTable>>,
+}
+
+impl Replayer {
+    fn apply(&mut self, h: &RecordHeader, payload: Bytes) {
+        let (payload, cost) = match h.kind {
+            RecordKind::Write => (Payload::Data(payload), u64::from(h.block_count)),
+            RecordKind::Zero => (Payload::Zero, 1),
+        };
+        self.active.insert(
+            h.start_block,
+            BufExtent {
+                count: u64::from(h.block_count),
+                seq: h.seq,
+                payload,
+            },
+        );
+        self.active.charged += cost;
+        if self.active.data_bytes() >= self.chunk_bytes || self.active.charged >= self.chunk_blocks
+        {
+            self.frozen
+                .push_back(Arc::new(std::mem::take(&mut self.active)));
+        }
+    }
+}
+
+impl Volume {
+    /// Opens volume `id` of `size` bytes: reads its state, replays its WAL from `wal_dir` and
+    /// starts its flusher. Must be called inside a tokio runtime.
+    ///
+    /// Errors: [`VolumeError::Wal`] (corrupt WAL in the middle, I/O), [`VolumeError::Meta`],
+    /// [`VolumeError::Invalid`] for a bad configuration.
+    pub async fn open(
+        meta: MetaStore,
+        backend: SharedBackend,
+        cache: FrameCache,
+        id: VolumeId,
+        size: u64,
+        wal_dir: std::path::PathBuf,
+        config: VolumeConfig,
+    ) -> Result<Self, VolumeError> {
+        let chunk_blocks = (config.chunk_bytes / BLOCK_SIZE).max(1);
+        let total_permits = config.buffer_bytes / BLOCK_SIZE;
+        if total_permits < 2 * chunk_blocks + 2 * (MAX_REQUEST_BYTES / BLOCK_SIZE) + 2 {
+            return Err(VolumeError::Invalid(format!(
+                "buffer of {} bytes is too small for {}-byte chunks and {}-byte requests",
+                config.buffer_bytes, config.chunk_bytes, MAX_REQUEST_BYTES
+            )));
+        }
+        let m = meta.clone();
+        let vid = id.clone();
+        let state = blocking(move || m.volume_state(&vid)).await?;
+        let wal_config = WalConfig {
+            dir: wal_dir,
+            segment_bytes: config.wal_segment_bytes,
+        };
+        let tag = id.tag();
+        let chunk_bytes = config.chunk_bytes;
+        let (wal, report, replayer) = tokio::task::spawn_blocking(move || {
+            let mut r = Replayer {
+                chunk_bytes,
+                chunk_blocks,
+                active: MemTable::new(),
+                frozen: VecDeque::new(),
+            };
+            Wal::open(&wal_config, tag, state.checkpoint, |h, p| r.apply(h, p))
+                .map(|(w, rep)| (w, rep, r))
+        })
+        .await
+        .map_err(|e| VolumeError::Invalid(format!("replay task failed: {e}")))??;
+        if report.records > 0 || report.truncated_bytes > 0 {
+            tracing::info!(
+                volume = %id,
+                segments = report.segments,
+                records = report.records,
+                applied = report.applied,
+                truncated_bytes = report.truncated_bytes,
+                "WAL replayed"
+            );
+        }
+        let charged: u64 =
+            replayer.frozen.iter().map(|m| m.charged).sum::<u64>() + replayer.active.charged;
+        let next_seq = state.max_seq.max(report.max_seq).max(state.checkpoint) + 1;
+        let inner = Arc::new(Inner {
+            lookup: BlockLookup::new(meta, id.clone()),
+            id,
+            size,
+            state: Mutex::new(BufState {
+                next_seq,
+                active: replayer.active,
+                frozen: replayer.frozen,
+                last_write: Instant::now(),
+                closed: false,
+            }),
+            permits: Semaphore::new(total_permits.saturating_sub(charged) as usize),
+            permit_debt: Mutex::new(charged.saturating_sub(total_permits)),
+            wal,
+            backend,
+            cache,
+            rmw: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+            draining: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            flusher: Mutex::new(None),
+            stats: VolumeStats::default(),
+            config,
+        });
+        let handle = tokio::spawn(flusher(inner.clone(), state));
+        *lock(&inner.flusher) = Some(handle);
+        Ok(Self { inner })
+    }
+
+    /// Volume id.
+    pub fn id(&self) -> &VolumeId {
+        &self.inner.id
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &VolumeStats {
+        &self.inner.stats
+    }
+
+    /// WAL counters (fsyncs, writes, records).
+    pub fn wal_stats(&self) -> &wal::WalStats {
+        self.inner.wal.stats()
+    }
+
+    /// Where the WAL is durable up to (crash tests).
+    pub fn wal_durable_position(&self) -> wal::DurablePosition {
+        self.inner.wal.durable_position()
+    }
+
+    /// Bytes of data in the write buffer (not yet in chunks).
+    pub fn buffered_bytes(&self) -> u64 {
+        let st = lock(&self.inner.state);
+        st.active.data_bytes() + st.frozen.iter().map(|m| m.data_bytes()).sum::<u64>()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.inner.size,
+            }),
+        }
+    }
+
+    /// Reads `len` bytes at byte `offset`. Never-written and trimmed ranges read as zeros.
+    ///
+    /// Errors: [`VolumeError::OutOfRange`], [`VolumeError::TooLarge`] above 32 MiB,
+    /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
+    /// verified (NBD maps both to `NBD_EIO`).
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
+        self.check_range(offset, len)?;
+        if len > MAX_REQUEST_BYTES {
+            return Err(VolumeError::TooLarge {
+                len,
+                max: MAX_REQUEST_BYTES,
+            });
+        }
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let r = BlockRange::covering(offset, len);
+        let blocks = self.read_blocks(r).await?;
+        let skip = (offset - r.start * BLOCK_SIZE) as usize;
+        Ok(blocks.slice(skip..skip + len as usize))
+    }
+
+    /// Writes `data` at byte `offset`. With `fua` the data is on stable storage when this
+    /// returns (NBD_CMD_FLAG_FUA); otherwise only after a later [`Volume::flush`].
+    ///
+    /// Errors: [`VolumeError::OutOfRange`], [`VolumeError::TooLarge`] above 32 MiB,
+    /// [`VolumeError::Wal`] (e.g. disk full), [`VolumeError::Closed`].
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len > MAX_REQUEST_BYTES {
+            return Err(VolumeError::TooLarge {
+                len,
+                max: MAX_REQUEST_BYTES,
+            });
+        }
+        if len > 0 {
+            if is_aligned(offset, len) {
+                self.commit(offset / BLOCK_SIZE, len / BLOCK_SIZE, Payload::Data(data))
+                    .await?;
+            } else {
+                self.write_unaligned(offset, &data).await?;
+            }
+        }
+        if fua {
+            self.inner.wal.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write that completed before this call durable (NBD_CMD_FLUSH).
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.inner.wal.sync().await?;
+        Ok(())
+    }
+
+    /// Discards the whole blocks inside `offset..offset + len`; they read as zeros afterwards.
+    /// Partial blocks at the edges are left unchanged (NBD_CMD_TRIM is advisory).
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        let start = offset.div_ceil(BLOCK_SIZE);
+        let end = (offset + len) / BLOCK_SIZE;
+        self.zero_blocks(start, end).await
+    }
+
+    /// Makes `offset..offset + len` read as zeros (NBD_CMD_WRITE_ZEROES). Whole blocks are
+    /// stored as zero extents (no data); partial edge blocks are rewritten.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        if len > 0 {
+            let end = offset + len;
+            let full_start = offset.div_ceil(BLOCK_SIZE);
+            let full_end = end / BLOCK_SIZE;
+            if full_start >= full_end {
+                // Within one block, or two partial blocks with no whole block between.
+                self.write_unaligned(offset, &vec![0u8; len as usize])
+                    .await?;
+            } else {
+                self.zero_blocks(full_start, full_end).await?;
+                let head = full_start * BLOCK_SIZE - offset;
+                if head > 0 {
+                    self.write_unaligned(offset, &vec![0u8; head as usize])
+                        .await?;
+                }
+                let tail = end - full_end * BLOCK_SIZE;
+                if tail > 0 {
+                    self.write_unaligned(full_end * BLOCK_SIZE, &vec![0u8; tail as usize])
+                        .await?;
+                }
+            }
+        }
+        if fua {
+            self.inner.wal.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Allocation status of `offset..offset + len` in runs (NBD `base:allocation`): stored data
+    /// versus holes that read as zeros. Runs are merged and cover the range exactly.
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<StatusExtent>, VolumeError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let r = BlockRange::covering(offset, len);
+        let (mem, map) = self.resolve(r).await?;
+        let mut data: Vec<(u64, u64)> = mem
+            .iter()
+            .filter(|(_, e)| matches!(e.payload, Payload::Data(_)))
+            .map(|(s, e)| (*s, s + e.count))
+            .chain(
+                map.iter()
+                    .filter(|e| matches!(e.target, Target::Data(_)))
+                    .map(|e| (e.start, e.end())),
+            )
+            .collect();
+        data.sort_unstable();
+        let end = offset + len;
+        let mut out: Vec<StatusExtent> = Vec::new();
+        let push = |from: u64, to: u64, hole: bool, out: &mut Vec<StatusExtent>| {
+            let (from, to) = (from.max(offset), to.min(end));
+            if from >= to {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len += to - from,
+                _ => out.push(StatusExtent {
+                    len: to - from,
+                    hole,
+                }),
+            }
+        };
+        let mut cur = offset;
+        for (s, e) in data {
+            let (s, e) = (s * BLOCK_SIZE, e * BLOCK_SIZE);
+            push(cur, s, true, &mut out);
+            push(s, e, false, &mut out);
+            cur = cur.max(e);
+        }
+        push(cur, end, true, &mut out);
+        Ok(out)
+    }
+
+    /// Read-modify-write of the blocks covering an unaligned byte range.
+    async fn write_unaligned(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        let _guard = self.inner.rmw.lock().await;
+        let r = BlockRange::covering(offset, data.len() as u64);
+        let old = self.read_blocks(r).await?;
+        let mut buf = BytesMut::from(&old[..]);
+        let at = (offset - r.start * BLOCK_SIZE) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        self.commit(r.start, r.len(), Payload::Data(buf.freeze()))
+            .await
+    }
+
+    async fn zero_blocks(&self, mut start: u64, end: u64) -> Result<(), VolumeError> {
+        // One record per at most 2^30 blocks (4 TiB) keeps block counts inside u32.
+        while start < end {
+            let n = (end - start).min(1 << 30);
+            self.commit(start, n, Payload::Zero).await?;
+            start += n;
+        }
+        Ok(())
+    }
+
+    /// Sequences one write: permits, WAL record, memtable insert — in that order.
+    async fn commit(&self, start: u64, count: u64, payload: Payload) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        let cost = match payload {
+            Payload::Data(_) => count,
+            Payload::Zero => 1,
+        };
+        let permits = inner
+            .permits
+            .acquire_many(cost as u32)
+            .await
+            .map_err(|_| VolumeError::Closed)?;
+        let mut st = lock(&inner.state);
+        if st.closed {
+            return Err(VolumeError::Closed);
+        }
+        let seq = st.next_seq;
+        let (kind, body) = match &payload {
+            Payload::Data(b) => (RecordKind::Write, b.clone()),
+            Payload::Zero => (RecordKind::Zero, Bytes::new()),
+        };
+        let header = RecordHeader {
+            kind,
+            flags: 0,
+            seq,
+            volume_tag: 0,
+            start_block: start,
+            block_count: count as u32,
+            payload_len: body.len() as u32,
+        };
+        inner.wal.append(header, body)?;
+        permits.forget();
+        st.next_seq += 1;
+        st.last_write = Instant::now();
+        st.active.insert(
+            start,
+            BufExtent {
+                count,
+                seq,
+                payload,
+            },
+        );
+        st.active.charged += cost;
+        let chunk_blocks = inner.config.chunk_bytes / BLOCK_SIZE;
+        if st.active.data_bytes() >= inner.config.chunk_bytes || st.active.charged >= chunk_blocks {
+            let full = std::mem::take(&mut st.active);
+            st.frozen.push_back(Arc::new(full));
+            drop(st);
+            inner.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The memtable extents and map extents that make up `r`, newest first per block; blocks in
+    /// neither read as zeros.
+    async fn resolve(
+        &self,
+        r: BlockRange,
+    ) -> Result<(Vec<(u64, BufExtent)>, Vec<MapExtent>), VolumeError> {
+        let mut found = Vec::new();
+        let mut holes = vec![(r.start, r.end)];
+        {
+            let st = lock(&self.inner.state);
+            let layers = std::iter::once(&st.active).chain(st.frozen.iter().rev().map(|m| &**m));
+            for layer in layers {
+                if holes.is_empty() {
+                    break;
+                }
+                let mut next = Vec::new();
+                for (hs, he) in holes {
+                    let mut cur = hs;
+                    for (s, e) in layer.overlapping(hs, he) {
+                        if s > cur {
+                            next.push((cur, s));
+                        }
+                        cur = s + e.count;
+                        found.push((s, e));
+                    }
+                    if cur < he {
+                        next.push((cur, he));
+                    }
+                }
+                holes = next;
+            }
+        }
+        if holes.is_empty() {
+            return Ok((found, Vec::new()));
+        }
+        let lookup = self.inner.lookup.clone();
+        let map = blocking(move || {
+            let mut out = Vec::new();
+            for (s, e) in holes {
+                out.extend(lookup.lookup(s, e)?);
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok((found, map))
+    }
+
+    async fn read_blocks(&self, r: BlockRange) -> Result<Bytes, VolumeError> {
+        let (mem, map) = self.resolve(r).await?;
+        // Fast path: one memtable extent covers the whole range.
+        if let [(
+            s,
+            BufExtent {
+                count,
+                payload: Payload::Data(b),
+                ..
+            },
+        )] = &mem[..]
+        {
+            if *s == r.start && *count == r.len() {
+                return Ok(b.clone());
+            }
+        }
+        let mut out = BytesMut::zeroed(r.len() as usize * BLOCK_BYTES);
+        for (s, e) in &mem {
+            if let Payload::Data(b) = &e.payload {
+                let at = ((s - r.start) as usize) * BLOCK_BYTES;
+                out[at..at + b.len()].copy_from_slice(b);
+            }
+        }
+        let fetches = map.iter().filter_map(|e| match e.target {
+            Target::Data(f) => Some(async move { self.frame(f).await.map(|d| (e, f, d)) }),
+            Target::Zero => None,
+        });
+        for (e, f, frame) in futures::future::try_join_all(fetches).await? {
+            let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
+            let len = e.count as usize * BLOCK_BYTES;
+            let at = ((e.start - r.start) as usize) * BLOCK_BYTES;
+            out[at..at + len].copy_from_slice(&frame[from..from + len]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// A decompressed, verified frame, from the cache or the backend (ranged read).
+    async fn frame(&self, f: FrameRef) -> Result<Bytes, VolumeError> {
+        let inner = &self.inner;
+        let key = (inner.id.tag(), f.object_id, f.offset);
+        inner
+            .cache
+            .get_or_insert_async(&key, async {
+                let okey = chunk_key(&inner.id, f.object_id);
+                let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
+                inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
+                let raw = retry(&inner.config.read_retry, &okey, || {
+                    inner.backend.get_range(&okey, range.clone())
+                })
+                .await?;
+                let decoded =
+                    tokio::task::spawn_blocking(move || chunk::decode_frame(&raw, f.crc, f.blocks))
+                        .await
+                        .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?;
+                decoded.map_err(|source| {
+                    tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
+                    VolumeError::Chunk { key: okey, source }
+                })
+            })
+            .await
+    }
+
+    /// Stops accepting writes, turns everything buffered into chunks (waiting at most
+    /// `drain_timeout`; what is left stays in the WAL and is replayed at the next open), syncs
+    /// the WAL and stops its writer.
+    pub async fn close(&self, drain_timeout: Duration) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        {
+            let mut st = lock(&inner.state);
+            st.closed = true;
+            if !st.active.is_empty() {
+                let full = std::mem::take(&mut st.active);
+                st.frozen.push_back(Arc::new(full));
+            }
+        }
+        inner.draining.store(true, Ordering::SeqCst);
+        inner.wake.notify_one();
+        let handle = lock(&inner.flusher).take();
+        if let Some(mut handle) = handle {
+            if tokio::time::timeout(drain_timeout, &mut handle)
+                .await
+                .is_err()
+            {
+                tracing::warn!(volume = %inner.id, "flusher did not drain in time; data stays in the WAL");
+                inner.stop.store(true, Ordering::SeqCst);
+                inner.wake.notify_one();
+                let _ = handle.await;
+            }
+        }
+        inner.permits.close();
+        let wal_inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || wal_inner.wal.shutdown(true))
+            .await
+            .map_err(|e| VolumeError::Invalid(format!("WAL shutdown task failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Crash simulation for tests: stops the flusher at its next step boundary and the WAL writer
+    /// after writing (not syncing) what is queued — as if the process died there.
+    #[doc(hidden)]
+    pub async fn simulate_crash(&self) {
+        let inner = &self.inner;
+        lock(&inner.state).closed = true;
+        inner.stop.store(true, Ordering::SeqCst);
+        inner.wake.notify_one();
+        let handle = lock(&inner.flusher).take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+        inner.permits.close();
+        let wal_inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || wal_inner.wal.shutdown(false)).await;
+    }
+}
+
+impl Inner {
+    /// Returns write-buffer permits, paying off replay debt first.
+    fn release(&self, n: u64) {
+        let mut debt = lock(&self.permit_debt);
+        let pay = n.min(*debt);
+        *debt -= pay;
+        self.permits.add_permits((n - pay) as usize);
+    }
+}
+
+/// The background flusher of one volume: frozen memtables become chunks, in order.
+async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
+    loop {
+        if inner.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let job = {
+            let mut st = lock(&inner.state);
+            if st.frozen.is_empty()
+                && !st.active.is_empty()
+                && st.last_write.elapsed() >= inner.config.idle_flush
+            {
+                let full = std::mem::take(&mut st.active);
+                st.frozen.push_back(Arc::new(full));
+            }
+            st.frozen.front().cloned()
+        };
+        let Some(mem) = job else {
+            if inner.draining.load(Ordering::SeqCst) {
+                return;
+            }
+            let _ = tokio::time::timeout(inner.config.idle_flush, inner.wake.notified()).await;
+            continue;
+        };
+        match flush_memtable(&inner, &mem, state).await {
+            Some(next) => state = next,
+            None => return, // stop requested
+        }
+        {
+            let mut st = lock(&inner.state);
+            if st.frozen.front().is_some_and(|m| Arc::ptr_eq(m, &mem)) {
+                st.frozen.pop_front();
+            }
+        }
+        inner.release(mem.charged);
+        inner.wal.trim(state.checkpoint);
+    }
+}
+
+/// Writes one memtable as a chunk and commits it. Retries backend and metadata failures with
+/// backoff until they succeed (data stays in the WAL meanwhile); returns `None` if asked to stop.
+async fn flush_memtable(inner: &Inner, mem: &MemTable, state: VolumeState) -> Option<VolumeState> {
+    let object_id = state.next_object_id.max(1);
+    let input = mem.to_chunk_input();
+    let opts = inner.config.chunk;
+    let tag = inner.id.tag();
+    let built =
+        tokio::task::spawn_blocking(move || chunk::build(tag, object_id, &input, opts)).await;
+    let (object, index) = match built {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            // Only reachable through a bug (inputs come from our own memtable).
+            tracing::error!(volume = %inner.id, error = %e, "chunk build failed; flusher stops, data stays in the WAL");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(volume = %inner.id, error = %e, "chunk build task failed");
+            return None;
+        }
+    };
+    let key = chunk_key(&inner.id, object_id);
+    let stored_bytes = object.len() as u64;
+    let policy = RetryPolicy::forever();
+    let mut attempt = 0u32;
+    loop {
+        if inner.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        match inner.backend.put(&key, object.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key = %key, error = %e, attempt, "chunk upload failed; retrying");
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+    let checkpoint = mem.max_seq();
+    let commit = ChunkCommit {
+        object_id,
+        extents: index
+            .iter()
+            .map(|e| MapExtent::from_chunk(object_id, e))
+            .collect(),
+        stored_bytes,
+        checkpoint,
+    };
+    let next = VolumeState {
+        checkpoint: state.checkpoint.max(checkpoint),
+        next_object_id: object_id + 1,
+        max_seq: state.max_seq.max(checkpoint),
+    };
+    let commit = Arc::new(commit);
+    let mut attempt = 0u32;
+    loop {
+        if inner.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let lookup = inner.lookup.clone();
+        let c = commit.clone();
+        match blocking(move || lookup.commit_chunk(&c, next)).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::error!(volume = %inner.id, error = %e, attempt, "map commit failed; retrying");
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+    inner.stats.chunks.fetch_add(1, Ordering::Relaxed);
+    inner
+        .stats
+        .chunk_bytes
+        .fetch_add(stored_bytes, Ordering::Relaxed);
+    Some(next)
+}

@@ -1,0 +1,249 @@
+//! The WAL writer thread: batching, segment rotation, group commit, trimming.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use super::record::{encode_segment_header, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use super::{
+    bump, fsync_dir, segment_path, Command, DurablePosition, WalConfig, WalError, WalStats,
+};
+
+/// A batch is written once it holds this many bytes, even if more commands are queued.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// A segment known to the writer, with the newest sequence number in it (for trimming).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SegmentInfo {
+    pub no: u64,
+    pub max_seq: u64,
+}
+
+pub(crate) struct Writer {
+    dir: PathBuf,
+    volume_tag: u64,
+    segment_bytes: u64,
+    /// Closed segments (oldest first) and the open one (last).
+    segments: VecDeque<SegmentInfo>,
+    file: File,
+    /// Bytes of the open segment already written to the file.
+    written: u64,
+    /// Encoded records not yet written.
+    batch: Vec<u8>,
+    batch_max_seq: u64,
+    /// Set after a failed `fdatasync`: the page cache can no longer be trusted.
+    fatal: Option<WalError>,
+    stats: Arc<WalStats>,
+    durable: Arc<Mutex<DurablePosition>>,
+}
+
+impl Writer {
+    pub(crate) fn start(
+        config: &WalConfig,
+        volume_tag: u64,
+        mut segments: VecDeque<SegmentInfo>,
+        stats: Arc<WalStats>,
+        durable: Arc<Mutex<DurablePosition>>,
+    ) -> Result<Self, WalError> {
+        let no = segments.back().map_or(1, |s| s.no + 1);
+        let file = create_segment(&config.dir, no, volume_tag)?;
+        segments.push_back(SegmentInfo { no, max_seq: 0 });
+        if let Ok(mut d) = durable.lock() {
+            *d = DurablePosition {
+                segment_no: no,
+                offset: 0,
+            };
+        }
+        Ok(Self {
+            dir: config.dir.clone(),
+            volume_tag,
+            segment_bytes: config.segment_bytes.max(1 << 16),
+            segments,
+            file,
+            written: SEGMENT_HEADER_LEN as u64,
+            batch: Vec::with_capacity(1 << 20),
+            batch_max_seq: 0,
+            fatal: None,
+            stats,
+            durable,
+        })
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        let mut waiters: Vec<oneshot::Sender<Result<(), WalError>>> = Vec::new();
+        let mut trim_to: Option<u64> = None;
+        loop {
+            let Ok(first) = rx.recv() else {
+                // Every handle is gone: write what is queued and stop.
+                let _ = self.write_batch();
+                return;
+            };
+            let mut stop: Option<bool> = None;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Append {
+                        header,
+                        seq,
+                        payload,
+                    } => self.add(&header, seq, &payload),
+                    Command::Sync(tx) => waiters.push(tx),
+                    Command::Trim(seq) => trim_to = Some(trim_to.map_or(seq, |t| t.max(seq))),
+                    Command::Stop { sync } => {
+                        stop = Some(sync);
+                        break;
+                    }
+                }
+                if self.batch.len() >= MAX_BATCH_BYTES {
+                    break;
+                }
+                next = match rx.try_recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => {
+                        stop = Some(false);
+                        None
+                    }
+                };
+            }
+            let mut result = self.write_batch();
+            if result.is_ok() && (!waiters.is_empty() || stop == Some(true)) {
+                result = self.sync();
+            }
+            for w in waiters.drain(..) {
+                let _ = w.send(result.clone());
+            }
+            if let Some(seq) = trim_to.take() {
+                self.trim(seq);
+            }
+            if stop.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Adds one encoded record to the batch, rotating the segment first if it would overflow.
+    fn add(&mut self, header: &[u8; RECORD_HEADER_LEN], seq: u64, payload: &[u8]) {
+        let len = (RECORD_HEADER_LEN + payload.len()) as u64;
+        let pending = self.written + self.batch.len() as u64;
+        if pending + len > self.segment_bytes && pending > SEGMENT_HEADER_LEN as u64 {
+            if let Err(e) = self.rotate() {
+                // Keep appending to the current segment; the error surfaces on the next sync.
+                tracing::error!(error = %e, "WAL segment rotation failed");
+            }
+        }
+        self.batch.extend_from_slice(header);
+        self.batch.extend_from_slice(payload);
+        self.batch_max_seq = self.batch_max_seq.max(seq);
+        bump(&self.stats.records, 1);
+    }
+
+    fn current_path(&self) -> PathBuf {
+        segment_path(&self.dir, self.segments.back().map_or(0, |s| s.no))
+    }
+
+    /// Writes the batch to the open segment. On failure the file is cut back to its last good
+    /// length and the batch kept, so a later call retries it (disk full is not data loss).
+    fn write_batch(&mut self) -> Result<(), WalError> {
+        if let Some(e) = &self.fatal {
+            return Err(e.clone());
+        }
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all(&self.batch) {
+            let path = self.current_path();
+            let _ = self.file.set_len(self.written);
+            return Err(WalError::io(&path, e));
+        }
+        bump(&self.stats.writes, 1);
+        bump(&self.stats.bytes, self.batch.len() as u64);
+        self.written += self.batch.len() as u64;
+        if let Some(cur) = self.segments.back_mut() {
+            cur.max_seq = cur.max_seq.max(self.batch_max_seq);
+        }
+        self.batch.clear();
+        if self.batch.capacity() > 2 * MAX_BATCH_BYTES {
+            self.batch.shrink_to(1 << 20);
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), WalError> {
+        if let Some(e) = &self.fatal {
+            return Err(e.clone());
+        }
+        if let Err(e) = self.file.sync_data() {
+            // fsyncgate: after a failed fsync the kernel may have dropped dirty pages; nothing
+            // written since the last good sync can be trusted any more.
+            let err = WalError::io(&self.current_path(), e);
+            tracing::error!(error = %err, "WAL fdatasync failed; the WAL refuses further syncs");
+            self.fatal = Some(err.clone());
+            return Err(err);
+        }
+        bump(&self.stats.fsyncs, 1);
+        if let Ok(mut d) = self.durable.lock() {
+            d.offset = self.written;
+        }
+        Ok(())
+    }
+
+    /// Closes the open segment (written and synced) and starts the next one.
+    fn rotate(&mut self) -> Result<(), WalError> {
+        self.write_batch()?;
+        self.sync()?;
+        let no = self.segments.back().map_or(0, |s| s.no) + 1;
+        self.file = create_segment(&self.dir, no, self.volume_tag)?;
+        self.written = SEGMENT_HEADER_LEN as u64;
+        self.batch_max_seq = 0;
+        self.segments.push_back(SegmentInfo { no, max_seq: 0 });
+        if let Ok(mut d) = self.durable.lock() {
+            *d = DurablePosition {
+                segment_no: no,
+                offset: 0,
+            };
+        }
+        Ok(())
+    }
+
+    fn trim(&mut self, checkpoint: u64) {
+        while self.segments.len() > 1 {
+            let Some(oldest) = self.segments.front().copied() else {
+                break;
+            };
+            if oldest.max_seq > checkpoint {
+                break;
+            }
+            let path = segment_path(&self.dir, oldest.no);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "WAL trim failed");
+                    break;
+                }
+            }
+            bump(&self.stats.segments_trimmed, 1);
+            self.segments.pop_front();
+        }
+    }
+}
+
+/// Creates segment `no` with its header and makes its directory entry durable.
+fn create_segment(dir: &std::path::Path, no: u64, volume_tag: u64) -> Result<File, WalError> {
+    let path = segment_path(dir, no);
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| WalError::io(&path, e))?;
+    file.write_all(&encode_segment_header(no, volume_tag))
+        .map_err(|e| WalError::io(&path, e))?;
+    fsync_dir(dir)?;
+    Ok(file)
+}
