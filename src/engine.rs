@@ -240,6 +240,16 @@ impl Engine {
         Ok(())
     }
 
+    /// Crash simulation for tests: every open volume stops as if the process died (nothing
+    /// flushed, nothing synced); the engine is consumed so its RocksDB handle closes.
+    #[doc(hidden)]
+    pub async fn simulate_crash(self) {
+        let vols: Vec<Volume> = self.open.lock().await.drain().map(|(_, v)| v).collect();
+        for v in vols {
+            v.simulate_crash().await;
+        }
+    }
+
     /// Closes every open volume.
     pub async fn close_all(&self) {
         let vols: Vec<Volume> = self.open.lock().await.drain().map(|(_, v)| v).collect();

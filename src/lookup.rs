@@ -11,7 +11,7 @@
 //! around newer ones. RocksDB is the source of truth; its block cache is the bounded in-memory
 //! part, so the map may be far larger than RAM.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
@@ -264,44 +264,58 @@ impl BlockLookup {
     /// Must not run concurrently with another commit of the same volume (the flusher is the
     /// only writer). Blocking (RocksDB): call from a blocking thread.
     pub fn commit_chunk(&self, commit: &ChunkCommit, state: VolumeState) -> Result<(), MetaError> {
-        let mut batch = WriteBatch::default();
-        let mut live_delta: HashMap<u64, i64> = HashMap::new();
-        let mut new_live = 0u64;
+        // Existing extents touched by the chunk, each once (by start block).
+        let mut olds: BTreeMap<u64, MapExtent> = BTreeMap::new();
         for new in &commit.extents {
-            let existing = self.overlapping(new.start, new.end())?;
-            // Parts of `new` not shadowed by newer extents.
+            for old in self.overlapping(new.start, new.end())? {
+                olds.insert(old.start, old);
+            }
+        }
+        // The parts of the new extents that no newer existing extent shadows.
+        let mut winners: BTreeMap<u64, MapExtent> = BTreeMap::new();
+        for new in &commit.extents {
             let mut pieces = vec![(new.start, new.end())];
-            for old in &existing {
-                if old.seq > new.seq {
+            for old in olds.range(..new.end()).map(|(_, o)| o) {
+                if old.end() > new.start && old.seq > new.seq {
                     pieces = subtract(&pieces, old.start, old.end());
-                    continue;
-                }
-                batch.delete(vol_u64_key(PREFIX_MAP, &self.volume, old.start));
-                let cut_from = old.start.max(new.start);
-                let cut_to = old.end().min(new.end());
-                if old.start < new.start {
-                    let left = old.slice(old.start, new.start);
-                    batch.put(
-                        vol_u64_key(PREFIX_MAP, &self.volume, left.start),
-                        left.encode(),
-                    );
-                }
-                if old.end() > new.end() {
-                    let right = old.slice(new.end(), old.end());
-                    batch.put(
-                        vol_u64_key(PREFIX_MAP, &self.volume, right.start),
-                        right.encode(),
-                    );
-                }
-                if let Target::Data(f) = old.target {
-                    *live_delta.entry(f.object_id).or_default() -= (cut_to - cut_from) as i64;
                 }
             }
             for (s, e) in pieces {
-                let piece = new.slice(s, e);
-                batch.put(vol_u64_key(PREFIX_MAP, &self.volume, s), piece.encode());
-                new_live += piece.data_blocks();
+                winners.insert(s, new.slice(s, e));
             }
+        }
+        let mut batch = WriteBatch::default();
+        let mut live_delta: HashMap<u64, i64> = HashMap::new();
+        // Existing extents lose whatever the winners cover.
+        for old in olds.values() {
+            let mut keep = vec![(old.start, old.end())];
+            let covering = winners
+                .range(..old.end())
+                .rev()
+                .take_while(|(_, w)| w.end() > old.start)
+                .map(|(_, w)| (w.start, w.end()));
+            for (s, e) in covering {
+                keep = subtract(&keep, s, e);
+            }
+            let kept: u64 = keep.iter().map(|(s, e)| e - s).sum();
+            if kept == old.count {
+                continue;
+            }
+            batch.delete(vol_u64_key(PREFIX_MAP, &self.volume, old.start));
+            for (s, e) in keep {
+                batch.put(
+                    vol_u64_key(PREFIX_MAP, &self.volume, s),
+                    old.slice(s, e).encode(),
+                );
+            }
+            if let Target::Data(f) = old.target {
+                *live_delta.entry(f.object_id).or_default() -= (old.count - kept) as i64;
+            }
+        }
+        let mut new_live = 0u64;
+        for w in winners.values() {
+            batch.put(vol_u64_key(PREFIX_MAP, &self.volume, w.start), w.encode());
+            new_live += w.data_blocks();
         }
         let stats_key = |id| vol_u64_key(PREFIX_CHUNK, &self.volume, id);
         for (id, delta) in live_delta {
@@ -430,6 +444,22 @@ mod tests {
         // Clipped lookup in the middle of an extent.
         let mid = l.lookup(9, 10).unwrap();
         assert_eq!((mid[0].start, mid[0].count), (9, 1));
+    }
+
+    #[test]
+    fn two_new_extents_cutting_one_old_extent() {
+        let (_d, meta, l) = setup();
+        commit(&l, 1, vec![data(33, 7, 2, 1)]);
+        commit(&l, 2, vec![data(33, 3, 5, 2), data(38, 3, 6, 2)]);
+        let shape: Vec<_> = l
+            .lookup(0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| (e.start, e.count, e.seq))
+            .collect();
+        assert_eq!(shape, vec![(33, 3, 5), (36, 2, 2), (38, 3, 6)]);
+        let stats = meta.chunk_stats(&l.volume).unwrap();
+        assert_eq!((stats[0].1.live_blocks, stats[1].1.live_blocks), (2, 6));
     }
 
     #[test]

@@ -155,6 +155,8 @@ struct Inner {
     cache: FrameCache,
     rmw: tokio::sync::Mutex<()>,
     wake: Notify,
+    /// Signalled after every memtable the flusher commits.
+    flushed: Notify,
     /// Flusher: finish the frozen memtables (and the active one), then exit.
     draining: AtomicBool,
     /// Flusher: exit at the next step boundary (crash simulation, forced close).
@@ -281,6 +283,7 @@ impl Volume {
             cache,
             rmw: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            flushed: Notify::new(),
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
@@ -665,6 +668,32 @@ impl Volume {
             .await
     }
 
+    /// Turns everything buffered into chunks and waits until the map points at them (the WAL is
+    /// then trimmed behind them). Errors with [`VolumeError::Closed`] if the volume closes first.
+    pub async fn persist_buffer(&self) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        loop {
+            let notified = inner.flushed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = lock(&inner.state);
+                if st.closed {
+                    return Err(VolumeError::Closed);
+                }
+                if !st.active.is_empty() {
+                    let full = std::mem::take(&mut st.active);
+                    st.frozen.push_back(Arc::new(full));
+                }
+                if st.frozen.is_empty() {
+                    return Ok(());
+                }
+            }
+            inner.wake.notify_one();
+            notified.await;
+        }
+    }
+
     /// Stops accepting writes, turns everything buffered into chunks (waiting at most
     /// `drain_timeout`; what is left stays in the WAL and is replayed at the next open), syncs
     /// the WAL and stops its writer.
@@ -680,6 +709,7 @@ impl Volume {
         }
         inner.draining.store(true, Ordering::SeqCst);
         inner.wake.notify_one();
+        inner.flushed.notify_waiters();
         let handle = lock(&inner.flusher).take();
         if let Some(mut handle) = handle {
             if tokio::time::timeout(drain_timeout, &mut handle)
@@ -708,6 +738,7 @@ impl Volume {
         lock(&inner.state).closed = true;
         inner.stop.store(true, Ordering::SeqCst);
         inner.wake.notify_one();
+        inner.flushed.notify_waiters();
         let handle = lock(&inner.flusher).take();
         if let Some(handle) = handle {
             let _ = handle.await;
@@ -764,6 +795,7 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
         }
         inner.release(mem.charged);
         inner.wal.trim(state.checkpoint);
+        inner.flushed.notify_waiters();
     }
 }
 
