@@ -4,8 +4,9 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -16,6 +17,18 @@ use super::{
 
 /// A batch is written once it holds this many bytes, even if more commands are queued.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Longest a partial group waits for the rest of the previous group's syncers.
+const GROUP_WAIT: Duration = Duration::from_micros(100);
+
+/// What one write+sync round collects.
+#[derive(Default)]
+struct Round {
+    waiters: Vec<oneshot::Sender<Result<(), WalError>>>,
+    trim_to: Option<u64>,
+    /// `Some(sync)` once a stop was requested.
+    stop: Option<bool>,
+}
 
 /// A segment known to the writer, with the newest sequence number in it (for trimming).
 #[derive(Debug, Clone, Copy)]
@@ -75,56 +88,84 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self, rx: Receiver<Command>) {
-        let mut waiters: Vec<oneshot::Sender<Result<(), WalError>>> = Vec::new();
-        let mut trim_to: Option<u64> = None;
+        let mut round = Round::default();
+        // Sync waiters in the previous group: the group size the load sustains.
+        let mut last_group = 0usize;
         loop {
             let Ok(first) = rx.recv() else {
                 // Every handle is gone: write what is queued and stop.
                 let _ = self.write_batch();
                 return;
             };
-            let mut stop: Option<bool> = None;
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
-                match cmd {
-                    Command::Append {
-                        header,
-                        seq,
-                        payload,
-                    } => self.add(&header, seq, &payload),
-                    Command::Sync(tx) => waiters.push(tx),
-                    Command::Trim(seq) => trim_to = Some(trim_to.map_or(seq, |t| t.max(seq))),
-                    Command::Stop { sync } => {
-                        stop = Some(sync);
-                        break;
-                    }
-                }
-                if self.batch.len() >= MAX_BATCH_BYTES {
+                if !self.handle(cmd, &mut round) || self.batch.len() >= MAX_BATCH_BYTES {
                     break;
                 }
                 next = match rx.try_recv() {
                     Ok(cmd) => Some(cmd),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Disconnected) => {
-                        stop = Some(false);
+                        round.stop = Some(false);
                         None
                     }
                 };
             }
+            // Group commit: when fewer syncers have arrived than the last group had, the rest
+            // are usually a few microseconds behind (woken by the previous sync); wait for them
+            // briefly rather than pay a whole fdatasync for a partial group.
+            if !round.waiters.is_empty() && round.waiters.len() < last_group && round.stop.is_none()
+            {
+                let deadline = Instant::now() + GROUP_WAIT;
+                while round.waiters.len() < last_group && self.batch.len() < MAX_BATCH_BYTES {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(cmd) => {
+                            if !self.handle(cmd, &mut round) {
+                                break;
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            round.stop = Some(false);
+                            break;
+                        }
+                    }
+                }
+            }
+            last_group = round.waiters.len();
             let mut result = self.write_batch();
-            if result.is_ok() && (!waiters.is_empty() || stop == Some(true)) {
+            if result.is_ok() && (!round.waiters.is_empty() || round.stop == Some(true)) {
                 result = self.sync();
             }
-            for w in waiters.drain(..) {
+            for w in round.waiters.drain(..) {
                 let _ = w.send(result.clone());
             }
-            if let Some(seq) = trim_to.take() {
+            if let Some(seq) = round.trim_to.take() {
                 self.trim(seq);
             }
-            if stop.is_some() {
+            if round.stop.is_some() {
                 return;
             }
         }
+    }
+
+    /// Applies one command to the round; false once a stop was requested.
+    fn handle(&mut self, cmd: Command, round: &mut Round) -> bool {
+        match cmd {
+            Command::Append {
+                header,
+                seq,
+                payload,
+            } => self.add(&header, seq, &payload),
+            Command::Sync(tx) => round.waiters.push(tx),
+            Command::Trim(seq) => round.trim_to = Some(round.trim_to.map_or(seq, |t| t.max(seq))),
+            Command::Stop { sync } => {
+                round.stop = Some(sync);
+                return false;
+            }
+        }
+        true
     }
 
     /// Adds one encoded record to the batch, rotating the segment first if it would overflow.

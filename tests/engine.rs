@@ -1,0 +1,478 @@
+//! Engine integration tests: WAL corruption, group commit, sparse huge volumes, block status,
+//! bad input, backpressure.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use vblock::{VolumeError, VolumeId};
+
+fn block(fill: u8) -> Bytes {
+    Bytes::from(vec![fill; 4096])
+}
+
+fn segments(dir: &std::path::Path, id: &VolumeId) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join("wal").join(id.as_str()))
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Writes `n` flushed blocks, crashes, and returns (dir, id, segment file holding the records).
+async fn crashed_volume_with_records(
+    n: u64,
+) -> (
+    tempfile::TempDir,
+    vblock::backend::SharedBackend,
+    VolumeId,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = common::memory_backend();
+    let mut config = common::small_config(dir.path());
+    // No chunking during the test: everything stays in the WAL.
+    config.volume.idle_flush = Duration::from_secs(3600);
+    config.volume.chunk_bytes = 1 << 20;
+    let engine = vblock::Engine::open(config, backend.clone())
+        .await
+        .expect("engine");
+    let id = engine
+        .create_volume(1 << 20, "c")
+        .await
+        .expect("create")
+        .volume_id;
+    let vol = engine.volume(&id).await.expect("open");
+    for i in 0..n {
+        vol.write(i * 4096, block(i as u8 + 1), false)
+            .await
+            .expect("write");
+    }
+    vol.flush().await.expect("flush");
+    drop(vol);
+    engine.simulate_crash().await;
+    let segs = segments(dir.path(), &id);
+    let seg = segs.last().expect("a segment").clone();
+    (dir, backend, id, seg)
+}
+
+async fn reopen(
+    dir: &std::path::Path,
+    backend: &vblock::backend::SharedBackend,
+    id: &VolumeId,
+) -> Result<(vblock::Engine, vblock::Volume), VolumeError> {
+    let mut config = common::small_config(dir);
+    config.volume.idle_flush = Duration::from_secs(3600);
+    config.volume.chunk_bytes = 1 << 20;
+    let engine = vblock::Engine::open(config, backend.clone()).await?;
+    let vol = engine.volume(id).await?;
+    Ok((engine, vol))
+}
+
+const RECORD: u64 = 44 + 4096;
+
+#[test]
+fn flipped_bit_in_tail_record_is_truncated() {
+    common::run(Duration::from_secs(30), async {
+        let (dir, backend, id, seg) = crashed_volume_with_records(4).await;
+        let mut bytes = std::fs::read(&seg).expect("read");
+        assert_eq!(bytes.len() as u64, 32 + 4 * RECORD);
+        let last = 32 + 3 * RECORD as usize;
+        bytes[last + 100] ^= 0x04;
+        std::fs::write(&seg, &bytes).expect("write");
+        let (engine, vol) = reopen(dir.path(), &backend, &id)
+            .await
+            .expect("tail corruption is recovered");
+        for i in 0..3u64 {
+            assert_eq!(
+                vol.read(i * 4096, 4096).await.expect("read"),
+                block(i as u8 + 1)
+            );
+        }
+        assert_eq!(
+            vol.read(3 * 4096, 4096).await.expect("read"),
+            Bytes::from(vec![0u8; 4096])
+        );
+        assert_eq!(
+            std::fs::metadata(&seg).expect("meta").len(),
+            last as u64,
+            "tail cut off"
+        );
+        drop(vol);
+        engine.close_all().await;
+    });
+}
+
+#[test]
+fn flipped_bit_in_middle_record_refuses_to_open() {
+    common::run(Duration::from_secs(30), async {
+        let (dir, backend, id, seg) = crashed_volume_with_records(4).await;
+        let mut bytes = std::fs::read(&seg).expect("read");
+        let second = 32 + RECORD as usize;
+        bytes[second + 60] ^= 0x80;
+        std::fs::write(&seg, &bytes).expect("write");
+        match reopen(dir.path(), &backend, &id).await {
+            Err(VolumeError::Wal(e)) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("corrupt") && msg.contains(&second.to_string()),
+                    "{msg}"
+                );
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a corrupt record followed by valid ones must not be skipped"),
+        }
+        // Nothing was cut: the file is as it was.
+        assert_eq!(std::fs::read(&seg).expect("read"), bytes);
+    });
+}
+
+#[test]
+fn torn_tail_at_every_offset_of_last_record_recovers() {
+    common::run(Duration::from_secs(120), async {
+        let (dir, backend, id, seg) = crashed_volume_with_records(3).await;
+        let full = std::fs::read(&seg).expect("read");
+        let last = 32 + 2 * RECORD;
+        // Every offset inside the header, and a spread of offsets inside the payload.
+        let cuts: Vec<u64> = (last..last + 48)
+            .chain((last + 48..last + RECORD).step_by(509))
+            .collect();
+        for cut in cuts {
+            std::fs::write(&seg, &full[..cut as usize]).expect("write");
+            let (engine, vol) = reopen(dir.path(), &backend, &id)
+                .await
+                .unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+            assert_eq!(
+                vol.read(4096, 4096).await.expect("read"),
+                block(2),
+                "cut {cut}"
+            );
+            assert_eq!(
+                vol.read(2 * 4096, 4096).await.expect("read"),
+                Bytes::from(vec![0u8; 4096]),
+                "cut {cut}"
+            );
+            drop(vol);
+            engine.simulate_crash().await;
+            // The reopen started a new segment; remove it so the next cut sees the same layout.
+            for s in segments(dir.path(), &id) {
+                if s != seg {
+                    std::fs::remove_file(s).expect("rm");
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn group_commit_batches_concurrent_fua_writes() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(64 << 20, "gc")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        let before = vol.wal_stats().fsyncs.load(Ordering::Relaxed);
+        let tasks = 32u64;
+        let per_task = 20u64;
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let v = vol.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    let off = (t * per_task + i) * 4096;
+                    v.write(off, block((t + i) as u8), true)
+                        .await
+                        .expect("fua write");
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("task");
+        }
+        let fsyncs = vol.wal_stats().fsyncs.load(Ordering::Relaxed) - before;
+        let writes = tasks * per_task;
+        println!("{writes} FUA writes from {tasks} tasks took {fsyncs} fdatasyncs");
+        assert!(
+            fsyncs < writes / 2,
+            "group commit did not batch: {fsyncs} fsyncs for {writes} writes"
+        );
+        for t in 0..tasks {
+            for i in 0..per_task {
+                let off = (t * per_task + i) * 4096;
+                assert_eq!(
+                    vol.read(off, 4096).await.expect("read"),
+                    block((t + i) as u8)
+                );
+            }
+        }
+        drop(vol);
+        engine.close_all().await;
+    });
+}
+
+#[test]
+fn concurrent_writers_and_flushers_read_back_after_restart() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(16 << 20, "cc")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        let mut handles = Vec::new();
+        for t in 0..8u64 {
+            let v = vol.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..64u64 {
+                    // Each task owns a stripe of blocks; several rounds overwrite them.
+                    let blockno = t * 64 + (i % 32);
+                    v.write(blockno * 4096, block((t * 7 + i) as u8), false)
+                        .await
+                        .expect("write");
+                    if i % 16 == 0 {
+                        v.flush().await.expect("flush");
+                    }
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("task");
+        }
+        vol.flush().await.expect("flush");
+        drop(vol);
+        engine.simulate_crash().await;
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let vol = engine.volume(&id).await.expect("reopen");
+        for t in 0..8u64 {
+            for j in 0..32u64 {
+                // Last write to block j of stripe t was i = j + 32.
+                let want = block((t * 7 + j + 32) as u8);
+                assert_eq!(
+                    vol.read((t * 64 + j) * 4096, 4096).await.expect("read"),
+                    want,
+                    "t{t} j{j}"
+                );
+            }
+        }
+        drop(vol);
+        engine.close_all().await;
+    });
+}
+
+#[test]
+fn sparse_one_tib_volume_stays_small() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend_dir = tempfile::tempdir().expect("tempdir");
+        let backend: vblock::backend::SharedBackend = std::sync::Arc::new(
+            vblock::backend::file::FileBackend::new(backend_dir.path()).expect("backend"),
+        );
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let size = 1u64 << 40;
+        let id = engine
+            .create_volume(size, "big")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        assert_eq!(
+            vol.read(size - 4096, 4096).await.expect("read end"),
+            Bytes::from(vec![0u8; 4096])
+        );
+        let offsets = [0u64, 1 << 30, 1 << 39, size - 4096];
+        for (i, off) in offsets.iter().enumerate() {
+            vol.write(*off, block(i as u8 + 1), false)
+                .await
+                .expect("write");
+        }
+        vol.trim(0, size).await.expect("trim everything");
+        vol.write(1 << 39, block(9), true)
+            .await
+            .expect("write after trim");
+        vol.persist_buffer().await.expect("persist");
+        assert_eq!(vol.read(1 << 39, 4096).await.expect("read"), block(9));
+        assert_eq!(
+            vol.read(0, 4096).await.expect("read"),
+            Bytes::from(vec![0u8; 4096])
+        );
+        let status = vol.block_status(0, size).await.expect("status");
+        let data: u64 = status.iter().filter(|s| !s.hole).map(|s| s.len).sum();
+        assert_eq!(data, 4096, "{status:?}");
+        drop(vol);
+        engine.close_all().await;
+        let du = |p: &std::path::Path| -> u64 {
+            // Apparent size: RocksDB reserves (fallocate, KEEP_SIZE) log space per daemon, which
+            // is not volume data.
+            let out = std::process::Command::new("du")
+                .arg("-sk")
+                .arg("--apparent-size")
+                .arg(p)
+                .output()
+                .expect("du");
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(u64::MAX)
+        };
+        let used_kib = du(dir.path()) + du(backend_dir.path());
+        println!("1 TiB volume with sparse writes uses {used_kib} KiB on disk");
+        if used_kib >= 1 << 10 {
+            let out = std::process::Command::new("du")
+                .arg("-ak")
+                .arg("--apparent-size")
+                .arg(dir.path())
+                .output()
+                .expect("du");
+            panic!(
+                "uses {used_kib} KiB:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    });
+}
+
+#[test]
+fn block_status_reports_data_and_holes() {
+    common::run(Duration::from_secs(30), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(1 << 20, "bs")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        vol.write(4096, Bytes::from(vec![1u8; 8192]), false)
+            .await
+            .expect("write");
+        vol.write(40960, block(2), false).await.expect("write");
+        vol.write_zeroes(4096, 4096, false).await.expect("zero");
+        for persisted in [false, true] {
+            if persisted {
+                vol.persist_buffer().await.expect("persist");
+            }
+            let s = vol.block_status(0, 65536).await.expect("status");
+            let shape: Vec<(u64, bool)> = s.iter().map(|e| (e.len, e.hole)).collect();
+            assert_eq!(
+                shape,
+                vec![
+                    (8192, true),
+                    (4096, false),
+                    (28672, true),
+                    (4096, false),
+                    (20480, true)
+                ],
+                "persisted={persisted}"
+            );
+            // Unaligned queries are clipped to the asked range.
+            let s = vol.block_status(9000, 100).await.expect("status");
+            assert_eq!(
+                s,
+                vec![vblock::StatusExtent {
+                    len: 100,
+                    hole: false
+                }]
+            );
+        }
+        drop(vol);
+        engine.close_all().await;
+    });
+}
+
+#[test]
+fn out_of_range_and_oversized_requests_are_typed_errors() {
+    common::run(Duration::from_secs(30), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(1 << 20, "oor")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        assert!(matches!(
+            vol.read(1 << 20, 1).await,
+            Err(VolumeError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            vol.read(u64::MAX, 2).await,
+            Err(VolumeError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            vol.write((1 << 20) - 1, block(1), false).await,
+            Err(VolumeError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            vol.trim(0, (1 << 20) + 1).await,
+            Err(VolumeError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            vol.write_zeroes(1, u64::MAX, false).await,
+            Err(VolumeError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            vol.block_status(1 << 20, 1).await,
+            Err(VolumeError::OutOfRange { .. })
+        ));
+        assert!(vol.read((1 << 20) - 1, 1).await.is_ok());
+        assert_eq!(vol.read(0, 0).await.expect("empty read").len(), 0);
+        for bad in [0u64, 4095, 17 << 40] {
+            assert!(
+                matches!(
+                    engine.create_volume(bad, "x").await,
+                    Err(VolumeError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        drop(vol);
+        engine.close_all().await;
+    });
+}
+
+#[test]
+fn write_buffer_is_bounded() {
+    common::run(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let mut config = common::small_config(dir.path());
+        config.volume.buffer_bytes = 80 << 20;
+        config.volume.chunk_bytes = 1 << 20;
+        let engine = vblock::Engine::open(config, backend).await.expect("engine");
+        let id = engine
+            .create_volume(1 << 30, "bp")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        let mut peak = 0;
+        let mb = Bytes::from(vec![7u8; 1 << 20]);
+        for i in 0..400u64 {
+            vol.write(i << 20, mb.clone(), false).await.expect("write");
+            peak = peak.max(vol.buffered_bytes());
+        }
+        println!("peak buffered bytes writing 400 MiB through an 80 MiB buffer: {peak}");
+        assert!(peak <= 80 << 20, "buffer grew to {peak}");
+        assert!(vol.stats().chunks.load(Ordering::Relaxed) > 0);
+        assert_eq!(
+            vol.read(399 << 20, 4096).await.expect("read"),
+            Bytes::from(vec![7u8; 4096])
+        );
+        drop(vol);
+        engine.close_all().await;
+    });
+}
