@@ -11,6 +11,7 @@ pub mod block;
 pub mod buffer;
 pub mod cache;
 pub mod chunk;
+pub mod control;
 pub mod engine;
 pub mod ids;
 pub mod lookup;

@@ -1,1 +1,264 @@
-fn main() {}
+//! `vblock`: the daemon (`vblock serve`) and its management commands.
+
+mod client;
+mod offline;
+mod serve;
+mod size;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use client::{ebs_request, print_volumes, size_to_gib, Client, ClientError};
+
+/// vblock: virtual block volumes over NBD, managed over NATS.
+#[derive(Debug, Parser)]
+#[command(name = "vblock", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "VBLOCK_LOG_FORMAT", value_enum, default_value = "pretty")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Flags shared by the commands that talk to a daemon.
+#[derive(Debug, clap::Args)]
+struct Remote {
+    /// NATS server URL.
+    #[arg(long, global = true, env = "VBLOCK_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    /// Seconds to wait for NATS and the daemon.
+    #[arg(long, global = true, default_value = "10")]
+    timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: NBD server and ebs.* control plane.
+    Serve(serve::ServeArgs),
+    /// Manage volumes (over NATS).
+    Volume {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Mount a volume for a VM and print its NBD URI (ebs.mount).
+    Mount {
+        #[command(flatten)]
+        remote: Remote,
+        /// Volume id.
+        id: String,
+    },
+    /// Unmount a volume (ebs.unmount).
+    Unmount {
+        #[command(flatten)]
+        remote: Remote,
+        /// Volume id.
+        id: String,
+    },
+    /// Decode and verify on-disk formats of a stopped daemon's data directory.
+    Inspect {
+        #[command(subcommand)]
+        what: offline::InspectCommand,
+    },
+    /// Check a stopped daemon's data directory: WAL CRCs, chunk CRCs, map references.
+    Fsck(offline::FsckArgs),
+    /// Copy a raw image file into a volume of a stopped daemon's data directory.
+    Import(offline::ImportArgs),
+    /// Copy a volume of a stopped daemon's data directory into a raw image file.
+    Export(offline::ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume (ebs.createvolume).
+    Create {
+        /// Size in whole GiB, e.g. 10GiB.
+        #[arg(long)]
+        size: String,
+        /// Name (stored as the Name tag).
+        #[arg(long)]
+        name: Option<String>,
+        /// Volume type.
+        #[arg(long, default_value = "gp3")]
+        r#type: String,
+    },
+    /// List volumes (ebs.describevolumes).
+    List,
+    /// Describe one volume.
+    Describe {
+        /// Volume id.
+        id: String,
+    },
+    /// Delete a volume (ebs.deletevolume).
+    Delete {
+        /// Volume id.
+        id: String,
+    },
+    /// Attach a volume to an instance (ebs.attachvolume).
+    Attach {
+        /// Volume id.
+        id: String,
+        /// Instance id.
+        #[arg(long)]
+        instance: String,
+        /// Device name, e.g. /dev/sdf.
+        #[arg(long)]
+        device: String,
+    },
+    /// Detach a volume (ebs.detachvolume).
+    Detach {
+        /// Volume id.
+        id: String,
+        /// Only if attached to this instance.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Detach even if in use.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Grow a volume (ebs.modifyvolume).
+    Resize {
+        /// Volume id.
+        id: String,
+        /// New size in whole GiB.
+        #[arg(long)]
+        size: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn print(output: Output, v: &Value, table: impl FnOnce(&Value)) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table => table(v),
+    }
+}
+
+async fn remote(remote: &Remote, f: impl AsyncFnOnce(&Client) -> Result<(), ClientError>) -> Result<(), ClientError> {
+    let client = Client::connect(&remote.nats_url, Duration::from_secs(remote.timeout)).await?;
+    f(&client).await
+}
+
+async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientError> {
+    let out = r.output;
+    remote(r, async |c: &Client| {
+        match cmd {
+            VolumeCommand::Create { size, name, r#type } => {
+                let mut body = json!({"Size": size_to_gib(&size)?, "VolumeType": r#type});
+                if let Some(n) = name {
+                    body["TagSpecifications"] = json!([{"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": n}]}]);
+                }
+                let v = c.request("ebs.createvolume", body).await?;
+                print(out, &v, |v| println!("{}", v["VolumeId"].as_str().unwrap_or("")));
+            }
+            VolumeCommand::List => {
+                let v = c.request("ebs.describevolumes", json!({})).await?;
+                print(out, &v, |v| print_volumes(v["Volumes"].as_array().map(Vec::as_slice).unwrap_or(&[])));
+            }
+            VolumeCommand::Describe { id } => {
+                let v = c.request("ebs.describevolumes", json!({"VolumeIds": [id]})).await?;
+                let vol = v["Volumes"].get(0).cloned().unwrap_or(Value::Null);
+                print(out, &vol, |v| print_volumes(std::slice::from_ref(v)));
+            }
+            VolumeCommand::Delete { id } => {
+                let v = c.request("ebs.deletevolume", json!({"VolumeId": id})).await?;
+                print(out, &v, |_| println!("deleted {id}"));
+            }
+            VolumeCommand::Attach { id, instance, device } => {
+                let v = c.request("ebs.attachvolume", json!({"VolumeId": id, "InstanceId": instance, "Device": device})).await?;
+                print(out, &v, |v| println!("{} {} {} {}", v["VolumeId"].as_str().unwrap_or(""), v["InstanceId"].as_str().unwrap_or(""), v["Device"].as_str().unwrap_or(""), v["State"].as_str().unwrap_or("")));
+            }
+            VolumeCommand::Detach { id, instance, force } => {
+                let mut body = json!({"VolumeId": id, "Force": force});
+                if let Some(i) = instance {
+                    body["InstanceId"] = json!(i);
+                }
+                let v = c.request("ebs.detachvolume", body).await?;
+                print(out, &v, |v| println!("{} {}", v["VolumeId"].as_str().unwrap_or(""), v["State"].as_str().unwrap_or("")));
+            }
+            VolumeCommand::Resize { id, size } => {
+                let v = c.request("ebs.modifyvolume", json!({"VolumeId": id, "Size": size_to_gib(&size)?})).await?;
+                print(out, &v, |v| {
+                    let m = &v["VolumeModification"];
+                    println!("{} {}GiB -> {}GiB {}", m["VolumeId"].as_str().unwrap_or(""), m["OriginalSize"], m["TargetSize"], m["ModificationState"].as_str().unwrap_or(""));
+                });
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn mount_command(r: &Remote, id: &str, mount: bool) -> Result<(), ClientError> {
+    let out = r.output;
+    remote(r, async |c: &Client| {
+        let subject = if mount { "ebs.mount" } else { "ebs.unmount" };
+        let v = c.request(subject, ebs_request(id)).await?;
+        let err = v["Error"].as_str().unwrap_or("");
+        if !err.is_empty() {
+            return Err(ClientError::Api { code: if v["NotFound"].as_bool() == Some(true) { "InvalidVolume.NotFound".into() } else { "MountFailed".into() }, message: err.to_owned() });
+        }
+        print(out, &v, |v| if mount { println!("{}", v["URI"].as_str().unwrap_or("")) } else { println!("unmounted {id}") });
+        Ok(())
+    })
+    .await
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vblock: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await.map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Volume { remote, command } => volume_command(&remote, command).await.map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Mount { remote, id } => mount_command(&remote, &id, true).await.map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Unmount { remote, id } => mount_command(&remote, &id, false).await.map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Inspect { what } => offline::inspect(what).await.map_err(|e| (e.to_string(), 1)),
+            Command::Fsck(a) => offline::fsck(a).await.map_err(|e| (e.to_string(), 1)),
+            Command::Import(a) => offline::import(a).await.map_err(|e| (e.to_string(), 1)),
+            Command::Export(a) => offline::export(a).await.map_err(|e| (e.to_string(), 1)),
+        }
+    });
+    match code {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((msg, code)) => {
+            eprintln!("vblock: {msg}");
+            ExitCode::from(code as u8)
+        }
+    }
+}

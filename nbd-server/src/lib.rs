@@ -1,1 +1,215 @@
-//! NBD server.
+//! NBD protocol server for vblock volumes: fixed newstyle handshake ([`handshake`]) and the
+//! transmission phase ([`transmission`]), following the NBD project's `doc/proto.md`.
+//! One export per volume, named by its VolumeId; served over TCP and Unix sockets.
+
+pub mod handshake;
+pub mod proto;
+pub mod transmission;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use vblock::{Engine, Volume, VolumeId};
+
+/// Largest read or write payload in bytes (advertised as the maximum block size): 32 MiB.
+pub const MAX_BLOCK: u32 = 32 << 20;
+
+/// An export: a volume and how it is offered.
+#[derive(Clone)]
+pub struct Export {
+    /// Export name (the VolumeId).
+    pub name: String,
+    /// The volume behind it.
+    pub volume: Volume,
+    /// Advertise `NBD_FLAG_READ_ONLY` and refuse writes with `NBD_EPERM`.
+    pub read_only: bool,
+    /// Text for `NBD_INFO_DESCRIPTION`.
+    pub description: String,
+}
+
+/// Where exports come from.
+#[async_trait]
+pub trait ExportProvider: Send + Sync + 'static {
+    /// Export names, for `NBD_OPT_LIST`.
+    async fn list(&self) -> Vec<String>;
+    /// Opens export `name`; the error text goes to the client (`NBD_REP_ERR_UNKNOWN`).
+    async fn open(&self, name: &str) -> Result<Export, String>;
+}
+
+/// Every volume of an engine, exported read-write under its VolumeId.
+pub struct VolumeExports {
+    engine: Arc<Engine>,
+}
+
+impl VolumeExports {
+    /// Exports of `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+#[async_trait]
+impl ExportProvider for VolumeExports {
+    async fn list(&self) -> Vec<String> {
+        match self.engine.list_records().await {
+            Ok(recs) => recs.into_iter().map(|r| r.volume_id.to_string()).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list volumes for NBD_OPT_LIST");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn open(&self, name: &str) -> Result<Export, String> {
+        let id = VolumeId::parse(name).map_err(|e| e.to_string())?;
+        let rec = self
+            .engine
+            .get_record(&id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no volume {id}"))?;
+        let volume = self.engine.volume(&id).await.map_err(|e| e.to_string())?;
+        Ok(Export {
+            name: name.to_owned(),
+            volume,
+            read_only: false,
+            description: if rec.name.is_empty() { format!("vblock volume {id}") } else { rec.name },
+        })
+    }
+}
+
+/// Per-server limits: every in-flight set is bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more are closed at accept (default 1024).
+    pub max_connections: usize,
+    /// Requests in flight per connection (default 256).
+    pub max_requests: usize,
+    /// Payload and read-buffer bytes in flight per connection (default 128 MiB).
+    pub max_in_flight_bytes: usize,
+    /// Time allowed for the handshake (default 30 s).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_requests: 256,
+            max_in_flight_bytes: 128 << 20,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections open now.
+    pub connections: AtomicU64,
+    /// Connections accepted in all.
+    pub accepted: AtomicU64,
+}
+
+/// The NBD server.
+pub struct Server {
+    provider: Arc<dyn ExportProvider>,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    stats: Arc<ServerStats>,
+}
+
+impl Server {
+    /// A server for `provider`'s exports.
+    pub fn new(provider: Arc<dyn ExportProvider>, limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            provider,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            stats: Arc::new(ServerStats::default()),
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Accepts TCP connections for ever.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (sock, peer) = match listener.accept().await {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            self.clone().spawn_connection(sock, peer.to_string());
+        }
+    }
+
+    /// Accepts Unix socket connections for ever.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) -> std::io::Result<()> {
+        loop {
+            let (sock, _) = match listener.accept().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.clone().spawn_connection(sock, "unix".into());
+        }
+    }
+
+    fn spawn_connection<S>(self: Arc<Self>, sock: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing new connection");
+            return;
+        };
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            self.connection(sock, &peer).await;
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
+    }
+
+    async fn connection<S>(&self, mut sock: S, peer: &str)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let neg = tokio::time::timeout(self.limits.handshake_timeout, handshake::negotiate(&mut sock, &*self.provider)).await;
+        let neg = match neg {
+            Err(_) => {
+                tracing::info!(%peer, "handshake timed out");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "handshake failed");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(n))) => n,
+        };
+        let export = neg.export.name.clone();
+        tracing::debug!(%peer, %export, structured = neg.structured, "NBD client connected");
+        if let Err(e) = transmission::transmit(sock, neg, self.limits).await {
+            tracing::info!(%peer, %export, error = %e, "NBD connection ended with an error");
+        }
+    }
+}

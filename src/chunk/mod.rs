@@ -487,3 +487,15 @@ mod tests {
         }
     }
 }
+
+/// Decodes a whole chunk object and verifies every frame (CRC, decompression, length).
+/// Returns the header and index. CPU-bound.
+pub fn verify(object: &[u8]) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkError> {
+    let (header, index) = decode_index(object, object.len() as u64)?;
+    for e in index.iter().filter(|e| e.kind == ExtentKind::Data) {
+        let start = e.frame_offset as usize;
+        let end = start + e.frame_len as usize;
+        decode_frame(&object[start..end], e.frame_crc, e.block_count)?;
+    }
+    Ok((header, index))
+}

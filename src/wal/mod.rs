@@ -274,3 +274,52 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), WalError> {
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
+
+/// Result of a read-only scan of one segment file (for `vblock inspect` and `vblock fsck`).
+#[derive(Debug, Clone)]
+pub struct SegmentScan {
+    /// Segment number and volume tag from the header, if it decodes.
+    pub header: Result<(u64, u64), DecodeError>,
+    /// Every record that verifies, with its byte offset.
+    pub records: Vec<(u64, RecordHeader)>,
+    /// The first bad record: offset and reason (`None` when the file ends cleanly).
+    pub error: Option<(u64, DecodeError)>,
+    /// File length in bytes.
+    pub len: u64,
+}
+
+/// Scans a segment's bytes without changing anything.
+pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
+    let header = record::decode_segment_header(bytes);
+    let mut records = Vec::new();
+    let mut error = None;
+    if header.is_ok() {
+        let mut off = record::SEGMENT_HEADER_LEN;
+        while off < bytes.len() {
+            match record::decode_record(&bytes[off..]) {
+                Ok((h, _)) => {
+                    records.push((off as u64, h));
+                    off += h.record_len();
+                }
+                Err(e) => {
+                    error = Some((off as u64, e));
+                    break;
+                }
+            }
+        }
+    }
+    SegmentScan {
+        header,
+        records,
+        error,
+        len: bytes.len() as u64,
+    }
+}
+
+/// Segment files of a WAL directory, ascending (for offline tools).
+pub fn segment_files(dir: &Path) -> Result<Vec<PathBuf>, WalError> {
+    Ok(list_segments(dir)?
+        .into_iter()
+        .map(|no| segment_path(dir, no))
+        .collect())
+}

@@ -1,0 +1,166 @@
+//! `vblock serve`: the daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use vblock::backend::SharedBackend;
+use vblock::{Engine, EngineConfig};
+
+use crate::size::parse_size;
+
+/// Object backend kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Files under `DATA_DIR/objects`.
+    File,
+    /// Process memory (lost at exit; for tests).
+    Memory,
+    /// An S3-compatible bucket.
+    S3,
+}
+
+/// Flags of `vblock serve`; each has a `VBLOCK_*` environment fallback.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory for metadata (RocksDB) and, by default, the WAL and file-backend objects.
+    #[arg(long, env = "VBLOCK_DATA_DIR", default_value = "./vblock-data")]
+    pub data_dir: PathBuf,
+    /// Directory for write-ahead logs (put it on local NVMe); default DATA_DIR/wal.
+    #[arg(long, env = "VBLOCK_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// Where chunk objects go.
+    #[arg(long, env = "VBLOCK_BACKEND", value_enum, default_value = "file")]
+    pub backend: BackendKind,
+    /// NBD TCP listen address.
+    #[arg(long, env = "VBLOCK_NBD_LISTEN", default_value = "127.0.0.1:10809")]
+    pub nbd_listen: SocketAddr,
+    /// Also listen for NBD on this Unix socket path.
+    #[arg(long, env = "VBLOCK_NBD_UNIX")]
+    pub nbd_unix: Option<PathBuf>,
+    /// host:port written into mount URIs (default: the listen address).
+    #[arg(long, env = "VBLOCK_NBD_ADVERTISE")]
+    pub nbd_advertise: Option<String>,
+    /// NATS server URL for the ebs.* control plane.
+    #[arg(long, env = "VBLOCK_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Node name: also serve ebs.NODE.mount / ebs.NODE.unmount.
+    #[arg(long, env = "VBLOCK_NODE")]
+    pub node: Option<String>,
+    /// NATS queue group shared by daemons that split the load.
+    #[arg(long, env = "VBLOCK_QUEUE_GROUP", default_value = "vblock")]
+    pub queue_group: String,
+    /// Write buffer per volume (bounded; writers wait when full).
+    #[arg(long, env = "VBLOCK_BUFFER_SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub buffer_size: u64,
+    /// Decompressed chunk-frame cache shared by all volumes.
+    #[arg(long, env = "VBLOCK_CACHE_SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// RocksDB block cache (the in-memory part of the block map).
+    #[arg(long, env = "VBLOCK_META_CACHE_SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub meta_cache_size: u64,
+    /// Data per chunk object.
+    #[arg(long, env = "VBLOCK_CHUNK_SIZE", default_value = "4MiB", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// WAL segment size.
+    #[arg(long, env = "VBLOCK_WAL_SEGMENT_SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub wal_segment_size: u64,
+}
+
+/// Errors that stop the daemon; each has its own exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad flags or configuration (exit 2).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The data directory or engine could not be opened (exit 3).
+    #[error("cannot open the engine: {0}")]
+    Engine(#[from] vblock::VolumeError),
+    /// A listener could not be bound (exit 4).
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+}
+
+impl ServeError {
+    /// Process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) => 2,
+            Self::Engine(_) => 3,
+            Self::Listen(..) => 4,
+        }
+    }
+}
+
+fn engine_config(a: &ServeArgs) -> EngineConfig {
+    let mut c = EngineConfig::new(&a.data_dir);
+    if let Some(w) = &a.wal_dir {
+        c.wal_dir = w.clone();
+    }
+    c.volume.buffer_bytes = a.buffer_size;
+    c.volume.chunk_bytes = a.chunk_size;
+    c.volume.wal_segment_bytes = a.wal_segment_size;
+    c.frame_cache_bytes = a.cache_size;
+    c.meta_cache_bytes = a.meta_cache_size as usize;
+    c
+}
+
+async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
+    match a.backend {
+        BackendKind::File => {
+            let b = vblock::backend::file::FileBackend::new(a.data_dir.join("objects")).map_err(|e| ServeError::Config(e.to_string()))?;
+            Ok(Arc::new(b))
+        }
+        BackendKind::Memory => Ok(Arc::new(vblock::backend::memory::MemoryBackend::new())),
+        BackendKind::S3 => Err(ServeError::Config("the s3 backend is not built yet (see the open S3 issue); use --backend file".into())),
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, then shuts down cleanly (volumes drained and synced).
+pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
+    let backend = backend(&a).await?;
+    let engine = Arc::new(Engine::open(engine_config(&a), backend).await?);
+    let listener = tokio::net::TcpListener::bind(a.nbd_listen).await.map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
+    let nbd_addr = listener.local_addr().map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
+    let server = nbd_server::Server::new(Arc::new(nbd_server::VolumeExports::new(engine.clone())), nbd_server::Limits::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(server.clone().serve_tcp(listener));
+    if let Some(path) = &a.nbd_unix {
+        let _ = std::fs::remove_file(path);
+        let unix = tokio::net::UnixListener::bind(path).map_err(|e| ServeError::Listen(path.display().to_string(), e))?;
+        tasks.spawn(server.clone().serve_unix(unix));
+    }
+    let advertise = a.nbd_advertise.clone().unwrap_or_else(|| nbd_addr.to_string());
+    let control = vblock::control::ControlConfig {
+        nats_url: a.nats_url.clone(),
+        queue_group: a.queue_group.clone(),
+        node: a.node.clone(),
+        nbd_advertise: advertise.clone(),
+    };
+    tasks.spawn({
+        let engine = engine.clone();
+        async move {
+            vblock::control::run(engine, control).await;
+            Ok(())
+        }
+    });
+    tracing::info!(nbd = %nbd_addr, advertise = %advertise, nats = %a.nats_url, data_dir = %a.data_dir.display(), "vblock serving");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| ServeError::Config(format!("cannot install SIGTERM handler: {e}")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+        Some(r) = tasks.join_next() => tracing::error!(result = ?r.map(|r| r.err()), "a server task ended"),
+    }
+    tasks.abort_all();
+    let closing = engine.close_all();
+    if tokio::time::timeout(Duration::from_secs(60), closing).await.is_err() {
+        tracing::warn!("volumes did not close within 60 s; unflushed data stays in the WAL");
+    }
+    if let Some(path) = &a.nbd_unix {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("vblock stopped");
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! Transmission phase (NBD proto.md, "Transmission", "Request types").
+//!
+//! The reader parses each request into a typed [`Command`], validates it completely (flags,
+//! range, size) and only then executes it, in its own task: requests are pipelined and replies
+//! go out in completion order through one writer task that batches socket writes. In-flight work
+//! per connection is bounded by a request count and a byte budget (payloads and read buffers).
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use vblock::VolumeError;
+
+use crate::handshake::Negotiated;
+use crate::proto::*;
+use crate::{Limits, MAX_BLOCK};
+
+/// A validated request.
+#[derive(Debug)]
+enum Command {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u32, fua: bool },
+    WriteZeroes { offset: u64, len: u32, fua: bool, fast: bool },
+    BlockStatus { offset: u64, len: u32, req_one: bool },
+    Cache { offset: u64, len: u32 },
+    /// Answer with this errno without touching the volume.
+    Reject { errno: u32, why: &'static str },
+}
+
+/// Maps an engine error to an NBD errno (NBD proto.md, "Error values").
+pub fn errno(e: &VolumeError) -> u32 {
+    match e {
+        VolumeError::OutOfRange { .. } | VolumeError::TooLarge { .. } | VolumeError::Invalid(_) => NBD_EINVAL,
+        VolumeError::Wal(w) if w.is_no_space() => NBD_ENOSPC,
+        VolumeError::Closed => NBD_ESHUTDOWN,
+        VolumeError::Wal(_) | VolumeError::Meta(_) | VolumeError::Backend(_) | VolumeError::Chunk { .. } => NBD_EIO,
+    }
+}
+
+/// One encoded reply: a header and an optional payload.
+struct Reply {
+    head: Vec<u8>,
+    data: Option<Bytes>,
+}
+
+fn allowed_flags(kind: u16, structured: bool) -> u16 {
+    match kind {
+        NBD_CMD_READ if structured => NBD_CMD_FLAG_DF,
+        NBD_CMD_WRITE | NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
+        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+        NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
+        _ => 0,
+    }
+}
+
+/// Checks everything that can be checked before executing; the payload of a write is read by the
+/// caller only when this returns `Ok`.
+fn validate(h: &RequestHeader, size: u64, neg: &Negotiated) -> Result<(), (u32, &'static str)> {
+    if !matches!(
+        h.kind,
+        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_CACHE | NBD_CMD_WRITE_ZEROES | NBD_CMD_BLOCK_STATUS
+    ) {
+        return Err((NBD_EINVAL, "unknown command"));
+    }
+    if h.flags & !allowed_flags(h.kind, neg.structured) != 0 {
+        return Err((NBD_EINVAL, "flag not valid for this command"));
+    }
+    let writes = matches!(h.kind, NBD_CMD_WRITE | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES);
+    if writes && neg.export.read_only {
+        return Err((NBD_EPERM, "export is read-only"));
+    }
+    if h.kind == NBD_CMD_FLUSH {
+        return if h.offset == 0 && h.length == 0 { Ok(()) } else { Err((NBD_EINVAL, "flush with offset or length")) };
+    }
+    if matches!(h.kind, NBD_CMD_READ | NBD_CMD_WRITE) && h.length > MAX_BLOCK {
+        return Err((NBD_EINVAL, "request larger than the maximum block size"));
+    }
+    if h.kind == NBD_CMD_BLOCK_STATUS {
+        if !neg.base_allocation {
+            return Err((NBD_EINVAL, "no metadata context selected"));
+        }
+        if h.length == 0 {
+            return Err((NBD_EINVAL, "zero-length block status"));
+        }
+    }
+    let end = h.offset.checked_add(u64::from(h.length));
+    if end.is_none_or(|e| e > size) {
+        // NBD proto.md, "Error values": writes past the end are ENOSPC, the rest EINVAL.
+        return Err(if writes { (NBD_ENOSPC, "write beyond the end of the export") } else { (NBD_EINVAL, "request beyond the end of the export") });
+    }
+    Ok(())
+}
+
+fn error_reply(cookie: u64, structured: bool, err: u32, msg: &str) -> Reply {
+    if !structured {
+        return Reply { head: simple_reply(cookie, err).to_vec(), data: None };
+    }
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    let mut head = structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + msg.len() as u32).to_vec();
+    head.put_u32(err);
+    head.put_u16(msg.len() as u16);
+    head.extend_from_slice(msg);
+    Reply { head, data: None }
+}
+
+fn ok_reply(cookie: u64) -> Reply {
+    Reply { head: simple_reply(cookie, 0).to_vec(), data: None }
+}
+
+async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
+    let vol = &neg.export.volume;
+    let structured = neg.structured;
+    let fail = |e: VolumeError| {
+        let n = errno(&e);
+        if n == NBD_EIO || n == NBD_ENOSPC {
+            tracing::warn!(volume = %vol.id(), error = %e, "request failed");
+        }
+        error_reply(cookie, structured, n, &e.to_string())
+    };
+    match cmd {
+        Command::Reject { errno, why } => error_reply(cookie, structured, errno, why),
+        Command::Read { offset, len } => match vol.read(offset, u64::from(len)).await {
+            Ok(data) if structured => {
+                let mut head = structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + len).to_vec();
+                head.put_u64(offset);
+                Reply { head, data: Some(data) }
+            }
+            Ok(data) => Reply { head: simple_reply(cookie, 0).to_vec(), data: Some(data) },
+            Err(e) => {
+                if structured {
+                    fail(e)
+                } else {
+                    // A simple reply to a failed read carries no data.
+                    Reply { head: simple_reply(cookie, errno(&e)).to_vec(), data: None }
+                }
+            }
+        },
+        Command::Write { offset, data, fua } => match vol.write(offset, data, fua).await {
+            Ok(()) => ok_reply(cookie),
+            Err(e) => fail(e),
+        },
+        Command::Flush => match vol.flush().await {
+            Ok(()) => ok_reply(cookie),
+            Err(e) => fail(e),
+        },
+        Command::Trim { offset, len, fua } => {
+            let mut r = vol.trim(offset, u64::from(len)).await;
+            if r.is_ok() && fua {
+                r = vol.flush().await;
+            }
+            match r {
+                Ok(()) => ok_reply(cookie),
+                Err(e) => fail(e),
+            }
+        }
+        Command::WriteZeroes { offset, len, fua, fast } => {
+            // Whole blocks are zeroed in metadata; partial blocks need a read-modify-write,
+            // which may have to fetch data: not "fast" (NBD_CMD_FLAG_FAST_ZERO).
+            if fast && (offset % 4096 != 0 || u64::from(len) % 4096 != 0) {
+                return error_reply(cookie, structured, NBD_ENOTSUP, "unaligned zeroing is not fast");
+            }
+            match vol.write_zeroes(offset, u64::from(len), fua).await {
+                Ok(()) => ok_reply(cookie),
+                Err(e) => fail(e),
+            }
+        }
+        Command::BlockStatus { offset, len, req_one } => match vol.block_status(offset, u64::from(len)).await {
+            Ok(extents) => {
+                let take = if req_one { 1 } else { 1 << 16 };
+                let mut payload = BytesMut::new();
+                payload.put_u32(BASE_ALLOCATION_ID);
+                for e in extents.iter().take(take) {
+                    payload.put_u32(e.len as u32);
+                    payload.put_u32(if e.hole { NBD_STATE_HOLE | NBD_STATE_ZERO } else { 0 });
+                }
+                let mut head = structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, payload.len() as u32).to_vec();
+                head.extend_from_slice(&payload);
+                Reply { head, data: None }
+            }
+            Err(e) => fail(e),
+        },
+        Command::Cache { offset, len } => {
+            // Prefetch into the frame cache; the data itself is not needed.
+            let mut at = offset;
+            let end = offset + u64::from(len);
+            while at < end {
+                let n = (end - at).min(u64::from(MAX_BLOCK));
+                if let Err(e) = vol.read(at, n).await {
+                    return fail(e);
+                }
+                at += n;
+            }
+            ok_reply(cookie)
+        }
+    }
+}
+
+/// Serves requests on `stream` until the client disconnects or breaks the protocol.
+pub async fn transmit<S>(stream: S, neg: Negotiated, limits: Limits) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let neg = Arc::new(neg);
+    let size = neg.export.volume.size();
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let (tx, rx) = mpsc::channel::<Reply>(limits.max_requests);
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let requests = Arc::new(Semaphore::new(limits.max_requests));
+    let bytes = Arc::new(Semaphore::new(limits.max_in_flight_bytes));
+    let mut tasks = JoinSet::new();
+    let mut header = [0u8; REQUEST_LEN];
+    let result = loop {
+        while tasks.try_join_next().is_some() {}
+        match rd.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        let Some(h) = parse_request(&header) else {
+            tracing::warn!(volume = %neg.export.name, "bad request magic; disconnecting client");
+            break Ok(());
+        };
+        if h.kind == NBD_CMD_DISC {
+            break Ok(());
+        }
+        let Ok(slot) = requests.clone().acquire_owned().await else { break Ok(()) };
+        let mut budget = None;
+        let cmd = match validate(&h, size, &neg) {
+            Err((errno, why)) => {
+                if h.kind == NBD_CMD_WRITE {
+                    // Keep the stream in step: skip the payload without buffering it.
+                    let skipped = tokio::io::copy(&mut (&mut rd).take(u64::from(h.length)), &mut tokio::io::sink()).await?;
+                    if skipped != u64::from(h.length) {
+                        break Ok(());
+                    }
+                }
+                Command::Reject { errno, why }
+            }
+            Ok(()) => {
+                if matches!(h.kind, NBD_CMD_READ | NBD_CMD_WRITE) {
+                    match bytes.clone().acquire_many_owned(h.length.max(1)).await {
+                        Ok(p) => budget = Some(p),
+                        Err(_) => break Ok(()),
+                    }
+                }
+                let (fua, len) = (h.flags & NBD_CMD_FLAG_FUA != 0, h.length);
+                match h.kind {
+                    NBD_CMD_READ => Command::Read { offset: h.offset, len },
+                    NBD_CMD_WRITE => {
+                        let mut buf = vec![0u8; len as usize];
+                        rd.read_exact(&mut buf).await?;
+                        Command::Write { offset: h.offset, data: Bytes::from(buf), fua }
+                    }
+                    NBD_CMD_FLUSH => Command::Flush,
+                    NBD_CMD_TRIM => Command::Trim { offset: h.offset, len, fua },
+                    NBD_CMD_WRITE_ZEROES => Command::WriteZeroes { offset: h.offset, len, fua, fast: h.flags & NBD_CMD_FLAG_FAST_ZERO != 0 },
+                    NBD_CMD_BLOCK_STATUS => Command::BlockStatus { offset: h.offset, len, req_one: h.flags & NBD_CMD_FLAG_REQ_ONE != 0 },
+                    _ => Command::Cache { offset: h.offset, len },
+                }
+            }
+        };
+        let neg = neg.clone();
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            let reply = execute(cmd, h.cookie, &neg).await;
+            let _ = tx.send(reply).await;
+            drop(budget);
+            drop(slot);
+        });
+    };
+    // Finish what was accepted, then close.
+    while tasks.join_next().await.is_some() {}
+    drop(tx);
+    let written = writer.await.unwrap_or(Ok(()));
+    result.and(written)
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(r) = rx.recv().await {
+        let mut next = Some(r);
+        while let Some(r) = next.take() {
+            w.write_all(&r.head).await?;
+            if let Some(d) = r.data {
+                w.write_all(&d).await?;
+            }
+            next = rx.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
+}

@@ -1,0 +1,387 @@
+//! One handler per `ebs.*` subject, over the engine. Transport-free: [`Control::handle`] maps a
+//! subject and body to a reply body (and, for Hive's mount/unmount, a broadcast).
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::api::*;
+use crate::engine::{now_rfc3339, Engine};
+use crate::ids::VolumeId;
+use crate::meta::{self, VolumeRecord, VolumeStateName};
+use crate::volume::VolumeError;
+
+const GIB: u64 = 1 << 30;
+/// EC2's largest `Size`, GiB.
+const MAX_SIZE_GIB: i64 = 16384;
+
+/// What handling a request produced.
+#[derive(Debug)]
+pub struct Handled {
+    /// Reply body.
+    pub reply: Vec<u8>,
+    /// `(subject, body)` to publish as well (`ebs.mount.response`, `ebs.unmount.response`).
+    pub broadcast: Option<(String, Vec<u8>)>,
+}
+
+/// The control-plane service.
+pub struct Control {
+    engine: Arc<Engine>,
+    nbd_advertise: String,
+    /// Serialises read-modify-write of volume records (the control plane is not a hot path).
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn body<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_else(|e| format!(r#"{{"Error":{{"Code":"InternalError","Message":"{e}"}}}}"#).into_bytes())
+}
+
+fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
+    // An empty body is an empty object (DescribeVolumes with no arguments).
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { payload };
+    serde_json::from_slice(payload).map_err(|e| ApiError::from_json(&e))
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
+fn parse_volume_id(s: &str) -> Result<VolumeId, ApiError> {
+    VolumeId::parse(s).map_err(|_| ApiError::new("InvalidVolume.NotFound", format!("The volume '{}' does not exist.", s.chars().take(64).collect::<String>())))
+}
+
+/// EC2 view of a record.
+pub fn to_api(r: &VolumeRecord) -> Volume {
+    let state = match r.state {
+        VolumeStateName::Available if !r.attachments.is_empty() || r.mounted => "in-use",
+        VolumeStateName::Available => "available",
+        VolumeStateName::InUse => "in-use",
+        VolumeStateName::Creating => "creating",
+        VolumeStateName::Deleting => "deleting",
+        VolumeStateName::Deleted => "deleted",
+        VolumeStateName::Error => "error",
+    };
+    Volume {
+        volume_id: r.volume_id.to_string(),
+        size: r.size_bytes.div_ceil(GIB),
+        snapshot_id: r.snapshot_id.clone(),
+        availability_zone: r.availability_zone.clone(),
+        state: state.into(),
+        create_time: r.create_time.clone(),
+        volume_type: r.volume_type.clone(),
+        iops: r.iops,
+        attachments: r.attachments.iter().map(|a| attachment(r, a, &a.state)).collect(),
+        tags: r.tags.iter().map(|t| Tag { key: t.key.clone(), value: t.value.clone() }).collect(),
+    }
+}
+
+fn attachment(r: &VolumeRecord, a: &meta::Attachment, state: &str) -> VolumeAttachment {
+    VolumeAttachment {
+        volume_id: r.volume_id.to_string(),
+        instance_id: a.instance_id.clone(),
+        device: a.device.clone(),
+        state: state.into(),
+        attach_time: a.attach_time.clone(),
+        delete_on_termination: a.delete_on_termination,
+    }
+}
+
+fn size_gib(size: i64) -> Result<u64, ApiError> {
+    if !(1..=MAX_SIZE_GIB).contains(&size) {
+        return Err(ApiError::invalid(format!("Size {size} GiB is outside 1..{MAX_SIZE_GIB}")));
+    }
+    Ok(size as u64)
+}
+
+impl Control {
+    /// A control plane for `engine`; mount URIs use `nbd_advertise` (`host:port`).
+    pub fn new(engine: Arc<Engine>, nbd_advertise: String) -> Self {
+        Self { engine, nbd_advertise, lock: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Handles `subject` (the operation is the last subject token: `ebs.createvolume`,
+    /// `ebs.NODE.mount`, ...) with JSON `payload`.
+    pub async fn handle(&self, subject: &str, payload: &[u8]) -> Handled {
+        let op = subject.rsplit('.').next().unwrap_or("");
+        let plain = |r: Result<Vec<u8>, ApiError>| Handled {
+            reply: r.unwrap_or_else(|e| body(&ErrorReply { error: e })),
+            broadcast: None,
+        };
+        match op {
+            "createvolume" => plain(self.create_volume(payload).await),
+            "describevolumes" => plain(self.describe_volumes(payload).await),
+            "attachvolume" => plain(self.attach_volume(payload).await),
+            "detachvolume" => plain(self.detach_volume(payload).await),
+            "deletevolume" => plain(self.delete_volume(payload).await),
+            "modifyvolume" => plain(self.modify_volume(payload).await),
+            "createsnapshot" | "describesnapshots" | "deletesnapshot" => {
+                plain(Err(ApiError::internal("snapshots are not implemented yet")))
+            }
+            "mount" => {
+                let r = self.mount(payload).await;
+                let b = body(&r);
+                Handled { reply: b.clone(), broadcast: Some(("ebs.mount.response".into(), b)) }
+            }
+            "unmount" => {
+                let r = self.unmount(payload).await;
+                let b = body(&r);
+                Handled { reply: b.clone(), broadcast: Some(("ebs.unmount.response".into(), b)) }
+            }
+            "delete" => Handled { reply: body(&self.hive_delete(payload).await), broadcast: None },
+            _ => plain(Err(ApiError::invalid(format!("unknown subject {subject}")))),
+        }
+    }
+
+    async fn record(&self, id: &VolumeId) -> Result<VolumeRecord, ApiError> {
+        self.engine.get_record(id).await.map_err(internal)?.ok_or_else(|| ApiError::volume_not_found(id.as_str()))
+    }
+
+    async fn create_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: CreateVolumeRequest = parse(payload)?;
+        let gib = size_gib(req.size)?;
+        if let Some(snap) = &req.snapshot_id {
+            if !snap.is_empty() {
+                return Err(ApiError::new("InvalidSnapshot.NotFound", format!("The snapshot '{snap}' does not exist (snapshots are not implemented yet).")));
+            }
+        }
+        let _g = self.lock.lock().await;
+        let token = req.client_token.clone().unwrap_or_default();
+        if !token.is_empty() {
+            let existing = self.engine.list_records().await.map_err(internal)?;
+            if let Some(r) = existing.iter().find(|r| r.client_token == token) {
+                if r.size_bytes != gib * GIB {
+                    return Err(ApiError::new("IdempotentParameterMismatch", "ClientToken reused with different parameters"));
+                }
+                return Ok(body(&to_api(r)));
+            }
+        }
+        let tags: Vec<meta::Tag> = req
+            .tag_specifications
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.resource_type.is_empty() || s.resource_type == "volume")
+            .flat_map(|s| s.tags)
+            .map(|t| meta::Tag { key: t.key, value: t.value })
+            .collect();
+        let name = tags.iter().find(|t| t.key == "Name").map(|t| t.value.clone()).unwrap_or_default();
+        let mut rec = Engine::new_record(gib * GIB, &name);
+        rec.tags = tags;
+        rec.client_token = token;
+        if let Some(t) = req.volume_type {
+            rec.volume_type = t;
+        }
+        if let Some(az) = req.availability_zone {
+            rec.availability_zone = az;
+        }
+        if let Some(iops) = req.iops {
+            rec.iops = u32::try_from(iops).map_err(|_| ApiError::invalid(format!("Iops {iops} out of range")))?;
+        }
+        self.engine.create_volume_from(rec.clone()).await.map_err(internal)?;
+        tracing::info!(volume = %rec.volume_id, size_gib = gib, "volume created");
+        Ok(body(&to_api(&rec)))
+    }
+
+    async fn describe_volumes(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: DescribeVolumesRequest = parse(payload)?;
+        let mut recs = match &req.volume_ids {
+            Some(ids) => {
+                let mut out = Vec::new();
+                for id in ids {
+                    out.push(self.record(&parse_volume_id(id)?).await?);
+                }
+                out
+            }
+            None => self.engine.list_records().await.map_err(internal)?,
+        };
+        for f in req.filters.unwrap_or_default() {
+            let keep = |r: &VolumeRecord| -> Result<bool, ApiError> {
+                let v = to_api(r);
+                Ok(match f.name.as_str() {
+                    "status" => f.values.contains(&v.state),
+                    "attachment.instance-id" => v.attachments.iter().any(|a| f.values.contains(&a.instance_id)),
+                    "volume-id" => f.values.contains(&v.volume_id),
+                    name => match name.strip_prefix("tag:") {
+                        Some(key) => v.tags.iter().any(|t| t.key == key && f.values.contains(&t.value)),
+                        None => return Err(ApiError::invalid(format!("unknown filter {name}"))),
+                    },
+                })
+            };
+            let mut kept = Vec::new();
+            for r in recs {
+                if keep(&r)? {
+                    kept.push(r);
+                }
+            }
+            recs = kept;
+        }
+        Ok(body(&DescribeVolumesReply { volumes: recs.iter().map(to_api).collect() }))
+    }
+
+    async fn attach_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: AttachVolumeRequest = parse(payload)?;
+        if req.instance_id.is_empty() || req.device.is_empty() {
+            return Err(ApiError::missing("InstanceId and Device must not be empty"));
+        }
+        let id = parse_volume_id(&req.volume_id)?;
+        let _g = self.lock.lock().await;
+        let mut rec = self.record(&id).await?;
+        if !rec.attachments.is_empty() {
+            return Err(ApiError::new("VolumeInUse", format!("{id} is already attached to an instance")));
+        }
+        let a = meta::Attachment {
+            instance_id: req.instance_id,
+            device: req.device,
+            state: "attached".into(),
+            attach_time: now_rfc3339(),
+            delete_on_termination: false,
+        };
+        rec.attachments.push(a.clone());
+        self.engine.put_record(rec.clone()).await.map_err(internal)?;
+        tracing::info!(volume = %id, instance = %a.instance_id, "volume attached");
+        Ok(body(&attachment(&rec, &a, "attached")))
+    }
+
+    async fn detach_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: DetachVolumeRequest = parse(payload)?;
+        let id = parse_volume_id(&req.volume_id)?;
+        let _g = self.lock.lock().await;
+        let mut rec = self.record(&id).await?;
+        let Some(pos) = rec.attachments.iter().position(|a| {
+            req.instance_id.as_ref().is_none_or(|i| *i == a.instance_id) && req.device.as_ref().is_none_or(|d| *d == a.device)
+        }) else {
+            return Err(ApiError::new("IncorrectState", format!("{id} is not attached{}", req.instance_id.map(|i| format!(" to {i}")).unwrap_or_default())));
+        };
+        let a = rec.attachments.remove(pos);
+        self.engine.put_record(rec.clone()).await.map_err(internal)?;
+        tracing::info!(volume = %id, instance = %a.instance_id, force = req.force, "volume detached");
+        Ok(body(&attachment(&rec, &a, "detached")))
+    }
+
+    async fn delete_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: VolumeIdRequest = parse(payload)?;
+        let id = parse_volume_id(&req.volume_id)?;
+        let _g = self.lock.lock().await;
+        let rec = self.record(&id).await?;
+        if !rec.attachments.is_empty() || rec.mounted {
+            return Err(ApiError::new("VolumeInUse", format!("{id} is attached or mounted")));
+        }
+        self.engine.delete_volume(&id).await.map_err(internal)?;
+        tracing::info!(volume = %id, "volume deleted");
+        Ok(body(&ReturnReply { ret: true }))
+    }
+
+    async fn modify_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: ModifyVolumeRequest = parse(payload)?;
+        let id = parse_volume_id(&req.volume_id)?;
+        let gib = size_gib(req.size)?;
+        let _g = self.lock.lock().await;
+        let rec = self.record(&id).await?;
+        let original = rec.size_bytes.div_ceil(GIB);
+        if gib * GIB < rec.size_bytes {
+            return Err(ApiError::invalid(format!("Size {gib} GiB is smaller than the current {original} GiB; volumes only grow")));
+        }
+        if rec.mounted {
+            return Err(ApiError::new("IncorrectState", format!("{id} is mounted; unmount before resizing")));
+        }
+        self.engine.resize_volume(&id, gib * GIB).await.map_err(|e| match e {
+            VolumeError::Invalid(m) => ApiError::invalid(m),
+            e => internal(e),
+        })?;
+        tracing::info!(volume = %id, from_gib = original, to_gib = gib, "volume resized");
+        Ok(body(&ModifyVolumeReply {
+            volume_modification: VolumeModification {
+                volume_id: id.to_string(),
+                target_size: gib,
+                original_size: original,
+                modification_state: "completed".into(),
+            },
+        }))
+    }
+
+    fn uri(&self, id: &VolumeId) -> String {
+        format!("nbd://{}/{id}", self.nbd_advertise)
+    }
+
+    async fn mount(&self, payload: &[u8]) -> EbsMountResponse {
+        let fail = |error: String, retryable: bool| EbsMountResponse { uri: String::new(), mounted: false, error, retryable };
+        let req: EbsRequest = match parse(payload) {
+            Ok(r) => r,
+            Err(e) => return fail(e.message, false),
+        };
+        let Ok(id) = VolumeId::parse(&req.name) else {
+            return fail(format!("invalid volume id {:?}", req.name), false);
+        };
+        let _g = self.lock.lock().await;
+        let mut rec = match self.engine.get_record(&id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return fail(format!("volume {id} not found"), false),
+            Err(e) => return fail(e.to_string(), true),
+        };
+        // Open it now so WAL replay happens before the VM connects.
+        if let Err(e) = self.engine.volume(&id).await {
+            return fail(format!("cannot open {id}: {e}"), true);
+        }
+        if !rec.mounted {
+            rec.mounted = true;
+            if let Err(e) = self.engine.put_record(rec).await {
+                return fail(e.to_string(), true);
+            }
+            tracing::info!(volume = %id, device = %req.device_name, "volume mounted");
+        }
+        EbsMountResponse { uri: self.uri(&id), mounted: true, error: String::new(), retryable: false }
+    }
+
+    async fn unmount(&self, payload: &[u8]) -> EbsUnmountResponse {
+        let resp = |volume: String, mounted: bool, error: String, not_found: bool| EbsUnmountResponse { volume, mounted, error, not_found };
+        let req: EbsRequest = match parse(payload) {
+            Ok(r) => r,
+            Err(e) => return resp(String::new(), false, e.message, false),
+        };
+        let Ok(id) = VolumeId::parse(&req.name) else {
+            return resp(req.name.clone(), false, format!("invalid volume id {:?}", req.name), true);
+        };
+        let _g = self.lock.lock().await;
+        let mut rec = match self.engine.get_record(&id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return resp(id.to_string(), false, format!("volume {id} not found"), true),
+            Err(e) => return resp(id.to_string(), true, e.to_string(), false),
+        };
+        if let Err(e) = self.engine.close_volume(&id).await {
+            return resp(id.to_string(), true, format!("cannot close {id}: {e}"), false);
+        }
+        if rec.mounted {
+            rec.mounted = false;
+            if let Err(e) = self.engine.put_record(rec).await {
+                return resp(id.to_string(), true, e.to_string(), false);
+            }
+            tracing::info!(volume = %id, "volume unmounted");
+        }
+        resp(id.to_string(), false, String::new(), false)
+    }
+
+    async fn hive_delete(&self, payload: &[u8]) -> EbsDeleteResponse {
+        let req: EbsDeleteRequest = match parse(payload) {
+            Ok(r) => r,
+            Err(e) => return EbsDeleteResponse { volume: String::new(), success: false, error: e.message },
+        };
+        let fail = |error: String| EbsDeleteResponse { volume: req.volume.clone(), success: false, error };
+        let Ok(id) = VolumeId::parse(&req.volume) else {
+            return fail(format!("invalid volume id {:?}", req.volume));
+        };
+        let _g = self.lock.lock().await;
+        match self.engine.get_record(&id).await {
+            Ok(Some(r)) if r.mounted || !r.attachments.is_empty() => return fail(format!("volume {id} is mounted or attached")),
+            Ok(Some(_)) => {}
+            Ok(None) => return fail(format!("volume {id} not found")),
+            Err(e) => return fail(e.to_string()),
+        }
+        match self.engine.delete_volume(&id).await {
+            Ok(()) => {
+                tracing::info!(volume = %id, "volume deleted");
+                EbsDeleteResponse { volume: id.to_string(), success: true, error: String::new() }
+            }
+            Err(e) => fail(e.to_string()),
+        }
+    }
+}

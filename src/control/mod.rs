@@ -1,0 +1,109 @@
+//! The `ebs.*` control plane over NATS (request/reply, JSON bodies), as specified in
+//! `../shared/nats-api.md`: EC2-shaped volume subjects and Hive's mount/unmount/delete.
+
+pub mod api;
+pub mod handlers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+pub use handlers::{Control, Handled};
+
+use crate::engine::Engine;
+
+/// Every subject served with the queue group (the operation is the last token).
+pub const SUBJECTS: &[&str] = &[
+    "ebs.createvolume",
+    "ebs.describevolumes",
+    "ebs.attachvolume",
+    "ebs.detachvolume",
+    "ebs.deletevolume",
+    "ebs.modifyvolume",
+    "ebs.createsnapshot",
+    "ebs.describesnapshots",
+    "ebs.deletesnapshot",
+    "ebs.mount",
+    "ebs.unmount",
+    "ebs.delete",
+];
+
+/// Control-plane settings.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// NATS server URL.
+    pub nats_url: String,
+    /// Queue group for the shared subjects.
+    pub queue_group: String,
+    /// Node name: also serve `ebs.NODE.mount` and `ebs.NODE.unmount` (no queue group).
+    pub node: Option<String>,
+    /// `host:port` put into mount URIs.
+    pub nbd_advertise: String,
+}
+
+/// Serves the control plane until the process ends. Connects in the background and reconnects
+/// for ever, logging each disconnect and reconnect; NBD keeps serving meanwhile.
+pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
+    let control = Arc::new(Control::new(engine, config.nbd_advertise.clone()));
+    let options = |url: String| {
+        async_nats::ConnectOptions::new()
+            .name("vblock")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let url = url.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!(%url, "NATS connected"),
+                        async_nats::Event::Disconnected => tracing::warn!(%url, "NATS disconnected; reconnecting in the background"),
+                        other => tracing::info!(%url, event = %other, "NATS event"),
+                    }
+                }
+            })
+    };
+    let client = loop {
+        match options(config.nats_url.clone()).connect(config.nats_url.as_str()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                // Only a bad URL fails here (connection failures retry in the background).
+                tracing::error!(url = %config.nats_url, error = %e, "NATS connect failed; retrying in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let mut subs = Vec::new();
+    for s in SUBJECTS {
+        match client.queue_subscribe(*s, config.queue_group.clone()).await {
+            Ok(sub) => subs.push(sub),
+            Err(e) => tracing::error!(subject = s, error = %e, "subscribe failed"),
+        }
+    }
+    if let Some(node) = &config.node {
+        for op in ["mount", "unmount"] {
+            let subject = format!("ebs.{node}.{op}");
+            match client.subscribe(subject.clone()).await {
+                Ok(sub) => subs.push(sub),
+                Err(e) => tracing::error!(%subject, error = %e, "subscribe failed"),
+            }
+        }
+    }
+    let mut messages = futures::stream::select_all(subs);
+    while let Some(msg) = messages.next().await {
+        let control = control.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let handled = control.handle(msg.subject.as_str(), &msg.payload).await;
+            if let Some(reply) = msg.reply {
+                if let Err(e) = client.publish(reply, handled.reply.into()).await {
+                    tracing::warn!(subject = %msg.subject, error = %e, "reply failed");
+                }
+            }
+            if let Some((subject, body)) = handled.broadcast {
+                if let Err(e) = client.publish(subject, body.into()).await {
+                    tracing::warn!(subject = %msg.subject, error = %e, "broadcast failed");
+                }
+            }
+        });
+    }
+}
