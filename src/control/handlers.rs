@@ -184,6 +184,11 @@ impl Control {
 
     async fn describe_volumes(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
         let req: DescribeVolumesRequest = parse(payload)?;
+        for f in req.filters.iter().flatten() {
+            if !matches!(f.name.as_str(), "status" | "attachment.instance-id" | "volume-id") && !f.name.starts_with("tag:") {
+                return Err(ApiError::invalid(format!("unknown filter {}", f.name)));
+            }
+        }
         let mut recs = match &req.volume_ids {
             Some(ids) => {
                 let mut out = Vec::new();

@@ -46,3 +46,4 @@ pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
             .expect("test exceeded its time limit");
     });
 }
+pub mod daemon;

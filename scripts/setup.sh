@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything vblock needs to build and test on a fresh Debian 12 machine (run as root,
+# or with sudo available). Idempotent: installs only what is missing.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# Build: clang/libclang for bindgen (rocksdb), librocksdb-dev (the rocksdb crate links the
+# packaged library; see .cargo/config.toml). Tests: nats-server, NBD clients, fio, e2fsprogs,
+# fuse3 (nbdfuse), nbdkit (benchmarks).
+PKGS=(clang libclang-dev librocksdb-dev pkg-config nats-server libnbd-bin qemu-utils fio e2fsprogs fuse3 nbdkit)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+echo "setup: ok"

@@ -1,0 +1,282 @@
+//! Real servers for end-to-end tests: a `nats-server` and the `vblock serve` daemon on free
+//! loopback ports, plus bounded runs of real NBD clients (qemu-io, nbdinfo, nbdcopy, fio, ...).
+//! Readiness is polled against a deadline; every external command has a time limit.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `vblock` binary built alongside these tests (`target/<profile>/vblock`).
+pub fn vblock_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("VBLOCK_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/vblock
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("vblock");
+    assert!(bin.exists(), "{} not built: run `cargo build` (scripts/test.sh does) first", bin.display());
+    bin
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// Requires an installed tool, with a message saying how to get it.
+pub fn require(tool: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    assert!(found, "{tool} is not installed: run scripts/setup.sh (CI installs it in .ci/run)");
+}
+
+/// Runs `cmd` with a time limit; returns its output (killed and reported on overrun).
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+    let out_pipe = child.stdout.take();
+    let err_pipe = child.stderr.take();
+    let read = |p: Option<std::process::ChildStdout>| std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut p) = p {
+            let _ = std::io::Read::read_to_end(&mut p, &mut v);
+        }
+        v
+    });
+    let out_t = read(out_pipe);
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut p) = err_pipe {
+            let _ = std::io::Read::read_to_end(&mut p, &mut v);
+        }
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{desc} exceeded {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() }
+}
+
+/// Runs `cmd` and requires success; returns stdout as text.
+pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
+    let desc = format!("{cmd:?}");
+    let out = run(cmd, limit);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{desc} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// A `nats-server` on a free loopback port, stopped on drop.
+pub struct Nats {
+    child: Option<Child>,
+    /// Port.
+    pub port: u16,
+}
+
+impl Nats {
+    /// Starts it and waits until it accepts connections.
+    pub fn start() -> Self {
+        require("nats-server");
+        let port = free_port();
+        let mut n = Self { child: None, port };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("nats-server").args(["-a", "127.0.0.1", "-p", &self.port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn nats-server");
+        self.child = Some(child);
+        assert!(wait_until(Duration::from_secs(10), || port_open(self.port)), "nats-server did not start");
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (for outage tests).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `vblock serve` daemon with its own data directory, stopped on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Data directory.
+    pub dir: tempfile::TempDir,
+    /// NBD port (kept across restarts).
+    pub nbd_port: u16,
+    /// NATS URL.
+    pub nats_url: String,
+    extra: Vec<String>,
+    starts: u32,
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh data directory and waits until NBD accepts connections.
+    pub fn start(nats_url: &str) -> Self {
+        Self::start_with(nats_url, &[])
+    }
+
+    /// As [`Daemon::start`] with extra `vblock serve` flags.
+    pub fn start_with(nats_url: &str, extra: &[&str]) -> Self {
+        let mut d = Self {
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            nbd_port: free_port(),
+            nats_url: nats_url.to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Data directory path.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts))).expect("log file");
+        let child = Command::new(vblock_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--nbd-listen")
+            .arg(format!("127.0.0.1:{}", self.nbd_port))
+            .arg("--nats-url")
+            .arg(&self.nats_url)
+            .args(&self.extra)
+            .env("RUST_LOG", "info,async_nats=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn vblock serve");
+        self.child = Some(child);
+        let port = self.nbd_port;
+        let ok = wait_until(Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("vblock serve exited at start ({status}); log:\n{}", self.log());
+                }
+            }
+            port_open(port)
+        });
+        assert!(ok, "vblock serve did not listen on {port}; log:\n{}", self.log());
+    }
+
+    /// The current log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("daemon-{}.log", self.starts))).unwrap_or_default()
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME`.
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{name}", self.nbd_port)
+    }
+
+    /// SIGTERM and wait for a clean exit (exit code 0 required).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = c.try_wait().expect("wait") {
+                    assert!(status.success(), "vblock serve exited with {status} after SIGTERM; log:\n{}", self.log());
+                    break;
+                }
+                assert!(Instant::now() < deadline, "vblock serve did not stop within 60 s of SIGTERM");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// SIGKILL: the process dies wherever it is.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Clean stop, then start again on the same directory and port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts again after [`Daemon::kill9`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "daemon still running");
+        self.spawn();
+    }
+
+    /// `vblock ARGS` against this daemon's NATS; requires success and returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        run_ok(Command::new(vblock_bin()).args(args).arg("--nats-url").arg(&self.nats_url), Duration::from_secs(60))
+    }
+
+    /// Creates a volume of `gib` GiB through the CLI (waiting until the control plane answers)
+    /// and returns its id.
+    pub fn create_volume(&self, gib: u32) -> String {
+        let mut id = String::new();
+        let ok = wait_until(Duration::from_secs(30), || {
+            let out = run(Command::new(vblock_bin()).args(["volume", "create", "--size", &format!("{gib}GiB"), "--nats-url", &self.nats_url, "--timeout", "2"]), Duration::from_secs(30));
+            if out.status.success() {
+                id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            }
+            out.status.success()
+        });
+        assert!(ok, "volume create never succeeded; log:\n{}", self.log());
+        id
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
