@@ -65,12 +65,21 @@ struct Record {
 
 fn client(port: u16, vol: &str) -> nbd::client::NbdClient<TcpStream> {
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    tcp.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     let export = nbd::client::handshake(&mut tcp, vol.as_bytes()).expect("handshake");
     nbd::client::NbdClient::new(tcp, &export)
 }
 
-fn workload(port: u16, vol: String, id: u64, seed: u64, record: Arc<Mutex<Record>>, generation: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+fn workload(
+    port: u16,
+    vol: String,
+    id: u64,
+    seed: u64,
+    record: Arc<Mutex<Record>>,
+    generation: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ id);
     let mut c = client(port, &vol);
     let base = id * BLOCKS_PER_CLIENT;
@@ -78,7 +87,9 @@ fn workload(port: u16, vol: String, id: u64, seed: u64, record: Arc<Mutex<Record
     while !stop.load(Ordering::SeqCst) {
         let run = if rng.gen_bool(0.2) { 16 } else { 1 };
         let first = base + rng.gen_range(0..BLOCKS_PER_CLIENT - run);
-        let gens: Vec<u64> = (0..run).map(|_| generation.fetch_add(1, Ordering::SeqCst)).collect();
+        let gens: Vec<u64> = (0..run)
+            .map(|_| generation.fetch_add(1, Ordering::SeqCst))
+            .collect();
         let mut data = Vec::with_capacity(run as usize * 4096);
         {
             let mut r = record.lock().expect("lock");
@@ -110,9 +121,15 @@ fn workload(port: u16, vol: String, id: u64, seed: u64, record: Arc<Mutex<Record
 fn kill9_during_write_and_flush_loses_no_acknowledged_write() {
     let nats = Nats::start();
     // Small chunks so the kill also lands during chunk writes and WAL trims.
-    let mut d = Daemon::start_with(&nats.url(), &["--chunk-size", "256KiB", "--wal-segment-size", "1MiB"]);
+    let mut d = Daemon::start_with(
+        &nats.url(),
+        &["--chunk-size", "256KiB", "--wal-segment-size", "1MiB"],
+    );
     let vol = d.create_volume(1);
-    let seed: u64 = std::env::var("VBLOCK_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("VBLOCK_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     println!("seed {seed} (rerun with VBLOCK_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let record = Arc::new(Mutex::new(Record::default()));
@@ -122,14 +139,25 @@ fn kill9_during_write_and_flush_loses_no_acknowledged_write() {
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..CLIENTS)
             .map(|id| {
-                let (vol, record, generation, stop) = (vol.clone(), record.clone(), generation.clone(), stop.clone());
+                let (vol, record, generation, stop) = (
+                    vol.clone(),
+                    record.clone(),
+                    generation.clone(),
+                    stop.clone(),
+                );
                 let port = d.nbd_port;
                 let seed = rng.gen();
                 std::thread::spawn(move || workload(port, vol, id, seed, record, generation, stop))
             })
             .collect();
         let target = record.lock().expect("lock").writes_acked + rng.gen_range(200..1500);
-        assert!(wait_until(Duration::from_secs(60), || record.lock().map(|r| r.writes_acked >= target).unwrap_or(true)), "workload stalled");
+        assert!(
+            wait_until(Duration::from_secs(60), || record
+                .lock()
+                .map(|r| r.writes_acked >= target)
+                .unwrap_or(true)),
+            "workload stalled"
+        );
         d.kill9();
         stop.store(true, Ordering::SeqCst);
         for t in threads {

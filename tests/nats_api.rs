@@ -12,11 +12,15 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 async fn request(c: &async_nats::Client, subject: &str, body: &[u8]) -> Value {
-    let msg = tokio::time::timeout(Duration::from_secs(20), c.request(subject.to_owned(), body.to_vec().into()))
-        .await
-        .unwrap_or_else(|_| panic!("{subject}: no reply in 20 s"))
-        .unwrap_or_else(|e| panic!("{subject}: {e}"));
-    serde_json::from_slice(&msg.payload).unwrap_or_else(|e| panic!("{subject}: reply is not JSON: {e}"))
+    let msg = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.request(subject.to_owned(), body.to_vec().into()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{subject}: no reply in 20 s"))
+    .unwrap_or_else(|e| panic!("{subject}: {e}"));
+    serde_json::from_slice(&msg.payload)
+        .unwrap_or_else(|e| panic!("{subject}: reply is not JSON: {e}"))
 }
 
 async fn call(c: &async_nats::Client, subject: &str, body: Value) -> Value {
@@ -24,7 +28,9 @@ async fn call(c: &async_nats::Client, subject: &str, body: Value) -> Value {
 }
 
 fn error_code(v: &Value) -> &str {
-    v["Error"]["Code"].as_str().unwrap_or_else(|| panic!("expected an error reply, got {v}"))
+    v["Error"]["Code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error reply, got {v}"))
 }
 
 async fn connect(url: &str) -> async_nats::Client {
@@ -32,16 +38,28 @@ async fn connect(url: &str) -> async_nats::Client {
     // Wait until the daemon has subscribed.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), c.request("ebs.describevolumes", "{}".into())).await {
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            c.request("ebs.describevolumes", "{}".into()),
+        )
+        .await
+        {
             return c;
         }
-        assert!(std::time::Instant::now() < deadline, "daemon never answered on NATS");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon never answered on NATS"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 #[test]
@@ -191,35 +209,109 @@ fn cli_manages_volumes_and_reports_unreachable_daemons() {
     let id = d.create_volume(1);
     let list = d.cli(&["volume", "list"]);
     assert!(list.contains(&id) && list.contains("available"), "{list}");
-    let desc: Value = serde_json::from_str(&d.cli(&["volume", "describe", &id, "--output", "json"])).expect("json");
+    let desc: Value =
+        serde_json::from_str(&d.cli(&["volume", "describe", &id, "--output", "json"]))
+            .expect("json");
     assert_eq!(desc["Size"], 1);
-    d.cli(&["volume", "attach", &id, "--instance", "i-9", "--device", "/dev/sdh"]);
+    d.cli(&[
+        "volume",
+        "attach",
+        &id,
+        "--instance",
+        "i-9",
+        "--device",
+        "/dev/sdh",
+    ]);
     let uri = d.cli(&["mount", &id]);
     assert_eq!(uri.trim(), d.uri(&id));
-    let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x42 0 4k", "-c", "read -P 0x42 0 4k"]).arg(uri.trim()), Duration::from_secs(60));
+    let out = run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x42 0 4k",
+                "-c",
+                "read -P 0x42 0 4k",
+            ])
+            .arg(uri.trim()),
+        Duration::from_secs(60),
+    );
     assert!(!out.contains("failed"));
     d.cli(&["unmount", &id]);
     d.cli(&["volume", "detach", &id]);
     let resized = d.cli(&["volume", "resize", &id, "--size", "3GiB"]);
     assert!(resized.contains("1GiB -> 3GiB"), "{resized}");
     // A bad size is a usage error (exit 2).
-    let bad = run(Command::new(vblock_bin()).args(["volume", "create", "--size", "1.5GiB", "--nats-url", &d.nats_url]), Duration::from_secs(30));
-    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
+    let bad = run(
+        Command::new(vblock_bin()).args([
+            "volume",
+            "create",
+            "--size",
+            "1.5GiB",
+            "--nats-url",
+            &d.nats_url,
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     // A missing volume is an API error (exit 1) naming the EC2 code.
-    let missing = run(Command::new(vblock_bin()).args(["volume", "delete", "vol-00000000000000000", "--nats-url", &d.nats_url]), Duration::from_secs(30));
+    let missing = run(
+        Command::new(vblock_bin()).args([
+            "volume",
+            "delete",
+            "vol-00000000000000000",
+            "--nats-url",
+            &d.nats_url,
+        ]),
+        Duration::from_secs(30),
+    );
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("InvalidVolume.NotFound"));
     d.cli(&["volume", "delete", &id]);
     // No NATS at all: exit 3 with a clear message.
     let port = common::daemon::free_port();
-    let out = run(Command::new(vblock_bin()).args(["volume", "list", "--timeout", "2", "--nats-url", &format!("nats://127.0.0.1:{port}")]), Duration::from_secs(30));
+    let out = run(
+        Command::new(vblock_bin()).args([
+            "volume",
+            "list",
+            "--timeout",
+            "2",
+            "--nats-url",
+            &format!("nats://127.0.0.1:{port}"),
+        ]),
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach NATS"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach NATS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // NATS but no daemon: exit 3, says so.
     let lonely = Nats::start();
-    let out = run(Command::new(vblock_bin()).args(["volume", "list", "--timeout", "2", "--nats-url", &lonely.url()]), Duration::from_secs(30));
+    let out = run(
+        Command::new(vblock_bin()).args([
+            "volume",
+            "list",
+            "--timeout",
+            "2",
+            "--nats-url",
+            &lonely.url(),
+        ]),
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no vblock daemon answered"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no vblock daemon answered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -228,13 +320,52 @@ fn nbd_keeps_serving_through_a_nats_outage_and_control_reconnects() {
     let d = Daemon::start(&nats.url());
     let id = d.create_volume(1);
     nats.stop();
-    let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 1M", "-c", "read -P 0x77 0 1M"]).arg(d.uri(&id)), Duration::from_secs(60));
+    let out = run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x77 0 1M",
+                "-c",
+                "read -P 0x77 0 1M",
+            ])
+            .arg(d.uri(&id)),
+        Duration::from_secs(60),
+    );
     assert!(!out.contains("failed"), "{out}");
-    assert!(wait_until(Duration::from_secs(20), || d.log().contains("NATS disconnected")), "no disconnect log line:\n{}", d.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("NATS disconnected")),
+        "no disconnect log line:\n{}",
+        d.log()
+    );
     nats.restart();
     let ok = wait_until(Duration::from_secs(60), || {
-        run(Command::new(vblock_bin()).args(["volume", "describe", &id, "--timeout", "2", "--nats-url", &d.nats_url]), Duration::from_secs(30)).status.success()
+        run(
+            Command::new(vblock_bin()).args([
+                "volume",
+                "describe",
+                &id,
+                "--timeout",
+                "2",
+                "--nats-url",
+                &d.nats_url,
+            ]),
+            Duration::from_secs(30),
+        )
+        .status
+        .success()
     });
-    assert!(ok, "control plane did not come back after NATS restarted; log:\n{}", d.log());
-    assert!(d.log().matches("NATS connected").count() >= 2, "{}", d.log());
+    assert!(
+        ok,
+        "control plane did not come back after NATS restarted; log:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().matches("NATS connected").count() >= 2,
+        "{}",
+        d.log()
+    );
 }

@@ -17,7 +17,12 @@ fn nbdinfo_shows_export_and_capabilities() {
     let nats = Nats::start();
     let d = Daemon::start(&nats.url());
     let vol = d.create_volume(2);
-    let list = run_ok(Command::new("nbdinfo").arg("--list").arg(format!("nbd://127.0.0.1:{}", d.nbd_port)), T);
+    let list = run_ok(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(format!("nbd://127.0.0.1:{}", d.nbd_port)),
+        T,
+    );
     println!("{list}");
     assert!(list.contains(&format!("export=\"{vol}\"")), "{list}");
     let info = run_ok(Command::new("nbdinfo").arg(d.uri(&vol)), T);
@@ -40,7 +45,10 @@ fn nbdinfo_shows_export_and_capabilities() {
         assert!(info.contains(want), "nbdinfo lacks {want:?}:\n{info}");
     }
     // An unknown export is refused with an error, not a crash.
-    let out = run(Command::new("nbdinfo").arg(d.uri("vol-00000000000000000")), T);
+    let out = run(
+        Command::new("nbdinfo").arg(d.uri("vol-00000000000000000")),
+        T,
+    );
     assert!(!out.status.success());
     assert!(d.log().contains("vblock serving"));
 }
@@ -53,7 +61,10 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     }
     c.arg(uri);
     let out = run_ok(&mut c, T);
-    assert!(!out.contains("Pattern verification failed") && !out.contains("failed"), "{out}");
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed"),
+        "{out}"
+    );
     out
 }
 
@@ -104,14 +115,33 @@ fn ext4_image_round_trips_through_qemu_img_and_nbdcopy() {
     // Deterministic file contents of assorted sizes.
     for i in 0..40u32 {
         let len = (i as usize * 7919) % 300_000 + 1;
-        let data: Vec<u8> = (0..len).map(|j| (j as u32).wrapping_mul(2654435761).wrapping_add(i) as u8).collect();
-        let dir = if i % 3 == 0 { src.join("sub") } else { src.clone() };
+        let data: Vec<u8> = (0..len)
+            .map(|j| (j as u32).wrapping_mul(2654435761).wrapping_add(i) as u8)
+            .collect();
+        let dir = if i % 3 == 0 {
+            src.join("sub")
+        } else {
+            src.clone()
+        };
         std::fs::write(dir.join(format!("file{i}")), data).expect("write");
     }
     let img = work.path().join("fs.img");
-    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&src).arg(&img).arg("256M"), T);
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&img)
+            .arg("256M"),
+        T,
+    );
     let uri = d.uri(&vol);
-    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&img).arg(&uri), T);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&img)
+            .arg(&uri),
+        T,
+    );
     let image = std::fs::read(&img).expect("read image");
     let check = |d: &Daemon, tag: &str| {
         let out = work.path().join(format!("out-{tag}.img"));
@@ -119,7 +149,10 @@ fn ext4_image_round_trips_through_qemu_img_and_nbdcopy() {
         let got = std::fs::read(&out).expect("read copy");
         assert_eq!(got.len(), 1 << 30);
         assert!(got[..image.len()] == image[..], "{tag}: image differs");
-        assert!(vblock::block::is_zero(&got[image.len()..]), "{tag}: tail not zero");
+        assert!(
+            vblock::block::is_zero(&got[image.len()..]),
+            "{tag}: tail not zero"
+        );
         std::fs::remove_file(&out).ok();
     };
     check(&d, "first");
@@ -127,10 +160,21 @@ fn ext4_image_round_trips_through_qemu_img_and_nbdcopy() {
     check(&d, "after-restart");
     let map = run_ok(Command::new("nbdinfo").arg("--map").arg(&uri), T);
     println!("{}", map.lines().take(12).collect::<Vec<_>>().join("\n"));
-    let holes: u64 = map.lines().filter(|l| l.contains("hole")).filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).sum();
-    let data: u64 = map.lines().filter(|l| l.ends_with("data")).filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).sum();
+    let holes: u64 = map
+        .lines()
+        .filter(|l| l.contains("hole"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    let data: u64 = map
+        .lines()
+        .filter(|l| l.ends_with("data"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
     println!("map: {data} bytes data, {holes} bytes holes");
-    assert!(holes > (1 << 30) - (64 << 20), "a mostly empty filesystem should map mostly as holes");
+    assert!(
+        holes > (1 << 30) - (64 << 20),
+        "a mostly empty filesystem should map mostly as holes"
+    );
     assert!(data > 0);
 }
 
@@ -139,7 +183,10 @@ fn nbdfuse_e2fsck_and_debugfs() {
     for t in ["nbdfuse", "mkfs.ext4", "e2fsck", "debugfs", "umount"] {
         require(t);
     }
-    assert!(std::path::Path::new("/dev/fuse").exists(), "/dev/fuse is needed for nbdfuse");
+    assert!(
+        std::path::Path::new("/dev/fuse").exists(),
+        "/dev/fuse is needed for nbdfuse"
+    );
     let nats = Nats::start();
     let d = Daemon::start(&nats.url());
     let vol = d.create_volume(1);
@@ -148,8 +195,15 @@ fn nbdfuse_e2fsck_and_debugfs() {
     std::fs::create_dir_all(&mnt).expect("mkdir");
     let disk = mnt.join("nbd");
     let mount = || {
-        let child = Command::new("nbdfuse").arg(&mnt).arg(d.uri(&vol)).spawn().expect("nbdfuse");
-        assert!(common::daemon::wait_until(Duration::from_secs(20), || disk.exists()), "nbdfuse did not mount");
+        let child = Command::new("nbdfuse")
+            .arg(&mnt)
+            .arg(d.uri(&vol))
+            .spawn()
+            .expect("nbdfuse");
+        assert!(
+            common::daemon::wait_until(Duration::from_secs(20), || disk.exists()),
+            "nbdfuse did not mount"
+        );
         child
     };
     let unmount = |mut child: std::process::Child| {
@@ -159,16 +213,37 @@ fn nbdfuse_e2fsck_and_debugfs() {
     let fuse = mount();
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk), T);
     let fsck = run(Command::new("e2fsck").arg("-fn").arg(&disk), T);
-    assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     let note = work.path().join("note.txt");
     std::fs::write(&note, "written through nbdfuse by debugfs\n").expect("write");
-    run_ok(Command::new("debugfs").arg("-w").arg("-R").arg(format!("write {} note.txt", note.display())).arg(&disk), T);
+    run_ok(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-R")
+            .arg(format!("write {} note.txt", note.display()))
+            .arg(&disk),
+        T,
+    );
     unmount(fuse);
     let fuse = mount();
-    let cat = run_ok(Command::new("debugfs").arg("-R").arg("cat note.txt").arg(&disk), T);
+    let cat = run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg("cat note.txt")
+            .arg(&disk),
+        T,
+    );
     assert_eq!(cat, "written through nbdfuse by debugfs\n");
     let fsck = run(Command::new("e2fsck").arg("-fn").arg(&disk), T);
-    assert!(fsck.status.success(), "e2fsck after debugfs: {}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        fsck.status.success(),
+        "e2fsck after debugfs: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     unmount(fuse);
 }
 
@@ -182,15 +257,31 @@ fn fio_verify_on_two_volumes() {
     // 4 concurrent jobs: random 4 KiB and mixed sizes on each of the two volumes.
     let mut job = String::from("[global]\nioengine=nbd\ndirect=1\nverify=crc32c\ndo_verify=1\nverify_fatal=1\nsize=48M\niodepth=16\n");
     for (i, v) in vols.iter().enumerate() {
-        job.push_str(&format!("\n[rand4k-{i}]\nuri={}\nrw=randwrite\nbs=4k\noffset=0\n", d.uri(v)));
-        job.push_str(&format!("\n[mixed-{i}]\nuri={}\nrw=randwrite\nbssplit=4k/30:16k/30:64k/20:1m/20\noffset=512M\n", d.uri(v)));
+        job.push_str(&format!(
+            "\n[rand4k-{i}]\nuri={}\nrw=randwrite\nbs=4k\noffset=0\n",
+            d.uri(v)
+        ));
+        job.push_str(&format!(
+            "\n[mixed-{i}]\nuri={}\nrw=randwrite\nbssplit=4k/30:16k/30:64k/20:1m/20\noffset=512M\n",
+            d.uri(v)
+        ));
     }
     let path = work.path().join("verify.fio");
     std::fs::write(&path, job).expect("job file");
     let out = run(Command::new("fio").arg(&path), Duration::from_secs(300));
     let text = String::from_utf8_lossy(&out.stdout);
-    println!("{}", text.lines().filter(|l| l.contains("err=") || l.contains("IOPS")).collect::<Vec<_>>().join("\n"));
-    assert!(out.status.success(), "fio failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    println!(
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("err=") || l.contains("IOPS"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        out.status.success(),
+        "fio failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(text.matches("err= 0").count(), 4, "{text}");
     assert!(!text.contains("verify:"), "verify errors:\n{text}");
 }

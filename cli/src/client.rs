@@ -64,22 +64,49 @@ impl Client {
             .connection_timeout(timeout)
             .connect(url)
             .await
-            .map_err(|e| ClientError::Nats { url: url.to_owned(), reason: e.to_string() })?;
-        Ok(Self { nats, url: url.to_owned(), timeout })
+            .map_err(|e| ClientError::Nats {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            nats,
+            url: url.to_owned(),
+            timeout,
+        })
     }
 
     /// Sends `body` on `subject` and returns the reply; an `{"Error": ...}` reply is an error.
     pub async fn request(&self, subject: &str, body: Value) -> Result<Value, ClientError> {
         let payload = serde_json::to_vec(&body).map_err(|e| ClientError::Usage(e.to_string()))?;
-        let no_daemon = || ClientError::NoDaemon { subject: subject.to_owned(), secs: self.timeout.as_secs() };
-        let msg = match tokio::time::timeout(self.timeout, self.nats.request(subject.to_owned(), payload.into())).await {
+        let no_daemon = || ClientError::NoDaemon {
+            subject: subject.to_owned(),
+            secs: self.timeout.as_secs(),
+        };
+        let msg = match tokio::time::timeout(
+            self.timeout,
+            self.nats.request(subject.to_owned(), payload.into()),
+        )
+        .await
+        {
             Err(_) => return Err(no_daemon()),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => return Err(no_daemon()),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => return Err(no_daemon()),
-            Ok(Err(e)) => return Err(ClientError::Nats { url: self.url.clone(), reason: e.to_string() }),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(no_daemon())
+            }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                return Err(no_daemon())
+            }
+            Ok(Err(e)) => {
+                return Err(ClientError::Nats {
+                    url: self.url.clone(),
+                    reason: e.to_string(),
+                })
+            }
             Ok(Ok(m)) => m,
         };
-        let v: Value = serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Api { code: "InternalError".into(), message: format!("unparsable reply: {e}") })?;
+        let v: Value = serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Api {
+            code: "InternalError".into(),
+            message: format!("unparsable reply: {e}"),
+        })?;
         if let Some(err) = v.get("Error").filter(|e| e.is_object()) {
             return Err(ClientError::Api {
                 code: err["Code"].as_str().unwrap_or("Unknown").to_owned(),
@@ -94,23 +121,35 @@ impl Client {
 pub fn size_to_gib(s: &str) -> Result<u64, ClientError> {
     let bytes = parse_size(s).map_err(ClientError::Usage)?;
     if bytes == 0 || bytes % (1 << 30) != 0 {
-        return Err(ClientError::Usage(format!("size {s} must be a whole number of GiB (EC2 Size), e.g. 10GiB")));
+        return Err(ClientError::Usage(format!(
+            "size {s} must be a whole number of GiB (EC2 Size), e.g. 10GiB"
+        )));
     }
     Ok(bytes >> 30)
 }
 
 /// Prints volumes as a table.
 pub fn print_volumes(volumes: &[Value]) {
-    println!("{:<22} {:>8} {:<10} {:<10} {:<20} {:<25}", "VOLUME ID", "SIZE", "STATE", "TYPE", "ATTACHED TO", "CREATED");
+    println!(
+        "{:<22} {:>8} {:<10} {:<10} {:<20} {:<25}",
+        "VOLUME ID", "SIZE", "STATE", "TYPE", "ATTACHED TO", "CREATED"
+    );
     for v in volumes {
-        let attached: Vec<&str> = v["Attachments"].as_array().map(|a| a.iter().filter_map(|x| x["InstanceId"].as_str()).collect()).unwrap_or_default();
+        let attached: Vec<&str> = v["Attachments"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["InstanceId"].as_str()).collect())
+            .unwrap_or_default();
         println!(
             "{:<22} {:>8} {:<10} {:<10} {:<20} {:<25}",
             v["VolumeId"].as_str().unwrap_or(""),
             format_size(v["Size"].as_u64().unwrap_or(0) << 30),
             v["State"].as_str().unwrap_or(""),
             v["VolumeType"].as_str().unwrap_or(""),
-            if attached.is_empty() { "-".to_owned() } else { attached.join(",") },
+            if attached.is_empty() {
+                "-".to_owned()
+            } else {
+                attached.join(",")
+            },
             v["CreateTime"].as_str().unwrap_or(""),
         );
     }

@@ -18,7 +18,13 @@ use client::{ebs_request, print_volumes, size_to_gib, Client, ClientError};
 #[command(name = "vblock", version, about)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "VBLOCK_LOG_FORMAT", value_enum, default_value = "pretty")]
+    #[arg(
+        long,
+        global = true,
+        env = "VBLOCK_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -40,7 +46,12 @@ enum Output {
 #[derive(Debug, clap::Args)]
 struct Remote {
     /// NATS server URL.
-    #[arg(long, global = true, env = "VBLOCK_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "VBLOCK_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "table")]
@@ -148,9 +159,13 @@ enum VolumeCommand {
 
 fn init_logging(format: LogFormat) {
     // async_nats logs every connection event at info; vblock logs the ones that matter itself.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -164,7 +179,10 @@ fn print(output: Output, v: &Value, table: impl FnOnce(&Value)) {
     }
 }
 
-async fn remote(remote: &Remote, f: impl AsyncFnOnce(&Client) -> Result<(), ClientError>) -> Result<(), ClientError> {
+async fn remote(
+    remote: &Remote,
+    f: impl AsyncFnOnce(&Client) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
     let client = Client::connect(&remote.nats_url, Duration::from_secs(remote.timeout)).await?;
     f(&client).await
 }
@@ -176,41 +194,88 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
             VolumeCommand::Create { size, name, r#type } => {
                 let mut body = json!({"Size": size_to_gib(&size)?, "VolumeType": r#type});
                 if let Some(n) = name {
-                    body["TagSpecifications"] = json!([{"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": n}]}]);
+                    body["TagSpecifications"] =
+                        json!([{"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": n}]}]);
                 }
                 let v = c.request("ebs.createvolume", body).await?;
-                print(out, &v, |v| println!("{}", v["VolumeId"].as_str().unwrap_or("")));
+                print(out, &v, |v| {
+                    println!("{}", v["VolumeId"].as_str().unwrap_or(""))
+                });
             }
             VolumeCommand::List => {
                 let v = c.request("ebs.describevolumes", json!({})).await?;
-                print(out, &v, |v| print_volumes(v["Volumes"].as_array().map(Vec::as_slice).unwrap_or(&[])));
+                print(out, &v, |v| {
+                    print_volumes(v["Volumes"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+                });
             }
             VolumeCommand::Describe { id } => {
-                let v = c.request("ebs.describevolumes", json!({"VolumeIds": [id]})).await?;
+                let v = c
+                    .request("ebs.describevolumes", json!({"VolumeIds": [id]}))
+                    .await?;
                 let vol = v["Volumes"].get(0).cloned().unwrap_or(Value::Null);
                 print(out, &vol, |v| print_volumes(std::slice::from_ref(v)));
             }
             VolumeCommand::Delete { id } => {
-                let v = c.request("ebs.deletevolume", json!({"VolumeId": id})).await?;
+                let v = c
+                    .request("ebs.deletevolume", json!({"VolumeId": id}))
+                    .await?;
                 print(out, &v, |_| println!("deleted {id}"));
             }
-            VolumeCommand::Attach { id, instance, device } => {
-                let v = c.request("ebs.attachvolume", json!({"VolumeId": id, "InstanceId": instance, "Device": device})).await?;
-                print(out, &v, |v| println!("{} {} {} {}", v["VolumeId"].as_str().unwrap_or(""), v["InstanceId"].as_str().unwrap_or(""), v["Device"].as_str().unwrap_or(""), v["State"].as_str().unwrap_or("")));
+            VolumeCommand::Attach {
+                id,
+                instance,
+                device,
+            } => {
+                let v = c
+                    .request(
+                        "ebs.attachvolume",
+                        json!({"VolumeId": id, "InstanceId": instance, "Device": device}),
+                    )
+                    .await?;
+                print(out, &v, |v| {
+                    println!(
+                        "{} {} {} {}",
+                        v["VolumeId"].as_str().unwrap_or(""),
+                        v["InstanceId"].as_str().unwrap_or(""),
+                        v["Device"].as_str().unwrap_or(""),
+                        v["State"].as_str().unwrap_or("")
+                    )
+                });
             }
-            VolumeCommand::Detach { id, instance, force } => {
+            VolumeCommand::Detach {
+                id,
+                instance,
+                force,
+            } => {
                 let mut body = json!({"VolumeId": id, "Force": force});
                 if let Some(i) = instance {
                     body["InstanceId"] = json!(i);
                 }
                 let v = c.request("ebs.detachvolume", body).await?;
-                print(out, &v, |v| println!("{} {}", v["VolumeId"].as_str().unwrap_or(""), v["State"].as_str().unwrap_or("")));
+                print(out, &v, |v| {
+                    println!(
+                        "{} {}",
+                        v["VolumeId"].as_str().unwrap_or(""),
+                        v["State"].as_str().unwrap_or("")
+                    )
+                });
             }
             VolumeCommand::Resize { id, size } => {
-                let v = c.request("ebs.modifyvolume", json!({"VolumeId": id, "Size": size_to_gib(&size)?})).await?;
+                let v = c
+                    .request(
+                        "ebs.modifyvolume",
+                        json!({"VolumeId": id, "Size": size_to_gib(&size)?}),
+                    )
+                    .await?;
                 print(out, &v, |v| {
                     let m = &v["VolumeModification"];
-                    println!("{} {}GiB -> {}GiB {}", m["VolumeId"].as_str().unwrap_or(""), m["OriginalSize"], m["TargetSize"], m["ModificationState"].as_str().unwrap_or(""));
+                    println!(
+                        "{} {}GiB -> {}GiB {}",
+                        m["VolumeId"].as_str().unwrap_or(""),
+                        m["OriginalSize"],
+                        m["TargetSize"],
+                        m["ModificationState"].as_str().unwrap_or("")
+                    );
                 });
             }
         }
@@ -226,9 +291,22 @@ async fn mount_command(r: &Remote, id: &str, mount: bool) -> Result<(), ClientEr
         let v = c.request(subject, ebs_request(id)).await?;
         let err = v["Error"].as_str().unwrap_or("");
         if !err.is_empty() {
-            return Err(ClientError::Api { code: if v["NotFound"].as_bool() == Some(true) { "InvalidVolume.NotFound".into() } else { "MountFailed".into() }, message: err.to_owned() });
+            return Err(ClientError::Api {
+                code: if v["NotFound"].as_bool() == Some(true) {
+                    "InvalidVolume.NotFound".into()
+                } else {
+                    "MountFailed".into()
+                },
+                message: err.to_owned(),
+            });
         }
-        print(out, &v, |v| if mount { println!("{}", v["URI"].as_str().unwrap_or("")) } else { println!("unmounted {id}") });
+        print(out, &v, |v| {
+            if mount {
+                println!("{}", v["URI"].as_str().unwrap_or(""))
+            } else {
+                println!("unmounted {id}")
+            }
+        });
         Ok(())
     })
     .await
@@ -237,7 +315,10 @@ async fn mount_command(r: &Remote, id: &str, mount: bool) -> Result<(), ClientEr
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("vblock: cannot start the async runtime: {e}");
@@ -246,11 +327,21 @@ fn main() -> ExitCode {
     };
     let code = rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await.map_err(|e| (e.to_string(), e.exit_code())),
-            Command::Volume { remote, command } => volume_command(&remote, command).await.map_err(|e| (e.to_string(), e.exit_code())),
-            Command::Mount { remote, id } => mount_command(&remote, &id, true).await.map_err(|e| (e.to_string(), e.exit_code())),
-            Command::Unmount { remote, id } => mount_command(&remote, &id, false).await.map_err(|e| (e.to_string(), e.exit_code())),
-            Command::Inspect { what } => offline::inspect(what).await.map_err(|e| (e.to_string(), 1)),
+            Command::Serve(args) => serve::run(args)
+                .await
+                .map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Volume { remote, command } => volume_command(&remote, command)
+                .await
+                .map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Mount { remote, id } => mount_command(&remote, &id, true)
+                .await
+                .map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Unmount { remote, id } => mount_command(&remote, &id, false)
+                .await
+                .map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Inspect { what } => {
+                offline::inspect(what).await.map_err(|e| (e.to_string(), 1))
+            }
             Command::Fsck(a) => offline::fsck(a).await.map_err(|e| (e.to_string(), 1)),
             Command::Import(a) => offline::import(a).await.map_err(|e| (e.to_string(), 1)),
             Command::Export(a) => offline::export(a).await.map_err(|e| (e.to_string(), 1)),

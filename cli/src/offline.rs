@@ -26,7 +26,9 @@ pub enum OfflineError {
 fn msg(e: impl std::fmt::Display) -> OfflineError {
     let s = e.to_string();
     if s.contains("lock") {
-        OfflineError::Msg(format!("{s} (is a daemon running on this data directory? stop it first)"))
+        OfflineError::Msg(format!(
+            "{s} (is a daemon running on this data directory? stop it first)"
+        ))
     } else {
         OfflineError::Msg(s)
     }
@@ -45,10 +47,14 @@ pub struct DataDir {
 
 impl DataDir {
     fn wal_dir(&self) -> PathBuf {
-        self.wal_dir.clone().unwrap_or_else(|| self.data_dir.join("wal"))
+        self.wal_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("wal"))
     }
     fn backend(&self) -> Result<SharedBackend, OfflineError> {
-        Ok(Arc::new(vblock::backend::file::FileBackend::new(self.data_dir.join("objects")).map_err(msg)?))
+        Ok(Arc::new(
+            vblock::backend::file::FileBackend::new(self.data_dir.join("objects")).map_err(msg)?,
+        ))
     }
     fn meta(&self) -> Result<MetaStore, OfflineError> {
         MetaStore::open(&self.data_dir.join("meta"), 8 << 20).map_err(msg)
@@ -89,16 +95,30 @@ fn inspect_segment(path: &Path, records: bool) -> Result<bool, OfflineError> {
     let bytes = std::fs::read(path).map_err(|e| msg(format!("{}: {e}", path.display())))?;
     let scan = vblock::wal::scan_segment(&bytes);
     match scan.header {
-        Ok((no, tag)) => println!("{}: segment {no}, volume tag {tag:#018x}, {} bytes, {} records", path.display(), scan.len, scan.records.len()),
+        Ok((no, tag)) => println!(
+            "{}: segment {no}, volume tag {tag:#018x}, {} bytes, {} records",
+            path.display(),
+            scan.len,
+            scan.records.len()
+        ),
         Err(e) => println!("{}: BAD SEGMENT HEADER: {e}", path.display()),
     }
     if records {
         for (off, h) in &scan.records {
-            println!("  @{off:<10} seq {:<10} {:?} blocks {}..{}", h.seq, h.kind, h.start_block, h.start_block + u64::from(h.block_count));
+            println!(
+                "  @{off:<10} seq {:<10} {:?} blocks {}..{}",
+                h.seq,
+                h.kind,
+                h.start_block,
+                h.start_block + u64::from(h.block_count)
+            );
         }
     }
     if let Some((off, e)) = &scan.error {
-        println!("  BAD RECORD at byte {off}: {e} ({} bytes to end of file)", scan.len - off);
+        println!(
+            "  BAD RECORD at byte {off}: {e} ({} bytes to end of file)",
+            scan.len - off
+        );
     }
     Ok(scan.header.is_ok() && scan.error.is_none())
 }
@@ -107,36 +127,68 @@ fn inspect_segment(path: &Path, records: bool) -> Result<bool, OfflineError> {
 pub async fn inspect(cmd: InspectCommand) -> Result<(), OfflineError> {
     match cmd {
         InspectCommand::Wal { path, records } => {
-            let files = if path.is_dir() { vblock::wal::segment_files(&path).map_err(msg)? } else { vec![path] };
+            let files = if path.is_dir() {
+                vblock::wal::segment_files(&path).map_err(msg)?
+            } else {
+                vec![path]
+            };
             let mut ok = true;
             for f in files {
                 ok &= inspect_segment(&f, records)?;
             }
             if !ok {
-                return Err(OfflineError::Msg("WAL has bad records (a bad last record is a torn tail that replay truncates)".into()));
+                return Err(OfflineError::Msg(
+                    "WAL has bad records (a bad last record is a torn tail that replay truncates)"
+                        .into(),
+                ));
             }
         }
         InspectCommand::Chunk { path } => {
-            let bytes = std::fs::read(&path).map_err(|e| msg(format!("{}: {e}", path.display())))?;
-            let (h, index) = vblock::chunk::verify(&bytes).map_err(|e| msg(format!("{}: {e}", path.display())))?;
+            let bytes =
+                std::fs::read(&path).map_err(|e| msg(format!("{}: {e}", path.display())))?;
+            let (h, index) = vblock::chunk::verify(&bytes)
+                .map_err(|e| msg(format!("{}: {e}", path.display())))?;
             println!("{}: object {}, volume tag {:#018x}, seq {}..{}, {} extents, {} bytes; all frames verify", path.display(), h.object_id, h.volume_tag, h.min_seq, h.max_seq, index.len(), bytes.len());
             for e in index {
-                println!("  blocks {}..{} seq {} {:?} frame @{} len {}", e.start_block, e.start_block + u64::from(e.block_count), e.seq, e.kind, e.frame_offset, e.frame_len);
+                println!(
+                    "  blocks {}..{} seq {} {:?} frame @{} len {}",
+                    e.start_block,
+                    e.start_block + u64::from(e.block_count),
+                    e.seq,
+                    e.kind,
+                    e.frame_offset,
+                    e.frame_len
+                );
             }
         }
         InspectCommand::Volume { dir, id } => {
             let id = VolumeId::parse(&id).map_err(msg)?;
             let meta = dir.meta()?;
-            let rec = meta.get_volume(&id).map_err(msg)?.ok_or_else(|| msg(format!("no volume {id}")))?;
+            let rec = meta
+                .get_volume(&id)
+                .map_err(msg)?
+                .ok_or_else(|| msg(format!("no volume {id}")))?;
             println!("{}", serde_json::to_string_pretty(&rec).unwrap_or_default());
             let state = meta.volume_state(&id).map_err(msg)?;
-            println!("state: checkpoint seq {}, max seq {}, next object id {}", state.checkpoint, state.max_seq, state.next_object_id);
-            let (entries, data_blocks) = BlockLookup::new(meta.clone(), id.clone()).summary().map_err(msg)?;
-            println!("map: {entries} extents, {data_blocks} data blocks ({} bytes allocated)", data_blocks * 4096);
+            println!(
+                "state: checkpoint seq {}, max seq {}, next object id {}",
+                state.checkpoint, state.max_seq, state.next_object_id
+            );
+            let (entries, data_blocks) = BlockLookup::new(meta.clone(), id.clone())
+                .summary()
+                .map_err(msg)?;
+            println!(
+                "map: {entries} extents, {data_blocks} data blocks ({} bytes allocated)",
+                data_blocks * 4096
+            );
             let chunks = meta.chunk_stats(&id).map_err(msg)?;
             let stored: u64 = chunks.iter().map(|(_, s)| s.stored_bytes).sum();
             let live: u64 = chunks.iter().map(|(_, s)| s.live_blocks).sum();
-            println!("chunks: {}, {stored} bytes stored, {} live bytes", chunks.len(), live * 4096);
+            println!(
+                "chunks: {}, {stored} bytes stored, {} live bytes",
+                chunks.len(),
+                live * 4096
+            );
         }
     }
     Ok(())
@@ -174,9 +226,15 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                     }
                 } else if let Some((off, e)) = scan.error {
                     if last {
-                        bar.println(format!("{id}: {}: torn tail at byte {off} ({e}); replay will truncate it", f.display()));
+                        bar.println(format!(
+                            "{id}: {}: torn tail at byte {off} ({e}); replay will truncate it",
+                            f.display()
+                        ));
                     } else {
-                        bar.println(format!("{id}: {}: bad record at byte {off}: {e}", f.display()));
+                        bar.println(format!(
+                            "{id}: {}: bad record at byte {off}: {e}",
+                            f.display()
+                        ));
                         problems += 1;
                     }
                 }
@@ -203,15 +261,27 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
             }
         }
         // Map: every data extent lies inside a frame of an existing, verified chunk.
-        let extents = BlockLookup::new(meta.clone(), id.clone()).lookup(0, u64::MAX).map_err(msg)?;
+        let extents = BlockLookup::new(meta.clone(), id.clone())
+            .lookup(0, u64::MAX)
+            .map_err(msg)?;
         for e in extents {
             if e.end() * 4096 > rec.size_bytes {
-                bar.println(format!("{id}: map extent {}..{} beyond the volume size", e.start, e.end()));
+                bar.println(format!(
+                    "{id}: map extent {}..{} beyond the volume size",
+                    e.start,
+                    e.end()
+                ));
                 problems += 1;
             }
             let Target::Data(f) = e.target else { continue };
             let ok = indexes.get(&f.object_id).is_some_and(|index| {
-                index.iter().any(|c| c.start_block == f.first_block && c.frame_offset == f.offset && c.frame_len == f.len && c.frame_crc == f.crc && c.block_count == f.blocks)
+                index.iter().any(|c| {
+                    c.start_block == f.first_block
+                        && c.frame_offset == f.offset
+                        && c.frame_len == f.len
+                        && c.frame_crc == f.crc
+                        && c.block_count == f.blocks
+                })
             });
             if !ok {
                 bar.println(format!("{id}: map extent {}..{} points at object {} frame @{} which does not exist or does not match", e.start, e.end(), f.object_id, f.offset));
@@ -221,7 +291,10 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    println!("fsck: {} volumes checked, {problems} problem(s)", vols.len());
+    println!(
+        "fsck: {} volumes checked, {problems} problem(s)",
+        vols.len()
+    );
     if problems > 0 {
         return Err(OfflineError::Problems(problems));
     }
@@ -229,14 +302,28 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(len) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what} {{msg}}")).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what} {{msg}}"))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     bar
 }
 
 fn byte_progress(len: u64) -> ProgressBar {
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(len) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     bar
 }
 
@@ -261,15 +348,26 @@ const STEP: u64 = 1 << 20;
 pub async fn import(a: ImportArgs) -> Result<(), OfflineError> {
     use std::io::Read;
     let engine = a.dir.engine().await?;
-    let mut file = std::fs::File::open(&a.file).map_err(|e| msg(format!("{}: {e}", a.file.display())))?;
+    let mut file =
+        std::fs::File::open(&a.file).map_err(|e| msg(format!("{}: {e}", a.file.display())))?;
     let len = file.metadata().map_err(msg)?.len();
     let id = match a.id {
         Some(id) => VolumeId::parse(&id).map_err(msg)?,
-        None => engine.create_volume(len.div_ceil(4096).max(1) * 4096, &a.name).await.map_err(msg)?.volume_id,
+        None => {
+            engine
+                .create_volume(len.div_ceil(4096).max(1) * 4096, &a.name)
+                .await
+                .map_err(msg)?
+                .volume_id
+        }
     };
     let vol = engine.volume(&id).await.map_err(msg)?;
     if len > vol.size() {
-        return Err(msg(format!("{} is {len} bytes, larger than volume {id} ({} bytes)", a.file.display(), vol.size())));
+        return Err(msg(format!(
+            "{} is {len} bytes, larger than volume {id} ({} bytes)",
+            a.file.display(),
+            vol.size()
+        )));
     }
     let bar = byte_progress(len);
     let mut off = 0u64;
@@ -278,7 +376,9 @@ pub async fn import(a: ImportArgs) -> Result<(), OfflineError> {
         let n = STEP.min(len - off) as usize;
         file.read_exact(&mut buf[..n]).map_err(msg)?;
         if !vblock::block::is_zero(&buf[..n]) {
-            vol.write(off, Bytes::copy_from_slice(&buf[..n]), false).await.map_err(msg)?;
+            vol.write(off, Bytes::copy_from_slice(&buf[..n]), false)
+                .await
+                .map_err(msg)?;
         }
         off += n as u64;
         bar.set_position(off);
@@ -308,7 +408,8 @@ pub async fn export(a: ExportArgs) -> Result<(), OfflineError> {
     let engine = a.dir.engine().await?;
     let id = VolumeId::parse(&a.id).map_err(msg)?;
     let vol = engine.volume(&id).await.map_err(msg)?;
-    let mut file = std::fs::File::create(&a.file).map_err(|e| msg(format!("{}: {e}", a.file.display())))?;
+    let mut file =
+        std::fs::File::create(&a.file).map_err(|e| msg(format!("{}: {e}", a.file.display())))?;
     let size = vol.size();
     let bar = byte_progress(size);
     let mut off = 0u64;
@@ -317,12 +418,16 @@ pub async fn export(a: ExportArgs) -> Result<(), OfflineError> {
         let status = vol.block_status(off, n).await.map_err(msg)?;
         if status.iter().any(|s| !s.hole) {
             let data = vol.read(off, n).await.map_err(msg)?;
-            file.seek(SeekFrom::Start(off)).and_then(|_| file.write_all(&data)).map_err(msg)?;
+            file.seek(SeekFrom::Start(off))
+                .and_then(|_| file.write_all(&data))
+                .map_err(msg)?;
         }
         off += n;
         bar.set_position(off);
     }
-    file.set_len(size).and_then(|()| file.sync_all()).map_err(msg)?;
+    file.set_len(size)
+        .and_then(|()| file.sync_all())
+        .map_err(msg)?;
     bar.finish_and_clear();
     drop(vol);
     engine.close_all().await;

@@ -110,11 +110,14 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
 async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
     match a.backend {
         BackendKind::File => {
-            let b = vblock::backend::file::FileBackend::new(a.data_dir.join("objects")).map_err(|e| ServeError::Config(e.to_string()))?;
+            let b = vblock::backend::file::FileBackend::new(a.data_dir.join("objects"))
+                .map_err(|e| ServeError::Config(e.to_string()))?;
             Ok(Arc::new(b))
         }
         BackendKind::Memory => Ok(Arc::new(vblock::backend::memory::MemoryBackend::new())),
-        BackendKind::S3 => Err(ServeError::Config("the s3 backend is not built yet (see the open S3 issue); use --backend file".into())),
+        BackendKind::S3 => Err(ServeError::Config(
+            "the s3 backend is not built yet (see the open S3 issue); use --backend file".into(),
+        )),
     }
 }
 
@@ -122,17 +125,28 @@ async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
 pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
     let backend = backend(&a).await?;
     let engine = Arc::new(Engine::open(engine_config(&a), backend).await?);
-    let listener = tokio::net::TcpListener::bind(a.nbd_listen).await.map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
-    let nbd_addr = listener.local_addr().map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
-    let server = nbd_server::Server::new(Arc::new(nbd_server::VolumeExports::new(engine.clone())), nbd_server::Limits::default());
+    let listener = tokio::net::TcpListener::bind(a.nbd_listen)
+        .await
+        .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
+    let nbd_addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
+    let server = nbd_server::Server::new(
+        Arc::new(nbd_server::VolumeExports::new(engine.clone())),
+        nbd_server::Limits::default(),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(server.clone().serve_tcp(listener));
     if let Some(path) = &a.nbd_unix {
         let _ = std::fs::remove_file(path);
-        let unix = tokio::net::UnixListener::bind(path).map_err(|e| ServeError::Listen(path.display().to_string(), e))?;
+        let unix = tokio::net::UnixListener::bind(path)
+            .map_err(|e| ServeError::Listen(path.display().to_string(), e))?;
         tasks.spawn(server.clone().serve_unix(unix));
     }
-    let advertise = a.nbd_advertise.clone().unwrap_or_else(|| nbd_addr.to_string());
+    let advertise = a
+        .nbd_advertise
+        .clone()
+        .unwrap_or_else(|| nbd_addr.to_string());
     let control = vblock::control::ControlConfig {
         nats_url: a.nats_url.clone(),
         queue_group: a.queue_group.clone(),
@@ -147,7 +161,8 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         }
     });
     tracing::info!(nbd = %nbd_addr, advertise = %advertise, nats = %a.nats_url, data_dir = %a.data_dir.display(), "vblock serving");
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| ServeError::Config(format!("cannot install SIGTERM handler: {e}")))?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| ServeError::Config(format!("cannot install SIGTERM handler: {e}")))?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -155,7 +170,10 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
     }
     tasks.abort_all();
     let closing = engine.close_all();
-    if tokio::time::timeout(Duration::from_secs(60), closing).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(60), closing)
+        .await
+        .is_err()
+    {
         tracing::warn!("volumes did not close within 60 s; unflushed data stays in the WAL");
     }
     if let Some(path) = &a.nbd_unix {

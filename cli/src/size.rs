@@ -5,16 +5,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit like 10GiB"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional unit like 10GiB")
+    })?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" | "kb" => 10,
         "m" | "mib" | "mb" => 20,
         "g" | "gib" | "gb" => 30,
         "t" | "tib" | "tb" => 40,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}: use B, KiB, MiB, GiB or TiB")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {s:?}: use B, KiB, MiB, GiB or TiB"
+            ))
+        }
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// Formats bytes in the largest binary unit that divides them exactly (or with one decimal).
@@ -23,7 +30,11 @@ pub fn format_size(bytes: u64) -> String {
     for (name, shift) in UNITS {
         let unit = 1u64 << shift;
         if bytes >= unit {
-            return if bytes % unit == 0 { format!("{}{name}", bytes / unit) } else { format!("{:.1}{name}", bytes as f64 / unit as f64) };
+            return if bytes % unit == 0 {
+                format!("{}{name}", bytes / unit)
+            } else {
+                format!("{:.1}{name}", bytes as f64 / unit as f64)
+            };
         }
     }
     format!("{bytes}B")

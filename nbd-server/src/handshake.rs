@@ -60,14 +60,24 @@ pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
     f
 }
 
-async fn reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+async fn reply<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(20 + data.len());
     buf.extend_from_slice(&option_reply_header(option, kind, data.len() as u32));
     buf.extend_from_slice(data);
     s.write_all(&buf).await
 }
 
-async fn error_reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, kind: u32, msg: &str) -> std::io::Result<()> {
+async fn error_reply<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    kind: u32,
+    msg: &str,
+) -> std::io::Result<()> {
     reply(s, option, kind, msg.as_bytes()).await
 }
 
@@ -86,7 +96,10 @@ fn take_string(data: &mut &[u8]) -> Option<String> {
 }
 
 /// Runs option haggling on `s`. `Ok(None)`: the client aborted or left.
-pub async fn negotiate<S>(s: &mut S, provider: &dyn ExportProvider) -> Result<Option<Negotiated>, HandshakeError>
+pub async fn negotiate<S>(
+    s: &mut S,
+    provider: &dyn ExportProvider,
+) -> Result<Option<Negotiated>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -97,7 +110,9 @@ where
     s.write_all(&hello).await?;
     let client_flags = s.read_u32().await?;
     if client_flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
-        return Err(HandshakeError::Protocol(format!("unknown client flags {client_flags:#x}")));
+        return Err(HandshakeError::Protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
     let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
@@ -109,19 +124,27 @@ where
             Err(e) => return Err(e.into()),
         };
         if magic != IHAVEOPT {
-            return Err(HandshakeError::Protocol(format!("bad option magic {magic:#x}")));
+            return Err(HandshakeError::Protocol(format!(
+                "bad option magic {magic:#x}"
+            )));
         }
         let option = s.read_u32().await?;
         let len = s.read_u32().await?;
         if len > MAX_OPTION_LEN {
-            return Err(HandshakeError::Protocol(format!("option {option} with {len} bytes of data")));
+            return Err(HandshakeError::Protocol(format!(
+                "option {option} with {len} bytes of data"
+            )));
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data).await?;
         match option {
             NBD_OPT_EXPORT_NAME => {
-                let name = String::from_utf8(data).map_err(|_| HandshakeError::Protocol("export name not UTF-8".into()))?;
-                let export = provider.open(&name).await.map_err(|e| HandshakeError::NoExport(name.clone(), e))?;
+                let name = String::from_utf8(data)
+                    .map_err(|_| HandshakeError::Protocol("export name not UTF-8".into()))?;
+                let export = provider
+                    .open(&name)
+                    .await
+                    .map_err(|e| HandshakeError::NoExport(name.clone(), e))?;
                 let mut out = Vec::with_capacity(10 + 124);
                 out.extend_from_slice(&export.volume.size().to_be_bytes());
                 out.extend_from_slice(&transmission_flags(&export, structured).to_be_bytes());
@@ -142,7 +165,8 @@ where
             }
             NBD_OPT_LIST => {
                 if !data.is_empty() {
-                    error_reply(s, option, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
+                    error_reply(s, option, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                        .await?;
                     continue;
                 }
                 for name in provider.list().await {
@@ -154,7 +178,13 @@ where
                 reply(s, option, NBD_REP_ACK, &[]).await?;
             }
             NBD_OPT_STARTTLS => {
-                error_reply(s, option, NBD_REP_ERR_POLICY, "TLS is not configured on this server").await?;
+                error_reply(
+                    s,
+                    option,
+                    NBD_REP_ERR_POLICY,
+                    "TLS is not configured on this server",
+                )
+                .await?;
             }
             NBD_OPT_INFO | NBD_OPT_GO => {
                 let mut d = &data[..];
@@ -163,12 +193,24 @@ where
                     continue;
                 };
                 if d.remaining() < 2 {
-                    error_reply(s, option, NBD_REP_ERR_INVALID, "missing information request count").await?;
+                    error_reply(
+                        s,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "missing information request count",
+                    )
+                    .await?;
                     continue;
                 }
                 let n = d.get_u16() as usize;
                 if d.remaining() != 2 * n {
-                    error_reply(s, option, NBD_REP_ERR_INVALID, "information requests do not match their count").await?;
+                    error_reply(
+                        s,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "information requests do not match their count",
+                    )
+                    .await?;
                     continue;
                 }
                 let requests: Vec<u16> = (0..n).map(|_| d.get_u16()).collect();
@@ -214,7 +256,13 @@ where
             }
             NBD_OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    error_reply(s, option, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?;
+                    error_reply(
+                        s,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
                     continue;
                 }
                 structured = true;
@@ -222,7 +270,13 @@ where
             }
             NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
                 if !structured {
-                    error_reply(s, option, NBD_REP_ERR_INVALID, "negotiate structured replies first").await?;
+                    error_reply(
+                        s,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    )
+                    .await?;
                     continue;
                 }
                 let mut d = &data[..];
@@ -238,7 +292,13 @@ where
                     (d.remaining() == 0).then_some(queries)
                 });
                 let Some(queries) = parsed else {
-                    error_reply(s, option, NBD_REP_ERR_INVALID, "malformed meta context request").await?;
+                    error_reply(
+                        s,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "malformed meta context request",
+                    )
+                    .await?;
                     continue;
                 };
                 let list = option == NBD_OPT_LIST_META_CONTEXT;

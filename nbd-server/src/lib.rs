@@ -78,7 +78,11 @@ impl ExportProvider for VolumeExports {
             name: name.to_owned(),
             volume,
             read_only: false,
-            description: if rec.name.is_empty() { format!("vblock volume {id}") } else { rec.name },
+            description: if rec.name.is_empty() {
+                format!("vblock volume {id}")
+            } else {
+                rec.name
+            },
         })
     }
 }
@@ -193,7 +197,11 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let neg = tokio::time::timeout(self.limits.handshake_timeout, handshake::negotiate(&mut sock, &*self.provider)).await;
+        let neg = tokio::time::timeout(
+            self.limits.handshake_timeout,
+            handshake::negotiate(&mut sock, &*self.provider),
+        )
+        .await;
         let neg = match neg {
             Err(_) => {
                 tracing::info!(%peer, "handshake timed out");

@@ -20,24 +20,55 @@ use crate::{Limits, MAX_BLOCK};
 /// A validated request.
 #[derive(Debug)]
 enum Command {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool, fast: bool },
-    BlockStatus { offset: u64, len: u32, req_one: bool },
-    Cache { offset: u64, len: u32 },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        fast: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
     /// Answer with this errno without touching the volume.
-    Reject { errno: u32, why: &'static str },
+    Reject {
+        errno: u32,
+        why: &'static str,
+    },
 }
 
 /// Maps an engine error to an NBD errno (NBD proto.md, "Error values").
 pub fn errno(e: &VolumeError) -> u32 {
     match e {
-        VolumeError::OutOfRange { .. } | VolumeError::TooLarge { .. } | VolumeError::Invalid(_) => NBD_EINVAL,
+        VolumeError::OutOfRange { .. } | VolumeError::TooLarge { .. } | VolumeError::Invalid(_) => {
+            NBD_EINVAL
+        }
         VolumeError::Wal(w) if w.is_no_space() => NBD_ENOSPC,
         VolumeError::Closed => NBD_ESHUTDOWN,
-        VolumeError::Wal(_) | VolumeError::Meta(_) | VolumeError::Backend(_) | VolumeError::Chunk { .. } => NBD_EIO,
+        VolumeError::Wal(_)
+        | VolumeError::Meta(_)
+        | VolumeError::Backend(_)
+        | VolumeError::Chunk { .. } => NBD_EIO,
     }
 }
 
@@ -62,7 +93,13 @@ fn allowed_flags(kind: u16, structured: bool) -> u16 {
 fn validate(h: &RequestHeader, size: u64, neg: &Negotiated) -> Result<(), (u32, &'static str)> {
     if !matches!(
         h.kind,
-        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_CACHE | NBD_CMD_WRITE_ZEROES | NBD_CMD_BLOCK_STATUS
+        NBD_CMD_READ
+            | NBD_CMD_WRITE
+            | NBD_CMD_FLUSH
+            | NBD_CMD_TRIM
+            | NBD_CMD_CACHE
+            | NBD_CMD_WRITE_ZEROES
+            | NBD_CMD_BLOCK_STATUS
     ) {
         return Err((NBD_EINVAL, "unknown command"));
     }
@@ -74,7 +111,11 @@ fn validate(h: &RequestHeader, size: u64, neg: &Negotiated) -> Result<(), (u32, 
         return Err((NBD_EPERM, "export is read-only"));
     }
     if h.kind == NBD_CMD_FLUSH {
-        return if h.offset == 0 && h.length == 0 { Ok(()) } else { Err((NBD_EINVAL, "flush with offset or length")) };
+        return if h.offset == 0 && h.length == 0 {
+            Ok(())
+        } else {
+            Err((NBD_EINVAL, "flush with offset or length"))
+        };
     }
     if matches!(h.kind, NBD_CMD_READ | NBD_CMD_WRITE) && h.length > MAX_BLOCK {
         return Err((NBD_EINVAL, "request larger than the maximum block size"));
@@ -90,17 +131,30 @@ fn validate(h: &RequestHeader, size: u64, neg: &Negotiated) -> Result<(), (u32, 
     let end = h.offset.checked_add(u64::from(h.length));
     if end.is_none_or(|e| e > size) {
         // NBD proto.md, "Error values": writes past the end are ENOSPC, the rest EINVAL.
-        return Err(if writes { (NBD_ENOSPC, "write beyond the end of the export") } else { (NBD_EINVAL, "request beyond the end of the export") });
+        return Err(if writes {
+            (NBD_ENOSPC, "write beyond the end of the export")
+        } else {
+            (NBD_EINVAL, "request beyond the end of the export")
+        });
     }
     Ok(())
 }
 
 fn error_reply(cookie: u64, structured: bool, err: u32, msg: &str) -> Reply {
     if !structured {
-        return Reply { head: simple_reply(cookie, err).to_vec(), data: None };
+        return Reply {
+            head: simple_reply(cookie, err).to_vec(),
+            data: None,
+        };
     }
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
-    let mut head = structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + msg.len() as u32).to_vec();
+    let mut head = structured_header(
+        cookie,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_ERROR,
+        6 + msg.len() as u32,
+    )
+    .to_vec();
     head.put_u32(err);
     head.put_u16(msg.len() as u16);
     head.extend_from_slice(msg);
@@ -108,7 +162,10 @@ fn error_reply(cookie: u64, structured: bool, err: u32, msg: &str) -> Reply {
 }
 
 fn ok_reply(cookie: u64) -> Reply {
-    Reply { head: simple_reply(cookie, 0).to_vec(), data: None }
+    Reply {
+        head: simple_reply(cookie, 0).to_vec(),
+        data: None,
+    }
 }
 
 async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
@@ -125,17 +182,32 @@ async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
         Command::Reject { errno, why } => error_reply(cookie, structured, errno, why),
         Command::Read { offset, len } => match vol.read(offset, u64::from(len)).await {
             Ok(data) if structured => {
-                let mut head = structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + len).to_vec();
+                let mut head = structured_header(
+                    cookie,
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_OFFSET_DATA,
+                    8 + len,
+                )
+                .to_vec();
                 head.put_u64(offset);
-                Reply { head, data: Some(data) }
+                Reply {
+                    head,
+                    data: Some(data),
+                }
             }
-            Ok(data) => Reply { head: simple_reply(cookie, 0).to_vec(), data: Some(data) },
+            Ok(data) => Reply {
+                head: simple_reply(cookie, 0).to_vec(),
+                data: Some(data),
+            },
             Err(e) => {
                 if structured {
                     fail(e)
                 } else {
                     // A simple reply to a failed read carries no data.
-                    Reply { head: simple_reply(cookie, errno(&e)).to_vec(), data: None }
+                    Reply {
+                        head: simple_reply(cookie, errno(&e)).to_vec(),
+                        data: None,
+                    }
                 }
             }
         },
@@ -157,27 +229,51 @@ async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
                 Err(e) => fail(e),
             }
         }
-        Command::WriteZeroes { offset, len, fua, fast } => {
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            fast,
+        } => {
             // Whole blocks are zeroed in metadata; partial blocks need a read-modify-write,
             // which may have to fetch data: not "fast" (NBD_CMD_FLAG_FAST_ZERO).
             if fast && (offset % 4096 != 0 || u64::from(len) % 4096 != 0) {
-                return error_reply(cookie, structured, NBD_ENOTSUP, "unaligned zeroing is not fast");
+                return error_reply(
+                    cookie,
+                    structured,
+                    NBD_ENOTSUP,
+                    "unaligned zeroing is not fast",
+                );
             }
             match vol.write_zeroes(offset, u64::from(len), fua).await {
                 Ok(()) => ok_reply(cookie),
                 Err(e) => fail(e),
             }
         }
-        Command::BlockStatus { offset, len, req_one } => match vol.block_status(offset, u64::from(len)).await {
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => match vol.block_status(offset, u64::from(len)).await {
             Ok(extents) => {
                 let take = if req_one { 1 } else { 1 << 16 };
                 let mut payload = BytesMut::new();
                 payload.put_u32(BASE_ALLOCATION_ID);
                 for e in extents.iter().take(take) {
                     payload.put_u32(e.len as u32);
-                    payload.put_u32(if e.hole { NBD_STATE_HOLE | NBD_STATE_ZERO } else { 0 });
+                    payload.put_u32(if e.hole {
+                        NBD_STATE_HOLE | NBD_STATE_ZERO
+                    } else {
+                        0
+                    });
                 }
-                let mut head = structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, payload.len() as u32).to_vec();
+                let mut head = structured_header(
+                    cookie,
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_BLOCK_STATUS,
+                    payload.len() as u32,
+                )
+                .to_vec();
                 head.extend_from_slice(&payload);
                 Reply { head, data: None }
             }
@@ -228,13 +324,19 @@ where
         if h.kind == NBD_CMD_DISC {
             break Ok(());
         }
-        let Ok(slot) = requests.clone().acquire_owned().await else { break Ok(()) };
+        let Ok(slot) = requests.clone().acquire_owned().await else {
+            break Ok(());
+        };
         let mut budget = None;
         let cmd = match validate(&h, size, &neg) {
             Err((errno, why)) => {
                 if h.kind == NBD_CMD_WRITE {
                     // Keep the stream in step: skip the payload without buffering it.
-                    let skipped = tokio::io::copy(&mut (&mut rd).take(u64::from(h.length)), &mut tokio::io::sink()).await?;
+                    let skipped = tokio::io::copy(
+                        &mut (&mut rd).take(u64::from(h.length)),
+                        &mut tokio::io::sink(),
+                    )
+                    .await?;
                     if skipped != u64::from(h.length) {
                         break Ok(());
                     }
@@ -250,17 +352,40 @@ where
                 }
                 let (fua, len) = (h.flags & NBD_CMD_FLAG_FUA != 0, h.length);
                 match h.kind {
-                    NBD_CMD_READ => Command::Read { offset: h.offset, len },
+                    NBD_CMD_READ => Command::Read {
+                        offset: h.offset,
+                        len,
+                    },
                     NBD_CMD_WRITE => {
                         let mut buf = vec![0u8; len as usize];
                         rd.read_exact(&mut buf).await?;
-                        Command::Write { offset: h.offset, data: Bytes::from(buf), fua }
+                        Command::Write {
+                            offset: h.offset,
+                            data: Bytes::from(buf),
+                            fua,
+                        }
                     }
                     NBD_CMD_FLUSH => Command::Flush,
-                    NBD_CMD_TRIM => Command::Trim { offset: h.offset, len, fua },
-                    NBD_CMD_WRITE_ZEROES => Command::WriteZeroes { offset: h.offset, len, fua, fast: h.flags & NBD_CMD_FLAG_FAST_ZERO != 0 },
-                    NBD_CMD_BLOCK_STATUS => Command::BlockStatus { offset: h.offset, len, req_one: h.flags & NBD_CMD_FLAG_REQ_ONE != 0 },
-                    _ => Command::Cache { offset: h.offset, len },
+                    NBD_CMD_TRIM => Command::Trim {
+                        offset: h.offset,
+                        len,
+                        fua,
+                    },
+                    NBD_CMD_WRITE_ZEROES => Command::WriteZeroes {
+                        offset: h.offset,
+                        len,
+                        fua,
+                        fast: h.flags & NBD_CMD_FLAG_FAST_ZERO != 0,
+                    },
+                    NBD_CMD_BLOCK_STATUS => Command::BlockStatus {
+                        offset: h.offset,
+                        len,
+                        req_one: h.flags & NBD_CMD_FLAG_REQ_ONE != 0,
+                    },
+                    _ => Command::Cache {
+                        offset: h.offset,
+                        len,
+                    },
                 }
             }
         };
@@ -280,7 +405,10 @@ where
     result.and(written)
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     while let Some(r) = rx.recv().await {
         let mut next = Some(r);

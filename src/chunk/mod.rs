@@ -382,6 +382,18 @@ pub fn decode_frame(frame: &[u8], crc: u32, blocks: u32) -> Result<Bytes, ChunkE
     Ok(Bytes::from(data))
 }
 
+/// Decodes a whole chunk object and verifies every frame (CRC, decompression, length).
+/// Returns the header and index. CPU-bound.
+pub fn verify(object: &[u8]) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkError> {
+    let (header, index) = decode_index(object, object.len() as u64)?;
+    for e in index.iter().filter(|e| e.kind == ExtentKind::Data) {
+        let start = e.frame_offset as usize;
+        let end = start + e.frame_len as usize;
+        decode_frame(&object[start..end], e.frame_crc, e.block_count)?;
+    }
+    Ok((header, index))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,16 +498,4 @@ mod tests {
             let _ = decode_frame(&bytes, crc, blocks % 8);
         }
     }
-}
-
-/// Decodes a whole chunk object and verifies every frame (CRC, decompression, length).
-/// Returns the header and index. CPU-bound.
-pub fn verify(object: &[u8]) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkError> {
-    let (header, index) = decode_index(object, object.len() as u64)?;
-    for e in index.iter().filter(|e| e.kind == ExtentKind::Data) {
-        let start = e.frame_offset as usize;
-        let end = start + e.frame_len as usize;
-        decode_frame(&object[start..end], e.frame_crc, e.block_count)?;
-    }
-    Ok((header, index))
 }

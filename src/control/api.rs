@@ -42,7 +42,10 @@ impl ApiError {
     }
     /// `InvalidVolume.NotFound`.
     pub fn volume_not_found(id: &str) -> Self {
-        Self::new("InvalidVolume.NotFound", format!("The volume '{id}' does not exist."))
+        Self::new(
+            "InvalidVolume.NotFound",
+            format!("The volume '{id}' does not exist."),
+        )
     }
     /// `InternalError`.
     pub fn internal(message: impl Into<String>) -> Self {

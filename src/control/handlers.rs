@@ -34,12 +34,18 @@ pub struct Control {
 }
 
 fn body<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_else(|e| format!(r#"{{"Error":{{"Code":"InternalError","Message":"{e}"}}}}"#).into_bytes())
+    serde_json::to_vec(v).unwrap_or_else(|e| {
+        format!(r#"{{"Error":{{"Code":"InternalError","Message":"{e}"}}}}"#).into_bytes()
+    })
 }
 
 fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
     // An empty body is an empty object (DescribeVolumes with no arguments).
-    let payload = if payload.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { payload };
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        &b"{}"[..]
+    } else {
+        payload
+    };
     serde_json::from_slice(payload).map_err(|e| ApiError::from_json(&e))
 }
 
@@ -48,7 +54,15 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 fn parse_volume_id(s: &str) -> Result<VolumeId, ApiError> {
-    VolumeId::parse(s).map_err(|_| ApiError::new("InvalidVolume.NotFound", format!("The volume '{}' does not exist.", s.chars().take(64).collect::<String>())))
+    VolumeId::parse(s).map_err(|_| {
+        ApiError::new(
+            "InvalidVolume.NotFound",
+            format!(
+                "The volume '{}' does not exist.",
+                s.chars().take(64).collect::<String>()
+            ),
+        )
+    })
 }
 
 /// EC2 view of a record.
@@ -71,8 +85,19 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
         create_time: r.create_time.clone(),
         volume_type: r.volume_type.clone(),
         iops: r.iops,
-        attachments: r.attachments.iter().map(|a| attachment(r, a, &a.state)).collect(),
-        tags: r.tags.iter().map(|t| Tag { key: t.key.clone(), value: t.value.clone() }).collect(),
+        attachments: r
+            .attachments
+            .iter()
+            .map(|a| attachment(r, a, &a.state))
+            .collect(),
+        tags: r
+            .tags
+            .iter()
+            .map(|t| Tag {
+                key: t.key.clone(),
+                value: t.value.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -89,7 +114,9 @@ fn attachment(r: &VolumeRecord, a: &meta::Attachment, state: &str) -> VolumeAtta
 
 fn size_gib(size: i64) -> Result<u64, ApiError> {
     if !(1..=MAX_SIZE_GIB).contains(&size) {
-        return Err(ApiError::invalid(format!("Size {size} GiB is outside 1..{MAX_SIZE_GIB}")));
+        return Err(ApiError::invalid(format!(
+            "Size {size} GiB is outside 1..{MAX_SIZE_GIB}"
+        )));
     }
     Ok(size as u64)
 }
@@ -97,7 +124,11 @@ fn size_gib(size: i64) -> Result<u64, ApiError> {
 impl Control {
     /// A control plane for `engine`; mount URIs use `nbd_advertise` (`host:port`).
     pub fn new(engine: Arc<Engine>, nbd_advertise: String) -> Self {
-        Self { engine, nbd_advertise, lock: tokio::sync::Mutex::new(()) }
+        Self {
+            engine,
+            nbd_advertise,
+            lock: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Handles `subject` (the operation is the last subject token: `ebs.createvolume`,
@@ -121,20 +152,33 @@ impl Control {
             "mount" => {
                 let r = self.mount(payload).await;
                 let b = body(&r);
-                Handled { reply: b.clone(), broadcast: Some(("ebs.mount.response".into(), b)) }
+                Handled {
+                    reply: b.clone(),
+                    broadcast: Some(("ebs.mount.response".into(), b)),
+                }
             }
             "unmount" => {
                 let r = self.unmount(payload).await;
                 let b = body(&r);
-                Handled { reply: b.clone(), broadcast: Some(("ebs.unmount.response".into(), b)) }
+                Handled {
+                    reply: b.clone(),
+                    broadcast: Some(("ebs.unmount.response".into(), b)),
+                }
             }
-            "delete" => Handled { reply: body(&self.hive_delete(payload).await), broadcast: None },
+            "delete" => Handled {
+                reply: body(&self.hive_delete(payload).await),
+                broadcast: None,
+            },
             _ => plain(Err(ApiError::invalid(format!("unknown subject {subject}")))),
         }
     }
 
     async fn record(&self, id: &VolumeId) -> Result<VolumeRecord, ApiError> {
-        self.engine.get_record(id).await.map_err(internal)?.ok_or_else(|| ApiError::volume_not_found(id.as_str()))
+        self.engine
+            .get_record(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::volume_not_found(id.as_str()))
     }
 
     async fn create_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
@@ -142,7 +186,12 @@ impl Control {
         let gib = size_gib(req.size)?;
         if let Some(snap) = &req.snapshot_id {
             if !snap.is_empty() {
-                return Err(ApiError::new("InvalidSnapshot.NotFound", format!("The snapshot '{snap}' does not exist (snapshots are not implemented yet).")));
+                return Err(ApiError::new(
+                    "InvalidSnapshot.NotFound",
+                    format!(
+                        "The snapshot '{snap}' does not exist (snapshots are not implemented yet)."
+                    ),
+                ));
             }
         }
         let _g = self.lock.lock().await;
@@ -151,7 +200,10 @@ impl Control {
             let existing = self.engine.list_records().await.map_err(internal)?;
             if let Some(r) = existing.iter().find(|r| r.client_token == token) {
                 if r.size_bytes != gib * GIB {
-                    return Err(ApiError::new("IdempotentParameterMismatch", "ClientToken reused with different parameters"));
+                    return Err(ApiError::new(
+                        "IdempotentParameterMismatch",
+                        "ClientToken reused with different parameters",
+                    ));
                 }
                 return Ok(body(&to_api(r)));
             }
@@ -162,9 +214,16 @@ impl Control {
             .into_iter()
             .filter(|s| s.resource_type.is_empty() || s.resource_type == "volume")
             .flat_map(|s| s.tags)
-            .map(|t| meta::Tag { key: t.key, value: t.value })
+            .map(|t| meta::Tag {
+                key: t.key,
+                value: t.value,
+            })
             .collect();
-        let name = tags.iter().find(|t| t.key == "Name").map(|t| t.value.clone()).unwrap_or_default();
+        let name = tags
+            .iter()
+            .find(|t| t.key == "Name")
+            .map(|t| t.value.clone())
+            .unwrap_or_default();
         let mut rec = Engine::new_record(gib * GIB, &name);
         rec.tags = tags;
         rec.client_token = token;
@@ -175,9 +234,13 @@ impl Control {
             rec.availability_zone = az;
         }
         if let Some(iops) = req.iops {
-            rec.iops = u32::try_from(iops).map_err(|_| ApiError::invalid(format!("Iops {iops} out of range")))?;
+            rec.iops = u32::try_from(iops)
+                .map_err(|_| ApiError::invalid(format!("Iops {iops} out of range")))?;
         }
-        self.engine.create_volume_from(rec.clone()).await.map_err(internal)?;
+        self.engine
+            .create_volume_from(rec.clone())
+            .await
+            .map_err(internal)?;
         tracing::info!(volume = %rec.volume_id, size_gib = gib, "volume created");
         Ok(body(&to_api(&rec)))
     }
@@ -185,7 +248,11 @@ impl Control {
     async fn describe_volumes(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
         let req: DescribeVolumesRequest = parse(payload)?;
         for f in req.filters.iter().flatten() {
-            if !matches!(f.name.as_str(), "status" | "attachment.instance-id" | "volume-id") && !f.name.starts_with("tag:") {
+            if !matches!(
+                f.name.as_str(),
+                "status" | "attachment.instance-id" | "volume-id"
+            ) && !f.name.starts_with("tag:")
+            {
                 return Err(ApiError::invalid(format!("unknown filter {}", f.name)));
             }
         }
@@ -204,10 +271,16 @@ impl Control {
                 let v = to_api(r);
                 Ok(match f.name.as_str() {
                     "status" => f.values.contains(&v.state),
-                    "attachment.instance-id" => v.attachments.iter().any(|a| f.values.contains(&a.instance_id)),
+                    "attachment.instance-id" => v
+                        .attachments
+                        .iter()
+                        .any(|a| f.values.contains(&a.instance_id)),
                     "volume-id" => f.values.contains(&v.volume_id),
                     name => match name.strip_prefix("tag:") {
-                        Some(key) => v.tags.iter().any(|t| t.key == key && f.values.contains(&t.value)),
+                        Some(key) => v
+                            .tags
+                            .iter()
+                            .any(|t| t.key == key && f.values.contains(&t.value)),
                         None => return Err(ApiError::invalid(format!("unknown filter {name}"))),
                     },
                 })
@@ -220,7 +293,9 @@ impl Control {
             }
             recs = kept;
         }
-        Ok(body(&DescribeVolumesReply { volumes: recs.iter().map(to_api).collect() }))
+        Ok(body(&DescribeVolumesReply {
+            volumes: recs.iter().map(to_api).collect(),
+        }))
     }
 
     async fn attach_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
@@ -232,7 +307,10 @@ impl Control {
         let _g = self.lock.lock().await;
         let mut rec = self.record(&id).await?;
         if !rec.attachments.is_empty() {
-            return Err(ApiError::new("VolumeInUse", format!("{id} is already attached to an instance")));
+            return Err(ApiError::new(
+                "VolumeInUse",
+                format!("{id} is already attached to an instance"),
+            ));
         }
         let a = meta::Attachment {
             instance_id: req.instance_id,
@@ -242,7 +320,10 @@ impl Control {
             delete_on_termination: false,
         };
         rec.attachments.push(a.clone());
-        self.engine.put_record(rec.clone()).await.map_err(internal)?;
+        self.engine
+            .put_record(rec.clone())
+            .await
+            .map_err(internal)?;
         tracing::info!(volume = %id, instance = %a.instance_id, "volume attached");
         Ok(body(&attachment(&rec, &a, "attached")))
     }
@@ -253,12 +334,24 @@ impl Control {
         let _g = self.lock.lock().await;
         let mut rec = self.record(&id).await?;
         let Some(pos) = rec.attachments.iter().position(|a| {
-            req.instance_id.as_ref().is_none_or(|i| *i == a.instance_id) && req.device.as_ref().is_none_or(|d| *d == a.device)
+            req.instance_id.as_ref().is_none_or(|i| *i == a.instance_id)
+                && req.device.as_ref().is_none_or(|d| *d == a.device)
         }) else {
-            return Err(ApiError::new("IncorrectState", format!("{id} is not attached{}", req.instance_id.map(|i| format!(" to {i}")).unwrap_or_default())));
+            return Err(ApiError::new(
+                "IncorrectState",
+                format!(
+                    "{id} is not attached{}",
+                    req.instance_id
+                        .map(|i| format!(" to {i}"))
+                        .unwrap_or_default()
+                ),
+            ));
         };
         let a = rec.attachments.remove(pos);
-        self.engine.put_record(rec.clone()).await.map_err(internal)?;
+        self.engine
+            .put_record(rec.clone())
+            .await
+            .map_err(internal)?;
         tracing::info!(volume = %id, instance = %a.instance_id, force = req.force, "volume detached");
         Ok(body(&attachment(&rec, &a, "detached")))
     }
@@ -269,7 +362,10 @@ impl Control {
         let _g = self.lock.lock().await;
         let rec = self.record(&id).await?;
         if !rec.attachments.is_empty() || rec.mounted {
-            return Err(ApiError::new("VolumeInUse", format!("{id} is attached or mounted")));
+            return Err(ApiError::new(
+                "VolumeInUse",
+                format!("{id} is attached or mounted"),
+            ));
         }
         self.engine.delete_volume(&id).await.map_err(internal)?;
         tracing::info!(volume = %id, "volume deleted");
@@ -284,15 +380,23 @@ impl Control {
         let rec = self.record(&id).await?;
         let original = rec.size_bytes.div_ceil(GIB);
         if gib * GIB < rec.size_bytes {
-            return Err(ApiError::invalid(format!("Size {gib} GiB is smaller than the current {original} GiB; volumes only grow")));
+            return Err(ApiError::invalid(format!(
+                "Size {gib} GiB is smaller than the current {original} GiB; volumes only grow"
+            )));
         }
         if rec.mounted {
-            return Err(ApiError::new("IncorrectState", format!("{id} is mounted; unmount before resizing")));
+            return Err(ApiError::new(
+                "IncorrectState",
+                format!("{id} is mounted; unmount before resizing"),
+            ));
         }
-        self.engine.resize_volume(&id, gib * GIB).await.map_err(|e| match e {
-            VolumeError::Invalid(m) => ApiError::invalid(m),
-            e => internal(e),
-        })?;
+        self.engine
+            .resize_volume(&id, gib * GIB)
+            .await
+            .map_err(|e| match e {
+                VolumeError::Invalid(m) => ApiError::invalid(m),
+                e => internal(e),
+            })?;
         tracing::info!(volume = %id, from_gib = original, to_gib = gib, "volume resized");
         Ok(body(&ModifyVolumeReply {
             volume_modification: VolumeModification {
@@ -309,7 +413,12 @@ impl Control {
     }
 
     async fn mount(&self, payload: &[u8]) -> EbsMountResponse {
-        let fail = |error: String, retryable: bool| EbsMountResponse { uri: String::new(), mounted: false, error, retryable };
+        let fail = |error: String, retryable: bool| EbsMountResponse {
+            uri: String::new(),
+            mounted: false,
+            error,
+            retryable,
+        };
         let req: EbsRequest = match parse(payload) {
             Ok(r) => r,
             Err(e) => return fail(e.message, false),
@@ -334,26 +443,54 @@ impl Control {
             }
             tracing::info!(volume = %id, device = %req.device_name, "volume mounted");
         }
-        EbsMountResponse { uri: self.uri(&id), mounted: true, error: String::new(), retryable: false }
+        EbsMountResponse {
+            uri: self.uri(&id),
+            mounted: true,
+            error: String::new(),
+            retryable: false,
+        }
     }
 
     async fn unmount(&self, payload: &[u8]) -> EbsUnmountResponse {
-        let resp = |volume: String, mounted: bool, error: String, not_found: bool| EbsUnmountResponse { volume, mounted, error, not_found };
+        let resp =
+            |volume: String, mounted: bool, error: String, not_found: bool| EbsUnmountResponse {
+                volume,
+                mounted,
+                error,
+                not_found,
+            };
         let req: EbsRequest = match parse(payload) {
             Ok(r) => r,
             Err(e) => return resp(String::new(), false, e.message, false),
         };
         let Ok(id) = VolumeId::parse(&req.name) else {
-            return resp(req.name.clone(), false, format!("invalid volume id {:?}", req.name), true);
+            return resp(
+                req.name.clone(),
+                false,
+                format!("invalid volume id {:?}", req.name),
+                true,
+            );
         };
         let _g = self.lock.lock().await;
         let mut rec = match self.engine.get_record(&id).await {
             Ok(Some(r)) => r,
-            Ok(None) => return resp(id.to_string(), false, format!("volume {id} not found"), true),
+            Ok(None) => {
+                return resp(
+                    id.to_string(),
+                    false,
+                    format!("volume {id} not found"),
+                    true,
+                )
+            }
             Err(e) => return resp(id.to_string(), true, e.to_string(), false),
         };
         if let Err(e) = self.engine.close_volume(&id).await {
-            return resp(id.to_string(), true, format!("cannot close {id}: {e}"), false);
+            return resp(
+                id.to_string(),
+                true,
+                format!("cannot close {id}: {e}"),
+                false,
+            );
         }
         if rec.mounted {
             rec.mounted = false;
@@ -368,15 +505,27 @@ impl Control {
     async fn hive_delete(&self, payload: &[u8]) -> EbsDeleteResponse {
         let req: EbsDeleteRequest = match parse(payload) {
             Ok(r) => r,
-            Err(e) => return EbsDeleteResponse { volume: String::new(), success: false, error: e.message },
+            Err(e) => {
+                return EbsDeleteResponse {
+                    volume: String::new(),
+                    success: false,
+                    error: e.message,
+                }
+            }
         };
-        let fail = |error: String| EbsDeleteResponse { volume: req.volume.clone(), success: false, error };
+        let fail = |error: String| EbsDeleteResponse {
+            volume: req.volume.clone(),
+            success: false,
+            error,
+        };
         let Ok(id) = VolumeId::parse(&req.volume) else {
             return fail(format!("invalid volume id {:?}", req.volume));
         };
         let _g = self.lock.lock().await;
         match self.engine.get_record(&id).await {
-            Ok(Some(r)) if r.mounted || !r.attachments.is_empty() => return fail(format!("volume {id} is mounted or attached")),
+            Ok(Some(r)) if r.mounted || !r.attachments.is_empty() => {
+                return fail(format!("volume {id} is mounted or attached"))
+            }
             Ok(Some(_)) => {}
             Ok(None) => return fail(format!("volume {id} not found")),
             Err(e) => return fail(e.to_string()),
@@ -384,7 +533,11 @@ impl Control {
         match self.engine.delete_volume(&id).await {
             Ok(()) => {
                 tracing::info!(volume = %id, "volume deleted");
-                EbsDeleteResponse { volume: id.to_string(), success: true, error: String::new() }
+                EbsDeleteResponse {
+                    volume: id.to_string(),
+                    success: true,
+                    error: String::new(),
+                }
             }
             Err(e) => fail(e.to_string()),
         }

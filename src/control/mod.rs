@@ -63,7 +63,10 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             })
     };
     let client = loop {
-        match options(config.nats_url.clone()).connect(config.nats_url.as_str()).await {
+        match options(config.nats_url.clone())
+            .connect(config.nats_url.as_str())
+            .await
+        {
             Ok(c) => break c,
             Err(e) => {
                 // Only a bad URL fails here (connection failures retry in the background).

@@ -14,14 +14,26 @@ pub fn vblock_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/vblock
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("vblock");
-    assert!(bin.exists(), "{} not built: run `cargo build` (scripts/test.sh does) first", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("vblock");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build` (scripts/test.sh does) first",
+        bin.display()
+    );
     bin
 }
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Polls `cond` every 10 ms until it holds or `limit` passes.
@@ -42,23 +54,38 @@ fn port_open(port: u16) -> bool {
 
 /// Requires an installed tool, with a message saying how to get it.
 pub fn require(tool: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
-    assert!(found, "{tool} is not installed: run scripts/setup.sh (CI installs it in .ci/run)");
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: run scripts/setup.sh (CI installs it in .ci/run)"
+    );
 }
 
 /// Runs `cmd` with a time limit; returns its output (killed and reported on overrun).
 pub fn run(cmd: &mut Command, limit: Duration) -> Output {
     let desc = format!("{cmd:?}");
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
     let out_pipe = child.stdout.take();
     let err_pipe = child.stderr.take();
-    let read = |p: Option<std::process::ChildStdout>| std::thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(mut p) = p {
-            let _ = std::io::Read::read_to_end(&mut p, &mut v);
-        }
-        v
-    });
+    let read = |p: Option<std::process::ChildStdout>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = std::io::Read::read_to_end(&mut p, &mut v);
+            }
+            v
+        })
+    };
     let out_t = read(out_pipe);
     let err_t = std::thread::spawn(move || {
         let mut v = Vec::new();
@@ -79,7 +106,11 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
 }
 
 /// Runs `cmd` and requires success; returns stdout as text.
@@ -87,7 +118,12 @@ pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
     let desc = format!("{cmd:?}");
     let out = run(cmd, limit);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{desc} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{desc} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
@@ -109,9 +145,17 @@ impl Nats {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("nats-server").args(["-a", "127.0.0.1", "-p", &self.port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn nats-server");
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
         self.child = Some(child);
-        assert!(wait_until(Duration::from_secs(10), || port_open(self.port)), "nats-server did not start");
+        assert!(
+            wait_until(Duration::from_secs(10), || port_open(self.port)),
+            "nats-server did not start"
+        );
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -180,7 +224,9 @@ impl Daemon {
 
     fn spawn(&mut self) {
         self.starts += 1;
-        let log = std::fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts))).expect("log file");
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts)))
+                .expect("log file");
         let child = Command::new(vblock_bin())
             .arg("serve")
             .arg("--data-dir")
@@ -200,17 +246,25 @@ impl Daemon {
         let ok = wait_until(Duration::from_secs(30), || {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("vblock serve exited at start ({status}); log:\n{}", self.log());
+                    panic!(
+                        "vblock serve exited at start ({status}); log:\n{}",
+                        self.log()
+                    );
                 }
             }
             port_open(port)
         });
-        assert!(ok, "vblock serve did not listen on {port}; log:\n{}", self.log());
+        assert!(
+            ok,
+            "vblock serve did not listen on {port}; log:\n{}",
+            self.log()
+        );
     }
 
     /// The current log.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("daemon-{}.log", self.starts))).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("daemon-{}.log", self.starts)))
+            .unwrap_or_default()
     }
 
     /// `nbd://127.0.0.1:PORT/NAME`.
@@ -221,14 +275,24 @@ impl Daemon {
     /// SIGTERM and wait for a clean exit (exit code 0 required).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 if let Some(status) = c.try_wait().expect("wait") {
-                    assert!(status.success(), "vblock serve exited with {status} after SIGTERM; log:\n{}", self.log());
+                    assert!(
+                        status.success(),
+                        "vblock serve exited with {status} after SIGTERM; log:\n{}",
+                        self.log()
+                    );
                     break;
                 }
-                assert!(Instant::now() < deadline, "vblock serve did not stop within 60 s of SIGTERM");
+                assert!(
+                    Instant::now() < deadline,
+                    "vblock serve did not stop within 60 s of SIGTERM"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -256,7 +320,13 @@ impl Daemon {
 
     /// `vblock ARGS` against this daemon's NATS; requires success and returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        run_ok(Command::new(vblock_bin()).args(args).arg("--nats-url").arg(&self.nats_url), Duration::from_secs(60))
+        run_ok(
+            Command::new(vblock_bin())
+                .args(args)
+                .arg("--nats-url")
+                .arg(&self.nats_url),
+            Duration::from_secs(60),
+        )
     }
 
     /// Creates a volume of `gib` GiB through the CLI (waiting until the control plane answers)
@@ -264,7 +334,19 @@ impl Daemon {
     pub fn create_volume(&self, gib: u32) -> String {
         let mut id = String::new();
         let ok = wait_until(Duration::from_secs(30), || {
-            let out = run(Command::new(vblock_bin()).args(["volume", "create", "--size", &format!("{gib}GiB"), "--nats-url", &self.nats_url, "--timeout", "2"]), Duration::from_secs(30));
+            let out = run(
+                Command::new(vblock_bin()).args([
+                    "volume",
+                    "create",
+                    "--size",
+                    &format!("{gib}GiB"),
+                    "--nats-url",
+                    &self.nats_url,
+                    "--timeout",
+                    "2",
+                ]),
+                Duration::from_secs(30),
+            );
             if out.status.success() {
                 id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
             }
