@@ -540,6 +540,19 @@ impl Volume {
         permits.forget();
         st.next_seq += 1;
         st.last_write = Instant::now();
+        // Freeze before a write would take the memtable past a chunk, so chunks stay near
+        // `chunk_bytes` (only a single write larger than a chunk makes a memtable that spans
+        // several chunk objects).
+        let new_bytes = match payload {
+            Payload::Data(_) => count * BLOCK_SIZE,
+            Payload::Zero => 0,
+        };
+        let mut froze = false;
+        if !st.active.is_empty() && st.active.data_bytes() + new_bytes > inner.config.chunk_bytes {
+            let full = std::mem::take(&mut st.active);
+            st.frozen.push_back(Arc::new(full));
+            froze = true;
+        }
         st.active.insert(
             start,
             BufExtent {
@@ -553,7 +566,10 @@ impl Volume {
         if st.active.data_bytes() >= inner.config.chunk_bytes || st.active.charged >= chunk_blocks {
             let full = std::mem::take(&mut st.active);
             st.frozen.push_back(Arc::new(full));
-            drop(st);
+            froze = true;
+        }
+        drop(st);
+        if froze {
             inner.wake.notify_one();
         }
         Ok(())
@@ -799,11 +815,60 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
     }
 }
 
-/// Writes one memtable as a chunk and commits it. Retries backend and metadata failures with
-/// backoff until they succeed (data stays in the WAL meanwhile); returns `None` if asked to stop.
-async fn flush_memtable(inner: &Inner, mem: &MemTable, state: VolumeState) -> Option<VolumeState> {
+/// Largest number of extents in one chunk object (bounds the index: 64 Ki x 40 bytes).
+const MAX_CHUNK_EXTENTS: usize = 1 << 16;
+
+/// Writes one memtable as chunk objects of at most `chunk_bytes` of data each and commits them in
+/// order. Only the last commit advances the WAL checkpoint, so a crash in between replays the
+/// memtable and rewrites the same blocks with the same sequence numbers. Backend and metadata
+/// failures are retried with backoff (data stays in the WAL meanwhile); returns `None` if asked
+/// to stop.
+async fn flush_memtable(
+    inner: &Inner,
+    mem: &MemTable,
+    mut state: VolumeState,
+) -> Option<VolumeState> {
+    let groups = chunk::split_input(
+        mem.to_chunk_input(),
+        inner.config.chunk_bytes,
+        MAX_CHUNK_EXTENTS,
+    );
+    let last = groups.len().saturating_sub(1);
+    if last > 0 {
+        // A partial commit puts some of this memtable's sequence numbers in the map before the
+        // checkpoint covers them. Every record it covers must then survive a crash, or replay
+        // could resurrect an older, durable version of a block under the newer one in the map.
+        let policy = RetryPolicy::forever();
+        let mut attempt = 0u32;
+        while let Err(e) = inner.wal.sync().await {
+            if inner.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            tracing::warn!(volume = %inner.id, error = %e, attempt, "WAL sync before a split chunk commit failed; retrying");
+            tokio::time::sleep(policy.delay(attempt)).await;
+            attempt += 1;
+        }
+    }
+    for (i, input) in groups.into_iter().enumerate() {
+        let checkpoint = if i == last {
+            mem.max_seq()
+        } else {
+            state.checkpoint
+        };
+        state = write_chunk(inner, input, state, checkpoint, mem.max_seq()).await?;
+    }
+    Some(state)
+}
+
+/// Builds, uploads and commits one chunk object.
+async fn write_chunk(
+    inner: &Inner,
+    input: Vec<chunk::InputExtent>,
+    state: VolumeState,
+    checkpoint: u64,
+    max_seq: u64,
+) -> Option<VolumeState> {
     let object_id = state.next_object_id.max(1);
-    let input = mem.to_chunk_input();
     let opts = inner.config.chunk;
     let tag = inner.id.tag();
     let built =
@@ -838,8 +903,7 @@ async fn flush_memtable(inner: &Inner, mem: &MemTable, state: VolumeState) -> Op
             }
         }
     }
-    let checkpoint = mem.max_seq();
-    let commit = ChunkCommit {
+    let commit = Arc::new(ChunkCommit {
         object_id,
         extents: index
             .iter()
@@ -847,13 +911,12 @@ async fn flush_memtable(inner: &Inner, mem: &MemTable, state: VolumeState) -> Op
             .collect(),
         stored_bytes,
         checkpoint,
-    };
+    });
     let next = VolumeState {
         checkpoint: state.checkpoint.max(checkpoint),
         next_object_id: object_id + 1,
-        max_seq: state.max_seq.max(checkpoint),
+        max_seq: state.max_seq.max(max_seq),
     };
-    let commit = Arc::new(commit);
     let mut attempt = 0u32;
     loop {
         if inner.stop.load(Ordering::SeqCst) {

@@ -268,7 +268,11 @@ fn fio_verify_on_two_volumes() {
     }
     let path = work.path().join("verify.fio");
     std::fs::write(&path, job).expect("job file");
-    let out = run(Command::new("fio").arg(&path), Duration::from_secs(300));
+    // fio saves verify state files in its working directory: keep them in the temp dir.
+    let out = run(
+        Command::new("fio").arg(&path).current_dir(work.path()),
+        Duration::from_secs(300),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     println!(
         "{}",

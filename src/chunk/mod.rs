@@ -394,6 +394,56 @@ pub fn verify(object: &[u8]) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkErr
     Ok((header, index))
 }
 
+/// Splits chunk input (sorted) into groups of at most `max_bytes` of data each, cutting data
+/// extents at block boundaries (zero-copy); zero extents cost nothing but an index entry, and a
+/// group holds at most `max_extents` entries. Every group is non-empty.
+pub fn split_input(
+    input: Vec<InputExtent>,
+    max_bytes: u64,
+    max_extents: usize,
+) -> Vec<Vec<InputExtent>> {
+    let max_blocks = (max_bytes / BLOCK_BYTES as u64).max(1);
+    let mut groups = Vec::new();
+    let mut cur: Vec<InputExtent> = Vec::new();
+    let mut cur_blocks = 0u64;
+    for mut ext in input {
+        loop {
+            if cur.len() >= max_extents.max(1) || (ext.data.is_some() && cur_blocks >= max_blocks) {
+                groups.push(std::mem::take(&mut cur));
+                cur_blocks = 0;
+            }
+            let Some(data) = &ext.data else {
+                cur.push(ext);
+                break;
+            };
+            let room = max_blocks - cur_blocks;
+            if ext.block_count <= room {
+                cur_blocks += ext.block_count;
+                cur.push(ext);
+                break;
+            }
+            let cut = room as usize * BLOCK_BYTES;
+            cur.push(InputExtent {
+                start_block: ext.start_block,
+                block_count: room,
+                seq: ext.seq,
+                data: Some(data.slice(..cut)),
+            });
+            cur_blocks += room;
+            ext = InputExtent {
+                start_block: ext.start_block + room,
+                block_count: ext.block_count - room,
+                seq: ext.seq,
+                data: Some(data.slice(cut..)),
+            };
+        }
+    }
+    if !cur.is_empty() {
+        groups.push(cur);
+    }
+    groups
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,6 +539,57 @@ mod tests {
             decode_index(&obj, (head + 1) as u64).is_err(),
             "frame beyond object end"
         );
+    }
+
+    #[test]
+    fn split_input_bounds_data_per_chunk() {
+        let input = vec![
+            InputExtent {
+                start_block: 0,
+                block_count: 10,
+                seq: 1,
+                data: Some(Bytes::from(vec![1u8; 10 * BLOCK_BYTES])),
+            },
+            InputExtent {
+                start_block: 20,
+                block_count: 100,
+                seq: 2,
+                data: None,
+            },
+            InputExtent {
+                start_block: 200,
+                block_count: 3,
+                seq: 3,
+                data: Some(Bytes::from(vec![2u8; 3 * BLOCK_BYTES])),
+            },
+        ];
+        let groups = split_input(input, 4 * BLOCK_BYTES as u64, 1000);
+        let shape: Vec<Vec<(u64, u64)>> = groups
+            .iter()
+            .map(|g| g.iter().map(|e| (e.start_block, e.block_count)).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![(0, 4)],
+                vec![(4, 4)],
+                vec![(8, 2), (20, 100), (200, 2)],
+                vec![(202, 1)]
+            ]
+        );
+        assert_eq!(
+            groups[1][0].data.as_ref().map(|d| d.len()),
+            Some(4 * BLOCK_BYTES)
+        );
+        let many: Vec<InputExtent> = (0..5)
+            .map(|i| InputExtent {
+                start_block: i * 2,
+                block_count: 1,
+                seq: 1,
+                data: None,
+            })
+            .collect();
+        assert_eq!(split_input(many, 1 << 20, 2).len(), 3);
     }
 
     proptest! {
