@@ -45,6 +45,8 @@ pub struct VolumeConfig {
     pub idle_flush: Duration,
     /// Retry policy for backend reads (bounded) — after it, reads fail with an I/O error.
     pub read_retry: RetryPolicy,
+    /// Chunk objects built and uploaded at once per volume (default 4); they commit in order.
+    pub upload_concurrency: usize,
 }
 
 impl Default for VolumeConfig {
@@ -56,6 +58,7 @@ impl Default for VolumeConfig {
             chunk: ChunkOptions::default(),
             idle_flush: Duration::from_secs(2),
             read_retry: RetryPolicy::reads(),
+            upload_concurrency: 4,
         }
     }
 }
@@ -775,100 +778,155 @@ impl Inner {
     }
 }
 
-/// The background flusher of one volume: frozen memtables become chunks, in order.
+/// A chunk object being built and uploaded.
+struct InFlight {
+    /// The memtable it comes from.
+    mem: Arc<MemTable>,
+    /// True for the memtable's last chunk (its commit advances the checkpoint).
+    last: bool,
+    /// True for the first of several chunks of one memtable (the WAL is synced before it commits).
+    first_of_split: bool,
+    task: tokio::task::JoinHandle<Option<Uploaded>>,
+}
+
+/// A chunk object durable in the backend, ready to commit.
+struct Uploaded {
+    object_id: u64,
+    index: Vec<chunk::ChunkExtent>,
+    stored_bytes: u64,
+}
+
+/// The background flusher of one volume. Frozen memtables are cut into chunk objects, which are
+/// built and uploaded concurrently (up to `upload_concurrency`) and committed strictly in order,
+/// so the checkpoint always covers a prefix of the WAL.
 async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    // Frozen memtables (from the front of the queue) whose chunks are all scheduled.
+    let mut scheduled = 0usize;
+    let mut next_object_id = state.next_object_id.max(1);
+    let concurrency = inner.config.upload_concurrency.max(1);
     loop {
         if inner.stop.load(Ordering::SeqCst) {
+            abort(in_flight).await;
             return;
         }
-        let job = {
-            let mut st = lock(&inner.state);
-            if st.frozen.is_empty()
-                && !st.active.is_empty()
-                && st.last_write.elapsed() >= inner.config.idle_flush
-            {
-                let full = std::mem::take(&mut st.active);
-                st.frozen.push_back(Arc::new(full));
+        // Schedule uploads for the next frozen memtables while there is room.
+        while in_flight.len() < concurrency {
+            let next = {
+                let mut st = lock(&inner.state);
+                if scheduled == st.frozen.len()
+                    && in_flight.is_empty()
+                    && !st.active.is_empty()
+                    && st.last_write.elapsed() >= inner.config.idle_flush
+                {
+                    let full = std::mem::take(&mut st.active);
+                    st.frozen.push_back(Arc::new(full));
+                }
+                st.frozen.get(scheduled).cloned()
+            };
+            let Some(mem) = next else { break };
+            scheduled += 1;
+            let groups = chunk::split_input(
+                mem.to_chunk_input(),
+                inner.config.chunk_bytes,
+                MAX_CHUNK_EXTENTS,
+            );
+            let n = groups.len();
+            for (i, input) in groups.into_iter().enumerate() {
+                let object_id = next_object_id;
+                next_object_id += 1;
+                let task = tokio::spawn(upload_chunk(inner.clone(), object_id, input));
+                in_flight.push_back(InFlight {
+                    mem: mem.clone(),
+                    last: i + 1 == n,
+                    first_of_split: i == 0 && n > 1,
+                    task,
+                });
             }
-            st.frozen.front().cloned()
-        };
-        let Some(mem) = job else {
-            if inner.draining.load(Ordering::SeqCst) {
+        }
+        let Some(job) = in_flight.pop_front() else {
+            if inner.draining.load(Ordering::SeqCst) && lock(&inner.state).frozen.is_empty() {
                 return;
             }
             let _ = tokio::time::timeout(inner.config.idle_flush, inner.wake.notified()).await;
             continue;
         };
-        match flush_memtable(&inner, &mem, state).await {
-            Some(next) => state = next,
-            None => return, // stop requested
-        }
-        {
-            let mut st = lock(&inner.state);
-            if st.frozen.front().is_some_and(|m| Arc::ptr_eq(m, &mem)) {
-                st.frozen.pop_front();
+        let uploaded = match job.task.await {
+            Ok(Some(u)) => u,
+            // Stopped, or the task failed (already logged): leave everything to the WAL.
+            _ => {
+                abort(in_flight).await;
+                return;
             }
+        };
+        if job.first_of_split && !sync_wal_for_split(&inner).await {
+            abort(in_flight).await;
+            return;
         }
-        inner.release(mem.charged);
-        inner.wal.trim(state.checkpoint);
-        inner.flushed.notify_waiters();
+        let checkpoint = if job.last {
+            job.mem.max_seq()
+        } else {
+            state.checkpoint
+        };
+        let Some(next) = commit_chunk(&inner, uploaded, state, checkpoint, job.mem.max_seq()).await
+        else {
+            abort(in_flight).await;
+            return;
+        };
+        state = next;
+        if job.last {
+            {
+                let mut st = lock(&inner.state);
+                if st.frozen.front().is_some_and(|m| Arc::ptr_eq(m, &job.mem)) {
+                    st.frozen.pop_front();
+                }
+            }
+            scheduled -= 1;
+            inner.release(job.mem.charged);
+            inner.wal.trim(state.checkpoint);
+            inner.flushed.notify_waiters();
+        }
+    }
+}
+
+/// Cancels uploads that will not be committed and waits for them, so none writes afterwards.
+async fn abort(in_flight: VecDeque<InFlight>) {
+    for job in &in_flight {
+        job.task.abort();
+    }
+    for job in in_flight {
+        let _ = job.task.await;
     }
 }
 
 /// Largest number of extents in one chunk object (bounds the index: 64 Ki x 40 bytes).
 const MAX_CHUNK_EXTENTS: usize = 1 << 16;
 
-/// Writes one memtable as chunk objects of at most `chunk_bytes` of data each and commits them in
-/// order. Only the last commit advances the WAL checkpoint, so a crash in between replays the
-/// memtable and rewrites the same blocks with the same sequence numbers. Backend and metadata
-/// failures are retried with backoff (data stays in the WAL meanwhile); returns `None` if asked
-/// to stop.
-async fn flush_memtable(
-    inner: &Inner,
-    mem: &MemTable,
-    mut state: VolumeState,
-) -> Option<VolumeState> {
-    let groups = chunk::split_input(
-        mem.to_chunk_input(),
-        inner.config.chunk_bytes,
-        MAX_CHUNK_EXTENTS,
-    );
-    let last = groups.len().saturating_sub(1);
-    if last > 0 {
-        // A partial commit puts some of this memtable's sequence numbers in the map before the
-        // checkpoint covers them. Every record it covers must then survive a crash, or replay
-        // could resurrect an older, durable version of a block under the newer one in the map.
-        let policy = RetryPolicy::forever();
-        let mut attempt = 0u32;
-        while let Err(e) = inner.wal.sync().await {
-            if inner.stop.load(Ordering::SeqCst) {
-                return None;
-            }
-            tracing::warn!(volume = %inner.id, error = %e, attempt, "WAL sync before a split chunk commit failed; retrying");
-            tokio::time::sleep(policy.delay(attempt)).await;
-            attempt += 1;
+/// Before the first partial commit of a memtable that spans several chunks: some of its sequence
+/// numbers reach the map before the checkpoint covers them, so every record must survive a crash,
+/// or replay could resurrect an older, durable version of a block under the newer one in the map.
+/// Retries until the WAL syncs; false if asked to stop.
+async fn sync_wal_for_split(inner: &Inner) -> bool {
+    let policy = RetryPolicy::forever();
+    let mut attempt = 0u32;
+    while let Err(e) = inner.wal.sync().await {
+        if inner.stop.load(Ordering::SeqCst) {
+            return false;
         }
+        tracing::warn!(volume = %inner.id, error = %e, attempt, "WAL sync before a split chunk commit failed; retrying");
+        tokio::time::sleep(policy.delay(attempt)).await;
+        attempt += 1;
     }
-    for (i, input) in groups.into_iter().enumerate() {
-        let checkpoint = if i == last {
-            mem.max_seq()
-        } else {
-            state.checkpoint
-        };
-        state = write_chunk(inner, input, state, checkpoint, mem.max_seq()).await?;
-    }
-    Some(state)
+    true
 }
 
-/// Builds, uploads and commits one chunk object.
-async fn write_chunk(
-    inner: &Inner,
+/// Builds one chunk object and uploads it, retrying the upload with backoff until it succeeds
+/// (data stays in the WAL meanwhile). `None` if the build failed (a bug) or a stop was requested.
+async fn upload_chunk(
+    inner: Arc<Inner>,
+    object_id: u64,
     input: Vec<chunk::InputExtent>,
-    state: VolumeState,
-    checkpoint: u64,
-    max_seq: u64,
-) -> Option<VolumeState> {
-    let object_id = state.next_object_id.max(1);
+) -> Option<Uploaded> {
     let opts = inner.config.chunk;
     let tag = inner.id.tag();
     let built =
@@ -876,7 +934,6 @@ async fn write_chunk(
     let (object, index) = match built {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
-            // Only reachable through a bug (inputs come from our own memtable).
             tracing::error!(volume = %inner.id, error = %e, "chunk build failed; flusher stops, data stays in the WAL");
             return None;
         }
@@ -903,20 +960,37 @@ async fn write_chunk(
             }
         }
     }
-    let commit = Arc::new(ChunkCommit {
+    Some(Uploaded {
         object_id,
-        extents: index
-            .iter()
-            .map(|e| MapExtent::from_chunk(object_id, e))
-            .collect(),
+        index,
         stored_bytes,
+    })
+}
+
+/// Commits an uploaded chunk to the map (retrying metadata failures); `None` if asked to stop.
+async fn commit_chunk(
+    inner: &Inner,
+    up: Uploaded,
+    state: VolumeState,
+    checkpoint: u64,
+    max_seq: u64,
+) -> Option<VolumeState> {
+    let commit = Arc::new(ChunkCommit {
+        object_id: up.object_id,
+        extents: up
+            .index
+            .iter()
+            .map(|e| MapExtent::from_chunk(up.object_id, e))
+            .collect(),
+        stored_bytes: up.stored_bytes,
         checkpoint,
     });
     let next = VolumeState {
         checkpoint: state.checkpoint.max(checkpoint),
-        next_object_id: object_id + 1,
+        next_object_id: up.object_id + 1,
         max_seq: state.max_seq.max(max_seq),
     };
+    let policy = RetryPolicy::forever();
     let mut attempt = 0u32;
     loop {
         if inner.stop.load(Ordering::SeqCst) {
@@ -937,6 +1011,6 @@ async fn write_chunk(
     inner
         .stats
         .chunk_bytes
-        .fetch_add(stored_bytes, Ordering::Relaxed);
+        .fetch_add(up.stored_bytes, Ordering::Relaxed);
     Some(next)
 }

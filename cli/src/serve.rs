@@ -67,6 +67,27 @@ pub struct ServeArgs {
     /// WAL segment size.
     #[arg(long, env = "VBLOCK_WAL_SEGMENT_SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub wal_segment_size: u64,
+    /// Chunk objects built and uploaded at once per volume.
+    #[arg(long, env = "VBLOCK_UPLOAD_CONCURRENCY", default_value = "4")]
+    pub upload_concurrency: usize,
+    /// S3 bucket (with --backend s3).
+    #[arg(long, env = "VBLOCK_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, env = "VBLOCK_S3_PREFIX", default_value = "vblock")]
+    pub s3_prefix: String,
+    /// S3 endpoint URL for S3-compatible stores (default: AWS_ENDPOINT_URL or AWS).
+    #[arg(long, env = "VBLOCK_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Path-style addressing (most self-hosted S3 servers need it).
+    #[arg(long, env = "VBLOCK_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+    /// Create the bucket if it does not exist.
+    #[arg(long, env = "VBLOCK_S3_CREATE_BUCKET")]
+    pub s3_create_bucket: bool,
+    /// Region (default: AWS_REGION / profile, else us-east-1).
+    #[arg(long, env = "VBLOCK_S3_REGION")]
+    pub s3_region: Option<String>,
 }
 
 /// Errors that stop the daemon; each has its own exit code.
@@ -81,6 +102,9 @@ pub enum ServeError {
     /// A listener could not be bound (exit 4).
     #[error("cannot listen on {0}: {1}")]
     Listen(String, std::io::Error),
+    /// The object backend is unusable: missing bucket, bad credentials, unreachable (exit 5).
+    #[error("backend: {0}")]
+    Backend(String),
 }
 
 impl ServeError {
@@ -90,6 +114,7 @@ impl ServeError {
             Self::Config(_) => 2,
             Self::Engine(_) => 3,
             Self::Listen(..) => 4,
+            Self::Backend(_) => 5,
         }
     }
 }
@@ -102,6 +127,7 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c.volume.buffer_bytes = a.buffer_size;
     c.volume.chunk_bytes = a.chunk_size;
     c.volume.wal_segment_bytes = a.wal_segment_size;
+    c.volume.upload_concurrency = a.upload_concurrency.max(1);
     c.frame_cache_bytes = a.cache_size;
     c.meta_cache_bytes = a.meta_cache_size as usize;
     c
@@ -115,9 +141,23 @@ async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
             Ok(Arc::new(b))
         }
         BackendKind::Memory => Ok(Arc::new(vblock::backend::memory::MemoryBackend::new())),
-        BackendKind::S3 => Err(ServeError::Config(
-            "the s3 backend is not built yet (see the open S3 issue); use --backend file".into(),
-        )),
+        BackendKind::S3 => {
+            let bucket = a.s3_bucket.clone().ok_or_else(|| {
+                ServeError::Config("--backend s3 needs --s3-bucket (or VBLOCK_S3_BUCKET)".into())
+            })?;
+            let cfg = vblock::backend::s3::S3Config {
+                bucket,
+                prefix: a.s3_prefix.clone(),
+                endpoint: a.s3_endpoint.clone(),
+                force_path_style: a.s3_force_path_style,
+                create_bucket: a.s3_create_bucket,
+                region: a.s3_region.clone(),
+            };
+            let b = vblock::backend::s3::S3Backend::connect(&cfg)
+                .await
+                .map_err(|e| ServeError::Backend(e.to_string()))?;
+            Ok(Arc::new(b))
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod s3;
 
 use std::ops::Range;
 use std::sync::Arc;

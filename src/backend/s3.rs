@@ -1,0 +1,318 @@
+//! S3 backend: chunk objects in a bucket through `aws-sdk-s3`, under `PREFIX/KEY`.
+//!
+//! Configuration follows the AWS way: the standard chain (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, profile files) plus
+//! explicit settings in [`S3Config`]. The SDK's own retries are off: the caller retries transient
+//! errors (5xx, throttling, timeouts, connection failures) with its own policy. Ranged reads use
+//! `Range: bytes=a-b` and check the returned length.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+
+use super::{check_key, Backend, BackendError};
+
+/// S3 settings.
+#[derive(Debug, Clone, Default)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix (no leading or trailing `/`); may be empty.
+    pub prefix: String,
+    /// Endpoint URL for S3-compatible stores (else `AWS_ENDPOINT_URL` or AWS).
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`http://host/bucket/key`), needed by most self-hosted servers.
+    pub force_path_style: bool,
+    /// Create the bucket if it does not exist (otherwise that is an error at start).
+    pub create_bucket: bool,
+    /// Region (else the standard chain; `us-east-1` if none).
+    pub region: Option<String>,
+}
+
+/// Objects in an S3 bucket.
+#[derive(Debug, Clone)]
+pub struct S3Backend {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+}
+
+fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
+    key: &str,
+    e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> BackendError {
+    match e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or("").to_owned();
+            let msg = se.err().message().unwrap_or("").to_owned();
+            if status == 404 || code == "NoSuchKey" || code == "NotFound" {
+                return BackendError::NotFound(key.to_owned());
+            }
+            let transient = status >= 500
+                || status == 429
+                || matches!(
+                    code.as_str(),
+                    "SlowDown"
+                        | "RequestTimeout"
+                        | "Throttling"
+                        | "ThrottlingException"
+                        | "InternalError"
+                        | "ServiceUnavailable"
+                );
+            BackendError::Io {
+                key: key.to_owned(),
+                message: format!("HTTP {status} {code} {msg}").trim().to_owned(),
+                transient,
+            }
+        }
+        SdkError::TimeoutError(_) => BackendError::Io {
+            key: key.to_owned(),
+            message: "timed out".into(),
+            transient: true,
+        },
+        SdkError::DispatchFailure(d) => BackendError::Io {
+            key: key.to_owned(),
+            message: format!("cannot reach the S3 endpoint: {d:?}"),
+            transient: true,
+        },
+        SdkError::ResponseError(r) => BackendError::Io {
+            key: key.to_owned(),
+            message: format!("bad response: {r:?}"),
+            transient: true,
+        },
+        other => BackendError::Io {
+            key: key.to_owned(),
+            message: format!("{other:?}"),
+            transient: false,
+        },
+    }
+}
+
+impl S3Backend {
+    /// Connects and checks the bucket: a missing bucket (unless `create_bucket`), bad credentials or
+    /// an unreachable endpoint are errors here, at start, with a message saying which.
+    pub async fn connect(cfg: &S3Config) -> Result<Self, BackendError> {
+        // Region: explicit, else AWS_REGION / AWS_DEFAULT_REGION, else the profile file, else
+        // us-east-1. Instance metadata (IMDS) is deliberately not asked: set AWS_REGION on EC2.
+        let region = match &cfg.region {
+            Some(r) => aws_config::Region::new(r.clone()),
+            None => aws_config::meta::region::RegionProviderChain::first_try(
+                aws_config::environment::region::EnvironmentVariableRegionProvider::new(),
+            )
+            .or_else(aws_config::profile::ProfileFileRegionProvider::new())
+            .or_else(aws_config::Region::new("us-east-1"))
+            .region()
+            .await
+            .unwrap_or_else(|| aws_config::Region::new("us-east-1")),
+        };
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
+        if let Some(ep) = &cfg.endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        let sdk = loader.load().await;
+        let b = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(cfg.force_path_style)
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .build(),
+            );
+        let client = aws_sdk_s3::Client::from_conf(b.build());
+        let backend = Self {
+            client,
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.trim_matches('/').to_owned(),
+        };
+        let what = format!("bucket {}", cfg.bucket);
+        match backend
+            .client
+            .head_bucket()
+            .bucket(&cfg.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => match map_err(&what, e) {
+                BackendError::NotFound(_) if cfg.create_bucket => {
+                    backend
+                        .client
+                        .create_bucket()
+                        .bucket(&cfg.bucket)
+                        .send()
+                        .await
+                        .map_err(|e| map_err(&what, e))?;
+                    tracing::info!(bucket = %cfg.bucket, "created S3 bucket");
+                }
+                BackendError::NotFound(_) => {
+                    return Err(BackendError::Io {
+                        key: what,
+                        message: "does not exist (create it, or pass --s3-create-bucket)".into(),
+                        transient: false,
+                    });
+                }
+                BackendError::Io { message, .. } if message.contains("403") => {
+                    return Err(BackendError::Io {
+                        key: what,
+                        message: format!("access denied; check the credentials ({message})"),
+                        transient: false,
+                    });
+                }
+                e => return Err(e),
+            },
+        }
+        Ok(backend)
+    }
+
+    fn full_key(&self, key: &str) -> Result<String, BackendError> {
+        check_key(key)?;
+        Ok(if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix)
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for S3Backend {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        let k = self.full_key(key)?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&k)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| map_err(key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let k = self.full_key(key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&k)
+            .send()
+            .await
+            .map_err(|e| map_err(key, e))?;
+        let body = out.body.collect().await.map_err(|e| BackendError::Io {
+            key: key.to_owned(),
+            message: format!("reading body: {e}"),
+            transient: true,
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+        let k = self.full_key(key)?;
+        if range.start >= range.end {
+            return Ok(Bytes::new());
+        }
+        let header = format!("bytes={}-{}", range.start, range.end - 1);
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&k)
+            .range(header)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
+                return Err(BackendError::BadRange {
+                    key: key.to_owned(),
+                    start: range.start,
+                    end: range.end,
+                    len: 0,
+                });
+            }
+            Err(e) => return Err(map_err(key, e)),
+        };
+        let body = out.body.collect().await.map_err(|e| BackendError::Io {
+            key: key.to_owned(),
+            message: format!("reading body: {e}"),
+            transient: true,
+        })?;
+        let data = body.into_bytes();
+        if data.len() as u64 != range.end - range.start {
+            // A short object answers a range past its end with fewer bytes.
+            return Err(BackendError::BadRange {
+                key: key.to_owned(),
+                start: range.start,
+                end: range.end,
+                len: data.len() as u64,
+            });
+        }
+        Ok(data)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        let k = self.full_key(key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&k)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match map_err(key, e) {
+                BackendError::NotFound(_) => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let full = if self.prefix.is_empty() {
+            prefix.to_owned()
+        } else {
+            format!("{}/{prefix}", self.prefix)
+        };
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full);
+            if let Some(t) = &token {
+                req = req.continuation_token(t);
+            }
+            let page = req.send().await.map_err(|e| map_err(prefix, e))?;
+            for obj in page.contents() {
+                if let Some(k) = obj.key() {
+                    out.push(k[strip.min(k.len())..].to_owned());
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+}
