@@ -24,4 +24,16 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
   exit 1
 fi
+
+# S3-compatible servers for the S3 tests (loopback only): moto_server (in memory) and s3s-fs
+# (objects in a directory, survives restarts: outage tests).
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "setup: installing moto[server] (pip)"
+  python3 -m pip install --quiet 'moto[server]'
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  echo "setup: installing s3s-fs 0.14.1 (cargo install, ~3 min)"
+  cargo install --quiet --locked s3s-fs@0.14.1 --features binary
+fi
 echo "setup: ok"

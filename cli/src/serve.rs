@@ -152,6 +152,7 @@ async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
                 force_path_style: a.s3_force_path_style,
                 create_bucket: a.s3_create_bucket,
                 region: a.s3_region.clone(),
+                static_credentials: None,
             };
             let b = vblock::backend::s3::S3Backend::connect(&cfg)
                 .await

@@ -31,6 +31,8 @@ pub struct S3Config {
     pub create_bucket: bool,
     /// Region (else the standard chain; `us-east-1` if none).
     pub region: Option<String>,
+    /// Static access key id and secret (else the standard credential chain). Never logged.
+    pub static_credentials: Option<(String, String)>,
 }
 
 /// Objects in an S3 bucket.
@@ -113,6 +115,15 @@ impl S3Backend {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
         if let Some(ep) = &cfg.endpoint {
             loader = loader.endpoint_url(ep);
+        }
+        if let Some((id, secret)) = &cfg.static_credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id,
+                secret,
+                None,
+                None,
+                "vblock-static",
+            ));
         }
         let sdk = loader.load().await;
         let b = aws_sdk_s3::config::Builder::from(&sdk)

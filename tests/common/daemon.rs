@@ -194,6 +194,7 @@ pub struct Daemon {
     /// NATS URL.
     pub nats_url: String,
     extra: Vec<String>,
+    envs: Vec<(String, String)>,
     starts: u32,
 }
 
@@ -205,12 +206,21 @@ impl Daemon {
 
     /// As [`Daemon::start`] with extra `vblock serve` flags.
     pub fn start_with(nats_url: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(nats_url, extra, &[])
+    }
+
+    /// As [`Daemon::start_with`] with extra environment variables.
+    pub fn start_with_env(nats_url: &str, extra: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut d = Self {
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             nbd_port: free_port(),
             nats_url: nats_url.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             starts: 0,
         };
         d.spawn();
@@ -236,6 +246,7 @@ impl Daemon {
             .arg("--nats-url")
             .arg(&self.nats_url)
             .args(&self.extra)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info,async_nats=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -265,6 +276,40 @@ impl Daemon {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("daemon-{}.log", self.starts)))
             .unwrap_or_default()
+    }
+
+    /// Runs `vblock serve` on a fresh data directory expecting it to exit at start; returns its
+    /// exit code and stderr (start-up error tests).
+    pub fn start_expect_failure(
+        nats_url: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> (Option<i32>, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = run(
+            Command::new(vblock_bin())
+                .arg("serve")
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .arg("--nbd-listen")
+                .arg(format!("127.0.0.1:{}", free_port()))
+                .arg("--nats-url")
+                .arg(nats_url)
+                .args(extra)
+                .envs(envs.iter().copied()),
+            Duration::from_secs(60),
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The exit status if the daemon process has ended on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// `nbd://127.0.0.1:PORT/NAME`.

@@ -47,3 +47,4 @@ pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
     });
 }
 pub mod daemon;
+pub mod s3;
