@@ -4,11 +4,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::backend::{volume_prefix, SharedBackend};
+use crate::backend::{chunk_key, volume_prefix, volume_record_key, SharedBackend};
 use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 use crate::cache::{frame_cache, FrameCache};
 use crate::ids::VolumeId;
+use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
+use crate::meta::VolumeState;
 use crate::meta::{blocking, MetaStore, VolumeRecord, VolumeStateName};
+use crate::retry::{retry, RetryPolicy};
 use crate::volume::{Volume, VolumeConfig, VolumeError};
 
 /// Engine settings.
@@ -128,6 +131,7 @@ impl Engine {
     /// Persists a new volume record prepared by the caller (the control plane fills EC2 fields).
     pub async fn create_volume_from(&self, rec: VolumeRecord) -> Result<(), VolumeError> {
         Self::check_size(rec.size_bytes)?;
+        self.publish_record(&rec).await?;
         let meta = self.meta.clone();
         blocking(move || {
             if meta.get_volume(&rec.volume_id)?.is_some() {
@@ -155,10 +159,111 @@ impl Engine {
         Ok(blocking(move || meta.list_volumes()).await?)
     }
 
-    /// Replaces a volume record durably.
+    /// Replaces a volume record durably, and its copy in the backend (best effort: a failure to
+    /// update the copy is logged; the copy matters only for disaster recovery).
     pub async fn put_record(&self, rec: VolumeRecord) -> Result<(), VolumeError> {
         let meta = self.meta.clone();
-        Ok(blocking(move || meta.put_volume(&rec)).await?)
+        let r = rec.clone();
+        blocking(move || meta.put_volume(&r)).await?;
+        if let Err(e) = self.publish_record(&rec).await {
+            tracing::warn!(volume = %rec.volume_id, error = %e, "could not update the volume record copy in the backend");
+        }
+        Ok(())
+    }
+
+    /// Writes the record's copy to `VOLUMEID/volume.json` in the backend (bounded retries).
+    async fn publish_record(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
+        let key = volume_record_key(&rec.volume_id);
+        let body = bytes::Bytes::from(
+            serde_json::to_vec(rec).map_err(|e| VolumeError::Invalid(e.to_string()))?,
+        );
+        retry(&RetryPolicy::reads(), &key, || {
+            self.backend.put(&key, body.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Disaster recovery: rebuilds every volume found in the backend (`VOLUMEID/volume.json`) that
+    /// the metadata DB does not know, from its chunk objects' headers and indexes (each extent
+    /// carries its sequence number; newest wins). Returns the volumes recovered. Meant for an empty
+    /// data directory; data that was only in the lost WAL is not recoverable (FORMAT.md, "Recovery").
+    pub async fn recover_from_backend(&self) -> Result<Vec<VolumeId>, VolumeError> {
+        let keys = self.backend.list("").await?;
+        let mut recovered = Vec::new();
+        for key in keys.iter().filter(|k| k.ends_with("/volume.json")) {
+            let body = self.backend.get(key).await?;
+            let mut rec: VolumeRecord = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "skipping an unreadable volume record");
+                    continue;
+                }
+            };
+            let id = rec.volume_id.clone();
+            if self.get_record(&id).await?.is_some() {
+                continue;
+            }
+            let chunks_prefix = format!("{id}/chunks/");
+            let mut ids: Vec<u64> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&chunks_prefix))
+                .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+                .collect();
+            ids.sort_unstable();
+            let lookup = BlockLookup::new(self.meta.clone(), id.clone());
+            let mut state = VolumeState::default();
+            for object_id in ids {
+                let okey = chunk_key(&id, object_id);
+                let policy = RetryPolicy::reads();
+                let head = retry(&policy, &okey, || {
+                    self.backend
+                        .get_range(&okey, 0..crate::chunk::CHUNK_HEADER_LEN as u64)
+                })
+                .await?;
+                let count = u32::from_le_bytes([head[40], head[41], head[42], head[43]]) as u64;
+                let index_len = crate::chunk::CHUNK_HEADER_LEN as u64
+                    + count * crate::chunk::INDEX_ENTRY_LEN as u64;
+                let index_bytes = retry(&policy, &okey, || {
+                    self.backend.get_range(&okey, 0..index_len)
+                })
+                .await?;
+                let (header, index) = match crate::chunk::decode_index(&index_bytes, u64::MAX) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(key = %okey, error = %e, "corrupt chunk skipped during recovery");
+                        continue;
+                    }
+                };
+                if header.volume_tag != id.tag() || header.object_id != object_id {
+                    tracing::error!(key = %okey, "chunk belongs to another volume or object; skipped");
+                    continue;
+                }
+                state = VolumeState {
+                    checkpoint: state.checkpoint.max(header.max_seq),
+                    next_object_id: object_id + 1,
+                    max_seq: state.max_seq.max(header.max_seq),
+                };
+                let commit = ChunkCommit {
+                    object_id,
+                    extents: index
+                        .iter()
+                        .map(|e| MapExtent::from_chunk(object_id, e))
+                        .collect(),
+                    stored_bytes: 0,
+                    checkpoint: state.checkpoint,
+                };
+                let (l, s) = (lookup.clone(), state);
+                blocking(move || l.commit_chunk(&commit, s)).await?;
+            }
+            rec.mounted = false;
+            let meta = self.meta.clone();
+            let r = rec.clone();
+            blocking(move || meta.put_volume(&r)).await?;
+            tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, "volume recovered from the backend");
+            recovered.push(id);
+        }
+        Ok(recovered)
     }
 
     /// The open volume `id`, opening it (WAL replay) on first use. One instance per volume is
@@ -206,6 +311,7 @@ impl Engine {
         }
         self.close_volume(id).await?;
         rec.size_bytes = size_bytes;
+        self.publish_record(&rec).await?;
         self.put_record(rec.clone()).await?;
         Ok(rec)
     }
@@ -222,6 +328,8 @@ impl Engine {
     /// Deletes volume `id`: closes it, removes its chunk objects, WAL and metadata.
     pub async fn delete_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
         self.close_volume(id).await?;
+        // The record copy goes first: a volume half deleted is never recovered.
+        self.backend.delete(&volume_record_key(id)).await?;
         for key in self.backend.list(&volume_prefix(id)).await? {
             self.backend.delete(&key).await?;
         }

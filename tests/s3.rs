@@ -324,3 +324,67 @@ fn corrupt_object_reads_as_eio_naming_the_key() {
     // Other chunks are fine.
     qemu_io_ok(&d.uri(&vol), &["read -P 0x5a 512k 512k"]);
 }
+
+#[test]
+fn disaster_recovery_into_an_empty_data_dir() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let s3 = S3Server::start(Kind::Moto);
+    let mut a = daemon(&nats, &s3, "vblock-dr", &["--chunk-size", "256KiB"]);
+    let v1 = a.create_volume(1);
+    let v2 = a.create_volume(2);
+    qemu_io_ok(
+        &a.uri(&v1),
+        &[
+            "write -P 0x11 0 3M",
+            "write -P 0x12 5000 10000",
+            "discard 1M 1M",
+            "write -P 0x13 900M 64k",
+        ],
+    );
+    qemu_io_ok(&a.uri(&v2), &["write -P 0x21 1G 2M", "write -z 1G 4k"]);
+    a.cli(&["volume", "resize", &v2, "--size", "3GiB"]);
+    // A clean stop uploads everything buffered; then the local disk is "lost".
+    a.stop();
+    drop(a);
+    let mut b = daemon(&nats, &s3, "vblock-dr", &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || b
+            .log()
+            .contains("recovered volumes from the backend")),
+        "{}",
+        b.log()
+    );
+    let list = b.cli(&["volume", "list"]);
+    assert!(list.contains(&v1) && list.contains(&v2), "{list}");
+    let d2: serde_json::Value =
+        serde_json::from_str(&b.cli(&["volume", "describe", &v2, "--output", "json"]))
+            .expect("json");
+    assert_eq!(d2["Size"], 3);
+    qemu_io_ok(
+        &b.uri(&v1),
+        &[
+            "read -P 0x11 0 5000",
+            "read -P 0x12 5000 10000",
+            "read -P 0x11 15000 1033576",
+            "read -P 0 1M 1M",
+            "read -P 0x11 2M 1M",
+            "read -P 0x13 900M 64k",
+        ],
+    );
+    qemu_io_ok(
+        &b.uri(&v2),
+        &[
+            "read -P 0 1G 4k",
+            "read -P 0x21 1073745920 2093056",
+            "read -P 0 2G 1M",
+        ],
+    );
+    // The recovered volumes take new writes and keep them across a restart.
+    qemu_io_ok(&b.uri(&v1), &["write -P 0x14 4M 1M"]);
+    b.restart();
+    qemu_io_ok(
+        &b.uri(&v1),
+        &["read -P 0x14 4M 1M", "read -P 0x13 900M 64k"],
+    );
+}

@@ -166,6 +166,17 @@ async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
 pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
     let backend = backend(&a).await?;
     let engine = Arc::new(Engine::open(engine_config(&a), backend).await?);
+    // An empty data directory next to a backend that holds volumes: recover them (disaster
+    // recovery; FORMAT.md, "Recovery").
+    if engine.list_records().await?.is_empty() {
+        let recovered = engine.recover_from_backend().await?;
+        if !recovered.is_empty() {
+            tracing::info!(
+                volumes = recovered.len(),
+                "recovered volumes from the backend into an empty data directory"
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(a.nbd_listen)
         .await
         .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;

@@ -88,6 +88,12 @@ pub fn chunk_key(volume: &VolumeId, object_id: u64) -> String {
     format!("{volume}/chunks/{object_id:016x}")
 }
 
+/// Key of the copy of a volume's record kept with its chunks (`VOLUMEID/volume.json`), from which
+/// a daemon with an empty data directory recovers the volume (FORMAT.md, "Recovery").
+pub fn volume_record_key(volume: &VolumeId) -> String {
+    format!("{volume}/volume.json")
+}
+
 /// Prefix of every object of `volume`.
 pub fn volume_prefix(volume: &VolumeId) -> String {
     format!("{volume}/")
