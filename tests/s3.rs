@@ -156,6 +156,33 @@ fn s3_start_up_errors_are_clear() {
     );
     assert_eq!(code, Some(5), "{log}");
     assert!(log.contains("cannot reach"), "{log}");
+    // Bad credentials (s3s-fs checks SigV4).
+    let fs = S3Server::start(Kind::S3sFs);
+    let fs_endpoint = fs.endpoint();
+    let wrong = [
+        ("AWS_ACCESS_KEY_ID", common::s3::ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", "wrong-secret"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let (code, log) = Daemon::start_expect_failure(
+        &nats.url(),
+        &[
+            "--backend",
+            "s3",
+            "--s3-bucket",
+            "b-b-b",
+            "--s3-endpoint",
+            &fs_endpoint,
+            "--s3-force-path-style",
+            "--s3-create-bucket",
+        ],
+        &wrong,
+    );
+    assert_eq!(code, Some(5), "{log}");
+    assert!(
+        log.contains("access denied") || log.contains("403") || log.contains("Signature"),
+        "{log}"
+    );
     let (code, log) = Daemon::start_expect_failure(&nats.url(), &["--backend", "s3"], &env);
     assert_eq!(code, Some(2), "{log}");
     assert!(log.contains("--s3-bucket"), "{log}");
