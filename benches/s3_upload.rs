@@ -76,6 +76,10 @@ fn main() {
         let backend: SharedBackend = Arc::new(S3Backend::connect(&config(&endpoint, "bench-vblock")).await.expect("connect"));
         let mut cfg = vblock::EngineConfig::new(dir.path());
         cfg.volume.upload_concurrency = CONCURRENCY;
+        if let Some(level) = std::env::var("VBLOCK_BENCH_ZSTD_LEVEL").ok().and_then(|l| l.parse().ok()) {
+            cfg.volume.chunk.zstd_level = level;
+        }
+        println!("zstd level {}", cfg.volume.chunk.zstd_level);
         let engine = vblock::Engine::open(cfg, backend).await.expect("engine");
         let id = engine.create_volume(TOTAL_MIB << 20, "bench").await.expect("create").volume_id;
         let vol = engine.volume(&id).await.expect("open");
@@ -83,8 +87,10 @@ fn main() {
         for i in 0..TOTAL_MIB {
             vol.write(i << 20, data.slice((i << 20) as usize..((i + 1) << 20) as usize), false).await.expect("write");
         }
+        let ingest = t.elapsed();
         vol.persist_buffer().await.expect("persist");
         let secs = t.elapsed().as_secs_f64();
+        println!("vblock: writes acknowledged after {ingest:?} (WAL + buffer), all chunks committed after {secs:.2} s");
         let stored = vol.stats().chunk_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let vblock_mibs = TOTAL_MIB as f64 / secs;
         println!(

@@ -184,6 +184,36 @@ impl Engine {
         Ok(())
     }
 
+    /// Header and index of a chunk object, with two ranged reads (header, then header + index).
+    async fn read_chunk_index(
+        &self,
+        key: &str,
+    ) -> Result<(crate::chunk::ChunkHeader, Vec<crate::chunk::ChunkExtent>), VolumeError> {
+        use crate::chunk::{decode_index, ChunkError, CHUNK_HEADER_LEN, INDEX_ENTRY_LEN};
+        let policy = RetryPolicy::reads();
+        let head = retry(&policy, key, || {
+            self.backend.get_range(key, 0..CHUNK_HEADER_LEN as u64)
+        })
+        .await?;
+        let corrupt = |source| VolumeError::Chunk {
+            key: key.to_owned(),
+            source,
+        };
+        if head.len() < CHUNK_HEADER_LEN {
+            return Err(corrupt(ChunkError::Truncated {
+                need: CHUNK_HEADER_LEN,
+                have: head.len(),
+            }));
+        }
+        let count = u64::from(u32::from_le_bytes([head[40], head[41], head[42], head[43]]));
+        if count > 1 << 20 {
+            return Err(corrupt(ChunkError::BadIndex(format!("{count} extents"))));
+        }
+        let len = CHUNK_HEADER_LEN as u64 + count * INDEX_ENTRY_LEN as u64;
+        let index = retry(&policy, key, || self.backend.get_range(key, 0..len)).await?;
+        decode_index(&index, u64::MAX).map_err(corrupt)
+    }
+
     /// Disaster recovery: rebuilds every volume found in the backend (`VOLUMEID/volume.json`) that
     /// the metadata DB does not know, from its chunk objects' headers and indexes (each extent
     /// carries its sequence number; newest wins). Returns the volumes recovered. Meant for an empty
@@ -215,23 +245,14 @@ impl Engine {
             let mut state = VolumeState::default();
             for object_id in ids {
                 let okey = chunk_key(&id, object_id);
-                let policy = RetryPolicy::reads();
-                let head = retry(&policy, &okey, || {
-                    self.backend
-                        .get_range(&okey, 0..crate::chunk::CHUNK_HEADER_LEN as u64)
-                })
-                .await?;
-                let count = u32::from_le_bytes([head[40], head[41], head[42], head[43]]) as u64;
-                let index_len = crate::chunk::CHUNK_HEADER_LEN as u64
-                    + count * crate::chunk::INDEX_ENTRY_LEN as u64;
-                let index_bytes = retry(&policy, &okey, || {
-                    self.backend.get_range(&okey, 0..index_len)
-                })
-                .await?;
-                let (header, index) = match crate::chunk::decode_index(&index_bytes, u64::MAX) {
+                let (header, index) = match self.read_chunk_index(&okey).await {
                     Ok(v) => v,
+                    // An unreadable object is skipped (logged); the transport failing is an error.
+                    Err(VolumeError::Backend(e)) if e.is_transient() => {
+                        return Err(VolumeError::Backend(e))
+                    }
                     Err(e) => {
-                        tracing::error!(key = %okey, error = %e, "corrupt chunk skipped during recovery");
+                        tracing::error!(key = %okey, error = %e, "unreadable chunk skipped during recovery");
                         continue;
                     }
                 };
