@@ -139,98 +139,120 @@ fn report_percentiles() {
         percentile(&cyc, 0.5)
     );
 
+    let limits = Limits {
+        disk_mbps,
+        ceiling_mbps,
+    };
+
     // 3a. Group commit in the WAL itself: 32 writers, each appending a 4 KiB record and waiting
     // for it to be synced, in a loop.
     rt.block_on(async {
-        let wal_dir = dir.path().join("gc-wal");
-        let wal = Arc::new(open_wal(&wal_dir));
-        let writers = 32u64;
-        let per = 2000u64;
+        let wal = Arc::new(open_wal(&dir.path().join("gc-wal")));
         let seq = Arc::new(std::sync::atomic::AtomicU64::new(1));
-        let fsyncs0 = wal.stats().fsyncs.load(Ordering::Relaxed);
-        let t = Instant::now();
-        let mut handles = Vec::new();
-        for _ in 0..writers {
-            let (wal, seq) = (wal.clone(), seq.clone());
-            handles.push(tokio::spawn(async move {
-                let payload = Bytes::from(vec![0x42u8; 4096]);
-                let mut lat = Vec::with_capacity(per as usize);
-                for _ in 0..per {
-                    let t = Instant::now();
-                    let s = seq.fetch_add(1, Ordering::SeqCst);
-                    wal.append(header(s), payload.clone()).expect("append");
+        let payload = Bytes::from(vec![0x42u8; 4096]);
+        let (w, f) = (wal.clone(), wal.clone());
+        run_writers(
+            "WAL group commit, synced 4 KiB appends",
+            &limits,
+            move || f.stats().fsyncs.load(Ordering::Relaxed),
+            move |_, _| {
+                let (wal, seq, payload) = (w.clone(), seq.clone(), payload.clone());
+                async move {
+                    wal.append(header(seq.fetch_add(1, Ordering::SeqCst)), payload)
+                        .expect("append");
                     wal.sync().await.expect("sync");
-                    lat.push(t.elapsed());
                 }
-                lat
-            }));
-        }
-        let mut lat = Vec::new();
-        for h in handles {
-            lat.extend(h.await.expect("task"));
-        }
-        let secs = t.elapsed().as_secs_f64();
-        let fsyncs = wal.stats().fsyncs.load(Ordering::Relaxed) - fsyncs0;
-        lat.sort();
-        let writes = writers * per;
-        let mbps = writes as f64 * 4096.0 / 1e6 / secs;
-        println!(
-            "WAL group commit, {writers} writers x {per} synced 4 KiB appends: {:.0} IOPS, {mbps:.0} MB/s, p50 {:?} p99 {:?}, {:.1} appends per fdatasync, {:.0}% of disk sequential bandwidth, {:.0}% of the 128 KiB-cycle ceiling",
-            writes as f64 / secs,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            writes as f64 / fsyncs.max(1) as f64,
-            100.0 * mbps / disk_mbps,
-            100.0 * mbps / ceiling_mbps
-        );
+            },
+        )
+        .await;
         wal.shutdown(false);
     });
 
     // 3b. Group commit through a volume: 32 writers, 4 KiB FUA writes (memtable, chunking too).
     rt.block_on(async {
-        let backend: vblock::backend::SharedBackend = Arc::new(vblock::backend::memory::MemoryBackend::new());
-        let engine = vblock::Engine::open(vblock::EngineConfig::new(dir.path().join("data")), backend).await.expect("engine");
-        let id = engine.create_volume(4 << 30, "bench").await.expect("create").volume_id;
+        let backend: vblock::backend::SharedBackend =
+            Arc::new(vblock::backend::memory::MemoryBackend::new());
+        let engine =
+            vblock::Engine::open(vblock::EngineConfig::new(dir.path().join("data")), backend)
+                .await
+                .expect("engine");
+        let id = engine
+            .create_volume(4 << 30, "bench")
+            .await
+            .expect("create")
+            .volume_id;
         let vol = engine.volume(&id).await.expect("open");
-        let writers = 32u64;
-        let per = 2000u64;
-        let fsyncs0 = vol.wal_stats().fsyncs.load(Ordering::Relaxed);
-        let t = Instant::now();
-        let mut handles = Vec::new();
-        for w in 0..writers {
-            let v = vol.clone();
-            handles.push(tokio::spawn(async move {
-                let data = Bytes::from(vec![w as u8 | 1; 4096]);
-                let mut lat = Vec::with_capacity(per as usize);
-                for i in 0..per {
-                    let t = Instant::now();
-                    v.write(((w * per + i) % (1 << 20)) * 4096, data.clone(), true).await.expect("write");
-                    lat.push(t.elapsed());
+        let (v, f) = (vol.clone(), vol.clone());
+        run_writers(
+            "group commit through a volume, FUA 4 KiB writes",
+            &limits,
+            move || f.wal_stats().fsyncs.load(Ordering::Relaxed),
+            move |w, i| {
+                let v = v.clone();
+                async move {
+                    let data = Bytes::from(vec![w as u8 | 1; 4096]);
+                    v.write(((w * PER_WRITER + i) % (1 << 20)) * 4096, data, true)
+                        .await
+                        .expect("write");
                 }
-                lat
-            }));
-        }
-        let mut lat = Vec::new();
-        for h in handles {
-            lat.extend(h.await.expect("task"));
-        }
-        let secs = t.elapsed().as_secs_f64();
-        let fsyncs = vol.wal_stats().fsyncs.load(Ordering::Relaxed) - fsyncs0;
-        lat.sort();
-        let writes = writers * per;
-        let mbps = writes as f64 * 4096.0 / 1e6 / secs;
-        println!(
-            "group commit, {writers} writers x {per} FUA 4 KiB writes: {:.0} IOPS, {mbps:.0} MB/s, p50 {:?} p99 {:?}, {:.1} writes per fdatasync, {:.0}% of disk sequential bandwidth, {:.0}% of the 128 KiB-cycle ceiling",
-            writes as f64 / secs,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            writes as f64 / fsyncs.max(1) as f64,
-            100.0 * mbps / disk_mbps,
-            100.0 * mbps / ceiling_mbps
-        );
+            },
+        )
+        .await;
         drop(vol);
         engine.close_all().await;
     });
+}
+
+/// What the group-commit results are compared with.
+struct Limits {
+    disk_mbps: f64,
+    ceiling_mbps: f64,
+}
+
+const WRITERS: u64 = 32;
+const PER_WRITER: u64 = 2000;
+
+/// Runs `WRITERS` concurrent tasks of `PER_WRITER` calls of `op(writer, i)` (one synced 4 KiB
+/// write each) and prints throughput, latency, writes per fdatasync and the ratios to `limits`.
+async fn run_writers<F, Fut>(what: &str, limits: &Limits, fsyncs: impl Fn() -> u64, op: F)
+where
+    F: Fn(u64, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let fsyncs0 = fsyncs();
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..WRITERS {
+        let op = op.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(PER_WRITER as usize);
+            for i in 0..PER_WRITER {
+                let t = Instant::now();
+                op(w, i).await;
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.extend(h.await.expect("task"));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let syncs = fsyncs() - fsyncs0;
+    lat.sort();
+    let writes = WRITERS * PER_WRITER;
+    let mbps = writes as f64 * 4096.0 / 1e6 / secs;
+    println!(
+        "{what}, {WRITERS} writers x {PER_WRITER}: {:.0} IOPS, {mbps:.0} MB/s, p50 {:?} p99 {:?}, {:.1} writes per fdatasync, {:.0}% of disk sequential bandwidth, {:.0}% of the 128 KiB-cycle ceiling",
+        writes as f64 / secs,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        writes as f64 / syncs.max(1) as f64,
+        100.0 * mbps / limits.disk_mbps,
+        100.0 * mbps / limits.ceiling_mbps
+    );
 }
 
 criterion_group! {

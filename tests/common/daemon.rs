@@ -127,6 +127,36 @@ pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
     stdout
 }
 
+/// Kills a child process (if any) and reaps it.
+pub fn stop_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// The `vblock serve` command line for a data directory, NBD port and NATS URL.
+fn serve_command(
+    data_dir: &Path,
+    nbd_port: u16,
+    nats_url: &str,
+    extra: &[String],
+    envs: &[(String, String)],
+) -> Command {
+    let mut c = Command::new(vblock_bin());
+    c.arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--nbd-listen")
+        .arg(format!("127.0.0.1:{nbd_port}"))
+        .arg("--nats-url")
+        .arg(nats_url)
+        .args(extra)
+        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "info,async_nats=warn");
+    c
+}
+
 /// A `nats-server` on a free loopback port, stopped on drop.
 pub struct Nats {
     child: Option<Child>,
@@ -165,10 +195,7 @@ impl Nats {
 
     /// Stops it (for outage tests).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop_child(&mut self.child);
     }
 
     /// Starts it again on the same port.
@@ -237,21 +264,17 @@ impl Daemon {
         let log =
             std::fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts)))
                 .expect("log file");
-        let child = Command::new(vblock_bin())
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--nbd-listen")
-            .arg(format!("127.0.0.1:{}", self.nbd_port))
-            .arg("--nats-url")
-            .arg(&self.nats_url)
-            .args(&self.extra)
-            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info,async_nats=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn vblock serve");
+        let child = serve_command(
+            &self.data_dir(),
+            self.nbd_port,
+            &self.nats_url,
+            &self.extra,
+            &self.envs,
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn vblock serve");
         self.child = Some(child);
         let port = self.nbd_port;
         let ok = wait_until(Duration::from_secs(30), || {
@@ -286,17 +309,19 @@ impl Daemon {
         envs: &[(&str, &str)],
     ) -> (Option<i32>, String) {
         let dir = tempfile::tempdir().expect("tempdir");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let out = run(
-            Command::new(vblock_bin())
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(dir.path().join("data"))
-                .arg("--nbd-listen")
-                .arg(format!("127.0.0.1:{}", free_port()))
-                .arg("--nats-url")
-                .arg(nats_url)
-                .args(extra)
-                .envs(envs.iter().copied()),
+            &mut serve_command(
+                &dir.path().join("data"),
+                free_port(),
+                nats_url,
+                &extra,
+                &envs,
+            ),
             Duration::from_secs(60),
         );
         (
@@ -345,10 +370,7 @@ impl Daemon {
 
     /// SIGKILL: the process dies wherever it is.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop_child(&mut self.child);
     }
 
     /// Clean stop, then start again on the same directory and port.

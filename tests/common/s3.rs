@@ -95,10 +95,7 @@ impl S3Server {
 
     /// Kills it (an outage).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        super::daemon::stop_child(&mut self.child);
     }
 
     /// Starts it again on the same port (and, for s3s-fs, the same objects).

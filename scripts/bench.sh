@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: vblock (file backend, WAL and data on this disk), qemu-nbd on a raw file
+# (--cache=writeback) and nbdkit memory (the protocol ceiling), plus fio on a raw file (the
+# physical limit), all in one run. Prints one table (IOPS, MB/s, p50/p99 completion latency,
+# ratio vblock/qemu-nbd) and writes target/bench/results.json.
+#
+#   scripts/bench.sh            # 8 s per job, 2 GiB working set
+#   scripts/bench.sh --quick    # 3 s per job, 1 GiB
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNTIME=8
+SIZE=2G
+if [ "${1:-}" = "--quick" ]; then RUNTIME=3; SIZE=1G; fi
+
+scripts/setup.sh >/dev/null
+cargo build --release -p vblock-cli >/dev/null
+BIN=$PWD/target/release/vblock
+WORK=$PWD/target/bench
+rm -rf "$WORK"; mkdir -p "$WORK"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+NATS_PORT=$(free_port); VB_PORT=$(free_port); QN_PORT=$(free_port); NK_PORT=$(free_port)
+nats-server -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 & PIDS+=($!)
+wait_port "$NATS_PORT"
+RUST_LOG=warn "$BIN" serve --data-dir "$WORK/vblock" --nbd-listen "127.0.0.1:$VB_PORT" --nats-url "nats://127.0.0.1:$NATS_PORT" >"$WORK/vblock.log" 2>&1 & PIDS+=($!)
+wait_port "$VB_PORT"
+VOL=""
+for _ in $(seq 1 100); do VOL=$("$BIN" volume create --size 4GiB --nats-url "nats://127.0.0.1:$NATS_PORT" --timeout 2 2>/dev/null) && break; sleep 0.1; done
+truncate -s 4G "$WORK/qemu-nbd.raw"
+qemu-nbd -f raw --cache=writeback -x vol -b 127.0.0.1 -p "$QN_PORT" -t "$WORK/qemu-nbd.raw" >"$WORK/qemu-nbd.log" 2>&1 & PIDS+=($!)
+nbdkit -f -p "$NK_PORT" memory 4G >"$WORK/nbdkit.log" 2>&1 & PIDS+=($!)
+wait_port "$QN_PORT"; wait_port "$NK_PORT"
+
+declare -A URI=( [vblock]="nbd://127.0.0.1:$VB_PORT/$VOL" [qemu-nbd]="nbd://127.0.0.1:$QN_PORT/vol" [nbdkit]="nbd://127.0.0.1:$NK_PORT/" )
+JOBS=(
+  "randwrite4k_qd32|--rw=randwrite --bs=4k --iodepth=32"
+  "randread4k_qd32|--rw=randread --bs=4k --iodepth=32"
+  "seqwrite1m_qd8|--rw=write --bs=1M --iodepth=8"
+  "seqread1m_qd8|--rw=read --bs=1M --iodepth=8"
+  "randwrite4k_qd1_fsync1|--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+  "randwrite4k_qd32_fsync32|--rw=randwrite --bs=4k --iodepth=32 --fsync=32"
+  "mixed70r_4k_qd16|--rw=randrw --rwmixread=70 --bs=4k --iodepth=16"
+)
+for target in vblock qemu-nbd nbdkit; do
+  # Prefill so reads hit data (for vblock: data in chunks after the idle flush).
+  fio --name=prefill --ioengine=nbd --uri="${URI[$target]}" --rw=write --bs=1M --iodepth=8 --size="$SIZE" --output-format=json >"$WORK/$target-prefill.json" 2>/dev/null
+  for job in "${JOBS[@]}"; do
+    name=${job%%|*}; args=${job#*|}
+    # shellcheck disable=SC2086
+    fio --name="$name" --ioengine=nbd --uri="${URI[$target]}" --time_based --runtime="$RUNTIME" --size="$SIZE" $args --output-format=json >"$WORK/$target-$name.json" 2>"$WORK/$target-$name.err" || echo "fio $target $name failed (see $WORK/$target-$name.err)" >&2
+  done
+done
+# The physical limit: fio on a raw file on the same disk.
+fio --name=raw_fsync --filename="$WORK/raw.file" --size=1G --rw=randwrite --bs=4k --iodepth=1 --ioengine=psync --fdatasync=1 --time_based --runtime="$RUNTIME" --output-format=json >"$WORK/raw-randwrite4k_qd1_fsync1.json" 2>/dev/null
+fio --name=raw_seq --filename="$WORK/raw.file" --size=1G --rw=write --bs=1M --iodepth=8 --ioengine=libaio --direct=1 --time_based --runtime="$RUNTIME" --output-format=json >"$WORK/raw-seqwrite1m_qd8.json" 2>/dev/null
+fio --name=raw_rr --filename="$WORK/raw.file" --size=1G --rw=randread --bs=4k --iodepth=32 --ioengine=libaio --direct=1 --time_based --runtime="$RUNTIME" --output-format=json >"$WORK/raw-randread4k_qd32.json" 2>/dev/null
+rm -f "$WORK/raw.file"
+
+python3 - "$WORK" "$RUNTIME" "$SIZE" <<'PY'
+import json, os, sys
+work, runtime, size = sys.argv[1], sys.argv[2], sys.argv[3]
+jobs = ["randwrite4k_qd32", "randread4k_qd32", "seqwrite1m_qd8", "seqread1m_qd8",
+        "randwrite4k_qd1_fsync1", "randwrite4k_qd32_fsync32", "mixed70r_4k_qd16"]
+def load(target, job):
+    p = os.path.join(work, f"{target}-{job}.json")
+    try:
+        text = open(p).read()
+        # fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+        j = json.loads(text[text.index("{"):])["jobs"][0]
+    except Exception:
+        return None
+    iops = j["read"]["iops"] + j["write"]["iops"]
+    bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
+    side = j["write"] if j["write"]["iops"] >= j["read"]["iops"] else j["read"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    p50 = pct.get("50.000000", 0) / 1000
+    p99 = pct.get("99.000000", 0) / 1000
+    return {"iops": round(iops), "mb_s": round(bw, 1), "p50_us": round(p50), "p99_us": round(p99)}
+results = {t: {j: load(t, j) for j in jobs} for t in ["vblock", "qemu-nbd", "nbdkit", "raw"]}
+def cell(r):
+    return "-" if not r else f"{r['iops']:>8} IOPS {r['mb_s']:>7.1f} MB/s p50 {r['p50_us']:>6} us p99 {r['p99_us']:>7} us"
+print(f"\nvblock benchmark: {runtime} s per job, working set {size}\n")
+print(f"{'workload':<26} {'target':<9} result")
+ratios = {}
+for j in jobs:
+    for t in ["vblock", "qemu-nbd", "nbdkit", "raw"]:
+        r = results[t][j]
+        if r or t != "raw":
+            print(f"{j:<26} {t:<9} {cell(r)}")
+    v, q = results["vblock"][j], results["qemu-nbd"][j]
+    if v and q and q["iops"]:
+        ratios[j] = round(v["iops"] / q["iops"], 2)
+        print(f"{j:<26} {'ratio':<9} vblock/qemu-nbd = {ratios[j]}")
+    print()
+results["ratio_vblock_over_qemu_nbd"] = ratios
+json.dump(results, open(os.path.join(work, "results.json"), "w"), indent=2)
+print(f"JSON: {os.path.join(work, 'results.json')}")
+PY
