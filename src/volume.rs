@@ -63,6 +63,9 @@ impl Default for VolumeConfig {
     }
 }
 
+/// A block range `(start, end)` that no memtable covers.
+type Holes = (u64, u64);
+
 /// Largest single request in bytes (the NBD maximum block size, 32 MiB).
 pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
 
@@ -581,38 +584,42 @@ impl Volume {
         Ok(())
     }
 
-    /// The memtable extents and map extents that make up `r`, newest first per block; blocks in
-    /// neither read as zeros.
+    /// The memtable extents that make up `r` (newest first per block) and the block ranges no
+    /// memtable covers.
+    fn resolve_memtables(&self, r: BlockRange) -> (Vec<(u64, BufExtent)>, Vec<Holes>) {
+        let mut found = Vec::new();
+        let mut holes = vec![(r.start, r.end)];
+        let st = lock(&self.inner.state);
+        let layers = std::iter::once(&st.active).chain(st.frozen.iter().rev().map(|m| &**m));
+        for layer in layers {
+            if holes.is_empty() {
+                break;
+            }
+            let mut next = Vec::new();
+            for (hs, he) in holes {
+                let mut cur = hs;
+                for (s, e) in layer.overlapping(hs, he) {
+                    if s > cur {
+                        next.push((cur, s));
+                    }
+                    cur = s + e.count;
+                    found.push((s, e));
+                }
+                if cur < he {
+                    next.push((cur, he));
+                }
+            }
+            holes = next;
+        }
+        (found, holes)
+    }
+
+    /// The memtable extents and map extents that make up `r`; blocks in neither read as zeros.
     async fn resolve(
         &self,
         r: BlockRange,
     ) -> Result<(Vec<(u64, BufExtent)>, Vec<MapExtent>), VolumeError> {
-        let mut found = Vec::new();
-        let mut holes = vec![(r.start, r.end)];
-        {
-            let st = lock(&self.inner.state);
-            let layers = std::iter::once(&st.active).chain(st.frozen.iter().rev().map(|m| &**m));
-            for layer in layers {
-                if holes.is_empty() {
-                    break;
-                }
-                let mut next = Vec::new();
-                for (hs, he) in holes {
-                    let mut cur = hs;
-                    for (s, e) in layer.overlapping(hs, he) {
-                        if s > cur {
-                            next.push((cur, s));
-                        }
-                        cur = s + e.count;
-                        found.push((s, e));
-                    }
-                    if cur < he {
-                        next.push((cur, he));
-                    }
-                }
-                holes = next;
-            }
-        }
+        let (found, holes) = self.resolve_memtables(r);
         if holes.is_empty() {
             return Ok((found, Vec::new()));
         }
@@ -629,7 +636,7 @@ impl Volume {
     }
 
     async fn read_blocks(&self, r: BlockRange) -> Result<Bytes, VolumeError> {
-        let (mem, map) = self.resolve(r).await?;
+        let (mem, holes) = self.resolve_memtables(r);
         // Fast path: one memtable extent covers the whole range.
         if let [(
             s,
@@ -651,11 +658,65 @@ impl Volume {
                 out[at..at + b.len()].copy_from_slice(b);
             }
         }
-        let fetches = map.iter().filter_map(|e| match e.target {
-            Target::Data(f) => Some(async move { self.frame(f).await.map(|d| (e, f, d)) }),
-            Target::Zero => None,
-        });
-        for (e, f, frame) in futures::future::try_join_all(fetches).await? {
+        if holes.is_empty() {
+            return Ok(out.freeze());
+        }
+        // One blocking task: map lookup, then every frame from the cache or, for local backends,
+        // read and decoded right there. Frames a backend cannot read synchronously (S3) are
+        // fetched asynchronously afterwards.
+        let inner = self.inner.clone();
+        let (map, mut frames) = tokio::task::spawn_blocking(move || -> Result<_, VolumeError> {
+            let mut map = Vec::new();
+            for (s, e) in holes {
+                map.extend(inner.lookup.lookup(s, e)?);
+            }
+            let mut frames: Vec<Option<Bytes>> = Vec::with_capacity(map.len());
+            for e in &map {
+                let Target::Data(f) = e.target else {
+                    frames.push(None);
+                    continue;
+                };
+                let key = (inner.id.tag(), f.object_id, f.offset);
+                if let Some(hit) = inner.cache.get(&key) {
+                    frames.push(Some(hit));
+                    continue;
+                }
+                let okey = chunk_key(&inner.id, f.object_id);
+                let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
+                match inner.backend.get_range_blocking(&okey, range) {
+                    None => frames.push(None),
+                    Some(raw) => {
+                        inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
+                        let data = chunk::decode_frame(&raw?, f.crc, f.blocks).map_err(|source| {
+                            tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
+                            VolumeError::Chunk { key: okey, source }
+                        })?;
+                        inner.cache.insert(key, data.clone());
+                        frames.push(Some(data));
+                    }
+                }
+            }
+            Ok((map, frames))
+        })
+        .await
+        .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??;
+        let fetches =
+            map.iter()
+                .zip(frames.iter())
+                .enumerate()
+                .filter_map(|(i, (e, have))| match (e.target, have) {
+                    (Target::Data(f), None) => {
+                        Some(async move { self.frame(f).await.map(|d| (i, d)) })
+                    }
+                    _ => None,
+                });
+        for (i, data) in futures::future::try_join_all(fetches).await? {
+            frames[i] = Some(data);
+        }
+        for (e, frame) in map.iter().zip(frames) {
+            let (Target::Data(f), Some(frame)) = (e.target, frame) else {
+                continue;
+            };
             let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
             let len = e.count as usize * BLOCK_BYTES;
             let at = ((e.start - r.start) as usize) * BLOCK_BYTES;

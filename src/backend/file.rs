@@ -4,7 +4,7 @@
 //! so an object is either wholly present or absent after a crash. All file I/O runs on tokio's
 //! blocking pool.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -100,19 +100,9 @@ impl Backend for FileBackend {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
-        let path = self.path(key)?;
+        let this = self.clone();
         let k = key.to_owned();
-        blocking(key, move || {
-            let mut f = std::fs::File::open(&path).map_err(|e| io_err(&k, e))?;
-            let len = f.metadata().map_err(|e| io_err(&k, e))?.len();
-            check_range(&k, &range, len)?;
-            let mut buf = vec![0u8; (range.end - range.start) as usize];
-            f.seek(SeekFrom::Start(range.start))
-                .and_then(|_| f.read_exact(&mut buf))
-                .map_err(|e| io_err(&k, e))?;
-            Ok(Bytes::from(buf))
-        })
-        .await
+        blocking(key, move || read_range(&this.path(&k)?, &k, range)).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
@@ -142,6 +132,26 @@ impl Backend for FileBackend {
     fn kind(&self) -> &'static str {
         "file"
     }
+
+    fn get_range_blocking(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> Option<Result<Bytes, BackendError>> {
+        Some(self.path(key).and_then(|p| read_range(&p, key, range)))
+    }
+}
+
+/// Reads bytes `range` of the file at `path` (blocking).
+fn read_range(path: &Path, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(|e| io_err(key, e))?;
+    let len = f.metadata().map_err(|e| io_err(key, e))?.len();
+    check_range(key, &range, len)?;
+    let mut buf = vec![0u8; (range.end - range.start) as usize];
+    f.read_exact_at(&mut buf, range.start)
+        .map_err(|e| io_err(key, e))?;
+    Ok(Bytes::from(buf))
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {

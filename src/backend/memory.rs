@@ -72,6 +72,21 @@ impl Backend for MemoryBackend {
     fn kind(&self) -> &'static str {
         "memory"
     }
+
+    fn get_range_blocking(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> Option<Result<Bytes, BackendError>> {
+        let obj = check_key(key).and_then(|()| {
+            self.with(|m| m.get(key).cloned())?
+                .ok_or_else(|| BackendError::NotFound(key.to_owned()))
+        });
+        Some(obj.and_then(|o| {
+            check_range(key, &range, o.len() as u64)?;
+            Ok(o.slice(range.start as usize..range.end as usize))
+        }))
+    }
 }
 
 #[cfg(test)]

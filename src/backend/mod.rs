@@ -77,6 +77,17 @@ pub trait Backend: Send + Sync + 'static {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
     /// Short name for logs (`file`, `memory`, `s3`).
     fn kind(&self) -> &'static str;
+
+    /// A blocking ranged read for local backends (file, memory), so the read path can look up the
+    /// map, fetch and decode a frame in one blocking task instead of three hand-offs (measured:
+    /// docs/BENCHMARKS.md). `None`: not local, use [`Backend::get_range`].
+    fn get_range_blocking(
+        &self,
+        _key: &str,
+        _range: Range<u64>,
+    ) -> Option<Result<Bytes, BackendError>> {
+        None
+    }
 }
 
 /// A shared backend.
