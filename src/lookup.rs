@@ -2,7 +2,8 @@
 //!
 //! One entry per extent, keyed `m VOL start_block(BE)`, non-overlapping. Value v1, 48 bytes LE
 //! (FORMAT.md, "Map extent"):
-//! `version u8 = 1 | kind u8 (1 data, 2 zero) | reserved u16 | block_count u32 | seq u64 |
+//! `version u8 = 1 | kind u8 (1 data, 2 zero) | encoding u8 (0 zstd, 1 raw) | reserved u8 |
+//!  block_count u32 | seq u64 |
 //!  object_id u64 | frame_first_block u64 | frame_offset u32 | frame_len u32 | frame_crc u32 |
 //!  frame_blocks u32`
 //!
@@ -15,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
-use crate::chunk::{ChunkExtent, ExtentKind};
+use crate::chunk::{ChunkExtent, ExtentKind, FrameEncoding};
 use crate::ids::VolumeId;
 use crate::meta::{
     vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore, VolumeState, PREFIX_CHUNK, PREFIX_MAP,
@@ -40,8 +41,10 @@ pub struct FrameRef {
     pub offset: u32,
     /// Compressed length in bytes.
     pub len: u32,
-    /// CRC32 of the compressed bytes.
+    /// CRC32 of the stored bytes.
     pub crc: u32,
+    /// zstd or raw.
+    pub encoding: FrameEncoding,
 }
 
 /// What an extent's blocks hold.
@@ -103,6 +106,7 @@ impl MapExtent {
                     offset: 0,
                     len: 0,
                     crc: 0,
+                    encoding: FrameEncoding::Zstd,
                 }
             }
             Target::Data(f) => {
@@ -110,6 +114,7 @@ impl MapExtent {
                 f
             }
         };
+        b[2] = f.encoding as u8;
         b[4..8].copy_from_slice(&(self.count as u32).to_le_bytes());
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
         b[16..24].copy_from_slice(&f.object_id.to_le_bytes());
@@ -138,6 +143,7 @@ impl MapExtent {
                 len: u32_at(36),
                 crc: u32_at(40),
                 blocks: u32_at(44),
+                encoding: FrameEncoding::from_u8(b[2])?,
             }),
             _ => return None,
         };
@@ -169,6 +175,7 @@ impl MapExtent {
                 offset: e.frame_offset,
                 len: e.frame_len,
                 crc: e.frame_crc,
+                encoding: e.encoding,
             }),
         };
         Self {
@@ -387,6 +394,7 @@ mod tests {
                 offset: 100,
                 len: 10,
                 crc: 7,
+                encoding: FrameEncoding::Raw,
             }),
         }
     }

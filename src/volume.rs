@@ -687,7 +687,7 @@ impl Volume {
                     None => frames.push(None),
                     Some(raw) => {
                         inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
-                        let data = chunk::decode_frame(&raw?, f.crc, f.blocks).map_err(|source| {
+                        let data = chunk::decode_frame(&raw?, f.crc, f.blocks, f.encoding).map_err(|source| {
                             tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
                             VolumeError::Chunk { key: okey, source }
                         })?;
@@ -739,10 +739,11 @@ impl Volume {
                     inner.backend.get_range(&okey, range.clone())
                 })
                 .await?;
-                let decoded =
-                    tokio::task::spawn_blocking(move || chunk::decode_frame(&raw, f.crc, f.blocks))
-                        .await
-                        .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?;
+                let decoded = tokio::task::spawn_blocking(move || {
+                    chunk::decode_frame(&raw, f.crc, f.blocks, f.encoding)
+                })
+                .await
+                .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?;
                 decoded.map_err(|source| {
                     tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
                     VolumeError::Chunk { key: okey, source }

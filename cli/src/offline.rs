@@ -151,11 +151,12 @@ pub async fn inspect(cmd: InspectCommand) -> Result<(), OfflineError> {
             println!("{}: object {}, volume tag {:#018x}, seq {}..{}, {} extents, {} bytes; all frames verify", path.display(), h.object_id, h.volume_tag, h.min_seq, h.max_seq, index.len(), bytes.len());
             for e in index {
                 println!(
-                    "  blocks {}..{} seq {} {:?} frame @{} len {}",
+                    "  blocks {}..{} seq {} {:?} {:?} frame @{} len {}",
                     e.start_block,
                     e.start_block + u64::from(e.block_count),
                     e.seq,
                     e.kind,
+                    e.encoding,
                     e.frame_offset,
                     e.frame_len
                 );
@@ -281,6 +282,7 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                         && c.frame_len == f.len
                         && c.frame_crc == f.crc
                         && c.block_count == f.blocks
+                        && c.encoding == f.encoding
                 })
             });
             if !ok {

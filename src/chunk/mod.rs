@@ -70,6 +70,27 @@ pub enum ExtentKind {
     Zero = 2,
 }
 
+/// How a data extent's frame is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameEncoding {
+    /// A zstd frame.
+    Zstd = 0,
+    /// The blocks as they are (data that does not compress).
+    Raw = 1,
+}
+
+impl FrameEncoding {
+    /// Decodes the stored byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Zstd),
+            1 => Some(Self::Raw),
+            _ => None,
+        }
+    }
+}
+
 /// One index entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkExtent {
@@ -81,6 +102,8 @@ pub struct ChunkExtent {
     pub block_count: u32,
     /// Data or zero.
     pub kind: ExtentKind,
+    /// Frame encoding (data extents; `Zstd` for zero extents).
+    pub encoding: FrameEncoding,
     /// Byte offset of the frame in the object (0 for zero extents).
     pub frame_offset: u32,
     /// Compressed frame length in bytes (0 for zero extents).
@@ -171,6 +194,7 @@ pub fn build(
                 seq,
                 block_count: n as u32,
                 kind: ExtentKind::Zero,
+                encoding: FrameEncoding::Zstd,
                 frame_offset: 0,
                 frame_len: 0,
                 frame_crc: 0,
@@ -193,6 +217,7 @@ pub fn build(
             )));
         }
         let mut b = 0u64;
+        let mut incompressible = false;
         while b < ext.block_count {
             let block = |i: u64| &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
             let zero = is_zero(block(b));
@@ -205,13 +230,26 @@ pub fn build(
                 push_zero(&mut index, ext.start_block + b, e - b, ext.seq);
             } else {
                 let raw = &data[(b * 4096) as usize..(e * 4096) as usize];
-                let frame = zstd::bulk::compress(raw, opts.zstd_level)
-                    .map_err(|e| ChunkError::Frame(e.to_string()))?;
+                // A frame that does not shrink by 3% is stored raw; after one such frame the
+                // rest of the same write is not even tried (one write is usually one kind of
+                // data, and zstd on incompressible data was half the CPU of sequential writes).
+                let compressed = if incompressible {
+                    None
+                } else {
+                    let c = compress(raw, opts.zstd_level)?;
+                    (c.len() * 100 < raw.len() * 97).then_some(c)
+                };
+                incompressible |= compressed.is_none();
+                let (frame, encoding) = match compressed {
+                    Some(c) => (c, FrameEncoding::Zstd),
+                    None => (raw.to_vec(), FrameEncoding::Raw),
+                };
                 index.push(ChunkExtent {
                     start_block: ext.start_block + b,
                     seq: ext.seq,
                     block_count: (e - b) as u32,
                     kind: ExtentKind::Data,
+                    encoding,
                     frame_offset: 0,
                     frame_len: frame.len() as u32,
                     frame_crc: crc32fast::hash(&frame),
@@ -261,7 +299,8 @@ fn encode_header_and_index(h: &ChunkHeader, index: &[ChunkExtent], out: &mut Vec
         out.extend_from_slice(&e.seq.to_le_bytes());
         out.extend_from_slice(&e.block_count.to_le_bytes());
         out.push(e.kind as u8);
-        out.extend_from_slice(&[0u8; 3]);
+        out.push(e.encoding as u8);
+        out.extend_from_slice(&[0u8; 2]);
         out.extend_from_slice(&e.frame_offset.to_le_bytes());
         out.extend_from_slice(&e.frame_len.to_le_bytes());
         out.extend_from_slice(&e.frame_crc.to_le_bytes());
@@ -342,6 +381,9 @@ pub fn decode_index(
             frame_offset: le_u32(b, at + 24),
             frame_len: le_u32(b, at + 28),
             frame_crc: le_u32(b, at + 32),
+            encoding: FrameEncoding::from_u8(b[at + 21]).ok_or_else(|| {
+                ChunkError::BadIndex(format!("extent {i}: frame encoding {}", b[at + 21]))
+            })?,
         };
         let end = e.start_block.checked_add(u64::from(e.block_count));
         let frame_end = u64::from(e.frame_offset) + u64::from(e.frame_len);
@@ -361,9 +403,30 @@ pub fn decode_index(
     Ok((header, index))
 }
 
-/// Verifies a frame's CRC and decompresses it to exactly `blocks * 4096` bytes.
+/// zstd-compresses `raw` with one compression context per thread (creating one per frame showed
+/// up in profiles).
+fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            std::cell::RefCell::new(zstd::bulk::Compressor::new(1).ok());
+    }
+    CCTX.with(|c| match c.borrow_mut().as_mut() {
+        Some(c) => c
+            .set_compression_level(level)
+            .and_then(|()| c.compress(raw)),
+        None => zstd::bulk::compress(raw, level),
+    })
+    .map_err(|e| ChunkError::Frame(e.to_string()))
+}
+
+/// Verifies a frame's CRC and decodes it (zstd or raw) to exactly `blocks * 4096` bytes.
 /// CPU-bound: call from a blocking thread.
-pub fn decode_frame(frame: &[u8], crc: u32, blocks: u32) -> Result<Bytes, ChunkError> {
+pub fn decode_frame(
+    frame: &[u8],
+    crc: u32,
+    blocks: u32,
+    encoding: FrameEncoding,
+) -> Result<Bytes, ChunkError> {
     if crc32fast::hash(frame) != crc {
         return Err(ChunkError::Crc { what: "frame" });
     }
@@ -371,6 +434,15 @@ pub fn decode_frame(frame: &[u8], crc: u32, blocks: u32) -> Result<Bytes, ChunkE
         return Err(ChunkError::Frame(format!("frame of {blocks} blocks")));
     }
     let expected = blocks as usize * BLOCK_BYTES;
+    if encoding == FrameEncoding::Raw {
+        if frame.len() != expected {
+            return Err(ChunkError::Frame(format!(
+                "raw frame of {} bytes, expected {expected}",
+                frame.len()
+            )));
+        }
+        return Ok(Bytes::copy_from_slice(frame));
+    }
     // One decompression context per thread: creating one per frame showed up in profiles.
     thread_local! {
         static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
@@ -398,7 +470,7 @@ pub fn verify(object: &[u8]) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkErr
     for e in index.iter().filter(|e| e.kind == ExtentKind::Data) {
         let start = e.frame_offset as usize;
         let end = start + e.frame_len as usize;
-        decode_frame(&object[start..end], e.frame_crc, e.block_count)?;
+        decode_frame(&object[start..end], e.frame_crc, e.block_count, e.encoding)?;
     }
     Ok((header, index))
 }
@@ -509,8 +581,9 @@ mod tests {
             match e.kind {
                 ExtentKind::Data => {
                     let f = &obj[e.frame_offset as usize..(e.frame_offset + e.frame_len) as usize];
-                    rebuilt
-                        .extend_from_slice(&decode_frame(f, e.frame_crc, e.block_count).unwrap());
+                    rebuilt.extend_from_slice(
+                        &decode_frame(f, e.frame_crc, e.block_count, e.encoding).unwrap(),
+                    );
                 }
                 ExtentKind::Zero if e.start_block < 200 => {
                     rebuilt.extend(vec![0u8; e.block_count as usize * BLOCK_BYTES])
@@ -540,7 +613,7 @@ mod tests {
         let mut f = obj[e.frame_offset as usize..].to_vec();
         f[3] ^= 1;
         assert_eq!(
-            decode_frame(&f, e.frame_crc, 2),
+            decode_frame(&f, e.frame_crc, 2, e.encoding),
             Err(ChunkError::Crc { what: "frame" })
         );
         assert!(decode_index(&obj[..head - 1], obj.len() as u64).is_err());
@@ -548,6 +621,60 @@ mod tests {
             decode_index(&obj, (head + 1) as u64).is_err(),
             "frame beyond object end"
         );
+    }
+
+    #[test]
+    fn incompressible_data_is_stored_raw() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let random: Vec<u8> = (0..40 * BLOCK_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let input = vec![
+            InputExtent {
+                start_block: 0,
+                block_count: 40,
+                seq: 1,
+                data: Some(Bytes::from(random.clone())),
+            },
+            InputExtent {
+                start_block: 100,
+                block_count: 20,
+                seq: 2,
+                data: Some(Bytes::from(vec![7u8; 20 * BLOCK_BYTES])),
+            },
+        ];
+        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
+        let (_, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
+        assert_eq!(decoded, index);
+        let enc: Vec<(u64, FrameEncoding)> =
+            index.iter().map(|e| (e.start_block, e.encoding)).collect();
+        assert_eq!(
+            enc,
+            vec![
+                (0, FrameEncoding::Raw),
+                (16, FrameEncoding::Raw),
+                (32, FrameEncoding::Raw),
+                (100, FrameEncoding::Zstd),
+                (116, FrameEncoding::Zstd)
+            ]
+        );
+        let mut back = Vec::new();
+        for e in &index[..3] {
+            let f = &obj[e.frame_offset as usize..(e.frame_offset + e.frame_len) as usize];
+            back.extend_from_slice(
+                &decode_frame(f, e.frame_crc, e.block_count, e.encoding).unwrap(),
+            );
+        }
+        assert_eq!(back, random);
+        // A raw frame of the wrong length is refused, not padded.
+        let e = index[0];
+        let f = &obj[e.frame_offset as usize..(e.frame_offset + e.frame_len - 1) as usize];
+        assert!(decode_frame(f, crc32fast::hash(f), e.block_count, FrameEncoding::Raw).is_err());
     }
 
     #[test]
@@ -605,7 +732,8 @@ mod tests {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), crc in any::<u32>(), blocks in any::<u32>()) {
             let _ = decode_index(&bytes, bytes.len() as u64);
-            let _ = decode_frame(&bytes, crc, blocks % 8);
+            let _ = decode_frame(&bytes, crc, blocks % 8, FrameEncoding::Zstd);
+            let _ = decode_frame(&bytes, crc, blocks % 8, FrameEncoding::Raw);
         }
     }
 }
