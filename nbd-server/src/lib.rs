@@ -120,6 +120,12 @@ pub struct ServerStats {
     pub accepted: AtomicU64,
 }
 
+/// After a failed accept (EMFILE and friends): log and back off rather than spin.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// The NBD server.
 pub struct Server {
     provider: Arc<dyn ExportProvider>,
@@ -150,9 +156,7 @@ impl Server {
             let (sock, peer) = match listener.accept().await {
                 Ok(v) => v,
                 Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(e).await;
                     continue;
                 }
             };
@@ -167,8 +171,7 @@ impl Server {
             let (sock, _) = match listener.accept().await {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(e).await;
                     continue;
                 }
             };
