@@ -83,6 +83,12 @@ impl MemTable {
         self.data_bytes
     }
 
+    /// True once it holds a chunk's worth: `chunk_bytes` of data, or as many write-buffer
+    /// permits as a chunk has blocks (many small zero extents).
+    pub fn is_full(&self, chunk_bytes: u64) -> bool {
+        self.data_bytes >= chunk_bytes || self.charged >= (chunk_bytes / BLOCK_BYTES as u64).max(1)
+    }
+
     /// Largest sequence number inserted.
     pub fn max_seq(&self) -> u64 {
         self.max_seq

@@ -147,6 +147,13 @@ struct BufState {
     closed: bool,
 }
 
+impl BufState {
+    /// Moves a non-empty active memtable to the frozen queue; true if it moved.
+    fn freeze(&mut self) -> bool {
+        freeze(&mut self.active, &mut self.frozen)
+    }
+}
+
 struct Inner {
     id: VolumeId,
     size: u64,
@@ -185,10 +192,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Moves a non-empty active memtable to the back of the frozen queue; true if it moved.
+fn freeze(active: &mut MemTable, frozen: &mut VecDeque<Arc<MemTable>>) -> bool {
+    if active.is_empty() {
+        return false;
+    }
+    frozen.push_back(Arc::new(std::mem::take(active)));
+    true
+}
+
 /// Replays WAL records into memtables.
 struct Replayer {
     chunk_bytes: u64,
-    chunk_blocks: u64,
     active: MemTable,
     frozen: VecDeque<Arc<MemTable>>,
 }
@@ -208,10 +223,8 @@ impl Replayer {
             },
         );
         self.active.charged += cost;
-        if self.active.data_bytes() >= self.chunk_bytes || self.active.charged >= self.chunk_blocks
-        {
-            self.frozen
-                .push_back(Arc::new(std::mem::take(&mut self.active)));
+        if self.active.is_full(self.chunk_bytes) {
+            freeze(&mut self.active, &mut self.frozen);
         }
     }
 }
@@ -251,7 +264,6 @@ impl Volume {
         let (wal, report, replayer) = tokio::task::spawn_blocking(move || {
             let mut r = Replayer {
                 chunk_bytes,
-                chunk_blocks,
                 active: MemTable::new(),
                 frozen: VecDeque::new(),
             };
@@ -557,10 +569,8 @@ impl Volume {
             Payload::Zero => 0,
         };
         let mut froze = false;
-        if !st.active.is_empty() && st.active.data_bytes() + new_bytes > inner.config.chunk_bytes {
-            let full = std::mem::take(&mut st.active);
-            st.frozen.push_back(Arc::new(full));
-            froze = true;
+        if st.active.data_bytes() + new_bytes > inner.config.chunk_bytes {
+            froze = st.freeze();
         }
         st.active.insert(
             start,
@@ -571,11 +581,8 @@ impl Volume {
             },
         );
         st.active.charged += cost;
-        let chunk_blocks = inner.config.chunk_bytes / BLOCK_SIZE;
-        if st.active.data_bytes() >= inner.config.chunk_bytes || st.active.charged >= chunk_blocks {
-            let full = std::mem::take(&mut st.active);
-            st.frozen.push_back(Arc::new(full));
-            froze = true;
+        if st.active.is_full(inner.config.chunk_bytes) {
+            froze |= st.freeze();
         }
         drop(st);
         if froze {
@@ -676,21 +683,16 @@ impl Volume {
                     frames.push(None);
                     continue;
                 };
-                let key = (inner.id.tag(), f.object_id, f.offset);
+                let (key, okey, range) = inner.frame_location(&f);
                 if let Some(hit) = inner.cache.get(&key) {
                     frames.push(Some(hit));
                     continue;
                 }
-                let okey = chunk_key(&inner.id, f.object_id);
-                let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
                 match inner.backend.get_range_blocking(&okey, range) {
                     None => frames.push(None),
                     Some(raw) => {
                         inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
-                        let data = chunk::decode_frame(&raw?, f.crc, f.blocks, f.encoding).map_err(|source| {
-                            tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
-                            VolumeError::Chunk { key: okey, source }
-                        })?;
+                        let data = decode_fetched(okey, &raw?, &f)?;
                         inner.cache.insert(key, data.clone());
                         frames.push(Some(data));
                     }
@@ -728,26 +730,18 @@ impl Volume {
     /// A decompressed, verified frame, from the cache or the backend (ranged read).
     async fn frame(&self, f: FrameRef) -> Result<Bytes, VolumeError> {
         let inner = &self.inner;
-        let key = (inner.id.tag(), f.object_id, f.offset);
+        let (key, okey, range) = inner.frame_location(&f);
         inner
             .cache
             .get_or_insert_async(&key, async {
-                let okey = chunk_key(&inner.id, f.object_id);
-                let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
                 inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
                 let raw = retry(&inner.config.read_retry, &okey, || {
                     inner.backend.get_range(&okey, range.clone())
                 })
                 .await?;
-                let decoded = tokio::task::spawn_blocking(move || {
-                    chunk::decode_frame(&raw, f.crc, f.blocks, f.encoding)
-                })
-                .await
-                .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?;
-                decoded.map_err(|source| {
-                    tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
-                    VolumeError::Chunk { key: okey, source }
-                })
+                tokio::task::spawn_blocking(move || decode_fetched(okey, &raw, &f))
+                    .await
+                    .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
             })
             .await
     }
@@ -765,10 +759,7 @@ impl Volume {
                 if st.closed {
                     return Err(VolumeError::Closed);
                 }
-                if !st.active.is_empty() {
-                    let full = std::mem::take(&mut st.active);
-                    st.frozen.push_back(Arc::new(full));
-                }
+                st.freeze();
                 if st.frozen.is_empty() {
                     return Ok(());
                 }
@@ -786,10 +777,7 @@ impl Volume {
         {
             let mut st = lock(&inner.state);
             st.closed = true;
-            if !st.active.is_empty() {
-                let full = std::mem::take(&mut st.active);
-                st.frozen.push_back(Arc::new(full));
-            }
+            st.freeze();
         }
         inner.draining.store(true, Ordering::SeqCst);
         inner.wake.notify_one();
@@ -833,7 +821,25 @@ impl Volume {
     }
 }
 
+/// Verifies and decodes a frame fetched from object `okey`; corruption is logged with the key.
+fn decode_fetched(okey: String, raw: &[u8], f: &FrameRef) -> Result<Bytes, VolumeError> {
+    chunk::decode_frame(raw, f.crc, f.blocks, f.encoding).map_err(|source| {
+        tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
+        VolumeError::Chunk { key: okey, source }
+    })
+}
+
 impl Inner {
+    /// A frame's cache key, object key and byte range in the object.
+    fn frame_location(
+        &self,
+        f: &FrameRef,
+    ) -> (crate::cache::FrameKey, String, std::ops::Range<u64>) {
+        let key = (self.id.tag(), f.object_id, f.offset);
+        let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
+        (key, chunk_key(&self.id, f.object_id), range)
+    }
+
     /// Returns write-buffer permits, paying off replay debt first.
     fn release(&self, n: u64) {
         let mut debt = lock(&self.permit_debt);
@@ -883,11 +889,9 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
                 let mut st = lock(&inner.state);
                 if scheduled == st.frozen.len()
                     && in_flight.is_empty()
-                    && !st.active.is_empty()
                     && st.last_write.elapsed() >= inner.config.idle_flush
                 {
-                    let full = std::mem::take(&mut st.active);
-                    st.frozen.push_back(Arc::new(full));
+                    st.freeze();
                 }
                 st.frozen.get(scheduled).cloned()
             };
