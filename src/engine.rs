@@ -272,7 +272,6 @@ impl Engine {
                         .map(|e| MapExtent::from_chunk(object_id, e))
                         .collect(),
                     stored_bytes: 0,
-                    checkpoint: state.checkpoint,
                 };
                 let (l, s) = (lookup.clone(), state);
                 blocking(move || l.commit_chunk(&commit, s)).await?;

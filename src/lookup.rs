@@ -196,8 +196,6 @@ pub struct ChunkCommit {
     pub extents: Vec<MapExtent>,
     /// Object size in bytes.
     pub stored_bytes: u64,
-    /// WAL checkpoint this commit establishes (every record with seq at or below is covered).
-    pub checkpoint: u64,
 }
 
 /// One volume's view of the map.
@@ -412,7 +410,6 @@ mod tests {
             object_id,
             extents,
             stored_bytes: 1000,
-            checkpoint: 0,
         };
         l.commit_chunk(&c, VolumeState::default()).unwrap();
     }

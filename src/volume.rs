@@ -1055,7 +1055,6 @@ async fn commit_chunk(
             .map(|e| MapExtent::from_chunk(up.object_id, e))
             .collect(),
         stored_bytes: up.stored_bytes,
-        checkpoint,
     });
     let next = VolumeState {
         checkpoint: state.checkpoint.max(checkpoint),
