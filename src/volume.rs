@@ -135,7 +135,7 @@ pub struct VolumeStats {
     pub chunk_bytes: AtomicU64,
     /// Frames fetched from the backend (cache misses).
     pub frame_fetches: AtomicU64,
-    /// Backend errors retried by the flusher.
+    /// Failures the flusher retried (chunk uploads, map commits, WAL syncs).
     pub flush_retries: AtomicU64,
 }
 
@@ -960,6 +960,43 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
     }
 }
 
+/// Runs `op` until it succeeds, backing off between failures (logged as `what` with `key`, at
+/// error level when `serious`, else warn, and counted in `flush_retries`); `None` once a stop is
+/// requested.
+/// Waiting is always safe here: the data stays in the WAL meanwhile.
+async fn retry_until_stopped<T, E, Fut>(
+    inner: &Inner,
+    what: &str,
+    key: &str,
+    serious: bool,
+    mut op: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let policy = RetryPolicy::forever();
+    let mut attempt = 0u32;
+    loop {
+        if inner.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
+                if serious {
+                    tracing::error!(volume = %inner.id, key, error = %e, attempt, "{what} failed; retrying");
+                } else {
+                    tracing::warn!(volume = %inner.id, key, error = %e, attempt, "{what} failed; retrying");
+                }
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// Cancels uploads that will not be committed and waits for them, so none writes afterwards.
 async fn abort(in_flight: VecDeque<InFlight>) {
     for job in &in_flight {
@@ -978,17 +1015,15 @@ const MAX_CHUNK_EXTENTS: usize = 1 << 16;
 /// or replay could resurrect an older, durable version of a block under the newer one in the map.
 /// Retries until the WAL syncs; false if asked to stop.
 async fn sync_wal_for_split(inner: &Inner) -> bool {
-    let policy = RetryPolicy::forever();
-    let mut attempt = 0u32;
-    while let Err(e) = inner.wal.sync().await {
-        if inner.stop.load(Ordering::SeqCst) {
-            return false;
-        }
-        tracing::warn!(volume = %inner.id, error = %e, attempt, "WAL sync before a split chunk commit failed; retrying");
-        tokio::time::sleep(policy.delay(attempt)).await;
-        attempt += 1;
-    }
-    true
+    retry_until_stopped(
+        inner,
+        "WAL sync before a split chunk commit",
+        "",
+        false,
+        || inner.wal.sync(),
+    )
+    .await
+    .is_some()
 }
 
 /// Builds one chunk object and uploads it, retrying the upload with backoff until it succeeds
@@ -1015,23 +1050,11 @@ async fn upload_chunk(
     };
     let key = chunk_key(&inner.id, object_id);
     let stored_bytes = object.len() as u64;
-    let policy = RetryPolicy::forever();
-    let mut attempt = 0u32;
     let _slot = inner.upload_slots.acquire().await.ok()?;
-    loop {
-        if inner.stop.load(Ordering::SeqCst) {
-            return None;
-        }
-        match inner.backend.put(&key, object.clone()).await {
-            Ok(()) => break,
-            Err(e) => {
-                inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key = %key, error = %e, attempt, "chunk upload failed; retrying");
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
-        }
-    }
+    retry_until_stopped(&inner, "chunk upload", &key, false, || {
+        inner.backend.put(&key, object.clone())
+    })
+    .await?;
     Some(Uploaded {
         object_id,
         index,
@@ -1061,23 +1084,11 @@ async fn commit_chunk(
         next_object_id: up.object_id + 1,
         max_seq: state.max_seq.max(max_seq),
     };
-    let policy = RetryPolicy::forever();
-    let mut attempt = 0u32;
-    loop {
-        if inner.stop.load(Ordering::SeqCst) {
-            return None;
-        }
-        let lookup = inner.lookup.clone();
-        let c = commit.clone();
-        match blocking(move || lookup.commit_chunk(&c, next)).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::error!(volume = %inner.id, error = %e, attempt, "map commit failed; retrying");
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
-        }
-    }
+    retry_until_stopped(inner, "map commit", "", true, || {
+        let (lookup, c) = (inner.lookup.clone(), commit.clone());
+        blocking(move || lookup.commit_chunk(&c, next))
+    })
+    .await?;
     inner.stats.chunks.fetch_add(1, Ordering::Relaxed);
     inner
         .stats
