@@ -43,6 +43,7 @@ fn open_wal(dir: &std::path::Path) -> Wal {
     let cfg = WalConfig {
         dir: dir.to_owned(),
         segment_bytes: 64 << 20,
+        name: "bench".into(),
     };
     Wal::open(&cfg, 1, 0, |_, _| {}).expect("wal").0
 }

@@ -311,6 +311,11 @@ impl Engine {
         Ok(vol)
     }
 
+    /// The volumes open now (opened by a client or the control plane), for metrics.
+    pub async fn open_volumes(&self) -> Vec<Volume> {
+        self.open.lock().await.values().cloned().collect()
+    }
+
     /// Grows volume `id` to `size_bytes` (never shrinks). An open volume is closed first and
     /// reopened at the new size by its next user.
     pub async fn resize_volume(

@@ -135,6 +135,8 @@ pub struct VolumeStats {
     pub chunk_bytes: AtomicU64,
     /// Frames fetched from the backend (cache misses).
     pub frame_fetches: AtomicU64,
+    /// Frames served from the frame cache.
+    pub frame_hits: AtomicU64,
     /// Failures the flusher retried (chunk uploads, map commits, WAL syncs).
     pub flush_retries: AtomicU64,
 }
@@ -178,6 +180,10 @@ struct Inner {
     /// PUTs in flight (`upload_concurrency`); chunks are built ahead of them.
     upload_slots: Semaphore,
     stats: VolumeStats,
+    /// `vblock_chunk_upload_duration_seconds{volume}`: one successful chunk PUT (retries included).
+    upload_seconds: metrics::Histogram,
+    /// `vblock_backend_get_duration_seconds{volume,backend}`: one ranged GET of a frame.
+    get_seconds: metrics::Histogram,
 }
 
 /// An open volume. Cheap to clone; all clones share the engine state.
@@ -258,9 +264,11 @@ impl Volume {
         let wal_config = WalConfig {
             dir: wal_dir,
             segment_bytes: config.wal_segment_bytes,
+            name: id.to_string(),
         };
         let tag = id.tag();
         let chunk_bytes = config.chunk_bytes;
+        let replay_started = Instant::now();
         let (wal, report, replayer) = tokio::task::spawn_blocking(move || {
             let mut r = Replayer {
                 chunk_bytes,
@@ -279,12 +287,16 @@ impl Volume {
                 records = report.records,
                 applied = report.applied,
                 truncated_bytes = report.truncated_bytes,
+                wal_bytes = wal.stats().disk_bytes.load(Ordering::Relaxed),
+                elapsed_ms = replay_started.elapsed().as_millis() as u64,
                 "WAL replayed"
             );
         }
         let charged: u64 =
             replayer.frozen.iter().map(|m| m.charged).sum::<u64>() + replayer.active.charged;
         let next_seq = state.max_seq.max(report.max_seq).max(state.checkpoint) + 1;
+        let id_label = id.to_string();
+        let backend_kind = backend.kind();
         let inner = Arc::new(Inner {
             lookup: BlockLookup::new(meta, id.clone()),
             id,
@@ -309,6 +321,15 @@ impl Volume {
             flusher: Mutex::new(None),
             upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
             stats: VolumeStats::default(),
+            upload_seconds: metrics::histogram!(
+                "vblock_chunk_upload_duration_seconds",
+                "volume" => id_label.clone()
+            ),
+            get_seconds: metrics::histogram!(
+                "vblock_backend_get_duration_seconds",
+                "volume" => id_label,
+                "backend" => backend_kind
+            ),
             config,
         });
         let handle = tokio::spawn(flusher(inner.clone(), state));
@@ -685,12 +706,15 @@ impl Volume {
                 };
                 let (key, okey, range) = inner.frame_location(&f);
                 if let Some(hit) = inner.cache.get(&key) {
+                    inner.stats.frame_hits.fetch_add(1, Ordering::Relaxed);
                     frames.push(Some(hit));
                     continue;
                 }
+                let started = Instant::now();
                 match inner.backend.get_range_blocking(&okey, range) {
                     None => frames.push(None),
                     Some(raw) => {
+                        inner.get_seconds.record(started.elapsed());
                         inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
                         let data = decode_fetched(okey, &raw?, &f)?;
                         inner.cache.insert(key, data.clone());
@@ -735,10 +759,12 @@ impl Volume {
             .cache
             .get_or_insert_async(&key, async {
                 inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
                 let raw = retry(&inner.config.read_retry, &okey, || {
                     inner.backend.get_range(&okey, range.clone())
                 })
                 .await?;
+                inner.get_seconds.record(started.elapsed());
                 tokio::task::spawn_blocking(move || decode_fetched(okey, &raw, &f))
                     .await
                     .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
@@ -1051,10 +1077,12 @@ async fn upload_chunk(
     let key = chunk_key(&inner.id, object_id);
     let stored_bytes = object.len() as u64;
     let _slot = inner.upload_slots.acquire().await.ok()?;
+    let started = Instant::now();
     retry_until_stopped(&inner, "chunk upload", &key, false, || {
         inner.backend.put(&key, object.clone())
     })
     .await?;
+    inner.upload_seconds.record(started.elapsed());
     Some(Uploaded {
         object_id,
         index,

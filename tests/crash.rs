@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::daemon::{wait_until, Daemon, Nats};
+use common::daemon::{nbd_client, wait_until, Daemon, Nats};
 use rand::{Rng, SeedableRng};
 
 const CLIENTS: u64 = 4;
@@ -64,13 +64,7 @@ struct Record {
 }
 
 fn client(port: u16, vol: &str) -> nbd::client::NbdClient<TcpStream> {
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    // The nbd crate writes each header field separately: no Nagle delay.
-    tcp.set_nodelay(true).expect("nodelay");
-    tcp.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let export = nbd::client::handshake(&mut tcp, vol.as_bytes()).expect("handshake");
-    nbd::client::NbdClient::new(tcp, &export)
+    nbd_client(port, vol, Duration::from_secs(30))
 }
 
 fn workload(

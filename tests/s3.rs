@@ -5,13 +5,12 @@
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::daemon::{require, run, wait_until, Daemon, Nats};
+use common::daemon::{nbd_client, require, run, wait_until, Daemon, Nats};
 use common::s3::{Kind, S3Server};
 
 const T: Duration = Duration::from_secs(120);
@@ -209,13 +208,7 @@ fn s3_outage_during_writes_loses_nothing_and_reads_recover() {
     let writer = {
         let (stop, written, vol, port) = (stop.clone(), written.clone(), vol.clone(), d.nbd_port);
         std::thread::spawn(move || {
-            let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-            // The nbd crate writes each header field separately: no Nagle delay.
-            tcp.set_nodelay(true).expect("nodelay");
-            tcp.set_read_timeout(Some(Duration::from_secs(120)))
-                .expect("timeout");
-            let export = nbd::client::handshake(&mut tcp, vol.as_bytes()).expect("handshake");
-            let mut c = nbd::client::NbdClient::new(tcp, &export);
+            let mut c = nbd_client(port, &vol, Duration::from_secs(120));
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let b = n % BLOCKS;
@@ -277,10 +270,7 @@ fn s3_outage_during_writes_loses_nothing_and_reads_recover() {
     // A clean stop drains everything into S3; then every block holds its last generation.
     d.restart();
     let check = |d: &Daemon| {
-        let mut tcp = TcpStream::connect(("127.0.0.1", d.nbd_port)).expect("connect");
-        tcp.set_nodelay(true).expect("nodelay");
-        let export = nbd::client::handshake(&mut tcp, vol.as_bytes()).expect("handshake");
-        let mut c = nbd::client::NbdClient::new(tcp, &export);
+        let mut c = nbd_client(d.nbd_port, &vol, Duration::from_secs(120));
         let mut all = vec![0u8; (BLOCKS * 4096) as usize];
         for piece in all.chunks_mut(1 << 20) {
             c.read_exact(piece).expect("read");

@@ -1,22 +1,43 @@
 //! `vblock`: the daemon (`vblock serve`) and its management commands.
 
 mod client;
+mod config;
+mod metrics;
 mod offline;
+mod progress;
 mod serve;
 mod size;
+mod status;
 
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use client::{ebs_request, print_volumes, size_to_gib, Client, ClientError};
 
+/// `vblock --version`: the crate version and the git commit it was built from (cli/build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("VBLOCK_GIT_COMMIT"),
+    ")"
+);
+
 /// vblock: virtual block volumes over NBD, managed over NATS.
 #[derive(Debug, Parser)]
-#[command(name = "vblock", version, about)]
+#[command(name = "vblock", version = VERSION, about)]
 struct Cli {
+    /// TOML file with the same keys as the flags of `vblock serve` (flags > env > file >
+    /// defaults).
+    #[arg(long, global = true, env = "VBLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     /// Log format.
     #[arg(
         long,
@@ -99,6 +120,39 @@ enum Command {
     Import(offline::ImportArgs),
     /// Copy a volume of a stopped daemon's data directory into a raw image file.
     Export(offline::ExportArgs),
+    /// Live table of a daemon's volumes: mounts, connections, IOPS, WAL pending, upload lag
+    /// (read from its Prometheus endpoint).
+    Status {
+        /// The daemon's metrics URL (`vblock serve --metrics-listen`).
+        #[arg(
+            long,
+            env = "VBLOCK_METRICS_URL",
+            default_value = "http://127.0.0.1:9109/metrics"
+        )]
+        metrics_url: String,
+        /// Time between the two scrapes a rate is computed from, e.g. 1s, 500ms.
+        #[arg(long, default_value = "1s", value_parser = humantime_duration)]
+        interval: Duration,
+        /// Keep refreshing until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Print a shell completion script, e.g. `vblock completions bash > /etc/bash_completion.d/vblock`.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,8 +368,46 @@ async fn mount_command(r: &Remote, id: &str, mount: bool) -> Result<(), ClientEr
     .await
 }
 
+/// Parses the command line with `--config` applied. Exits (like clap) on bad flags, `--help`
+/// and `--version`; a bad config file is exit code 2.
+fn parse() -> Result<(Cli, Option<String>), (String, i32)> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    let mut from_file = Default::default();
+    if let Some(path) = config::config_path(&args) {
+        (cmd, from_file) = config::apply(cmd, &path).map_err(|e| (e.to_string(), 2))?;
+    }
+    let matches = cmd
+        .try_get_matches_from_mut(&args)
+        .unwrap_or_else(|e| e.exit());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `serve --print-config`: the effective settings and where each came from.
+    let printed = match (&cli.command, matches.subcommand_matches("serve")) {
+        (Command::Serve(a), Some(m)) if a.print_config => cmd
+            .find_subcommand("serve")
+            .map(|serve| config::effective(serve, m, &from_file)),
+        _ => None,
+    };
+    Ok((cli, printed))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, printed) = match parse() {
+        Ok(v) => v,
+        Err((msg, code)) => {
+            eprintln!("vblock: {msg}");
+            return ExitCode::from(code as u8);
+        }
+    };
+    if let Some(text) = printed {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "vblock", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    progress::set_quiet(cli.quiet);
     init_logging(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -347,6 +439,15 @@ fn main() -> ExitCode {
             Command::Fsck(a) => offline::fsck(a).await.map_err(|e| (e.to_string(), 1)),
             Command::Import(a) => offline::import(a).await.map_err(|e| (e.to_string(), 1)),
             Command::Export(a) => offline::export(a).await.map_err(|e| (e.to_string(), 1)),
+            Command::Status {
+                metrics_url,
+                interval,
+                watch,
+                output,
+            } => status::run(&metrics_url, interval, watch, output == Output::Json)
+                .await
+                .map_err(|e| (e.to_string(), 1)),
+            Command::Completions { .. } => Ok(()),
         }
     });
     match code {

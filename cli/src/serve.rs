@@ -88,6 +88,15 @@ pub struct ServeArgs {
     /// Region (default: AWS_REGION / profile, else us-east-1).
     #[arg(long, env = "VBLOCK_S3_REGION")]
     pub s3_region: Option<String>,
+    /// Prometheus endpoint (`GET /metrics`) listen address.
+    #[arg(long, env = "VBLOCK_METRICS_LISTEN", default_value = "127.0.0.1:9109")]
+    pub metrics_listen: SocketAddr,
+    /// Do not serve metrics.
+    #[arg(long, env = "VBLOCK_NO_METRICS")]
+    pub no_metrics: bool,
+    /// Print the effective settings (flags > env > config file > defaults) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Errors that stop the daemon; each has its own exit code.
@@ -164,6 +173,11 @@ async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
 
 /// Runs the daemon until SIGINT or SIGTERM, then shuts down cleanly (volumes drained and synced).
 pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
+    if !a.no_metrics {
+        crate::metrics::install(a.metrics_listen).map_err(|e| {
+            ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))
+        })?;
+    }
     let backend = backend(&a).await?;
     let engine = Arc::new(Engine::open(engine_config(&a), backend).await?);
     // An empty data directory next to a backend that holds volumes: recover them (disaster
@@ -177,6 +191,7 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
             );
         }
     }
+    let (engine_for_metrics, buffer_capacity) = (engine.clone(), a.buffer_size);
     let listener = tokio::net::TcpListener::bind(a.nbd_listen)
         .await
         .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
@@ -212,7 +227,18 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
             Ok(())
         }
     });
-    tracing::info!(nbd = %nbd_addr, advertise = %advertise, nats = %a.nats_url, data_dir = %a.data_dir.display(), "vblock serving");
+    if !a.no_metrics {
+        tasks.spawn(async move {
+            crate::metrics::sample(engine_for_metrics, buffer_capacity).await;
+            Ok(())
+        });
+    }
+    let metrics = if a.no_metrics {
+        "off".to_owned()
+    } else {
+        format!("http://{}/metrics", a.metrics_listen)
+    };
+    tracing::info!(version = crate::VERSION, nbd = %nbd_addr, advertise = %advertise, nats = %a.nats_url, %metrics, data_dir = %a.data_dir.display(), "vblock serving");
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ServeError::Config(format!("cannot install SIGTERM handler: {e}")))?;
     tokio::select! {

@@ -4,6 +4,7 @@
 
 pub mod handshake;
 pub mod proto;
+mod request_metrics;
 pub mod transmission;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 use vblock::{Engine, Volume, VolumeId};
 
 /// Largest read or write payload in bytes (advertised as the maximum block size): 32 MiB.
@@ -185,18 +187,26 @@ impl Server {
     {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; closing new connection");
+            metrics::counter!("vblock_nbd_connections_rejected_total").increment(1);
             return;
         };
+        metrics::counter!("vblock_nbd_connections_accepted_total").increment(1);
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            self.connection(sock, &peer).await;
-            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
-        });
+        // One span per connection: every line it logs carries the peer and, after the
+        // handshake, the export.
+        let span = tracing::info_span!("nbd", %peer, volume = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                self.connection(sock).await;
+                self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
 
-    async fn connection<S>(&self, mut sock: S, peer: &str)
+    async fn connection<S>(&self, mut sock: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -207,20 +217,23 @@ impl Server {
         .await;
         let neg = match neg {
             Err(_) => {
-                tracing::info!(%peer, "handshake timed out");
+                tracing::info!("handshake timed out");
+                metrics::counter!("vblock_nbd_handshake_failures_total").increment(1);
                 return;
             }
             Ok(Err(e)) => {
-                tracing::info!(%peer, error = %e, "handshake failed");
+                tracing::info!(error = %e, "handshake failed");
+                metrics::counter!("vblock_nbd_handshake_failures_total").increment(1);
                 return;
             }
             Ok(Ok(None)) => return,
             Ok(Ok(Some(n))) => n,
         };
-        let export = neg.export.name.clone();
-        tracing::debug!(%peer, %export, structured = neg.structured, "NBD client connected");
-        if let Err(e) = transmission::transmit(sock, neg, self.limits).await {
-            tracing::info!(%peer, %export, error = %e, "NBD connection ended with an error");
+        tracing::Span::current().record("volume", neg.export.name.as_str());
+        tracing::info!(structured = neg.structured, "NBD client connected");
+        match transmission::transmit(sock, neg, self.limits).await {
+            Ok(()) => tracing::info!("NBD client disconnected"),
+            Err(e) => tracing::info!(error = %e, "NBD connection ended with an error"),
         }
     }
 }

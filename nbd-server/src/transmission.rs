@@ -6,6 +6,7 @@
 //! per connection is bounded by a request count and a byte budget (payloads and read buffers).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -15,6 +16,7 @@ use vblock::VolumeError;
 
 use crate::handshake::Negotiated;
 use crate::proto::*;
+use crate::request_metrics::ConnMetrics;
 use crate::{Limits, MAX_BLOCK};
 
 /// A validated request.
@@ -76,6 +78,8 @@ pub fn errno(e: &VolumeError) -> u32 {
 struct Reply {
     head: Vec<u8>,
     data: Option<Bytes>,
+    /// The reply carries an NBD error (metrics).
+    failed: bool,
 }
 
 fn allowed_flags(kind: u16, structured: bool) -> u16 {
@@ -145,6 +149,7 @@ fn error_reply(cookie: u64, structured: bool, err: u32, msg: &str) -> Reply {
         return Reply {
             head: simple_reply(cookie, err).to_vec(),
             data: None,
+            failed: true,
         };
     }
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
@@ -158,13 +163,18 @@ fn error_reply(cookie: u64, structured: bool, err: u32, msg: &str) -> Reply {
     head.put_u32(err);
     head.put_u16(msg.len() as u16);
     head.extend_from_slice(msg);
-    Reply { head, data: None }
+    Reply {
+        head,
+        data: None,
+        failed: true,
+    }
 }
 
 fn ok_reply(cookie: u64) -> Reply {
     Reply {
         head: simple_reply(cookie, 0).to_vec(),
         data: None,
+        failed: false,
     }
 }
 
@@ -193,11 +203,13 @@ async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
                 Reply {
                     head,
                     data: Some(data),
+                    failed: false,
                 }
             }
             Ok(data) => Reply {
                 head: simple_reply(cookie, 0).to_vec(),
                 data: Some(data),
+                failed: false,
             },
             Err(e) => {
                 if structured {
@@ -207,6 +219,7 @@ async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
                     Reply {
                         head: simple_reply(cookie, errno(&e)).to_vec(),
                         data: None,
+                        failed: true,
                     }
                 }
             }
@@ -275,7 +288,11 @@ async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
                 )
                 .to_vec();
                 head.extend_from_slice(&payload);
-                Reply { head, data: None }
+                Reply {
+                    head,
+                    data: None,
+                    failed: false,
+                }
             }
             Err(e) => fail(e),
         },
@@ -302,6 +319,7 @@ where
 {
     let neg = Arc::new(neg);
     let size = neg.export.volume.size();
+    let metrics = Arc::new(ConnMetrics::new(&neg.export.name));
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::channel::<Reply>(limits.max_requests);
@@ -391,8 +409,11 @@ where
         };
         let neg = neg.clone();
         let tx = tx.clone();
+        let metrics = metrics.clone();
+        let started = Instant::now();
         tasks.spawn(async move {
             let reply = execute(cmd, h.cookie, &neg).await;
+            metrics.record(h.kind, h.length, reply.failed, started.elapsed());
             let _ = tx.send(reply).await;
             drop(budget);
             drop(slot);

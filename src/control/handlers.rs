@@ -23,6 +23,13 @@ pub struct Handled {
     pub reply: Vec<u8>,
     /// `(subject, body)` to publish as well (`ebs.mount.response`, `ebs.unmount.response`).
     pub broadcast: Option<(String, Vec<u8>)>,
+    /// `"ok"`, the EC2 error code, or `"error"` for Hive replies that carry an `Error` text
+    /// (the `result` label of `vblock_nats_requests_total`).
+    pub result: String,
+}
+
+fn hive_result(error: &str) -> String {
+    if error.is_empty() { "ok" } else { "error" }.to_owned()
 }
 
 /// The control-plane service.
@@ -135,9 +142,17 @@ impl Control {
     /// `ebs.NODE.mount`, ...) with JSON `payload`.
     pub async fn handle(&self, subject: &str, payload: &[u8]) -> Handled {
         let op = subject.rsplit('.').next().unwrap_or("");
-        let plain = |r: Result<Vec<u8>, ApiError>| Handled {
-            reply: r.unwrap_or_else(|e| body(&ErrorReply { error: e })),
-            broadcast: None,
+        let plain = |r: Result<Vec<u8>, ApiError>| match r {
+            Ok(reply) => Handled {
+                reply,
+                broadcast: None,
+                result: "ok".into(),
+            },
+            Err(e) => Handled {
+                result: e.code.clone(),
+                reply: body(&ErrorReply { error: e }),
+                broadcast: None,
+            },
         };
         match op {
             "createvolume" => plain(self.create_volume(payload).await),
@@ -155,6 +170,7 @@ impl Control {
                 Handled {
                     reply: b.clone(),
                     broadcast: Some(("ebs.mount.response".into(), b)),
+                    result: hive_result(&r.error),
                 }
             }
             "unmount" => {
@@ -163,12 +179,17 @@ impl Control {
                 Handled {
                     reply: b.clone(),
                     broadcast: Some(("ebs.unmount.response".into(), b)),
+                    result: hive_result(&r.error),
                 }
             }
-            "delete" => Handled {
-                reply: body(&self.hive_delete(payload).await),
-                broadcast: None,
-            },
+            "delete" => {
+                let r = self.hive_delete(payload).await;
+                Handled {
+                    reply: body(&r),
+                    broadcast: None,
+                    result: hive_result(&r.error),
+                }
+            }
             _ => plain(Err(ApiError::invalid(format!("unknown subject {subject}")))),
         }
     }

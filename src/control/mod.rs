@@ -96,7 +96,15 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
         let control = control.clone();
         let client = client.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let handled = control.handle(msg.subject.as_str(), &msg.payload).await;
+            // The operation (last token) labels the metrics: node subjects `ebs.NODE.mount`
+            // count as `mount`, and the label set stays bounded.
+            let op = operation(msg.subject.as_str());
+            metrics::counter!("vblock_nats_requests_total", "op" => op, "result" => handled.result.clone())
+                .increment(1);
+            metrics::histogram!("vblock_nats_request_duration_seconds", "op" => op)
+                .record(started.elapsed());
             if let Some(reply) = msg.reply {
                 if let Err(e) = client.publish(reply, handled.reply.into()).await {
                     tracing::warn!(subject = %msg.subject, error = %e, "reply failed");
@@ -109,4 +117,15 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             }
         });
     }
+}
+
+/// The operation label of `subject`: its last token when it is a served operation, else `other`.
+fn operation(subject: &str) -> &'static str {
+    let last = subject.rsplit('.').next().unwrap_or("");
+    SUBJECTS
+        .iter()
+        .map(|s| s.rsplit('.').next().unwrap_or(""))
+        .chain(["mount", "unmount"])
+        .find(|op| *op == last)
+        .unwrap_or("other")
 }

@@ -34,6 +34,8 @@ pub struct WalConfig {
     /// A segment is closed and a new one started once it would exceed this many bytes
     /// (default 64 MiB).
     pub segment_bytes: u64,
+    /// Owner's name (the VolumeId) for the `volume` label of the WAL's metrics.
+    pub name: String,
 }
 
 /// Errors of the WAL layer. Cloneable so one failure can answer every waiter of a group commit.
@@ -106,6 +108,10 @@ pub struct WalStats {
     pub bytes: AtomicU64,
     /// Segment files deleted by trim.
     pub segments_trimmed: AtomicU64,
+    /// Segment files on disk now (gauge).
+    pub segments: AtomicU64,
+    /// Bytes in the segment files on disk now, i.e. not yet trimmed (gauge).
+    pub disk_bytes: AtomicU64,
 }
 
 /// Position up to which the WAL is known to be on stable storage.

@@ -86,6 +86,7 @@ pub(crate) fn replay(
         let mut info = SegmentInfo {
             no: seg.no,
             max_seq: 0,
+            bytes: 0,
         };
         let mut off = SEGMENT_HEADER_LEN;
         let mut torn = false;
@@ -140,6 +141,7 @@ pub(crate) fn replay(
                 }
             }
         }
+        info.bytes = off.min(seg.data.len()) as u64;
         infos.push_back(info);
         if torn {
             break;

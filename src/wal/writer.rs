@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ struct Round {
 pub(crate) struct SegmentInfo {
     pub no: u64,
     pub max_seq: u64,
+    /// Bytes in the file (header and records).
+    pub bytes: u64,
 }
 
 pub(crate) struct Writer {
@@ -53,6 +56,7 @@ pub(crate) struct Writer {
     fatal: Option<WalError>,
     stats: Arc<WalStats>,
     durable: Arc<Mutex<DurablePosition>>,
+    fsync_seconds: metrics::Histogram,
 }
 
 impl Writer {
@@ -65,7 +69,17 @@ impl Writer {
     ) -> Result<Self, WalError> {
         let no = segments.back().map_or(1, |s| s.no + 1);
         let file = create_segment(&config.dir, no, volume_tag)?;
-        segments.push_back(SegmentInfo { no, max_seq: 0 });
+        segments.push_back(SegmentInfo {
+            no,
+            max_seq: 0,
+            bytes: SEGMENT_HEADER_LEN as u64,
+        });
+        stats
+            .segments
+            .store(segments.len() as u64, Ordering::Relaxed);
+        stats
+            .disk_bytes
+            .store(segments.iter().map(|s| s.bytes).sum(), Ordering::Relaxed);
         if let Ok(mut d) = durable.lock() {
             *d = DurablePosition {
                 segment_no: no,
@@ -84,6 +98,10 @@ impl Writer {
             fatal: None,
             stats,
             durable,
+            fsync_seconds: metrics::histogram!(
+                "vblock_wal_fsync_duration_seconds",
+                "volume" => config.name.clone()
+            ),
         })
     }
 
@@ -205,8 +223,10 @@ impl Writer {
         bump(&self.stats.writes, 1);
         bump(&self.stats.bytes, self.batch.len() as u64);
         self.written += self.batch.len() as u64;
+        bump(&self.stats.disk_bytes, self.batch.len() as u64);
         if let Some(cur) = self.segments.back_mut() {
             cur.max_seq = cur.max_seq.max(self.batch_max_seq);
+            cur.bytes = self.written;
         }
         self.batch.clear();
         if self.batch.capacity() > 2 * MAX_BATCH_BYTES {
@@ -219,6 +239,7 @@ impl Writer {
         if let Some(e) = &self.fatal {
             return Err(e.clone());
         }
+        let started = Instant::now();
         if let Err(e) = self.file.sync_data() {
             // fsyncgate: after a failed fsync the kernel may have dropped dirty pages; nothing
             // written since the last good sync can be trusted any more.
@@ -228,6 +249,7 @@ impl Writer {
             return Err(err);
         }
         bump(&self.stats.fsyncs, 1);
+        self.fsync_seconds.record(started.elapsed());
         if let Ok(mut d) = self.durable.lock() {
             d.offset = self.written;
         }
@@ -242,7 +264,13 @@ impl Writer {
         self.file = create_segment(&self.dir, no, self.volume_tag)?;
         self.written = SEGMENT_HEADER_LEN as u64;
         self.batch_max_seq = 0;
-        self.segments.push_back(SegmentInfo { no, max_seq: 0 });
+        self.segments.push_back(SegmentInfo {
+            no,
+            max_seq: 0,
+            bytes: SEGMENT_HEADER_LEN as u64,
+        });
+        bump(&self.stats.segments, 1);
+        bump(&self.stats.disk_bytes, SEGMENT_HEADER_LEN as u64);
         if let Ok(mut d) = self.durable.lock() {
             *d = DurablePosition {
                 segment_no: no,
@@ -270,6 +298,10 @@ impl Writer {
                 }
             }
             bump(&self.stats.segments_trimmed, 1);
+            self.stats.segments.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .disk_bytes
+                .fetch_sub(oldest.bytes, Ordering::Relaxed);
             self.segments.pop_front();
         }
     }

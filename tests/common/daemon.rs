@@ -48,8 +48,24 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-fn port_open(port: u16) -> bool {
+/// True when something accepts TCP connections on loopback `port`.
+pub fn port_open(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// An independent NBD client (the `nbd` crate: NBD_OPT_EXPORT_NAME, simple replies) for export
+/// `vol` on loopback `port`, with a `read_timeout` on the socket.
+pub fn nbd_client(
+    port: u16,
+    vol: &str,
+    read_timeout: Duration,
+) -> nbd::client::NbdClient<TcpStream> {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // The nbd crate writes each header field separately: no Nagle delay.
+    tcp.set_nodelay(true).expect("nodelay");
+    tcp.set_read_timeout(Some(read_timeout)).expect("timeout");
+    let export = nbd::client::handshake(&mut tcp, vol.as_bytes()).expect("handshake");
+    nbd::client::NbdClient::new(tcp, &export)
 }
 
 /// Requires an installed tool, with a message saying how to get it.
@@ -138,7 +154,7 @@ pub fn stop_child(child: &mut Option<Child>) {
 /// The `vblock serve` command line for a data directory, NBD port and NATS URL.
 fn serve_command(
     data_dir: &Path,
-    nbd_port: u16,
+    (nbd_port, metrics_port): (u16, u16),
     nats_url: &str,
     extra: &[String],
     envs: &[(String, String)],
@@ -149,6 +165,8 @@ fn serve_command(
         .arg(data_dir)
         .arg("--nbd-listen")
         .arg(format!("127.0.0.1:{nbd_port}"))
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--nats-url")
         .arg(nats_url)
         .args(extra)
@@ -218,6 +236,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     /// NBD port (kept across restarts).
     pub nbd_port: u16,
+    /// Prometheus endpoint port (kept across restarts).
+    pub metrics_port: u16,
     /// NATS URL.
     pub nats_url: String,
     extra: Vec<String>,
@@ -242,6 +262,7 @@ impl Daemon {
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             nbd_port: free_port(),
+            metrics_port: free_port(),
             nats_url: nats_url.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             envs: envs
@@ -266,7 +287,7 @@ impl Daemon {
                 .expect("log file");
         let child = serve_command(
             &self.data_dir(),
-            self.nbd_port,
+            (self.nbd_port, self.metrics_port),
             &self.nats_url,
             &self.extra,
             &self.envs,
@@ -317,7 +338,7 @@ impl Daemon {
         let out = run(
             &mut serve_command(
                 &dir.path().join("data"),
-                free_port(),
+                (free_port(), free_port()),
                 nats_url,
                 &extra,
                 &envs,
@@ -335,6 +356,11 @@ impl Daemon {
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// `http://127.0.0.1:PORT/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
 
     /// `nbd://127.0.0.1:PORT/NAME`.

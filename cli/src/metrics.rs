@@ -1,0 +1,201 @@
+//! The Prometheus endpoint of `vblock serve` (`--metrics-listen`, `GET /metrics`).
+//!
+//! Hot paths record into `metrics` handles where the work happens (NBD requests, WAL fsyncs,
+//! chunk uploads, backend GETs, NATS requests); state that is cheaper to read than to track
+//! (buffer fill, WAL on disk, volume sizes, counters the engine already keeps) is sampled once a
+//! second by [`sample`]. Every name is listed in docs/OPERATIONS.md.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_util::MetricKindMask;
+use vblock::Engine;
+
+/// Histogram buckets in seconds, 10 µs .. 10 s: covers a page-cache hit up to an S3 retry.
+const BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often engine state is sampled into gauges and counters.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Installs the global recorder and serves `/metrics` on `listen` (a task on the current tokio
+/// runtime). Gauges of volumes that stop being sampled (deleted, closed) are dropped after a
+/// minute.
+///
+/// Errors: the address cannot be bound, or the recorder is already installed.
+pub fn install(listen: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+        .map_err(|e| e.to_string())?
+        .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(60)))
+        .install()
+        .map_err(|e| e.to_string())?;
+    describe();
+    Ok(())
+}
+
+/// `# HELP` text for every metric vblock exports: the one list of names (docs/OPERATIONS.md
+/// shows them with their labels).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "vblock_nbd_requests_total",
+        "NBD requests by volume and op."
+    );
+    describe_counter!(
+        "vblock_nbd_request_errors_total",
+        "NBD requests answered with an error, by volume and op."
+    );
+    describe_counter!(
+        "vblock_nbd_request_bytes_total",
+        Unit::Bytes,
+        "Payload bytes of NBD reads and writes."
+    );
+    describe_histogram!(
+        "vblock_nbd_request_duration_seconds",
+        Unit::Seconds,
+        "NBD request latency, from parsed request to queued reply."
+    );
+    describe_gauge!(
+        "vblock_nbd_connections",
+        "NBD connections in transmission, by volume."
+    );
+    describe_counter!(
+        "vblock_nbd_connections_accepted_total",
+        "NBD connections accepted."
+    );
+    describe_counter!(
+        "vblock_nbd_connections_rejected_total",
+        "NBD connections refused at the connection limit."
+    );
+    describe_counter!(
+        "vblock_nbd_handshake_failures_total",
+        "NBD handshakes that failed or timed out."
+    );
+    describe_histogram!(
+        "vblock_wal_fsync_duration_seconds",
+        Unit::Seconds,
+        "WAL fdatasync latency (one per group commit)."
+    );
+    describe_counter!("vblock_wal_fsyncs_total", "WAL fdatasync calls.");
+    describe_counter!(
+        "vblock_wal_bytes_total",
+        Unit::Bytes,
+        "Bytes appended to the WAL."
+    );
+    describe_gauge!(
+        "vblock_wal_pending_bytes",
+        Unit::Bytes,
+        "Bytes in WAL segments not yet trimmed (data not yet in committed chunks)."
+    );
+    describe_gauge!("vblock_wal_segments", "WAL segment files on disk.");
+    describe_gauge!(
+        "vblock_buffer_bytes",
+        Unit::Bytes,
+        "Data in the write buffer, not yet uploaded in chunks (the upload lag)."
+    );
+    describe_gauge!(
+        "vblock_buffer_capacity_bytes",
+        Unit::Bytes,
+        "Write buffer size per volume (--buffer-size)."
+    );
+    describe_counter!(
+        "vblock_chunks_uploaded_total",
+        "Chunk objects uploaded and committed."
+    );
+    describe_counter!(
+        "vblock_chunk_upload_bytes_total",
+        Unit::Bytes,
+        "Stored (compressed) bytes of uploaded chunk objects."
+    );
+    describe_histogram!(
+        "vblock_chunk_upload_duration_seconds",
+        Unit::Seconds,
+        "Chunk PUT latency, retries included."
+    );
+    describe_histogram!(
+        "vblock_backend_get_duration_seconds",
+        Unit::Seconds,
+        "Ranged GET latency of one chunk frame, by backend."
+    );
+    describe_counter!(
+        "vblock_cache_hits_total",
+        "Chunk frames served from the frame cache."
+    );
+    describe_counter!(
+        "vblock_cache_misses_total",
+        "Chunk frames fetched from the backend."
+    );
+    describe_counter!(
+        "vblock_flush_retries_total",
+        "Failed chunk uploads, map commits and WAL syncs the flusher retried."
+    );
+    describe_gauge!("vblock_volumes", "Volumes on this daemon.");
+    describe_gauge!("vblock_volume_size_bytes", Unit::Bytes, "Volume size.");
+    describe_gauge!(
+        "vblock_volume_attached",
+        "1 if the volume is attached to an instance."
+    );
+    describe_gauge!(
+        "vblock_volume_mounted",
+        "1 if the volume is mounted (ebs.mount)."
+    );
+    describe_counter!(
+        "vblock_nats_requests_total",
+        "Control-plane requests by operation and result (ok or the EC2 error code)."
+    );
+    describe_histogram!(
+        "vblock_nats_request_duration_seconds",
+        Unit::Seconds,
+        "Control-plane request latency by operation."
+    );
+}
+
+/// Samples `engine` every [`SAMPLE_INTERVAL`] for ever.
+pub async fn sample(engine: Arc<Engine>, buffer_capacity: u64) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        sample_once(&engine, buffer_capacity).await;
+    }
+}
+
+async fn sample_once(engine: &Engine, buffer_capacity: u64) {
+    if let Ok(records) = engine.list_records().await {
+        gauge!("vblock_volumes").set(records.len() as f64);
+        for r in records {
+            let v = r.volume_id.to_string();
+            gauge!("vblock_volume_size_bytes", "volume" => v.clone()).set(r.size_bytes as f64);
+            let attached = if r.attachments.is_empty() { 0.0 } else { 1.0 };
+            gauge!("vblock_volume_attached", "volume" => v.clone()).set(attached);
+            let mounted = if r.mounted { 1.0 } else { 0.0 };
+            gauge!("vblock_volume_mounted", "volume" => v).set(mounted);
+        }
+    }
+    for vol in engine.open_volumes().await {
+        let v = vol.id().to_string();
+        let (s, w) = (vol.stats(), vol.wal_stats());
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        gauge!("vblock_buffer_bytes", "volume" => v.clone()).set(vol.buffered_bytes() as f64);
+        gauge!("vblock_buffer_capacity_bytes", "volume" => v.clone()).set(buffer_capacity as f64);
+        gauge!("vblock_wal_pending_bytes", "volume" => v.clone()).set(load(&w.disk_bytes) as f64);
+        gauge!("vblock_wal_segments", "volume" => v.clone()).set(load(&w.segments) as f64);
+        counter!("vblock_wal_fsyncs_total", "volume" => v.clone()).absolute(load(&w.fsyncs));
+        counter!("vblock_wal_bytes_total", "volume" => v.clone()).absolute(load(&w.bytes));
+        counter!("vblock_chunks_uploaded_total", "volume" => v.clone()).absolute(load(&s.chunks));
+        counter!("vblock_chunk_upload_bytes_total", "volume" => v.clone())
+            .absolute(load(&s.chunk_bytes));
+        counter!("vblock_cache_hits_total", "volume" => v.clone()).absolute(load(&s.frame_hits));
+        counter!("vblock_cache_misses_total", "volume" => v.clone())
+            .absolute(load(&s.frame_fetches));
+        counter!("vblock_flush_retries_total", "volume" => v).absolute(load(&s.flush_retries));
+    }
+}

@@ -1,0 +1,485 @@
+//! Operability (issue 8): the Prometheus endpoint parsed as Prometheus text with counters that
+//! move as I/O is done, `vblock status`, JSON log lines, `--config` precedence, `--version`,
+//! shell completions. Real nats-server, real daemon, real NBD clients (qemu-io, the `nbd` crate).
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::daemon::{
+    free_port, nbd_client, port_open, require, run, run_ok, stop_child, vblock_bin, wait_until,
+    Daemon, Nats,
+};
+use prometheus_parse::{Scrape, Value};
+
+/// `GET /metrics` over a plain socket, parsed the way a Prometheus server would.
+fn scrape(port: u16) -> Scrape {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "bad response: {head}");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text")
+}
+
+/// Sum of the samples of `metric` whose labels include every `(name, value)` of `labels`
+/// (counters and gauges; for histograms, the sample count).
+fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == metric)
+        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(b) => b.iter().map(|c| c.count).fold(0.0, f64::max),
+            Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run_ok(c.arg(uri), Duration::from_secs(60));
+}
+
+#[test]
+fn metrics_endpoint_parses_and_counters_move_with_io() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let vol = d.create_volume(1);
+    let v = vol.as_str();
+    let s0 = scrape(d.metrics_port);
+    assert_eq!(
+        value(
+            &s0,
+            "vblock_nats_requests_total",
+            &[("op", "createvolume"), ("result", "ok")]
+        ),
+        1.0
+    );
+
+    // 16 writes of 64 KiB, 4 reads, a flush.
+    let mut cmds: Vec<String> = (0..16)
+        .map(|i| format!("write -P 7 {} 64k", i * 65536))
+        .collect();
+    cmds.extend((0..4).map(|i| format!("read -P 7 {} 64k", i * 65536)));
+    cmds.push("flush".into());
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&d.uri(v), &refs);
+
+    let s1 = scrape(d.metrics_port);
+    let w = [("volume", v), ("op", "write")];
+    let r = [("volume", v), ("op", "read")];
+    assert_eq!(value(&s1, "vblock_nbd_requests_total", &w), 16.0);
+    assert_eq!(
+        value(&s1, "vblock_nbd_request_bytes_total", &w),
+        16.0 * 65536.0
+    );
+    assert!(value(&s1, "vblock_nbd_requests_total", &r) >= 4.0);
+    assert!(value(&s1, "vblock_nbd_request_bytes_total", &r) >= 4.0 * 65536.0);
+    assert!(
+        value(
+            &s1,
+            "vblock_nbd_requests_total",
+            &[("volume", v), ("op", "flush")]
+        ) >= 1.0
+    );
+    assert_eq!(value(&s1, "vblock_nbd_request_errors_total", &w), 0.0);
+    // Histograms: _seconds with buckets; every write was timed.
+    assert!(s1
+        .samples
+        .iter()
+        .any(|x| x.metric == "vblock_nbd_request_duration_seconds"
+            && matches!(x.value, Value::Histogram(_))));
+    assert_eq!(
+        value(&s1, "vblock_nbd_request_duration_seconds", &w),
+        16.0,
+        "one latency sample per write"
+    );
+    assert!(value(&s1, "vblock_wal_fsync_duration_seconds", &[("volume", v)]) >= 1.0);
+    // qemu-io's connection (the harness's port probes count too).
+    assert!(value(&s1, "vblock_nbd_connections_accepted_total", &[]) >= 1.0);
+
+    // Sampled state (once a second): size, WAL bytes, then the idle flush uploads a chunk.
+    let mut last = s1;
+    let ok = wait_until(Duration::from_secs(30), || {
+        last = scrape(d.metrics_port);
+        value(&last, "vblock_chunks_uploaded_total", &[("volume", v)]) >= 1.0
+            && value(
+                &last,
+                "vblock_chunk_upload_duration_seconds",
+                &[("volume", v)],
+            ) >= 1.0
+            && value(&last, "vblock_wal_bytes_total", &[("volume", v)]) >= 16.0 * 65536.0
+    });
+    assert!(ok, "chunk upload metrics did not move");
+    assert_eq!(
+        value(&last, "vblock_volume_size_bytes", &[("volume", v)]),
+        (1u64 << 30) as f64
+    );
+    assert_eq!(value(&last, "vblock_volumes", &[]), 1.0);
+    assert!(value(&last, "vblock_chunk_upload_bytes_total", &[("volume", v)]) > 0.0);
+
+    // Reading the data back from the chunk (the buffer drained) hits the backend, then the cache.
+    qemu_io(&d.uri(v), &["read -P 7 0 64k", "read -P 7 0 64k"]);
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = scrape(d.metrics_port);
+        value(&last, "vblock_cache_misses_total", &[("volume", v)]) >= 1.0
+            && value(&last, "vblock_cache_hits_total", &[("volume", v)]) >= 1.0
+    });
+    assert!(ok, "cache metrics did not move");
+    assert!(
+        value(
+            &last,
+            "vblock_backend_get_duration_seconds",
+            &[("volume", v), ("backend", "file")]
+        ) >= 1.0
+    );
+
+    // A bad request is counted with its EC2 error code.
+    let out = run(
+        Command::new(vblock_bin()).args([
+            "volume",
+            "describe",
+            "vol-00000000000000000",
+            "--nats-url",
+            &nats.url(),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let s2 = scrape(d.metrics_port);
+    assert_eq!(
+        value(
+            &s2,
+            "vblock_nats_requests_total",
+            &[
+                ("op", "describevolumes"),
+                ("result", "InvalidVolume.NotFound")
+            ]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn status_shows_mounts_connections_and_iops() {
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let vol = d.create_volume(2);
+    d.cli(&["mount", &vol]);
+    // One connection held open and writing while status samples.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, vol, port) = (stop.clone(), vol.clone(), d.nbd_port);
+        std::thread::spawn(move || {
+            let mut c = nbd_client(port, &vol, Duration::from_secs(30));
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                c.seek(SeekFrom::Start((n % 256) * 4096)).expect("seek");
+                c.write_all(&[1u8; 4096]).expect("write");
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut row = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(30), || {
+        let out = run_ok(
+            Command::new(vblock_bin()).args([
+                "status",
+                "--metrics-url",
+                &d.metrics_url(),
+                "--interval",
+                "500ms",
+                "--output",
+                "json",
+            ]),
+            Duration::from_secs(30),
+        );
+        let rows: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        row = rows
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["VolumeId"] == vol.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        row["Connections"] == 1.0 && row["WriteIops"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.join().expect("writer");
+    assert!(
+        ok,
+        "status never showed the connection and its writes: {row}"
+    );
+    assert!(written > 0);
+    assert_eq!(row["Size"], 2.0);
+    assert_eq!(row["Mounted"], true);
+    assert_eq!(row["Attached"], false);
+    assert_eq!(row["ReadIops"], 0.0);
+    // The table form names the volume and the columns.
+    let table = run_ok(
+        Command::new(vblock_bin()).args([
+            "status",
+            "--metrics-url",
+            &d.metrics_url(),
+            "--interval",
+            "100ms",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        table.contains("VOLUME") && table.contains("WRITE/s"),
+        "{table}"
+    );
+    assert!(table.contains(&vol), "{table}");
+    // An unreachable endpoint is a clear error.
+    let out = run(
+        Command::new(vblock_bin()).args([
+            "status",
+            "--metrics-url",
+            &format!("http://127.0.0.1:{}/metrics", free_port()),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot scrape"));
+}
+
+#[test]
+fn json_log_lines_parse_and_io_is_not_logged() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let d = Daemon::start_with(&nats.url(), &["--log-format", "json"]);
+    let vol = d.create_volume(1);
+    qemu_io(&d.uri(&vol), &["write -P 3 0 64k", "flush"]);
+    let lines_after_first = d.log().lines().count();
+    let writes: Vec<String> = (0..200)
+        .map(|i| format!("write -P 3 {} 4k", i * 4096))
+        .collect();
+    let refs: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(&d.uri(&vol), &refs);
+    let log = d.log();
+    let mut messages = Vec::new();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        messages.push(v);
+    }
+    let has = |msg: &str| {
+        messages
+            .iter()
+            .find(|v| v["fields"]["message"] == msg)
+            .cloned()
+    };
+    let serving = has("vblock serving").expect("start line");
+    assert!(serving["fields"]["version"]
+        .as_str()
+        .is_some_and(|s| s.contains("git")));
+    assert_eq!(
+        has("volume created").expect("create line")["fields"]["volume"],
+        vol.as_str()
+    );
+    let connected = has("NBD client connected").expect("connect line");
+    assert_eq!(
+        connected["span"]["volume"],
+        vol.as_str(),
+        "connection span names the volume"
+    );
+    assert!(connected["span"]["peer"].is_string());
+    // 200 writes add only the connect/disconnect lines of the second qemu-io, no per-I/O noise.
+    let added = log.lines().count() - lines_after_first;
+    assert!(added <= 4, "{added} lines for 200 writes:\n{log}");
+}
+
+#[test]
+fn config_file_precedence_is_flags_env_file_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("vblock.toml");
+    std::fs::write(
+        &cfg,
+        "data-dir = \"/srv/vblock\"\nbuffer-size = \"1GiB\"\ncache_size = \"64MiB\"\n\
+         upload-concurrency = 8\ns3-force-path-style = true\nlog-format = \"json\"\n",
+    )
+    .expect("write config");
+    let out = run_ok(
+        Command::new(vblock_bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .args(["--buffer-size", "512MiB", "--print-config"])
+            .env("VBLOCK_CACHE_SIZE", "32MiB")
+            .env_remove("VBLOCK_DATA_DIR")
+            .env_remove("VBLOCK_CHUNK_SIZE"),
+        Duration::from_secs(30),
+    );
+    for expected in [
+        "buffer-size = \"512MiB\"  # flag",
+        "cache-size = \"32MiB\"  # env",
+        "data-dir = \"/srv/vblock\"  # config file",
+        "upload-concurrency = 8  # config file",
+        "s3-force-path-style = true  # config file",
+        "log-format = \"json\"  # config file",
+        "chunk-size = \"4MiB\"  # default",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+    // VBLOCK_CONFIG names the file too.
+    let out = run_ok(
+        Command::new(vblock_bin())
+            .args(["serve", "--print-config"])
+            .env("VBLOCK_CONFIG", &cfg),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.contains("data-dir = \"/srv/vblock\"  # config file"),
+        "{out}"
+    );
+    // Unknown keys and bad TOML: exit 2 with the file and the key or line.
+    for (text, says) in [
+        (
+            "data-dir = \"/x\"\nbufer-size = \"1GiB\"\n",
+            "unknown key `bufer-size`",
+        ),
+        ("data-dir = \n", "not valid TOML"),
+        ("nbd-listen = [1]\n", "`nbd-listen` must be a string"),
+    ] {
+        std::fs::write(&cfg, text).expect("write config");
+        let out = run(
+            Command::new(vblock_bin())
+                .args(["serve", "--config"])
+                .arg(&cfg),
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says) && err.contains("vblock.toml"), "{err}");
+    }
+    // A bad value from the file is reported by clap like a bad flag.
+    std::fs::write(&cfg, "buffer-size = \"lots\"\n").expect("write config");
+    let out = run(
+        Command::new(vblock_bin())
+            .args(["serve", "--print-config", "--config"])
+            .arg(&cfg),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lots"));
+}
+
+#[test]
+fn daemon_runs_from_a_config_file_alone() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (nbd, metrics) = (free_port(), free_port());
+    let cfg = dir.path().join("vblock.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data-dir = {:?}\nnbd-listen = \"127.0.0.1:{nbd}\"\nmetrics-listen = \"127.0.0.1:{metrics}\"\n\
+             nats-url = \"{}\"\nbuffer-size = \"64MiB\"\n",
+            dir.path().join("data").display().to_string(),
+            nats.url()
+        ),
+    )
+    .expect("write config");
+    let mut child = Some(
+        Command::new(vblock_bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let up = wait_until(Duration::from_secs(30), || {
+        port_open(nbd) && port_open(metrics)
+    });
+    stop_child(&mut child);
+    assert!(
+        up,
+        "daemon did not listen on the ports from its config file"
+    );
+    assert!(dir.path().join("data").exists());
+    // The example config in scripts/ is valid.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vblock.example.toml");
+    let out = run_ok(
+        Command::new(vblock_bin()).args(["serve", "--print-config", "--config", example]),
+        Duration::from_secs(30),
+    );
+    assert!(out.contains("# config file"), "{out}");
+}
+
+#[test]
+fn metrics_port_in_use_is_exit_4() {
+    let nats = Nats::start();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(
+        Command::new(vblock_bin())
+            .args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .args(["--nats-url", &nats.url(), "--nbd-listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{port}")),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+}
+
+#[test]
+fn version_names_the_commit_and_completions_generate() {
+    let out = run_ok(
+        Command::new(vblock_bin()).arg("--version"),
+        Duration::from_secs(30),
+    );
+    // "vblock 0.1.0 (git 0123456789ab)" or "(git unknown)" outside a checkout.
+    let commit = out
+        .trim()
+        .strip_prefix(concat!("vblock ", env!("CARGO_PKG_VERSION"), " (git "))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("bad --version: {out}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{out}"
+    );
+    for (shell, marker) in [
+        ("bash", "_vblock()"),
+        ("zsh", "#compdef vblock"),
+        ("fish", "complete -c vblock"),
+    ] {
+        let script = run_ok(
+            Command::new(vblock_bin()).args(["completions", shell]),
+            Duration::from_secs(30),
+        );
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(
+            script.contains("metrics-listen"),
+            "{shell} completes serve flags"
+        );
+    }
+}
