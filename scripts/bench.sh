@@ -26,10 +26,11 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-NATS_PORT=$(free_port); VB_PORT=$(free_port); QN_PORT=$(free_port); NK_PORT=$(free_port)
+NATS_PORT=$(free_port); VB_PORT=$(free_port); QN_PORT=$(free_port); NK_PORT=$(free_port); METRICS_PORT=$(free_port)
 nats-server -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 & PIDS+=($!)
 wait_port "$NATS_PORT"
-RUST_LOG=warn "$BIN" serve --data-dir "$WORK/vblock" --nbd-listen "127.0.0.1:$VB_PORT" --nats-url "nats://127.0.0.1:$NATS_PORT" >"$WORK/vblock.log" 2>&1 & PIDS+=($!)
+VB_ARGS=(serve --data-dir "$WORK/vblock" --nbd-listen "127.0.0.1:$VB_PORT" --metrics-listen "127.0.0.1:$METRICS_PORT" --nats-url "nats://127.0.0.1:$NATS_PORT")
+RUST_LOG=warn "$BIN" "${VB_ARGS[@]}" >"$WORK/vblock.log" 2>&1 & VB_PID=$!; PIDS+=($VB_PID)
 wait_port "$VB_PORT"
 VOL=""
 for _ in $(seq 1 100); do VOL=$("$BIN" volume create --size 4GiB --nats-url "nats://127.0.0.1:$NATS_PORT" --timeout 2 2>/dev/null) && break; sleep 0.1; done
@@ -62,6 +63,38 @@ fio --name=raw_fsync --filename="$WORK/raw.file" --size=1G --rw=randwrite --bs=4
 fio --name=raw_seq --filename="$WORK/raw.file" --size=1G --rw=write --bs=1M --iodepth=8 --ioengine=libaio --direct=1 --time_based --runtime="$RUNTIME" --output-format=json >"$WORK/raw-seqwrite1m_qd8.json" 2>/dev/null
 fio --name=raw_rr --filename="$WORK/raw.file" --size=1G --rw=randread --bs=4k --iodepth=32 --ioengine=libaio --direct=1 --time_based --runtime="$RUNTIME" --output-format=json >"$WORK/raw-randread4k_qd32.json" 2>/dev/null
 rm -f "$WORK/raw.file"
+
+# vblock's memory bound: peak RSS (VmHWM) after a 4 GiB sequential write must stay under
+# buffer (256 MiB) + frame cache (256 MiB) + 64 MiB = 576 MiB with the default flags.
+fio --name=rss --ioengine=nbd --uri="${URI[vblock]}" --rw=write --bs=1M --iodepth=8 --size=4G --output-format=json >"$WORK/vblock-rss.json" 2>/dev/null
+RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$VB_PID/status")
+# Restart with a full WAL: random 64 KiB writes until 1 GiB is acknowledged, kill -9 at once
+# (nothing drained), restart, and time the first open of the volume (WAL replay).
+fio --name=fill --ioengine=nbd --uri="${URI[vblock]}" --rw=randwrite --bs=64k --iodepth=16 --size=4G --io_size=1G --output-format=json >"$WORK/vblock-fill.json" 2>/dev/null
+kill -9 "$VB_PID"; wait "$VB_PID" 2>/dev/null || true
+RESTART_START=$(date +%s%N)
+RUST_LOG=info "$BIN" "${VB_ARGS[@]}" --log-format json >"$WORK/vblock-restart.log" 2>&1 & VB_PID=$!; PIDS+=($VB_PID)
+wait_port "$VB_PORT"
+nbdinfo --size "${URI[vblock]}" >/dev/null
+RESTART_END=$(date +%s%N)
+python3 - "$WORK" "$RSS_KB" "$(( (RESTART_END - RESTART_START) / 1000000 ))" <<'PY'
+import json, os, sys
+work, rss_kb, restart_ms = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+replay = {}
+for line in open(os.path.join(work, "vblock-restart.log")):
+    try:
+        j = json.loads(line)
+    except ValueError:
+        continue
+    if j.get("fields", {}).get("message") == "WAL replayed":
+        replay = j["fields"]
+wal_mb = replay.get("wal_bytes", 0) / 1e6
+ms = replay.get("elapsed_ms", 0)
+extra = {"rss_peak_mib": round(rss_kb / 1024), "rss_bound_mib": 576,
+         "restart_ms": restart_ms, "replay_wal_mb": round(wal_mb, 1), "replay_ms": ms,
+         "replay_mb_s": round(wal_mb / (ms / 1000), 1) if ms else None}
+json.dump(extra, open(os.path.join(work, "extra.json"), "w"))
+PY
 
 python3 - "$WORK" "$RUNTIME" "$SIZE" <<'PY'
 import json, os, sys
@@ -100,6 +133,16 @@ for j in jobs:
         print(f"{j:<26} {'ratio':<9} vblock/qemu-nbd = {ratios[j]}")
     print()
 results["ratio_vblock_over_qemu_nbd"] = ratios
+try:
+    extra = json.load(open(os.path.join(work, "extra.json")))
+    results["vblock"].update(extra)
+    print(f"vblock RSS peak after a 4 GiB sequential write: {extra['rss_peak_mib']} MiB "
+          f"(bound {extra['rss_bound_mib']} MiB = buffer + cache + 64 MiB)")
+    print(f"vblock restart with a full WAL: {extra['replay_wal_mb']} MB replayed in "
+          f"{extra['replay_ms']} ms ({extra['replay_mb_s']} MB/s); kill -9 to first open "
+          f"{extra['restart_ms']} ms")
+except (OSError, KeyError, ValueError) as e:
+    print(f"RSS/restart measurement missing: {e}")
 json.dump(results, open(os.path.join(work, "results.json"), "w"), indent=2)
 print(f"JSON: {os.path.join(work, 'results.json')}")
 PY

@@ -219,7 +219,18 @@ impl Engine {
     /// carries its sequence number; newest wins). Returns the volumes recovered. Meant for an empty
     /// data directory; data that was only in the lost WAL is not recoverable (FORMAT.md, "Recovery").
     pub async fn recover_from_backend(&self) -> Result<Vec<VolumeId>, VolumeError> {
+        self.recover_from_backend_with(&|_, _| {}).await
+    }
+
+    /// [`Engine::recover_from_backend`], calling `progress(chunks_read, chunks_total)` after
+    /// each chunk object's index is applied (progress bars).
+    pub async fn recover_from_backend_with(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<Vec<VolumeId>, VolumeError> {
         let keys = self.backend.list("").await?;
+        let total = keys.iter().filter(|k| k.contains("/chunks/")).count() as u64;
+        let mut done = 0u64;
         let mut recovered = Vec::new();
         for key in keys.iter().filter(|k| k.ends_with("/volume.json")) {
             let body = self.backend.get(key).await?;
@@ -244,6 +255,8 @@ impl Engine {
             let lookup = BlockLookup::new(self.meta.clone(), id.clone());
             let mut state = VolumeState::default();
             for object_id in ids {
+                done += 1;
+                progress(done, total);
                 let okey = chunk_key(&id, object_id);
                 let (header, index) = match self.read_chunk_index(&okey).await {
                     Ok(v) => v,

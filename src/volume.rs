@@ -332,7 +332,12 @@ impl Volume {
             ),
             config,
         });
-        let handle = tokio::spawn(flusher(inner.clone(), state));
+        // Every line the flusher logs (retries, failures) carries the volume's span.
+        let span = tracing::info_span!(parent: None, "volume", volume = %inner.id);
+        let handle = tokio::spawn(tracing::Instrument::instrument(
+            flusher(inner.clone(), state),
+            span,
+        ));
         *lock(&inner.flusher) = Some(handle);
         Ok(Self { inner })
     }

@@ -182,3 +182,72 @@ fn nbd_over_unix_socket() {
         T,
     );
 }
+
+#[test]
+fn recover_rebuilds_a_lost_data_directory_from_the_backend() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let mut d = Daemon::start_with(&nats.url(), &["--chunk-size", "256KiB"]);
+    let vol = d.create_volume(1);
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 0 2M",
+                "-c",
+                "write -P 0x5b 512M 64k",
+                "-c",
+                "write -z 64k 64k",
+            ])
+            .arg(d.uri(&vol)),
+        T,
+    );
+    // A clean stop puts everything into chunk objects; then the metadata and WAL are lost.
+    d.stop();
+    let data = d.data_dir();
+    std::fs::remove_dir_all(data.join("meta")).expect("remove meta");
+    std::fs::remove_dir_all(data.join("wal")).expect("remove wal");
+
+    let out = vblock(&["recover", "--quiet"], &data);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("recovered {vol}")), "{text}");
+    assert!(text.contains("1 volume(s) recovered"), "{text}");
+
+    let img = d.dir.path().join("recovered.img");
+    let out = run(
+        Command::new(vblock_bin())
+            .args(["export", &vol])
+            .arg(&img)
+            .arg("--data-dir")
+            .arg(&data),
+        T,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&img).expect("image");
+    assert_eq!(bytes.len(), 1 << 30);
+    assert!(bytes[..64 << 10].iter().all(|&b| b == 0x5a));
+    assert!(
+        bytes[64 << 10..128 << 10].iter().all(|&b| b == 0),
+        "zeroed range"
+    );
+    assert!(bytes[128 << 10..2 << 20].iter().all(|&b| b == 0x5a));
+    assert!(bytes[2 << 20..512 << 20].iter().all(|&b| b == 0));
+    assert!(bytes[512 << 20..(512 << 20) + (64 << 10)]
+        .iter()
+        .all(|&b| b == 0x5b));
+
+    // Recovering again finds nothing new (the volume is known now).
+    let out = vblock(&["recover"], &data);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 volume(s) recovered"));
+}

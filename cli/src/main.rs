@@ -120,6 +120,9 @@ enum Command {
     Import(offline::ImportArgs),
     /// Copy a volume of a stopped daemon's data directory into a raw image file.
     Export(offline::ExportArgs),
+    /// Rebuild a data directory's volumes from the backend's chunk objects (disaster recovery;
+    /// `serve` does this by itself on an empty data directory).
+    Recover(offline::RecoverArgs),
     /// Live table of a daemon's volumes: mounts, connections, IOPS, WAL pending, upload lag
     /// (read from its Prometheus endpoint).
     Status {
@@ -439,6 +442,7 @@ fn main() -> ExitCode {
             Command::Fsck(a) => offline::fsck(a).await.map_err(|e| (e.to_string(), 1)),
             Command::Import(a) => offline::import(a).await.map_err(|e| (e.to_string(), 1)),
             Command::Export(a) => offline::export(a).await.map_err(|e| (e.to_string(), 1)),
+            Command::Recover(a) => offline::recover(a).await.map_err(|e| (e.to_string(), 1)),
             Command::Status {
                 metrics_url,
                 interval,

@@ -97,6 +97,11 @@ fn describe() {
     );
     describe_gauge!("vblock_wal_segments", "WAL segment files on disk.");
     describe_gauge!(
+        "vblock_wal_unwritten_bytes",
+        Unit::Bytes,
+        "Records appended but not yet written to a segment (grows while the WAL disk is full)."
+    );
+    describe_gauge!(
         "vblock_buffer_bytes",
         Unit::Bytes,
         "Data in the write buffer, not yet uploaded in chunks (the upload lag)."
@@ -188,6 +193,8 @@ async fn sample_once(engine: &Engine, buffer_capacity: u64) {
         gauge!("vblock_buffer_capacity_bytes", "volume" => v.clone()).set(buffer_capacity as f64);
         gauge!("vblock_wal_pending_bytes", "volume" => v.clone()).set(load(&w.disk_bytes) as f64);
         gauge!("vblock_wal_segments", "volume" => v.clone()).set(load(&w.segments) as f64);
+        gauge!("vblock_wal_unwritten_bytes", "volume" => v.clone())
+            .set(load(&w.unwritten_bytes) as f64);
         counter!("vblock_wal_fsyncs_total", "volume" => v.clone()).absolute(load(&w.fsyncs));
         counter!("vblock_wal_bytes_total", "volume" => v.clone()).absolute(load(&w.bytes));
         counter!("vblock_chunks_uploaded_total", "volume" => v.clone()).absolute(load(&s.chunks));

@@ -60,9 +60,12 @@ impl DataDir {
         MetaStore::open(&self.data_dir.join("meta"), 8 << 20).map_err(msg)
     }
     async fn engine(&self) -> Result<Engine, OfflineError> {
+        self.engine_with(self.backend()?).await
+    }
+    async fn engine_with(&self, backend: SharedBackend) -> Result<Engine, OfflineError> {
         let mut c = EngineConfig::new(&self.data_dir);
         c.wal_dir = self.wal_dir();
-        Engine::open(c, self.backend()?).await.map_err(msg)
+        Engine::open(c, backend).await.map_err(msg)
     }
 }
 
@@ -312,6 +315,42 @@ fn byte_progress(len: u64) -> ProgressBar {
         len,
         "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
     )
+}
+
+/// `vblock recover` arguments.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    #[command(flatten)]
+    store: crate::serve::BackendArgs,
+}
+
+/// Disaster recovery into a (new, empty) data directory: rebuilds the metadata of every volume
+/// found in the backend from its chunk objects (docs/FORMAT.md, "Recovery"), with a progress bar
+/// over the chunk objects. `vblock serve` does the same by itself on an empty data directory.
+pub async fn recover(a: RecoverArgs) -> Result<(), OfflineError> {
+    let backend = crate::serve::backend(&a.store, &a.dir.data_dir)
+        .await
+        .map_err(msg)?;
+    let engine = a.dir.engine_with(backend).await?;
+    let bar = progress(0, "chunk objects");
+    let recovered = {
+        let bar = bar.clone();
+        engine
+            .recover_from_backend_with(&move |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .await
+            .map_err(msg)?
+    };
+    bar.finish_and_clear();
+    for id in &recovered {
+        println!("recovered {id}");
+    }
+    println!("recover: {} volume(s) recovered", recovered.len());
+    Ok(())
 }
 
 /// `vblock import` arguments.

@@ -1,7 +1,7 @@
 //! `vblock serve`: the daemon.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,32 @@ pub enum BackendKind {
     S3,
 }
 
+/// Where chunk objects go (`vblock serve`, `vblock recover`).
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Where chunk objects go.
+    #[arg(long, env = "VBLOCK_BACKEND", value_enum, default_value = "file")]
+    pub backend: BackendKind,
+    /// S3 bucket (with --backend s3).
+    #[arg(long, env = "VBLOCK_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, env = "VBLOCK_S3_PREFIX", default_value = "vblock")]
+    pub s3_prefix: String,
+    /// S3 endpoint URL for S3-compatible stores (default: AWS_ENDPOINT_URL or AWS).
+    #[arg(long, env = "VBLOCK_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Path-style addressing (most self-hosted S3 servers need it).
+    #[arg(long, env = "VBLOCK_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+    /// Create the bucket if it does not exist.
+    #[arg(long, env = "VBLOCK_S3_CREATE_BUCKET")]
+    pub s3_create_bucket: bool,
+    /// Region (default: AWS_REGION / profile, else us-east-1).
+    #[arg(long, env = "VBLOCK_S3_REGION")]
+    pub s3_region: Option<String>,
+}
+
 /// Flags of `vblock serve`; each has a `VBLOCK_*` environment fallback.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -31,9 +57,9 @@ pub struct ServeArgs {
     /// Directory for write-ahead logs (put it on local NVMe); default DATA_DIR/wal.
     #[arg(long, env = "VBLOCK_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
-    /// Where chunk objects go.
-    #[arg(long, env = "VBLOCK_BACKEND", value_enum, default_value = "file")]
-    pub backend: BackendKind,
+    /// Object backend.
+    #[command(flatten)]
+    pub store: BackendArgs,
     /// NBD TCP listen address.
     #[arg(long, env = "VBLOCK_NBD_LISTEN", default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
@@ -70,24 +96,6 @@ pub struct ServeArgs {
     /// Chunk objects built and uploaded at once per volume.
     #[arg(long, env = "VBLOCK_UPLOAD_CONCURRENCY", default_value = "4")]
     pub upload_concurrency: usize,
-    /// S3 bucket (with --backend s3).
-    #[arg(long, env = "VBLOCK_S3_BUCKET")]
-    pub s3_bucket: Option<String>,
-    /// Key prefix inside the bucket.
-    #[arg(long, env = "VBLOCK_S3_PREFIX", default_value = "vblock")]
-    pub s3_prefix: String,
-    /// S3 endpoint URL for S3-compatible stores (default: AWS_ENDPOINT_URL or AWS).
-    #[arg(long, env = "VBLOCK_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// Path-style addressing (most self-hosted S3 servers need it).
-    #[arg(long, env = "VBLOCK_S3_FORCE_PATH_STYLE")]
-    pub s3_force_path_style: bool,
-    /// Create the bucket if it does not exist.
-    #[arg(long, env = "VBLOCK_S3_CREATE_BUCKET")]
-    pub s3_create_bucket: bool,
-    /// Region (default: AWS_REGION / profile, else us-east-1).
-    #[arg(long, env = "VBLOCK_S3_REGION")]
-    pub s3_region: Option<String>,
     /// Prometheus endpoint (`GET /metrics`) listen address.
     #[arg(long, env = "VBLOCK_METRICS_LISTEN", default_value = "127.0.0.1:9109")]
     pub metrics_listen: SocketAddr,
@@ -142,10 +150,14 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c
 }
 
-async fn backend(a: &ServeArgs) -> Result<SharedBackend, ServeError> {
+/// Opens the backend `a` describes; file objects live under `data_dir/objects`.
+///
+/// Errors: [`ServeError::Config`] (no bucket, bad directory), [`ServeError::Backend`] (bucket
+/// missing, bad credentials, endpoint unreachable).
+pub async fn backend(a: &BackendArgs, data_dir: &Path) -> Result<SharedBackend, ServeError> {
     match a.backend {
         BackendKind::File => {
-            let b = vblock::backend::file::FileBackend::new(a.data_dir.join("objects"))
+            let b = vblock::backend::file::FileBackend::new(data_dir.join("objects"))
                 .map_err(|e| ServeError::Config(e.to_string()))?;
             Ok(Arc::new(b))
         }
@@ -178,7 +190,7 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
             ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))
         })?;
     }
-    let backend = backend(&a).await?;
+    let backend = backend(&a.store, &a.data_dir).await?;
     let engine = Arc::new(Engine::open(engine_config(&a), backend).await?);
     // An empty data directory next to a backend that holds volumes: recover them (disaster
     // recovery; FORMAT.md, "Recovery").

@@ -112,6 +112,41 @@ pub struct WalStats {
     pub segments: AtomicU64,
     /// Bytes in the segment files on disk now, i.e. not yet trimmed (gauge).
     pub disk_bytes: AtomicU64,
+    /// Bytes appended but not yet written to a segment file (gauge): the writer's backlog.
+    pub unwritten_bytes: AtomicU64,
+}
+
+/// While segment writes fail (disk full, I/O errors), appends are refused with the write's
+/// error once this many bytes wait unwritten, so a full WAL disk cannot grow memory without
+/// bound; below it writes go on (the buffer holds them, the flusher may still move them into
+/// chunks) and only syncs report the error.
+pub const MAX_UNWRITTEN_BYTES: u64 = 32 << 20;
+
+/// The writer's last segment-write failure, cleared by the next successful write.
+#[derive(Debug, Default)]
+pub(crate) struct WriteHealth {
+    failing: std::sync::atomic::AtomicBool,
+    error: Mutex<Option<WalError>>,
+}
+
+impl WriteHealth {
+    pub(crate) fn set(&self, e: Option<WalError>) {
+        self.failing.store(e.is_some(), Ordering::Relaxed);
+        if let Ok(mut g) = self.error.lock() {
+            *g = e;
+        }
+    }
+
+    pub(crate) fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    fn error(&self) -> Option<WalError> {
+        if !self.failing.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.error.lock().ok().and_then(|g| g.clone())
+    }
 }
 
 /// Position up to which the WAL is known to be on stable storage.
@@ -143,6 +178,7 @@ pub struct Wal {
     volume_tag: u64,
     stats: Arc<WalStats>,
     durable: Arc<Mutex<DurablePosition>>,
+    health: Arc<WriteHealth>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -165,12 +201,14 @@ impl Wal {
         let report = replayed.report.clone();
         let stats = Arc::new(WalStats::default());
         let durable = Arc::new(Mutex::new(DurablePosition::default()));
+        let health = Arc::new(WriteHealth::default());
         let writer = writer::Writer::start(
             config,
             volume_tag,
             replayed.segments,
             stats.clone(),
             durable.clone(),
+            health.clone(),
         )?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -183,6 +221,7 @@ impl Wal {
                 volume_tag,
                 stats,
                 durable,
+                health,
                 thread: Mutex::new(Some(thread)),
             },
             report,
@@ -191,7 +230,17 @@ impl Wal {
 
     /// Queues a record. Returns at once; see the module docs for what is promised.
     /// `payload.len()` must equal `header.payload_len`.
+    ///
+    /// Errors: [`WalError::Closed`]; while segment writes fail, the write's error (e.g. `ENOSPC`,
+    /// see [`WalError::is_no_space`]) once [`MAX_UNWRITTEN_BYTES`] wait unwritten.
     pub fn append(&self, header: RecordHeader, payload: Bytes) -> Result<(), WalError> {
+        let len = (record::RECORD_HEADER_LEN + payload.len()) as u64;
+        if let Some(e) = self.health.error() {
+            if self.stats.unwritten_bytes.load(Ordering::Relaxed) + len > MAX_UNWRITTEN_BYTES {
+                return Err(e);
+            }
+        }
+        self.stats.unwritten_bytes.fetch_add(len, Ordering::Relaxed);
         let encoded = RecordHeader {
             volume_tag: self.volume_tag,
             ..header

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use super::record::{encode_segment_header, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use super::{
     bump, fsync_dir, segment_path, Command, DurablePosition, WalConfig, WalError, WalStats,
+    WriteHealth,
 };
 
 /// A batch is written once it holds this many bytes, even if more commands are queued.
@@ -56,6 +57,7 @@ pub(crate) struct Writer {
     fatal: Option<WalError>,
     stats: Arc<WalStats>,
     durable: Arc<Mutex<DurablePosition>>,
+    health: Arc<WriteHealth>,
     fsync_seconds: metrics::Histogram,
 }
 
@@ -66,6 +68,7 @@ impl Writer {
         mut segments: VecDeque<SegmentInfo>,
         stats: Arc<WalStats>,
         durable: Arc<Mutex<DurablePosition>>,
+        health: Arc<WriteHealth>,
     ) -> Result<Self, WalError> {
         let no = segments.back().map_or(1, |s| s.no + 1);
         let file = create_segment(&config.dir, no, volume_tag)?;
@@ -98,6 +101,7 @@ impl Writer {
             fatal: None,
             stats,
             durable,
+            health,
             fsync_seconds: metrics::histogram!(
                 "vblock_wal_fsync_duration_seconds",
                 "volume" => config.name.clone()
@@ -191,9 +195,13 @@ impl Writer {
         let len = (RECORD_HEADER_LEN + payload.len()) as u64;
         let pending = self.written + self.batch.len() as u64;
         if pending + len > self.segment_bytes && pending > SEGMENT_HEADER_LEN as u64 {
+            let was_failing = self.health.is_failing();
             if let Err(e) = self.rotate() {
                 // Keep appending to the current segment; the error surfaces on the next sync.
-                tracing::error!(error = %e, "WAL segment rotation failed");
+                // Logged once per failure episode, not once per record.
+                if !was_failing {
+                    tracing::error!(error = %e, "WAL segment rotation failed");
+                }
             }
         }
         self.batch.extend_from_slice(header);
@@ -218,8 +226,20 @@ impl Writer {
         if let Err(e) = self.file.write_all(&self.batch) {
             let path = self.current_path();
             let _ = self.file.set_len(self.written);
-            return Err(WalError::io(&path, e));
+            let err = WalError::io(&path, e);
+            if !self.health.is_failing() {
+                tracing::error!(error = %err, unwritten_bytes = self.batch.len(), "WAL write failed; records are kept and retried, syncs fail until it succeeds");
+            }
+            self.health.set(Some(err.clone()));
+            return Err(err);
         }
+        if self.health.is_failing() {
+            tracing::info!("WAL writes succeed again");
+            self.health.set(None);
+        }
+        self.stats
+            .unwritten_bytes
+            .fetch_sub(self.batch.len() as u64, Ordering::Relaxed);
         bump(&self.stats.writes, 1);
         bump(&self.stats.bytes, self.batch.len() as u64);
         self.written += self.batch.len() as u64;
