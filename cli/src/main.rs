@@ -1,5 +1,10 @@
 //! `vblock`: the daemon (`vblock serve`) and its management commands.
 
+/// mimalloc returns freed 1 MiB request buffers to the OS; glibc's arenas kept them and the
+/// daemon's RSS passed its bound (cli/Cargo.toml, docs/BENCHMARKS.md "Memory").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod client;
 mod config;
 mod metrics;
