@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{require, run, run_ok, Daemon, Nats};
+use common::daemon::{qemu_io, require, run, run_ok, Daemon, Nats};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -51,21 +51,6 @@ fn nbdinfo_shows_export_and_capabilities() {
     );
     assert!(!out.status.success());
     assert!(d.log().contains("vblock serving"));
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    c.arg(uri);
-    let out = run_ok(&mut c, T);
-    assert!(
-        !out.contains("Pattern verification failed") && !out.contains("failed"),
-        "{out}"
-    );
-    out
 }
 
 #[test]

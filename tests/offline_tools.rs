@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{require, run, run_ok, vblock_bin, Daemon, Nats};
+use common::daemon::{qemu_io, require, run, run_ok, vblock_bin, Daemon, Nats};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -189,20 +189,13 @@ fn recover_rebuilds_a_lost_data_directory_from_the_backend() {
     let nats = Nats::start();
     let mut d = Daemon::start_with(&nats.url(), &["--chunk-size", "256KiB"]);
     let vol = d.create_volume(1);
-    run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x5a 0 2M",
-                "-c",
-                "write -P 0x5b 512M 64k",
-                "-c",
-                "write -z 64k 64k",
-            ])
-            .arg(d.uri(&vol)),
-        T,
+    qemu_io(
+        &d.uri(&vol),
+        &[
+            "write -P 0x5a 0 2M",
+            "write -P 0x5b 512M 64k",
+            "write -z 64k 64k",
+        ],
     );
     // A clean stop puts everything into chunk objects; then the metadata and WAL are lost.
     d.stop();

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::daemon::{
-    free_port, nbd_client, port_open, require, run, run_ok, stop_child, vblock_bin, wait_until,
-    Daemon, Nats,
+    free_port, nbd_client, port_open, qemu_io, require, run, run_ok, stop_child, vblock_bin,
+    wait_until, Daemon, Nats,
 };
 use prometheus_parse::{Scrape, Value};
 
@@ -47,15 +47,6 @@ fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
             Value::Summary(_) => 0.0,
         })
         .sum()
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run_ok(c.arg(uri), Duration::from_secs(60));
 }
 
 #[test]

@@ -5,40 +5,18 @@
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::daemon::{nbd_client, require, run, wait_until, Daemon, Nats};
+use common::daemon::{nbd_client, qemu_io, qemu_io_output, require, wait_until, Daemon, Nats};
 use common::s3::{Kind, S3Server};
-
-const T: Duration = Duration::from_secs(120);
 
 fn daemon(nats: &Nats, s3: &S3Server, bucket: &str, extra: &[&str]) -> Daemon {
     let mut args = s3.serve_args(bucket);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Daemon::start_with_env(&nats.url(), &args, &S3Server::env())
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    run(c.arg(uri), T)
-}
-
-fn qemu_io_ok(uri: &str, cmds: &[&str]) {
-    let out = qemu_io(uri, cmds);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Object keys under the daemon's prefix, listed with the backend itself.
@@ -76,7 +54,7 @@ fn s3_round_trip_and_restart_with_moto() {
     let mut d = daemon(&nats, &s3, "vblock-rt", &["--chunk-size", "256KiB"]);
     let vol = d.create_volume(1);
     let uri = d.uri(&vol);
-    qemu_io_ok(
+    qemu_io(
         &uri,
         &[
             "write -P 0xab 0 4M",
@@ -86,7 +64,7 @@ fn s3_round_trip_and_restart_with_moto() {
         ],
     );
     d.restart();
-    qemu_io_ok(
+    qemu_io(
         &uri,
         &[
             "read -P 0xab 0 100001",
@@ -288,7 +266,7 @@ fn s3_outage_during_writes_loses_nothing_and_reads_recover() {
     // S3 is down, and work again when it is back.
     d.restart();
     s3.stop();
-    let out = qemu_io(&d.uri(&vol), &["read 0 64k"]);
+    let out = qemu_io_output(&d.uri(&vol), &["read 0 64k"]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -310,7 +288,7 @@ fn corrupt_object_reads_as_eio_naming_the_key() {
     let s3 = S3Server::start(Kind::S3sFs);
     let mut d = daemon(&nats, &s3, "vblock-corrupt", &["--chunk-size", "256KiB"]);
     let vol = d.create_volume(1);
-    qemu_io_ok(&d.uri(&vol), &["write -P 0x5a 0 1M"]);
+    qemu_io(&d.uri(&vol), &["write -P 0x5a 0 1M"]);
     d.stop(); // drains into S3
               // s3s-fs keeps bucket/key as a file: corrupt the first chunk's frames.
     let key = format!("vblock/{vol}/chunks/0000000000000001");
@@ -320,7 +298,7 @@ fn corrupt_object_reads_as_eio_naming_the_key() {
     obj[n - 10] ^= 0xff;
     std::fs::write(&path, &obj).expect("corrupt");
     d.start_again();
-    let out = qemu_io(&d.uri(&vol), &["read -P 0x5a 0 256k"]);
+    let out = qemu_io_output(&d.uri(&vol), &["read -P 0x5a 0 256k"]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -339,7 +317,7 @@ fn corrupt_object_reads_as_eio_naming_the_key() {
         d.log()
     );
     // Other chunks are fine.
-    qemu_io_ok(&d.uri(&vol), &["read -P 0x5a 512k 512k"]);
+    qemu_io(&d.uri(&vol), &["read -P 0x5a 512k 512k"]);
 }
 
 #[test]
@@ -350,7 +328,7 @@ fn disaster_recovery_into_an_empty_data_dir() {
     let mut a = daemon(&nats, &s3, "vblock-dr", &["--chunk-size", "256KiB"]);
     let v1 = a.create_volume(1);
     let v2 = a.create_volume(2);
-    qemu_io_ok(
+    qemu_io(
         &a.uri(&v1),
         &[
             "write -P 0x11 0 3M",
@@ -359,7 +337,7 @@ fn disaster_recovery_into_an_empty_data_dir() {
             "write -P 0x13 900M 64k",
         ],
     );
-    qemu_io_ok(&a.uri(&v2), &["write -P 0x21 1G 2M", "write -z 1G 4k"]);
+    qemu_io(&a.uri(&v2), &["write -P 0x21 1G 2M", "write -z 1G 4k"]);
     a.cli(&["volume", "resize", &v2, "--size", "3GiB"]);
     // A clean stop uploads everything buffered; then the local disk is "lost".
     a.stop();
@@ -378,7 +356,7 @@ fn disaster_recovery_into_an_empty_data_dir() {
         serde_json::from_str(&b.cli(&["volume", "describe", &v2, "--output", "json"]))
             .expect("json");
     assert_eq!(d2["Size"], 3);
-    qemu_io_ok(
+    qemu_io(
         &b.uri(&v1),
         &[
             "read -P 0x11 0 5000",
@@ -389,7 +367,7 @@ fn disaster_recovery_into_an_empty_data_dir() {
             "read -P 0x13 900M 64k",
         ],
     );
-    qemu_io_ok(
+    qemu_io(
         &b.uri(&v2),
         &[
             "read -P 0 1G 4k",
@@ -398,9 +376,9 @@ fn disaster_recovery_into_an_empty_data_dir() {
         ],
     );
     // The recovered volumes take new writes and keep them across a restart.
-    qemu_io_ok(&b.uri(&v1), &["write -P 0x14 4M 1M"]);
+    qemu_io(&b.uri(&v1), &["write -P 0x14 4M 1M"]);
     b.restart();
-    qemu_io_ok(
+    qemu_io(
         &b.uri(&v1),
         &["read -P 0x14 4M 1M", "read -P 0x13 900M 64k"],
     );

@@ -68,6 +68,29 @@ pub fn nbd_client(
     nbd::client::NbdClient::new(tcp, &export)
 }
 
+/// Runs `qemu-io -f raw -c CMD... URI` (bounded) and returns its output, whatever it says.
+pub fn qemu_io_output(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    run(c.arg(uri), Duration::from_secs(120))
+}
+
+/// Runs `qemu-io` like [`qemu_io_output`] and requires success: exit code 0 and no failed
+/// command or pattern verification in its output. Returns stdout.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let out = qemu_io_output(uri, cmds);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// Requires an installed tool, with a message saying how to get it.
 pub fn require(tool: &str) {
     let found = Command::new("sh")
