@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{run, run_ok, vblock_bin, wait_until, Daemon, Nats};
+use common::daemon::{qemu_io, run, vblock_bin, wait_until, Daemon, Nats};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -106,7 +106,7 @@ fn volume_lifecycle_ec2_and_hive() {
             let m2 = request(&c, "ebs.node1.mount", hive.as_bytes()).await;
             assert_eq!(m2["URI"], m["URI"], "mount is idempotent, also on the node subject");
             // The URI works for a real client.
-            let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "read -P 0x5a 0 64k"]).arg(&uri), Duration::from_secs(60));
+            let out = qemu_io(&uri, &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"]);
             assert!(!out.contains("failed"), "{out}");
             assert_eq!(error_code(&call(&c, "ebs.deletevolume", json!({"VolumeId": id})).await), "VolumeInUse");
             // Unmount with broadcast.
@@ -130,7 +130,7 @@ fn volume_lifecycle_ec2_and_hive() {
             let vol = &desc["Volumes"][0];
             assert_eq!((vol["Size"].as_u64(), vol["State"].as_str()), (Some(2), Some("available")));
             assert_eq!(vol["Tags"], json!([{"Key": "Name", "Value": "web-1"}, {"Key": "team", "Value": "db"}]));
-            let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5a 0 64k", "-c", "read -P 0 1G 4k"]).arg(&uri), Duration::from_secs(60));
+            let out = qemu_io(&uri, &["read -P 0x5a 0 64k", "read -P 0 1G 4k"]);
             assert!(!out.contains("failed"), "{out}");
             // DeleteVolume.
             assert_eq!(call(&c, "ebs.deletevolume", json!({"VolumeId": id})).await, json!({"Return": true}));
@@ -224,19 +224,7 @@ fn cli_manages_volumes_and_reports_unreachable_daemons() {
     ]);
     let uri = d.cli(&["mount", &id]);
     assert_eq!(uri.trim(), d.uri(&id));
-    let out = run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x42 0 4k",
-                "-c",
-                "read -P 0x42 0 4k",
-            ])
-            .arg(uri.trim()),
-        Duration::from_secs(60),
-    );
+    let out = qemu_io(uri.trim(), &["write -P 0x42 0 4k", "read -P 0x42 0 4k"]);
     assert!(!out.contains("failed"));
     d.cli(&["unmount", &id]);
     d.cli(&["volume", "detach", &id]);
@@ -320,19 +308,7 @@ fn nbd_keeps_serving_through_a_nats_outage_and_control_reconnects() {
     let d = Daemon::start(&nats.url());
     let id = d.create_volume(1);
     nats.stop();
-    let out = run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x77 0 1M",
-                "-c",
-                "read -P 0x77 0 1M",
-            ])
-            .arg(d.uri(&id)),
-        Duration::from_secs(60),
-    );
+    let out = qemu_io(&d.uri(&id), &["write -P 0x77 0 1M", "read -P 0x77 0 1M"]);
     assert!(!out.contains("failed"), "{out}");
     assert!(
         wait_until(Duration::from_secs(20), || d

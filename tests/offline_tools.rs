@@ -27,20 +27,13 @@ fn fsck_inspect_export_import() {
     let mut d = Daemon::start_with(&nats.url(), &["--chunk-size", "256KiB"]);
     let vol = d.create_volume(1);
     // 3 MiB of patterns (several chunks once closed) and an unaligned write.
-    run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x61 0 3M",
-                "-c",
-                "write -P 0x62 5000 100",
-                "-c",
-                "write -P 0x63 512M 64k",
-            ])
-            .arg(d.uri(&vol)),
-        T,
+    qemu_io(
+        &d.uri(&vol),
+        &[
+            "write -P 0x61 0 3M",
+            "write -P 0x62 5000 100",
+            "write -P 0x63 512M 64k",
+        ],
     );
     d.stop();
     let data = d.data_dir();
@@ -136,22 +129,14 @@ fn fsck_inspect_export_import() {
     std::fs::write(&chunks[1], &obj).expect("restore");
 
     d.start_again();
-    run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "read -P 0x61 0 5000",
-                "-c",
-                "read -P 0x62 5000 100",
-                "-c",
-                "read -P 0x63 512M 64k",
-                "-c",
-                "read -P 0 600M 1M",
-            ])
-            .arg(d.uri(&copy)),
-        T,
+    qemu_io(
+        &d.uri(&copy),
+        &[
+            "read -P 0x61 0 5000",
+            "read -P 0x62 5000 100",
+            "read -P 0x63 512M 64k",
+            "read -P 0 600M 1M",
+        ],
     );
 }
 
@@ -168,19 +153,9 @@ fn nbd_over_unix_socket() {
     let uri = format!("nbd+unix:///{vol}?socket={}", sock.display());
     let info = run_ok(Command::new("nbdinfo").arg(&uri), T);
     assert!(info.contains("export-size: 1073741824"), "{info}");
-    run_ok(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write -P 0x44 0 128k"])
-            .arg(&uri),
-        T,
-    );
+    qemu_io(&uri, &["write -P 0x44 0 128k"]);
     // Same volume over TCP.
-    run_ok(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read -P 0x44 0 128k"])
-            .arg(d.uri(&vol)),
-        T,
-    );
+    qemu_io(&d.uri(&vol), &["read -P 0x44 0 128k"]);
 }
 
 #[test]
