@@ -4,13 +4,17 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::backend::{chunk_key, volume_prefix, volume_record_key, SharedBackend};
+use crate::backend::{
+    checkpoint_prefix, chunk_key, snapshot_map_key, volume_record_key, SharedBackend,
+};
 use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 use crate::cache::{frame_cache, FrameCache};
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
+use crate::mapobj::MapObject;
 use crate::meta::VolumeState;
 use crate::meta::{blocking, MetaStore, VolumeRecord, VolumeStateName};
+use crate::meta::{ChunkStats, SnapshotRecord};
 use crate::retry::{retry, RetryPolicy};
 use crate::volume::{Volume, VolumeConfig, VolumeError};
 
@@ -48,11 +52,14 @@ impl EngineConfig {
 
 /// All volumes of one daemon.
 pub struct Engine {
-    config: EngineConfig,
-    meta: MetaStore,
-    backend: SharedBackend,
-    cache: FrameCache,
+    pub(crate) config: EngineConfig,
+    pub(crate) meta: MetaStore,
+    pub(crate) backend: SharedBackend,
+    pub(crate) cache: FrameCache,
     open: tokio::sync::Mutex<HashMap<VolumeId, Volume>>,
+    /// Serialises what adds or removes map references across volumes: garbage collection,
+    /// snapshot deletion, clone creation, volume deletion.
+    pub(crate) gc: tokio::sync::Mutex<()>,
 }
 
 /// RFC 3339 timestamp of now, to the second.
@@ -75,6 +82,7 @@ impl Engine {
             meta,
             backend,
             open: tokio::sync::Mutex::new(HashMap::new()),
+            gc: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -172,7 +180,7 @@ impl Engine {
     }
 
     /// Writes the record's copy to `VOLUMEID/volume.json` in the backend (bounded retries).
-    async fn publish_record(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
+    pub(crate) async fn publish_record(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
         let key = volume_record_key(&rec.volume_id);
         let body = bytes::Bytes::from(
             serde_json::to_vec(rec).map_err(|e| VolumeError::Invalid(e.to_string()))?,
@@ -254,6 +262,38 @@ impl Engine {
             ids.sort_unstable();
             let lookup = BlockLookup::new(self.meta.clone(), id.clone());
             let mut state = VolumeState::default();
+            // Start from the newest map checkpoint, if any: it reflects every chunk below its
+            // next object id (older chunks still stored are garbage, left to GC).
+            let ckpt_prefix = checkpoint_prefix(&id);
+            // Fixed-width hex ids: the greatest key is the newest checkpoint.
+            let newest = keys.iter().filter(|k| k.starts_with(&ckpt_prefix)).max();
+            if let Some(key) = newest {
+                let body = self.backend.get(key).await?;
+                let obj = MapObject::decode(&body).map_err(|e| {
+                    VolumeError::Invalid(format!("map checkpoint {key} is unreadable: {e}"))
+                })?;
+                state = VolumeState {
+                    checkpoint: obj.seq,
+                    next_object_id: obj.next_object_id,
+                    max_seq: obj.seq,
+                };
+                let known: std::collections::HashSet<u64> =
+                    obj.objects.iter().map(|(id, _)| *id).collect();
+                let mut objects = obj.objects.clone();
+                // Stored but unused chunks get empty stats, so GC deletes them.
+                objects.extend(
+                    ids.iter()
+                        .filter(|o| **o < obj.next_object_id && !known.contains(o))
+                        .map(|o| (*o, ChunkStats::default())),
+                );
+                let (meta, l) = (self.meta.clone(), lookup.clone());
+                blocking(move || {
+                    meta.install_map(&l, &obj.extents, Some((state, &objects)), vec![])
+                })
+                .await?;
+                done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
+                ids.retain(|o| *o >= state.next_object_id);
+            }
             for object_id in ids {
                 done += 1;
                 progress(done, total);
@@ -275,14 +315,14 @@ impl Engine {
                 }
                 state = VolumeState {
                     checkpoint: state.checkpoint.max(header.max_seq),
-                    next_object_id: object_id + 1,
+                    next_object_id: state.next_object_id.max(object_id + 1),
                     max_seq: state.max_seq.max(header.max_seq),
                 };
                 let commit = ChunkCommit {
                     object_id,
                     extents: index
                         .iter()
-                        .map(|e| MapExtent::from_chunk(object_id, e))
+                        .map(|e| MapExtent::from_chunk(id.number(), object_id, e))
                         .collect(),
                     stored_bytes: 0,
                 };
@@ -296,7 +336,44 @@ impl Engine {
             tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, "volume recovered from the backend");
             recovered.push(id);
         }
+        self.recover_snapshots(&keys).await?;
         Ok(recovered)
+    }
+
+    /// Recovers every snapshot whose record copy (`SNAPID/snapshot.json`) is among `keys` and
+    /// that the metadata DB does not know, from its map object.
+    async fn recover_snapshots(&self, keys: &[String]) -> Result<(), VolumeError> {
+        for key in keys
+            .iter()
+            .filter(|k| k.starts_with("snap-") && k.ends_with("/snapshot.json"))
+        {
+            let body = self.backend.get(key).await?;
+            let rec: SnapshotRecord = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "skipping an unreadable snapshot record");
+                    continue;
+                }
+            };
+            if self.get_snapshot(&rec.snapshot_id).await?.is_some() {
+                continue;
+            }
+            let map_key = snapshot_map_key(&rec.snapshot_id);
+            let obj = MapObject::decode(&self.backend.get(&map_key).await?).map_err(|e| {
+                VolumeError::Invalid(format!("snapshot map {map_key} is unreadable: {e}"))
+            })?;
+            let meta = self.meta.clone();
+            let r = rec.clone();
+            blocking(move || {
+                let lookup =
+                    BlockLookup::snapshot(meta.clone(), &r.snapshot_id, r.volume_id.clone());
+                meta.install_map(&lookup, &obj.extents, None, vec![])?;
+                meta.put_snapshot(&r)
+            })
+            .await?;
+            tracing::info!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "snapshot recovered from the backend");
+        }
+        Ok(())
     }
 
     /// The open volume `id`, opening it (WAL replay) on first use. One instance per volume is
@@ -363,12 +440,23 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes volume `id`: closes it, removes its chunk objects, WAL and metadata.
+    /// Deletes volume `id`: closes it, removes its record copy and map checkpoints from the
+    /// backend, its WAL and metadata, then runs garbage collection, which deletes its chunk
+    /// objects except those a snapshot or clone still uses (they go when those do).
     pub async fn delete_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
+        {
+            let _gc = self.gc.lock().await;
+            self.delete_volume_locked(id).await?;
+        }
+        self.collect_garbage().await?;
+        Ok(())
+    }
+
+    async fn delete_volume_locked(&self, id: &VolumeId) -> Result<(), VolumeError> {
         self.close_volume(id).await?;
         // The record copy goes first: a volume half deleted is never recovered.
         self.backend.delete(&volume_record_key(id)).await?;
-        for key in self.backend.list(&volume_prefix(id)).await? {
+        for key in self.backend.list(&checkpoint_prefix(id)).await? {
             self.backend.delete(&key).await?;
         }
         let wal = self.config.wal_dir.join(id.as_str());

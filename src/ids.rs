@@ -66,6 +66,17 @@ macro_rules! resource_id {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+            /// The 17 hex digits as a number (at most 68 bits).
+            pub fn number(&self) -> u128 {
+                let hex = &self.0[self.0.len() - ID_HEX_DIGITS..];
+                u128::from_str_radix(hex, 16).unwrap_or(0)
+            }
+            /// The id whose 17 hex digits are `n` (the inverse of `number`; bits above 68 are
+            /// dropped).
+            pub fn from_number(n: u128) -> Self {
+                let n = n & ((1u128 << (4 * ID_HEX_DIGITS)) - 1);
+                Self(format!("{}-{:017x}", $prefix, n))
+            }
             /// A 64-bit tag (the low 64 bits of the 68-bit hex number), written into WAL
             /// records and chunk headers to detect files that belong to another resource.
             pub fn tag(&self) -> u64 {
@@ -125,6 +136,7 @@ mod tests {
     fn generated_ids_parse() {
         for _ in 0..100 {
             let id = VolumeId::generate();
+            assert_eq!(VolumeId::from_number(id.number()), id);
             assert_eq!(VolumeId::parse(id.as_str()).unwrap(), id);
             assert_eq!(id.as_str().len(), 4 + ID_HEX_DIGITS);
         }

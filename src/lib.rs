@@ -13,13 +13,17 @@ pub mod cache;
 pub mod chunk;
 pub mod control;
 pub mod engine;
+pub mod gc;
 pub mod ids;
 pub mod lookup;
+pub mod mapobj;
 pub mod meta;
 pub mod retry;
+pub mod snapshot;
 pub mod volume;
 pub mod wal;
 
 pub use engine::{Engine, EngineConfig};
 pub use ids::{SnapshotId, VolumeId};
+pub use snapshot::SnapshotVolume;
 pub use volume::{StatusExtent, Volume, VolumeConfig, VolumeError};

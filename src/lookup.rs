@@ -1,6 +1,9 @@
 //! BlockLookup: the extent map from blocks to where their newest version lives, in RocksDB.
 //!
-//! One entry per extent, keyed `m VOL start_block(BE)`, non-overlapping. Value v1, 48 bytes LE
+//! One entry per extent, keyed `m VOL start_block(BE)` (a snapshot's frozen map:
+//! `p SNAP start_block(BE)`), non-overlapping. Value v1, 48 bytes LE, for frames in objects of the
+//! map's own volume (for a snapshot: its source volume); v2, 64 bytes, adds the owning VolumeId's
+//! number (u128 LE at 48..64) for frames in another volume's objects (clones)
 //! (FORMAT.md, "Map extent"):
 //! `version u8 = 1 | kind u8 (1 data, 2 zero) | encoding u8 (0 zstd, 1 raw) | reserved u8 |
 //!  block_count u32 | seq u64 |
@@ -17,20 +20,26 @@ use std::collections::{BTreeMap, HashMap};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
 use crate::chunk::{ChunkExtent, ExtentKind, FrameEncoding};
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotId, VolumeId};
 use crate::meta::{
-    vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore, VolumeState, PREFIX_CHUNK, PREFIX_MAP,
-    PREFIX_STATE,
+    id_key, vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore, VolumeState, PREFIX_CHUNK,
+    PREFIX_MAP, PREFIX_SNAP_MAP, PREFIX_STATE,
 };
 
 /// Version byte of map values.
 pub const MAP_VALUE_VERSION: u8 = 1;
+/// Version byte of map values that name the owning volume (64 bytes).
+pub const MAP_VALUE_VERSION_OWNED: u8 = 2;
+/// Length of a v2 map value in bytes.
+pub const MAP_VALUE_OWNED_LEN: usize = 64;
 /// Map value length in bytes.
 pub const MAP_VALUE_LEN: usize = 48;
 
 /// Where a data extent's bytes are: a zstd frame inside a chunk object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FrameRef {
+    /// Number of the VolumeId whose objects hold the frame ([`VolumeId::number`]).
+    pub owner: u128,
     /// Chunk object id (key via [`crate::backend::chunk_key`]).
     pub object_id: u64,
     /// Block number of the frame's first block.
@@ -93,13 +102,29 @@ impl MapExtent {
     }
 
     /// Encodes the value (the key holds `start`).
-    pub fn encode(&self) -> [u8; MAP_VALUE_LEN] {
-        let mut b = [0u8; MAP_VALUE_LEN];
+    pub fn encode(&self, default_owner: u128) -> Vec<u8> {
+        let owner = match self.target {
+            Target::Data(f) if f.owner != default_owner => Some(f.owner),
+            _ => None,
+        };
+        let mut b = vec![
+            0u8;
+            if owner.is_some() {
+                MAP_VALUE_OWNED_LEN
+            } else {
+                MAP_VALUE_LEN
+            }
+        ];
         b[0] = MAP_VALUE_VERSION;
+        if let Some(owner) = owner {
+            b[0] = MAP_VALUE_VERSION_OWNED;
+            b[48..64].copy_from_slice(&owner.to_le_bytes());
+        }
         let f = match self.target {
             Target::Zero => {
                 b[1] = ExtentKind::Zero as u8;
                 FrameRef {
+                    owner: 0,
                     object_id: 0,
                     first_block: 0,
                     blocks: 0,
@@ -127,16 +152,23 @@ impl MapExtent {
     }
 
     /// Decodes a value stored under block `start`.
-    pub fn decode(start: u64, b: &[u8]) -> Option<Self> {
-        if b.len() != MAP_VALUE_LEN || b[0] != MAP_VALUE_VERSION {
-            return None;
-        }
+    pub fn decode(start: u64, b: &[u8], default_owner: u128) -> Option<Self> {
+        let owner = match (b.first(), b.len()) {
+            (Some(&MAP_VALUE_VERSION), MAP_VALUE_LEN) => default_owner,
+            (Some(&MAP_VALUE_VERSION_OWNED), MAP_VALUE_OWNED_LEN) => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(&b[48..64]);
+                u128::from_le_bytes(o)
+            }
+            _ => return None,
+        };
         let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         let u64_at = |at: usize| crate::meta::u64_le(&b[at..at + 8]);
         let count = u64::from(u32_at(4));
         let target = match b[1] {
             2 => Target::Zero,
             1 => Target::Data(FrameRef {
+                owner,
                 object_id: u64_at(16),
                 first_block: u64_at(24),
                 offset: u32_at(32),
@@ -165,10 +197,11 @@ impl MapExtent {
     }
 
     /// The map extent for a chunk index entry of object `object_id`.
-    pub fn from_chunk(object_id: u64, e: &ChunkExtent) -> Self {
+    pub fn from_chunk(owner: u128, object_id: u64, e: &ChunkExtent) -> Self {
         let target = match e.kind {
             ExtentKind::Zero => Target::Zero,
             ExtentKind::Data => Target::Data(FrameRef {
+                owner,
                 object_id,
                 first_block: e.start_block,
                 blocks: e.block_count,
@@ -198,17 +231,67 @@ pub struct ChunkCommit {
     pub stored_bytes: u64,
 }
 
-/// One volume's view of the map.
+/// One map: a volume's (`m VOL`, read-write) or a snapshot's frozen copy (`p SNAP`, read-only).
 #[derive(Clone)]
 pub struct BlockLookup {
     meta: MetaStore,
+    /// The volume whose chunk stats commits update (for a snapshot map: its source volume).
     volume: VolumeId,
+    /// Key prefix of the map's entries (`m VOL` or `p SNAP`).
+    prefix: Vec<u8>,
+    /// Owner of frames in v1 values: `volume`'s number.
+    owner: u128,
 }
 
 impl BlockLookup {
     /// The map of `volume` in `meta`.
     pub fn new(meta: MetaStore, volume: VolumeId) -> Self {
-        Self { meta, volume }
+        Self {
+            prefix: vol_key(PREFIX_MAP, &volume),
+            owner: volume.number(),
+            meta,
+            volume,
+        }
+    }
+
+    /// The frozen map of snapshot `snap`, taken of volume `source`. Read it only: committing to
+    /// it is a bug.
+    pub fn snapshot(meta: MetaStore, snap: &SnapshotId, source: VolumeId) -> Self {
+        Self {
+            prefix: id_key(PREFIX_SNAP_MAP, snap.as_str()),
+            owner: source.number(),
+            meta,
+            volume: source,
+        }
+    }
+
+    /// The volume whose chunk stats this map's commits update.
+    pub fn volume(&self) -> &VolumeId {
+        &self.volume
+    }
+
+    /// The owner number v1 values stand for (the map's volume or snapshot source).
+    pub fn default_owner(&self) -> u128 {
+        self.owner
+    }
+
+    /// Key prefix of this map's entries.
+    pub(crate) fn key_prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// The key of the extent starting at `start`.
+    pub(crate) fn key(&self, start: u64) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + 8);
+        k.extend_from_slice(&self.prefix);
+        k.extend_from_slice(&start.to_be_bytes());
+        k
+    }
+
+    /// Every extent of the map, in block order.
+    /// Blocking (RocksDB): call from a blocking thread.
+    pub fn all(&self) -> Result<Vec<MapExtent>, MetaError> {
+        self.overlapping(0, u64::MAX)
     }
 
     /// Extents intersecting blocks `start..end`, sorted, clipped to the range.
@@ -227,16 +310,16 @@ impl BlockLookup {
             return Ok(Vec::new());
         }
         let db = self.meta.db();
-        let prefix = vol_key(PREFIX_MAP, &self.volume);
+        let prefix = &self.prefix;
         let mut out = Vec::new();
         // The extent that starts at or before `start` may reach into the range.
-        let from = vol_u64_key(PREFIX_MAP, &self.volume, start);
+        let from = self.key(start);
         if let Some(item) = db
             .iterator(IteratorMode::From(&from, Direction::Reverse))
             .next()
         {
             let (k, v) = item?;
-            if k.starts_with(&prefix) && k.len() == prefix.len() + 8 {
+            if k.starts_with(prefix) && k.len() == prefix.len() + 8 {
                 let e = self.decode(&k, &v)?;
                 if e.start < start && e.end() > start {
                     out.push(e);
@@ -244,10 +327,10 @@ impl BlockLookup {
             }
         }
         let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(vol_u64_key(PREFIX_MAP, &self.volume, end));
+        ro.set_iterate_upper_bound(self.key(end));
         for item in db.iterator_opt(IteratorMode::From(&from, Direction::Forward), ro) {
             let (k, v) = item?;
-            if !k.starts_with(&prefix) {
+            if !k.starts_with(prefix) {
                 break;
             }
             out.push(self.decode(&k, &v)?);
@@ -255,13 +338,13 @@ impl BlockLookup {
         Ok(out)
     }
 
-    fn decode(&self, k: &[u8], v: &[u8]) -> Result<MapExtent, MetaError> {
+    pub(crate) fn decode(&self, k: &[u8], v: &[u8]) -> Result<MapExtent, MetaError> {
         let corrupt = || MetaError::Corrupt {
-            key: format!("m{}+{:02x?}", self.volume, &k[k.len().saturating_sub(8)..]),
+            key: String::from_utf8_lossy(k).into_owned(),
             reason: "bad map extent".into(),
         };
         let start = u64::from_be_bytes(k[k.len() - 8..].try_into().map_err(|_| corrupt())?);
-        MapExtent::decode(start, v).ok_or_else(corrupt)
+        MapExtent::decode(start, v, self.owner).ok_or_else(corrupt)
     }
 
     /// Commits a chunk: overlays its extents (newest seq wins), updates chunk accounting and
@@ -306,20 +389,20 @@ impl BlockLookup {
             if kept == old.count {
                 continue;
             }
-            batch.delete(vol_u64_key(PREFIX_MAP, &self.volume, old.start));
+            batch.delete(self.key(old.start));
             for (s, e) in keep {
-                batch.put(
-                    vol_u64_key(PREFIX_MAP, &self.volume, s),
-                    old.slice(s, e).encode(),
-                );
+                batch.put(self.key(s), old.slice(s, e).encode(self.owner));
             }
-            if let Target::Data(f) = old.target {
-                *live_delta.entry(f.object_id).or_default() -= (old.count - kept) as i64;
+            match old.target {
+                Target::Data(f) if f.owner == self.owner => {
+                    *live_delta.entry(f.object_id).or_default() -= (old.count - kept) as i64;
+                }
+                _ => {}
             }
         }
         let mut new_live = 0u64;
         for w in winners.values() {
-            batch.put(vol_u64_key(PREFIX_MAP, &self.volume, w.start), w.encode());
+            batch.put(self.key(w.start), w.encode(self.owner));
             new_live += w.data_blocks();
         }
         let stats_key = |id| vol_u64_key(PREFIX_CHUNK, &self.volume, id);
@@ -386,6 +469,7 @@ mod tests {
             count,
             seq,
             target: Target::Data(FrameRef {
+                owner: OWN,
                 object_id,
                 first_block: start,
                 blocks: count as u32,
@@ -414,23 +498,31 @@ mod tests {
         l.commit_chunk(&c, VolumeState::default()).unwrap();
     }
 
+    const OWN: u128 = 0xa;
+
     #[test]
     fn value_round_trip() {
         let e = data(10, 5, 99, 3);
-        assert_eq!(MapExtent::decode(10, &e.encode()), Some(e));
+        assert_eq!(e.encode(OWN).len(), MAP_VALUE_LEN);
+        assert_eq!(MapExtent::decode(10, &e.encode(OWN), OWN), Some(e));
+        // A frame of another volume's object carries its owner (v2).
+        let foreign = e.encode(7);
+        assert_eq!(foreign.len(), MAP_VALUE_OWNED_LEN);
+        assert_eq!(MapExtent::decode(10, &foreign, 7), Some(e));
+        assert_eq!(MapExtent::decode(10, &foreign, 99), Some(e));
         let z = MapExtent {
             start: 1,
             count: 1 << 20,
             seq: 4,
             target: Target::Zero,
         };
-        assert_eq!(MapExtent::decode(1, &z.encode()), Some(z));
+        assert_eq!(MapExtent::decode(1, &z.encode(OWN), OWN), Some(z));
         assert_eq!(
-            MapExtent::decode(9, &e.encode()),
+            MapExtent::decode(9, &e.encode(OWN), OWN),
             None,
             "start outside its frame"
         );
-        assert_eq!(MapExtent::decode(10, &e.encode()[..47]), None);
+        assert_eq!(MapExtent::decode(10, &e.encode(OWN)[..47], OWN), None);
     }
 
     #[test]

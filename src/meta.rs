@@ -14,7 +14,9 @@ use std::sync::Arc;
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotId, VolumeId};
+use crate::lookup::{BlockLookup, MapExtent};
+use crate::mapobj::MapObject;
 
 /// Errors of the metadata layer.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +42,20 @@ pub(crate) const PREFIX_VOLUME: u8 = b'v';
 pub(crate) const PREFIX_STATE: u8 = b's';
 pub(crate) const PREFIX_MAP: u8 = b'm';
 pub(crate) const PREFIX_CHUNK: u8 = b'c';
+pub(crate) const PREFIX_SNAPSHOT: u8 = b'n';
+pub(crate) const PREFIX_SNAP_MAP: u8 = b'p';
+
+/// `prefix` + an id's ASCII bytes (VolumeId or SnapshotId).
+pub(crate) fn id_key(prefix: u8, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len() + 8);
+    k.push(prefix);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
 
 /// `prefix` + VolumeId.
 pub(crate) fn vol_key(prefix: u8, vol: &VolumeId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + 21 + 8);
-    k.push(prefix);
-    k.extend_from_slice(vol.as_str().as_bytes());
-    k
+    id_key(prefix, vol.as_str())
 }
 
 /// `prefix` + VolumeId + u64 big-endian (sorts numerically).
@@ -138,6 +147,41 @@ pub struct VolumeRecord {
     /// True while mounted (exported for a VM via `ebs.mount`).
     #[serde(default)]
     pub mounted: bool,
+}
+
+/// Lifecycle state of a snapshot (EC2 `SnapshotState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotStateName {
+    /// Its map is frozen locally; the copy in the backend is being written.
+    Pending,
+    /// Durable in the backend.
+    Completed,
+    /// The backend copy could not be written.
+    Error,
+}
+
+/// Everything persisted about a snapshot besides its map (`n SNAP`, and `SNAPID/snapshot.json`
+/// in the backend).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Id.
+    pub snapshot_id: SnapshotId,
+    /// The volume it was taken of.
+    pub volume_id: VolumeId,
+    /// That volume's size in bytes at the time.
+    pub volume_size_bytes: u64,
+    /// Lifecycle state.
+    pub state: SnapshotStateName,
+    /// RFC 3339 time it was taken.
+    pub start_time: String,
+    /// Percent of the backend copy written (0..=100).
+    pub progress: u8,
+    /// EC2 `Description`.
+    #[serde(default)]
+    pub description: String,
+    /// Every write of the volume up to this sequence number is in the snapshot; none after.
+    pub seq: u64,
 }
 
 /// Per-volume engine state, written with every chunk commit.
@@ -250,6 +294,15 @@ impl MetaStore {
         self.write_sync(batch)
     }
 
+    /// The key and value of `rec` (to put in a larger batch).
+    pub(crate) fn volume_entry(&self, rec: &VolumeRecord) -> Result<(Vec<u8>, Vec<u8>), MetaError> {
+        let value = serde_json::to_vec(rec).map_err(|e| MetaError::Corrupt {
+            key: rec.volume_id.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok((vol_key(PREFIX_VOLUME, &rec.volume_id), value))
+    }
+
     /// The record of `vol`, if it exists.
     pub fn get_volume(&self, vol: &VolumeId) -> Result<Option<VolumeRecord>, MetaError> {
         match self.db.get(vol_key(PREFIX_VOLUME, vol))? {
@@ -299,34 +352,271 @@ impl MetaStore {
             if !k.starts_with(&prefix) {
                 break;
             }
-            let id = u64::from_be_bytes(k[prefix.len()..].try_into().map_err(|_| {
-                MetaError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: "bad chunk key".into(),
-                }
-            })?);
-            let stats = ChunkStats::decode(&v).ok_or_else(|| MetaError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: "bad chunk stats".into(),
-            })?;
-            out.push((id, stats));
+            out.push(decode_stats_entry(&prefix, &k, &v)?);
         }
         Ok(out)
     }
 
-    /// Removes every key of `vol` (record, state, map, chunk stats) in one synced batch.
+    /// Removes `vol`'s record, state and map in one synced batch. Its chunk stats stay, with no
+    /// live blocks: the objects belong to garbage collection now, which deletes each once no
+    /// snapshot or clone map references it.
     pub fn delete_volume(&self, vol: &VolumeId) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
         batch.delete(vol_key(PREFIX_VOLUME, vol));
         batch.delete(vol_key(PREFIX_STATE, vol));
-        for prefix in [PREFIX_MAP, PREFIX_CHUNK] {
-            let from = vol_u64_key(prefix, vol, 0);
-            let mut to = vol_key(prefix, vol);
-            to.extend_from_slice(&[0xff; 9]);
-            batch.delete_range(from, to);
+        delete_prefix(&mut batch, &vol_key(PREFIX_MAP, vol));
+        for (id, mut st) in self.chunk_stats(vol)? {
+            st.live_blocks = 0;
+            batch.put(vol_u64_key(PREFIX_CHUNK, vol, id), st.encode());
         }
         self.write_sync(batch)
     }
+
+    /// Stores a snapshot record durably.
+    pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        batch.put(
+            id_key(PREFIX_SNAPSHOT, rec.snapshot_id.as_str()),
+            snapshot_json(rec)?,
+        );
+        self.write_sync(batch)
+    }
+
+    /// The record of snapshot `id`, if it exists.
+    pub fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>, MetaError> {
+        match self.db.get(id_key(PREFIX_SNAPSHOT, id.as_str()))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| MetaError::Corrupt {
+                    key: id.to_string(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Every snapshot record, ordered by id.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, MetaError> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator([PREFIX_SNAPSHOT]) {
+            let (k, v) = item?;
+            if k.first() != Some(&PREFIX_SNAPSHOT) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(|e| MetaError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Freezes the map of `rec.volume_id` as snapshot `rec` (record and map copy in one synced
+    /// batch). The caller holds the volume's commit lock, so the map is exactly the volume's
+    /// contents up to `rec.seq`.
+    pub fn capture_snapshot(&self, rec: &SnapshotRecord) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        let from = vol_key(PREFIX_MAP, &rec.volume_id);
+        let to = id_key(PREFIX_SNAP_MAP, rec.snapshot_id.as_str());
+        // The snapshot map's default owner is the volume, so values copy unchanged.
+        for item in self.db.prefix_iterator(&from) {
+            let (k, v) = item?;
+            if !k.starts_with(&from) {
+                break;
+            }
+            let mut key = to.clone();
+            key.extend_from_slice(&k[from.len()..]);
+            batch.put(key, v);
+        }
+        batch.put(
+            id_key(PREFIX_SNAPSHOT, rec.snapshot_id.as_str()),
+            snapshot_json(rec)?,
+        );
+        self.write_sync(batch)
+    }
+
+    /// Removes snapshot `id`'s record and map in one synced batch.
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        batch.delete(id_key(PREFIX_SNAPSHOT, id.as_str()));
+        delete_prefix(&mut batch, &id_key(PREFIX_SNAP_MAP, id.as_str()));
+        self.write_sync(batch)
+    }
+
+    /// A consistent copy of `lookup`'s map (one RocksDB snapshot), with its volume's chunk stats
+    /// and state when `with_volume_state` (a volume checkpoint) — else `seq` is left 0 and no
+    /// objects are listed (a snapshot map; its record has the seq).
+    pub fn map_object(
+        &self,
+        lookup: &BlockLookup,
+        with_volume_state: bool,
+    ) -> Result<MapObject, MetaError> {
+        let snap = self.db.snapshot();
+        let prefix = lookup.key_prefix().to_vec();
+        let mut extents = Vec::new();
+        for item in snap.iterator(rocksdb::IteratorMode::From(
+            &prefix,
+            rocksdb::Direction::Forward,
+        )) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            extents.push(lookup.decode(&k, &v)?);
+        }
+        let mut obj = MapObject {
+            owner: lookup.default_owner(),
+            seq: 0,
+            next_object_id: 0,
+            objects: Vec::new(),
+            extents,
+        };
+        if with_volume_state {
+            let vol = lookup.volume();
+            let state = match snap.get(vol_key(PREFIX_STATE, vol))? {
+                None => VolumeState::default(),
+                Some(v) => VolumeState::decode(&v).ok_or_else(|| MetaError::Corrupt {
+                    key: format!("s{vol}"),
+                    reason: "bad volume state".into(),
+                })?,
+            };
+            obj.seq = state.checkpoint;
+            obj.next_object_id = state.next_object_id;
+            let cprefix = vol_key(PREFIX_CHUNK, vol);
+            for item in snap.iterator(rocksdb::IteratorMode::From(
+                &cprefix,
+                rocksdb::Direction::Forward,
+            )) {
+                let (k, v) = item?;
+                if !k.starts_with(&cprefix) {
+                    break;
+                }
+                obj.objects.push(decode_stats_entry(&cprefix, &k, &v)?);
+            }
+        }
+        Ok(obj)
+    }
+
+    /// Replaces `lookup`'s map with `extents` and, for a volume (`state` given), its chunk stats
+    /// with `objects` and its state — one synced batch, together with `extra` puts.
+    pub fn install_map(
+        &self,
+        lookup: &BlockLookup,
+        extents: &[MapExtent],
+        volume: Option<(VolumeState, &[(u64, ChunkStats)])>,
+        extra: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        delete_prefix(&mut batch, lookup.key_prefix());
+        for e in extents {
+            batch.put(lookup.key(e.start), e.encode(lookup.default_owner()));
+        }
+        if let Some((state, objects)) = volume {
+            let vol = lookup.volume();
+            delete_prefix(&mut batch, &vol_key(PREFIX_CHUNK, vol));
+            for (id, st) in objects {
+                batch.put(vol_u64_key(PREFIX_CHUNK, vol, *id), st.encode());
+            }
+            batch.put(vol_key(PREFIX_STATE, vol), state.encode());
+        }
+        for (k, v) in extra {
+            batch.put(k, v);
+        }
+        self.write_sync(batch)
+    }
+
+    /// Chunk objects no volume map uses any more (`live_blocks == 0`), of every volume,
+    /// deleted or not: the candidates of garbage collection.
+    pub fn dead_chunks(&self) -> Result<Vec<(VolumeId, u64, ChunkStats)>, MetaError> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator([PREFIX_CHUNK]) {
+            let (k, v) = item?;
+            if k.first() != Some(&PREFIX_CHUNK) {
+                break;
+            }
+            let bad = || MetaError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "bad chunk key".into(),
+            };
+            let vol = std::str::from_utf8(&k[1..k.len().saturating_sub(8)])
+                .ok()
+                .and_then(|s| VolumeId::parse(s).ok())
+                .ok_or_else(bad)?;
+            let (id, st) = decode_stats_entry(&vol_key(PREFIX_CHUNK, &vol), &k, &v)?;
+            if st.live_blocks == 0 {
+                out.push((vol, id, st));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes `candidates` that some map — a volume's or a snapshot's — still references.
+    pub fn unmark_referenced(
+        &self,
+        candidates: &mut std::collections::HashSet<(u128, u64)>,
+    ) -> Result<(), MetaError> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let snapshots = self.list_snapshots()?;
+        let mut maps: Vec<BlockLookup> = self
+            .list_volumes()?
+            .into_iter()
+            .map(|r| BlockLookup::new(self.clone(), r.volume_id))
+            .collect();
+        maps.extend(
+            snapshots
+                .into_iter()
+                .map(|s| BlockLookup::snapshot(self.clone(), &s.snapshot_id, s.volume_id)),
+        );
+        for map in maps {
+            for e in map.all()? {
+                if let crate::lookup::Target::Data(f) = e.target {
+                    candidates.remove(&(f.owner, f.object_id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the stats of chunk `id` of `vol` (its object is gone).
+    pub fn forget_chunks(&self, chunks: &[(VolumeId, u64)]) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        for (vol, id) in chunks {
+            batch.delete(vol_u64_key(PREFIX_CHUNK, vol, *id));
+        }
+        self.write_sync(batch)
+    }
+}
+
+/// Deletes every key that starts with `prefix` (all our keys are ASCII, so `prefix` + 0xff... ends
+/// the range).
+fn delete_prefix(batch: &mut WriteBatch, prefix: &[u8]) {
+    let mut to = prefix.to_vec();
+    to.extend_from_slice(&[0xff; 9]);
+    batch.delete_range(prefix.to_vec(), to);
+}
+
+fn snapshot_json(rec: &SnapshotRecord) -> Result<Vec<u8>, MetaError> {
+    serde_json::to_vec(rec).map_err(|e| MetaError::Corrupt {
+        key: rec.snapshot_id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// `(object_id, stats)` of a `c VOL id` entry.
+fn decode_stats_entry(prefix: &[u8], k: &[u8], v: &[u8]) -> Result<(u64, ChunkStats), MetaError> {
+    let bad = || MetaError::Corrupt {
+        key: String::from_utf8_lossy(k).into_owned(),
+        reason: "bad chunk stats".into(),
+    };
+    let id = u64::from_be_bytes(
+        k.get(prefix.len()..)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    Ok((id, ChunkStats::decode(v).ok_or_else(bad)?))
 }
 
 /// Runs blocking metadata work on tokio's blocking pool.

@@ -47,6 +47,33 @@ pub struct VolumeConfig {
     pub read_retry: RetryPolicy,
     /// Chunk objects built and uploaded at once per volume (default 4); they commit in order.
     pub upload_concurrency: usize,
+    /// Background compaction of this volume's chunks.
+    pub compaction: CompactionConfig,
+}
+
+/// Compaction: chunks whose live fraction fell below `threshold_percent` have their live blocks
+/// rewritten into new chunks by the flusher when it has nothing else to do; the old objects then
+/// have no live blocks and garbage collection deletes them once no snapshot or clone uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct CompactionConfig {
+    /// Rewrite chunks with fewer live blocks than this percent of their data blocks (default
+    /// 50; 0 disables compaction).
+    pub threshold_percent: u8,
+    /// Bytes of live data rewritten per second at most (default 32 MiB/s), so foreground I/O
+    /// keeps the disk and backend.
+    pub rate_bytes_per_sec: u64,
+    /// How often an idle flusher looks for chunks to compact when it found none (default 10 s).
+    pub check_interval: Duration,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            threshold_percent: 50,
+            rate_bytes_per_sec: 32 << 20,
+            check_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for VolumeConfig {
@@ -59,6 +86,7 @@ impl Default for VolumeConfig {
             idle_flush: Duration::from_secs(2),
             read_retry: RetryPolicy::reads(),
             upload_concurrency: 4,
+            compaction: CompactionConfig::default(),
         }
     }
 }
@@ -139,6 +167,10 @@ pub struct VolumeStats {
     pub frame_hits: AtomicU64,
     /// Failures the flusher retried (chunk uploads, map commits, WAL syncs).
     pub flush_retries: AtomicU64,
+    /// Chunk objects written by compaction.
+    pub compacted_chunks: AtomicU64,
+    /// Live bytes (logical, 4096 per block) compaction rewrote.
+    pub compacted_bytes: AtomicU64,
 }
 
 struct BufState {
@@ -165,7 +197,12 @@ struct Inner {
     /// Permits owed after replay loaded more than the buffer holds; paid before any are returned.
     permit_debt: Mutex<u64>,
     wal: Wal,
+    meta: MetaStore,
     lookup: BlockLookup,
+    /// Held across every map commit: a snapshot freezes the map between two commits.
+    commit_lock: tokio::sync::Mutex<()>,
+    /// The state of the last map commit.
+    committed: Mutex<VolumeState>,
     backend: SharedBackend,
     cache: FrameCache,
     rmw: tokio::sync::Mutex<()>,
@@ -298,7 +335,10 @@ impl Volume {
         let id_label = id.to_string();
         let backend_kind = backend.kind();
         let inner = Arc::new(Inner {
-            lookup: BlockLookup::new(meta, id.clone()),
+            lookup: BlockLookup::new(meta.clone(), id.clone()),
+            meta,
+            commit_lock: tokio::sync::Mutex::new(()),
+            committed: Mutex::new(state),
             id,
             size,
             state: Mutex::new(BufState {
@@ -494,7 +534,7 @@ impl Volume {
         }
         let r = BlockRange::covering(offset, len);
         let (mem, map) = self.resolve(r).await?;
-        let mut data: Vec<(u64, u64)> = mem
+        let data: Vec<(u64, u64)> = mem
             .iter()
             .filter(|(_, e)| matches!(e.payload, Payload::Data(_)))
             .map(|(s, e)| (*s, s + e.count))
@@ -504,31 +544,7 @@ impl Volume {
                     .map(|e| (e.start, e.end())),
             )
             .collect();
-        data.sort_unstable();
-        let end = offset + len;
-        let mut out: Vec<StatusExtent> = Vec::new();
-        let push = |from: u64, to: u64, hole: bool, out: &mut Vec<StatusExtent>| {
-            let (from, to) = (from.max(offset), to.min(end));
-            if from >= to {
-                return;
-            }
-            match out.last_mut() {
-                Some(last) if last.hole == hole => last.len += to - from,
-                _ => out.push(StatusExtent {
-                    len: to - from,
-                    hole,
-                }),
-            }
-        };
-        let mut cur = offset;
-        for (s, e) in data {
-            let (s, e) = (s * BLOCK_SIZE, e * BLOCK_SIZE);
-            push(cur, s, true, &mut out);
-            push(s, e, false, &mut out);
-            cur = cur.max(e);
-        }
-        push(cur, end, true, &mut out);
-        Ok(out)
+        Ok(status_runs(offset, len, data))
     }
 
     /// Read-modify-write of the blocks covering an unaligned byte range.
@@ -709,7 +725,7 @@ impl Volume {
                     frames.push(None);
                     continue;
                 };
-                let (key, okey, range) = inner.frame_location(&f);
+                let (key, okey, range) = frame_location(&f);
                 if let Some(hit) = inner.cache.get(&key) {
                     inner.stats.frame_hits.fetch_add(1, Ordering::Relaxed);
                     frames.push(Some(hit));
@@ -744,37 +760,61 @@ impl Volume {
         for (i, data) in futures::future::try_join_all(fetches).await? {
             frames[i] = Some(data);
         }
-        for (e, frame) in map.iter().zip(frames) {
-            let (Target::Data(f), Some(frame)) = (e.target, frame) else {
-                continue;
-            };
-            let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
-            let len = e.count as usize * BLOCK_BYTES;
-            let at = ((e.start - r.start) as usize) * BLOCK_BYTES;
-            out[at..at + len].copy_from_slice(&frame[from..from + len]);
-        }
+        fill_from_frames(&mut out, r, &map, frames);
         Ok(out.freeze())
     }
 
     /// A decompressed, verified frame, from the cache or the backend (ranged read).
     async fn frame(&self, f: FrameRef) -> Result<Bytes, VolumeError> {
         let inner = &self.inner;
-        let (key, okey, range) = inner.frame_location(&f);
-        inner
-            .cache
-            .get_or_insert_async(&key, async {
+        fetch_frame(
+            &inner.cache,
+            &inner.backend,
+            &inner.config.read_retry,
+            f,
+            |took| {
                 inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
-                let started = Instant::now();
-                let raw = retry(&inner.config.read_retry, &okey, || {
-                    inner.backend.get_range(&okey, range.clone())
-                })
-                .await?;
-                inner.get_seconds.record(started.elapsed());
-                tokio::task::spawn_blocking(move || decode_fetched(okey, &raw, &f))
-                    .await
-                    .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
-            })
-            .await
+                inner.get_seconds.record(took);
+            },
+        )
+        .await
+    }
+
+    /// Runs `f` (blocking, on a RocksDB thread) while the map is frozen at a sequence-number
+    /// prefix that includes every write completed before this call: everything buffered is
+    /// committed to chunks first, and no commit runs while `f` does. `f` gets the committed state
+    /// (its `checkpoint` is the snapshot point). Errors with [`VolumeError::Closed`] if the
+    /// volume closes first.
+    pub async fn with_frozen_map<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(VolumeState) -> Result<T, MetaError> + Send + 'static,
+    ) -> Result<T, VolumeError> {
+        let inner = &self.inner;
+        let target = {
+            let mut st = lock(&inner.state);
+            if st.closed {
+                return Err(VolumeError::Closed);
+            }
+            st.freeze();
+            st.next_seq - 1
+        };
+        loop {
+            let notified = inner.flushed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let _commits = inner.commit_lock.lock().await;
+                let state = *lock(&inner.committed);
+                if state.checkpoint >= target {
+                    return Ok(blocking(move || f(state)).await?);
+                }
+            }
+            if lock(&inner.state).closed {
+                return Err(VolumeError::Closed);
+            }
+            inner.wake.notify_one();
+            notified.await;
+        }
     }
 
     /// Turns everything buffered into chunks and waits until the map points at them (the WAL is
@@ -852,6 +892,88 @@ impl Volume {
     }
 }
 
+/// A frame's cache key, object key (in its owner volume's objects) and byte range in the object.
+pub(crate) fn frame_location(
+    f: &FrameRef,
+) -> (crate::cache::FrameKey, String, std::ops::Range<u64>) {
+    let owner = VolumeId::from_number(f.owner);
+    let key = (owner.tag(), f.object_id, f.offset);
+    let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
+    (key, chunk_key(&owner, f.object_id), range)
+}
+
+/// A decompressed, verified frame from `cache`, or fetched from `backend` with a ranged read
+/// (retried by `policy`) and decoded off the reactor; `fetched(duration)` is called after a GET.
+pub(crate) async fn fetch_frame(
+    cache: &FrameCache,
+    backend: &SharedBackend,
+    policy: &RetryPolicy,
+    f: FrameRef,
+    fetched: impl FnOnce(Duration),
+) -> Result<Bytes, VolumeError> {
+    let (key, okey, range) = frame_location(&f);
+    cache
+        .get_or_insert_async(&key, async {
+            let started = Instant::now();
+            let raw = retry(policy, &okey, || backend.get_range(&okey, range.clone())).await?;
+            fetched(started.elapsed());
+            tokio::task::spawn_blocking(move || decode_fetched(okey, &raw, &f))
+                .await
+                .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
+        })
+        .await
+}
+
+/// Copies the blocks of the data extents in `map` (whose frames are in `frames`, same order)
+/// into `out`, which holds block range `r`.
+pub(crate) fn fill_from_frames(
+    out: &mut [u8],
+    r: BlockRange,
+    map: &[MapExtent],
+    frames: Vec<Option<Bytes>>,
+) {
+    for (e, frame) in map.iter().zip(frames) {
+        let (Target::Data(f), Some(frame)) = (e.target, frame) else {
+            continue;
+        };
+        let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
+        let len = e.count as usize * BLOCK_BYTES;
+        let at = ((e.start - r.start) as usize) * BLOCK_BYTES;
+        out[at..at + len].copy_from_slice(&frame[from..from + len]);
+    }
+}
+
+/// Merged `base:allocation` runs covering bytes `offset..offset + len`, from the block ranges
+/// `data` (start, end) that hold stored data; everything else is a hole.
+pub(crate) fn status_runs(offset: u64, len: u64, mut data: Vec<(u64, u64)>) -> Vec<StatusExtent> {
+    data.sort_unstable();
+    let end = offset + len;
+    let mut out: Vec<StatusExtent> = Vec::new();
+
+    let push = |from: u64, to: u64, hole: bool, out: &mut Vec<StatusExtent>| {
+        let (from, to) = (from.max(offset), to.min(end));
+        if from >= to {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.hole == hole => last.len += to - from,
+            _ => out.push(StatusExtent {
+                len: to - from,
+                hole,
+            }),
+        }
+    };
+    let mut cur = offset;
+    for (s, e) in data {
+        let (s, e) = (s * BLOCK_SIZE, e * BLOCK_SIZE);
+        push(cur, s, true, &mut out);
+        push(s, e, false, &mut out);
+        cur = cur.max(e);
+    }
+    push(cur, end, true, &mut out);
+    out
+}
+
 /// Verifies and decodes a frame fetched from object `okey`; corruption is logged with the key.
 fn decode_fetched(okey: String, raw: &[u8], f: &FrameRef) -> Result<Bytes, VolumeError> {
     chunk::decode_frame(raw, f.crc, f.blocks, f.encoding).map_err(|source| {
@@ -861,16 +983,6 @@ fn decode_fetched(okey: String, raw: &[u8], f: &FrameRef) -> Result<Bytes, Volum
 }
 
 impl Inner {
-    /// A frame's cache key, object key and byte range in the object.
-    fn frame_location(
-        &self,
-        f: &FrameRef,
-    ) -> (crate::cache::FrameKey, String, std::ops::Range<u64>) {
-        let key = (self.id.tag(), f.object_id, f.offset);
-        let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
-        (key, chunk_key(&self.id, f.object_id), range)
-    }
-
     /// Returns write-buffer permits, paying off replay debt first.
     fn release(&self, n: u64) {
         let mut debt = lock(&self.permit_debt);
@@ -909,6 +1021,7 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
     // Twice the upload slots in tasks: chunks are compressed while earlier ones upload, so the
     // PUTs in flight stay at `upload_concurrency` (measured: scripts/bench-s3.sh).
     let concurrency = 2 * inner.config.upload_concurrency.max(1);
+    let mut next_compaction = Instant::now() + inner.config.compaction.check_interval;
     loop {
         if inner.stop.load(Ordering::SeqCst) {
             abort(in_flight).await;
@@ -950,7 +1063,25 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             if inner.draining.load(Ordering::SeqCst) && lock(&inner.state).frozen.is_empty() {
                 return;
             }
-            let _ = tokio::time::timeout(inner.config.idle_flush, inner.wake.notified()).await;
+            let pending = !lock(&inner.state).frozen.is_empty();
+            if !pending
+                && inner.config.compaction.threshold_percent > 0
+                && Instant::now() >= next_compaction
+            {
+                let (next, wait) = compact(&inner, state, next_object_id).await;
+                if let Some(next) = next {
+                    state = next;
+                    next_object_id = state.next_object_id;
+                }
+                next_compaction = Instant::now() + wait;
+                continue;
+            }
+            let until_compaction = next_compaction.saturating_duration_since(Instant::now());
+            let nap = inner
+                .config
+                .idle_flush
+                .min(until_compaction.max(Duration::from_millis(10)));
+            let _ = tokio::time::timeout(nap, inner.wake.notified()).await;
             continue;
         };
         let uploaded = match job.task.await {
@@ -1026,6 +1157,103 @@ where
             }
         }
     }
+}
+
+/// One compaction step: picks this volume's chunks whose live fraction is below the threshold
+/// (fewest live blocks first, at most a chunk of live data), rewrites their live blocks — with
+/// their original sequence numbers, so any newer write still wins — into chunk `object_id`,
+/// and commits it like a flushed chunk (checkpoint unchanged). Returns the new state if it
+/// committed, and how long to wait before the next step (the rate limit, or the check interval
+/// when there was nothing to do or a step failed).
+async fn compact(
+    inner: &Arc<Inner>,
+    state: VolumeState,
+    object_id: u64,
+) -> (Option<VolumeState>, Duration) {
+    let cfg = inner.config.compaction;
+    let picked = match compaction_input(inner).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return (None, cfg.check_interval),
+        Err(e) => {
+            tracing::warn!(error = %e, "compaction skipped");
+            return (None, cfg.check_interval);
+        }
+    };
+    let moved: u64 = picked.iter().map(|e| e.block_count * BLOCK_SIZE).sum();
+    let Some(up) = upload_chunk(inner.clone(), object_id, picked).await else {
+        return (None, cfg.check_interval);
+    };
+    let Some(next) = commit_chunk(inner, up, state, state.checkpoint, state.max_seq).await else {
+        return (None, cfg.check_interval);
+    };
+    inner.stats.compacted_chunks.fetch_add(1, Ordering::Relaxed);
+    inner
+        .stats
+        .compacted_bytes
+        .fetch_add(moved, Ordering::Relaxed);
+    tracing::debug!(object_id, moved_bytes = moved, "chunk compacted");
+    let rate = cfg.rate_bytes_per_sec.max(1);
+    (
+        Some(next),
+        Duration::from_secs_f64(moved as f64 / rate as f64),
+    )
+}
+
+/// The live extents of the chunks compaction should rewrite next, with their data; `None` when
+/// no chunk is below the threshold.
+async fn compaction_input(
+    inner: &Arc<Inner>,
+) -> Result<Option<Vec<chunk::InputExtent>>, VolumeError> {
+    let (meta, lookup, id) = (inner.meta.clone(), inner.lookup.clone(), inner.id.clone());
+    let threshold = u64::from(inner.config.compaction.threshold_percent);
+    let chunk_blocks = (inner.config.chunk_bytes / BLOCK_SIZE).max(1);
+    let owner = id.number();
+    let extents = blocking(move || {
+        let mut candidates: Vec<(u64, crate::meta::ChunkStats)> = meta
+            .chunk_stats(&id)?
+            .into_iter()
+            .filter(|(_, s)| s.live_blocks > 0 && s.live_blocks * 100 < s.data_blocks * threshold)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        candidates.sort_by_key(|(_, s)| (s.live_blocks * 1000) / s.data_blocks.max(1));
+        let mut picked = std::collections::HashSet::new();
+        let mut blocks = 0;
+        for (object_id, s) in candidates {
+            if !picked.is_empty() && blocks + s.live_blocks > chunk_blocks {
+                break;
+            }
+            blocks += s.live_blocks;
+            picked.insert(object_id);
+        }
+        Ok(lookup
+            .all()?
+            .into_iter()
+            .filter(|e| matches!(e.target, Target::Data(f) if f.owner == owner && picked.contains(&f.object_id)))
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    if extents.is_empty() {
+        return Ok(None);
+    }
+    let volume = Volume {
+        inner: inner.clone(),
+    };
+    let mut input = Vec::with_capacity(extents.len());
+    for e in extents {
+        let Target::Data(f) = e.target else { continue };
+        let frame = volume.frame(f).await?;
+        let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
+        let len = e.count as usize * BLOCK_BYTES;
+        input.push(chunk::InputExtent {
+            start_block: e.start,
+            block_count: e.count,
+            seq: e.seq,
+            data: Some(frame.slice(from..from + len)),
+        });
+    }
+    Ok(Some(input))
 }
 
 /// Cancels uploads that will not be committed and waits for them, so none writes afterwards.
@@ -1108,7 +1336,7 @@ async fn commit_chunk(
         extents: up
             .index
             .iter()
-            .map(|e| MapExtent::from_chunk(up.object_id, e))
+            .map(|e| MapExtent::from_chunk(inner.id.number(), up.object_id, e))
             .collect(),
         stored_bytes: up.stored_bytes,
     });
@@ -1117,11 +1345,13 @@ async fn commit_chunk(
         next_object_id: up.object_id + 1,
         max_seq: state.max_seq.max(max_seq),
     };
+    let _commits = inner.commit_lock.lock().await;
     retry_until_stopped(inner, "map commit", "", true, || {
         let (lookup, c) = (inner.lookup.clone(), commit.clone());
         blocking(move || lookup.commit_chunk(&c, next))
     })
     .await?;
+    *lock(&inner.committed) = next;
     inner.stats.chunks.fetch_add(1, Ordering::Relaxed);
     inner
         .stats

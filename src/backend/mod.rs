@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotId, VolumeId};
 
 /// Errors of the backend layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -103,6 +103,27 @@ pub fn chunk_key(volume: &VolumeId, object_id: u64) -> String {
 /// a daemon with an empty data directory recovers the volume (FORMAT.md, "Recovery").
 pub fn volume_record_key(volume: &VolumeId) -> String {
     format!("{volume}/volume.json")
+}
+
+/// Prefix of a volume's map checkpoints (`VOLUMEID/map/`).
+pub fn checkpoint_prefix(volume: &VolumeId) -> String {
+    format!("{volume}/map/")
+}
+
+/// Key of a volume's map checkpoint taken when its next object id was `next_object_id`
+/// (`VOLUMEID/map/NEXTOBJECTID`, 16 lowercase hex digits; the largest is the newest).
+pub fn checkpoint_key(volume: &VolumeId, next_object_id: u64) -> String {
+    format!("{volume}/map/{next_object_id:016x}")
+}
+
+/// Key of a snapshot's record copy (`SNAPID/snapshot.json`), written once its map is stored.
+pub fn snapshot_record_key(snapshot: &SnapshotId) -> String {
+    format!("{snapshot}/snapshot.json")
+}
+
+/// Key of a snapshot's frozen map (`SNAPID/map`, a map object).
+pub fn snapshot_map_key(snapshot: &SnapshotId) -> String {
+    format!("{snapshot}/map")
 }
 
 /// Prefix of every object of `volume`.

@@ -1,0 +1,239 @@
+//! Map objects: a whole BlockLookup map as one backend object (FORMAT.md, "Map object").
+//!
+//! Written for a snapshot (`SNAPID/map`: its frozen map, so the snapshot survives the loss of the
+//! local disk) and as a volume's map checkpoint (`VOLUMEID/map/SEQ`: recovery starts from it and
+//! applies only younger chunks, so garbage collection may delete chunks the map no longer uses).
+//!
+//! Layout, little-endian: a 64-byte header, then `object_count` chunk-stats entries (32 bytes:
+//! object_id, data_blocks, live_blocks, stored_bytes), then `extent_count` extents (72 bytes:
+//! start_block u64 followed by the 64-byte v2 map value, which always names its owner).
+
+use crate::lookup::{MapExtent, MAP_VALUE_LEN, MAP_VALUE_OWNED_LEN, MAP_VALUE_VERSION};
+use crate::meta::{u64_le, ChunkStats};
+
+/// Magic number: ASCII `VBMP`.
+pub const MAP_OBJECT_MAGIC: [u8; 4] = *b"VBMP";
+/// Format version written.
+pub const MAP_OBJECT_VERSION: u16 = 1;
+/// Header length in bytes.
+pub const MAP_OBJECT_HEADER_LEN: usize = 64;
+const OBJECT_ENTRY_LEN: usize = 32;
+const EXTENT_ENTRY_LEN: usize = 8 + MAP_VALUE_OWNED_LEN;
+
+/// Errors decoding a map object.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MapObjectError {
+    /// Shorter than its header says.
+    #[error("map object truncated: need {need} bytes, have {have}")]
+    Truncated {
+        /// Bytes needed.
+        need: u64,
+        /// Bytes present.
+        have: u64,
+    },
+    /// Not a map object.
+    #[error("bad map object magic")]
+    BadMagic,
+    /// A version this reader does not know.
+    #[error("unsupported map object version {0}")]
+    UnsupportedVersion(u16),
+    /// The CRC does not match.
+    #[error("map object checksum mismatch")]
+    BadCrc,
+    /// An extent entry does not decode.
+    #[error("bad extent entry {0}")]
+    BadExtent(u64),
+}
+
+/// A map as of sequence number `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapObject {
+    /// Number of the VolumeId whose map this is (a snapshot's source volume).
+    pub owner: u128,
+    /// Every write with a sequence number up to this is in the map (the checkpoint).
+    pub seq: u64,
+    /// The owner's next chunk object id when the map was taken: chunks with smaller ids are
+    /// reflected in it.
+    pub next_object_id: u64,
+    /// Accounting of the owner's chunks, by object id.
+    pub objects: Vec<(u64, ChunkStats)>,
+    /// The extents, sorted by start block.
+    pub extents: Vec<MapExtent>,
+}
+
+impl MapObject {
+    /// The object's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; MAP_OBJECT_HEADER_LEN];
+        b[0..4].copy_from_slice(&MAP_OBJECT_MAGIC);
+        b[4..6].copy_from_slice(&MAP_OBJECT_VERSION.to_le_bytes());
+        b[8..24].copy_from_slice(&self.owner.to_le_bytes());
+        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
+        b[32..40].copy_from_slice(&self.next_object_id.to_le_bytes());
+        b[40..48].copy_from_slice(&(self.extents.len() as u64).to_le_bytes());
+        b[48..56].copy_from_slice(&(self.objects.len() as u64).to_le_bytes());
+        b.reserve(self.objects.len() * OBJECT_ENTRY_LEN + self.extents.len() * EXTENT_ENTRY_LEN);
+        for (id, s) in &self.objects {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&s.data_blocks.to_le_bytes());
+            b.extend_from_slice(&s.live_blocks.to_le_bytes());
+            b.extend_from_slice(&s.stored_bytes.to_le_bytes());
+        }
+        // An owner number no frame has makes every value v2 (owner explicit).
+        let never = u128::MAX;
+        for e in &self.extents {
+            b.extend_from_slice(&e.start.to_le_bytes());
+            let mut v = e.encode(never);
+            v.resize(MAP_VALUE_OWNED_LEN, 0);
+            b.extend_from_slice(&v);
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(&b[0..56]);
+        h.update(&b[MAP_OBJECT_HEADER_LEN..]);
+        let crc = h.finalize();
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and verifies an object made by [`MapObject::encode`].
+    pub fn decode(b: &[u8]) -> Result<Self, MapObjectError> {
+        let have = b.len() as u64;
+        if b.len() < MAP_OBJECT_HEADER_LEN {
+            return Err(MapObjectError::Truncated {
+                need: MAP_OBJECT_HEADER_LEN as u64,
+                have,
+            });
+        }
+        if b[0..4] != MAP_OBJECT_MAGIC {
+            return Err(MapObjectError::BadMagic);
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != MAP_OBJECT_VERSION {
+            return Err(MapObjectError::UnsupportedVersion(version));
+        }
+        let extents = u64_le(&b[40..48]);
+        let objects = u64_le(&b[48..56]);
+        let need = (MAP_OBJECT_HEADER_LEN as u64)
+            .saturating_add(objects.saturating_mul(OBJECT_ENTRY_LEN as u64))
+            .saturating_add(extents.saturating_mul(EXTENT_ENTRY_LEN as u64));
+        if have != need {
+            return Err(MapObjectError::Truncated { need, have });
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(&b[0..56]);
+        h.update(&b[MAP_OBJECT_HEADER_LEN..]);
+        if h.finalize().to_le_bytes() != b[56..60] {
+            return Err(MapObjectError::BadCrc);
+        }
+        let mut owner = [0u8; 16];
+        owner.copy_from_slice(&b[8..24]);
+        let mut at = MAP_OBJECT_HEADER_LEN;
+        let mut objs = Vec::with_capacity(objects as usize);
+        for _ in 0..objects {
+            let e = &b[at..at + OBJECT_ENTRY_LEN];
+            objs.push((
+                u64_le(&e[0..8]),
+                ChunkStats {
+                    data_blocks: u64_le(&e[8..16]),
+                    live_blocks: u64_le(&e[16..24]),
+                    stored_bytes: u64_le(&e[24..32]),
+                },
+            ));
+            at += OBJECT_ENTRY_LEN;
+        }
+        let mut exts = Vec::with_capacity(extents as usize);
+        for i in 0..extents {
+            let e = &b[at..at + EXTENT_ENTRY_LEN];
+            let start = u64_le(&e[0..8]);
+            // Zero extents name no owner: their value is v1, padded.
+            let v = match e[8] {
+                MAP_VALUE_VERSION => &e[8..8 + MAP_VALUE_LEN],
+                _ => &e[8..],
+            };
+            exts.push(MapExtent::decode(start, v, u128::MAX).ok_or(MapObjectError::BadExtent(i))?);
+            at += EXTENT_ENTRY_LEN;
+        }
+        Ok(Self {
+            owner: u128::from_le_bytes(owner),
+            seq: u64_le(&b[24..32]),
+            next_object_id: u64_le(&b[32..40]),
+            objects: objs,
+            extents: exts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::FrameEncoding;
+    use crate::lookup::{FrameRef, Target};
+
+    fn sample() -> MapObject {
+        MapObject {
+            owner: 0xabc,
+            seq: 77,
+            next_object_id: 5,
+            objects: vec![(
+                3,
+                ChunkStats {
+                    data_blocks: 16,
+                    live_blocks: 4,
+                    stored_bytes: 9000,
+                },
+            )],
+            extents: vec![
+                MapExtent {
+                    start: 0,
+                    count: 4,
+                    seq: 9,
+                    target: Target::Data(FrameRef {
+                        owner: 0xabc,
+                        object_id: 3,
+                        first_block: 0,
+                        blocks: 16,
+                        offset: 48,
+                        len: 100,
+                        crc: 1,
+                        encoding: FrameEncoding::Zstd,
+                    }),
+                },
+                MapExtent {
+                    start: 10,
+                    count: 1 << 20,
+                    seq: 12,
+                    target: Target::Zero,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        assert_eq!(MapObject::decode(&m.encode()), Ok(m));
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let b = sample().encode();
+        let mut flipped = b.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(MapObject::decode(&flipped), Err(MapObjectError::BadCrc));
+        assert!(matches!(
+            MapObject::decode(&b[..b.len() - 1]),
+            Err(MapObjectError::Truncated { .. })
+        ));
+        let mut v = b.clone();
+        v[4] = 9;
+        assert_eq!(
+            MapObject::decode(&v),
+            Err(MapObjectError::UnsupportedVersion(9))
+        );
+        assert_eq!(
+            MapObject::decode(b"nope"),
+            Err(MapObjectError::Truncated { need: 64, have: 4 })
+        );
+    }
+}

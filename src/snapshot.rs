@@ -1,0 +1,325 @@
+//! Snapshots (EC2 `CreateSnapshot` / `DescribeSnapshots` / `DeleteSnapshot`), clones
+//! (`CreateVolume` with `SnapshotId`) and read-only snapshot exports.
+//!
+//! A snapshot copies no data: chunks are immutable, so it is the volume's map frozen at a
+//! sequence number (`p SNAP` keys in RocksDB, referencing the volume's objects), plus a record.
+//! It is `pending` until the map is stored in the backend as a map object (`SNAPID/map`) with the
+//! record beside it (`SNAPID/snapshot.json`), then `completed`: from then on it survives the loss
+//! of the local disk. A clone starts as a copy of the snapshot's map with the owner of every
+//! frame written out (map value v2), so it shares the chunks; its own writes go to its own
+//! objects. Garbage collection never deletes an object any map references (`crate::gc`).
+
+use bytes::{Bytes, BytesMut};
+
+use crate::backend::{checkpoint_key, snapshot_map_key, snapshot_record_key, SharedBackend};
+use crate::block::{BlockRange, BLOCK_BYTES, BLOCK_SIZE};
+use crate::cache::FrameCache;
+use crate::engine::{now_rfc3339, Engine};
+use crate::ids::{SnapshotId, VolumeId};
+use crate::lookup::{BlockLookup, Target};
+use crate::mapobj::MapObject;
+use crate::meta::{
+    blocking, MetaStore, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeState,
+};
+use crate::retry::{retry, RetryPolicy};
+use crate::volume::{
+    fetch_frame, fill_from_frames, status_runs, StatusExtent, VolumeError, MAX_REQUEST_BYTES,
+};
+
+/// A snapshot opened for reading (the read-only NBD export `SNAPID`).
+#[derive(Clone)]
+pub struct SnapshotVolume {
+    id: SnapshotId,
+    size: u64,
+    lookup: BlockLookup,
+    backend: SharedBackend,
+    cache: FrameCache,
+    retry: RetryPolicy,
+}
+
+impl SnapshotVolume {
+    /// Snapshot id.
+    pub fn id(&self) -> &SnapshotId {
+        &self.id
+    }
+
+    /// Size in bytes (the volume's size when the snapshot was taken).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Reads `len` bytes at byte `offset` as the volume was at the snapshot.
+    ///
+    /// Errors: [`VolumeError::OutOfRange`], [`VolumeError::TooLarge`] above 32 MiB,
+    /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
+    /// verified.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
+        self.check_range(offset, len)?;
+        if len > MAX_REQUEST_BYTES {
+            return Err(VolumeError::TooLarge {
+                len,
+                max: MAX_REQUEST_BYTES,
+            });
+        }
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let r = BlockRange::covering(offset, len);
+        let lookup = self.lookup.clone();
+        let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
+        let fetches = map.iter().map(|e| async move {
+            match e.target {
+                Target::Data(f) => fetch_frame(&self.cache, &self.backend, &self.retry, f, |_| {})
+                    .await
+                    .map(Some),
+                Target::Zero => Ok(None),
+            }
+        });
+        let frames = futures::future::try_join_all(fetches).await?;
+        let mut out = BytesMut::zeroed(r.len() as usize * BLOCK_BYTES);
+        fill_from_frames(&mut out, r, &map, frames);
+        let skip = (offset - r.start * BLOCK_SIZE) as usize;
+        Ok(out.freeze().slice(skip..skip + len as usize))
+    }
+
+    /// Allocation status of `offset..offset + len` (NBD `base:allocation`), as
+    /// [`crate::Volume::block_status`].
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<StatusExtent>, VolumeError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let r = BlockRange::covering(offset, len);
+        let lookup = self.lookup.clone();
+        let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
+        let data = map
+            .iter()
+            .filter(|e| matches!(e.target, Target::Data(_)))
+            .map(|e| (e.start, e.end()))
+            .collect();
+        Ok(status_runs(offset, len, data))
+    }
+}
+
+/// Bounded retries for control-plane backend calls (a failed call fails the request).
+fn control_retry() -> RetryPolicy {
+    RetryPolicy::reads()
+}
+
+impl Engine {
+    /// Takes a snapshot of volume `vol`: flushes its buffer into chunks, freezes its map at the
+    /// resulting sequence number and returns the `pending` record; the map and record are then
+    /// copied to the backend in the background (`Progress` 0 → 100, state `completed`, or
+    /// `error` when the backend keeps failing).
+    ///
+    /// Errors: [`VolumeError::Invalid`] for an unknown volume, [`VolumeError::Closed`] when the
+    /// volume closes meanwhile, metadata errors.
+    pub async fn create_snapshot(
+        &self,
+        vol: &VolumeId,
+        description: &str,
+    ) -> Result<SnapshotRecord, VolumeError> {
+        let volume = self.volume(vol).await?;
+        let mut rec = SnapshotRecord {
+            snapshot_id: SnapshotId::generate(),
+            volume_id: vol.clone(),
+            volume_size_bytes: volume.size(),
+            state: SnapshotStateName::Pending,
+            start_time: now_rfc3339(),
+            progress: 0,
+            description: description.to_owned(),
+            seq: 0,
+        };
+        let meta = self.meta.clone();
+        let r = rec.clone();
+        rec = volume
+            .with_frozen_map(move |state| {
+                let rec = SnapshotRecord {
+                    seq: state.checkpoint,
+                    ..r
+                };
+                meta.capture_snapshot(&rec)?;
+                Ok(rec)
+            })
+            .await?;
+        tracing::info!(snapshot = %rec.snapshot_id, volume = %vol, seq = rec.seq, "snapshot taken");
+        let (meta, backend, r) = (self.meta.clone(), self.backend.clone(), rec.clone());
+        tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
+        Ok(rec)
+    }
+
+    /// The record of snapshot `id`, if any.
+    pub async fn get_snapshot(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<Option<SnapshotRecord>, VolumeError> {
+        let (meta, id) = (self.meta.clone(), id.clone());
+        Ok(blocking(move || meta.get_snapshot(&id)).await?)
+    }
+
+    /// Every snapshot record, ordered by id.
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, VolumeError> {
+        let meta = self.meta.clone();
+        Ok(blocking(move || meta.list_snapshots()).await?)
+    }
+
+    /// Deletes snapshot `id` (backend copy, then the local map) and frees the chunks only it
+    /// used. A `pending` snapshot cannot be deleted until its copy finished.
+    ///
+    /// Errors: [`VolumeError::Invalid`] for an unknown or pending snapshot; backend errors.
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), VolumeError> {
+        {
+            let _gc = self.gc.lock().await;
+            let rec = self
+                .get_snapshot(id)
+                .await?
+                .ok_or_else(|| VolumeError::Invalid(format!("snapshot {id} not found")))?;
+            if rec.state == SnapshotStateName::Pending {
+                return Err(VolumeError::Invalid(format!("snapshot {id} is pending")));
+            }
+            // The record copy goes first: a half-deleted snapshot is never recovered.
+            for key in [snapshot_record_key(id), snapshot_map_key(id)] {
+                retry(&control_retry(), &key, || self.backend.delete(&key)).await?;
+            }
+            let (meta, sid) = (self.meta.clone(), id.clone());
+            blocking(move || meta.delete_snapshot(&sid)).await?;
+        }
+        tracing::info!(snapshot = %id, "snapshot deleted");
+        self.collect_garbage().await?;
+        Ok(())
+    }
+
+    /// Opens snapshot `id` for reading. A snapshot in state `error` is readable too (its local
+    /// map is complete; only the backend copy failed).
+    ///
+    /// Errors: [`VolumeError::Invalid`] for an unknown snapshot.
+    pub async fn snapshot_volume(&self, id: &SnapshotId) -> Result<SnapshotVolume, VolumeError> {
+        let rec = self
+            .get_snapshot(id)
+            .await?
+            .ok_or_else(|| VolumeError::Invalid(format!("snapshot {id} not found")))?;
+        Ok(SnapshotVolume {
+            id: id.clone(),
+            size: rec.volume_size_bytes,
+            lookup: BlockLookup::snapshot(self.meta.clone(), id, rec.volume_id),
+            backend: self.backend.clone(),
+            cache: self.cache.clone(),
+            retry: self.config.volume.read_retry,
+        })
+    }
+
+    /// Creates volume `rec` as a clone of completed snapshot `snap`: its map starts as the
+    /// snapshot's (sharing its chunks), its sequence numbers continue after the snapshot's, and a
+    /// map checkpoint in the backend makes it recoverable without the snapshot. Immediately usable.
+    ///
+    /// Errors: [`VolumeError::Invalid`] for an unknown or unfinished snapshot or a size smaller
+    /// than the snapshot's volume; backend and metadata errors.
+    pub async fn create_volume_from_snapshot(
+        &self,
+        rec: VolumeRecord,
+        snap: &SnapshotId,
+    ) -> Result<(), VolumeError> {
+        Self::check_size(rec.size_bytes)?;
+        let _gc = self.gc.lock().await;
+        let s = self
+            .get_snapshot(snap)
+            .await?
+            .ok_or_else(|| VolumeError::Invalid(format!("snapshot {snap} not found")))?;
+        if s.state != SnapshotStateName::Completed {
+            return Err(VolumeError::Invalid(format!(
+                "snapshot {snap} is not completed"
+            )));
+        }
+        if rec.size_bytes < s.volume_size_bytes {
+            return Err(VolumeError::Invalid(format!(
+                "volume size {} bytes is smaller than snapshot {snap} ({} bytes)",
+                rec.size_bytes, s.volume_size_bytes
+            )));
+        }
+        let source = BlockLookup::snapshot(self.meta.clone(), snap, s.volume_id.clone());
+        let extents = blocking(move || source.all()).await?;
+        let state = VolumeState {
+            checkpoint: s.seq,
+            next_object_id: 1,
+            max_seq: s.seq,
+        };
+        let id = rec.volume_id.clone();
+        let obj = MapObject {
+            owner: id.number(),
+            seq: s.seq,
+            next_object_id: 1,
+            objects: Vec::new(),
+            extents,
+        };
+        let key = checkpoint_key(&id, 1);
+        let body = Bytes::from(obj.encode());
+        retry(&control_retry(), &key, || {
+            self.backend.put(&key, body.clone())
+        })
+        .await?;
+        self.publish_record(&rec).await?;
+        let meta = self.meta.clone();
+        blocking(move || {
+            let lookup = BlockLookup::new(meta.clone(), rec.volume_id.clone());
+            let entry = meta.volume_entry(&rec)?;
+            meta.install_map(&lookup, &obj.extents, Some((state, &[])), vec![entry])
+        })
+        .await?;
+        tracing::info!(volume = %id, snapshot = %snap, "volume created from snapshot");
+        Ok(())
+    }
+}
+
+/// Copies a snapshot's frozen map and then its record to the backend and marks it `completed`
+/// (`error` after the retries run out).
+async fn publish_snapshot(meta: MetaStore, backend: SharedBackend, mut rec: SnapshotRecord) {
+    let id = rec.snapshot_id.clone();
+    let result: Result<(), VolumeError> = async {
+        let lookup = BlockLookup::snapshot(meta.clone(), &id, rec.volume_id.clone());
+        let m = meta.clone();
+        let mut obj = blocking(move || m.map_object(&lookup, false)).await?;
+        obj.seq = rec.seq;
+        let key = snapshot_map_key(&id);
+        let body = Bytes::from(obj.encode());
+        retry(&RetryPolicy::reads(), &key, || {
+            backend.put(&key, body.clone())
+        })
+        .await?;
+        rec.progress = 100;
+        rec.state = SnapshotStateName::Completed;
+        let key = snapshot_record_key(&id);
+        let json = serde_json::to_vec(&rec).map_err(|e| VolumeError::Invalid(e.to_string()))?;
+        let body = Bytes::from(json);
+        retry(&RetryPolicy::reads(), &key, || {
+            backend.put(&key, body.clone())
+        })
+        .await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::error!(snapshot = %id, error = %e, "snapshot could not be stored in the backend");
+        rec.state = SnapshotStateName::Error;
+    } else {
+        tracing::info!(snapshot = %id, "snapshot completed");
+    }
+    let r = rec.clone();
+    if let Err(e) = blocking(move || meta.put_snapshot(&r)).await {
+        tracing::error!(snapshot = %id, error = %e, "snapshot record update failed");
+    }
+}
