@@ -171,9 +171,14 @@ fn error_replies_for_bad_requests() {
                 ("ebs.detachvolume", br#"{"VolumeId": 7}"#, "InvalidParameterValue"),
                 ("ebs.deletevolume", br#"{"VolumeId": "vol-00000000000000000"}"#, "InvalidVolume.NotFound"),
                 ("ebs.modifyvolume", br#"{"VolumeId": "vol-00000000000000000", "Size": 2}"#, "InvalidVolume.NotFound"),
-                ("ebs.createsnapshot", br#"{"VolumeId": "vol-00000000000000000"}"#, "InternalError"),
-                ("ebs.describesnapshots", b"{}", "InternalError"),
-                ("ebs.deletesnapshot", br#"{"SnapshotId": "snap-0123456789abcdef0"}"#, "InternalError"),
+                ("ebs.createsnapshot", br#"{"VolumeId": "vol-00000000000000000"}"#, "InvalidVolume.NotFound"),
+                ("ebs.createsnapshot", b"{}", "MissingParameter"),
+                ("ebs.describesnapshots", br#"{"SnapshotIds": ["snap-0123456789abcdef0"]}"#, "InvalidSnapshot.NotFound"),
+                ("ebs.describesnapshots", br#"{"SnapshotIds": ["../x"]}"#, "InvalidSnapshot.NotFound"),
+                ("ebs.describesnapshots", br#"{"Filters": [{"Name": "nonsense", "Values": ["x"]}]}"#, "InvalidParameterValue"),
+                ("ebs.deletesnapshot", br#"{"SnapshotId": "snap-0123456789abcdef0"}"#, "InvalidSnapshot.NotFound"),
+                ("ebs.deletesnapshot", br#"{"SnapshotId": 3}"#, "InvalidParameterValue"),
+                ("ebs.describevolumespace", br#"{"VolumeIds": ["vol-00000000000000000"]}"#, "InvalidVolume.NotFound"),
             ];
             for (subject, body, code) in cases {
                 let v = request(&c, subject, body).await;

@@ -383,3 +383,14 @@ fn disaster_recovery_into_an_empty_data_dir() {
         &["read -P 0x14 4M 1M", "read -P 0x13 900M 64k"],
     );
 }
+
+#[test]
+fn s3_snapshot_clone_delete_leaves_empty_prefix() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let s3 = S3Server::start(Kind::Moto);
+    let d = daemon(&nats, &s3, "vblock-snap", &["--chunk-size", "256KiB"]);
+    common::snapshots::snapshot_clone_delete(&d);
+    let left = list_objects(&s3, "vblock-snap");
+    assert!(left.is_empty(), "objects left under the prefix: {left:?}");
+}

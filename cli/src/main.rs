@@ -12,6 +12,7 @@ mod offline;
 mod progress;
 mod serve;
 mod size;
+mod snapshot;
 mod status;
 
 use std::ffi::OsString;
@@ -100,6 +101,13 @@ enum Command {
         #[command(subcommand)]
         command: VolumeCommand,
     },
+    /// Manage snapshots (over NATS). A snapshot is also a read-only NBD export named by its id.
+    Snapshot {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
     /// Mount a volume for a VM and print its NBD URI (ebs.mount).
     Mount {
         #[command(flatten)]
@@ -155,7 +163,7 @@ enum Command {
     },
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn humantime_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("must be more than zero".into());
@@ -167,9 +175,12 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 enum VolumeCommand {
     /// Create a volume (ebs.createvolume).
     Create {
-        /// Size in whole GiB, e.g. 10GiB.
+        /// Size in whole GiB, e.g. 10GiB (default with --snapshot: the snapshot's size).
+        #[arg(long, required_unless_present = "snapshot")]
+        size: Option<String>,
+        /// Create the volume as a clone of this snapshot (shares its chunks; copy-on-write).
         #[arg(long)]
-        size: String,
+        snapshot: Option<String>,
         /// Name (stored as the Name tag).
         #[arg(long)]
         name: Option<String>,
@@ -179,7 +190,7 @@ enum VolumeCommand {
     },
     /// List volumes (ebs.describevolumes).
     List,
-    /// Describe one volume.
+    /// Describe one volume, with its space: allocated, stored and dead bytes, compression.
     Describe {
         /// Volume id.
         id: String,
@@ -255,8 +266,19 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
     let out = r.output;
     remote(r, async |c: &Client| {
         match cmd {
-            VolumeCommand::Create { size, name, r#type } => {
-                let mut body = json!({"Size": size_to_gib(&size)?, "VolumeType": r#type});
+            VolumeCommand::Create {
+                size,
+                snapshot,
+                name,
+                r#type,
+            } => {
+                let mut body = json!({"VolumeType": r#type});
+                if let Some(size) = size {
+                    body["Size"] = json!(size_to_gib(&size)?);
+                }
+                if let Some(snap) = snapshot {
+                    body["SnapshotId"] = json!(snap);
+                }
                 if let Some(n) = name {
                     body["TagSpecifications"] =
                         json!([{"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": n}]}]);
@@ -276,8 +298,15 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
                 let v = c
                     .request("ebs.describevolumes", json!({"VolumeIds": [id]}))
                     .await?;
-                let vol = v["Volumes"].get(0).cloned().unwrap_or(Value::Null);
-                print(out, &vol, |v| print_volumes(std::slice::from_ref(v)));
+                let mut vol = v["Volumes"].get(0).cloned().unwrap_or(Value::Null);
+                let space = c
+                    .request("ebs.describevolumespace", json!({"VolumeIds": [id]}))
+                    .await?;
+                vol["Space"] = space["VolumeSpaces"].get(0).cloned().unwrap_or(Value::Null);
+                print(out, &vol, |v| {
+                    print_volumes(std::slice::from_ref(v));
+                    snapshot::print_space(&v["Space"]);
+                });
             }
             VolumeCommand::Delete { id } => {
                 let v = c
@@ -435,6 +464,16 @@ fn main() -> ExitCode {
             Command::Volume { remote, command } => volume_command(&remote, command)
                 .await
                 .map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Snapshot { remote: r, command } => {
+                let out = r.output;
+                remote(&r, async |c: &Client| {
+                    let (v, table) = snapshot::run(c, command).await?;
+                    print(out, &v, table);
+                    Ok(())
+                })
+                .await
+                .map_err(|e| (e.to_string(), e.exit_code()))
+            }
             Command::Mount { remote, id } => mount_command(&remote, &id, true)
                 .await
                 .map_err(|e| (e.to_string(), e.exit_code())),

@@ -152,6 +152,44 @@ fn describe() {
         "vblock_volume_mounted",
         "1 if the volume is mounted (ebs.mount)."
     );
+    describe_gauge!(
+        "vblock_volume_allocated_bytes",
+        Unit::Bytes,
+        "Blocks of the volume holding data x 4096 (shared clone blocks included)."
+    );
+    describe_gauge!(
+        "vblock_volume_stored_bytes",
+        Unit::Bytes,
+        "Chunk objects the volume wrote that still exist in the backend."
+    );
+    describe_gauge!(
+        "vblock_volume_dead_bytes",
+        Unit::Bytes,
+        "Stored bytes the volume's map no longer uses: what compaction and GC still have to reclaim."
+    );
+    describe_gauge!(
+        "vblock_volume_compression_ratio",
+        "Logical data bytes per stored byte of the volume's chunks."
+    );
+    describe_counter!(
+        "vblock_compaction_chunks_total",
+        "Chunk objects written by compaction."
+    );
+    describe_counter!(
+        "vblock_compaction_bytes_total",
+        Unit::Bytes,
+        "Live bytes compaction rewrote (its progress through the dead-byte backlog)."
+    );
+    describe_counter!(
+        "vblock_gc_deleted_objects_total",
+        "Chunk objects deleted by garbage collection."
+    );
+    describe_counter!(
+        "vblock_gc_deleted_bytes_total",
+        Unit::Bytes,
+        "Stored bytes of chunk objects deleted by garbage collection."
+    );
+    describe_gauge!("vblock_snapshots", "Snapshots on this daemon.");
     describe_counter!(
         "vblock_nats_requests_total",
         "Control-plane requests by operation and result (ok or the EC2 error code)."
@@ -167,17 +205,32 @@ fn describe() {
 pub async fn sample(engine: Arc<Engine>, buffer_capacity: u64) {
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 0u64.. {
         tick.tick().await;
-        sample_once(&engine, buffer_capacity).await;
+        sample_once(&engine, buffer_capacity, n % SPACE_EVERY == 0).await;
     }
 }
 
-async fn sample_once(engine: &Engine, buffer_capacity: u64) {
+/// Space gauges scan each volume's map: every this many samples.
+const SPACE_EVERY: u64 = 10;
+
+async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) {
+    if let Ok(snaps) = engine.list_snapshots().await {
+        gauge!("vblock_snapshots").set(snaps.len() as f64);
+    }
     if let Ok(records) = engine.list_records().await {
         gauge!("vblock_volumes").set(records.len() as f64);
         for r in records {
             let v = r.volume_id.to_string();
+            if let (true, Ok(sp)) = (space, engine.volume_space(&r.volume_id).await) {
+                gauge!("vblock_volume_allocated_bytes", "volume" => v.clone())
+                    .set(sp.allocated_bytes as f64);
+                gauge!("vblock_volume_stored_bytes", "volume" => v.clone())
+                    .set(sp.stored_bytes as f64);
+                gauge!("vblock_volume_dead_bytes", "volume" => v.clone()).set(sp.dead_bytes as f64);
+                gauge!("vblock_volume_compression_ratio", "volume" => v.clone())
+                    .set(sp.compression_ratio);
+            }
             gauge!("vblock_volume_size_bytes", "volume" => v.clone()).set(r.size_bytes as f64);
             let attached = if r.attachments.is_empty() { 0.0 } else { 1.0 };
             gauge!("vblock_volume_attached", "volume" => v.clone()).set(attached);
@@ -203,6 +256,10 @@ async fn sample_once(engine: &Engine, buffer_capacity: u64) {
         counter!("vblock_cache_hits_total", "volume" => v.clone()).absolute(load(&s.frame_hits));
         counter!("vblock_cache_misses_total", "volume" => v.clone())
             .absolute(load(&s.frame_fetches));
-        counter!("vblock_flush_retries_total", "volume" => v).absolute(load(&s.flush_retries));
+        counter!("vblock_flush_retries_total", "volume" => v.clone())
+            .absolute(load(&s.flush_retries));
+        counter!("vblock_compaction_chunks_total", "volume" => v.clone())
+            .absolute(load(&s.compacted_chunks));
+        counter!("vblock_compaction_bytes_total", "volume" => v).absolute(load(&s.compacted_bytes));
     }
 }

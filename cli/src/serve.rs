@@ -96,6 +96,15 @@ pub struct ServeArgs {
     /// Chunk objects built and uploaded at once per volume.
     #[arg(long, env = "VBLOCK_UPLOAD_CONCURRENCY", default_value = "4")]
     pub upload_concurrency: usize,
+    /// Compact chunks whose live data fell below this percent (0 turns compaction off).
+    #[arg(long, env = "VBLOCK_COMPACTION_THRESHOLD", default_value = "50", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub compaction_threshold: u8,
+    /// Live data compaction rewrites per second at most, per volume.
+    #[arg(long, env = "VBLOCK_COMPACTION_RATE", default_value = "32MiB", value_parser = parse_size)]
+    pub compaction_rate: u64,
+    /// How often garbage collection runs and idle volumes look for chunks to compact.
+    #[arg(long, env = "VBLOCK_GC_INTERVAL", default_value = "10s", value_parser = crate::humantime_duration)]
+    pub gc_interval: Duration,
     /// Prometheus endpoint (`GET /metrics`) listen address.
     #[arg(long, env = "VBLOCK_METRICS_LISTEN", default_value = "127.0.0.1:9109")]
     pub metrics_listen: SocketAddr,
@@ -145,6 +154,11 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c.volume.chunk_bytes = a.chunk_size;
     c.volume.wal_segment_bytes = a.wal_segment_size;
     c.volume.upload_concurrency = a.upload_concurrency.max(1);
+    c.volume.compaction = vblock::volume::CompactionConfig {
+        threshold_percent: a.compaction_threshold,
+        rate_bytes_per_sec: a.compaction_rate.max(1),
+        check_interval: a.gc_interval,
+    };
     c.frame_cache_bytes = a.cache_size;
     c.meta_cache_bytes = a.meta_cache_size as usize;
     c
@@ -237,6 +251,17 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         async move {
             vblock::control::run(engine, control).await;
             Ok(())
+        }
+    });
+    tasks.spawn({
+        let (engine, every) = (engine.clone(), a.gc_interval);
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = engine.collect_garbage().await {
+                    tracing::warn!(error = %e, "garbage collection failed; retrying next interval");
+                }
+            }
         }
     });
     if !a.no_metrics {

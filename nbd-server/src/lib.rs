@@ -16,18 +16,106 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
-use vblock::{Engine, Volume, VolumeId};
+use vblock::{Engine, SnapshotId, SnapshotVolume, StatusExtent, Volume, VolumeError, VolumeId};
 
 /// Largest read or write payload in bytes (advertised as the maximum block size): 32 MiB.
 pub const MAX_BLOCK: u32 = 32 << 20;
 
-/// An export: a volume and how it is offered.
+/// What an export serves: a volume (read-write) or a snapshot (read-only).
+#[derive(Clone)]
+pub enum Device {
+    /// A volume.
+    Volume(Volume),
+    /// A snapshot; offered with `read_only` set, so writes never reach it.
+    Snapshot(SnapshotVolume),
+}
+
+fn read_only_error() -> VolumeError {
+    VolumeError::Invalid("the export is a read-only snapshot".into())
+}
+
+impl Device {
+    /// VolumeId or SnapshotId.
+    pub fn id(&self) -> &str {
+        match self {
+            Device::Volume(v) => v.id().as_str(),
+            Device::Snapshot(s) => s.id().as_str(),
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Device::Volume(v) => v.size(),
+            Device::Snapshot(s) => s.size(),
+        }
+    }
+
+    /// [`Volume::read`].
+    pub async fn read(&self, offset: u64, len: u64) -> Result<bytes::Bytes, VolumeError> {
+        match self {
+            Device::Volume(v) => v.read(offset, len).await,
+            Device::Snapshot(s) => s.read(offset, len).await,
+        }
+    }
+
+    /// [`Volume::write`]; a snapshot refuses.
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: bytes::Bytes,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        match self {
+            Device::Volume(v) => v.write(offset, data, fua).await,
+            Device::Snapshot(_) => Err(read_only_error()),
+        }
+    }
+
+    /// [`Volume::flush`]; nothing to do for a snapshot.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        match self {
+            Device::Volume(v) => v.flush().await,
+            Device::Snapshot(_) => Ok(()),
+        }
+    }
+
+    /// [`Volume::trim`]; a snapshot refuses.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match self {
+            Device::Volume(v) => v.trim(offset, len).await,
+            Device::Snapshot(_) => Err(read_only_error()),
+        }
+    }
+
+    /// [`Volume::write_zeroes`]; a snapshot refuses.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        match self {
+            Device::Volume(v) => v.write_zeroes(offset, len, fua).await,
+            Device::Snapshot(_) => Err(read_only_error()),
+        }
+    }
+
+    /// [`Volume::block_status`].
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<StatusExtent>, VolumeError> {
+        match self {
+            Device::Volume(v) => v.block_status(offset, len).await,
+            Device::Snapshot(s) => s.block_status(offset, len).await,
+        }
+    }
+}
+
+/// An export: a volume or snapshot and how it is offered.
 #[derive(Clone)]
 pub struct Export {
-    /// Export name (the VolumeId).
+    /// Export name (the VolumeId or SnapshotId).
     pub name: String,
-    /// The volume behind it.
-    pub volume: Volume,
+    /// The device behind it.
+    pub volume: Device,
     /// Advertise `NBD_FLAG_READ_ONLY` and refuse writes with `NBD_EPERM`.
     pub read_only: bool,
     /// Text for `NBD_INFO_DESCRIPTION`.
@@ -43,7 +131,8 @@ pub trait ExportProvider: Send + Sync + 'static {
     async fn open(&self, name: &str) -> Result<Export, String>;
 }
 
-/// Every volume of an engine, exported read-write under its VolumeId.
+/// Every volume of an engine, exported read-write under its VolumeId, and every snapshot,
+/// exported read-only (`NBD_FLAG_READ_ONLY`) under its SnapshotId.
 pub struct VolumeExports {
     engine: Arc<Engine>,
 }
@@ -58,16 +147,34 @@ impl VolumeExports {
 #[async_trait]
 impl ExportProvider for VolumeExports {
     async fn list(&self) -> Vec<String> {
-        match self.engine.list_records().await {
+        let mut names = match self.engine.list_records().await {
             Ok(recs) => recs.into_iter().map(|r| r.volume_id.to_string()).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list volumes for NBD_OPT_LIST");
                 Vec::new()
             }
+        };
+        match self.engine.list_snapshots().await {
+            Ok(snaps) => names.extend(snaps.into_iter().map(|s| s.snapshot_id.to_string())),
+            Err(e) => tracing::warn!(error = %e, "cannot list snapshots for NBD_OPT_LIST"),
         }
+        names
     }
 
     async fn open(&self, name: &str) -> Result<Export, String> {
+        if let Ok(snap) = SnapshotId::parse(name) {
+            let device = self
+                .engine
+                .snapshot_volume(&snap)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(Export {
+                name: name.to_owned(),
+                volume: Device::Snapshot(device),
+                read_only: true,
+                description: format!("vblock snapshot {snap} (read-only)"),
+            });
+        }
         let id = VolumeId::parse(name).map_err(|e| e.to_string())?;
         let rec = self
             .engine
@@ -78,7 +185,7 @@ impl ExportProvider for VolumeExports {
         let volume = self.engine.volume(&id).await.map_err(|e| e.to_string())?;
         Ok(Export {
             name: name.to_owned(),
-            volume,
+            volume: Device::Volume(volume),
             read_only: false,
             description: if rec.name.is_empty() {
                 format!("vblock volume {id}")

@@ -47,6 +47,13 @@ impl ApiError {
             format!("The volume '{id}' does not exist."),
         )
     }
+    /// `InvalidSnapshot.NotFound`.
+    pub fn snapshot_not_found(id: &str) -> Self {
+        Self::new(
+            "InvalidSnapshot.NotFound",
+            format!("The snapshot '{id}' does not exist."),
+        )
+    }
     /// `InternalError`.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new("InternalError", message)
@@ -89,9 +96,9 @@ pub struct TagSpecification {
 /// `ebs.createvolume` request.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CreateVolumeRequest {
-    /// Size in GiB, 1..=16384.
+    /// Size in GiB, 1..=16384; with `SnapshotId` it may be left out (the snapshot's size).
     #[serde(rename = "Size")]
-    pub size: i64,
+    pub size: Option<i64>,
     /// Volume type (default `gp3`).
     #[serde(rename = "VolumeType")]
     pub volume_type: Option<String>,
@@ -248,6 +255,109 @@ pub struct DescribeVolumesReply {
     /// Matching volumes.
     #[serde(rename = "Volumes")]
     pub volumes: Vec<Volume>,
+}
+
+/// `ebs.createsnapshot` request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreateSnapshotRequest {
+    /// Volume to snapshot.
+    #[serde(rename = "VolumeId")]
+    pub volume_id: String,
+    /// Free text.
+    #[serde(rename = "Description", default)]
+    pub description: String,
+}
+
+/// `ebs.describesnapshots` request.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct DescribeSnapshotsRequest {
+    /// Only these snapshots (each must exist).
+    #[serde(rename = "SnapshotIds")]
+    pub snapshot_ids: Option<Vec<String>>,
+    /// Filters (`volume-id`, `status`, `snapshot-id`), all of which must match.
+    #[serde(rename = "Filters")]
+    pub filters: Option<Vec<Filter>>,
+}
+
+/// `ebs.deletesnapshot` request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotIdRequest {
+    /// Snapshot.
+    #[serde(rename = "SnapshotId")]
+    pub snapshot_id: String,
+}
+
+/// EC2 `Snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// `snap-` + 17 hex.
+    #[serde(rename = "SnapshotId")]
+    pub snapshot_id: String,
+    /// The volume it was taken of.
+    #[serde(rename = "VolumeId")]
+    pub volume_id: String,
+    /// That volume's size, GiB.
+    #[serde(rename = "VolumeSize")]
+    pub volume_size: u64,
+    /// `pending` | `completed` | `error`.
+    #[serde(rename = "State")]
+    pub state: String,
+    /// RFC 3339.
+    #[serde(rename = "StartTime")]
+    pub start_time: String,
+    /// `NN%`.
+    #[serde(rename = "Progress")]
+    pub progress: String,
+    /// Free text.
+    #[serde(rename = "Description")]
+    pub description: String,
+}
+
+/// `ebs.describesnapshots` reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DescribeSnapshotsReply {
+    /// Matching snapshots.
+    #[serde(rename = "Snapshots")]
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// `ebs.describevolumespace` request (a vblock extension, not EC2).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct DescribeVolumeSpaceRequest {
+    /// Only these volumes (each must exist); all when absent.
+    #[serde(rename = "VolumeIds")]
+    pub volume_ids: Option<Vec<String>>,
+}
+
+/// Space used by one volume (`ebs.describevolumespace`); every size in bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeSpace {
+    /// Volume.
+    #[serde(rename = "VolumeId")]
+    pub volume_id: String,
+    /// Logical size.
+    #[serde(rename = "SizeBytes")]
+    pub size_bytes: u64,
+    /// Blocks holding data x 4096 (shared blocks of a clone included).
+    #[serde(rename = "AllocatedBytes")]
+    pub allocated_bytes: u64,
+    /// Chunk objects this volume wrote that still exist.
+    #[serde(rename = "StoredBytes")]
+    pub stored_bytes: u64,
+    /// Of those, bytes its map no longer uses (reclaimed by compaction and GC).
+    #[serde(rename = "DeadBytes")]
+    pub dead_bytes: u64,
+    /// Logical data bytes per stored byte.
+    #[serde(rename = "CompressionRatio")]
+    pub compression_ratio: f64,
+}
+
+/// `ebs.describevolumespace` reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DescribeVolumeSpaceReply {
+    /// One entry per volume.
+    #[serde(rename = "VolumeSpaces")]
+    pub volume_spaces: Vec<VolumeSpace>,
 }
 
 /// `{"Return": true}`.

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use super::api::*;
 use crate::engine::{now_rfc3339, Engine};
-use crate::ids::VolumeId;
-use crate::meta::{self, VolumeRecord, VolumeStateName};
+use crate::ids::{SnapshotId, VolumeId};
+use crate::meta::{self, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeStateName};
 use crate::volume::VolumeError;
 
 const GIB: u64 = 1 << 30;
@@ -58,6 +58,32 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(e.to_string())
+}
+
+fn parse_snapshot_id(s: &str) -> Result<SnapshotId, ApiError> {
+    SnapshotId::parse(s)
+        .map_err(|_| ApiError::snapshot_not_found(&s.chars().take(64).collect::<String>()))
+}
+
+fn snapshot_state(s: SnapshotStateName) -> &'static str {
+    match s {
+        SnapshotStateName::Pending => "pending",
+        SnapshotStateName::Completed => "completed",
+        SnapshotStateName::Error => "error",
+    }
+}
+
+/// EC2 view of a snapshot record.
+pub fn snapshot_to_api(r: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        snapshot_id: r.snapshot_id.to_string(),
+        volume_id: r.volume_id.to_string(),
+        volume_size: r.volume_size_bytes.div_ceil(GIB),
+        state: snapshot_state(r.state).into(),
+        start_time: r.start_time.clone(),
+        progress: format!("{}%", r.progress),
+        description: r.description.clone(),
+    }
 }
 
 fn parse_volume_id(s: &str) -> Result<VolumeId, ApiError> {
@@ -161,9 +187,10 @@ impl Control {
             "detachvolume" => plain(self.detach_volume(payload).await),
             "deletevolume" => plain(self.delete_volume(payload).await),
             "modifyvolume" => plain(self.modify_volume(payload).await),
-            "createsnapshot" | "describesnapshots" | "deletesnapshot" => {
-                plain(Err(ApiError::internal("snapshots are not implemented yet")))
-            }
+            "createsnapshot" => plain(self.create_snapshot(payload).await),
+            "describesnapshots" => plain(self.describe_snapshots(payload).await),
+            "deletesnapshot" => plain(self.delete_snapshot(payload).await),
+            "describevolumespace" => plain(self.describe_volume_space(payload).await),
             "mount" => {
                 let r = self.mount(payload).await;
                 let b = body(&r);
@@ -204,14 +231,27 @@ impl Control {
 
     async fn create_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
         let req: CreateVolumeRequest = parse(payload)?;
-        let gib = size_gib(req.size)?;
-        if let Some(snap) = &req.snapshot_id {
-            if !snap.is_empty() {
+        let snapshot = match req.snapshot_id.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(self.snapshot_record(&parse_snapshot_id(s)?).await?),
+        };
+        let gib = match (req.size, &snapshot) {
+            (Some(size), _) => size_gib(size)?,
+            (None, Some(s)) => s.volume_size_bytes.div_ceil(GIB),
+            (None, None) => return Err(ApiError::missing("missing field `Size`")),
+        };
+        if let Some(s) = &snapshot {
+            if gib * GIB < s.volume_size_bytes {
+                return Err(ApiError::invalid(format!(
+                    "Size {gib} GiB is smaller than snapshot {} ({} GiB)",
+                    s.snapshot_id,
+                    s.volume_size_bytes.div_ceil(GIB)
+                )));
+            }
+            if s.state != SnapshotStateName::Completed {
                 return Err(ApiError::new(
-                    "InvalidSnapshot.NotFound",
-                    format!(
-                        "The snapshot '{snap}' does not exist (snapshots are not implemented yet)."
-                    ),
+                    "IncorrectState",
+                    format!("snapshot {} is {}", s.snapshot_id, snapshot_state(s.state)),
                 ));
             }
         }
@@ -258,11 +298,20 @@ impl Control {
             rec.iops = u32::try_from(iops)
                 .map_err(|_| ApiError::invalid(format!("Iops {iops} out of range")))?;
         }
-        self.engine
-            .create_volume_from(rec.clone())
-            .await
-            .map_err(internal)?;
-        tracing::info!(volume = %rec.volume_id, size_gib = gib, "volume created");
+        match &snapshot {
+            Some(s) => {
+                rec.snapshot_id = s.snapshot_id.to_string();
+                self.engine
+                    .create_volume_from_snapshot(rec.clone(), &s.snapshot_id)
+                    .await
+            }
+            None => self.engine.create_volume_from(rec.clone()).await,
+        }
+        .map_err(|e| match e {
+            VolumeError::Invalid(m) => ApiError::invalid(m),
+            e => internal(e),
+        })?;
+        tracing::info!(volume = %rec.volume_id, size_gib = gib, snapshot = %rec.snapshot_id, "volume created");
         Ok(body(&to_api(&rec)))
     }
 
@@ -375,6 +424,107 @@ impl Control {
             .map_err(internal)?;
         tracing::info!(volume = %id, instance = %a.instance_id, force = req.force, "volume detached");
         Ok(body(&attachment(&rec, &a, "detached")))
+    }
+
+    async fn snapshot_record(&self, id: &SnapshotId) -> Result<SnapshotRecord, ApiError> {
+        self.engine
+            .get_snapshot(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::snapshot_not_found(id.as_str()))
+    }
+
+    async fn create_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: CreateSnapshotRequest = parse(payload)?;
+        let id = parse_volume_id(&req.volume_id)?;
+        self.record(&id).await?;
+        let rec = self
+            .engine
+            .create_snapshot(&id, &req.description)
+            .await
+            .map_err(internal)?;
+        Ok(body(&snapshot_to_api(&rec)))
+    }
+
+    async fn describe_snapshots(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: DescribeSnapshotsRequest = parse(payload)?;
+        let filters = req.filters.unwrap_or_default();
+        for f in &filters {
+            if !matches!(f.name.as_str(), "volume-id" | "status" | "snapshot-id") {
+                return Err(ApiError::invalid(format!("unknown filter {}", f.name)));
+            }
+        }
+        let recs = match &req.snapshot_ids {
+            Some(ids) => {
+                let mut out = Vec::new();
+                for id in ids {
+                    out.push(self.snapshot_record(&parse_snapshot_id(id)?).await?);
+                }
+                out
+            }
+            None => self.engine.list_snapshots().await.map_err(internal)?,
+        };
+        let snapshots = recs
+            .iter()
+            .map(snapshot_to_api)
+            .filter(|s| {
+                filters.iter().all(|f| {
+                    let v = match f.name.as_str() {
+                        "volume-id" => &s.volume_id,
+                        "status" => &s.state,
+                        _ => &s.snapshot_id,
+                    };
+                    f.values.contains(v)
+                })
+            })
+            .collect();
+        Ok(body(&DescribeSnapshotsReply { snapshots }))
+    }
+
+    async fn delete_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: SnapshotIdRequest = parse(payload)?;
+        let id = parse_snapshot_id(&req.snapshot_id)?;
+        let rec = self.snapshot_record(&id).await?;
+        if rec.state == SnapshotStateName::Pending {
+            return Err(ApiError::new(
+                "IncorrectState",
+                format!("snapshot {id} is pending; delete it once it completes"),
+            ));
+        }
+        self.engine.delete_snapshot(&id).await.map_err(internal)?;
+        Ok(body(&ReturnReply { ret: true }))
+    }
+
+    async fn describe_volume_space(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let req: DescribeVolumeSpaceRequest = parse(payload)?;
+        let ids = match req.volume_ids {
+            Some(ids) => ids
+                .iter()
+                .map(|s| parse_volume_id(s))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => self
+                .engine
+                .list_records()
+                .await
+                .map_err(internal)?
+                .into_iter()
+                .map(|r| r.volume_id)
+                .collect(),
+        };
+        let mut volume_spaces = Vec::new();
+        for id in ids {
+            self.record(&id).await?;
+            let s = self.engine.volume_space(&id).await.map_err(internal)?;
+            volume_spaces.push(VolumeSpace {
+                volume_id: id.to_string(),
+                size_bytes: s.size_bytes,
+                allocated_bytes: s.allocated_bytes,
+                stored_bytes: s.stored_bytes,
+                dead_bytes: s.dead_bytes,
+                compression_ratio: (s.compression_ratio * 100.0).round() / 100.0,
+            });
+        }
+        Ok(body(&DescribeVolumeSpaceReply { volume_spaces }))
     }
 
     async fn delete_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {

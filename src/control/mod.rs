@@ -24,6 +24,7 @@ pub const SUBJECTS: &[&str] = &[
     "ebs.createsnapshot",
     "ebs.describesnapshots",
     "ebs.deletesnapshot",
+    "ebs.describevolumespace",
     "ebs.mount",
     "ebs.unmount",
     "ebs.delete",

@@ -70,8 +70,15 @@ pub fn nbd_client(
 
 /// Runs `qemu-io -f raw -c CMD... URI` (bounded) and returns its output, whatever it says.
 pub fn qemu_io_output(uri: &str, cmds: &[&str]) -> Output {
+    qemu_io_run(uri, cmds, false)
+}
+
+fn qemu_io_run(uri: &str, cmds: &[&str], read_only: bool) -> Output {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
+    if read_only {
+        c.arg("-r");
+    }
     for cmd in cmds {
         c.arg("-c").arg(cmd);
     }
@@ -81,7 +88,16 @@ pub fn qemu_io_output(uri: &str, cmds: &[&str]) -> Output {
 /// Runs `qemu-io` like [`qemu_io_output`] and requires success: exit code 0 and no failed
 /// command or pattern verification in its output. Returns stdout.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let out = qemu_io_output(uri, cmds);
+    qemu_io_checked(uri, cmds, false)
+}
+
+/// [`qemu_io`] with the image opened read-only (`-r`), as a read-only export requires.
+pub fn qemu_io_read_only(uri: &str, cmds: &[&str]) -> String {
+    qemu_io_checked(uri, cmds, true)
+}
+
+fn qemu_io_checked(uri: &str, cmds: &[&str], read_only: bool) -> String {
+    let out = qemu_io_run(uri, cmds, read_only);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success() && !text.contains("failed"),

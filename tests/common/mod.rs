@@ -48,3 +48,4 @@ pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
 }
 pub mod daemon;
 pub mod s3;
+pub mod snapshots;
