@@ -878,8 +878,9 @@ impl Volume {
     #[doc(hidden)]
     pub async fn simulate_crash(&self) {
         let inner = &self.inner;
-        lock(&inner.state).closed = true;
+        // Stop before closed: whoever sees the volume closed knows the flusher is told to stop.
         inner.stop.store(true, Ordering::SeqCst);
+        lock(&inner.state).closed = true;
         inner.wake.notify_one();
         inner.flushed.notify_waiters();
         let handle = lock(&inner.flusher).take();
