@@ -431,7 +431,10 @@ fn crash_in_the_middle_of_compaction() {
         let v = engine.volume(&rec.volume_id).await.expect("volume");
         let deadline = Instant::now() + Duration::from_secs(20);
         while holding.held.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "compaction never started an upload");
+            assert!(
+                Instant::now() < deadline,
+                "compaction never started an upload"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         assert_eq!(v.stats().compacted_chunks.load(Ordering::SeqCst), 0);
@@ -442,7 +445,10 @@ fn crash_in_the_middle_of_compaction() {
             v.with_frozen_map(|_| Ok(())).await,
             Err(vblock::VolumeError::Closed)
         ) {
-            assert!(Instant::now() < deadline, "the crash never closed the volume");
+            assert!(
+                Instant::now() < deadline,
+                "the crash never closed the volume"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         drop(v);
@@ -459,9 +465,16 @@ fn crash_in_the_middle_of_compaction() {
             .chunk_stats(&rec.volume_id)
             .expect("stats")
             .len();
-        assert_eq!(chunks, known + 1, "one uploaded, uncommitted chunk: {stored:?}");
+        assert_eq!(
+            chunks,
+            known + 1,
+            "one uploaded, uncommitted chunk: {stored:?}"
+        );
         let v = engine.volume(&rec.volume_id).await.expect("volume");
-        assert!(v.read(0, SIZE).await.expect("read")[..] == model[..], "data after the crash");
+        assert!(
+            v.read(0, SIZE).await.expect("read")[..] == model[..],
+            "data after the crash"
+        );
         // Compaction and GC now finish: all four half-dead chunks are rewritten and deleted.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -470,11 +483,17 @@ fn crash_in_the_middle_of_compaction() {
             if space.dead_bytes == 0 {
                 break;
             }
-            assert!(Instant::now() < deadline, "compaction never finished: {space:?}");
+            assert!(
+                Instant::now() < deadline,
+                "compaction never finished: {space:?}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(v.stats().compacted_chunks.load(Ordering::SeqCst) > 0);
-        assert!(v.read(0, SIZE).await.expect("read")[..] == model[..], "data after compaction");
+        assert!(
+            v.read(0, SIZE).await.expect("read")[..] == model[..],
+            "data after compaction"
+        );
         // Disaster recovery from what GC left agrees too.
         drop(v);
         engine.close_all().await;
@@ -483,7 +502,10 @@ fn crash_in_the_middle_of_compaction() {
         let engine = open(fresh.path(), &backend).await;
         engine.recover_from_backend().await.expect("recover");
         let v = engine.volume(&rec.volume_id).await.expect("volume");
-        assert!(v.read(0, SIZE).await.expect("read")[..] == model[..], "data after recovery");
+        assert!(
+            v.read(0, SIZE).await.expect("read")[..] == model[..],
+            "data after recovery"
+        );
         engine.close_all().await;
     });
 }

@@ -171,6 +171,71 @@ fn metrics_endpoint_parses_and_counters_move_with_io() {
 }
 
 #[test]
+fn compaction_gc_snapshot_and_space_metrics_move() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let d = Daemon::start_with(
+        &nats.url(),
+        &["--chunk-size", "256KiB", "--gc-interval", "200ms"],
+    );
+    let vol = d.create_volume(1);
+    let v = vol.as_str();
+    // 1 MiB in 256 KiB chunks, then 3 of every 4 64 KiB pieces overwritten: old chunks 25% live.
+    qemu_io(&d.uri(v), &["write -P 1 0 1M", "flush"]);
+    let described = d.cli(&["volume", "describe", v, "--output", "json"]);
+    assert!(described.contains("\"Space\""), "{described}");
+    let ok = wait_until(Duration::from_secs(30), || {
+        value(
+            &scrape(d.metrics_port),
+            "vblock_chunks_uploaded_total",
+            &[("volume", v)],
+        ) >= 4.0
+    });
+    assert!(ok, "the first megabyte never reached chunks");
+    let cmds: Vec<String> = (0..16)
+        .filter(|i| i % 4 != 0)
+        .map(|i| format!("write -P 2 {} 64k", i * 65536))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&d.uri(v), &refs);
+    let mut last = scrape(d.metrics_port);
+    let ok = wait_until(Duration::from_secs(60), || {
+        last = scrape(d.metrics_port);
+        value(&last, "vblock_compaction_bytes_total", &[("volume", v)]) > 0.0
+            && value(&last, "vblock_compaction_chunks_total", &[("volume", v)]) >= 1.0
+            && value(&last, "vblock_gc_deleted_objects_total", &[]) >= 1.0
+            && value(&last, "vblock_gc_deleted_bytes_total", &[]) > 0.0
+    });
+    assert!(
+        ok,
+        "compaction / GC metrics did not move; log:\n{}",
+        d.log()
+    );
+    // Space gauges (sampled every 10 s): allocated is the 1 MiB written; the backlog drains.
+    let ok = wait_until(Duration::from_secs(60), || {
+        last = scrape(d.metrics_port);
+        value(&last, "vblock_volume_allocated_bytes", &[("volume", v)]) == (1u64 << 20) as f64
+            && value(&last, "vblock_volume_dead_bytes", &[("volume", v)]) == 0.0
+            && value(&last, "vblock_volume_stored_bytes", &[("volume", v)]) > 0.0
+            && value(&last, "vblock_volume_compression_ratio", &[("volume", v)]) > 1.0
+    });
+    assert!(ok, "space gauges did not settle");
+    qemu_io(
+        &d.uri(v),
+        &[
+            "read -P 1 0 64k",
+            "read -P 2 64k 192k",
+            "read -P 1 256k 64k",
+        ],
+    );
+    d.cli(&["snapshot", "create", v]);
+    let ok = wait_until(Duration::from_secs(10), || {
+        value(&scrape(d.metrics_port), "vblock_snapshots", &[]) == 1.0
+    });
+    assert!(ok, "vblock_snapshots did not count the snapshot");
+}
+
+#[test]
 fn status_shows_mounts_connections_and_iops() {
     let nats = Nats::start();
     let d = Daemon::start(&nats.url());
