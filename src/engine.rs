@@ -15,7 +15,7 @@ use crate::mapobj::MapObject;
 use crate::meta::VolumeState;
 use crate::meta::{blocking, MetaStore, VolumeRecord, VolumeStateName};
 use crate::meta::{ChunkStats, SnapshotRecord};
-use crate::retry::{retry, RetryPolicy};
+use crate::retry::{put_retried, retry, RetryPolicy};
 use crate::volume::{Volume, VolumeConfig, VolumeError};
 
 /// Engine settings.
@@ -185,10 +185,7 @@ impl Engine {
         let body = bytes::Bytes::from(
             serde_json::to_vec(rec).map_err(|e| VolumeError::Invalid(e.to_string()))?,
         );
-        retry(&RetryPolicy::reads(), &key, || {
-            self.backend.put(&key, body.clone())
-        })
-        .await?;
+        put_retried(&self.backend, &key, body).await?;
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use crate::engine::Engine;
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, Target};
 use crate::meta::{blocking, ChunkStats};
-use crate::retry::{retry, RetryPolicy};
+use crate::retry::{put_retried, retry, RetryPolicy};
 use crate::volume::VolumeError;
 
 /// What one garbage-collection pass did.
@@ -130,7 +130,7 @@ impl Engine {
         let obj = blocking(move || meta.map_object(&lookup, true)).await?;
         let key = checkpoint_key(vol, obj.next_object_id);
         let body = Bytes::from(obj.encode());
-        retry(&policy(), &key, || self.backend.put(&key, body.clone())).await?;
+        put_retried(&self.backend, &key, body).await?;
         for old in self.backend.list(&checkpoint_prefix(vol)).await? {
             if old != key {
                 retry(&policy(), &old, || self.backend.delete(&old)).await?;

@@ -305,23 +305,28 @@ impl MetaStore {
 
     /// The record of `vol`, if it exists.
     pub fn get_volume(&self, vol: &VolumeId) -> Result<Option<VolumeRecord>, MetaError> {
-        match self.db.get(vol_key(PREFIX_VOLUME, vol))? {
+        self.get_json(&vol_key(PREFIX_VOLUME, vol))
+    }
+
+    /// The JSON record under `key`, if any.
+    fn get_json<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, MetaError> {
+        match self.db.get(key)? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| MetaError::Corrupt {
-                    key: vol.to_string(),
+                    key: String::from_utf8_lossy(key).into_owned(),
                     reason: e.to_string(),
                 }),
         }
     }
 
-    /// Every volume record, ordered by id.
-    pub fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+    /// Every JSON record under the one-byte `prefix`, in key order.
+    fn list_json<T: serde::de::DeserializeOwned>(&self, prefix: u8) -> Result<Vec<T>, MetaError> {
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator([PREFIX_VOLUME]) {
+        for item in self.db.prefix_iterator([prefix]) {
             let (k, v) = item?;
-            if k.first() != Some(&PREFIX_VOLUME) {
+            if k.first() != Some(&prefix) {
                 break;
             }
             out.push(serde_json::from_slice(&v).map_err(|e| MetaError::Corrupt {
@@ -330,6 +335,11 @@ impl MetaStore {
             })?);
         }
         Ok(out)
+    }
+
+    /// Every volume record, ordered by id.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        self.list_json(PREFIX_VOLUME)
     }
 
     /// The engine state of `vol` (zeros for a new volume).
@@ -384,31 +394,12 @@ impl MetaStore {
 
     /// The record of snapshot `id`, if it exists.
     pub fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>, MetaError> {
-        match self.db.get(id_key(PREFIX_SNAPSHOT, id.as_str()))? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| MetaError::Corrupt {
-                    key: id.to_string(),
-                    reason: e.to_string(),
-                }),
-        }
+        self.get_json(&id_key(PREFIX_SNAPSHOT, id.as_str()))
     }
 
     /// Every snapshot record, ordered by id.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, MetaError> {
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator([PREFIX_SNAPSHOT]) {
-            let (k, v) = item?;
-            if k.first() != Some(&PREFIX_SNAPSHOT) {
-                break;
-            }
-            out.push(serde_json::from_slice(&v).map_err(|e| MetaError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: e.to_string(),
-            })?);
-        }
-        Ok(out)
+        self.list_json(PREFIX_SNAPSHOT)
     }
 
     /// Freezes the map of `rec.volume_id` as snapshot `rec` (record and map copy in one synced

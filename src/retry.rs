@@ -49,6 +49,19 @@ impl RetryPolicy {
     }
 }
 
+/// Stores `body` under `key` in `backend`, retrying transient failures with [`RetryPolicy::reads`]
+/// (control-plane and metadata objects: a failure fails the operation).
+pub async fn put_retried(
+    backend: &crate::backend::SharedBackend,
+    key: &str,
+    body: bytes::Bytes,
+) -> Result<(), BackendError> {
+    retry(&RetryPolicy::reads(), key, || {
+        backend.put(key, body.clone())
+    })
+    .await
+}
+
 /// Runs `op` until it succeeds, fails with a non-transient error, or the policy's attempts are
 /// used up; logs each retry with `key`.
 pub async fn retry<T, F, Fut>(policy: &RetryPolicy, key: &str, mut op: F) -> Result<T, BackendError>

@@ -21,9 +21,10 @@ use crate::mapobj::MapObject;
 use crate::meta::{
     blocking, MetaStore, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeState,
 };
-use crate::retry::{retry, RetryPolicy};
+use crate::retry::{put_retried, retry, RetryPolicy};
 use crate::volume::{
-    fetch_frame, fill_from_frames, status_runs, StatusExtent, VolumeError, MAX_REQUEST_BYTES,
+    check_range, check_request, fetch_frame, fill_from_frames, status_runs, StatusExtent,
+    VolumeError,
 };
 
 /// A snapshot opened for reading (the read-only NBD export `SNAPID`).
@@ -48,30 +49,13 @@ impl SnapshotVolume {
         self.size
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
-    }
-
     /// Reads `len` bytes at byte `offset` as the volume was at the snapshot.
     ///
     /// Errors: [`VolumeError::OutOfRange`], [`VolumeError::TooLarge`] above 32 MiB,
     /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
     /// verified.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
-        self.check_range(offset, len)?;
-        if len > MAX_REQUEST_BYTES {
-            return Err(VolumeError::TooLarge {
-                len,
-                max: MAX_REQUEST_BYTES,
-            });
-        }
+        check_request(offset, len, self.size)?;
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -100,7 +84,7 @@ impl SnapshotVolume {
         offset: u64,
         len: u64,
     ) -> Result<Vec<StatusExtent>, VolumeError> {
-        self.check_range(offset, len)?;
+        check_range(offset, len, self.size)?;
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -268,10 +252,7 @@ impl Engine {
         };
         let key = checkpoint_key(&id, 1);
         let body = Bytes::from(obj.encode());
-        retry(&control_retry(), &key, || {
-            self.backend.put(&key, body.clone())
-        })
-        .await?;
+        put_retried(&self.backend, &key, body).await?;
         self.publish_record(&rec).await?;
         let meta = self.meta.clone();
         blocking(move || {
@@ -296,19 +277,13 @@ async fn publish_snapshot(meta: MetaStore, backend: SharedBackend, mut rec: Snap
         obj.seq = rec.seq;
         let key = snapshot_map_key(&id);
         let body = Bytes::from(obj.encode());
-        retry(&RetryPolicy::reads(), &key, || {
-            backend.put(&key, body.clone())
-        })
-        .await?;
+        put_retried(&backend, &key, body).await?;
         rec.progress = 100;
         rec.state = SnapshotStateName::Completed;
         let key = snapshot_record_key(&id);
         let json = serde_json::to_vec(&rec).map_err(|e| VolumeError::Invalid(e.to_string()))?;
         let body = Bytes::from(json);
-        retry(&RetryPolicy::reads(), &key, || {
-            backend.put(&key, body.clone())
-        })
-        .await?;
+        put_retried(&backend, &key, body).await?;
         Ok(())
     }
     .await;

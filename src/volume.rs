@@ -414,14 +414,7 @@ impl Volume {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.inner.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange {
-                offset,
-                len,
-                size: self.inner.size,
-            }),
-        }
+        check_range(offset, len, self.inner.size)
     }
 
     /// Reads `len` bytes at byte `offset`. Never-written and trimmed ranges read as zeros.
@@ -430,13 +423,7 @@ impl Volume {
     /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
     /// verified (NBD maps both to `NBD_EIO`).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
-        self.check_range(offset, len)?;
-        if len > MAX_REQUEST_BYTES {
-            return Err(VolumeError::TooLarge {
-                len,
-                max: MAX_REQUEST_BYTES,
-            });
-        }
+        check_request(offset, len, self.inner.size)?;
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -453,13 +440,7 @@ impl Volume {
     /// [`VolumeError::Wal`] (e.g. disk full), [`VolumeError::Closed`].
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         let len = data.len() as u64;
-        self.check_range(offset, len)?;
-        if len > MAX_REQUEST_BYTES {
-            return Err(VolumeError::TooLarge {
-                len,
-                max: MAX_REQUEST_BYTES,
-            });
-        }
+        check_request(offset, len, self.inner.size)?;
         if len > 0 {
             if is_aligned(offset, len) {
                 self.commit(offset / BLOCK_SIZE, len / BLOCK_SIZE, Payload::Data(data))
@@ -901,6 +882,28 @@ pub(crate) fn frame_location(
     let key = (owner.tag(), f.object_id, f.offset);
     let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
     (key, chunk_key(&owner, f.object_id), range)
+}
+
+/// Checks that bytes `offset..offset + len` lie inside a device of `size` bytes
+/// ([`VolumeError::OutOfRange`]).
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), VolumeError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(VolumeError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// [`check_range`], and at most [`MAX_REQUEST_BYTES`] ([`VolumeError::TooLarge`]): a read or
+/// write request.
+pub(crate) fn check_request(offset: u64, len: u64, size: u64) -> Result<(), VolumeError> {
+    check_range(offset, len, size)?;
+    if len > MAX_REQUEST_BYTES {
+        return Err(VolumeError::TooLarge {
+            len,
+            max: MAX_REQUEST_BYTES,
+        });
+    }
+    Ok(())
 }
 
 /// A decompressed, verified frame from `cache`, or fetched from `backend` with a ranged read

@@ -104,6 +104,16 @@ struct State {
     clone: Option<Clone>,
 }
 
+impl State {
+    /// The clone when asked for and present, else the volume: its id and model.
+    fn target(&mut self, clone: bool) -> (VolumeId, &mut Vec<u8>) {
+        match (&mut self.clone, clone) {
+            (Some(c), true) => (c.id.clone(), &mut c.data),
+            _ => (self.vol.clone(), &mut self.data),
+        }
+    }
+}
+
 async fn check(engine: &Engine, s: &State, when: &str) {
     let v = engine.volume(&s.vol).await.expect("volume");
     let got = v.read(0, SIZE).await.expect("read volume");
@@ -166,10 +176,7 @@ fn run_case(ops: Vec<Op>) {
                     count,
                     clone,
                 } => {
-                    let (id, model) = match (&mut s.clone, clone) {
-                        (Some(c), true) => (c.id.clone(), &mut c.data),
-                        _ => (s.vol.clone(), &mut s.data),
-                    };
+                    let (id, model) = s.target(clone);
                     let data = pattern(i, (count * 4096) as usize);
                     let v = engine.volume(&id).await.expect("volume");
                     v.write(block * 4096, Bytes::from(data.clone()), true)
@@ -183,10 +190,7 @@ fn run_case(ops: Vec<Op>) {
                     count,
                     clone,
                 } => {
-                    let (id, model) = match (&mut s.clone, clone) {
-                        (Some(c), true) => (c.id.clone(), &mut c.data),
-                        _ => (s.vol.clone(), &mut s.data),
-                    };
+                    let (id, model) = s.target(clone);
                     let v = engine.volume(&id).await.expect("volume");
                     v.trim(block * 4096, count * 4096).await.expect("trim");
                     v.flush().await.expect("flush");
