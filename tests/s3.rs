@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::daemon::{nbd_client, qemu_io, qemu_io_output, require, wait_until, Daemon, Nats};
+use common::daemon::{
+    nbd_client, qemu_io, qemu_io_output, qemu_io_read_only, require, wait_until, Daemon, Nats,
+};
 use common::s3::{Kind, S3Server};
 
 fn daemon(nats: &Nats, s3: &S3Server, bucket: &str, extra: &[&str]) -> Daemon {
@@ -325,7 +327,12 @@ fn disaster_recovery_into_an_empty_data_dir() {
     require("qemu-io");
     let nats = Nats::start();
     let s3 = S3Server::start(Kind::Moto);
-    let mut a = daemon(&nats, &s3, "vblock-dr", &["--chunk-size", "256KiB"]);
+    let mut a = daemon(
+        &nats,
+        &s3,
+        "vblock-dr",
+        &["--chunk-size", "256KiB", "--gc-interval", "200ms"],
+    );
     let v1 = a.create_volume(1);
     let v2 = a.create_volume(2);
     qemu_io(
@@ -339,6 +346,24 @@ fn disaster_recovery_into_an_empty_data_dir() {
     );
     qemu_io(&a.uri(&v2), &["write -P 0x21 1G 2M", "write -z 1G 4k"]);
     a.cli(&["volume", "resize", &v2, "--size", "3GiB"]);
+    // A snapshot of v2, a clone of it with its own write, and v2 overwritten twice after it: GC
+    // deletes the first overwrite's chunks, so v2 gets a map checkpoint in the bucket.
+    let snap = a.cli(&["snapshot", "create", &v2]).trim().to_owned();
+    let clone = a
+        .cli(&["volume", "create", "--snapshot", &snap])
+        .trim()
+        .to_owned();
+    qemu_io(&a.uri(&clone), &["write -P 0x31 0 64k"]);
+    // A 2 MiB write fills a memtable by itself, so each overwrite becomes its own chunks.
+    qemu_io(&a.uri(&v2), &["write -P 0x22 1G 2M", "flush"]);
+    qemu_io(&a.uri(&v2), &["write -P 0x23 1G 2M", "flush"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || list_objects(&s3, "vblock-dr")
+            .iter()
+            .any(|k| k.starts_with(&format!("{v2}/map/")))),
+        "no map checkpoint for {v2}; log:\n{}",
+        a.log()
+    );
     // A clean stop uploads everything buffered; then the local disk is "lost".
     a.stop();
     drop(a);
@@ -351,7 +376,27 @@ fn disaster_recovery_into_an_empty_data_dir() {
         b.log()
     );
     let list = b.cli(&["volume", "list"]);
-    assert!(list.contains(&v1) && list.contains(&v2), "{list}");
+    assert!(
+        list.contains(&v1) && list.contains(&v2) && list.contains(&clone),
+        "{list}"
+    );
+    let snaps = b.cli(&["snapshot", "list"]);
+    assert!(
+        snaps.contains(&snap) && snaps.contains("completed"),
+        "{snaps}"
+    );
+    qemu_io_read_only(
+        &b.uri(&snap),
+        &["read -P 0 1G 4k", "read -P 0x21 1073745920 2093056"],
+    );
+    qemu_io(
+        &b.uri(&clone),
+        &[
+            "read -P 0x31 0 64k",
+            "read -P 0 1G 4k",
+            "read -P 0x21 1073745920 2093056",
+        ],
+    );
     let d2: serde_json::Value =
         serde_json::from_str(&b.cli(&["volume", "describe", &v2, "--output", "json"]))
             .expect("json");
@@ -367,14 +412,7 @@ fn disaster_recovery_into_an_empty_data_dir() {
             "read -P 0x13 900M 64k",
         ],
     );
-    qemu_io(
-        &b.uri(&v2),
-        &[
-            "read -P 0 1G 4k",
-            "read -P 0x21 1073745920 2093056",
-            "read -P 0 2G 1M",
-        ],
-    );
+    qemu_io(&b.uri(&v2), &["read -P 0x23 1G 2M", "read -P 0 2G 1M"]);
     // The recovered volumes take new writes and keep them across a restart.
     qemu_io(&b.uri(&v1), &["write -P 0x14 4M 1M"]);
     b.restart();
