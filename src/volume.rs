@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::backend::{chunk_key, BackendError, SharedBackend};
+use crate::backend::{chunk_key, chunk_key_of, BackendError, SharedBackend};
 use crate::block::{is_aligned, BlockRange, BLOCK_BYTES, BLOCK_SIZE};
 use crate::buffer::{BufExtent, MemTable, Payload};
 use crate::cache::FrameCache;
@@ -878,10 +878,10 @@ impl Volume {
 pub(crate) fn frame_location(
     f: &FrameRef,
 ) -> (crate::cache::FrameKey, String, std::ops::Range<u64>) {
-    let owner = VolumeId::from_number(f.owner);
-    let key = (owner.tag(), f.object_id, f.offset);
+    // The cache key's tag is the owner's low 64 bits ([`VolumeId::tag`]).
+    let key = (f.owner as u64, f.object_id, f.offset);
     let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
-    (key, chunk_key(&owner, f.object_id), range)
+    (key, chunk_key_of(f.owner, f.object_id), range)
 }
 
 /// Checks that bytes `offset..offset + len` lie inside a device of `size` bytes

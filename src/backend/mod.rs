@@ -96,7 +96,13 @@ pub type SharedBackend = Arc<dyn Backend>;
 /// Key of chunk object `object_id` written by `volume`: `VOLUMEID/chunks/OBJECTID` with the id as
 /// 16 lowercase hex digits (FORMAT.md, "Object keys").
 pub fn chunk_key(volume: &VolumeId, object_id: u64) -> String {
-    format!("{volume}/chunks/{object_id:016x}")
+    chunk_key_of(volume.number(), object_id)
+}
+
+/// [`chunk_key`] of the volume whose id has number `owner` ([`VolumeId::number`]), without
+/// building the VolumeId (the read path).
+pub fn chunk_key_of(owner: u128, object_id: u64) -> String {
+    format!("vol-{owner:017x}/chunks/{object_id:016x}")
 }
 
 /// Key of the copy of a volume's record kept with its chunks (`VOLUMEID/volume.json`), from which
@@ -206,5 +212,24 @@ pub(crate) mod contract {
                 Err(BackendError::InvalidKey(_))
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn chunk_keys_follow_the_format() {
+        let v = VolumeId::parse("vol-0123456789abcdef0").expect("id");
+        assert_eq!(
+            chunk_key(&v, 42),
+            "vol-0123456789abcdef0/chunks/000000000000002a"
+        );
+        assert_eq!(chunk_key_of(v.number(), 42), chunk_key(&v, 42));
+        assert_eq!(
+            checkpoint_key(&v, 1),
+            "vol-0123456789abcdef0/map/0000000000000001"
+        );
     }
 }
