@@ -22,9 +22,9 @@ use crate::backend::{checkpoint_key, checkpoint_prefix, chunk_key, volume_prefix
 use crate::block::BLOCK_SIZE;
 use crate::engine::Engine;
 use crate::ids::VolumeId;
-use crate::lookup::{BlockLookup, Target};
+use crate::lookup::BlockLookup;
 use crate::meta::{blocking, ChunkStats};
-use crate::retry::{put_retried, retry, RetryPolicy};
+use crate::retry::{delete_retried, put_retried};
 use crate::volume::VolumeError;
 
 /// What one garbage-collection pass did.
@@ -52,10 +52,6 @@ pub struct VolumeSpace {
     pub dead_bytes: u64,
     /// Logical data bytes per stored byte in this volume's chunks (1.0 when nothing is stored).
     pub compression_ratio: f64,
-}
-
-fn policy() -> RetryPolicy {
-    RetryPolicy::reads()
 }
 
 impl Engine {
@@ -90,7 +86,7 @@ impl Engine {
             }
             for (id, st) in &chunks {
                 let key = chunk_key(&vol, *id);
-                retry(&policy(), &key, || self.backend.delete(&key)).await?;
+                delete_retried(&self.backend, &key).await?;
                 report.objects_deleted += 1;
                 report.bytes_deleted += st.stored_bytes;
             }
@@ -106,7 +102,7 @@ impl Engine {
                 // The volume is gone and nothing of it is shared any more: remove whatever is
                 // left under its prefix (objects a crash left uncommitted).
                 for key in self.backend.list(&volume_prefix(&vol)).await? {
-                    retry(&policy(), &key, || self.backend.delete(&key)).await?;
+                    delete_retried(&self.backend, &key).await?;
                 }
             }
         }
@@ -133,7 +129,7 @@ impl Engine {
         put_retried(&self.backend, &key, body).await?;
         for old in self.backend.list(&checkpoint_prefix(vol)).await? {
             if old != key {
-                retry(&policy(), &old, || self.backend.delete(&old)).await?;
+                delete_retried(&self.backend, &old).await?;
             }
         }
         Ok(())
@@ -148,13 +144,7 @@ impl Engine {
         let meta = self.meta.clone();
         let v = vol.clone();
         let (allocated_blocks, stats) = blocking(move || {
-            let lookup = BlockLookup::new(meta.clone(), v.clone());
-            let allocated: u64 = lookup
-                .all()?
-                .iter()
-                .filter(|e| matches!(e.target, Target::Data(_)))
-                .map(|e| e.count)
-                .sum();
+            let (_, allocated) = BlockLookup::new(meta.clone(), v.clone()).summary()?;
             Ok((allocated, meta.chunk_stats(&v)?))
         })
         .await?;

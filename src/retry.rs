@@ -62,6 +62,14 @@ pub async fn put_retried(
     .await
 }
 
+/// Deletes `key` from `backend`, retrying transient failures like [`put_retried`].
+pub async fn delete_retried(
+    backend: &crate::backend::SharedBackend,
+    key: &str,
+) -> Result<(), BackendError> {
+    retry(&RetryPolicy::reads(), key, || backend.delete(key)).await
+}
+
 /// Runs `op` until it succeeds, fails with a non-transient error, or the policy's attempts are
 /// used up; logs each retry with `key`.
 pub async fn retry<T, F, Fut>(policy: &RetryPolicy, key: &str, mut op: F) -> Result<T, BackendError>

@@ -21,7 +21,7 @@ use crate::mapobj::MapObject;
 use crate::meta::{
     blocking, MetaStore, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeState,
 };
-use crate::retry::{put_retried, retry, RetryPolicy};
+use crate::retry::{delete_retried, put_retried, RetryPolicy};
 use crate::volume::{
     check_range, check_request, fetch_frame, fill_from_frames, status_runs, StatusExtent,
     VolumeError,
@@ -100,11 +100,6 @@ impl SnapshotVolume {
     }
 }
 
-/// Bounded retries for control-plane backend calls (a failed call fails the request).
-fn control_retry() -> RetryPolicy {
-    RetryPolicy::reads()
-}
-
 impl Engine {
     /// Takes a snapshot of volume `vol`: flushes its buffer into chunks, freezes its map at the
     /// resulting sequence number and returns the `pending` record; the map and record are then
@@ -178,7 +173,7 @@ impl Engine {
             }
             // The record copy goes first: a half-deleted snapshot is never recovered.
             for key in [snapshot_record_key(id), snapshot_map_key(id)] {
-                retry(&control_retry(), &key, || self.backend.delete(&key)).await?;
+                delete_retried(&self.backend, &key).await?;
             }
             let (meta, sid) = (self.meta.clone(), id.clone());
             blocking(move || meta.delete_snapshot(&sid)).await?;
