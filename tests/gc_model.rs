@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use vblock::backend::SharedBackend;
 use vblock::meta::SnapshotStateName;
 use vblock::volume::CompactionConfig;
@@ -294,16 +296,9 @@ fn overwrites_are_reclaimed() {
             // Random-ish order of 16 KiB writes, so chunks mix blocks of the whole volume.
             for k in 0..256u64 {
                 let at = (k * 97 % 256) * 16384;
-                // Incompressible (xorshift), so stored bytes are the data's size.
-                let mut x = (u64::from(round) << 32 | k).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-                let data: Vec<u8> = (0..16384)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
+                // Incompressible (seeded random), so stored bytes are the data's size.
+                let mut data = vec![0u8; 16384];
+                StdRng::seed_from_u64(u64::from(round) << 32 | k).fill_bytes(&mut data);
                 v.write(at, Bytes::from(data), false).await.expect("write");
             }
             v.persist_buffer().await.expect("persist");

@@ -625,15 +625,9 @@ mod tests {
 
     #[test]
     fn incompressible_data_is_stored_raw() {
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let random: Vec<u8> = (0..40 * BLOCK_BYTES)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut random = vec![0u8; 40 * BLOCK_BYTES];
+        let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(7);
+        rand::RngCore::fill_bytes(&mut rng, &mut random);
         let input = vec![
             InputExtent {
                 start_block: 0,
