@@ -5,11 +5,12 @@
 //! go out in completion order through one writer task that batches socket writes. In-flight work
 //! per connection is bounded by a request count and a byte budget (payloads and read buffers).
 
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use vblock::VolumeError;
@@ -426,21 +427,44 @@ where
     result.and(written)
 }
 
+/// Replies written with one vectored write per batch: at most this many replies.
+const MAX_REPLY_BATCH: usize = 64;
+
+/// Writes replies as they complete. Every reply already queued joins the batch, and a batch goes
+/// out in one vectored write (`writev`): payloads are not copied, and an idle connection holds no
+/// write buffer.
 async fn write_replies<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut wr: W,
     mut rx: mpsc::Receiver<Reply>,
 ) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    let mut batch: Vec<Reply> = Vec::new();
     while let Some(r) = rx.recv().await {
-        let mut next = Some(r);
-        while let Some(r) = next.take() {
-            w.write_all(&r.head).await?;
-            if let Some(d) = r.data {
-                w.write_all(&d).await?;
+        batch.push(r);
+        while batch.len() < MAX_REPLY_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
             }
-            next = rx.try_recv().ok();
         }
-        w.flush().await?;
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * batch.len());
+        for r in &batch {
+            slices.push(IoSlice::new(&r.head));
+            if let Some(d) = r.data.as_ref().filter(|d| !d.is_empty()) {
+                slices.push(IoSlice::new(d));
+            }
+        }
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = wr.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        // A TLS stream holds records until flushed; for plain sockets this is a no-op.
+        wr.flush().await?;
+        drop(slices);
+        batch.clear();
     }
-    w.shutdown().await
+    wr.shutdown().await
 }

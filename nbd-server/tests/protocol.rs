@@ -1,6 +1,7 @@
 //! Raw-socket protocol tests of the NBD server: the spec's replies for valid and invalid options and
 //! requests, disconnection of clients that break the protocol, and other connections unaffected.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     port: u16,
     vol: String,
+    server: Arc<Server>,
 }
 
 async fn fixture() -> Fixture {
@@ -33,12 +35,17 @@ async fn fixture() -> Fixture {
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let server = Server::new(Arc::new(VolumeExports::new(engine)), Limits::default());
-    tokio::spawn(server.serve_tcp(listener));
+    let server = Server::new(
+        Arc::new(VolumeExports::new(engine)),
+        Limits::default(),
+        None,
+    );
+    tokio::spawn(server.clone().serve_tcp(listener));
     Fixture {
         _dir: dir,
         port,
         vol,
+        server,
     }
 }
 
@@ -394,3 +401,113 @@ fn oversized_write_payload_is_skipped_not_buffered() {
 }
 
 const MAX_BLOCK_PLUS_ONE: u32 = nbd_server::MAX_BLOCK + 1;
+
+/// Waits (bounded) until the server holds `n` connections.
+async fn connections_drop_to(f: &Fixture, n: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if f.server.stats().connections.load(Ordering::Relaxed) == n {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[test]
+fn truncated_handshakes_free_their_connection() {
+    limited(async {
+        let f = fixture().await;
+        // Half of the client flags.
+        let mut s = TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .expect("connect");
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).await.expect("hello");
+        s.write_all(&[0, 0]).await.expect("send");
+        drop(s);
+        // Half an option header.
+        let mut s = hello(f.port, NBD_FLAG_C_FIXED_NEWSTYLE).await;
+        s.write_all(&IHAVEOPT.to_be_bytes()[..5])
+            .await
+            .expect("send");
+        drop(s);
+        // An option announcing 100 bytes of data, carrying 10.
+        let mut s = hello(f.port, NBD_FLAG_C_FIXED_NEWSTYLE).await;
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&NBD_OPT_GO.to_be_bytes());
+        b.extend_from_slice(&100u32.to_be_bytes());
+        b.extend_from_slice(&[0u8; 10]);
+        s.write_all(&b).await.expect("send");
+        drop(s);
+        // A request header cut short after NBD_OPT_GO.
+        let mut s = go(f.port, &f.vol).await;
+        s.write_all(&NBD_REQUEST_MAGIC.to_be_bytes())
+            .await
+            .expect("send");
+        drop(s);
+        // A write whose payload never arrives in full.
+        let mut s = go(f.port, &f.vol).await;
+        request(&mut s, 0, NBD_CMD_WRITE, 1, 0, 4096, &[9u8; 100]).await;
+        drop(s);
+        assert!(connections_drop_to(&f, 0).await, "connections leaked");
+        // Nothing of the cut-short write landed; a new client is served.
+        let mut s = go(f.port, &f.vol).await;
+        request(&mut s, 0, NBD_CMD_READ, 2, 0, 4096, &[]).await;
+        assert_eq!(simple(&mut s).await, (0, 2));
+        let mut data = vec![1u8; 4096];
+        s.read_exact(&mut data).await.expect("data");
+        assert!(
+            data.iter().all(|&b| b == 0),
+            "a torn write reached the volume"
+        );
+    });
+}
+
+#[test]
+fn requests_after_disc_are_not_served() {
+    limited(async {
+        let f = fixture().await;
+        let mut s = go(f.port, &f.vol).await;
+        // A write that is served, NBD_CMD_DISC, then a write and a read in the same packet.
+        let mut b = Vec::new();
+        for (kind, cookie, offset, payload) in [
+            (NBD_CMD_WRITE, 1u64, 0u64, &[1u8; 512][..]),
+            (NBD_CMD_DISC, 2, 0, &[][..]),
+            (NBD_CMD_WRITE, 3, 4096, &[2u8; 512][..]),
+            (NBD_CMD_READ, 4, 0, &[][..]),
+        ] {
+            b.extend_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            let len = if kind == NBD_CMD_READ {
+                512
+            } else {
+                payload.len() as u32
+            };
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(payload);
+        }
+        s.write_all(&b).await.expect("send");
+        // Only the first write is answered; then the server closes.
+        assert_eq!(simple(&mut s).await, (0, 1));
+        assert!(closed(&mut s).await);
+        let mut s = go(f.port, &f.vol).await;
+        request(&mut s, 0, NBD_CMD_READ, 5, 0, 8192, &[]).await;
+        assert_eq!(simple(&mut s).await, (0, 5));
+        let mut data = vec![0u8; 8192];
+        s.read_exact(&mut data).await.expect("data");
+        assert!(
+            data[..512].iter().all(|&b| b == 1),
+            "write before DISC lost"
+        );
+        assert!(
+            data[4096..].iter().all(|&b| b == 0),
+            "write after DISC served"
+        );
+    });
+}

@@ -390,6 +390,11 @@ impl Daemon {
         )
     }
 
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     /// The exit status if the daemon process has ended on its own.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child
