@@ -69,6 +69,15 @@ pub struct ServeArgs {
     /// host:port written into mount URIs (default: the listen address).
     #[arg(long, env = "VBLOCK_NBD_ADVERTISE")]
     pub nbd_advertise: Option<String>,
+    /// Server certificate chain for NBD TLS (PEM, leaf first): enables `NBD_OPT_STARTTLS`.
+    #[arg(long, env = "VBLOCK_TLS_CERTIFICATE", requires = "tls_key")]
+    pub tls_certificate: Option<PathBuf>,
+    /// Private key of --tls-certificate (PEM).
+    #[arg(long, env = "VBLOCK_TLS_KEY", requires = "tls_certificate")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse NBD clients that do not start TLS (mount URIs become nbds://).
+    #[arg(long, env = "VBLOCK_TLS_REQUIRED", requires = "tls_certificate")]
+    pub tls_required: bool,
     /// NATS server URL for the ebs.* control plane.
     #[arg(long, env = "VBLOCK_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -224,9 +233,17 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
     let nbd_addr = listener
         .local_addr()
         .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
+    let tls = match (&a.tls_certificate, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            nbd_server::tls::TlsConfig::from_pem_files(cert, key, a.tls_required)
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        _ => None,
+    };
     let server = nbd_server::Server::new(
         Arc::new(nbd_server::VolumeExports::new(engine.clone())),
         nbd_server::Limits::default(),
+        tls,
     );
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(server.clone().serve_tcp(listener));
@@ -245,6 +262,7 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         queue_group: a.queue_group.clone(),
         node: a.node.clone(),
         nbd_advertise: advertise.clone(),
+        nbd_tls: a.tls_required,
     };
     tasks.spawn({
         let engine = engine.clone();

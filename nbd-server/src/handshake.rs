@@ -3,13 +3,16 @@
 //! Options served: `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`, `NBD_OPT_INFO`,
 //! `NBD_OPT_GO` (with `NBD_INFO_EXPORT`, `NBD_INFO_NAME`, `NBD_INFO_DESCRIPTION`,
 //! `NBD_INFO_BLOCK_SIZE`), `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_LIST_META_CONTEXT` and
-//! `NBD_OPT_SET_META_CONTEXT` (`base:allocation`). `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`;
-//! anything else `NBD_REP_ERR_UNSUP`.
+//! `NBD_OPT_SET_META_CONTEXT` (`base:allocation`), and `NBD_OPT_STARTTLS` when TLS is configured
+//! (`NBD_REP_ERR_POLICY` when it is not; with TLS required, every other option but
+//! `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD` and `NBD_OPT_EXPORT_NAME` ends the connection, as
+//! proto.md's "FORCEDTLS" mode says). Anything else gets `NBD_REP_ERR_UNSUP`.
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proto::*;
+use crate::tls::{MaybeTls, TlsConfig};
 use crate::{Export, ExportProvider, MAX_BLOCK};
 
 /// Longest option payload accepted; a longer one is treated as abuse and the client dropped.
@@ -69,7 +72,9 @@ async fn reply<S: AsyncWrite + Unpin>(
     let mut buf = Vec::with_capacity(20 + data.len());
     buf.extend_from_slice(&option_reply_header(option, kind, data.len() as u32));
     buf.extend_from_slice(data);
-    s.write_all(&buf).await
+    s.write_all(&buf).await?;
+    // A TLS stream holds records until flushed; for plain sockets this is a no-op.
+    s.flush().await
 }
 
 async fn error_reply<S: AsyncWrite + Unpin>(
@@ -95,14 +100,19 @@ fn take_string(data: &mut &[u8]) -> Option<String> {
     Some(s)
 }
 
-/// Runs option haggling on `s`. `Ok(None)`: the client aborted or left.
+/// Runs option haggling on `sock`, upgrading it to TLS on `NBD_OPT_STARTTLS` when `tls` is
+/// given. Returns what was agreed and the stream to continue on; `Ok(None)`: the client aborted
+/// or left.
 pub async fn negotiate<S>(
-    s: &mut S,
+    sock: S,
     provider: &dyn ExportProvider,
-) -> Result<Option<Negotiated>, HandshakeError>
+    tls: Option<&TlsConfig>,
+) -> Result<Option<(Negotiated, MaybeTls<S>)>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut stream = MaybeTls::Plain(sock);
+    let mut s = &mut stream;
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -137,6 +147,22 @@ where
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data).await?;
+        let tls_missing = tls.is_some_and(|t| t.required) && !s.is_tls();
+        if tls_missing && option == NBD_OPT_EXPORT_NAME {
+            return Err(HandshakeError::Protocol(
+                "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a TLS-only server".into(),
+            ));
+        }
+        if tls_missing && option != NBD_OPT_STARTTLS && option != NBD_OPT_ABORT {
+            error_reply(
+                s,
+                option,
+                NBD_REP_ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS",
+            )
+            .await?;
+            continue;
+        }
         match option {
             NBD_OPT_EXPORT_NAME => {
                 let name = String::from_utf8(data)
@@ -152,11 +178,15 @@ where
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&out).await?;
-                return Ok(Some(Negotiated {
-                    export,
-                    structured,
-                    base_allocation,
-                }));
+                s.flush().await?;
+                return Ok(Some((
+                    Negotiated {
+                        export,
+                        structured,
+                        base_allocation,
+                    },
+                    stream,
+                )));
             }
             NBD_OPT_ABORT => {
                 // The client may already have gone; either way the session ends.
@@ -178,13 +208,34 @@ where
                 reply(s, option, NBD_REP_ACK, &[]).await?;
             }
             NBD_OPT_STARTTLS => {
-                error_reply(
-                    s,
-                    option,
-                    NBD_REP_ERR_POLICY,
-                    "TLS is not configured on this server",
-                )
-                .await?;
+                let Some(tls) = tls else {
+                    error_reply(
+                        s,
+                        option,
+                        NBD_REP_ERR_POLICY,
+                        "TLS is not configured on this server",
+                    )
+                    .await?;
+                    continue;
+                };
+                if !data.is_empty() || s.is_tls() {
+                    let why = if s.is_tls() {
+                        "TLS is already up"
+                    } else {
+                        "NBD_OPT_STARTTLS takes no data"
+                    };
+                    error_reply(s, option, NBD_REP_ERR_INVALID, why).await?;
+                    continue;
+                }
+                reply(s, option, NBD_REP_ACK, &[]).await?;
+                let MaybeTls::Plain(plain) = stream else {
+                    return Err(HandshakeError::Protocol("TLS state lost".into()));
+                };
+                stream = MaybeTls::Tls(Box::new(tls.accept(plain).await?));
+                s = &mut stream;
+                // Nothing negotiated in plaintext carries over (proto.md, "TLS support").
+                structured = false;
+                base_allocation = false;
             }
             NBD_OPT_INFO | NBD_OPT_GO => {
                 let mut d = &data[..];
@@ -247,11 +298,14 @@ where
                 reply(s, option, NBD_REP_INFO, &d).await?;
                 reply(s, option, NBD_REP_ACK, &[]).await?;
                 if option == NBD_OPT_GO {
-                    return Ok(Some(Negotiated {
-                        export,
-                        structured,
-                        base_allocation,
-                    }));
+                    return Ok(Some((
+                        Negotiated {
+                            export,
+                            structured,
+                            base_allocation,
+                        },
+                        stream,
+                    )));
                 }
             }
             NBD_OPT_STRUCTURED_REPLY => {

@@ -5,6 +5,7 @@
 pub mod handshake;
 pub mod proto;
 mod request_metrics;
+pub mod tls;
 pub mod transmission;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -241,16 +242,23 @@ pub struct Server {
     limits: Limits,
     slots: Arc<Semaphore>,
     stats: Arc<ServerStats>,
+    tls: Option<tls::TlsConfig>,
 }
 
 impl Server {
-    /// A server for `provider`'s exports.
-    pub fn new(provider: Arc<dyn ExportProvider>, limits: Limits) -> Arc<Self> {
+    /// A server for `provider`'s exports; with `tls`, `NBD_OPT_STARTTLS` is offered (and,
+    /// if [`tls::TlsConfig::required`], demanded).
+    pub fn new(
+        provider: Arc<dyn ExportProvider>,
+        limits: Limits,
+        tls: Option<tls::TlsConfig>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             provider,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
             stats: Arc::new(ServerStats::default()),
+            tls,
         })
     }
 
@@ -313,13 +321,13 @@ impl Server {
         );
     }
 
-    async fn connection<S>(&self, mut sock: S)
+    async fn connection<S>(&self, sock: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let neg = tokio::time::timeout(
             self.limits.handshake_timeout,
-            handshake::negotiate(&mut sock, &*self.provider),
+            handshake::negotiate(sock, &*self.provider, self.tls.as_ref()),
         )
         .await;
         let neg = match neg {
@@ -336,9 +344,14 @@ impl Server {
             Ok(Ok(None)) => return,
             Ok(Ok(Some(n))) => n,
         };
+        let (neg, stream) = neg;
         tracing::Span::current().record("volume", neg.export.name.as_str());
-        tracing::info!(structured = neg.structured, "NBD client connected");
-        match transmission::transmit(sock, neg, self.limits).await {
+        tracing::info!(
+            structured = neg.structured,
+            tls = stream.is_tls(),
+            "NBD client connected"
+        );
+        match transmission::transmit(stream, neg, self.limits).await {
             Ok(()) => tracing::info!("NBD client disconnected"),
             Err(e) => tracing::info!(error = %e, "NBD connection ended with an error"),
         }

@@ -35,7 +35,7 @@ fn hive_result(error: &str) -> String {
 /// The control-plane service.
 pub struct Control {
     engine: Arc<Engine>,
-    nbd_advertise: String,
+    nbd_uri_base: String,
     /// Serialises read-modify-write of volume records (the control plane is not a hot path).
     lock: tokio::sync::Mutex<()>,
 }
@@ -155,11 +155,12 @@ fn size_gib(size: i64) -> Result<u64, ApiError> {
 }
 
 impl Control {
-    /// A control plane for `engine`; mount URIs use `nbd_advertise` (`host:port`).
-    pub fn new(engine: Arc<Engine>, nbd_advertise: String) -> Self {
+    /// A control plane for `engine`; mount URIs are `nbd_uri_base/VolumeId`, the base being
+    /// `nbd://host:port` (or `nbds://host:port` when the NBD server requires TLS).
+    pub fn new(engine: Arc<Engine>, nbd_uri_base: String) -> Self {
         Self {
             engine,
-            nbd_advertise,
+            nbd_uri_base,
             lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -580,7 +581,7 @@ impl Control {
     }
 
     fn uri(&self, id: &VolumeId) -> String {
-        format!("nbd://{}/{id}", self.nbd_advertise)
+        format!("{}/{id}", self.nbd_uri_base)
     }
 
     async fn mount(&self, payload: &[u8]) -> EbsMountResponse {

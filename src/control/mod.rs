@@ -41,12 +41,18 @@ pub struct ControlConfig {
     pub node: Option<String>,
     /// `host:port` put into mount URIs.
     pub nbd_advertise: String,
+    /// The NBD server requires TLS: mount URIs use the `nbds://` scheme (NBD URI spec).
+    pub nbd_tls: bool,
 }
 
 /// Serves the control plane until the process ends. Connects in the background and reconnects
 /// for ever, logging each disconnect and reconnect; NBD keeps serving meanwhile.
 pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
-    let control = Arc::new(Control::new(engine, config.nbd_advertise.clone()));
+    let scheme = if config.nbd_tls { "nbds" } else { "nbd" };
+    let control = Arc::new(Control::new(
+        engine,
+        format!("{scheme}://{}", config.nbd_advertise),
+    ));
     let options = |url: String| {
         async_nats::ConnectOptions::new()
             .name("vblock")

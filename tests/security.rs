@@ -1,0 +1,281 @@
+//! Security defaults (issue: reliability, "Security defaults"): NBD over TLS with
+//! `NBD_OPT_STARTTLS` tested with real TLS clients (libnbd's nbdinfo, qemu-io with x509
+//! credentials), `--tls-required` refusing plaintext, start-up errors for bad certificate files,
+//! and loopback-only default listeners.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::daemon::{qemu_io_output, require, run, run_ok, Daemon, Nats};
+
+const T: Duration = Duration::from_secs(120);
+
+/// A CA and a server certificate for `localhost` / `127.0.0.1` (EC P-256), made with the openssl
+/// CLI in `dir`: `ca-cert.pem` (what libnbd and qemu look for), `server-cert.pem`,
+/// `server-key.pem`.
+fn make_certificates(dir: &Path) {
+    require("openssl");
+    let ossl = |args: &[&str]| {
+        run_ok(Command::new("openssl").args(args).current_dir(dir), T);
+    };
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=vblock test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    ossl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server-key.pem",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext file");
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-out",
+        "server-cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+}
+
+/// Fixed newstyle hello, then one option; returns the reply type (NBD proto.md, "Option
+/// haggling"). `None`: the server closed the connection instead.
+fn plaintext_option(port: u16, option: u32, data: &[u8]) -> Option<u32> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).expect("hello");
+    s.write_all(&1u32.to_be_bytes()).expect("client flags");
+    let mut req = b"IHAVEOPT".to_vec();
+    req.extend_from_slice(&option.to_be_bytes());
+    req.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    req.extend_from_slice(data);
+    s.write_all(&req).expect("option");
+    let mut reply = [0u8; 20];
+    match s.read_exact(&mut reply) {
+        Ok(()) => Some(u32::from_be_bytes(
+            reply[12..16].try_into().expect("4 bytes"),
+        )),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn nbd_tls_required_serves_tls_clients_and_refuses_plaintext() {
+    require("nbdinfo");
+    require("qemu-io");
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_certificates(certs.path());
+    let cert = certs.path().join("server-cert.pem");
+    let key = certs.path().join("server-key.pem");
+    let nats = Nats::start();
+    let d = Daemon::start_with(
+        &nats.url(),
+        &[
+            "--tls-certificate",
+            cert.to_str().expect("utf-8"),
+            "--tls-key",
+            key.to_str().expect("utf-8"),
+            "--tls-required",
+        ],
+    );
+    let vol = d.create_volume(1);
+    let dir = certs.path().to_str().expect("utf-8");
+
+    // libnbd over TLS (nbds://, CA from the directory): the export and its size.
+    let info = run_ok(
+        Command::new("nbdinfo").arg(format!(
+            "nbds://127.0.0.1:{}/{vol}?tls-certificates={dir}",
+            d.nbd_port
+        )),
+        T,
+    );
+    assert!(info.contains("export-size: 1073741824"), "{info}");
+
+    // qemu-io with x509 client credentials: write, then read back in a second connection.
+    let qemu = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.arg("--object")
+            .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={dir}"))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export={vol},tls-creds=tls0",
+                d.nbd_port
+            ));
+        for cmd in cmds {
+            c.arg("-c").arg(cmd);
+        }
+        run_ok(&mut c, T)
+    };
+    qemu(&["write -P 0xab 4096 65536", "flush"]);
+    let out = qemu(&["read -P 0xab 4096 65536", "read -P 0 0 4096"]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(out.contains("read 65536/65536 bytes"), "{out}");
+
+    // Plaintext clients are refused: libnbd without TLS, qemu-io without credentials.
+    let plain = run(Command::new("nbdinfo").arg(d.uri(&vol)), T);
+    assert!(!plain.status.success(), "plaintext nbdinfo was served");
+    let out = qemu_io_output(&d.uri(&vol), &["read 0 4096"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("read 4096/4096 bytes"), "{text}");
+
+    // The raw protocol: before STARTTLS, options get NBD_REP_ERR_TLS_REQD, NBD_OPT_EXPORT_NAME a
+    // disconnect; STARTTLS with data is invalid.
+    let mut go = (vol.len() as u32).to_be_bytes().to_vec();
+    go.extend_from_slice(vol.as_bytes());
+    go.extend_from_slice(&0u16.to_be_bytes());
+    const NBD_OPT_EXPORT_NAME: u32 = 1;
+    const NBD_OPT_LIST: u32 = 3;
+    const NBD_OPT_STARTTLS: u32 = 5;
+    const NBD_OPT_GO: u32 = 7;
+    const NBD_REP_ERR_INVALID: u32 = (1 << 31) + 3;
+    const NBD_REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+    assert_eq!(
+        plaintext_option(d.nbd_port, NBD_OPT_GO, &go),
+        Some(NBD_REP_ERR_TLS_REQD)
+    );
+    assert_eq!(
+        plaintext_option(d.nbd_port, NBD_OPT_LIST, &[]),
+        Some(NBD_REP_ERR_TLS_REQD)
+    );
+    assert_eq!(
+        plaintext_option(d.nbd_port, NBD_OPT_STARTTLS, b"x"),
+        Some(NBD_REP_ERR_INVALID)
+    );
+    assert_eq!(
+        plaintext_option(d.nbd_port, NBD_OPT_EXPORT_NAME, vol.as_bytes()),
+        None
+    );
+
+    // Mount URIs name the TLS scheme.
+    let mounted = d.cli(&["mount", &vol]);
+    assert!(
+        mounted.contains(&format!("nbds://127.0.0.1:{}/{vol}", d.nbd_port)),
+        "{mounted}"
+    );
+}
+
+#[test]
+fn tls_optional_serves_both_and_bad_certificates_fail_at_start() {
+    require("nbdinfo");
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_certificates(certs.path());
+    let cert = certs.path().join("server-cert.pem");
+    let key = certs.path().join("server-key.pem");
+    let nats = Nats::start();
+    let d = Daemon::start_with(
+        &nats.url(),
+        &[
+            "--tls-certificate",
+            cert.to_str().expect("utf-8"),
+            "--tls-key",
+            key.to_str().expect("utf-8"),
+        ],
+    );
+    let vol = d.create_volume(1);
+    let dir = certs.path().to_str().expect("utf-8");
+    let tls = run_ok(
+        Command::new("nbdinfo").arg(format!(
+            "nbds://127.0.0.1:{}/{vol}?tls-certificates={dir}",
+            d.nbd_port
+        )),
+        T,
+    );
+    assert!(tls.contains("export-size: 1073741824"), "{tls}");
+    let plain = run_ok(Command::new("nbdinfo").arg(d.uri(&vol)), T);
+    assert!(plain.contains("export-size: 1073741824"), "{plain}");
+
+    // A missing key file, a key file that holds a certificate, a certificate without a key:
+    // exit 2 naming the problem, before anything listens.
+    let missing = certs.path().join("nope.pem");
+    for (args, want) in [
+        (
+            vec![
+                "--tls-certificate",
+                cert.to_str().expect("utf-8"),
+                "--tls-key",
+                missing.to_str().expect("utf-8"),
+            ],
+            "nope.pem",
+        ),
+        (
+            vec![
+                "--tls-certificate",
+                cert.to_str().expect("utf-8"),
+                "--tls-key",
+                cert.to_str().expect("utf-8"),
+            ],
+            "server-cert.pem",
+        ),
+        (
+            vec!["--tls-certificate", cert.to_str().expect("utf-8")],
+            "--tls-key",
+        ),
+    ] {
+        let (code, stderr) = Daemon::start_expect_failure(&nats.url(), &args, &[]);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn listeners_default_to_loopback() {
+    let out = run_ok(
+        Command::new(common::daemon::vblock_bin()).args(["serve", "--print-config"]),
+        T,
+    );
+    for key in ["nbd-listen", "metrics-listen"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} missing in:\n{out}"));
+        assert!(line.contains("\"127.0.0.1:"), "{line}");
+    }
+}
