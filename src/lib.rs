@@ -13,6 +13,7 @@ pub mod cache;
 pub mod chunk;
 pub mod control;
 pub mod engine;
+pub mod failpoints;
 pub mod gc;
 pub mod ids;
 pub mod lookup;

@@ -1319,6 +1319,7 @@ async fn upload_chunk(
         inner.backend.put(&key, object.clone())
     })
     .await?;
+    crate::crash_point!("chunk-uploaded");
     inner.upload_seconds.record(started.elapsed());
     Some(Uploaded {
         object_id,
@@ -1350,11 +1351,13 @@ async fn commit_chunk(
         max_seq: state.max_seq.max(max_seq),
     };
     let _commits = inner.commit_lock.lock().await;
+    crate::crash_point!("map-commit-before");
     retry_until_stopped(inner, "map commit", "", true, || {
         let (lookup, c) = (inner.lookup.clone(), commit.clone());
         blocking(move || lookup.commit_chunk(&c, next))
     })
     .await?;
+    crate::crash_point!("map-commit-after");
     *lock(&inner.committed) = next;
     inner.stats.chunks.fetch_add(1, Ordering::Relaxed);
     inner

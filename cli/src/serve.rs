@@ -208,6 +208,11 @@ pub async fn backend(a: &BackendArgs, data_dir: &Path) -> Result<SharedBackend, 
 
 /// Runs the daemon until SIGINT or SIGTERM, then shuts down cleanly (volumes drained and synced).
 pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
+    // Crash points for the crash harness (src/failpoints.rs); not a flag: tests only.
+    if let Ok(spec) = std::env::var("VBLOCK_FAILPOINTS") {
+        vblock::failpoints::configure(&spec).map_err(ServeError::Config)?;
+        tracing::warn!(%spec, "fail points configured: this process will abort on purpose");
+    }
     if !a.no_metrics {
         crate::metrics::install(a.metrics_listen).map_err(|e| {
             ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))

@@ -260,6 +260,7 @@ impl Writer {
             return Err(e.clone());
         }
         let started = Instant::now();
+        crate::crash_point!("wal-before-sync");
         if let Err(e) = self.file.sync_data() {
             // fsyncgate: after a failed fsync the kernel may have dropped dirty pages; nothing
             // written since the last good sync can be trusted any more.
@@ -268,6 +269,7 @@ impl Writer {
             self.fatal = Some(err.clone());
             return Err(err);
         }
+        crate::crash_point!("wal-after-sync");
         bump(&self.stats.fsyncs, 1);
         self.fsync_seconds.record(started.elapsed());
         if let Ok(mut d) = self.durable.lock() {
@@ -282,6 +284,7 @@ impl Writer {
         self.sync()?;
         let no = self.segments.back().map_or(0, |s| s.no) + 1;
         self.file = create_segment(&self.dir, no, self.volume_tag)?;
+        crate::crash_point!("wal-rotate");
         self.written = SEGMENT_HEADER_LEN as u64;
         self.batch_max_seq = 0;
         self.segments.push_back(SegmentInfo {
@@ -318,6 +321,7 @@ impl Writer {
                 }
             }
             bump(&self.stats.segments_trimmed, 1);
+            crate::crash_point!("wal-trim");
             self.stats.segments.fetch_sub(1, Ordering::Relaxed);
             self.stats
                 .disk_bytes

@@ -449,6 +449,14 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Replaces the extra environment of the next start.
+    pub fn set_envs(&mut self, envs: &[(&str, &str)]) {
+        self.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
     /// Starts again after [`Daemon::kill9`].
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "daemon still running");
