@@ -203,7 +203,7 @@ fn nbd_tls_required_serves_tls_clients_and_refuses_plaintext() {
 }
 
 #[test]
-fn tls_optional_serves_both_and_bad_certificates_fail_at_start() {
+fn tls_optional_serves_both_and_bad_settings_fail_at_start() {
     require("nbdinfo");
     let certs = tempfile::tempdir().expect("tempdir");
     make_certificates(certs.path());
@@ -263,6 +263,16 @@ fn tls_optional_serves_both_and_bad_certificates_fail_at_start() {
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
+    // Other settings that could only fail later are refused at start too: a write buffer too
+    // small for the largest request, and an unknown crash point.
+    let (code, stderr) =
+        Daemon::start_expect_failure(&nats.url(), &["--buffer-size", "64MiB"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is too small"), "{stderr}");
+    let (code, stderr) =
+        Daemon::start_expect_failure(&nats.url(), &[], &[("VBLOCK_FAILPOINTS", "nope=return")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("unknown fail point"), "{stderr}");
 }
 
 #[test]

@@ -218,8 +218,13 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
             ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))
         })?;
     }
+    let config = engine_config(&a);
+    config
+        .volume
+        .validate()
+        .map_err(|e| ServeError::Config(format!("--buffer-size / --chunk-size: {e}")))?;
     let backend = backend(&a.store, &a.data_dir).await?;
-    let engine = Arc::new(Engine::open(engine_config(&a), backend).await?);
+    let engine = Arc::new(Engine::open(config, backend).await?);
     // An empty data directory next to a backend that holds volumes: recover them (disaster
     // recovery; FORMAT.md, "Recovery").
     if engine.list_records().await?.is_empty() {
