@@ -93,6 +93,8 @@ fn s3_round_trip_and_restart_with_moto() {
     assert!(list_objects(&s3, "vblock-rt")
         .iter()
         .all(|k| !k.starts_with(&vol)));
+    // The secret key (AWS_SECRET_ACCESS_KEY) never reaches the log.
+    assert!(!d.log().contains(common::s3::SECRET_KEY), "secret logged");
 }
 
 #[test]

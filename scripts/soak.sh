@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Soak: 8 NBD connections over 4 volumes under mixed fio load (random 4-64 KiB reads and writes,
+# flushes) plus NATS control traffic (list, describe, mount/unmount a fifth volume) for
+# DURATION; samples the daemon's RSS, open descriptors and WAL size every 10 s and fails unless,
+# after the warm-up (the first fifth), RSS and descriptors stay flat, fio and the control plane saw
+# no error, the daemon logged no error, and every volume's WAL stayed under its cap
+# (write buffer + 2 segments).
+#   scripts/soak.sh                 # 10 minutes (CI)
+#   scripts/soak.sh --long          # 1 hour
+#   scripts/soak.sh --duration 120  # seconds
+# Samples: target/soak/samples.csv; summary: target/soak/summary.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=600
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --long) DURATION=3600 ;;
+    --duration) DURATION="$2"; shift ;;
+    *) echo "usage: $0 [--long] [--duration SECONDS]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+BIN=$PWD/target/debug/vblock
+[ -x "$BIN" ] || cargo build
+WORK=$PWD/target/soak
+rm -rf "$WORK"; mkdir -p "$WORK"
+BUFFER_MIB=128
+SEGMENT_MIB=16
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+NATS_PORT=$(free_port); NBD_PORT=$(free_port); METRICS_PORT=$(free_port)
+NATS="nats://127.0.0.1:$NATS_PORT"
+nats-server -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 & PIDS+=($!)
+wait_port "$NATS_PORT"
+"$BIN" serve --data-dir "$WORK/data" --nbd-listen "127.0.0.1:$NBD_PORT" \
+  --metrics-listen "127.0.0.1:$METRICS_PORT" --nats-url "$NATS" \
+  --buffer-size "${BUFFER_MIB}MiB" --wal-segment-size "${SEGMENT_MIB}MiB" --cache-size 64MiB \
+  >"$WORK/vblock.log" 2>&1 & DAEMON=$!; PIDS+=($DAEMON)
+wait_port "$NBD_PORT"
+
+create() { for _ in $(seq 1 100); do "$BIN" volume create --size 2GiB --nats-url "$NATS" --timeout 2 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+VOLS=()
+for _ in 1 2 3 4; do VOLS+=("$(create)"); done
+SPARE=$(create)
+
+# fio: two connections per volume, each on its own half, mixed random I/O with periodic flushes.
+JOBS=()
+for v in "${VOLS[@]}"; do
+  for half in 0 1; do
+    JOBS+=(--name="$v-$half" --uri="nbd://127.0.0.1:$NBD_PORT/$v" --offset="${half}G" --size=1G)
+  done
+done
+fio --ioengine=nbd --rw=randrw --rwmixread=60 --bsrange=4k-64k --iodepth=8 --fsync=64 \
+  --time_based --runtime="$DURATION" --group_reporting --output-format=json \
+  --output="$WORK/fio.json" "${JOBS[@]}" >"$WORK/fio.log" 2>&1 & FIO=$!; PIDS+=($FIO)
+
+# Control-plane traffic until fio ends: list volumes, describe one, mount and unmount the spare.
+(
+  n=0; errors=0
+  while kill -0 "$FIO" 2>/dev/null; do
+    "$BIN" volume list --nats-url "$NATS" >/dev/null 2>>"$WORK/control.err" || errors=$((errors + 1))
+    "$BIN" volume describe "${VOLS[$((n % 4))]}" --nats-url "$NATS" >/dev/null 2>>"$WORK/control.err" || errors=$((errors + 1))
+    "$BIN" mount "$SPARE" --nats-url "$NATS" >/dev/null 2>>"$WORK/control.err" || errors=$((errors + 1))
+    "$BIN" unmount "$SPARE" --nats-url "$NATS" >/dev/null 2>>"$WORK/control.err" || errors=$((errors + 1))
+    n=$((n + 4)); sleep 1
+  done
+  echo "$n $errors" >"$WORK/control.result"
+) & CONTROL=$!
+
+# Samples every 10 s: seconds, RSS KiB, open fds, largest WAL dir bytes.
+echo "t,rss_kib,fds,wal_max_bytes" >"$WORK/samples.csv"
+start=$(date +%s)
+while kill -0 "$FIO" 2>/dev/null; do
+  t=$(( $(date +%s) - start ))
+  rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$DAEMON/status")
+  fds=$(find "/proc/$DAEMON/fd" -mindepth 1 -maxdepth 1 | wc -l)
+  wal=$( (du -sb "$WORK/data/wal"/* 2>/dev/null || true) | sort -n | tail -1 | cut -f1)
+  echo "$t,$rss,$fds,${wal:-0}" >>"$WORK/samples.csv"
+  sleep 10
+done
+fio_rc=0; wait "$FIO" || fio_rc=$?
+wait "$CONTROL" || true
+read -r control_ops control_errors <"$WORK/control.result"
+kill -0 "$DAEMON" 2>/dev/null || { echo "soak: the daemon died" >&2; tail -20 "$WORK/vblock.log" >&2; exit 1; }
+daemon_errors=$(grep -c ' ERROR ' "$WORK/vblock.log" || true)
+
+python3 - "$WORK" "$DURATION" "$fio_rc" "$control_ops" "$control_errors" "$daemon_errors" \
+  "$BUFFER_MIB" "$SEGMENT_MIB" <<'PY'
+import csv, json, sys
+work, duration, fio_rc, ops, cerr, derr, buf, seg = sys.argv[1:]
+rows = [r for r in csv.DictReader(open(f"{work}/samples.csv"))]
+warm = [r for r in rows if int(r["t"]) >= int(duration) // 5]
+if len(warm) < 2:
+    sys.exit("soak: too few samples after warm-up")
+rss = [int(r["rss_kib"]) for r in warm]
+fds = [int(r["fds"]) for r in warm]
+wal = max(int(r["wal_max_bytes"]) for r in rows)
+fio = json.load(open(f"{work}/fio.json"))
+job = fio["jobs"][0]
+summary = {
+    "duration_s": int(duration),
+    "read_iops": round(job["read"]["iops"]), "write_iops": round(job["write"]["iops"]),
+    "fio_errors": job["error"], "fio_exit": int(fio_rc),
+    "control_requests": int(ops), "control_errors": int(cerr), "daemon_error_lines": int(derr),
+    "rss_kib_after_warmup_first": rss[0], "rss_kib_max": max(rss), "rss_kib_last": rss[-1],
+    "fds_after_warmup_first": fds[0], "fds_max": max(fds), "fds_last": fds[-1],
+    "wal_max_bytes": wal, "wal_cap_bytes": (int(buf) + 2 * int(seg)) << 20,
+}
+json.dump(summary, open(f"{work}/summary.json", "w"), indent=1)
+for k, v in summary.items():
+    print(f"  {k:<28} {v}")
+fails = []
+if summary["fio_exit"] or summary["fio_errors"]: fails.append("fio reported errors")
+if summary["control_errors"]: fails.append("control-plane requests failed")
+if summary["daemon_error_lines"]: fails.append("the daemon logged errors")
+# Flat: the post-warm-up peak within 10% + 32 MiB of the first post-warm-up sample.
+if max(rss) > rss[0] * 1.10 + 32 * 1024: fails.append("RSS grew after warm-up")
+if max(fds) > fds[0] + 8: fails.append("open descriptors grew")
+if wal > summary["wal_cap_bytes"]: fails.append("a WAL outgrew its cap")
+if fails:
+    sys.exit("soak: FAILED: " + "; ".join(fails))
+print("soak: ok")
+PY
