@@ -83,6 +83,34 @@ fn make_certificates(dir: &Path) {
     ]);
 }
 
+/// A daemon serving NBD TLS with the certificates in `certs` (from [`make_certificates`]).
+fn tls_daemon(nats: &Nats, certs: &Path, required: bool) -> Daemon {
+    let cert = certs.join("server-cert.pem");
+    let key = certs.join("server-key.pem");
+    let mut args = vec![
+        "--tls-certificate",
+        cert.to_str().expect("utf-8"),
+        "--tls-key",
+        key.to_str().expect("utf-8"),
+    ];
+    if required {
+        args.push("--tls-required");
+    }
+    Daemon::start_with(&nats.url(), &args)
+}
+
+/// `nbdinfo nbds://...` with the CA in `certs`: its output (must succeed).
+fn nbdinfo_tls(d: &Daemon, vol: &str, certs: &Path) -> String {
+    run_ok(
+        Command::new("nbdinfo").arg(format!(
+            "nbds://127.0.0.1:{}/{vol}?tls-certificates={}",
+            d.nbd_port,
+            certs.display()
+        )),
+        T,
+    )
+}
+
 /// Fixed newstyle hello, then one option; returns the reply type (NBD proto.md, "Option
 /// haggling"). `None`: the server closed the connection instead.
 fn plaintext_option(port: u16, option: u32, data: &[u8]) -> Option<u32> {
@@ -112,30 +140,13 @@ fn nbd_tls_required_serves_tls_clients_and_refuses_plaintext() {
     require("qemu-io");
     let certs = tempfile::tempdir().expect("tempdir");
     make_certificates(certs.path());
-    let cert = certs.path().join("server-cert.pem");
-    let key = certs.path().join("server-key.pem");
     let nats = Nats::start();
-    let d = Daemon::start_with(
-        &nats.url(),
-        &[
-            "--tls-certificate",
-            cert.to_str().expect("utf-8"),
-            "--tls-key",
-            key.to_str().expect("utf-8"),
-            "--tls-required",
-        ],
-    );
+    let d = tls_daemon(&nats, certs.path(), true);
     let vol = d.create_volume(1);
     let dir = certs.path().to_str().expect("utf-8");
 
     // libnbd over TLS (nbds://, CA from the directory): the export and its size.
-    let info = run_ok(
-        Command::new("nbdinfo").arg(format!(
-            "nbds://127.0.0.1:{}/{vol}?tls-certificates={dir}",
-            d.nbd_port
-        )),
-        T,
-    );
+    let info = nbdinfo_tls(&d, &vol, certs.path());
     assert!(info.contains("export-size: 1073741824"), "{info}");
 
     // qemu-io with x509 client credentials: write, then read back in a second connection.
@@ -208,26 +219,10 @@ fn tls_optional_serves_both_and_bad_settings_fail_at_start() {
     let certs = tempfile::tempdir().expect("tempdir");
     make_certificates(certs.path());
     let cert = certs.path().join("server-cert.pem");
-    let key = certs.path().join("server-key.pem");
     let nats = Nats::start();
-    let d = Daemon::start_with(
-        &nats.url(),
-        &[
-            "--tls-certificate",
-            cert.to_str().expect("utf-8"),
-            "--tls-key",
-            key.to_str().expect("utf-8"),
-        ],
-    );
+    let d = tls_daemon(&nats, certs.path(), false);
     let vol = d.create_volume(1);
-    let dir = certs.path().to_str().expect("utf-8");
-    let tls = run_ok(
-        Command::new("nbdinfo").arg(format!(
-            "nbds://127.0.0.1:{}/{vol}?tls-certificates={dir}",
-            d.nbd_port
-        )),
-        T,
-    );
+    let tls = nbdinfo_tls(&d, &vol, certs.path());
     assert!(tls.contains("export-size: 1073741824"), "{tls}");
     let plain = run_ok(Command::new("nbdinfo").arg(d.uri(&vol)), T);
     assert!(plain.contains("export-size: 1073741824"), "{plain}");
