@@ -452,7 +452,7 @@ fn daemon_runs_from_a_config_file_alone() {
         &cfg,
         format!(
             "data-dir = {:?}\nnbd-listen = \"127.0.0.1:{nbd}\"\nmetrics-listen = \"127.0.0.1:{metrics}\"\n\
-             nats-url = \"{}\"\nbuffer-size = \"64MiB\"\n",
+             nats-url = \"{}\"\nbuffer-size = \"96MiB\"\n",
             dir.path().join("data").display().to_string(),
             nats.url()
         ),
