@@ -23,33 +23,15 @@ const OPS: &[&str] = &[
     "unmount",
 ];
 
-struct Env {
-    rt: tokio::runtime::Runtime,
-    control: Control,
-    _dir: tempfile::TempDir,
-}
+#[path = "engine_env.rs"]
+mod engine_env;
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
+fn env() -> &'static engine_env::Env<Control> {
+    static ENV: OnceLock<engine_env::Env<Control>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let control = rt.block_on(async {
-            let backend = Arc::new(vblock::backend::memory::MemoryBackend::new());
-            let engine = vblock::Engine::open(vblock::EngineConfig::new(dir.path()), backend)
-                .await
-                .expect("engine");
+        engine_env::engine_env(|engine| async move {
             Control::new(Arc::new(engine), "nbd://127.0.0.1:10809".into())
-        });
-        Env {
-            rt,
-            control,
-            _dir: dir,
-        }
+        })
     })
 }
 
@@ -60,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let env = env();
     let subject = format!("ebs.{}", OPS[op as usize % OPS.len()]);
-    let handled = env.rt.block_on(env.control.handle(&subject, body));
+    let handled = env.rt.block_on(env.value.handle(&subject, body));
     assert!(
         serde_json::from_slice::<serde_json::Value>(&handled.reply).is_ok(),
         "non-JSON reply to {subject}"

@@ -33,38 +33,20 @@ impl ExportProvider for AnyName {
     }
 }
 
-struct Env {
-    rt: tokio::runtime::Runtime,
-    exports: Arc<AnyName>,
-    _dir: tempfile::TempDir,
-}
+#[path = "engine_env.rs"]
+mod engine_env;
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
+fn env() -> &'static engine_env::Env<Arc<AnyName>> {
+    static ENV: OnceLock<engine_env::Env<Arc<AnyName>>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let exports = rt.block_on(async {
-            let backend = Arc::new(vblock::backend::memory::MemoryBackend::new());
-            let engine = vblock::Engine::open(vblock::EngineConfig::new(dir.path()), backend)
-                .await
-                .expect("engine");
+        engine_env::engine_env(|engine| async move {
             let id = engine
                 .create_volume(1 << 20, "fuzz")
                 .await
                 .expect("volume")
                 .volume_id;
             Arc::new(AnyName(engine.volume(&id).await.expect("open volume")))
-        });
-        Env {
-            rt,
-            exports,
-            _dir: dir,
-        }
+        })
     })
 }
 
@@ -72,16 +54,14 @@ fuzz_target!(|data: &[u8]| {
     let env = env();
     env.rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let provider = env.exports.clone();
+        let provider = env.value.clone();
         let serve = tokio::spawn(async move {
             let limits = Limits {
                 max_requests: 16,
                 max_in_flight_bytes: 4 << 20,
                 ..Limits::default()
             };
-            if let Ok(Some((neg, stream))) =
-                handshake::negotiate(server, &*provider, None).await
-            {
+            if let Ok(Some((neg, stream))) = handshake::negotiate(server, &*provider, None).await {
                 let _ = transmission::transmit(stream, neg, limits).await;
             }
         });
