@@ -1,12 +1,8 @@
 //! `vblock`: the daemon (`vblock serve`) and its management commands.
 
-/// mimalloc returns freed 1 MiB request buffers to the OS; glibc's arenas kept them and the
-/// daemon's RSS passed its bound (cli/Cargo.toml, docs/BENCHMARKS.md "Memory").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod client;
 mod config;
+mod malloc;
 mod metrics;
 mod offline;
 mod progress;
@@ -429,6 +425,7 @@ fn parse() -> Result<(Cli, Option<String>), (String, i32)> {
 }
 
 fn main() -> ExitCode {
+    malloc::tune();
     let (cli, printed) = match parse() {
         Ok(v) => v,
         Err((msg, code)) => {

@@ -213,6 +213,9 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         vblock::failpoints::configure(&spec).map_err(ServeError::Config)?;
         tracing::warn!(%spec, "fail points configured: this process will abort on purpose");
     }
+    if let Err(e) = crate::malloc::spawn_trimmer() {
+        tracing::warn!(error = %e, "cannot start the malloc trimmer; freed memory may stay resident");
+    }
     if !a.no_metrics {
         crate::metrics::install(a.metrics_listen).map_err(|e| {
             ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))
