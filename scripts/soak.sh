@@ -2,9 +2,11 @@
 # Soak: 8 NBD connections over 4 volumes under mixed fio load (random 4-64 KiB reads and writes,
 # flushes) plus NATS control traffic (list, describe, mount/unmount a fifth volume) for
 # DURATION; samples the daemon's RSS, open descriptors and WAL size every 10 s and fails unless,
-# after the warm-up (the first fifth), RSS and descriptors stay flat, fio and the control plane saw
-# no error, the daemon logged no error, and every volume's WAL stayed under its cap
-# (write buffer + 2 segments).
+# after the warm-up (the first fifth: write buffers, frame cache and RocksDB memtables fill), RSS
+# is flat (the mean of the later half of the samples within 5% + 16 MiB of the earlier half's: a
+# leak of ~10 MB/min fails a 10-minute run) and under its bound (volumes x write buffer + frame
+# cache + 256 MiB), descriptors stay flat, fio and the control plane saw no error, the daemon
+# logged no error, and every volume's WAL stayed under its cap (write buffer + 2 segments).
 #   scripts/soak.sh                 # 10 minutes (CI)
 #   scripts/soak.sh --long          # 1 hour
 #   scripts/soak.sh --duration 120  # seconds
@@ -28,6 +30,8 @@ WORK=$PWD/target/soak
 rm -rf "$WORK"; mkdir -p "$WORK"
 BUFFER_MIB=128
 SEGMENT_MIB=16
+CACHE_MIB=64
+VOLUMES=4
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
@@ -41,7 +45,7 @@ nats-server -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats.log" 2>&1 & PIDS+=($!)
 wait_port "$NATS_PORT"
 "$BIN" serve --data-dir "$WORK/data" --nbd-listen "127.0.0.1:$NBD_PORT" \
   --metrics-listen "127.0.0.1:$METRICS_PORT" --nats-url "$NATS" \
-  --buffer-size "${BUFFER_MIB}MiB" --wal-segment-size "${SEGMENT_MIB}MiB" --cache-size 64MiB \
+  --buffer-size "${BUFFER_MIB}MiB" --wal-segment-size "${SEGMENT_MIB}MiB" --cache-size "${CACHE_MIB}MiB" \
   >"$WORK/vblock.log" 2>&1 & DAEMON=$!; PIDS+=($DAEMON)
 wait_port "$NBD_PORT"
 
@@ -92,14 +96,15 @@ kill -0 "$DAEMON" 2>/dev/null || { echo "soak: the daemon died" >&2; tail -20 "$
 daemon_errors=$(grep -c ' ERROR ' "$WORK/vblock.log" || true)
 
 python3 - "$WORK" "$DURATION" "$fio_rc" "$control_ops" "$control_errors" "$daemon_errors" \
-  "$BUFFER_MIB" "$SEGMENT_MIB" <<'PY'
+  "$BUFFER_MIB" "$SEGMENT_MIB" "$CACHE_MIB" "$VOLUMES" <<'PY'
 import csv, json, sys
-work, duration, fio_rc, ops, cerr, derr, buf, seg = sys.argv[1:]
+work, duration, fio_rc, ops, cerr, derr, buf, seg, cache, vols = sys.argv[1:]
 rows = [r for r in csv.DictReader(open(f"{work}/samples.csv"))]
 warm = [r for r in rows if int(r["t"]) >= int(duration) // 5]
 if len(warm) < 2:
     sys.exit("soak: too few samples after warm-up")
 rss = [int(r["rss_kib"]) for r in warm]
+early, late = rss[: len(rss) // 2], rss[len(rss) // 2 :]
 fds = [int(r["fds"]) for r in warm]
 wal = max(int(r["wal_max_bytes"]) for r in rows)
 fio = json.load(open(f"{work}/fio.json"))
@@ -110,6 +115,9 @@ summary = {
     "fio_errors": job["error"], "fio_exit": int(fio_rc),
     "control_requests": int(ops), "control_errors": int(cerr), "daemon_error_lines": int(derr),
     "rss_kib_after_warmup_first": rss[0], "rss_kib_max": max(rss), "rss_kib_last": rss[-1],
+    "rss_kib_mean_earlier_half": round(sum(early) / len(early)),
+    "rss_kib_mean_later_half": round(sum(late) / len(late)),
+    "rss_kib_bound": (int(vols) * int(buf) + int(cache) + 256) * 1024,
     "fds_after_warmup_first": fds[0], "fds_max": max(fds), "fds_last": fds[-1],
     "wal_max_bytes": wal, "wal_cap_bytes": (int(buf) + 2 * int(seg)) << 20,
 }
@@ -120,8 +128,11 @@ fails = []
 if summary["fio_exit"] or summary["fio_errors"]: fails.append("fio reported errors")
 if summary["control_errors"]: fails.append("control-plane requests failed")
 if summary["daemon_error_lines"]: fails.append("the daemon logged errors")
-# Flat: the post-warm-up peak within 10% + 32 MiB of the first post-warm-up sample.
-if max(rss) > rss[0] * 1.10 + 32 * 1024: fails.append("RSS grew after warm-up")
+# Flat: the later half's mean within 5% + 16 MiB of the earlier half's (means, because single
+# samples swing by tens of MiB as memtables fill and flush); bounded: the peak under the bound.
+if summary["rss_kib_mean_later_half"] > summary["rss_kib_mean_earlier_half"] * 1.05 + 16 * 1024:
+    fails.append("RSS grew after warm-up")
+if max(rss) > summary["rss_kib_bound"]: fails.append("RSS passed its bound")
 if max(fds) > fds[0] + 8: fails.append("open descriptors grew")
 if wal > summary["wal_cap_bytes"]: fails.append("a WAL outgrew its cap")
 if fails:
