@@ -172,7 +172,9 @@ pub fn build(
 ) -> Result<(Bytes, Vec<ChunkExtent>), ChunkError> {
     let frame_blocks = opts.frame_blocks.clamp(1, MAX_FRAME_BLOCKS) as u64;
     let mut index: Vec<ChunkExtent> = Vec::new();
-    let mut frames: Vec<Vec<u8>> = Vec::new();
+    // Compressed frames are owned; raw frames borrow from the input, so their bytes are copied
+    // once, into the object.
+    let mut frames: Vec<std::borrow::Cow<'_, [u8]>> = Vec::new();
     let push_zero = |index: &mut Vec<ChunkExtent>, start: u64, count: u64, seq: u64| {
         // Merge with a preceding adjacent zero extent of the same write.
         if let Some(last) = index.last_mut() {
@@ -241,8 +243,8 @@ pub fn build(
                 };
                 incompressible |= compressed.is_none();
                 let (frame, encoding) = match compressed {
-                    Some(c) => (c, FrameEncoding::Zstd),
-                    None => (raw.to_vec(), FrameEncoding::Raw),
+                    Some(c) => (std::borrow::Cow::Owned(c), FrameEncoding::Zstd),
+                    None => (std::borrow::Cow::Borrowed(raw), FrameEncoding::Raw),
                 };
                 index.push(ChunkExtent {
                     start_block: ext.start_block + b,
@@ -260,7 +262,7 @@ pub fn build(
         }
     }
     let mut offset = CHUNK_HEADER_LEN + index.len() * INDEX_ENTRY_LEN;
-    let total = offset + frames.iter().map(Vec::len).sum::<usize>();
+    let total = offset + frames.iter().map(|f| f.len()).sum::<usize>();
     if total > u32::MAX as usize {
         return Err(ChunkError::BadIndex("chunk larger than 4 GiB".into()));
     }
