@@ -7,7 +7,7 @@
 # leak of ~10 MB/min fails a 10-minute run) and under its bound (volumes x write buffer + frame
 # cache + 256 MiB), descriptors stay flat, fio and the control plane saw no error, the daemon
 # logged no error, and every volume's WAL stayed under its cap (write buffer + 2 segments).
-#   scripts/soak.sh                 # 10 minutes (CI)
+#   scripts/soak.sh                 # 10 minutes (by hand; not in CI, see docs/RELIABILITY.md)
 #   scripts/soak.sh --long          # 1 hour
 #   scripts/soak.sh --duration 120  # seconds
 # Samples: target/soak/samples.csv; summary: target/soak/summary.json.
