@@ -481,13 +481,17 @@ impl Engine {
         }
     }
 
-    /// Closes every open volume.
+    /// Closes every open volume, then flushes the metadata DB's memtable to table files.
     pub async fn close_all(&self) {
         let vols: Vec<Volume> = self.open.lock().await.drain().map(|(_, v)| v).collect();
         for v in vols {
             if let Err(e) = v.close(self.config.close_drain_timeout).await {
                 tracing::error!(volume = %v.id(), error = %e, "close failed");
             }
+        }
+        let meta = self.meta.clone();
+        if let Err(e) = blocking(move || meta.flush()).await {
+            tracing::warn!(error = %e, "metadata flush at close failed (the next open replays its log)");
         }
     }
 }

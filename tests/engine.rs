@@ -17,6 +17,7 @@ fn segments(dir: &std::path::Path, id: &VolumeId) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir.join("wal").join(id.as_str()))
         .expect("wal dir")
         .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
         .collect();
     v.sort();
     v

@@ -219,28 +219,57 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
         let wal = a.dir.wal_dir().join(id.as_str());
         if wal.exists() {
             let files = vblock::wal::segment_files(&wal).map_err(msg)?;
+            let mut first_seq = None;
             for (i, f) in files.iter().enumerate() {
                 let bytes = std::fs::read(f).map_err(msg)?;
                 let scan = vblock::wal::scan_segment(&bytes);
+                if first_seq.is_none() {
+                    first_seq = scan.records.first().map(|(_, h)| h.seq);
+                }
                 let last = i + 1 == files.len();
                 if let Err(e) = scan.header {
                     if !last {
-                        bar.println(format!("{id}: {}: bad segment header: {e}", f.display()));
+                        crate::progress::println(
+                            &bar,
+                            format!("{id}: {}: bad segment header: {e}", f.display()),
+                        );
                         problems += 1;
                     }
                 } else if let Some((off, e)) = scan.error {
                     if last {
-                        bar.println(format!(
-                            "{id}: {}: torn tail at byte {off} ({e}); replay will truncate it",
-                            f.display()
-                        ));
+                        crate::progress::println(
+                            &bar,
+                            format!(
+                                "{id}: {}: torn tail at byte {off} ({e}); replay will truncate it",
+                                f.display()
+                            ),
+                        );
                     } else {
-                        bar.println(format!(
-                            "{id}: {}: bad record at byte {off}: {e}",
-                            f.display()
-                        ));
+                        crate::progress::println(
+                            &bar,
+                            format!("{id}: {}: bad record at byte {off}: {e}", f.display()),
+                        );
                         problems += 1;
                     }
+                }
+            }
+            // The map must not be behind what the WAL already deleted (FORMAT.md, "Trim mark").
+            let checkpoint = meta.volume_state(id).map_err(msg)?.checkpoint;
+            match vblock::wal::read_trim_mark(&wal) {
+                Ok(mark) if vblock::wal::map_behind(checkpoint, mark, first_seq) => {
+                    crate::progress::println(
+                        &bar,
+                        format!(
+                        "{id}: map checkpoint {checkpoint} is behind the WAL's trim mark {mark} \
+                         (oldest record {first_seq:?}): the map lost committed chunks"
+                    ),
+                    );
+                    problems += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    crate::progress::println(&bar, format!("{id}: {e}"));
+                    problems += 1;
                 }
             }
         }
@@ -254,12 +283,12 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                         indexes.insert(object_id, index);
                     }
                     Err(e) => {
-                        bar.println(format!("{id}: chunk {key}: {e}"));
+                        crate::progress::println(&bar, format!("{id}: chunk {key}: {e}"));
                         problems += 1;
                     }
                 },
                 Err(e) => {
-                    bar.println(format!("{id}: chunk {key}: {e}"));
+                    crate::progress::println(&bar, format!("{id}: chunk {key}: {e}"));
                     problems += 1;
                 }
             }
@@ -270,11 +299,14 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
             .map_err(msg)?;
         for e in extents {
             if e.end() * 4096 > rec.size_bytes {
-                bar.println(format!(
-                    "{id}: map extent {}..{} beyond the volume size",
-                    e.start,
-                    e.end()
-                ));
+                crate::progress::println(
+                    &bar,
+                    format!(
+                        "{id}: map extent {}..{} beyond the volume size",
+                        e.start,
+                        e.end()
+                    ),
+                );
                 problems += 1;
             }
             let Target::Data(f) = e.target else { continue };
@@ -289,7 +321,7 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                 })
             });
             if !ok {
-                bar.println(format!("{id}: map extent {}..{} points at object {} frame @{} which does not exist or does not match", e.start, e.end(), f.object_id, f.offset));
+                crate::progress::println(&bar, format!("{id}: map extent {}..{} points at object {} frame @{} which does not exist or does not match", e.start, e.end(), f.object_id, f.offset));
                 problems += 1;
             }
         }

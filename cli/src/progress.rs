@@ -26,3 +26,13 @@ pub fn bar(len: u64, template: &str) -> ProgressBar {
     );
     bar
 }
+
+/// Prints `line` on stdout above `bar` (indicatif's own `println` prints nothing while the bar is
+/// hidden, which would swallow e.g. fsck's findings off a terminal).
+pub fn println(bar: &ProgressBar, line: impl AsRef<str>) {
+    if bar.is_hidden() {
+        println!("{}", line.as_ref());
+    } else {
+        bar.println(line);
+    }
+}

@@ -75,6 +75,36 @@ pub enum WalError {
         /// This volume's tag.
         expected: u64,
     },
+    /// The block map's checkpoint is older than the WAL's trim point and the WAL no longer holds
+    /// the records in between: the map lost committed chunks (RocksDB rolled back, or the data
+    /// dir's `meta` was restored from an older copy). Serving the volume would return stale
+    /// blocks, so it is not opened (FORMAT.md, "Trim mark").
+    #[error(
+        "WAL in {dir} was trimmed through seq {trimmed_through} but the block map's checkpoint is \
+         {checkpoint} and the WAL's first record is {first}: the map lost committed chunks \
+         (RocksDB rolled back or restored from an older copy); refusing to open rather than \
+         serve stale blocks. To rebuild the map from the backend, stop the daemon, move \
+         DATA_DIR/meta aside and run `vblock recover` (the WAL is kept and replayed)"
+    )]
+    MapBehind {
+        /// The volume's WAL directory.
+        dir: PathBuf,
+        /// The map's checkpoint (RocksDB).
+        checkpoint: u64,
+        /// From the trim mark: records up to this seq may have been deleted.
+        trimmed_through: u64,
+        /// Sequence number of the oldest record left, or "none".
+        first: String,
+    },
+    /// The trim mark does not verify. It bounds which records the WAL still holds, so the volume
+    /// is not opened; if the map is known to be current, deleting the file lets it open.
+    #[error("WAL trim mark {path} is unreadable: {reason}; refusing to open")]
+    BadTrimMark {
+        /// The mark's file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: DecodeError,
+    },
     /// The writer thread has stopped (volume closing or an earlier fatal error).
     #[error("WAL writer stopped")]
     Closed,
@@ -189,7 +219,8 @@ impl Wal {
     /// Blocking (file I/O): call from `spawn_blocking` in async code.
     ///
     /// Errors: [`WalError::Corrupt`] when a bad record is followed by valid ones,
-    /// [`WalError::ForeignSegment`], [`WalError::Io`].
+    /// [`WalError::MapBehind`] when `checkpoint` is older than the trim mark and the records in
+    /// between are gone, [`WalError::BadTrimMark`], [`WalError::ForeignSegment`], [`WalError::Io`].
     pub fn open(
         config: &WalConfig,
         volume_tag: u64,
@@ -206,6 +237,7 @@ impl Wal {
             config,
             volume_tag,
             replayed.segments,
+            replayed.trimmed_through,
             stats.clone(),
             durable.clone(),
             health.clone(),
@@ -302,6 +334,49 @@ pub(crate) fn segment_path(dir: &Path, segment_no: u64) -> PathBuf {
     dir.join(format!("{segment_no:016x}.wal"))
 }
 
+/// The trim mark's file: `dir/trimmed.mark` (FORMAT.md, "Trim mark").
+pub(crate) fn trim_mark_path(dir: &Path) -> PathBuf {
+    dir.join("trimmed.mark")
+}
+
+/// Reads the trim mark of the WAL in `dir`: records with `seq <=` the result may have been
+/// deleted (0 without a mark).
+///
+/// Errors: [`WalError::BadTrimMark`] when the mark does not verify, [`WalError::Io`].
+pub fn read_trim_mark(dir: &Path) -> Result<u64, WalError> {
+    let path = trim_mark_path(dir);
+    match std::fs::read(&path) {
+        Ok(b) => {
+            record::decode_trim_mark(&b).map_err(|reason| WalError::BadTrimMark { path, reason })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(WalError::io(&path, e)),
+    }
+}
+
+/// True when a map whose checkpoint is `checkpoint` has lost committed chunks the WAL can no longer
+/// replay: it is behind the trim mark and the WAL's oldest record (`first_seq`, `None` for no
+/// record) is past `checkpoint + 1` (FORMAT.md, "Trim mark"). Trims follow the map commit they
+/// rely on, so a healthy map is never behind the mark; one behind it is still whole while the WAL
+/// kept every record after its checkpoint.
+pub fn map_behind(checkpoint: u64, trimmed_through: u64, first_seq: Option<u64>) -> bool {
+    checkpoint < trimmed_through && first_seq.is_none_or(|f| f > checkpoint + 1)
+}
+
+/// Durably replaces the trim mark with `trimmed_through` (write a temporary file, `fsync`,
+/// rename, `fsync` the directory): call before deleting the segments it covers.
+pub(crate) fn write_trim_mark(dir: &Path, trimmed_through: u64) -> Result<(), WalError> {
+    use std::io::Write;
+    let path = trim_mark_path(dir);
+    let tmp = dir.join("trimmed.mark.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| WalError::io(&tmp, e))?;
+    f.write_all(&record::encode_trim_mark(trimmed_through))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| WalError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| WalError::io(&path, e))?;
+    fsync_dir(dir)
+}
+
 /// Segment numbers present in `dir`, ascending.
 pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, WalError> {
     let mut out = Vec::new();
@@ -377,4 +452,86 @@ pub fn segment_files(dir: &Path) -> Result<Vec<PathBuf>, WalError> {
         .into_iter()
         .map(|no| segment_path(dir, no))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TAG: u64 = 0x7a11;
+
+    fn write(seq: u64) -> (RecordHeader, Bytes) {
+        let header = RecordHeader {
+            kind: RecordKind::Write,
+            flags: 0,
+            seq,
+            volume_tag: TAG,
+            start_block: seq,
+            block_count: 1,
+            payload_len: 4096,
+        };
+        (header, Bytes::from(vec![seq as u8; 4096]))
+    }
+
+    fn replayed_seqs(config: &WalConfig, checkpoint: u64) -> Result<Vec<u64>, WalError> {
+        let mut seqs = Vec::new();
+        let (wal, _) = Wal::open(config, TAG, checkpoint, |h, _| seqs.push(h.seq))?;
+        wal.shutdown(true);
+        Ok(seqs)
+    }
+
+    /// Trimming records the trim mark before deleting segments; a map checkpoint behind the mark
+    /// opens only while the WAL still holds every record after it (FORMAT.md, "Trim mark").
+    #[test]
+    fn trim_writes_the_mark_and_a_map_behind_it_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = WalConfig {
+            dir: dir.path().join("wal"),
+            segment_bytes: 1 << 16,
+            name: "test".into(),
+        };
+        let (wal, _) = Wal::open(&config, TAG, 0, |_, _| {}).expect("open");
+        // 4,140-byte records, 15 to a 64 KiB segment: segments hold 1..=15, 16..=30, 31..=40.
+        for seq in 1..=40 {
+            let (h, p) = write(seq);
+            wal.append(h, p).expect("append");
+        }
+        wal.trim(30);
+        wal.shutdown(true);
+        assert_eq!(read_trim_mark(&config.dir).expect("mark"), 30);
+        assert_eq!(
+            list_segments(&config.dir).expect("list").len(),
+            1,
+            "31..=40 left"
+        );
+
+        for behind in [0, 20, 29] {
+            match replayed_seqs(&config, behind) {
+                Err(WalError::MapBehind {
+                    checkpoint,
+                    trimmed_through: 30,
+                    first,
+                    ..
+                }) => {
+                    assert_eq!(checkpoint, behind);
+                    assert_eq!(first, "31");
+                }
+                other => panic!("checkpoint {behind}: expected MapBehind, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            replayed_seqs(&config, 30).expect("map at the mark"),
+            (31..=40).collect::<Vec<_>>()
+        );
+
+        // A mark that does not verify refuses the open instead of being ignored.
+        let path = trim_mark_path(&config.dir);
+        let mut mark = std::fs::read(&path).expect("read mark");
+        mark[9] ^= 0x10;
+        std::fs::write(&path, &mark).expect("write mark");
+        assert!(matches!(
+            replayed_seqs(&config, 40),
+            Err(WalError::BadTrimMark { .. })
+        ));
+    }
 }

@@ -11,6 +11,10 @@
 //! `magic u32 = "VBWL" | version u8 | kind u8 | flags u16 | seq u64 | volume_tag u64 |
 //!  start_block u64 | block_count u32 | payload_len u32 | crc32 u32`
 //! (crc32 covers header bytes 0..40 and then the payload).
+//!
+//! Trim mark (24 bytes), the whole of the file `trimmed.mark` beside the segments:
+//! `magic u32 = "VBWT" | version u16 | reserved u16 | trimmed_through u64 | crc32 u32 | reserved u32`
+//! (crc32 covers bytes 0..16).
 
 use crate::block::BLOCK_SIZE;
 
@@ -20,6 +24,10 @@ pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"VBWS");
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"VBWL");
 /// The only format version this build writes and reads.
 pub const WAL_VERSION: u8 = 1;
+/// Magic at the start of the trim mark file: ASCII "VBWT".
+pub const TRIM_MARK_MAGIC: u32 = u32::from_le_bytes(*b"VBWT");
+/// Trim mark length in bytes.
+pub const TRIM_MARK_LEN: usize = 24;
 /// Segment header length in bytes.
 pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Record header length in bytes.
@@ -145,6 +153,41 @@ pub fn decode_segment_header(b: &[u8]) -> Result<(u64, u64), DecodeError> {
     Ok((u64_at(b, 8), u64_at(b, 16)))
 }
 
+/// Encodes the trim mark: every record with `seq <= trimmed_through` may have been deleted.
+pub fn encode_trim_mark(trimmed_through: u64) -> [u8; TRIM_MARK_LEN] {
+    let mut h = [0u8; TRIM_MARK_LEN];
+    h[0..4].copy_from_slice(&TRIM_MARK_MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&u16::from(WAL_VERSION).to_le_bytes());
+    h[8..16].copy_from_slice(&trimmed_through.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Decodes a trim mark into `trimmed_through`. The file must be exactly [`TRIM_MARK_LEN`] bytes.
+pub fn decode_trim_mark(b: &[u8]) -> Result<u64, DecodeError> {
+    if b.len() != TRIM_MARK_LEN {
+        return Err(DecodeError::Short {
+            need: TRIM_MARK_LEN,
+            have: b.len(),
+        });
+    }
+    let magic = u32_at(b, 0);
+    if magic != TRIM_MARK_MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let version = u16_at(b, 4);
+    if version != u16::from(WAL_VERSION) {
+        return Err(DecodeError::BadVersion(version.min(255) as u8));
+    }
+    let stored = u32_at(b, 16);
+    let computed = crc32fast::hash(&b[0..16]);
+    if stored != computed {
+        return Err(DecodeError::Crc { stored, computed });
+    }
+    Ok(u64_at(b, 8))
+}
+
 impl RecordHeader {
     /// Encodes the header; the CRC covers the header's first 40 bytes and then `payload`.
     ///
@@ -265,6 +308,24 @@ mod tests {
             block_count: blocks,
             payload_len: blocks * 4096,
         }
+    }
+
+    #[test]
+    fn trim_mark_round_trip_and_every_bit_flip_is_detected() {
+        let m = encode_trim_mark(0x0123_4567_89ab);
+        assert_eq!(decode_trim_mark(&m).unwrap(), 0x0123_4567_89ab);
+        for bit in 0..(TRIM_MARK_LEN - 4) * 8 {
+            let mut bad = m;
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode_trim_mark(&bad).is_err(),
+                "bit {bit} flipped went unnoticed"
+            );
+        }
+        assert!(matches!(
+            decode_trim_mark(&m[..20]),
+            Err(DecodeError::Short { need: 24, have: 20 })
+        ));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! WAL replay on open: verify every record, hand the ones past the checkpoint to the engine,
-//! truncate a torn tail, refuse corruption that valid records follow.
+//! truncate a torn tail, refuse corruption that valid records follow, and refuse a map whose
+//! checkpoint is behind what the WAL already trimmed.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -11,7 +12,7 @@ use super::record::{
     SEGMENT_HEADER_LEN,
 };
 use super::writer::SegmentInfo;
-use super::{fsync_dir, list_segments, segment_path, WalError};
+use super::{fsync_dir, list_segments, read_trim_mark, segment_path, WalError};
 
 /// What replay found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub struct ReplayReport {
 pub(crate) struct Replayed {
     pub report: ReplayReport,
     pub segments: VecDeque<SegmentInfo>,
+    /// The trim mark found (0 without one).
+    pub trimmed_through: u64,
 }
 
 struct Segment {
@@ -44,6 +47,7 @@ pub(crate) fn replay(
     checkpoint: u64,
     mut apply: impl FnMut(&RecordHeader, Bytes),
 ) -> Result<Replayed, WalError> {
+    let trimmed_through = read_trim_mark(dir)?;
     let mut segments = Vec::new();
     for no in list_segments(dir)? {
         let path = segment_path(dir, no);
@@ -59,6 +63,7 @@ pub(crate) fn replay(
     };
     let mut infos = VecDeque::new();
     let mut last_seq = 0u64;
+    let mut first_seq = None;
     for i in 0..segments.len() {
         let seg = &segments[i];
         let path = segment_path(dir, seg.no);
@@ -111,6 +116,7 @@ pub(crate) fn replay(
                     let start = off + super::record::RECORD_HEADER_LEN;
                     let payload = seg.data.slice(start..start + h.payload_len as usize);
                     report.records += 1;
+                    first_seq.get_or_insert(h.seq);
                     last_seq = h.seq;
                     info.max_seq = h.seq;
                     if h.seq > checkpoint {
@@ -147,10 +153,19 @@ pub(crate) fn replay(
             break;
         }
     }
+    if super::map_behind(checkpoint, trimmed_through, first_seq) {
+        return Err(WalError::MapBehind {
+            dir: dir.to_owned(),
+            checkpoint,
+            trimmed_through,
+            first: first_seq.map_or_else(|| "none".to_owned(), |f| f.to_string()),
+        });
+    }
     report.max_seq = last_seq;
     Ok(Replayed {
         report,
         segments: infos,
+        trimmed_through,
     })
 }
 
@@ -254,5 +269,33 @@ mod tests {
                 "cut at {cut}: torn bytes left in the file"
             );
         }
+    }
+
+    /// A checkpoint behind the trim mark replays when the WAL still starts at or before
+    /// checkpoint + 1, and is refused when records in between are gone (or no record is left).
+    #[test]
+    fn checkpoint_behind_the_trim_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write_segment = |no: u64, seqs: std::ops::RangeInclusive<u64>| {
+            let mut seg = encode_segment_header(no, TAG).to_vec();
+            for seq in seqs {
+                let (h, p) = record(seq, seq as u8);
+                seg.extend_from_slice(&h.encode(&p));
+                seg.extend_from_slice(&p);
+            }
+            std::fs::write(segment_path(dir.path(), no), seg).expect("write segment");
+        };
+        crate::wal::write_trim_mark(dir.path(), 5).expect("mark");
+        let seqs = |checkpoint| {
+            let mut applied = Vec::new();
+            replay(dir.path(), TAG, checkpoint, |h, _| applied.push(h.seq)).map(|_| applied)
+        };
+        // No records at all: only a map at or past the mark is whole.
+        assert_eq!(seqs(5).expect("at the mark"), Vec::<u64>::new());
+        assert!(matches!(seqs(4), Err(WalError::MapBehind { .. })));
+        // The WAL kept 4..=8: a map at 3 is behind the mark but loses nothing.
+        write_segment(2, 4..=8);
+        assert_eq!(seqs(3).expect("whole"), vec![4, 5, 6, 7, 8]);
+        assert!(matches!(seqs(2), Err(WalError::MapBehind { .. })));
     }
 }

@@ -55,6 +55,8 @@ pub(crate) struct Writer {
     batch_max_seq: u64,
     /// Set after a failed `fdatasync`: the page cache can no longer be trusted.
     fatal: Option<WalError>,
+    /// The trim mark on disk: records up to this seq may have been deleted.
+    trimmed_through: u64,
     stats: Arc<WalStats>,
     durable: Arc<Mutex<DurablePosition>>,
     health: Arc<WriteHealth>,
@@ -66,6 +68,7 @@ impl Writer {
         config: &WalConfig,
         volume_tag: u64,
         mut segments: VecDeque<SegmentInfo>,
+        trimmed_through: u64,
         stats: Arc<WalStats>,
         durable: Arc<Mutex<DurablePosition>>,
         health: Arc<WriteHealth>,
@@ -99,6 +102,7 @@ impl Writer {
             batch: Vec::with_capacity(1 << 20),
             batch_max_seq: 0,
             fatal: None,
+            trimmed_through,
             stats,
             durable,
             health,
@@ -304,6 +308,26 @@ impl Writer {
     }
 
     fn trim(&mut self, checkpoint: u64) {
+        // The trim mark goes first: once a segment is gone, only the mark tells the next open
+        // that the map must cover its records (FORMAT.md, "Trim mark").
+        let doomed = self.segments.len().saturating_sub(1);
+        let Some(through) = self
+            .segments
+            .iter()
+            .take(doomed)
+            .take_while(|s| s.max_seq <= checkpoint)
+            .map(|s| s.max_seq)
+            .max()
+        else {
+            return;
+        };
+        if through > self.trimmed_through {
+            if let Err(e) = super::write_trim_mark(&self.dir, through) {
+                tracing::warn!(error = %e, "WAL trim mark not written: segments kept");
+                return;
+            }
+            self.trimmed_through = through;
+        }
         while self.segments.len() > 1 {
             let Some(oldest) = self.segments.front().copied() else {
                 break;
