@@ -28,6 +28,7 @@ fn config(endpoint: &str, bucket: &str) -> S3Config {
         create_bucket: true,
         region: Some("us-east-1".into()),
         static_credentials: Some(("bench".into(), "benchsecret".into())),
+        attempt_timeout: None,
     }
 }
 

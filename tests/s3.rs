@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::daemon::{
     nbd_client, qemu_io, qemu_io_output, qemu_io_read_only, require, wait_until, Daemon, Nats,
 };
+use common::fault_proxy::FaultProxy;
 use common::s3::{Kind, S3Server};
 
 fn daemon(nats: &Nats, s3: &S3Server, bucket: &str, extra: &[&str]) -> Daemon {
@@ -40,6 +41,7 @@ fn list_objects(s3: &S3Server, bucket: &str) -> Vec<String> {
                 common::s3::ACCESS_KEY.into(),
                 common::s3::SECRET_KEY.into(),
             )),
+            attempt_timeout: None,
         };
         let b = vblock::backend::s3::S3Backend::connect(&cfg)
             .await
@@ -283,6 +285,75 @@ fn s3_outage_during_writes_loses_nothing_and_reads_recover() {
     assert!(text.contains("Input/output error"), "{text}");
     s3.restart();
     check(&d);
+}
+
+/// `503 SlowDown` answers and slow responses, added by a proxy in front of the real s3s-fs:
+/// chunk uploads retry (with backoff) until they land, reads of data only in S3 retry within
+/// their budget and return the right data, and nothing is lost.
+#[test]
+fn s3_slowdown_and_slow_responses_are_retried() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let s3 = S3Server::start(Kind::S3sFs);
+    let proxy = FaultProxy::start(s3.port);
+    let args = S3Server::serve_args_at(&proxy.endpoint(), "vblock-faults");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--chunk-size", "256KiB", "--s3-timeout", "1s"]);
+    let mut d = Daemon::start_with_env(&nats.url(), &args, &S3Server::env());
+    let vol = d.create_volume(1);
+    let chunks = |s3: &S3Server| {
+        list_objects(s3, "vblock-faults")
+            .iter()
+            .filter(|k| k.contains("/chunks/"))
+            .count()
+    };
+
+    // Uploads meet five 503s in a row (read and metadata calls allow six attempts, so five
+    // cannot fail anything), retry, and land.
+    proxy.fail_next(5);
+    qemu_io(&d.uri(&vol), &["write -P 0x3c 0 2M", "flush"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || proxy.failed() == 5
+            && chunks(&s3) >= 8),
+        "503s answered: {}, chunks in S3: {}; log:\n{}",
+        proxy.failed(),
+        chunks(&s3),
+        d.log()
+    );
+    assert!(d.log().contains("HTTP 503 SlowDown"), "{}", d.log());
+
+    // Reads of data only in S3 (a restart drains the buffer and empties the cache) through
+    // five more 503s.
+    d.restart();
+    proxy.fail_next(5);
+    qemu_io(&d.uri(&vol), &["read -P 0x3c 0 2M"]);
+    assert_eq!(proxy.failed(), 10, "the reads met the 503s");
+
+    // Slow responses: every piece of every answer 150 ms late. Writes land, reads return the
+    // right data.
+    proxy.set_delay(Duration::from_millis(150));
+    d.restart();
+    qemu_io(
+        &d.uri(&vol),
+        &["read -P 0x3c 0 1M", "write -P 0x4d 1M 1M", "flush"],
+    );
+    d.restart();
+    qemu_io(&d.uri(&vol), &["read -P 0x3c 0 1M", "read -P 0x4d 1M 1M"]);
+    assert!(proxy.delayed() > 0, "no response was delayed");
+
+    // Responses slower than the 1 s attempt limit: uploads time out and retry until the
+    // server is fast again; nothing acknowledged is lost.
+    proxy.set_delay(Duration::from_millis(1500));
+    qemu_io(&d.uri(&vol), &["write -P 0x5e 0 1M", "flush"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || d.log().contains("timed out")),
+        "no attempt timed out:\n{}",
+        d.log()
+    );
+    proxy.set_delay(Duration::ZERO);
+    d.restart();
+    qemu_io(&d.uri(&vol), &["read -P 0x5e 0 1M", "read -P 0x4d 1M 1M"]);
+    assert!(!d.log().contains("panicked"), "daemon log:\n{}", d.log());
 }
 
 #[test]

@@ -46,6 +46,10 @@ pub struct BackendArgs {
     /// Region (default: AWS_REGION / profile, else us-east-1).
     #[arg(long, env = "VBLOCK_S3_REGION")]
     pub s3_region: Option<String>,
+    /// Time limit of one S3 request attempt, e.g. 30s, 500ms; one that runs over is retried with
+    /// backoff like a 5xx.
+    #[arg(long, env = "VBLOCK_S3_TIMEOUT", default_value = "30s", value_parser = crate::humantime_duration)]
+    pub s3_timeout: std::time::Duration,
 }
 
 /// Flags of `vblock serve`; each has a `VBLOCK_*` environment fallback.
@@ -197,6 +201,7 @@ pub async fn backend(a: &BackendArgs, data_dir: &Path) -> Result<SharedBackend, 
                 create_bucket: a.s3_create_bucket,
                 region: a.s3_region.clone(),
                 static_credentials: None,
+                attempt_timeout: Some(a.s3_timeout),
             };
             let b = vblock::backend::s3::S3Backend::connect(&cfg)
                 .await

@@ -33,7 +33,13 @@ pub struct S3Config {
     pub region: Option<String>,
     /// Static access key id and secret (else the standard credential chain). Never logged.
     pub static_credentials: Option<(String, String)>,
+    /// Time limit of one request attempt (default [`DEFAULT_ATTEMPT_TIMEOUT`]); an attempt that
+    /// runs over is a transient error, retried like a 5xx.
+    pub attempt_timeout: Option<Duration>,
 }
+
+/// Default time limit of one S3 request attempt: a 4 MiB PUT at a slow 1 MB/s fits.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Objects in an S3 bucket.
 #[derive(Debug, Clone)]
@@ -132,7 +138,9 @@ impl S3Backend {
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .operation_attempt_timeout(
+                        cfg.attempt_timeout.unwrap_or(DEFAULT_ATTEMPT_TIMEOUT),
+                    )
                     .build(),
             );
         let client = aws_sdk_s3::Client::from_conf(b.build());

@@ -47,5 +47,6 @@ pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
     });
 }
 pub mod daemon;
+pub mod fault_proxy;
 pub mod s3;
 pub mod snapshots;

@@ -106,13 +106,18 @@ impl S3Server {
 
     /// `vblock serve` flags for bucket `bucket` on this server.
     pub fn serve_args(&self, bucket: &str) -> Vec<String> {
+        Self::serve_args_at(&self.endpoint(), bucket)
+    }
+
+    /// `vblock serve` flags for bucket `bucket` at `endpoint` (e.g. a fault proxy before it).
+    pub fn serve_args_at(endpoint: &str, bucket: &str) -> Vec<String> {
         [
             "--backend",
             "s3",
             "--s3-bucket",
             bucket,
             "--s3-endpoint",
-            &self.endpoint(),
+            endpoint,
             "--s3-force-path-style",
             "--s3-create-bucket",
         ]
