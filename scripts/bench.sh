@@ -90,7 +90,14 @@ for line in open(os.path.join(work, "vblock-restart.log")):
         replay = j["fields"]
 wal_mb = replay.get("wal_bytes", 0) / 1e6
 ms = replay.get("elapsed_ms", 0)
+try:
+    text = open(os.path.join(work, "vblock-rss.json")).read()  # fio prints a line before the JSON
+    w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+    big_write_mb_s = round(w["bw_bytes"] / 1e6, 1)
+except (OSError, KeyError, IndexError, ValueError):
+    big_write_mb_s = None
 extra = {"rss_peak_mib": round(rss_kb / 1024), "rss_bound_mib": 576,
+         "seq_write_4g_mb_s": big_write_mb_s,
          "restart_ms": restart_ms, "replay_wal_mb": round(wal_mb, 1), "replay_ms": ms,
          "replay_mb_s": round(wal_mb / (ms / 1000), 1) if ms else None}
 json.dump(extra, open(os.path.join(work, "extra.json"), "w"))
@@ -137,7 +144,8 @@ try:
     extra = json.load(open(os.path.join(work, "extra.json")))
     results["vblock"].update(extra)
     print(f"vblock RSS peak after a 4 GiB sequential write: {extra['rss_peak_mib']} MiB "
-          f"(bound {extra['rss_bound_mib']} MiB = buffer + cache + 64 MiB)")
+          f"(bound {extra['rss_bound_mib']} MiB = buffer + cache + 64 MiB); "
+          f"that write ran at {extra['seq_write_4g_mb_s']} MB/s")
     print(f"vblock restart with a full WAL: {extra['replay_wal_mb']} MB replayed in "
           f"{extra['replay_ms']} ms ({extra['replay_mb_s']} MB/s); kill -9 to first open "
           f"{extra['restart_ms']} ms")

@@ -355,6 +355,10 @@ impl Writer {
     fn rotate(&mut self) -> Result<(), WalError> {
         self.write_batch()?;
         self.sync()?;
+        // The closed segment is read again only by a replay after a crash: drop its pages now so
+        // the next segment reuses them instead of growing the page cache (measured: 4 GiB
+        // sequential write 148 -> 179 MB/s; docs/BENCHMARKS.md). Advice only: errors ignored.
+        let _ = rustix::fs::fadvise(&self.file, 0, None, rustix::fs::Advice::DontNeed);
         let no = self.segments.back().map_or(0, |s| s.no) + 1;
         self.file = create_segment(&self.dir, no, self.volume_tag)?;
         crate::crash_point!("wal-rotate");
