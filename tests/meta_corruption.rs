@@ -145,19 +145,8 @@ async fn flip_and_check(
 #[test]
 fn bit_flips_in_rocksdb_files_never_read_as_wrong_data() {
     common::run(Duration::from_secs(300), async {
-        let root = tempfile::tempdir().expect("tempdir");
-        let data = root.path().join("data");
-        let backend = file_backend(&data);
-        let engine = open(&data, &backend).await.expect("engine");
-        let id = engine
-            .create_volume(1 << 20, "meta-flips")
-            .await
-            .expect("create")
-            .volume_id;
-        write_generation(&engine, &id, 1).await;
         // A clean close flushes RocksDB's memtable: the map is in table files.
-        engine.close_all().await;
-        drop(engine);
+        let (root, data, backend, id) = generation_one().await;
         let clean = root.path().join("clean");
         copy_dir(&data, &clean);
         let meta = data.join("meta");
@@ -208,26 +197,41 @@ fn bit_flips_in_rocksdb_files_never_read_as_wrong_data() {
     });
 }
 
+/// A data dir whose volume holds generation 1 in chunks, cleanly closed:
+/// (root, data dir, backend, volume).
+async fn generation_one() -> (tempfile::TempDir, PathBuf, SharedBackend, VolumeId) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("data");
+    let backend = file_backend(&data);
+    let engine = open(&data, &backend).await.expect("engine");
+    let id = engine
+        .create_volume(1 << 20, "meta")
+        .await
+        .expect("create")
+        .volume_id;
+    write_generation(&engine, &id, 1).await;
+    engine.close_all().await;
+    drop(engine);
+    (root, data, backend, id)
+}
+
+/// [`generation_one`] and a copy of its `meta` taken then: (root, data dir, backend, volume,
+/// copy of meta).
+async fn generation_one_with_a_copy_of_meta(
+) -> (tempfile::TempDir, PathBuf, SharedBackend, VolumeId, PathBuf) {
+    let (root, data, backend, id) = generation_one().await;
+    let old_meta = root.path().join("old-meta");
+    copy_dir(&data.join("meta"), &old_meta);
+    (root, data, backend, id, old_meta)
+}
+
 /// A map rolled back behind a WAL that was already trimmed (RocksDB lost commits, or `meta` was
 /// restored from an older copy) is refused; one whose missing commits are still in the WAL is
 /// made whole by replay.
 #[test]
 fn map_rolled_back_behind_the_wal() {
     common::run(Duration::from_secs(120), async {
-        let root = tempfile::tempdir().expect("tempdir");
-        let data = root.path().join("data");
-        let backend = file_backend(&data);
-        let engine = open(&data, &backend).await.expect("engine");
-        let id = engine
-            .create_volume(1 << 20, "rollback")
-            .await
-            .expect("create")
-            .volume_id;
-        write_generation(&engine, &id, 1).await;
-        engine.close_all().await;
-        drop(engine);
-        let old_meta = root.path().join("old-meta");
-        copy_dir(&data.join("meta"), &old_meta);
+        let (root, data, backend, id, old_meta) = generation_one_with_a_copy_of_meta().await;
 
         // Generation 2 goes through several WAL segments (256 KiB each), into chunks, and the
         // trim deletes the segments: the old map cannot be completed from the WAL.
@@ -277,20 +281,7 @@ fn map_rolled_back_behind_the_wal() {
 
         // A rollback of one small commit whose records are still in the open segment: replay
         // restores it.
-        let root2 = tempfile::tempdir().expect("tempdir");
-        let data = root2.path().join("data");
-        let backend = file_backend(&data);
-        let engine = open(&data, &backend).await.expect("engine");
-        let id = engine
-            .create_volume(1 << 20, "rollback-whole")
-            .await
-            .expect("create")
-            .volume_id;
-        write_generation(&engine, &id, 1).await;
-        engine.close_all().await;
-        drop(engine);
-        let old_meta = root2.path().join("old-meta");
-        copy_dir(&data.join("meta"), &old_meta);
+        let (_root2, data, backend, id, old_meta) = generation_one_with_a_copy_of_meta().await;
         let engine = open(&data, &backend).await.expect("engine");
         let vol = engine.volume(&id).await.expect("volume");
         vol.write(5 * 4096, Bytes::from(content(3, 5)), false)

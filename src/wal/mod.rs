@@ -461,16 +461,8 @@ mod tests {
     const TAG: u64 = 0x7a11;
 
     fn write(seq: u64) -> (RecordHeader, Bytes) {
-        let header = RecordHeader {
-            kind: RecordKind::Write,
-            flags: 0,
-            seq,
-            volume_tag: TAG,
-            start_block: seq,
-            block_count: 1,
-            payload_len: 4096,
-        };
-        (header, Bytes::from(vec![seq as u8; 4096]))
+        let (header, payload) = record::one_block_record(TAG, seq, seq as u8);
+        (header, Bytes::from(payload))
     }
 
     fn replayed_seqs(config: &WalConfig, checkpoint: u64) -> Result<Vec<u64>, WalError> {

@@ -95,6 +95,14 @@ pub enum DecodeError {
         /// Declared payload bytes.
         payload_len: u32,
     },
+    /// A fixed-size structure (the trim mark) has another size.
+    #[error("wrong size: expected {expected} bytes, found {found}")]
+    WrongSize {
+        /// Bytes the structure has.
+        expected: usize,
+        /// Bytes found.
+        found: usize,
+    },
     /// The CRC32 does not match the bytes.
     #[error("crc mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Crc {
@@ -129,27 +137,35 @@ pub fn encode_segment_header(segment_no: u64, volume_tag: u64) -> [u8; SEGMENT_H
     h
 }
 
-/// Decodes a segment header into `(segment_no, volume_tag)`.
-pub fn decode_segment_header(b: &[u8]) -> Result<(u64, u64), DecodeError> {
-    if b.len() < SEGMENT_HEADER_LEN {
+/// Verifies a fixed-size block of the WAL directory (segment header, trim mark): at least `len`
+/// bytes, `magic` at 0, [`WAL_VERSION`] as u16 at 4, and the CRC-32 of bytes `0..crc_at` stored at
+/// `crc_at`.
+fn verify_fixed(b: &[u8], len: usize, magic: u32, crc_at: usize) -> Result<(), DecodeError> {
+    if b.len() < len {
         return Err(DecodeError::Short {
-            need: SEGMENT_HEADER_LEN,
+            need: len,
             have: b.len(),
         });
     }
-    let magic = u32_at(b, 0);
-    if magic != SEGMENT_MAGIC {
-        return Err(DecodeError::BadMagic(magic));
+    let found = u32_at(b, 0);
+    if found != magic {
+        return Err(DecodeError::BadMagic(found));
     }
     let version = u16_at(b, 4);
     if version != u16::from(WAL_VERSION) {
         return Err(DecodeError::BadVersion(version.min(255) as u8));
     }
-    let stored = u32_at(b, 24);
-    let computed = crc32fast::hash(&b[0..24]);
+    let stored = u32_at(b, crc_at);
+    let computed = crc32fast::hash(&b[0..crc_at]);
     if stored != computed {
         return Err(DecodeError::Crc { stored, computed });
     }
+    Ok(())
+}
+
+/// Decodes a segment header into `(segment_no, volume_tag)`.
+pub fn decode_segment_header(b: &[u8]) -> Result<(u64, u64), DecodeError> {
+    verify_fixed(b, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, 24)?;
     Ok((u64_at(b, 8), u64_at(b, 16)))
 }
 
@@ -166,26 +182,30 @@ pub fn encode_trim_mark(trimmed_through: u64) -> [u8; TRIM_MARK_LEN] {
 
 /// Decodes a trim mark into `trimmed_through`. The file must be exactly [`TRIM_MARK_LEN`] bytes.
 pub fn decode_trim_mark(b: &[u8]) -> Result<u64, DecodeError> {
-    if b.len() != TRIM_MARK_LEN {
-        return Err(DecodeError::Short {
-            need: TRIM_MARK_LEN,
-            have: b.len(),
+    if b.len() > TRIM_MARK_LEN {
+        return Err(DecodeError::WrongSize {
+            expected: TRIM_MARK_LEN,
+            found: b.len(),
         });
     }
-    let magic = u32_at(b, 0);
-    if magic != TRIM_MARK_MAGIC {
-        return Err(DecodeError::BadMagic(magic));
-    }
-    let version = u16_at(b, 4);
-    if version != u16::from(WAL_VERSION) {
-        return Err(DecodeError::BadVersion(version.min(255) as u8));
-    }
-    let stored = u32_at(b, 16);
-    let computed = crc32fast::hash(&b[0..16]);
-    if stored != computed {
-        return Err(DecodeError::Crc { stored, computed });
-    }
+    verify_fixed(b, TRIM_MARK_LEN, TRIM_MARK_MAGIC, 16)?;
     Ok(u64_at(b, 8))
+}
+
+/// A one-block write record of volume `volume_tag` with sequence number `seq`, every payload byte
+/// `fill` (tests of the WAL layer).
+#[cfg(test)]
+pub(crate) fn one_block_record(volume_tag: u64, seq: u64, fill: u8) -> (RecordHeader, Vec<u8>) {
+    let header = RecordHeader {
+        kind: RecordKind::Write,
+        flags: 0,
+        seq,
+        volume_tag,
+        start_block: seq,
+        block_count: 1,
+        payload_len: BLOCK_SIZE as u32,
+    };
+    (header, vec![fill; BLOCK_SIZE as usize])
 }
 
 impl RecordHeader {
@@ -325,6 +345,15 @@ mod tests {
         assert!(matches!(
             decode_trim_mark(&m[..20]),
             Err(DecodeError::Short { need: 24, have: 20 })
+        ));
+        let mut long = m.to_vec();
+        long.push(0);
+        assert!(matches!(
+            decode_trim_mark(&long),
+            Err(DecodeError::WrongSize {
+                expected: 24,
+                found: 25
+            })
         ));
     }
 

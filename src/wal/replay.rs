@@ -218,22 +218,12 @@ fn cut_tail(dir: &Path, segments: &[Segment], i: usize, at: usize) -> Result<u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::record::{encode_segment_header, RecordKind, RECORD_HEADER_LEN};
+    use crate::wal::record::{encode_segment_header, one_block_record, RECORD_HEADER_LEN};
 
     const TAG: u64 = 0x5eed;
 
     fn record(seq: u64, fill: u8) -> (RecordHeader, Vec<u8>) {
-        let payload = vec![fill; 4096];
-        let header = RecordHeader {
-            kind: RecordKind::Write,
-            flags: 0,
-            seq,
-            volume_tag: TAG,
-            start_block: seq,
-            block_count: 1,
-            payload_len: 4096,
-        };
-        (header, payload)
+        one_block_record(TAG, seq, fill)
     }
 
     /// Replay of a segment cut at every byte offset of its last record (header and payload)
