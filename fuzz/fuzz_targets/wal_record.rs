@@ -1,12 +1,15 @@
-//! WAL decoding (docs/FORMAT.md, "WAL"): a segment header and a sequence of records, as replay
-//! reads them after a crash. Any input must give records or a clean `DecodeError`, never a panic
+//! WAL decoding (docs/FORMAT.md, "WAL"): the trim mark, a segment header and a sequence of
+//! records, as replay reads them after a crash. Any input must give records or a clean `DecodeError`, never a panic
 //! or an out-of-bounds read.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vblock::wal::record::{decode_record, decode_segment_header, SEGMENT_HEADER_LEN};
+use vblock::wal::record::{
+    decode_record, decode_segment_header, decode_trim_mark, SEGMENT_HEADER_LEN,
+};
 
 fuzz_target!(|data: &[u8]| {
+    let _ = decode_trim_mark(data);
     let _ = decode_segment_header(data);
     let mut rest = data.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
     while let Ok((header, payload)) = decode_record(rest) {
