@@ -78,15 +78,28 @@ fio --ioengine=nbd --rw=randrw --rwmixread=60 --bsrange=4k-64k --iodepth=8 --fsy
   echo "$n $errors" >"$WORK/control.result"
 ) & CONTROL=$!
 
-# Samples every 10 s: seconds, RSS KiB, open fds, largest WAL dir bytes.
-echo "t,rss_kib,fds,wal_max_bytes" >"$WORK/samples.csv"
+# Samples every 10 s: seconds, RSS and its anonymous part (KiB), open fds, largest WAL dir bytes,
+# and where the memory is by the daemon's own gauges (bytes): write buffers, frame cache, RocksDB
+# memtables, table readers and block cache. The gauges attribute growth when RSS is not flat.
+echo "t,rss_kib,anon_kib,fds,wal_max_bytes,buffer,frame_cache,memtables,table_readers,block_cache" \
+  >"$WORK/samples.csv"
+gauges() {
+  curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" | awk '
+    /^vblock_buffer_bytes/ { b += $NF }
+    /^vblock_frame_cache_bytes/ { f = $NF }
+    /^vblock_meta_memory_bytes\{kind="memtables"/ { m = $NF }
+    /^vblock_meta_memory_bytes\{kind="table_readers"/ { r = $NF }
+    /^vblock_meta_memory_bytes\{kind="block_cache"/ { c = $NF }
+    END { printf "%d,%d,%d,%d,%d", b, f, m, r, c }' || echo "0,0,0,0,0"
+}
 start=$(date +%s)
 while kill -0 "$FIO" 2>/dev/null; do
   t=$(( $(date +%s) - start ))
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$DAEMON/status")
+  anon=$(awk '/^RssAnon:/ {print $2}' "/proc/$DAEMON/status")
   fds=$(find "/proc/$DAEMON/fd" -mindepth 1 -maxdepth 1 | wc -l)
   wal=$( (du -sb "$WORK/data/wal"/* 2>/dev/null || true) | sort -n | tail -1 | cut -f1)
-  echo "$t,$rss,$fds,${wal:-0}" >>"$WORK/samples.csv"
+  echo "$t,$rss,$anon,$fds,${wal:-0},$(gauges)" >>"$WORK/samples.csv"
   sleep 10
 done
 fio_rc=0; wait "$FIO" || fio_rc=$?

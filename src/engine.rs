@@ -91,6 +91,11 @@ impl Engine {
         &self.meta
     }
 
+    /// Bytes of decompressed frames in the shared frame cache (bounded by its capacity).
+    pub fn frame_cache_bytes(&self) -> u64 {
+        self.cache.weight()
+    }
+
     /// The chunk backend.
     pub fn backend(&self) -> &SharedBackend {
         &self.backend

@@ -246,6 +246,17 @@ pub(crate) fn u64_le(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// Memory RocksDB holds, in bytes ([`MetaStore::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetaMemory {
+    /// Active and immutable memtables (bounded by the write buffer size x their number).
+    pub memtables: u64,
+    /// Index and filter blocks of open table files held outside the block cache.
+    pub table_readers: u64,
+    /// The block cache (bounded by `--meta-cache-size`), pinned entries included.
+    pub block_cache: u64,
+}
+
 /// The open metadata database.
 #[derive(Clone)]
 pub struct MetaStore {
@@ -286,6 +297,18 @@ impl MetaStore {
     pub fn flush(&self) -> Result<(), MetaError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// RocksDB's memory in bytes, by kind (RocksDB properties `rocksdb.cur-size-all-mem-tables`,
+    /// `rocksdb.estimate-table-readers-mem`, `rocksdb.block-cache-usage`; a property RocksDB
+    /// cannot report reads as 0). Blocking (takes RocksDB's locks).
+    pub fn memory(&self) -> MetaMemory {
+        let prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        MetaMemory {
+            memtables: prop("rocksdb.cur-size-all-mem-tables"),
+            table_readers: prop("rocksdb.estimate-table-readers-mem"),
+            block_cache: prop("rocksdb.block-cache-usage"),
+        }
     }
 
     /// Writes a batch durably (WAL of RocksDB synced).

@@ -136,6 +136,14 @@ fn metrics_endpoint_parses_and_counters_move_with_io() {
             && value(&last, "vblock_cache_hits_total", &[("volume", v)]) >= 1.0
     });
     assert!(ok, "cache metrics did not move");
+    // Memory gauges: the frame cache holds the frame just read (64 KiB of data and more), RocksDB
+    // holds the map commit in its memtable.
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = scrape(d.metrics_port);
+        value(&last, "vblock_frame_cache_bytes", &[]) >= 65536.0
+            && value(&last, "vblock_meta_memory_bytes", &[("kind", "memtables")]) > 0.0
+    });
+    assert!(ok, "memory gauges did not move");
     assert!(
         value(
             &last,

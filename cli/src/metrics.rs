@@ -190,6 +190,16 @@ fn describe() {
         "Stored bytes of chunk objects deleted by garbage collection."
     );
     describe_gauge!("vblock_snapshots", "Snapshots on this daemon.");
+    describe_gauge!(
+        "vblock_frame_cache_bytes",
+        Unit::Bytes,
+        "Decompressed chunk frames in the shared frame cache (bounded by --cache-size)."
+    );
+    describe_gauge!(
+        "vblock_meta_memory_bytes",
+        Unit::Bytes,
+        "RocksDB's memory by kind: memtables, table_readers (index and filter blocks), block_cache."
+    );
     describe_counter!(
         "vblock_nats_requests_total",
         "Control-plane requests by operation and result (ok or the EC2 error code)."
@@ -215,6 +225,17 @@ pub async fn sample(engine: Arc<Engine>, buffer_capacity: u64) {
 const SPACE_EVERY: u64 = 10;
 
 async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) {
+    gauge!("vblock_frame_cache_bytes").set(engine.frame_cache_bytes() as f64);
+    let meta = engine.meta().clone();
+    if let Ok(m) = tokio::task::spawn_blocking(move || meta.memory()).await {
+        for (kind, bytes) in [
+            ("memtables", m.memtables),
+            ("table_readers", m.table_readers),
+            ("block_cache", m.block_cache),
+        ] {
+            gauge!("vblock_meta_memory_bytes", "kind" => kind).set(bytes as f64);
+        }
+    }
     if let Ok(snaps) = engine.list_snapshots().await {
         gauge!("vblock_snapshots").set(snaps.len() as f64);
     }
