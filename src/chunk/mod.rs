@@ -405,20 +405,60 @@ pub fn decode_index(
     Ok((header, index))
 }
 
-/// zstd-compresses `raw` with one compression context per thread (creating one per frame showed
-/// up in profiles).
+/// zstd-compresses `raw` with a context from [`CCTX`] (creating one per frame showed up in
+/// profiles).
 fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
-    thread_local! {
-        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-            std::cell::RefCell::new(zstd::bulk::Compressor::new(1).ok());
-    }
-    CCTX.with(|c| match c.borrow_mut().as_mut() {
-        Some(c) => c
-            .set_compression_level(level)
-            .and_then(|()| c.compress(raw)),
+    let ctx = CCTX
+        .take()
+        .or_else(|| zstd::bulk::Compressor::new(level).ok());
+    let out = match ctx {
+        Some(mut c) => {
+            let out = c
+                .set_compression_level(level)
+                .and_then(|()| c.compress(raw));
+            CCTX.give(c);
+            out
+        }
         None => zstd::bulk::compress(raw, level),
-    })
-    .map_err(|e| ChunkError::Frame(e.to_string()))
+    };
+    out.map_err(|e| ChunkError::Frame(e.to_string()))
+}
+
+/// zstd contexts kept for reuse. A compression context holds 0.3-1.2 MB (frames of 64 KiB - 1
+/// MiB at level 1), a decompression context ~96 KB; kept one per thread they grew with tokio's
+/// blocking pool (~170 threads in the soak, most of its unexplained 200 MB; docs/RELIABILITY.md
+/// "Soak"). Pooled, what is kept is bounded by the pool size and what is live by the number of
+/// concurrent (de)compressions.
+static CCTX: ContextPool<zstd::bulk::Compressor<'static>> = ContextPool::new(8);
+static DCTX: ContextPool<zstd::bulk::Decompressor<'static>> = ContextPool::new(16);
+
+/// A bounded stack of reusable contexts shared by all threads.
+struct ContextPool<T> {
+    idle: std::sync::Mutex<Vec<T>>,
+    keep: usize,
+}
+
+impl<T> ContextPool<T> {
+    const fn new(keep: usize) -> Self {
+        Self {
+            idle: std::sync::Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// An idle context, if any (a poisoned lock counts as none).
+    fn take(&self) -> Option<T> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    /// Returns a context for reuse; dropped when `keep` are already idle.
+    fn give(&self, ctx: T) {
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < self.keep {
+                idle.push(ctx);
+            }
+        }
+    }
 }
 
 /// Verifies a frame's CRC and decodes it (zstd or raw) to exactly `blocks * 4096` bytes.
@@ -445,17 +485,15 @@ pub fn decode_frame(
         }
         return Ok(Bytes::copy_from_slice(frame));
     }
-    // One decompression context per thread: creating one per frame showed up in profiles.
-    thread_local! {
-        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-            std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+    let data = match DCTX.take().or_else(|| zstd::bulk::Decompressor::new().ok()) {
+        Some(mut d) => {
+            let data = d.decompress(frame, expected);
+            DCTX.give(d);
+            data
+        }
+        None => zstd::bulk::decompress(frame, expected),
     }
-    let data = DCTX
-        .with(|d| match d.borrow_mut().as_mut() {
-            Some(d) => d.decompress(frame, expected),
-            None => zstd::bulk::decompress(frame, expected),
-        })
-        .map_err(|e| ChunkError::Frame(e.to_string()))?;
+    .map_err(|e| ChunkError::Frame(e.to_string()))?;
     if data.len() != expected {
         return Err(ChunkError::Frame(format!(
             "frame decompressed to {} bytes, expected {expected}",
@@ -731,5 +769,23 @@ mod tests {
             let _ = decode_frame(&bytes, crc, blocks % 8, FrameEncoding::Zstd);
             let _ = decode_frame(&bytes, crc, blocks % 8, FrameEncoding::Raw);
         }
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::ContextPool;
+
+    /// Idle contexts are reused newest first and at most `keep` are kept.
+    #[test]
+    fn context_pool_keeps_at_most_keep_idle() {
+        let pool = ContextPool::new(2);
+        assert_eq!(pool.take(), None::<u32>);
+        for ctx in [1, 2, 3] {
+            pool.give(ctx);
+        }
+        assert_eq!(pool.take(), Some(2));
+        assert_eq!(pool.take(), Some(1));
+        assert_eq!(pool.take(), None);
     }
 }
