@@ -424,13 +424,13 @@ fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
     out.map_err(|e| ChunkError::Frame(e.to_string()))
 }
 
-/// zstd contexts kept for reuse. A compression context holds 0.3-1.2 MB (frames of 64 KiB - 1
-/// MiB at level 1), a decompression context ~96 KB; kept one per thread they grew with tokio's
-/// blocking pool (~170 threads in the soak, most of its unexplained 200 MB; docs/RELIABILITY.md
-/// "Soak"). Pooled, what is kept is bounded by the pool size and what is live by the number of
-/// concurrent (de)compressions.
+/// zstd contexts kept for reuse. A compression context holds 0.3-0.6 MB (frames of 64-256 KiB
+/// at level 1; more for larger frames), a decompression context ~96 KB. Kept one per thread, they
+/// grew with tokio's blocking pool (~170 threads in the soak: up to ~120 MB). Pooled, what is
+/// kept is bounded by the pool sizes (< 12 MB) and what is live by the number of concurrent
+/// (de)compressions (docs/RELIABILITY.md, "Soak").
 static CCTX: ContextPool<zstd::bulk::Compressor<'static>> = ContextPool::new(8);
-static DCTX: ContextPool<zstd::bulk::Decompressor<'static>> = ContextPool::new(16);
+static DCTX: ContextPool<zstd::bulk::Decompressor<'static>> = ContextPool::new(64);
 
 /// A bounded stack of reusable contexts shared by all threads.
 struct ContextPool<T> {
