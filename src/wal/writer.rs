@@ -144,8 +144,7 @@ impl Writer {
         health: Arc<WriteHealth>,
     ) -> Result<Self, WalError> {
         let no = segments.back().map_or(1, |s| s.no + 1);
-        let segment_bytes = config.segment_bytes.max(1 << 16);
-        let file = create_segment(&config.dir, no, volume_tag, segment_bytes)?;
+        let file = create_segment(&config.dir, no, volume_tag)?;
         segments.push_back(SegmentInfo {
             no,
             max_seq: 0,
@@ -166,7 +165,7 @@ impl Writer {
         Ok(Self {
             dir: config.dir.clone(),
             volume_tag,
-            segment_bytes,
+            segment_bytes: config.segment_bytes.max(1 << 16),
             segments,
             file,
             written: SEGMENT_HEADER_LEN as u64,
@@ -361,7 +360,7 @@ impl Writer {
         // sequential write 148 -> 179 MB/s; docs/BENCHMARKS.md). Advice only: errors ignored.
         let _ = rustix::fs::fadvise(&self.file, 0, None, rustix::fs::Advice::DontNeed);
         let no = self.segments.back().map_or(0, |s| s.no) + 1;
-        self.file = create_segment(&self.dir, no, self.volume_tag, self.segment_bytes)?;
+        self.file = create_segment(&self.dir, no, self.volume_tag)?;
         crate::crash_point!("wal-rotate");
         self.written = SEGMENT_HEADER_LEN as u64;
         self.batch_max_seq = 0;
@@ -429,21 +428,8 @@ impl Writer {
     }
 }
 
-/// Creates segment `no` with its header, reserves `reserve` bytes of disk for it and makes its
-/// directory entry durable.
-///
-/// The reservation (`fallocate(FALLOC_FL_KEEP_SIZE)`: blocks allocated, file size unchanged, so
-/// the segment format and replay are untouched) spares each later `fdatasync` the block
-/// allocation an append needs. Measured on this machine's ext4 (4 KiB write + `fdatasync`
-/// loops, docs/BENCHMARKS.md "WAL preallocation"): appends 1.7-2.5k per second, into reserved
-/// blocks 3.3-4.0k. Best effort: a file system without `fallocate` or a nearly full disk gets
-/// an unreserved segment, and a full disk then shows up as a failed write as before.
-fn create_segment(
-    dir: &std::path::Path,
-    no: u64,
-    volume_tag: u64,
-    reserve: u64,
-) -> Result<File, WalError> {
+/// Creates segment `no` with its header and makes its directory entry durable.
+fn create_segment(dir: &std::path::Path, no: u64, volume_tag: u64) -> Result<File, WalError> {
     let path = segment_path(dir, no);
     let mut file = OpenOptions::new()
         .create_new(true)
@@ -452,7 +438,6 @@ fn create_segment(
         .map_err(|e| WalError::io(&path, e))?;
     file.write_all(&encode_segment_header(no, volume_tag))
         .map_err(|e| WalError::io(&path, e))?;
-    let _ = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, reserve);
     fsync_dir(dir)?;
     Ok(file)
 }
