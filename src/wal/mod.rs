@@ -526,39 +526,4 @@ mod tests {
             Err(WalError::BadTrimMark { .. })
         ));
     }
-
-    /// A new segment has its blocks reserved (where the file system supports `fallocate`) but its
-    /// size is what was written: replay sees no padding.
-    #[test]
-    fn segments_are_reserved_but_keep_their_size() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let probe = std::fs::File::create(dir.path().join("probe")).expect("probe");
-        let supported =
-            rustix::fs::fallocate(&probe, rustix::fs::FallocateFlags::KEEP_SIZE, 0, 1 << 20)
-                .is_ok();
-        let config = WalConfig {
-            dir: dir.path().join("wal"),
-            segment_bytes: 1 << 20,
-            name: "test".into(),
-        };
-        let (wal, _) = Wal::open(&config, TAG, 0, |_, _| {}).expect("open");
-        for seq in 1..=3 {
-            let (h, p) = write(seq);
-            wal.append(h, p).expect("append");
-        }
-        wal.shutdown(true);
-        let segments = segment_files(&config.dir).expect("list");
-        assert_eq!(segments.len(), 1);
-        let meta = std::fs::metadata(&segments[0]).expect("stat");
-        assert!(
-            meta.len() < 1 << 16,
-            "size {} is what was written",
-            meta.len()
-        );
-        if supported {
-            assert!(meta.blocks() * 512 >= 1 << 20, "{} blocks", meta.blocks());
-        }
-        assert_eq!(replayed_seqs(&config, 0).expect("replay"), vec![1, 2, 3]);
-    }
 }
