@@ -2,7 +2,8 @@
 # Soak: 8 NBD connections over 4 volumes under mixed fio load (random 4-64 KiB reads and writes,
 # flushes) plus NATS control traffic (list, describe, mount/unmount a fifth volume) for
 # DURATION; samples the daemon's RSS, open descriptors and WAL size every 10 s and fails unless,
-# after the warm-up (the first fifth: write buffers, frame cache and RocksDB memtables fill), RSS
+# after the warm-up (the first fifth, at least 300 s: write buffers, frame cache and RocksDB
+# memtables fill in the first minute, the rest of RSS levels off after ~400 s), RSS
 # is flat (the mean of the later half of the samples within 5% + 16 MiB of the earlier half's: a
 # leak of ~10 MB/min fails a 10-minute run) and under its bound (volumes x write buffer + frame
 # cache + 256 MiB), descriptors stay flat, fio and the control plane saw no error, the daemon
@@ -81,7 +82,7 @@ fio --ioengine=nbd --rw=randrw --rwmixread=60 --bsrange=4k-64k --iodepth=8 --fsy
 # Samples every 10 s: seconds, RSS and its anonymous part (KiB), open fds, largest WAL dir bytes,
 # and where the memory is by the daemon's own gauges (bytes): write buffers, frame cache, RocksDB
 # memtables, table readers and block cache. The gauges attribute growth when RSS is not flat.
-echo "t,rss_kib,anon_kib,fds,wal_max_bytes,buffer,frame_cache,memtables,table_readers,block_cache" \
+echo "t,rss_kib,anon_kib,fds,threads,wal_max_bytes,buffer,frame_cache,memtables,table_readers,block_cache" \
   >"$WORK/samples.csv"
 gauges() {
   curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" | awk '
@@ -98,8 +99,9 @@ while kill -0 "$FIO" 2>/dev/null; do
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$DAEMON/status")
   anon=$(awk '/^RssAnon:/ {print $2}' "/proc/$DAEMON/status")
   fds=$(find "/proc/$DAEMON/fd" -mindepth 1 -maxdepth 1 | wc -l)
+  threads=$(awk '/^Threads:/ {print $2}' "/proc/$DAEMON/status")
   wal=$( (du -sb "$WORK/data/wal"/* 2>/dev/null || true) | sort -n | tail -1 | cut -f1)
-  echo "$t,$rss,$anon,$fds,${wal:-0},$(gauges)" >>"$WORK/samples.csv"
+  echo "$t,$rss,$anon,$fds,$threads,${wal:-0},$(gauges)" >>"$WORK/samples.csv"
   sleep 10
 done
 fio_rc=0; wait "$FIO" || fio_rc=$?
@@ -113,7 +115,7 @@ python3 - "$WORK" "$DURATION" "$fio_rc" "$control_ops" "$control_errors" "$daemo
 import csv, json, sys
 work, duration, fio_rc, ops, cerr, derr, buf, seg, cache, vols = sys.argv[1:]
 rows = [r for r in csv.DictReader(open(f"{work}/samples.csv"))]
-warm = [r for r in rows if int(r["t"]) >= int(duration) // 5]
+warm = [r for r in rows if int(r["t"]) >= max(int(duration) // 5, min(300, int(duration) // 2))]
 if len(warm) < 2:
     sys.exit("soak: too few samples after warm-up")
 rss = [int(r["rss_kib"]) for r in warm]
