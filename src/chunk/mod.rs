@@ -770,11 +770,6 @@ mod tests {
             let _ = decode_frame(&bytes, crc, blocks % 8, FrameEncoding::Raw);
         }
     }
-}
-
-#[cfg(test)]
-mod pool_tests {
-    use super::ContextPool;
 
     /// Idle contexts are reused newest first and at most `keep` are kept.
     #[test]
