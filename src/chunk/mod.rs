@@ -408,20 +408,15 @@ pub fn decode_index(
 /// zstd-compresses `raw` with a context from [`CCTX`] (creating one per frame showed up in
 /// profiles).
 fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
-    let ctx = CCTX
-        .take()
-        .or_else(|| zstd::bulk::Compressor::new(level).ok());
-    let out = match ctx {
-        Some(mut c) => {
-            let out = c
-                .set_compression_level(level)
-                .and_then(|()| c.compress(raw));
-            CCTX.give(c);
-            out
-        }
-        None => zstd::bulk::compress(raw, level),
-    };
-    out.map_err(|e| ChunkError::Frame(e.to_string()))
+    CCTX.with(
+        || zstd::bulk::Compressor::new(level).ok(),
+        |c| {
+            c.set_compression_level(level)
+                .and_then(|()| c.compress(raw))
+        },
+    )
+    .unwrap_or_else(|| zstd::bulk::compress(raw, level))
+    .map_err(|e| ChunkError::Frame(e.to_string()))
 }
 
 /// zstd contexts kept for reuse. A compression context holds 0.3-0.6 MB (frames of 64-256 KiB
@@ -444,6 +439,15 @@ impl<T> ContextPool<T> {
             idle: std::sync::Mutex::new(Vec::new()),
             keep,
         }
+    }
+
+    /// Runs `f` with an idle context, or one made by `make`, and keeps it for reuse; `None`
+    /// when no context could be made.
+    fn with<R>(&self, make: impl FnOnce() -> Option<T>, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let mut ctx = self.take().or_else(make)?;
+        let out = f(&mut ctx);
+        self.give(ctx);
+        Some(out)
     }
 
     /// An idle context, if any (a poisoned lock counts as none).
@@ -485,15 +489,13 @@ pub fn decode_frame(
         }
         return Ok(Bytes::copy_from_slice(frame));
     }
-    let data = match DCTX.take().or_else(|| zstd::bulk::Decompressor::new().ok()) {
-        Some(mut d) => {
-            let data = d.decompress(frame, expected);
-            DCTX.give(d);
-            data
-        }
-        None => zstd::bulk::decompress(frame, expected),
-    }
-    .map_err(|e| ChunkError::Frame(e.to_string()))?;
+    let data = DCTX
+        .with(
+            || zstd::bulk::Decompressor::new().ok(),
+            |d| d.decompress(frame, expected),
+        )
+        .unwrap_or_else(|| zstd::bulk::decompress(frame, expected))
+        .map_err(|e| ChunkError::Frame(e.to_string()))?;
     if data.len() != expected {
         return Err(ChunkError::Frame(format!(
             "frame decompressed to {} bytes, expected {expected}",
