@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::{ReadOptions, WriteBatch};
 
 use crate::chunk::{ChunkExtent, ExtentKind, FrameEncoding};
 use crate::ids::{SnapshotId, VolumeId};
@@ -309,33 +309,47 @@ impl BlockLookup {
         if start >= end {
             return Ok(Vec::new());
         }
-        let db = self.meta.db();
-        let prefix = &self.prefix;
+        // One iterator, bounded to this map's keys below `end`: the extent that starts at or
+        // before `start` (it may reach into the range), then forward.
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(self.key(0));
+        ro.set_iterate_upper_bound(self.key(end));
+        let mut it = self.meta.db().raw_iterator_opt(ro);
         let mut out = Vec::new();
-        // The extent that starts at or before `start` may reach into the range.
-        let from = self.key(start);
-        if let Some(item) = db
-            .iterator(IteratorMode::From(&from, Direction::Reverse))
-            .next()
-        {
-            let (k, v) = item?;
-            if k.starts_with(prefix) && k.len() == prefix.len() + 8 {
-                let e = self.decode(&k, &v)?;
-                if e.start < start && e.end() > start {
-                    out.push(e);
+        it.seek_for_prev(self.key(start));
+        if it.valid() {
+            if let Some(e) = self.decode_entry(it.key(), it.value())? {
+                if e.start < start {
+                    if e.end() > start {
+                        out.push(e);
+                    }
+                    it.next();
                 }
             }
+        } else {
+            it.status()?;
+            it.seek(self.key(start));
         }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(self.key(end));
-        for item in db.iterator_opt(IteratorMode::From(&from, Direction::Forward), ro) {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) {
-                break;
+        while it.valid() {
+            if let Some(e) = self.decode_entry(it.key(), it.value())? {
+                out.push(e);
             }
-            out.push(self.decode(&k, &v)?);
+            it.next();
         }
+        it.status()?;
         Ok(out)
+    }
+
+    /// A map entry at the iterator's position; `None` for a key of another shape.
+    fn decode_entry(
+        &self,
+        k: Option<&[u8]>,
+        v: Option<&[u8]>,
+    ) -> Result<Option<MapExtent>, MetaError> {
+        match (k, v) {
+            (Some(k), Some(v)) if k.len() == self.prefix.len() + 8 => self.decode(k, v).map(Some),
+            _ => Ok(None),
+        }
     }
 
     pub(crate) fn decode(&self, k: &[u8], v: &[u8]) -> Result<MapExtent, MetaError> {
