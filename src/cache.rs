@@ -24,7 +24,7 @@ pub type FrameCache = Arc<quick_cache::sync::Cache<FrameKey, Bytes, FrameWeighte
 
 /// A frame cache holding at most `bytes` bytes of frames.
 pub fn frame_cache(bytes: u64) -> FrameCache {
-    let items = (bytes / (64 << 10)).max(16) as usize;
+    let items = (bytes / (16 << 10)).max(16) as usize; // the default frame size
     Arc::new(quick_cache::sync::Cache::with_weighter(
         items,
         bytes.max(1 << 20),

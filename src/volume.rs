@@ -713,45 +713,69 @@ impl Volume {
                 map.extend(inner.lookup.lookup(s, e)?);
             }
             let mut frames: Vec<Option<Bytes>> = Vec::with_capacity(map.len());
-            for e in &map {
-                let Target::Data(f) = e.target else {
+            let mut i = 0;
+            while i < map.len() {
+                let Target::Data(f) = map[i].target else {
                     frames.push(None);
+                    i += 1;
                     continue;
                 };
                 let (key, okey, range) = frame_location(&f);
                 if let Some(hit) = inner.cache.get(&key) {
                     inner.stats.frame_hits.fetch_add(1, Ordering::Relaxed);
                     frames.push(Some(hit));
+                    i += 1;
                     continue;
                 }
+                // The uncached frames stored right after this one in the same object (a
+                // sequential read): one read for all of them.
+                let run = adjacent_misses(&inner.cache, &map[i..]);
+                let end = run
+                    .last()
+                    .map_or(range.end, |g| u64::from(g.offset) + u64::from(g.len));
                 let started = Instant::now();
-                match inner.backend.get_range_blocking(&okey, range) {
-                    None => frames.push(None),
+                match inner.backend.get_range_blocking(&okey, range.start..end) {
+                    None => {
+                        frames.extend(std::iter::repeat_n(None, run.len()));
+                    }
                     Some(raw) => {
+                        let raw = raw?;
                         inner.get_seconds.record(started.elapsed());
-                        inner.stats.frame_fetches.fetch_add(1, Ordering::Relaxed);
-                        let data = decode_fetched(okey, &raw?, &f)?;
-                        inner.cache.insert(key, data.clone());
-                        frames.push(Some(data));
+                        inner
+                            .stats
+                            .frame_fetches
+                            .fetch_add(run.len() as u64, Ordering::Relaxed);
+                        frames.extend(
+                            decode_run(&inner.cache, &okey, &raw, &run)?
+                                .into_iter()
+                                .map(Some),
+                        );
                     }
                 }
+                i += run.len();
             }
             Ok((map, frames))
         })
         .await
         .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??;
-        let fetches =
-            map.iter()
-                .zip(frames.iter())
-                .enumerate()
-                .filter_map(|(i, (e, have))| match (e.target, have) {
-                    (Target::Data(f), None) => {
-                        Some(async move { self.frame(f).await.map(|d| (i, d)) })
-                    }
-                    _ => None,
-                });
-        for (i, data) in futures::future::try_join_all(fetches).await? {
-            frames[i] = Some(data);
+        // Runs of missing frames back to back in one object: one ranged GET each.
+        let mut runs: Vec<(usize, Vec<FrameRef>)> = Vec::new();
+        for (i, (e, have)) in map.iter().zip(frames.iter()).enumerate() {
+            let (Target::Data(g), None) = (e.target, have) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some((at, run)) if *at + run.len() == i && extends_run(run, &g) => run.push(g),
+                _ => runs.push((i, vec![g])),
+            }
+        }
+        let fetches = runs
+            .into_iter()
+            .map(|(at, run)| async move { self.frame_run(run).await.map(|d| (at, d)) });
+        for (at, data) in futures::future::try_join_all(fetches).await? {
+            for (k, d) in data.into_iter().enumerate() {
+                frames[at + k] = Some(d);
+            }
         }
         fill_from_frames(&mut out, r, &map, frames);
         Ok(out.freeze())
@@ -771,6 +795,39 @@ impl Volume {
             },
         )
         .await
+    }
+
+    /// Decompressed, verified frames `run` (back to back in one object, see [`extends_run`]):
+    /// one frame through [`Self::frame`] (concurrent misses coalesce), more with one ranged
+    /// read (retried), decoded off the reactor and cached.
+    async fn frame_run(&self, run: Vec<FrameRef>) -> Result<Vec<Bytes>, VolumeError> {
+        let (first, last) = match (run.first(), run.last()) {
+            (Some(first), Some(last)) if run.len() > 1 => (*first, *last),
+            _ => {
+                let mut out = Vec::with_capacity(1);
+                for f in run {
+                    out.push(self.frame(f).await?);
+                }
+                return Ok(out);
+            }
+        };
+        let inner = &self.inner;
+        let (_, okey, _) = frame_location(&first);
+        let range = u64::from(first.offset)..u64::from(last.offset) + u64::from(last.len);
+        let started = Instant::now();
+        let raw = retry(&inner.config.read_retry, &okey, || {
+            inner.backend.get_range(&okey, range.clone())
+        })
+        .await?;
+        inner.get_seconds.record(started.elapsed());
+        inner
+            .stats
+            .frame_fetches
+            .fetch_add(run.len() as u64, Ordering::Relaxed);
+        let cache = inner.cache.clone();
+        tokio::task::spawn_blocking(move || decode_run(&cache, &okey, &raw, &run))
+            .await
+            .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
     }
 
     /// Runs `f` (blocking, on a RocksDB thread) while the map is frozen at a sequence-number
@@ -933,11 +990,74 @@ pub(crate) async fn fetch_frame(
             let started = Instant::now();
             let raw = retry(policy, &okey, || backend.get_range(&okey, range.clone())).await?;
             fetched(started.elapsed());
-            tokio::task::spawn_blocking(move || decode_fetched(okey, &raw, &f))
+            tokio::task::spawn_blocking(move || decode_fetched(&okey, &raw, &f))
                 .await
                 .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
         })
         .await
+}
+
+/// Most bytes one read of adjacent frames covers (a 1 MiB request of 16 KiB frames is one read).
+const MAX_FRAME_RUN_BYTES: u64 = 1 << 20;
+
+/// Whether frame `g` continues `run`: stored right after its last frame in the same object,
+/// and the run stays within [`MAX_FRAME_RUN_BYTES`].
+fn extends_run(run: &[FrameRef], g: &FrameRef) -> bool {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return true;
+    };
+    let end = u64::from(last.offset) + u64::from(last.len);
+    g.owner == first.owner
+        && g.object_id == first.object_id
+        && u64::from(g.offset) == end
+        && end + u64::from(g.len) - u64::from(first.offset) <= MAX_FRAME_RUN_BYTES
+}
+
+/// The data frames at the start of `map` (the first one included, whatever the cache holds)
+/// that lie back to back in one object ([`extends_run`]) and are not cached.
+fn adjacent_misses(cache: &FrameCache, map: &[MapExtent]) -> Vec<FrameRef> {
+    let mut run: Vec<FrameRef> = Vec::new();
+    for e in map {
+        let Target::Data(g) = e.target else { break };
+        if !run.is_empty() && (!extends_run(&run, &g) || cache.contains_key(&frame_location(&g).0))
+        {
+            break;
+        }
+        run.push(g);
+    }
+    run
+}
+
+/// Splits `raw` (the bytes of `run`, read from object `okey` in one piece) into frames,
+/// verifies and decodes each and caches it.
+fn decode_run(
+    cache: &FrameCache,
+    okey: &str,
+    raw: &[u8],
+    run: &[FrameRef],
+) -> Result<Vec<Bytes>, VolumeError> {
+    let Some(first) = run.first() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(run.len());
+    for g in run {
+        let at = (g.offset - first.offset) as usize;
+        let need = at + g.len as usize;
+        let piece = raw.get(at..need).ok_or_else(|| {
+            tracing::error!(key = %okey, "short ranged read of a chunk object");
+            VolumeError::Chunk {
+                key: okey.to_owned(),
+                source: ChunkError::Truncated {
+                    need,
+                    have: raw.len(),
+                },
+            }
+        })?;
+        let data = decode_fetched(okey, piece, g)?;
+        cache.insert(frame_location(g).0, data.clone());
+        out.push(data);
+    }
+    Ok(out)
 }
 
 /// Copies the blocks of the data extents in `map` (whose frames are in `frames`, same order)
@@ -991,10 +1111,13 @@ pub(crate) fn status_runs(offset: u64, len: u64, mut data: Vec<(u64, u64)>) -> V
 }
 
 /// Verifies and decodes a frame fetched from object `okey`; corruption is logged with the key.
-fn decode_fetched(okey: String, raw: &[u8], f: &FrameRef) -> Result<Bytes, VolumeError> {
+fn decode_fetched(okey: &str, raw: &[u8], f: &FrameRef) -> Result<Bytes, VolumeError> {
     chunk::decode_frame(raw, f.crc, f.blocks, f.encoding).map_err(|source| {
         tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
-        VolumeError::Chunk { key: okey, source }
+        VolumeError::Chunk {
+            key: okey.to_owned(),
+            source,
+        }
     })
 }
 

@@ -540,6 +540,15 @@ fn bit_flips_in_file_chunk_objects_read_as_errors_never_as_wrong_data() {
             std::fs::write(path, &bad).expect("flip");
             // A fresh engine: no cached frames.
             let (engine, vol) = reopen(dir.path(), &backend, &id).await.expect("reopen");
+            // One read of everything: adjacent frames are fetched in one piece, each verified.
+            match vol.read(0, BLOCKS * 4096).await {
+                Ok(got) => assert!(
+                    got[..] == data[..],
+                    "{}: bit {bit} flipped, a whole read returned wrong data",
+                    path.display()
+                ),
+                Err(_) => errors += 1,
+            }
             for b in 0..BLOCKS {
                 match vol.read(b * 4096, 4096).await {
                     Ok(got) => {
@@ -574,4 +583,109 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A real backend that counts ranged reads; `local: false` hides its blocking reads, as S3 does.
+struct CountingBackend {
+    inner: vblock::backend::memory::MemoryBackend,
+    local: bool,
+    ranged_reads: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl vblock::backend::Backend for CountingBackend {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), vblock::backend::BackendError> {
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, vblock::backend::BackendError> {
+        self.inner.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, vblock::backend::BackendError> {
+        self.ranged_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_range(key, range).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), vblock::backend::BackendError> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, vblock::backend::BackendError> {
+        self.inner.list(prefix).await
+    }
+    fn kind(&self) -> &'static str {
+        "counting"
+    }
+    fn get_range_blocking(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Option<Result<Bytes, vblock::backend::BackendError>> {
+        if !self.local {
+            return None;
+        }
+        self.ranged_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_range_blocking(key, range)
+    }
+}
+
+#[test]
+fn a_sequential_read_fetches_adjacent_frames_with_one_ranged_read() {
+    common::run(Duration::from_secs(60), async {
+        for local in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let counting = std::sync::Arc::new(CountingBackend {
+                inner: vblock::backend::memory::MemoryBackend::new(),
+                local,
+                ranged_reads: Default::default(),
+            });
+            let backend: vblock::backend::SharedBackend = counting.clone();
+            // 64 blocks in 16 KiB frames and 64 KiB chunks: 4 objects of 4 frames each.
+            let data: Vec<u8> = (0..64u8).flat_map(|b| vec![b + 1; 4096]).collect();
+            let mut config = common::small_config(dir.path());
+            config.volume.chunk.frame_blocks = 4;
+            let engine = vblock::Engine::open(config, backend.clone())
+                .await
+                .expect("engine");
+            let id = engine
+                .create_volume(1 << 20, "runs")
+                .await
+                .expect("create")
+                .volume_id;
+            let vol = engine.volume(&id).await.expect("volume");
+            vol.write(0, Bytes::from(data.clone()), false)
+                .await
+                .expect("write");
+            vol.persist_buffer().await.expect("into chunks");
+            drop(vol);
+            engine.close_all().await;
+            drop(engine);
+            let objects = backend.list("").await.expect("list");
+            let chunks = objects.iter().filter(|k| k.contains("/chunks/")).count();
+            assert_eq!(chunks, 4, "{objects:?}");
+
+            // A fresh engine has no cached frames: one ranged read per object.
+            let (engine, vol) = reopen(dir.path(), &backend, &id).await.expect("reopen");
+            let before = counting.ranged_reads.load(Ordering::SeqCst);
+            let got = vol.read(0, data.len() as u64).await.expect("read");
+            assert!(got[..] == data[..], "local={local}: wrong data");
+            assert_eq!(
+                counting.ranged_reads.load(Ordering::SeqCst) - before,
+                4,
+                "local={local}: ranged reads for 16 frames in 4 objects"
+            );
+            assert_eq!(vol.stats().frame_fetches.load(Ordering::Relaxed), 16);
+            // Every frame was cached: a block in the middle is a hit.
+            let got = vol.read(37 * 4096, 4096).await.expect("read one block");
+            assert!(got[..] == data[37 * 4096..38 * 4096]);
+            assert_eq!(
+                counting.ranged_reads.load(Ordering::SeqCst) - before,
+                4,
+                "local={local}: the cached block was read again"
+            );
+            drop(vol);
+            engine.close_all().await;
+        }
+    });
 }

@@ -136,7 +136,7 @@ fn metrics_endpoint_parses_and_counters_move_with_io() {
             && value(&last, "vblock_cache_hits_total", &[("volume", v)]) >= 1.0
     });
     assert!(ok, "cache metrics did not move");
-    // Memory gauges: the frame cache holds the frame just read (64 KiB of data and more), RocksDB
+    // Memory gauges: the frame cache holds the frames just read (64 KiB of data and more), RocksDB
     // holds the map commit in its memtable.
     let ok = wait_until(Duration::from_secs(10), || {
         last = scrape(d.metrics_port);
@@ -404,6 +404,8 @@ fn config_file_precedence_is_flags_env_file_defaults() {
         "s3-force-path-style = true  # config file",
         "log-format = \"json\"  # config file",
         "chunk-size = \"4MiB\"  # default",
+        "frame-size = \"16KiB\"  # default",
+        "blocking-threads = 16  # default",
     ] {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
@@ -448,6 +450,22 @@ fn config_file_precedence_is_flags_env_file_defaults() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lots"));
+    // A frame size that is not whole blocks is refused before anything starts.
+    let out = run(
+        Command::new(vblock_bin())
+            .args([
+                "serve",
+                "--no-metrics",
+                "--frame-size",
+                "6KiB",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data")),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--frame-size 6144"), "{err}");
 }
 
 #[test]

@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// Data per chunk object.
     #[arg(long, env = "VBLOCK_CHUNK_SIZE", default_value = "4MiB", value_parser = parse_size)]
     pub chunk_size: u64,
+    /// Largest compressed frame of a chunk (a multiple of 4 KiB): a one-block read from a
+    /// chunk reads and decompresses at most this much. Smaller frames: faster random reads,
+    /// a few % less compression, more map extents for sequential data (docs/BENCHMARKS.md).
+    #[arg(long, env = "VBLOCK_FRAME_SIZE", default_value = "16KiB", value_parser = parse_size)]
+    pub frame_size: u64,
     /// WAL segment size.
     #[arg(long, env = "VBLOCK_WAL_SEGMENT_SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub wal_segment_size: u64,
@@ -166,6 +171,7 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c.volume.buffer_bytes = a.buffer_size;
     c.volume.chunk_bytes = a.chunk_size;
     c.volume.wal_segment_bytes = a.wal_segment_size;
+    c.volume.chunk.frame_blocks = (a.frame_size / vblock::block::BLOCK_SIZE) as u32;
     c.volume.upload_concurrency = a.upload_concurrency.max(1);
     c.volume.compaction = vblock::volume::CompactionConfig {
         threshold_percent: a.compaction_threshold,
@@ -213,6 +219,16 @@ pub async fn backend(a: &BackendArgs, data_dir: &Path) -> Result<SharedBackend, 
 
 /// Runs the daemon until SIGINT or SIGTERM, then shuts down cleanly (volumes drained and synced).
 pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
+    if a.frame_size % vblock::block::BLOCK_SIZE != 0
+        || !(1..=u64::from(vblock::chunk::MAX_FRAME_BLOCKS))
+            .contains(&(a.frame_size / vblock::block::BLOCK_SIZE))
+    {
+        return Err(ServeError::Config(format!(
+            "--frame-size {} is not a multiple of 4 KiB between 4 KiB and {} MiB",
+            a.frame_size,
+            (u64::from(vblock::chunk::MAX_FRAME_BLOCKS) * vblock::block::BLOCK_SIZE) >> 20
+        )));
+    }
     // Crash points for the crash harness (src/failpoints.rs); not a flag: tests only.
     if let Ok(spec) = std::env::var("VBLOCK_FAILPOINTS") {
         vblock::failpoints::configure(&spec).map_err(ServeError::Config)?;

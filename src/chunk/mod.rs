@@ -145,7 +145,8 @@ pub struct InputExtent {
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkOptions {
     /// Largest data extent (one zstd frame), in blocks; a read of one block decompresses at most
-    /// this much (default 16 = 64 KiB).
+    /// this much (default 4 = 16 KiB, the volume block size OpenZFS 2.2 chose for VM disks;
+    /// docs/BENCHMARKS.md, "Frame size").
     pub frame_blocks: u32,
     /// zstd level (default 1).
     pub zstd_level: i32,
@@ -154,7 +155,7 @@ pub struct ChunkOptions {
 impl Default for ChunkOptions {
     fn default() -> Self {
         Self {
-            frame_blocks: 16,
+            frame_blocks: 4,
             zstd_level: 1,
         }
     }
@@ -596,7 +597,16 @@ mod tests {
                 data: None,
             },
         ];
-        let (obj, index) = build(9, 77, &input, ChunkOptions::default()).unwrap();
+        let (obj, index) = build(
+            9,
+            77,
+            &input,
+            ChunkOptions {
+                frame_blocks: 16,
+                ..ChunkOptions::default()
+            },
+        )
+        .unwrap();
         let (h, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
         assert_eq!(decoded, index);
         assert_eq!(
@@ -644,7 +654,16 @@ mod tests {
             seq: 1,
             data: Some(Bytes::from([block(1), block(2)].concat())),
         }];
-        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
+        let (obj, index) = build(
+            1,
+            1,
+            &input,
+            ChunkOptions {
+                frame_blocks: 16,
+                ..ChunkOptions::default()
+            },
+        )
+        .unwrap();
         let head = CHUNK_HEADER_LEN + INDEX_ENTRY_LEN;
         for i in 0..head {
             let mut b = obj.to_vec();
@@ -684,7 +703,16 @@ mod tests {
                 data: Some(Bytes::from(vec![7u8; 20 * BLOCK_BYTES])),
             },
         ];
-        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
+        let (obj, index) = build(
+            1,
+            1,
+            &input,
+            ChunkOptions {
+                frame_blocks: 16,
+                ..ChunkOptions::default()
+            },
+        )
+        .unwrap();
         let (_, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
         assert_eq!(decoded, index);
         let enc: Vec<(u64, FrameEncoding)> =
