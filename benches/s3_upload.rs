@@ -80,11 +80,15 @@ async fn plain_round(plain: &Arc<S3Backend>, data: &Bytes) -> f64 {
 }
 
 /// The same bytes through a volume until every chunk is committed: MiB/s.
-async fn vblock_round(backend: &Arc<S3Backend>, data: &Bytes, zstd_level: i32) -> f64 {
+async fn vblock_round(
+    backend: &Arc<S3Backend>,
+    data: &Bytes,
+    chunk: vblock::chunk::ChunkOptions,
+) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = vblock::EngineConfig::new(dir.path());
     cfg.volume.upload_concurrency = CONCURRENCY;
-    cfg.volume.chunk.zstd_level = zstd_level;
+    cfg.volume.chunk = chunk;
     let shared: SharedBackend = backend.clone();
     let engine = vblock::Engine::open(cfg, shared).await.expect("engine");
     let id = engine
@@ -137,11 +141,13 @@ fn main() {
         let data = Bytes::from(data);
         let plain = Arc::new(S3Backend::connect(&config(&endpoint, "bench-plain")).await.expect("connect"));
         let vb = Arc::new(S3Backend::connect(&config(&endpoint, "bench-vblock")).await.expect("connect"));
-        let zstd_level = std::env::var("VBLOCK_BENCH_ZSTD_LEVEL")
-            .ok()
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(vblock::VolumeConfig::default().chunk.zstd_level);
-        println!("zstd level {zstd_level}");
+        let mut chunk = vblock::VolumeConfig::default().chunk;
+        fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+            std::env::var(name).ok().and_then(|l| l.parse().ok())
+        }
+        chunk.zstd_level = env("VBLOCK_BENCH_ZSTD_LEVEL").unwrap_or(chunk.zstd_level);
+        chunk.frame_blocks = env("VBLOCK_BENCH_FRAME_BLOCKS").unwrap_or(chunk.frame_blocks);
+        println!("zstd level {}, frames of {} blocks", chunk.zstd_level, chunk.frame_blocks);
         // Warm-up (not timed): the server's first requests are slower.
         for i in 0..8 {
             plain.put(&format!("warm/{i}"), data.slice(0..4 << 20)).await.expect("put");
@@ -152,7 +158,7 @@ fn main() {
             println!("round {round}:");
             let p = plain_round(&plain, &data).await;
             empty(&plain).await;
-            let v = vblock_round(&vb, &data, zstd_level).await;
+            let v = vblock_round(&vb, &data, chunk).await;
             empty(&vb).await;
             println!("  ratio {:.2}", v / p);
             plains.push(p);

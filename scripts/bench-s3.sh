@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # S3 chunk upload throughput vs a plain PUT loop (same server, same concurrency, one run).
 # Starts moto_server on a free loopback port (or uses VBLOCK_BENCH_S3_ENDPOINT if set).
+# VBLOCK_BENCH_ZSTD_LEVEL and VBLOCK_BENCH_FRAME_BLOCKS override the chunk options.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null

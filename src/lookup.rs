@@ -366,19 +366,35 @@ impl BlockLookup {
     /// Must not run concurrently with another commit of the same volume (the flusher is the
     /// only writer). Blocking (RocksDB): call from a blocking thread.
     pub fn commit_chunk(&self, commit: &ChunkCommit, state: VolumeState) -> Result<(), MetaError> {
-        // Existing extents touched by the chunk, each once (by start block).
+        // Existing extents touched by the chunk, each once (by start block): one map scan per
+        // run of back-to-back new extents (a sequential chunk is one scan, not one per frame).
+        let mut runs: Vec<(u64, u64)> = commit.extents.iter().map(|e| (e.start, e.end())).collect();
+        runs.sort_unstable();
+        runs.dedup_by(|next, run| {
+            let joins = next.0 <= run.1;
+            if joins {
+                run.1 = run.1.max(next.1);
+            }
+            joins
+        });
         let mut olds: BTreeMap<u64, MapExtent> = BTreeMap::new();
-        for new in &commit.extents {
-            for old in self.overlapping(new.start, new.end())? {
+        for (start, end) in runs {
+            for old in self.overlapping(start, end)? {
                 olds.insert(old.start, old);
             }
         }
-        // The parts of the new extents that no newer existing extent shadows.
+        // The parts of the new extents that no newer existing extent shadows. Existing extents
+        // do not overlap, so those reaching into `new` are the last ones starting before its end.
         let mut winners: BTreeMap<u64, MapExtent> = BTreeMap::new();
         for new in &commit.extents {
             let mut pieces = vec![(new.start, new.end())];
-            for old in olds.range(..new.end()).map(|(_, o)| o) {
-                if old.end() > new.start && old.seq > new.seq {
+            let reaching = olds
+                .range(..new.end())
+                .rev()
+                .map(|(_, o)| o)
+                .take_while(|o| o.end() > new.start);
+            for old in reaching {
+                if old.seq > new.seq {
                     pieces = subtract(&pieces, old.start, old.end());
                 }
             }
