@@ -502,26 +502,9 @@ fn bit_flips_in_file_chunk_objects_read_as_errors_never_as_wrong_data() {
                 blk
             })
             .collect();
-        let id = {
-            let mut config = common::small_config(dir.path());
-            config.volume.chunk_bytes = 128 << 10;
-            let engine = vblock::Engine::open(config, backend.clone())
-                .await
-                .expect("engine");
-            let id = engine
-                .create_volume(1 << 20, "flips")
-                .await
-                .expect("create")
-                .volume_id;
-            let vol = engine.volume(&id).await.expect("volume");
-            vol.write(0, Bytes::from(data.clone()), false)
-                .await
-                .expect("write");
-            vol.persist_buffer().await.expect("into chunks");
-            drop(vol);
-            engine.close_all().await;
-            id
-        };
+        let mut config = common::small_config(dir.path());
+        config.volume.chunk_bytes = 128 << 10;
+        let id = volume_in_chunks(config, &backend, &data).await;
         let chunks: Vec<_> = walk(&objects)
             .into_iter()
             .filter(|p| p.parent().is_some_and(|d| d.ends_with("chunks")))
@@ -570,6 +553,30 @@ fn bit_flips_in_file_chunk_objects_read_as_errors_never_as_wrong_data() {
         println!("48 bit flips: {errors} block reads refused, {intact} intact");
         assert!(errors > 0, "no flip was ever detected");
     });
+}
+
+/// A 1 MiB volume holding `data` at offset 0, all of it in chunk objects; the engine is closed.
+async fn volume_in_chunks(
+    config: vblock::EngineConfig,
+    backend: &vblock::backend::SharedBackend,
+    data: &[u8],
+) -> VolumeId {
+    let engine = vblock::Engine::open(config, backend.clone())
+        .await
+        .expect("engine");
+    let id = engine
+        .create_volume(1 << 20, "in-chunks")
+        .await
+        .expect("create")
+        .volume_id;
+    let vol = engine.volume(&id).await.expect("volume");
+    vol.write(0, Bytes::copy_from_slice(data), false)
+        .await
+        .expect("write");
+    vol.persist_buffer().await.expect("into chunks");
+    drop(vol);
+    engine.close_all().await;
+    id
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -645,22 +652,7 @@ fn a_sequential_read_fetches_adjacent_frames_with_one_ranged_read() {
             let data: Vec<u8> = (0..64u8).flat_map(|b| vec![b + 1; 4096]).collect();
             let mut config = common::small_config(dir.path());
             config.volume.chunk.frame_blocks = 4;
-            let engine = vblock::Engine::open(config, backend.clone())
-                .await
-                .expect("engine");
-            let id = engine
-                .create_volume(1 << 20, "runs")
-                .await
-                .expect("create")
-                .volume_id;
-            let vol = engine.volume(&id).await.expect("volume");
-            vol.write(0, Bytes::from(data.clone()), false)
-                .await
-                .expect("write");
-            vol.persist_buffer().await.expect("into chunks");
-            drop(vol);
-            engine.close_all().await;
-            drop(engine);
+            let id = volume_in_chunks(config, &backend, &data).await;
             let objects = backend.list("").await.expect("list");
             let chunks = objects.iter().filter(|k| k.contains("/chunks/")).count();
             assert_eq!(chunks, 4, "{objects:?}");

@@ -570,6 +570,11 @@ pub fn split_input(
 
 #[cfg(test)]
 mod tests {
+    /// The options these tests' expected layouts were written for: 64 KiB frames.
+    const SIXTEEN_BLOCK_FRAMES: ChunkOptions = ChunkOptions {
+        frame_blocks: 16,
+        zstd_level: 1,
+    };
     use super::*;
     use proptest::prelude::*;
 
@@ -597,16 +602,7 @@ mod tests {
                 data: None,
             },
         ];
-        let (obj, index) = build(
-            9,
-            77,
-            &input,
-            ChunkOptions {
-                frame_blocks: 16,
-                ..ChunkOptions::default()
-            },
-        )
-        .unwrap();
+        let (obj, index) = build(9, 77, &input, SIXTEEN_BLOCK_FRAMES).unwrap();
         let (h, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
         assert_eq!(decoded, index);
         assert_eq!(
@@ -654,16 +650,7 @@ mod tests {
             seq: 1,
             data: Some(Bytes::from([block(1), block(2)].concat())),
         }];
-        let (obj, index) = build(
-            1,
-            1,
-            &input,
-            ChunkOptions {
-                frame_blocks: 16,
-                ..ChunkOptions::default()
-            },
-        )
-        .unwrap();
+        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
         let head = CHUNK_HEADER_LEN + INDEX_ENTRY_LEN;
         for i in 0..head {
             let mut b = obj.to_vec();
@@ -703,16 +690,7 @@ mod tests {
                 data: Some(Bytes::from(vec![7u8; 20 * BLOCK_BYTES])),
             },
         ];
-        let (obj, index) = build(
-            1,
-            1,
-            &input,
-            ChunkOptions {
-                frame_blocks: 16,
-                ..ChunkOptions::default()
-            },
-        )
-        .unwrap();
+        let (obj, index) = build(1, 1, &input, SIXTEEN_BLOCK_FRAMES).unwrap();
         let (_, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
         assert_eq!(decoded, index);
         let enc: Vec<(u64, FrameEncoding)> =
