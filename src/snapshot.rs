@@ -23,8 +23,8 @@ use crate::meta::{
 };
 use crate::retry::{delete_retried, put_retried, RetryPolicy};
 use crate::volume::{
-    check_range, check_request, fetch_frame, fill_from_frames, status_runs, StatusExtent,
-    VolumeError,
+    check_range, check_request, fetch_missing_frames, fill_from_frames, frame_location,
+    status_runs, StatusExtent, VolumeError,
 };
 
 /// A snapshot opened for reading (the read-only NBD export `SNAPID`).
@@ -62,15 +62,22 @@ impl SnapshotVolume {
         let r = BlockRange::covering(offset, len);
         let lookup = self.lookup.clone();
         let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
-        let fetches = map.iter().map(|e| async move {
-            match e.target {
-                Target::Data(f) => fetch_frame(&self.cache, &self.backend, &self.retry, f, |_| {})
-                    .await
-                    .map(Some),
-                Target::Zero => Ok(None),
-            }
-        });
-        let frames = futures::future::try_join_all(fetches).await?;
+        let mut frames: Vec<Option<Bytes>> = map
+            .iter()
+            .map(|e| match e.target {
+                Target::Data(f) => self.cache.get(&frame_location(&f).0),
+                Target::Zero => None,
+            })
+            .collect();
+        fetch_missing_frames(
+            &self.cache,
+            &self.backend,
+            &self.retry,
+            &map,
+            &mut frames,
+            &|_, _| {},
+        )
+        .await?;
         let mut out = BytesMut::zeroed(r.len() as usize * BLOCK_BYTES);
         fill_from_frames(&mut out, r, &map, frames);
         let skip = (offset - r.start * BLOCK_SIZE) as usize;

@@ -758,25 +758,19 @@ impl Volume {
         })
         .await
         .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??;
-        // Runs of missing frames back to back in one object: one ranged GET each.
-        let mut runs: Vec<(usize, Vec<FrameRef>)> = Vec::new();
-        for (i, (e, have)) in map.iter().zip(frames.iter()).enumerate() {
-            let (Target::Data(g), None) = (e.target, have) else {
-                continue;
-            };
-            match runs.last_mut() {
-                Some((at, run)) if *at + run.len() == i && extends_run(run, &g) => run.push(g),
-                _ => runs.push((i, vec![g])),
-            }
-        }
-        let fetches = runs
-            .into_iter()
-            .map(|(at, run)| async move { self.frame_run(run).await.map(|d| (at, d)) });
-        for (at, data) in futures::future::try_join_all(fetches).await? {
-            for (k, d) in data.into_iter().enumerate() {
-                frames[at + k] = Some(d);
-            }
-        }
+        let inner = &self.inner;
+        fetch_missing_frames(
+            &inner.cache,
+            &inner.backend,
+            &inner.config.read_retry,
+            &map,
+            &mut frames,
+            &|took, n| {
+                inner.stats.frame_fetches.fetch_add(n, Ordering::Relaxed);
+                inner.get_seconds.record(took);
+            },
+        )
+        .await?;
         fill_from_frames(&mut out, r, &map, frames);
         Ok(out.freeze())
     }
@@ -795,39 +789,6 @@ impl Volume {
             },
         )
         .await
-    }
-
-    /// Decompressed, verified frames `run` (back to back in one object, see [`extends_run`]):
-    /// one frame through [`Self::frame`] (concurrent misses coalesce), more with one ranged
-    /// read (retried), decoded off the reactor and cached.
-    async fn frame_run(&self, run: Vec<FrameRef>) -> Result<Vec<Bytes>, VolumeError> {
-        let (first, last) = match (run.first(), run.last()) {
-            (Some(first), Some(last)) if run.len() > 1 => (*first, *last),
-            _ => {
-                let mut out = Vec::with_capacity(1);
-                for f in run {
-                    out.push(self.frame(f).await?);
-                }
-                return Ok(out);
-            }
-        };
-        let inner = &self.inner;
-        let (_, okey, _) = frame_location(&first);
-        let range = u64::from(first.offset)..u64::from(last.offset) + u64::from(last.len);
-        let started = Instant::now();
-        let raw = retry(&inner.config.read_retry, &okey, || {
-            inner.backend.get_range(&okey, range.clone())
-        })
-        .await?;
-        inner.get_seconds.record(started.elapsed());
-        inner
-            .stats
-            .frame_fetches
-            .fetch_add(run.len() as u64, Ordering::Relaxed);
-        let cache = inner.cache.clone();
-        tokio::task::spawn_blocking(move || decode_run(&cache, &okey, &raw, &run))
-            .await
-            .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
     }
 
     /// Runs `f` (blocking, on a RocksDB thread) while the map is frozen at a sequence-number
@@ -995,6 +956,65 @@ pub(crate) async fn fetch_frame(
                 .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
         })
         .await
+}
+
+/// Fetches every data frame of `map` that `frames` (same order) does not hold yet, concurrently:
+/// frames back to back in one object ([`extends_run`]) with one ranged read (retried by
+/// `policy`), decoded off the reactor and cached; a lone frame through [`fetch_frame`], so
+/// concurrent misses for it coalesce. `fetched(duration, frames)` is called after each read.
+pub(crate) async fn fetch_missing_frames(
+    cache: &FrameCache,
+    backend: &SharedBackend,
+    policy: &RetryPolicy,
+    map: &[MapExtent],
+    frames: &mut [Option<Bytes>],
+    fetched: &(dyn Fn(Duration, u64) + Sync),
+) -> Result<(), VolumeError> {
+    let mut runs: Vec<(usize, Vec<FrameRef>)> = Vec::new();
+    for (i, (e, have)) in map.iter().zip(frames.iter()).enumerate() {
+        let (Target::Data(g), None) = (e.target, have) else {
+            continue;
+        };
+        match runs.last_mut() {
+            Some((at, run)) if *at + run.len() == i && extends_run(run, &g) => run.push(g),
+            _ => runs.push((i, vec![g])),
+        }
+    }
+    let fetches = runs.into_iter().map(|(at, run)| async move {
+        let data = match run[..] {
+            [f] => vec![fetch_frame(cache, backend, policy, f, |took| fetched(took, 1)).await?],
+            _ => fetch_run(cache, backend, policy, run, fetched).await?,
+        };
+        Ok::<_, VolumeError>((at, data))
+    });
+    for (at, data) in futures::future::try_join_all(fetches).await? {
+        for (k, d) in data.into_iter().enumerate() {
+            frames[at + k] = Some(d);
+        }
+    }
+    Ok(())
+}
+
+/// Frames `run` (back to back in one object) with one ranged read, verified, decoded and cached.
+async fn fetch_run(
+    cache: &FrameCache,
+    backend: &SharedBackend,
+    policy: &RetryPolicy,
+    run: Vec<FrameRef>,
+    fetched: &(dyn Fn(Duration, u64) + Sync),
+) -> Result<Vec<Bytes>, VolumeError> {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return Ok(Vec::new());
+    };
+    let (_, okey, _) = frame_location(first);
+    let range = u64::from(first.offset)..u64::from(last.offset) + u64::from(last.len);
+    let started = Instant::now();
+    let raw = retry(policy, &okey, || backend.get_range(&okey, range.clone())).await?;
+    fetched(started.elapsed(), run.len() as u64);
+    let cache = cache.clone();
+    tokio::task::spawn_blocking(move || decode_run(&cache, &okey, &raw, &run))
+        .await
+        .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
 }
 
 /// Most bytes one read of adjacent frames covers (a 1 MiB request of 16 KiB frames is one read).
