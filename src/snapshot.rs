@@ -23,8 +23,8 @@ use crate::meta::{
 };
 use crate::retry::{delete_retried, put_retried, RetryPolicy};
 use crate::volume::{
-    check_range, check_request, fetch_missing_frames, fill_from_frames, frame_location,
-    status_runs, StatusExtent, VolumeError,
+    cached_frames, check_range, check_request, fetch_missing_frames, fill_from_frames, status_runs,
+    StatusExtent, VolumeError,
 };
 
 /// A snapshot opened for reading (the read-only NBD export `SNAPID`).
@@ -62,13 +62,7 @@ impl SnapshotVolume {
         let r = BlockRange::covering(offset, len);
         let lookup = self.lookup.clone();
         let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
-        let mut frames: Vec<Option<Bytes>> = map
-            .iter()
-            .map(|e| match e.target {
-                Target::Data(f) => self.cache.get(&frame_location(&f).0),
-                Target::Zero => None,
-            })
-            .collect();
+        let (mut frames, _) = cached_frames(&self.cache, &map);
         fetch_missing_frames(
             &self.cache,
             &self.backend,

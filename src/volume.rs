@@ -712,47 +712,29 @@ impl Volume {
             for (s, e) in holes {
                 map.extend(inner.lookup.lookup(s, e)?);
             }
-            let mut frames: Vec<Option<Bytes>> = Vec::with_capacity(map.len());
-            let mut i = 0;
-            while i < map.len() {
-                let Target::Data(f) = map[i].target else {
-                    frames.push(None);
-                    i += 1;
+            let (mut frames, hits) = cached_frames(&inner.cache, &map);
+            inner.stats.frame_hits.fetch_add(hits, Ordering::Relaxed);
+            for (at, run) in missing_runs(&map, &frames) {
+                let Some((okey, range)) = run_location(&run) else {
                     continue;
                 };
-                let (key, okey, range) = frame_location(&f);
-                if let Some(hit) = inner.cache.get(&key) {
-                    inner.stats.frame_hits.fetch_add(1, Ordering::Relaxed);
-                    frames.push(Some(hit));
-                    i += 1;
-                    continue;
-                }
-                // The uncached frames stored right after this one in the same object (a
-                // sequential read): one read for all of them.
-                let run = adjacent_misses(&inner.cache, &map[i..]);
-                let end = run
-                    .last()
-                    .map_or(range.end, |g| u64::from(g.offset) + u64::from(g.len));
                 let started = Instant::now();
-                match inner.backend.get_range_blocking(&okey, range.start..end) {
-                    None => {
-                        frames.extend(std::iter::repeat_n(None, run.len()));
-                    }
-                    Some(raw) => {
-                        let raw = raw?;
-                        inner.get_seconds.record(started.elapsed());
-                        inner
-                            .stats
-                            .frame_fetches
-                            .fetch_add(run.len() as u64, Ordering::Relaxed);
-                        frames.extend(
-                            decode_run(&inner.cache, &okey, &raw, &run)?
-                                .into_iter()
-                                .map(Some),
-                        );
-                    }
+                // `None`: not a local backend; everything missing is fetched below.
+                let Some(raw) = inner.backend.get_range_blocking(&okey, range) else {
+                    break;
+                };
+                let raw = raw?;
+                inner.get_seconds.record(started.elapsed());
+                inner
+                    .stats
+                    .frame_fetches
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+                for (k, d) in decode_run(&inner.cache, &okey, &raw, &run)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    frames[at + k] = Some(d);
                 }
-                i += run.len();
             }
             Ok((map, frames))
         })
@@ -970,16 +952,7 @@ pub(crate) async fn fetch_missing_frames(
     frames: &mut [Option<Bytes>],
     fetched: &(dyn Fn(Duration, u64) + Sync),
 ) -> Result<(), VolumeError> {
-    let mut runs: Vec<(usize, Vec<FrameRef>)> = Vec::new();
-    for (i, (e, have)) in map.iter().zip(frames.iter()).enumerate() {
-        let (Target::Data(g), None) = (e.target, have) else {
-            continue;
-        };
-        match runs.last_mut() {
-            Some((at, run)) if *at + run.len() == i && extends_run(run, &g) => run.push(g),
-            _ => runs.push((i, vec![g])),
-        }
-    }
+    let runs = missing_runs(map, frames);
     let fetches = runs.into_iter().map(|(at, run)| async move {
         let data = match run[..] {
             [f] => vec![fetch_frame(cache, backend, policy, f, |took| fetched(took, 1)).await?],
@@ -1003,11 +976,9 @@ async fn fetch_run(
     run: Vec<FrameRef>,
     fetched: &(dyn Fn(Duration, u64) + Sync),
 ) -> Result<Vec<Bytes>, VolumeError> {
-    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+    let Some((okey, range)) = run_location(&run) else {
         return Ok(Vec::new());
     };
-    let (_, okey, _) = frame_location(first);
-    let range = u64::from(first.offset)..u64::from(last.offset) + u64::from(last.len);
     let started = Instant::now();
     let raw = retry(policy, &okey, || backend.get_range(&okey, range.clone())).await?;
     fetched(started.elapsed(), run.len() as u64);
@@ -1033,19 +1004,48 @@ fn extends_run(run: &[FrameRef], g: &FrameRef) -> bool {
         && end + u64::from(g.len) - u64::from(first.offset) <= MAX_FRAME_RUN_BYTES
 }
 
-/// The data frames at the start of `map` (the first one included, whatever the cache holds)
-/// that lie back to back in one object ([`extends_run`]) and are not cached.
-fn adjacent_misses(cache: &FrameCache, map: &[MapExtent]) -> Vec<FrameRef> {
-    let mut run: Vec<FrameRef> = Vec::new();
-    for e in map {
-        let Target::Data(g) = e.target else { break };
-        if !run.is_empty() && (!extends_run(&run, &g) || cache.contains_key(&frame_location(&g).0))
-        {
-            break;
+/// `map`'s data frames that `cache` holds (same order; `None` for the others and for zero
+/// extents), and how many it held.
+pub(crate) fn cached_frames(cache: &FrameCache, map: &[MapExtent]) -> (Vec<Option<Bytes>>, u64) {
+    let mut hits = 0;
+    let frames = map
+        .iter()
+        .map(|e| match e.target {
+            Target::Data(f) => {
+                let hit = cache.get(&frame_location(&f).0);
+                hits += u64::from(hit.is_some());
+                hit
+            }
+            Target::Zero => None,
+        })
+        .collect();
+    (frames, hits)
+}
+
+/// The data frames of `map` that `frames` (same order) does not hold, grouped into runs back
+/// to back in one object ([`extends_run`]), each with the index of its first frame.
+fn missing_runs(map: &[MapExtent], frames: &[Option<Bytes>]) -> Vec<(usize, Vec<FrameRef>)> {
+    let mut runs: Vec<(usize, Vec<FrameRef>)> = Vec::new();
+    for (i, (e, have)) in map.iter().zip(frames).enumerate() {
+        let (Target::Data(g), None) = (e.target, have) else {
+            continue;
+        };
+        match runs.last_mut() {
+            Some((at, run)) if *at + run.len() == i && extends_run(run, &g) => run.push(g),
+            _ => runs.push((i, vec![g])),
         }
-        run.push(g);
     }
-    run
+    runs
+}
+
+/// Object key and byte range holding all of `run` (`None` for an empty run).
+fn run_location(run: &[FrameRef]) -> Option<(String, std::ops::Range<u64>)> {
+    let (first, last) = (run.first()?, run.last()?);
+    let (_, okey, _) = frame_location(first);
+    Some((
+        okey,
+        u64::from(first.offset)..u64::from(last.offset) + u64::from(last.len),
+    ))
 }
 
 /// Splits `raw` (the bytes of `run`, read from object `okey` in one piece) into frames,
