@@ -96,6 +96,19 @@ impl Engine {
         self.cache.weight()
     }
 
+    /// Current capacity of the frame cache in bytes: `EngineConfig::frame_cache_bytes` unless
+    /// [`Engine::set_frame_cache_capacity`] changed it.
+    pub fn frame_cache_capacity(&self) -> u64 {
+        self.cache.capacity()
+    }
+
+    /// Sets the frame cache's capacity in bytes (at least 1 MiB), evicting frames at once when
+    /// it holds more. The daemon's memory target uses it to let the cache give way to the write
+    /// path (cli/src/memory.rs); reads of evicted frames go to the backend again.
+    pub fn set_frame_cache_capacity(&self, bytes: u64) {
+        self.cache.set_capacity(bytes.max(1 << 20));
+    }
+
     /// The chunk backend.
     pub fn backend(&self) -> &SharedBackend {
         &self.backend

@@ -152,6 +152,13 @@ fn metrics_endpoint_parses_and_counters_move_with_io() {
         ) >= 1.0
     );
 
+    // No memory pressure here (default target = buffer + cache + 64 MiB): the cache keeps
+    // its configured 256 MiB.
+    assert_eq!(
+        value(&last, "vblock_frame_cache_capacity_bytes", &[]),
+        (256u64 << 20) as f64
+    );
+
     // A bad request is counted with its EC2 error code.
     let out = run(
         Command::new(vblock_bin()).args([
@@ -564,4 +571,41 @@ fn version_names_the_commit_and_completions_generate() {
             "{shell} completes serve flags"
         );
     }
+}
+
+/// Over its `--memory-target`, the daemon shrinks the frame cache to its floor (1/8 of
+/// `--cache-size`) and evicts what no longer fits; reads still return the data.
+#[test]
+fn over_its_memory_target_the_frame_cache_gives_way() {
+    let nats = Nats::start();
+    // Any daemon's resident set is above 1 MiB: the cache must go to 64 MiB / 8 = 8 MiB.
+    let d = Daemon::start_with(
+        &nats.url(),
+        &["--cache-size", "64MiB", "--memory-target", "1MiB"],
+    );
+    let vol = d.create_volume(1);
+    let v = vol.as_str();
+    qemu_io(&d.uri(v), &["write -P 9 0 16M", "flush"]);
+    let mut last = scrape(d.metrics_port);
+    let ok = wait_until(Duration::from_secs(30), || {
+        last = scrape(d.metrics_port);
+        value(&last, "vblock_frame_cache_capacity_bytes", &[]) <= (8u64 << 20) as f64 + 65536.0
+            && value(&last, "vblock_chunks_uploaded_total", &[("volume", v)]) >= 4.0
+    });
+    assert!(
+        ok,
+        "the cache did not shrink to its floor, or the data did not reach chunks"
+    );
+    // Read all 16 MiB back from the chunks through the shrunken cache.
+    qemu_io(&d.uri(v), &["read -P 9 0 16M"]);
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = scrape(d.metrics_port);
+        value(&last, "vblock_cache_misses_total", &[("volume", v)]) >= 1.0
+    });
+    assert!(ok, "the read did not go through the cache");
+    let held = value(&last, "vblock_frame_cache_bytes", &[]);
+    assert!(
+        held <= (9u64 << 20) as f64,
+        "the cache holds {held} bytes, over its 8 MiB floor"
+    );
 }

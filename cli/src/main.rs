@@ -3,6 +3,7 @@
 mod client;
 mod config;
 mod malloc;
+mod memory;
 mod metrics;
 mod offline;
 mod progress;

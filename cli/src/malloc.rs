@@ -6,7 +6,7 @@
 //! under random I/O while the live heap stayed flat (the soak, docs/RELIABILITY.md): freed memory
 //! stayed resident, scattered over many arenas or thread heaps. So: one arena per core, a fixed
 //! mmap threshold above the usual 1 MiB request (larger buffers are mapped and unmapped, smaller
-//! ones reuse arena memory), and a background thread that returns free pages to the OS.
+//! ones reuse arena memory), and a background thread that returns free pages to the OS (cli/src/memory.rs).
 
 /// Allocations of this many bytes or more are mmapped and unmapped on free. Fixed, because
 /// glibc's dynamic threshold rises to the largest freed buffer (up to 32 MiB) and then keeps
@@ -14,9 +14,6 @@
 /// a quarter of sequential-write MB/s.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD_BYTES: libc::c_int = 2 << 20;
-
-/// How often the daemon's trimmer releases free heap pages.
-pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Sets one malloc arena per core (at least 2; glibc's default is 8 per core) and a fixed
 /// [`MMAP_THRESHOLD_BYTES`]. Call first thing in `main`.
@@ -37,20 +34,14 @@ pub fn tune() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn tune() {}
 
-/// Starts a thread that calls `malloc_trim(0)` every [`TRIM_INTERVAL`]: glibc then gives whole
-/// free pages inside its arenas back to the OS (`MADV_DONTNEED`), which it otherwise only does
-/// at the top of the main heap. For the daemon (`vblock serve`) only. Not glibc: does nothing.
-pub fn spawn_trimmer() -> std::io::Result<()> {
+/// Returns whole free pages inside glibc's arenas to the OS (`malloc_trim(0)`, which uses
+/// `MADV_DONTNEED`); otherwise glibc only releases memory at the top of the main heap. Called
+/// by the daemon's memory-target thread (cli/src/memory.rs). Not glibc: does nothing.
+pub fn trim() {
+    // SAFETY: malloc_trim only releases free memory; it locks each arena itself and never
+    // touches live allocations.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    std::thread::Builder::new()
-        .name("malloc-trim".into())
-        .spawn(|| loop {
-            std::thread::sleep(TRIM_INTERVAL);
-            // SAFETY: malloc_trim only releases free memory; it locks each arena itself and
-            // never touches live allocations.
-            unsafe {
-                libc::malloc_trim(0);
-            }
-        })?;
-    Ok(())
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

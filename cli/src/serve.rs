@@ -97,6 +97,12 @@ pub struct ServeArgs {
     /// Decompressed chunk-frame cache shared by all volumes.
     #[arg(long, env = "VBLOCK_CACHE_SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Resident memory the daemon steers towards (default: buffer + cache + 64 MiB): while the
+    /// process is above it, the frame cache gives way, down to 1/8 of --cache-size. It cannot
+    /// shrink write buffers, so with several busy volumes set it to N x buffer + cache + 64 MiB.
+    /// 0: off (the cache keeps --cache-size).
+    #[arg(long, env = "VBLOCK_MEMORY_TARGET", value_parser = parse_size)]
+    pub memory_target: Option<u64>,
     /// RocksDB block cache (the in-memory part of the block map).
     #[arg(long, env = "VBLOCK_META_CACHE_SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub meta_cache_size: u64,
@@ -234,9 +240,6 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         vblock::failpoints::configure(&spec).map_err(ServeError::Config)?;
         tracing::warn!(%spec, "fail points configured: this process will abort on purpose");
     }
-    if let Err(e) = crate::malloc::spawn_trimmer() {
-        tracing::warn!(error = %e, "cannot start the malloc trimmer; freed memory may stay resident");
-    }
     if !a.no_metrics {
         crate::metrics::install(a.metrics_listen).map_err(|e| {
             ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))
@@ -249,6 +252,17 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Config(format!("--buffer-size / --chunk-size: {e}")))?;
     let backend = backend(&a.store, &a.data_dir).await?;
     let engine = Arc::new(Engine::open(config, backend).await?);
+    let target = match a.memory_target {
+        Some(0) => None,
+        Some(bytes) => Some(crate::memory::Target::new(bytes, a.cache_size)),
+        None => Some(crate::memory::Target::new(
+            a.buffer_size + a.cache_size + crate::memory::DEFAULT_ALLOWANCE_BYTES,
+            a.cache_size,
+        )),
+    };
+    if let Err(e) = crate::memory::spawn(engine.clone(), target) {
+        tracing::warn!(error = %e, "cannot start the memory-target thread; the frame cache keeps its size and freed memory may stay resident");
+    }
     // An empty data directory next to a backend that holds volumes: recover them (disaster
     // recovery; FORMAT.md, "Recovery").
     if engine.list_records().await?.is_empty() {
