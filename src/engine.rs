@@ -109,6 +109,17 @@ impl Engine {
         self.cache.set_capacity(bytes.max(1 << 20));
     }
 
+    /// `(open volumes, bytes their write buffers can still take)`, or `None` when the table of
+    /// open volumes is busy (opening or closing one): a non-blocking look for the daemon's
+    /// memory target (cli/src/memory.rs), which keeps that room free for writes.
+    pub fn write_buffer_room(&self) -> Option<(usize, u64)> {
+        let open = self.open.try_lock().ok()?;
+        Some((
+            open.len(),
+            open.values().map(Volume::buffer_room_bytes).sum(),
+        ))
+    }
+
     /// The chunk backend.
     pub fn backend(&self) -> &SharedBackend {
         &self.backend

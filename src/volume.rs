@@ -419,6 +419,12 @@ impl Volume {
         self.inner.wal.durable_position()
     }
 
+    /// Bytes the write buffer can still take before writers wait (free permits × 4096; 0 once
+    /// the volume is closing).
+    pub fn buffer_room_bytes(&self) -> u64 {
+        self.inner.permits.available_permits() as u64 * BLOCK_SIZE
+    }
+
     /// Bytes of data in the write buffer (not yet in chunks).
     pub fn buffered_bytes(&self) -> u64 {
         let st = lock(&self.inner.state);

@@ -5,9 +5,11 @@
 //! docs/BENCHMARKS.md, "Memory"). The frame cache is the one large consumer that can give memory
 //! back at once, so a thread samples the process's resident set every [`TICK`] and moves the
 //! cache's capacity between a floor (1/8 of `--cache-size`) and `--cache-size` to keep the
-//! resident set under `--memory-target` (default: buffer + cache + 64 MiB, the performance
-//! issue's bound for one busy volume). The same idea as Ceph's `osd_memory_target` cache
-//! autotuning. The thread also returns free heap pages to the OS ([`crate::malloc::trim`]).
+//! resident set under `--memory-target` (default: open volumes × buffer + cache + 64 MiB, the
+//! performance issue's bound). The room the write buffers can still take is kept free in
+//! advance: a burst of writes fills an empty 256 MiB buffer in a fraction of a second, faster
+//! than any feedback. The same idea as Ceph's `osd_memory_target` cache autotuning. The thread
+//! also returns free heap pages to the OS ([`crate::malloc::trim`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,55 +22,95 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// Free heap pages are returned to the OS at least this often (and after every cache shrink).
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The allowance above buffer + cache in the default target.
+/// The allowance above buffers + cache in the default target.
 pub const DEFAULT_ALLOWANCE_BYTES: u64 = 64 << 20;
+
+/// The resident set to stay under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RssTarget {
+    /// `--memory-target`, bytes.
+    Fixed(u64),
+    /// The default: `buffer_bytes` per open volume (at least one) + `rest_bytes`.
+    PerVolume {
+        /// `--buffer-size`.
+        buffer_bytes: u64,
+        /// `--cache-size` + [`DEFAULT_ALLOWANCE_BYTES`].
+        rest_bytes: u64,
+    },
+}
+
+impl RssTarget {
+    /// The target in bytes with `open_volumes` volumes open.
+    pub fn bytes(&self, open_volumes: usize) -> u64 {
+        match *self {
+            Self::Fixed(b) => b,
+            Self::PerVolume {
+                buffer_bytes,
+                rest_bytes,
+            } => buffer_bytes
+                .saturating_mul(open_volumes.max(1) as u64)
+                .saturating_add(rest_bytes),
+        }
+    }
+}
 
 /// What the tuner steers towards, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     /// Resident set to stay under.
-    pub rss_bytes: u64,
+    pub rss: RssTarget,
     /// The cache's configured capacity (`--cache-size`): the most it gets back.
     pub cache_max_bytes: u64,
     /// The least the cache is shrunk to.
     pub cache_min_bytes: u64,
 }
 
+/// One sample of the process, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sample {
+    /// Resident set now.
+    pub rss: u64,
+    /// How much it grew since the last sample.
+    pub growth: u64,
+    /// What the open volumes' write buffers can still take.
+    pub buffer_room: u64,
+    /// Open volumes.
+    pub open_volumes: usize,
+}
+
 impl Target {
-    /// Target `rss_bytes` for a cache of `cache_bytes`; the floor is 1/8 of it.
-    pub fn new(rss_bytes: u64, cache_bytes: u64) -> Self {
+    /// Steers towards `rss` for a cache of `cache_bytes`; the floor is 1/8 of it.
+    pub fn new(rss: RssTarget, cache_bytes: u64) -> Self {
         Self {
-            rss_bytes,
+            rss,
             cache_max_bytes: cache_bytes,
             cache_min_bytes: cache_bytes / 8,
         }
     }
 
-    /// The band kept free below the target, so that growth between two samples (a write
-    /// buffer filling at ~250 MB/s adds ~25 MB per [`TICK`]) stays under it: 1/16 of the target.
-    fn headroom(&self) -> u64 {
-        self.rss_bytes / 16
-    }
-
-    /// The cache capacity for the next tick, given the current one, the resident set and how
-    /// much it grew since the last sample (the next sample is expected that much higher: a write
-    /// burst into empty buffers outruns a fixed headroom). Expected above `target - headroom`:
-    /// shrink by the excess (down to the floor). Below `target - 2 * headroom`: grow by half the
-    /// spare room (up to the configured size). Between: unchanged, so the capacity does not
-    /// oscillate.
-    pub fn next_capacity(&self, capacity: u64, rss: u64, growth: u64) -> u64 {
-        let aim = self.rss_bytes.saturating_sub(self.headroom());
-        let rss = rss.saturating_add(growth);
-        if rss > aim {
+    /// The cache capacity for the next tick, given the current one and a [`Sample`].
+    ///
+    /// The expected resident set is `rss` plus the larger of the buffers' free room (they can
+    /// fill at any moment) and the growth since the last sample (chunk objects, requests and
+    /// slack the buffers do not count). The band kept free below the target, the headroom, is
+    /// 1/16 of it. Expected above `target - headroom`: shrink by the excess (down to the floor).
+    /// Below `target - 2 * headroom`: grow by half the spare room (up to the configured size).
+    /// Between: unchanged, so the capacity does not oscillate.
+    pub fn next_capacity(&self, capacity: u64, s: Sample) -> u64 {
+        let target = self.rss.bytes(s.open_volumes);
+        let headroom = target / 16;
+        let aim = target.saturating_sub(headroom);
+        let expected = s.rss.saturating_add(s.growth.max(s.buffer_room));
+        if expected > aim {
             capacity
-                .saturating_sub(rss - aim)
+                .saturating_sub(expected - aim)
                 .max(self.cache_min_bytes)
                 .min(capacity)
         } else {
-            let low = aim.saturating_sub(self.headroom());
-            if rss < low {
+            let low = aim.saturating_sub(headroom);
+            if expected < low {
                 capacity
-                    .saturating_add((low - rss) / 2)
+                    .saturating_add((low - expected) / 2)
                     .min(self.cache_max_bytes)
                     .max(capacity)
             } else {
@@ -100,14 +142,22 @@ pub fn spawn(engine: Arc<Engine>, target: Option<Target>) -> std::io::Result<()>
         .spawn(move || {
             let mut last_trim = Instant::now();
             let mut last_rss = None;
+            let mut room = (0, 0);
             loop {
                 std::thread::sleep(target.map_or(TRIM_INTERVAL, |_| TICK));
                 let mut trim = last_trim.elapsed() >= TRIM_INTERVAL;
                 if let (Some(t), Some(rss)) = (target, resident_bytes()) {
-                    let growth = last_rss.map_or(0, |last| rss.saturating_sub(last));
+                    // Busy table (a volume opening or closing): keep the last look.
+                    room = engine.write_buffer_room().unwrap_or(room);
+                    let sample = Sample {
+                        rss,
+                        growth: last_rss.map_or(0, |last| rss.saturating_sub(last)),
+                        open_volumes: room.0,
+                        buffer_room: room.1,
+                    };
                     last_rss = Some(rss);
                     let capacity = engine.frame_cache_capacity();
-                    let next = t.next_capacity(capacity, rss, growth);
+                    let next = t.next_capacity(capacity, sample);
                     if next != capacity {
                         engine.set_frame_cache_capacity(next);
                         // Evicted frames are free heap memory now: hand their pages back.
@@ -129,48 +179,96 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// The defaults: 256 MiB buffer, 256 MiB cache; one volume open: target 576 MiB, aim 540.
     fn target() -> Target {
-        Target::new(576 * MIB, 256 * MIB)
+        Target::new(
+            RssTarget::PerVolume {
+                buffer_bytes: 256 * MIB,
+                rest_bytes: 320 * MIB,
+            },
+            256 * MIB,
+        )
+    }
+
+    fn at(rss: u64) -> Sample {
+        Sample {
+            rss,
+            open_volumes: 1,
+            ..Sample::default()
+        }
+    }
+
+    const AIM: u64 = 540 * MIB;
+
+    #[test]
+    fn the_default_target_grows_with_open_volumes() {
+        let t = target().rss;
+        assert_eq!(t.bytes(0), 576 * MIB);
+        assert_eq!(t.bytes(1), 576 * MIB);
+        assert_eq!(t.bytes(3), 3 * 256 * MIB + 320 * MIB);
+        assert_eq!(RssTarget::Fixed(MIB).bytes(7), MIB);
     }
 
     #[test]
     fn over_the_aim_the_cache_shrinks_by_the_excess_but_not_below_its_floor() {
         let t = target();
-        let aim = 576 * MIB - 36 * MIB;
-        assert_eq!(t.next_capacity(256 * MIB, aim + 10 * MIB, 0), 246 * MIB);
-        assert_eq!(t.next_capacity(256 * MIB, aim + 500 * MIB, 0), 32 * MIB);
+        assert_eq!(t.next_capacity(256 * MIB, at(AIM + 10 * MIB)), 246 * MIB);
+        assert_eq!(t.next_capacity(256 * MIB, at(AIM + 500 * MIB)), 32 * MIB);
         // Already at the floor: stays there, never grows while over.
-        assert_eq!(t.next_capacity(32 * MIB, aim + 1, 0), 32 * MIB);
-        assert_eq!(t.next_capacity(16 * MIB, aim + 1, 0), 16 * MIB);
+        assert_eq!(t.next_capacity(32 * MIB, at(AIM + 1)), 32 * MIB);
+        assert_eq!(t.next_capacity(16 * MIB, at(AIM + 1)), 16 * MIB);
+    }
+
+    #[test]
+    fn room_left_in_the_write_buffers_is_kept_free_for_them() {
+        let t = target();
+        // Idle daemon, full cache, empty buffer: 330 MiB + 256 MiB of room is 46 MiB over.
+        let idle = Sample {
+            buffer_room: 256 * MIB,
+            ..at(330 * MIB)
+        };
+        assert_eq!(t.next_capacity(256 * MIB, idle), 210 * MIB);
+        // A full buffer has no room left: only the resident set counts.
+        let full = Sample {
+            buffer_room: 0,
+            ..at(520 * MIB)
+        };
+        assert_eq!(t.next_capacity(210 * MIB, full), 210 * MIB);
     }
 
     #[test]
     fn a_growing_resident_set_shrinks_the_cache_before_it_reaches_the_aim() {
         let t = target();
-        let aim = 576 * MIB - 36 * MIB;
         // 20 MiB under the aim, but 50 MiB more than a tick ago: expected 30 MiB over.
-        assert_eq!(
-            t.next_capacity(256 * MIB, aim - 20 * MIB, 50 * MIB),
-            226 * MIB
-        );
+        let rising = Sample {
+            growth: 50 * MIB,
+            ..at(AIM - 20 * MIB)
+        };
+        assert_eq!(t.next_capacity(256 * MIB, rising), 226 * MIB);
         // Steady at the same level: inside the band, no change.
-        assert_eq!(t.next_capacity(256 * MIB, aim - 20 * MIB, 0), 256 * MIB);
+        assert_eq!(t.next_capacity(256 * MIB, at(AIM - 20 * MIB)), 256 * MIB);
     }
 
     #[test]
     fn far_under_the_aim_the_cache_grows_back_up_to_its_configured_size() {
         let t = target();
-        let low = 576 * MIB - 72 * MIB;
-        assert_eq!(t.next_capacity(100 * MIB, low - 20 * MIB, 0), 110 * MIB);
-        assert_eq!(t.next_capacity(250 * MIB, 50 * MIB, 0), 256 * MIB);
-        assert_eq!(t.next_capacity(256 * MIB, 0, 0), 256 * MIB);
+        let low = AIM - 36 * MIB;
+        assert_eq!(t.next_capacity(100 * MIB, at(low - 20 * MIB)), 110 * MIB);
+        assert_eq!(t.next_capacity(250 * MIB, at(50 * MIB)), 256 * MIB);
+        assert_eq!(t.next_capacity(256 * MIB, at(0)), 256 * MIB);
+        // More volumes open: a larger target, so the same resident set leaves room to grow.
+        let three = Sample {
+            open_volumes: 3,
+            ..at(AIM)
+        };
+        assert_eq!(t.next_capacity(100 * MIB, three), 256 * MIB);
     }
 
     #[test]
     fn inside_the_band_the_capacity_holds() {
         let t = target();
         for rss in [504 * MIB, 520 * MIB, 540 * MIB] {
-            assert_eq!(t.next_capacity(200 * MIB, rss, 0), 200 * MIB);
+            assert_eq!(t.next_capacity(200 * MIB, at(rss)), 200 * MIB);
         }
     }
 

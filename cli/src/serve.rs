@@ -97,10 +97,10 @@ pub struct ServeArgs {
     /// Decompressed chunk-frame cache shared by all volumes.
     #[arg(long, env = "VBLOCK_CACHE_SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub cache_size: u64,
-    /// Resident memory the daemon steers towards (default: buffer + cache + 64 MiB): while the
-    /// process is above it, the frame cache gives way, down to 1/8 of --cache-size. It cannot
-    /// shrink write buffers, so with several busy volumes set it to N x buffer + cache + 64 MiB.
-    /// 0: off (the cache keeps --cache-size).
+    /// Resident memory the daemon steers towards (default: open volumes x buffer + cache +
+    /// 64 MiB): the frame cache gives way, down to 1/8 of --cache-size, so that the resident set
+    /// plus what the write buffers can still take stays under it. 0: off (the cache keeps
+    /// --cache-size).
     #[arg(long, env = "VBLOCK_MEMORY_TARGET", value_parser = parse_size)]
     pub memory_target: Option<u64>,
     /// RocksDB block cache (the in-memory part of the block map).
@@ -254,12 +254,13 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
     let engine = Arc::new(Engine::open(config, backend).await?);
     let target = match a.memory_target {
         Some(0) => None,
-        Some(bytes) => Some(crate::memory::Target::new(bytes, a.cache_size)),
-        None => Some(crate::memory::Target::new(
-            a.buffer_size + a.cache_size + crate::memory::DEFAULT_ALLOWANCE_BYTES,
-            a.cache_size,
-        )),
-    };
+        Some(bytes) => Some(crate::memory::RssTarget::Fixed(bytes)),
+        None => Some(crate::memory::RssTarget::PerVolume {
+            buffer_bytes: a.buffer_size,
+            rest_bytes: a.cache_size + crate::memory::DEFAULT_ALLOWANCE_BYTES,
+        }),
+    }
+    .map(|rss| crate::memory::Target::new(rss, a.cache_size));
     if let Err(e) = crate::memory::spawn(engine.clone(), target) {
         tracing::warn!(error = %e, "cannot start the memory-target thread; the frame cache keeps its size and freed memory may stay resident");
     }
