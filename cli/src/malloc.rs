@@ -6,7 +6,8 @@
 //! under random I/O while the live heap stayed flat (the soak, docs/RELIABILITY.md): freed memory
 //! stayed resident, scattered over many arenas or thread heaps. So: one arena per core, a fixed
 //! mmap threshold above the usual 1 MiB request (larger buffers are mapped and unmapped, smaller
-//! ones reuse arena memory), and a background thread that returns free pages to the OS (cli/src/memory.rs).
+//! ones reuse arena memory), and a background thread that returns free pages to the OS
+//! ([`trim`], called from cli/src/memory.rs).
 
 /// Allocations of this many bytes or more are mmapped and unmapped on free. Fixed, because
 /// glibc's dynamic threshold rises to the largest freed buffer (up to 32 MiB) and then keeps
