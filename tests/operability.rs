@@ -152,8 +152,8 @@ fn metrics_endpoint_parses_and_counters_move_with_io() {
         ) >= 1.0
     );
 
-    // No memory pressure here (default target = buffer + cache + 64 MiB): the cache keeps
-    // its configured 256 MiB.
+    // No memory pressure here (default target = open volumes x buffer + cache + 64 MiB; this
+    // daemon's RSS plus its buffer's free room is far below it): the cache keeps its 256 MiB.
     assert_eq!(
         value(&last, "vblock_frame_cache_capacity_bytes", &[]),
         (256u64 << 20) as f64
