@@ -161,7 +161,8 @@ fn run_case(ops: Vec<Op>) {
                     let pos = vol.wal_durable_position();
                     drop(vol);
                     engine.simulate_crash().await;
-                    // Lose a random part of the unsynced WAL tail.
+                    // Lose a random part of the unsynced WAL tail: cut off (a growing segment)
+                    // or zeroed (a preallocated one keeps its length and reads back its zeros).
                     let seg = dir
                         .path()
                         .join("wal")
@@ -175,7 +176,13 @@ fn run_case(ops: Vec<Op>) {
                                 .write(true)
                                 .open(&seg)
                                 .expect("open segment");
-                            f.set_len(keep).expect("truncate");
+                            if cut >> 63 == 0 {
+                                f.set_len(keep).expect("truncate");
+                            } else {
+                                use std::os::unix::fs::FileExt;
+                                let zeros = vec![0u8; (len - keep) as usize];
+                                f.write_all_at(&zeros, keep).expect("zero the tail");
+                            }
                         }
                     }
                     engine = common::open_engine(dir.path(), &backend).await;

@@ -412,7 +412,8 @@ pub struct SegmentScan {
     pub header: Result<(u64, u64), DecodeError>,
     /// Every record that verifies, with its byte offset.
     pub records: Vec<(u64, RecordHeader)>,
-    /// The first bad record: offset and reason (`None` when the file ends cleanly).
+    /// The first bad record: offset and reason (`None` when the file ends cleanly: after its last
+    /// record, or in zero padding after it).
     pub error: Option<(u64, DecodeError)>,
     /// File length in bytes.
     pub len: u64,
@@ -424,6 +425,7 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
     let mut records = Vec::new();
     let mut error = None;
     if header.is_ok() {
+        let padded = record::segment_version(bytes) >= 2;
         let mut off = record::SEGMENT_HEADER_LEN;
         while off < bytes.len() {
             match record::decode_record(&bytes[off..]) {
@@ -431,6 +433,7 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan {
                     records.push((off as u64, h));
                     off += h.record_len();
                 }
+                Err(_) if padded && record::is_padding(&bytes[off..]) => break,
                 Err(e) => {
                     error = Some((off as u64, e));
                     break;
@@ -470,6 +473,67 @@ mod tests {
         let (wal, _) = Wal::open(config, TAG, checkpoint, |h, _| seqs.push(h.seq))?;
         wal.shutdown(true);
         Ok(seqs)
+    }
+
+    /// A WAL that syncs moves into preallocated segments: full-size files its records overwrite,
+    /// zero-padded after the last one. Every record replays after a crash (no clean close),
+    /// across the padding; spares never renamed into place are gone after a close and after an
+    /// open.
+    #[test]
+    fn a_syncing_wal_writes_into_preallocated_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = WalConfig {
+            dir: dir.path().join("wal"),
+            segment_bytes: 1 << 16,
+            name: "test".into(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (wal, _) = Wal::open(&config, TAG, 0, |_, _| {}).expect("open");
+        // 4,140-byte records, 15 to a 64 KiB segment. The first sync starts the spare for
+        // segment 2; the writer waits for it when segment 1 is full at the latest.
+        for seq in 1..=40 {
+            let (h, p) = write(seq);
+            wal.append(h, p).expect("append");
+            if seq % 5 == 0 {
+                rt.block_on(wal.sync()).expect("sync");
+            }
+        }
+        let lens: Vec<u64> = list_segments(&config.dir)
+            .expect("list")
+            .into_iter()
+            .map(|no| std::fs::metadata(segment_path(&config.dir, no)).map_or(0, |m| m.len()))
+            .collect();
+        assert!(lens.len() >= 3, "segments {lens:?}");
+        assert!(
+            lens.iter().all(|len| len % 4096 == 0),
+            "whole pages: {lens:?}"
+        );
+        assert_eq!(lens[1], 1 << 16, "segment 2 was preallocated: {lens:?}");
+        wal.shutdown(false);
+        let spares = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .expect("read_dir")
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".prep"))
+                .count()
+        };
+        assert_eq!(
+            spares(&config.dir),
+            0,
+            "the spare is removed when the writer stops"
+        );
+        std::fs::write(
+            config.dir.join("00000000000000ff.wal.prep"),
+            b"left by a crash",
+        )
+        .expect("write");
+        assert_eq!(
+            replayed_seqs(&config, 0).expect("replay"),
+            (1..=40).collect::<Vec<_>>()
+        );
+        assert_eq!(spares(&config.dir), 0, "a crash's spare is removed at open");
     }
 
     /// Trimming records the trim mark before deleting segments; a map checkpoint behind the mark

@@ -1,11 +1,13 @@
-//! WAL on-disk format, version 1: the segment header and the record header.
+//! WAL on-disk format: the segment header (version 2) and the record header (version 1).
 //! `docs/FORMAT.md` ("WAL") is the prose spec of these bytes; keep both in step.
 //!
 //! All integers are little-endian.
 //!
 //! Segment header (32 bytes), at offset 0 of every segment file:
 //! `magic u32 = "VBWS" | version u16 | reserved u16 | segment_no u64 | volume_tag u64 | crc32 u32 | reserved u32`
-//! (crc32 covers bytes 0..24).
+//! (crc32 covers bytes 0..24). Version 2 segments (this build writes only those) are written in
+//! whole 4 KiB pages and may be preallocated: after the last record the file holds zero bytes
+//! up to its end ([`is_padding`]); version 1 segments (read still) end after their last record.
 //!
 //! Record header (44 bytes), followed by `payload_len` bytes of payload:
 //! `magic u32 = "VBWL" | version u8 | kind u8 | flags u16 | seq u64 | volume_tag u64 |
@@ -22,8 +24,12 @@ use crate::block::BLOCK_SIZE;
 pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"VBWS");
 /// Magic at the start of every record: ASCII "VBWL".
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"VBWL");
-/// The only format version this build writes and reads.
+/// Record and trim mark format version (the only one this build writes and reads).
 pub const WAL_VERSION: u8 = 1;
+/// Segment header version this build writes; it reads 1 and 2 ([`segment_version`]).
+pub const SEGMENT_VERSION: u16 = 2;
+/// Writes to a version 2 segment cover whole pages of this many bytes.
+pub const WAL_PAGE: usize = 4096;
 /// Magic at the start of the trim mark file: ASCII "VBWT".
 pub const TRIM_MARK_MAGIC: u32 = u32::from_le_bytes(*b"VBWT");
 /// Trim mark length in bytes.
@@ -129,7 +135,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 pub fn encode_segment_header(segment_no: u64, volume_tag: u64) -> [u8; SEGMENT_HEADER_LEN] {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[0..4].copy_from_slice(&SEGMENT_MAGIC.to_le_bytes());
-    h[4..6].copy_from_slice(&u16::from(WAL_VERSION).to_le_bytes());
+    h[4..6].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
     h[8..16].copy_from_slice(&segment_no.to_le_bytes());
     h[16..24].copy_from_slice(&volume_tag.to_le_bytes());
     let crc = crc32fast::hash(&h[0..24]);
@@ -138,9 +144,15 @@ pub fn encode_segment_header(segment_no: u64, volume_tag: u64) -> [u8; SEGMENT_H
 }
 
 /// Verifies a fixed-size block of the WAL directory (segment header, trim mark): at least `len`
-/// bytes, `magic` at 0, [`WAL_VERSION`] as u16 at 4, and the CRC-32 of bytes `0..crc_at` stored at
-/// `crc_at`.
-fn verify_fixed(b: &[u8], len: usize, magic: u32, crc_at: usize) -> Result<(), DecodeError> {
+/// bytes, `magic` at 0, a version in `versions` as u16 at 4, and the CRC-32 of bytes `0..crc_at`
+/// stored at `crc_at`.
+fn verify_fixed(
+    b: &[u8],
+    len: usize,
+    magic: u32,
+    versions: std::ops::RangeInclusive<u16>,
+    crc_at: usize,
+) -> Result<(), DecodeError> {
     if b.len() < len {
         return Err(DecodeError::Short {
             need: len,
@@ -152,7 +164,7 @@ fn verify_fixed(b: &[u8], len: usize, magic: u32, crc_at: usize) -> Result<(), D
         return Err(DecodeError::BadMagic(found));
     }
     let version = u16_at(b, 4);
-    if version != u16::from(WAL_VERSION) {
+    if !versions.contains(&version) {
         return Err(DecodeError::BadVersion(version.min(255) as u8));
     }
     let stored = u32_at(b, crc_at);
@@ -165,8 +177,28 @@ fn verify_fixed(b: &[u8], len: usize, magic: u32, crc_at: usize) -> Result<(), D
 
 /// Decodes a segment header into `(segment_no, volume_tag)`.
 pub fn decode_segment_header(b: &[u8]) -> Result<(u64, u64), DecodeError> {
-    verify_fixed(b, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, 24)?;
+    verify_fixed(
+        b,
+        SEGMENT_HEADER_LEN,
+        SEGMENT_MAGIC,
+        1..=SEGMENT_VERSION,
+        24,
+    )?;
     Ok((u64_at(b, 8), u64_at(b, 16)))
+}
+
+/// The version of a segment header that [`decode_segment_header`] accepted (1 or 2).
+pub fn segment_version(b: &[u8]) -> u16 {
+    if b.len() < 6 {
+        return 0;
+    }
+    u16_at(b, 4)
+}
+
+/// True when `b` is the zero padding after a version 2 segment's last record: every byte is zero
+/// (no record starts with a zero byte, its magic is "VBWL").
+pub fn is_padding(b: &[u8]) -> bool {
+    crate::block::is_zero(b)
 }
 
 /// Encodes the trim mark: every record with `seq <= trimmed_through` may have been deleted.
@@ -188,7 +220,8 @@ pub fn decode_trim_mark(b: &[u8]) -> Result<u64, DecodeError> {
             found: b.len(),
         });
     }
-    verify_fixed(b, TRIM_MARK_LEN, TRIM_MARK_MAGIC, 16)?;
+    let v = u16::from(WAL_VERSION);
+    verify_fixed(b, TRIM_MARK_LEN, TRIM_MARK_MAGIC, v..=v, 16)?;
     Ok(u64_at(b, 8))
 }
 

@@ -8,8 +8,8 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::record::{
-    decode_record, decode_segment_header, DecodeError, RecordHeader, RECORD_MAGIC,
-    SEGMENT_HEADER_LEN,
+    decode_record, decode_segment_header, is_padding, segment_version, DecodeError, RecordHeader,
+    RECORD_MAGIC, SEGMENT_HEADER_LEN,
 };
 use super::writer::SegmentInfo;
 use super::{fsync_dir, list_segments, read_trim_mark, segment_path, WalError};
@@ -93,6 +93,7 @@ pub(crate) fn replay(
             max_seq: 0,
             bytes: 0,
         };
+        let padded = segment_version(&seg.data) >= 2;
         let mut off = SEGMENT_HEADER_LEN;
         let mut torn = false;
         while off < seg.data.len() {
@@ -125,8 +126,12 @@ pub(crate) fn replay(
                     }
                     off += h.record_len();
                 }
+                Err(_) if padded && is_padding(&seg.data[off..]) => {
+                    // The zero padding of a version 2 segment: its records end here.
+                    break;
+                }
                 Err(reason) => {
-                    if valid_record_follows(&segments, i, off + 1, last_seq, volume_tag) {
+                    if hides_records(&segments, i, off, last_seq, volume_tag, padded) {
                         return Err(WalError::Corrupt {
                             path,
                             offset: off as u64,
@@ -179,16 +184,63 @@ fn valid_record_follows(
     last_seq: u64,
     volume_tag: u64,
 ) -> bool {
-    let magic = RECORD_MAGIC.to_le_bytes();
     segments[i..].iter().enumerate().any(|(k, seg)| {
         let start = if k == 0 { from } else { 0 };
-        let data = &seg.data[..];
-        (start..data.len().saturating_sub(3)).any(|p| {
-            data[p..p + 4] == magic
-                && matches!(decode_record(&data[p..]),
-                    Ok((h, _)) if h.volume_tag == volume_tag && h.seq > last_seq)
-        })
+        next_valid_record(&seg.data, start, last_seq, volume_tag).is_some()
     })
+}
+
+/// Offset of the first record at or after `from` in `data` that verifies, belongs to this volume
+/// and continues the sequence.
+fn next_valid_record(data: &[u8], from: usize, last_seq: u64, volume_tag: u64) -> Option<usize> {
+    let magic = RECORD_MAGIC.to_le_bytes();
+    (from..data.len().saturating_sub(3)).find(|&p| {
+        data[p..p + 4] == magic
+            && matches!(decode_record(&data[p..]),
+                Ok((h, _)) if h.volume_tag == volume_tag && h.seq > last_seq)
+    })
+}
+
+/// Device sector size assumed for torn writes: the smallest unit a power loss leaves either old
+/// or new.
+const SECTOR: usize = 512;
+
+/// True when the bad record at byte `off` of segment `i` may hide records that were synced, so
+/// the volume must not open (FORMAT.md, "WAL replay"): a valid record follows it in a later
+/// segment (a segment is synced whole before the next one starts), or later in this segment —
+/// except, in a `padded` (version 2, preallocated) segment, when a zero sector lies between the
+/// two. Such a segment is overwritten in place, so a power loss during an unsynced write can keep
+/// a later page and lose an earlier one, which then reads as the preallocated zeros; records
+/// after it were never synced either (a sync covers everything written before it).
+fn hides_records(
+    segments: &[Segment],
+    i: usize,
+    off: usize,
+    last_seq: u64,
+    volume_tag: u64,
+    padded: bool,
+) -> bool {
+    if valid_record_follows(segments, i + 1, 0, last_seq, volume_tag) {
+        return true;
+    }
+    let data = &segments[i].data[..];
+    let Some(next) = next_valid_record(data, off + 1, last_seq, volume_tag) else {
+        return false;
+    };
+    !(padded && has_zero_sector(data, off, next))
+}
+
+/// True when some device sector overlapping `data[from..to]` is all zeros within that range.
+fn has_zero_sector(data: &[u8], from: usize, to: usize) -> bool {
+    let mut at = from;
+    while at < to {
+        let end = ((at / SECTOR + 1) * SECTOR).min(to);
+        if is_padding(&data[at..end]) {
+            return true;
+        }
+        at = end;
+    }
+    false
 }
 
 /// Cuts segment `i` at `at` (deleting it when `at` is inside its header) and deletes every later
@@ -259,6 +311,108 @@ mod tests {
                 "cut at {cut}: torn bytes left in the file"
             );
         }
+    }
+
+    /// A version 2 segment: header and records 1..=3 (one block each), zero padding up to
+    /// 64 KiB. Returns the bytes and the offset of each record.
+    fn padded_segment(no: u64) -> (Vec<u8>, Vec<usize>) {
+        let mut seg = encode_segment_header(no, TAG).to_vec();
+        let mut offsets = Vec::new();
+        for seq in 1..=3u64 {
+            offsets.push(seg.len());
+            let (h, p) = record(seq, 0x10 + seq as u8);
+            seg.extend_from_slice(&h.encode(&p));
+            seg.extend_from_slice(&p);
+        }
+        seg.resize(64 << 10, 0);
+        (seg, offsets)
+    }
+
+    fn replay_seqs(dir: &Path) -> Result<(Vec<u64>, ReplayReport), WalError> {
+        let mut seqs = Vec::new();
+        let replayed = replay(dir, TAG, 0, |h, _| seqs.push(h.seq))?;
+        Ok((seqs, replayed.report))
+    }
+
+    /// Zero padding after a version 2 segment's last record ends that segment cleanly: nothing
+    /// is cut, and the next segment's records follow.
+    #[test]
+    fn padding_ends_a_segment_cleanly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (seg, _) = padded_segment(1);
+        std::fs::write(segment_path(dir.path(), 1), &seg).expect("write");
+        let mut next = encode_segment_header(2, TAG).to_vec();
+        let (h, p) = record(4, 0x44);
+        next.extend_from_slice(&h.encode(&p));
+        next.extend_from_slice(&p);
+        next.resize(16 << 10, 0);
+        std::fs::write(segment_path(dir.path(), 2), &next).expect("write");
+        let (seqs, report) = replay_seqs(dir.path()).expect("replay");
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(report.truncated_bytes, 0);
+        assert_eq!(
+            std::fs::metadata(segment_path(dir.path(), 1))
+                .expect("stat")
+                .len(),
+            64 << 10,
+            "padding is not a torn tail"
+        );
+    }
+
+    /// In a preallocated segment a power loss during an unsynced write can keep a later page and
+    /// lose an earlier one, which reads as zeros: a bad record holding a zero sector is a torn
+    /// tail even with valid records after it. A bad record without one (a flipped bit) is
+    /// corruption and refuses the open, as is any bad record in a version 1 segment.
+    #[test]
+    fn a_zero_sector_in_a_preallocated_segment_is_a_torn_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = segment_path(dir.path(), 1);
+        let (seg, offsets) = padded_segment(1);
+        // Record 2's payload loses one sector; record 3 after it is intact.
+        let mut torn = seg.clone();
+        let sector = (offsets[1] + RECORD_HEADER_LEN + 1024).next_multiple_of(SECTOR);
+        torn[sector..sector + SECTOR].fill(0);
+        std::fs::write(&path, &torn).expect("write");
+        let (seqs, report) = replay_seqs(dir.path()).expect("a torn write is not corruption");
+        assert_eq!(seqs, [1]);
+        assert_eq!(report.truncated_bytes, (seg.len() - offsets[1]) as u64);
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            offsets[1] as u64
+        );
+
+        let mut flipped = seg.clone();
+        flipped[offsets[1] + RECORD_HEADER_LEN + 7] ^= 0x20;
+        std::fs::write(&path, &flipped).expect("write");
+        assert!(matches!(
+            replay_seqs(dir.path()),
+            Err(WalError::Corrupt { offset, .. }) if offset == offsets[1] as u64
+        ));
+
+        // Version 1 (written by appends, never preallocated): a zero sector is corruption too.
+        let mut v1 = torn.clone();
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let crc = crc32fast::hash(&v1[0..24]);
+        v1[24..28].copy_from_slice(&crc.to_le_bytes());
+        v1.truncate(offsets[2] + RECORD_HEADER_LEN + 4096);
+        std::fs::write(&path, &v1).expect("write");
+        assert!(matches!(
+            replay_seqs(dir.path()),
+            Err(WalError::Corrupt { .. })
+        ));
+
+        // A zero sector in a segment that a later segment follows is corruption: segments are
+        // synced whole before the next one starts.
+        std::fs::write(&path, &torn).expect("write");
+        let mut next = encode_segment_header(2, TAG).to_vec();
+        let (h, p) = record(4, 0x44);
+        next.extend_from_slice(&h.encode(&p));
+        next.extend_from_slice(&p);
+        std::fs::write(segment_path(dir.path(), 2), &next).expect("write");
+        assert!(matches!(
+            replay_seqs(dir.path()),
+            Err(WalError::Corrupt { .. })
+        ));
     }
 
     /// A checkpoint behind the trim mark replays when the WAL still starts at or before
