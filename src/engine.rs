@@ -109,6 +109,19 @@ impl Engine {
         self.cache.set_capacity(bytes.max(1 << 20));
     }
 
+    /// Current capacity of RocksDB's block cache (the in-memory part of the block map) in
+    /// bytes: `EngineConfig::meta_cache_bytes` unless [`Engine::set_meta_cache_capacity`]
+    /// changed it.
+    pub fn meta_cache_capacity(&self) -> u64 {
+        self.meta.block_cache_capacity()
+    }
+
+    /// Sets the capacity of RocksDB's block cache in bytes (at least 1 MiB), evicting blocks
+    /// at once; the memory target's second lever after the frame cache (cli/src/memory.rs).
+    pub fn set_meta_cache_capacity(&self, bytes: u64) {
+        self.meta.set_block_cache_capacity(bytes);
+    }
+
     /// `(open volumes, bytes their write buffers can still take)`, or `None` when the table of
     /// open volumes is busy (opening or closing one): a non-blocking look for the daemon's
     /// memory target (cli/src/memory.rs), which keeps that room free for writes.

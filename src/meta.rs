@@ -261,6 +261,8 @@ pub struct MetaMemory {
 #[derive(Clone)]
 pub struct MetaStore {
     db: Arc<DB>,
+    /// The block cache (shared with RocksDB) and its capacity in bytes.
+    cache: Arc<std::sync::Mutex<(Cache, u64)>>,
 }
 
 impl MetaStore {
@@ -276,7 +278,8 @@ impl MetaStore {
         opts.set_write_buffer_size(16 << 20);
         opts.set_manifest_preallocation_size(1 << 20);
         let mut block = BlockBasedOptions::default();
-        block.set_block_cache(&Cache::new_lru_cache(cache_bytes)?);
+        let cache = Cache::new_lru_cache(cache_bytes)?;
+        block.set_block_cache(&cache);
         opts.set_block_based_table_factory(&block);
         // A record that fails its checksum in the middle of RocksDB's log fails the open (the
         // default, point-in-time recovery, would silently drop it and every later commit:
@@ -285,7 +288,27 @@ impl MetaStore {
         // WAL's trim mark or replayed from the WAL (FORMAT.md, "Trim mark").
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         let db = DB::open(&opts, dir)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            cache: Arc::new(std::sync::Mutex::new((cache, cache_bytes as u64))),
+        })
+    }
+
+    /// The block cache's capacity in bytes: the `cache_bytes` it was opened with unless
+    /// [`MetaStore::set_block_cache_capacity`] changed it.
+    pub fn block_cache_capacity(&self) -> u64 {
+        self.cache.lock().map_or(0, |c| c.1)
+    }
+
+    /// Sets the block cache's capacity in bytes (at least 1 MiB); RocksDB evicts unpinned
+    /// blocks above it at once (`Cache::SetCapacity`). Lookups of evicted blocks read the table
+    /// files again. The daemon's memory target uses it (cli/src/memory.rs).
+    pub fn set_block_cache_capacity(&self, bytes: u64) {
+        let bytes = bytes.max(1 << 20);
+        if let Ok(mut c) = self.cache.lock() {
+            c.0.set_capacity(usize::try_from(bytes).unwrap_or(usize::MAX));
+            c.1 = bytes;
+        }
     }
 
     pub(crate) fn db(&self) -> &DB {

@@ -158,6 +158,10 @@ fn metrics_endpoint_parses_and_counters_move_with_io() {
         value(&last, "vblock_frame_cache_capacity_bytes", &[]),
         (256u64 << 20) as f64
     );
+    assert_eq!(
+        value(&last, "vblock_meta_cache_capacity_bytes", &[]),
+        (64u64 << 20) as f64
+    );
 
     // A bad request is counted with its EC2 error code.
     let out = run(
@@ -574,14 +578,23 @@ fn version_names_the_commit_and_completions_generate() {
 }
 
 /// Over its `--memory-target`, the daemon shrinks the frame cache to its floor (1/8 of
-/// `--cache-size`) and evicts what no longer fits; reads still return the data.
+/// `--cache-size`), then RocksDB's block cache to its own (1/8 of `--meta-cache-size`), and
+/// evicts what no longer fits; reads still return the data.
 #[test]
 fn over_its_memory_target_the_frame_cache_gives_way() {
     let nats = Nats::start();
-    // Any daemon's resident set is above 1 MiB: the cache must go to 64 MiB / 8 = 8 MiB.
+    // Any daemon's resident set is above 1 MiB: the caches must go to 64 MiB / 8 = 8 MiB and
+    // 32 MiB / 8 = 4 MiB.
     let d = Daemon::start_with(
         &nats.url(),
-        &["--cache-size", "64MiB", "--memory-target", "1MiB"],
+        &[
+            "--cache-size",
+            "64MiB",
+            "--meta-cache-size",
+            "32MiB",
+            "--memory-target",
+            "1MiB",
+        ],
     );
     let vol = d.create_volume(1);
     let v = vol.as_str();
@@ -590,11 +603,12 @@ fn over_its_memory_target_the_frame_cache_gives_way() {
     let ok = wait_until(Duration::from_secs(30), || {
         last = scrape(d.metrics_port);
         value(&last, "vblock_frame_cache_capacity_bytes", &[]) <= (8u64 << 20) as f64 + 65536.0
+            && value(&last, "vblock_meta_cache_capacity_bytes", &[]) == (4u64 << 20) as f64
             && value(&last, "vblock_chunks_uploaded_total", &[("volume", v)]) >= 4.0
     });
     assert!(
         ok,
-        "the cache did not shrink to its floor, or the data did not reach chunks"
+        "the caches did not shrink to their floors, or the data did not reach chunks"
     );
     // Read all 16 MiB back from the chunks through the shrunken cache.
     qemu_io(&d.uri(v), &["read -P 9 0 16M"]);

@@ -1,4 +1,5 @@
-//! The daemon's memory target: the frame cache gives way when the process grows.
+//! The daemon's memory target: the frame cache, then RocksDB's block cache, give way when the
+//! process grows.
 //!
 //! A volume's write buffer cannot shrink without stalling writers, and the write path also holds
 //! chunk objects in flight, NBD requests and allocator slack that no flag bounds (measured in
@@ -6,7 +7,8 @@
 //! back at once, so a thread samples the process's resident set every [`TICK`] and moves the
 //! cache's capacity between a floor (1/8 of `--cache-size`) and `--cache-size` to keep the
 //! resident set under `--memory-target` (default: open volumes × buffer + cache + 64 MiB, the
-//! performance issue's bound). The room the write buffers can still take is kept free in
+//! performance issue's bound). With the frame cache at its floor, RocksDB's block cache
+//! (`--meta-cache-size`) gives way next, to 1/8 of its size; it grows back first. The room the write buffers can still take is kept free in
 //! advance: a burst of writes fills an empty 256 MiB buffer in a fraction of a second, faster
 //! than any feedback. The same idea as Ceph's `osd_memory_target` cache autotuning. The thread
 //! also returns free heap pages to the OS ([`crate::malloc::trim`]).
@@ -54,15 +56,21 @@ impl RssTarget {
     }
 }
 
-/// What the tuner steers towards, in bytes.
+/// What the tuner steers towards, in bytes. Its capacity is the two caches' together: the
+/// frame cache's and RocksDB's block cache's ([`Target::split`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     /// Resident set to stay under.
     pub rss: RssTarget,
-    /// The cache's configured capacity (`--cache-size`): the most it gets back.
+    /// Both caches' configured capacities (`--cache-size` + `--meta-cache-size`): the most
+    /// they get back.
     pub cache_max_bytes: u64,
-    /// The least the cache is shrunk to.
+    /// The least both are shrunk to (1/8 of each).
     pub cache_min_bytes: u64,
+    /// `--meta-cache-size`.
+    pub meta_max_bytes: u64,
+    /// The frame cache's floor.
+    pub frame_min_bytes: u64,
 }
 
 /// One sample of the process, in bytes.
@@ -79,13 +87,26 @@ pub struct Sample {
 }
 
 impl Target {
-    /// Steers towards `rss` for a cache of `cache_bytes`; the floor is 1/8 of it.
-    pub fn new(rss: RssTarget, cache_bytes: u64) -> Self {
+    /// Steers towards `rss` with a frame cache of `cache_bytes` and a RocksDB block cache of
+    /// `meta_cache_bytes`; each one's floor is 1/8 of it.
+    pub fn new(rss: RssTarget, cache_bytes: u64, meta_cache_bytes: u64) -> Self {
         Self {
             rss,
-            cache_max_bytes: cache_bytes,
-            cache_min_bytes: cache_bytes / 8,
+            cache_max_bytes: cache_bytes + meta_cache_bytes,
+            cache_min_bytes: cache_bytes / 8 + meta_cache_bytes / 8,
+            meta_max_bytes: meta_cache_bytes,
+            frame_min_bytes: cache_bytes / 8,
         }
+    }
+
+    /// Splits a capacity for both caches into `(frame cache, block cache)`: the frame cache
+    /// gives way first, down to its floor, then the block cache, down to its own.
+    pub fn split(&self, capacity: u64) -> (u64, u64) {
+        let meta_min = self.meta_max_bytes / 8;
+        let meta = capacity
+            .saturating_sub(self.frame_min_bytes)
+            .clamp(meta_min, self.meta_max_bytes);
+        (capacity.saturating_sub(meta), meta)
     }
 
     /// The cache capacity for the next tick, given the current one and a [`Sample`].
@@ -156,10 +177,18 @@ pub fn spawn(engine: Arc<Engine>, target: Option<Target>) -> std::io::Result<()>
                         buffer_room: room.1,
                     };
                     last_rss = Some(rss);
-                    let capacity = engine.frame_cache_capacity();
+                    let (frame, meta) =
+                        (engine.frame_cache_capacity(), engine.meta_cache_capacity());
+                    let capacity = frame + meta;
                     let next = t.next_capacity(capacity, sample);
                     if next != capacity {
-                        engine.set_frame_cache_capacity(next);
+                        let (next_frame, next_meta) = t.split(next);
+                        if next_frame != frame {
+                            engine.set_frame_cache_capacity(next_frame);
+                        }
+                        if next_meta != meta {
+                            engine.set_meta_cache_capacity(next_meta);
+                        }
                         // Evicted frames are free heap memory now: hand their pages back.
                         trim |= next < capacity;
                     }
@@ -179,7 +208,7 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    /// The defaults: 256 MiB buffer, 256 MiB cache; one volume open: target 576 MiB, aim 540.
+    /// 256 MiB buffer, 256 MiB cache, no block cache; one volume open: target 576 MiB, aim 540.
     fn target() -> Target {
         Target::new(
             RssTarget::PerVolume {
@@ -187,7 +216,34 @@ mod tests {
                 rest_bytes: 320 * MIB,
             },
             256 * MIB,
+            0,
         )
+    }
+
+    /// The frame cache gives way first, down to its floor; then RocksDB's block cache, down to
+    /// its own; growing back, the block cache is whole again first.
+    #[test]
+    fn the_block_cache_gives_way_after_the_frame_cache() {
+        let t = Target::new(RssTarget::Fixed(576 * MIB), 256 * MIB, 64 * MIB);
+        assert_eq!(
+            (t.cache_max_bytes, t.cache_min_bytes),
+            (320 * MIB, 40 * MIB)
+        );
+        assert_eq!(t.split(320 * MIB), (256 * MIB, 64 * MIB));
+        assert_eq!(t.split(200 * MIB), (136 * MIB, 64 * MIB));
+        assert_eq!(t.split(96 * MIB), (32 * MIB, 64 * MIB));
+        assert_eq!(t.split(60 * MIB), (32 * MIB, 28 * MIB));
+        assert_eq!(t.split(40 * MIB), (32 * MIB, 8 * MIB));
+        // Far over the target: both at their floors.
+        let over = Sample {
+            rss: 900 * MIB,
+            open_volumes: 1,
+            ..Sample::default()
+        };
+        assert_eq!(
+            t.split(t.next_capacity(320 * MIB, over)),
+            (32 * MIB, 8 * MIB)
+        );
     }
 
     fn at(rss: u64) -> Sample {

@@ -196,6 +196,12 @@ fn describe() {
         "Decompressed chunk frames in the shared frame cache (bounded by --cache-size)."
     );
     describe_gauge!(
+        "vblock_meta_cache_capacity_bytes",
+        Unit::Bytes,
+        "RocksDB's block cache's current capacity: --meta-cache-size, less what it gave up to \
+         keep the daemon under --memory-target (after the frame cache)."
+    );
+    describe_gauge!(
         "vblock_frame_cache_capacity_bytes",
         Unit::Bytes,
         "The frame cache's current capacity: --cache-size, less what it gave up to keep the \
@@ -233,6 +239,7 @@ const SPACE_EVERY: u64 = 10;
 async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) {
     gauge!("vblock_frame_cache_bytes").set(engine.frame_cache_bytes() as f64);
     gauge!("vblock_frame_cache_capacity_bytes").set(engine.frame_cache_capacity() as f64);
+    gauge!("vblock_meta_cache_capacity_bytes").set(engine.meta_cache_capacity() as f64);
     let meta = engine.meta().clone();
     if let Ok(m) = tokio::task::spawn_blocking(move || meta.memory()).await {
         for (kind, bytes) in [

@@ -260,7 +260,7 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
             rest_bytes: a.cache_size + crate::memory::DEFAULT_ALLOWANCE_BYTES,
         }),
     }
-    .map(|rss| crate::memory::Target::new(rss, a.cache_size));
+    .map(|rss| crate::memory::Target::new(rss, a.cache_size, a.meta_cache_size));
     if let Err(e) = crate::memory::spawn(engine.clone(), target) {
         tracing::warn!(error = %e, "cannot start the memory-target thread; the frame cache keeps its size and freed memory may stay resident");
     }
