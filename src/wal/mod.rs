@@ -468,6 +468,15 @@ mod tests {
         (header, Bytes::from(payload))
     }
 
+    /// A WAL in `dir/wal` with 64 KiB segments (15 one-block records each).
+    fn small_segments(dir: &Path) -> WalConfig {
+        WalConfig {
+            dir: dir.join("wal"),
+            segment_bytes: 1 << 16,
+            name: "test".into(),
+        }
+    }
+
     fn replayed_seqs(config: &WalConfig, checkpoint: u64) -> Result<Vec<u64>, WalError> {
         let mut seqs = Vec::new();
         let (wal, _) = Wal::open(config, TAG, checkpoint, |h, _| seqs.push(h.seq))?;
@@ -482,11 +491,7 @@ mod tests {
     #[test]
     fn a_syncing_wal_writes_into_preallocated_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = WalConfig {
-            dir: dir.path().join("wal"),
-            segment_bytes: 1 << 16,
-            name: "test".into(),
-        };
+        let config = small_segments(dir.path());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -541,11 +546,7 @@ mod tests {
     #[test]
     fn trim_writes_the_mark_and_a_map_behind_it_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = WalConfig {
-            dir: dir.path().join("wal"),
-            segment_bytes: 1 << 16,
-            name: "test".into(),
-        };
+        let config = small_segments(dir.path());
         let (wal, _) = Wal::open(&config, TAG, 0, |_, _| {}).expect("open");
         // 4,140-byte records, 15 to a 64 KiB segment: segments hold 1..=15, 16..=30, 31..=40.
         for seq in 1..=40 {
