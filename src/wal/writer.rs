@@ -148,23 +148,37 @@ fn last_bytes(slices: &[IoSlice<'_>], n: usize) -> Vec<u8> {
 /// How long the idle writer polls for the next command before it blocks.
 const SPIN: Duration = Duration::from_micros(200);
 
-/// The next command: polled (yielding the CPU to anything runnable) for up to [`SPIN`], then
-/// waited for. A flush usually follows its write by less than that; a writer asleep on a halted
-/// vCPU takes long to wake, and keeping it polling also sped up the tokio side. Measured (fio
-/// QD1 + fsync, docs/BENCHMARKS.md "WAL preallocation"): 2,330 -> 2,857 IOPS, write p50 85 ->
-/// 46 us; randwrite QD32 and sequential writes unchanged.
-fn recv_spinning(rx: &Receiver<Command>) -> Result<Command, std::sync::mpsc::RecvError> {
-    let deadline = Instant::now() + SPIN;
-    loop {
-        match rx.try_recv() {
-            Ok(cmd) => return Ok(cmd),
-            Err(TryRecvError::Disconnected) => return Err(std::sync::mpsc::RecvError),
-            Err(TryRecvError::Empty) => {}
+/// Waits for the writer's next command. While commands arrive within [`SPIN`] of each other the
+/// queue is polled (yielding the CPU to anything runnable) for up to that long before blocking: a
+/// flush usually follows its write by less, and a writer asleep on a halted vCPU takes long to
+/// wake (keeping it polling also sped up the tokio side). Once a wait is longer, it blocks at once
+/// until a short gap is seen again, so a volume written at a steadier, lower rate does not pay a
+/// poll per write. Measured (docs/BENCHMARKS.md "WAL preallocation"): fio QD1 + fsync 2,330 ->
+/// 2,857 IOPS, write p50 85 -> 46 us; randwrite QD32 and sequential writes unchanged.
+#[derive(Default)]
+struct Waiter {
+    poll: bool,
+}
+
+impl Waiter {
+    fn recv(&mut self, rx: &Receiver<Command>) -> Result<Command, std::sync::mpsc::RecvError> {
+        let start = Instant::now();
+        if self.poll {
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => return Ok(cmd),
+                    Err(TryRecvError::Disconnected) => return Err(std::sync::mpsc::RecvError),
+                    Err(TryRecvError::Empty) => {}
+                }
+                if start.elapsed() >= SPIN {
+                    break;
+                }
+                std::thread::yield_now();
+            }
         }
-        if Instant::now() >= deadline {
-            return rx.recv();
-        }
-        std::thread::yield_now();
+        let cmd = rx.recv();
+        self.poll = start.elapsed() < SPIN;
+        cmd
     }
 }
 
@@ -277,8 +291,9 @@ impl Writer {
         let mut round = Round::default();
         // Sync waiters in the previous group: the group size the load sustains.
         let mut last_group = 0usize;
+        let mut waiter = Waiter::default();
         loop {
-            let Ok(first) = recv_spinning(&rx) else {
+            let Ok(first) = waiter.recv(&rx) else {
                 // Every handle is gone: write what is queued and stop.
                 let _ = self.write_batch();
                 return;
