@@ -98,9 +98,9 @@ pub struct ServeArgs {
     #[arg(long, env = "VBLOCK_CACHE_SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub cache_size: u64,
     /// Resident memory the daemon steers towards (default: open volumes x buffer + cache +
-    /// 64 MiB): the frame cache gives way, down to 1/8 of --cache-size, so that the resident set
-    /// plus what the write buffers can still take stays under it. 0: off (the cache keeps
-    /// --cache-size).
+    /// 64 MiB): the frame cache gives way, down to 1/8 of --cache-size, then RocksDB's block
+    /// cache, down to 1/8 of --meta-cache-size, so that the resident set plus what the write
+    /// buffers can still take stays under it. 0: off (both caches keep their sizes).
     #[arg(long, env = "VBLOCK_MEMORY_TARGET", value_parser = parse_size)]
     pub memory_target: Option<u64>,
     /// RocksDB block cache (the in-memory part of the block map).

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -634,8 +634,8 @@ fn remove_leftover_spares(dir: &Path) {
     }
 }
 
-/// Preallocates segment `no` at its spare path: its header, then zeros up to `len` bytes
-/// (rounded up to a page) written and synced, so records later overwrite allocated blocks.
+/// Preallocates segment `no` at its spare path: zeros up to `len` bytes (rounded up to a page),
+/// then its header, written and synced, so records later overwrite allocated blocks.
 /// The zeros go through direct I/O when the filesystem supports it (no page-cache copy) and
 /// through the page cache otherwise (tmpfs).
 fn prepare_segment(dir: &Path, no: u64, volume_tag: u64, len: u64) -> Result<File, WalError> {
@@ -650,47 +650,36 @@ fn prepare_segment(dir: &Path, no: u64, volume_tag: u64, len: u64) -> Result<Fil
         .map_err(io)?;
     let len = len.div_ceil(WAL_PAGE as u64) * WAL_PAGE as u64;
     // A page-aligned buffer for direct I/O, found inside a larger Vec (no unsafe allocation).
-    let mut storage = vec![0u8; ZERO_FILL_CHUNK + WAL_PAGE];
+    let storage = vec![0u8; ZERO_FILL_CHUNK + WAL_PAGE];
     let skip = storage.as_ptr().align_offset(WAL_PAGE).min(WAL_PAGE);
-    let zeros = &mut storage[skip..skip + ZERO_FILL_CHUNK];
-    zeros[..SEGMENT_HEADER_LEN].copy_from_slice(&encode_segment_header(no, volume_tag));
+    let zeros = &storage[skip..skip + ZERO_FILL_CHUNK];
     let direct = OpenOptions::new()
         .write(true)
         .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
         .open(&path);
     let filled = match &direct {
-        Ok(d) => fill(d, zeros, len).or_else(|_| fill(&file, zeros, len)),
-        Err(_) => fill(&file, zeros, len),
+        Ok(d) => fill_zeros(d, zeros, len).or_else(|_| fill_zeros(&file, zeros, len)),
+        Err(_) => fill_zeros(&file, zeros, len),
     };
-    filled.map_err(io)?;
-    file.sync_all().map_err(io)?;
+    filled
+        .and_then(|()| file.write_all_at(&encode_segment_header(no, volume_tag), 0))
+        .and_then(|()| file.sync_all())
+        .map_err(io)?;
     Ok(file)
 }
 
-/// Writes `buf` (starting with the segment header, then zeros) over bytes `0..len` of `file`:
-/// the header once at offset 0, zeros after it.
-fn fill(file: &File, buf: &mut [u8], len: u64) -> std::io::Result<()> {
-    let header: [u8; SEGMENT_HEADER_LEN] = buf[..SEGMENT_HEADER_LEN]
-        .try_into()
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+/// Writes zeros over bytes `0..len` of `file`, `zeros.len()` bytes per call.
+fn fill_zeros(file: &File, zeros: &[u8], len: u64) -> std::io::Result<()> {
     let mut at = 0u64;
-    let result = (|| {
-        while at < len {
-            let n = (len - at).min(buf.len() as u64) as usize;
-            let wrote = rustix::io::pwrite(file, &buf[..n], at)?;
-            if wrote == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            if at == 0 {
-                buf[..SEGMENT_HEADER_LEN].fill(0);
-            }
-            at += wrote as u64;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64) as usize;
+        let wrote = rustix::io::pwrite(file, &zeros[..n], at)?;
+        if wrote == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
-        Ok(())
-    })();
-    // Leave the buffer as it came, for a retry through the other file handle.
-    buf[..SEGMENT_HEADER_LEN].copy_from_slice(&header);
-    result
+        at += wrote as u64;
+    }
+    Ok(())
 }
 
 /// Creates segment `no` with its header and makes its directory entry durable.
