@@ -27,6 +27,8 @@ use rand::{Rng, SeedableRng};
 const CLIENTS: u64 = 4;
 const BLOCKS_PER_CLIENT: u64 = 512;
 const BLOCK: usize = 4096;
+/// Most bytes the data directory may hold after any iteration.
+const DISK_BOUND: u64 = 384 << 20;
 
 /// The smallest NBD client that can say `FUA` (NBD proto.md, "Transmission").
 struct Client {
@@ -248,10 +250,23 @@ fn check(d: &Daemon, vol: &str, r: &Record, it: usize, how: &str) -> u64 {
 fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
     let nats = Nats::start();
     // Small chunks and segments, so crash points in chunk upload, map commit, WAL rotation and
-    // trim are reached within a few hundred writes.
+    // trim are reached within a few hundred writes. A small write buffer (about the least that
+    // takes 32 MiB requests) bounds the WAL, and so the disk the test takes, when the clients
+    // outrun the flusher of a debug build (256 MiB of WAL filled a CI machine's disk), and
+    // garbage collection runs often enough to delete dead chunks between kills (it also puts
+    // kills inside collections).
     let mut d = Daemon::start_with(
         &nats.url(),
-        &["--chunk-size", "256KiB", "--wal-segment-size", "1MiB"],
+        &[
+            "--chunk-size",
+            "256KiB",
+            "--wal-segment-size",
+            "1MiB",
+            "--buffer-size",
+            "66MiB",
+            "--gc-interval",
+            "50ms",
+        ],
     );
     let vol = d.create_volume(1);
     let env_num = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<u64>().ok());
@@ -263,7 +278,7 @@ fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
     let generation = Arc::new(AtomicU64::new(1));
     // Per crash point: (armed, fired).
     let mut points: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
-    let (mut kills, mut blocks_checked) = (0u32, 0u64);
+    let (mut kills, mut blocks_checked, mut disk_peak) = (0u32, 0u64, 0u64);
     for it in 0..iterations {
         d.kill9();
         let point = rng
@@ -332,6 +347,7 @@ fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
             _ => "kill -9".to_string(),
         };
         blocks_checked += check(&d, &vol, &record.lock().expect("lock"), it, &how);
+        disk_peak = disk_peak.max(disk_bytes(&d.data_dir()));
     }
     let r = record.lock().expect("lock");
     println!(
@@ -341,6 +357,29 @@ fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
     for (p, (armed, fired)) in &points {
         println!("  crash point {p:<18} armed {armed:>3}, fired {fired:>3}");
     }
+    println!("  data directory peak {} MiB", disk_peak >> 20);
     let fired: u32 = points.values().map(|v| v.1).sum();
     assert!(fired > 0 || iterations < 20, "no crash point ever fired");
+    // Crashes must not leak disk: the WAL is bounded by the write buffer and dead chunks are
+    // collected, so the data directory stays near buffer + live data (8 MiB) + chunk backlog.
+    assert!(
+        disk_peak < DISK_BOUND,
+        "the data directory grew to {} MiB (bound {} MiB)",
+        disk_peak >> 20,
+        DISK_BOUND >> 20
+    );
+}
+
+/// Bytes of the files under `dir` (files deleted meanwhile count as 0).
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => disk_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
 }
