@@ -28,7 +28,7 @@ const CLIENTS: u64 = 4;
 const BLOCKS_PER_CLIENT: u64 = 512;
 const BLOCK: usize = 4096;
 /// Most bytes the data directory may hold after any iteration.
-const DISK_BOUND: u64 = 384 << 20;
+const DISK_BOUND: u64 = 256 << 20;
 
 /// The smallest NBD client that can say `FUA` (NBD proto.md, "Transmission").
 struct Client {

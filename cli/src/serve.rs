@@ -252,6 +252,26 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Config(format!("--buffer-size / --chunk-size: {e}")))?;
     let backend = backend(&a.store, &a.data_dir).await?;
     let engine = Arc::new(Engine::open(config, backend).await?);
+    if matches!(a.store.backend, BackendKind::File) {
+        // The data directory is ours now (RocksDB's lock): puts a crash interrupted left
+        // temporary files that nothing will ever rename or delete.
+        let objects = a.data_dir.join("objects");
+        match tokio::task::spawn_blocking(move || {
+            vblock::backend::file::remove_leftover_temp_files(&objects)
+        })
+        .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                files = n,
+                "removed temporary files of interrupted object writes"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "temporary files of interrupted object writes not removed")
+            }
+            Err(e) => tracing::warn!(error = %e, "temporary-file cleanup task failed"),
+        }
+    }
     let target = match a.memory_target {
         Some(0) => None,
         Some(bytes) => Some(crate::memory::RssTarget::Fixed(bytes)),

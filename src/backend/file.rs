@@ -1,8 +1,9 @@
 //! File backend: one file per object under a root directory.
 //!
 //! `put` writes `KEY.tmp-RANDOM`, `fsync`s it, renames it over `KEY` and `fsync`s the directory,
-//! so an object is either wholly present or absent after a crash. All file I/O runs on tokio's
-//! blocking pool.
+//! so an object is either wholly present or absent after a crash; the daemon deletes the
+//! temporary files of interrupted puts at start ([`remove_leftover_temp_files`]). All file I/O
+//! runs on tokio's blocking pool.
 //!
 //! Ranged reads keep up to [`OPEN_FILES`] objects open (with their length): a 4 KiB random read
 //! used to spend more time in `open`/`fstat`/`close` than in `pread`. `put` and `delete` drop a
@@ -195,6 +196,26 @@ impl Backend for FileBackend {
     }
 }
 
+/// Deletes the temporary files (`KEY.tmp-RANDOM`) of `put`s a crash interrupted below `root`:
+/// their objects were never renamed into place, so nothing refers to them. Returns how many were
+/// deleted. Call only while no `put` runs on `root` (the daemon, at start, once it holds the
+/// data directory); it reads every object's directory entry.
+///
+/// Errors: the directory walk's I/O errors; files that vanish meanwhile are not errors.
+pub fn remove_leftover_temp_files(root: &Path) -> std::io::Result<usize> {
+    let mut keys = Vec::new();
+    walk(root, root, &mut keys)?;
+    let mut removed = 0;
+    for key in keys.iter().filter(|k| k.contains(".tmp-")) {
+        match std::fs::remove_file(root.join(key)) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -221,5 +242,34 @@ mod tests {
     async fn contract() {
         let dir = tempfile::tempdir().unwrap();
         super::super::contract::check(&super::FileBackend::new(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn leftover_temp_files_are_removed_and_objects_kept() {
+        use crate::backend::Backend;
+        let dir = tempfile::tempdir().unwrap();
+        let b = super::FileBackend::new(dir.path()).unwrap();
+        b.put(
+            "vol/chunks/0000000000000001",
+            bytes::Bytes::from_static(b"object"),
+        )
+        .await
+        .unwrap();
+        // What a crash between a put's create and its rename leaves.
+        let tmp = dir
+            .path()
+            .join("vol/chunks/0000000000000002.tmp-00000000deadbeef");
+        std::fs::write(&tmp, b"half").unwrap();
+        assert_eq!(super::remove_leftover_temp_files(dir.path()).unwrap(), 1);
+        assert!(!tmp.exists());
+        assert_eq!(
+            b.list("vol/").await.unwrap(),
+            vec!["vol/chunks/0000000000000001".to_string()]
+        );
+        assert_eq!(
+            b.get("vol/chunks/0000000000000001").await.unwrap(),
+            bytes::Bytes::from_static(b"object")
+        );
+        assert_eq!(super::remove_leftover_temp_files(dir.path()).unwrap(), 0);
     }
 }
