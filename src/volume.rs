@@ -7,8 +7,9 @@
 //! into one chunk object, commits its extents and the new WAL checkpoint in one RocksDB batch,
 //! drops the memtable (returning its permits) and trims the WAL.
 //!
-//! Read path: newest wins — the active memtable, then frozen memtables newest first, then the
-//! BlockLookup map and chunk frames (through the shared frame cache); anything else reads as zeros.
+//! Read path: newest wins — the write buffer's index (the newest version across the active and
+//! frozen memtables), then the BlockLookup map and chunk frames (through the shared frame cache);
+//! anything else reads as zeros.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::backend::{chunk_key, chunk_key_of, BackendError, SharedBackend};
 use crate::block::{is_aligned, BlockRange, BLOCK_BYTES, BLOCK_SIZE};
-use crate::buffer::{BufExtent, MemTable, Payload};
+use crate::buffer::{BufExtent, MemTable, Payload, WriteBuffer};
 use crate::cache::FrameCache;
 use crate::chunk::{self, ChunkError, ChunkOptions};
 use crate::ids::VolumeId;
@@ -193,17 +194,9 @@ pub struct VolumeStats {
 
 struct BufState {
     next_seq: u64,
-    active: MemTable,
-    frozen: VecDeque<Arc<MemTable>>,
+    buf: WriteBuffer,
     last_write: Instant,
     closed: bool,
-}
-
-impl BufState {
-    /// Moves a non-empty active memtable to the frozen queue; true if it moved.
-    fn freeze(&mut self) -> bool {
-        freeze(&mut self.active, &mut self.frozen)
-    }
 }
 
 struct Inner {
@@ -253,20 +246,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Moves a non-empty active memtable to the back of the frozen queue; true if it moved.
-fn freeze(active: &mut MemTable, frozen: &mut VecDeque<Arc<MemTable>>) -> bool {
-    if active.is_empty() {
-        return false;
-    }
-    frozen.push_back(Arc::new(std::mem::take(active)));
-    true
-}
-
 /// Replays WAL records into memtables.
 struct Replayer {
     chunk_bytes: u64,
-    active: MemTable,
-    frozen: VecDeque<Arc<MemTable>>,
+    buf: WriteBuffer,
 }
 
 impl Replayer {
@@ -275,17 +258,17 @@ impl Replayer {
             RecordKind::Write => (Payload::Data(payload), u64::from(h.block_count)),
             RecordKind::Zero => (Payload::Zero, 1),
         };
-        self.active.insert(
+        self.buf.insert(
             h.start_block,
             BufExtent {
                 count: u64::from(h.block_count),
                 seq: h.seq,
                 payload,
             },
+            cost,
         );
-        self.active.charged += cost;
-        if self.active.is_full(self.chunk_bytes) {
-            freeze(&mut self.active, &mut self.frozen);
+        if self.buf.active().is_full(self.chunk_bytes) {
+            self.buf.freeze();
         }
     }
 }
@@ -321,8 +304,7 @@ impl Volume {
         let (wal, report, replayer) = tokio::task::spawn_blocking(move || {
             let mut r = Replayer {
                 chunk_bytes,
-                active: MemTable::new(),
-                frozen: VecDeque::new(),
+                buf: WriteBuffer::new(),
             };
             Wal::open(&wal_config, tag, state.checkpoint, |h, p| r.apply(h, p))
                 .map(|(w, rep)| (w, rep, r))
@@ -341,8 +323,7 @@ impl Volume {
                 "WAL replayed"
             );
         }
-        let charged: u64 =
-            replayer.frozen.iter().map(|m| m.charged).sum::<u64>() + replayer.active.charged;
+        let charged = replayer.buf.charged();
         let next_seq = state.max_seq.max(report.max_seq).max(state.checkpoint) + 1;
         let id_label = id.to_string();
         let backend_kind = backend.kind();
@@ -355,8 +336,7 @@ impl Volume {
             size,
             state: Mutex::new(BufState {
                 next_seq,
-                active: replayer.active,
-                frozen: replayer.frozen,
+                buf: replayer.buf,
                 last_write: Instant::now(),
                 closed: false,
             }),
@@ -428,7 +408,7 @@ impl Volume {
     /// Bytes of data in the write buffer (not yet in chunks).
     pub fn buffered_bytes(&self) -> u64 {
         let st = lock(&self.inner.state);
-        st.active.data_bytes() + st.frozen.iter().map(|m| m.data_bytes()).sum::<u64>()
+        st.buf.data_bytes()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
@@ -610,20 +590,20 @@ impl Volume {
             Payload::Zero => 0,
         };
         let mut froze = false;
-        if st.active.data_bytes() + new_bytes > inner.config.chunk_bytes {
-            froze = st.freeze();
+        if st.buf.active().data_bytes() + new_bytes > inner.config.chunk_bytes {
+            froze = st.buf.freeze();
         }
-        st.active.insert(
+        st.buf.insert(
             start,
             BufExtent {
                 count,
                 seq,
                 payload,
             },
+            cost,
         );
-        st.active.charged += cost;
-        if st.active.is_full(inner.config.chunk_bytes) {
-            froze |= st.freeze();
+        if st.buf.active().is_full(inner.config.chunk_bytes) {
+            froze |= st.buf.freeze();
         }
         drop(st);
         if froze {
@@ -632,32 +612,20 @@ impl Volume {
         Ok(())
     }
 
-    /// The memtable extents that make up `r` (newest first per block) and the block ranges no
-    /// memtable covers.
+    /// The newest buffered extents in `r` (clipped, in block order) and the block ranges the
+    /// write buffer does not cover.
     fn resolve_memtables(&self, r: BlockRange) -> (Vec<(u64, BufExtent)>, Vec<Holes>) {
-        let mut found = Vec::new();
-        let mut holes = vec![(r.start, r.end)];
-        let st = lock(&self.inner.state);
-        let layers = std::iter::once(&st.active).chain(st.frozen.iter().rev().map(|m| &**m));
-        for layer in layers {
-            if holes.is_empty() {
-                break;
+        let found = lock(&self.inner.state).buf.overlapping(r.start, r.end);
+        let mut holes = Vec::new();
+        let mut cur = r.start;
+        for (s, e) in &found {
+            if *s > cur {
+                holes.push((cur, *s));
             }
-            let mut next = Vec::new();
-            for (hs, he) in holes {
-                let mut cur = hs;
-                for (s, e) in layer.overlapping(hs, he) {
-                    if s > cur {
-                        next.push((cur, s));
-                    }
-                    cur = s + e.count;
-                    found.push((s, e));
-                }
-                if cur < he {
-                    next.push((cur, he));
-                }
-            }
-            holes = next;
+            cur = s + e.count;
+        }
+        if cur < r.end {
+            holes.push((cur, r.end));
         }
         (found, holes)
     }
@@ -794,7 +762,7 @@ impl Volume {
             if st.closed {
                 return Err(VolumeError::Closed);
             }
-            st.freeze();
+            st.buf.freeze();
             st.next_seq - 1
         };
         loop {
@@ -829,8 +797,8 @@ impl Volume {
                 if st.closed {
                     return Err(VolumeError::Closed);
                 }
-                st.freeze();
-                if st.frozen.is_empty() {
+                st.buf.freeze();
+                if st.buf.frozen().is_empty() {
                     return Ok(());
                 }
             }
@@ -847,7 +815,7 @@ impl Volume {
         {
             let mut st = lock(&inner.state);
             st.closed = true;
-            st.freeze();
+            st.buf.freeze();
         }
         inner.draining.store(true, Ordering::SeqCst);
         inner.wake.notify_one();
@@ -1196,13 +1164,13 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
         while in_flight.len() < concurrency {
             let next = {
                 let mut st = lock(&inner.state);
-                if scheduled == st.frozen.len()
+                if scheduled == st.buf.frozen().len()
                     && in_flight.is_empty()
                     && st.last_write.elapsed() >= inner.config.idle_flush
                 {
-                    st.freeze();
+                    st.buf.freeze();
                 }
-                st.frozen.get(scheduled).cloned()
+                st.buf.frozen().get(scheduled).cloned()
             };
             let Some(mem) = next else { break };
             scheduled += 1;
@@ -1225,10 +1193,10 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             }
         }
         let Some(job) = in_flight.pop_front() else {
-            if inner.draining.load(Ordering::SeqCst) && lock(&inner.state).frozen.is_empty() {
+            if inner.draining.load(Ordering::SeqCst) && lock(&inner.state).buf.frozen().is_empty() {
                 return;
             }
-            let pending = !lock(&inner.state).frozen.is_empty();
+            let pending = !lock(&inner.state).buf.frozen().is_empty();
             if !pending
                 && inner.config.compaction.threshold_percent > 0
                 && Instant::now() >= next_compaction
@@ -1273,12 +1241,7 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
         };
         state = next;
         if job.last {
-            {
-                let mut st = lock(&inner.state);
-                if st.frozen.front().is_some_and(|m| Arc::ptr_eq(m, &job.mem)) {
-                    st.frozen.pop_front();
-                }
-            }
+            lock(&inner.state).buf.drop_committed(&job.mem);
             scheduled -= 1;
             inner.release(job.mem.charged);
             inner.wal.trim(state.checkpoint);
