@@ -23,6 +23,7 @@ pub mod retry;
 pub mod snapshot;
 pub mod volume;
 pub mod wal;
+pub mod workq;
 
 pub use engine::{Engine, EngineConfig};
 pub use ids::{SnapshotId, VolumeId};

@@ -29,6 +29,7 @@ use crate::lookup::{BlockLookup, ChunkCommit, FrameRef, MapExtent, Target};
 use crate::meta::{blocking, MetaError, MetaStore, VolumeState};
 use crate::retry::{retry, RetryPolicy};
 use crate::wal::{self, RecordHeader, RecordKind, Wal, WalConfig, WalError};
+use crate::workq::WorkQueue;
 
 /// Engine settings for a volume.
 #[derive(Debug, Clone)]
@@ -232,6 +233,8 @@ struct Inner {
     upload_seconds: metrics::Histogram,
     /// `vblock_backend_get_duration_seconds{volume,backend}`: one ranged GET of a frame.
     get_seconds: metrics::Histogram,
+    /// Runs the blocking part of reads (map lookups, local frame reads, decompression).
+    reads: Arc<WorkQueue>,
 }
 
 /// An open volume. Cheap to clone; all clones share the engine state.
@@ -348,6 +351,7 @@ impl Volume {
             rmw: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             flushed: Notify::new(),
+            reads: WorkQueue::new(READ_WORKERS),
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
@@ -681,39 +685,41 @@ impl Volume {
         // read and decoded right there. Frames a backend cannot read synchronously (S3) are
         // fetched asynchronously afterwards.
         let inner = self.inner.clone();
-        let (map, mut frames) = tokio::task::spawn_blocking(move || -> Result<_, VolumeError> {
-            let mut map = Vec::new();
-            for (s, e) in holes {
-                map.extend(inner.lookup.lookup(s, e)?);
-            }
-            let (mut frames, hits) = cached_frames(&inner.cache, &map);
-            inner.stats.frame_hits.fetch_add(hits, Ordering::Relaxed);
-            for (at, run) in missing_runs(&map, &frames) {
-                let Some((okey, range)) = run_location(&run) else {
-                    continue;
-                };
-                let started = Instant::now();
-                // `None`: not a local backend; everything missing is fetched below.
-                let Some(raw) = inner.backend.get_range_blocking(&okey, range) else {
-                    break;
-                };
-                let raw = raw?;
-                inner.get_seconds.record(started.elapsed());
-                inner
-                    .stats
-                    .frame_fetches
-                    .fetch_add(run.len() as u64, Ordering::Relaxed);
-                for (k, d) in decode_run(&inner.cache, &okey, &raw, &run)?
-                    .into_iter()
-                    .enumerate()
-                {
-                    frames[at + k] = Some(d);
+        let reads = self.inner.reads.clone();
+        let (map, mut frames) = reads
+            .run(move || -> Result<_, VolumeError> {
+                let mut map = Vec::new();
+                for (s, e) in holes {
+                    map.extend(inner.lookup.lookup(s, e)?);
                 }
-            }
-            Ok((map, frames))
-        })
-        .await
-        .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??;
+                let (mut frames, hits) = cached_frames(&inner.cache, &map);
+                inner.stats.frame_hits.fetch_add(hits, Ordering::Relaxed);
+                for (at, run) in missing_runs(&map, &frames) {
+                    let Some((okey, range)) = run_location(&run) else {
+                        continue;
+                    };
+                    let started = Instant::now();
+                    // `None`: not a local backend; everything missing is fetched below.
+                    let Some(raw) = inner.backend.get_range_blocking(&okey, range) else {
+                        break;
+                    };
+                    let raw = raw?;
+                    inner.get_seconds.record(started.elapsed());
+                    inner
+                        .stats
+                        .frame_fetches
+                        .fetch_add(run.len() as u64, Ordering::Relaxed);
+                    for (k, d) in decode_run(&inner.cache, &okey, &raw, &run)?
+                        .into_iter()
+                        .enumerate()
+                    {
+                        frames[at + k] = Some(d);
+                    }
+                }
+                Ok((map, frames))
+            })
+            .await
+            .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??;
         let inner = &self.inner;
         fetch_missing_frames(
             &inner.cache,
@@ -961,6 +967,11 @@ async fn fetch_run(
         .await
         .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
 }
+
+/// Threads that run one volume's blocking read work at once. 4k random reads, QD32, 2 cores
+/// (docs/BENCHMARKS.md 2026-11-29 "reads drain a queue"): page-cache-hot data 4 ≈ 8 > 2 > 1;
+/// frames read from the disk (caches dropped) 8 ≈ 16 ≈ 64 > 4.
+const READ_WORKERS: usize = 8;
 
 /// Most bytes one read of adjacent frames covers (a 1 MiB request of 16 KiB frames is one read).
 const MAX_FRAME_RUN_BYTES: u64 = 1 << 20;
