@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod background;
 pub mod block;
 pub mod buffer;
 pub mod cache;

@@ -1433,8 +1433,7 @@ async fn upload_chunk(
 ) -> Option<Uploaded> {
     let opts = inner.config.chunk;
     let tag = inner.id.tag();
-    let built =
-        tokio::task::spawn_blocking(move || chunk::build(tag, object_id, &input, opts)).await;
+    let built = crate::background::run(move || chunk::build(tag, object_id, &input, opts)).await;
     let (object, index) = match built {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -1489,7 +1488,11 @@ async fn commit_chunk(
     crate::crash_point!("map-commit-before");
     retry_until_stopped(inner, "map commit", "", true, || {
         let (lookup, c) = (inner.lookup.clone(), commit.clone());
-        blocking(move || lookup.commit_chunk(&c, next))
+        async move {
+            crate::background::run(move || lookup.commit_chunk(&c, next))
+                .await
+                .map_err(|e| MetaError::Task(e.to_string()))?
+        }
     })
     .await?;
     crate::crash_point!("map-commit-after");
