@@ -109,30 +109,7 @@ impl MemTable {
     pub fn insert(&mut self, start: u64, ext: BufExtent) {
         debug_assert!(ext.seq > self.max_seq || self.extents.is_empty());
         let end = start + ext.count;
-        let overlapped: Vec<u64> = self
-            .extents
-            .range(..end)
-            .rev()
-            .take_while(|(&s, e)| s + e.count > start)
-            .map(|(&s, _)| s)
-            .collect();
-        for s in overlapped {
-            let Some(old) = self.extents.remove(&s) else {
-                continue;
-            };
-            self.data_bytes -= old.data_bytes();
-            let old_end = s + old.count;
-            if s < start {
-                let left = old.slice(0, start - s);
-                self.data_bytes += left.data_bytes();
-                self.extents.insert(s, left);
-            }
-            if old_end > end {
-                let right = old.slice(end - s, old_end - end);
-                self.data_bytes += right.data_bytes();
-                self.extents.insert(end, right);
-            }
-        }
+        self.cut(start, end, |_| true);
         self.data_bytes += ext.data_bytes();
         self.max_seq = self.max_seq.max(ext.seq);
         self.extents.insert(start, ext);
@@ -157,12 +134,17 @@ impl MemTable {
 
     /// Removes the blocks of `start..end` that hold write `seq`; other extents stay.
     fn remove_seq(&mut self, start: u64, end: u64, seq: u64) {
+        self.cut(start, end, |e| e.seq == seq);
+    }
+
+    /// Removes blocks `start..end` of every extent `which` selects: the parts outside stay.
+    fn cut(&mut self, start: u64, end: u64, which: impl Fn(&BufExtent) -> bool) {
         let hit: Vec<u64> = self
             .extents
             .range(..end)
             .rev()
             .take_while(|(&s, e)| s + e.count > start)
-            .filter(|(_, e)| e.seq == seq)
+            .filter(|(_, e)| which(e))
             .map(|(&s, _)| s)
             .collect();
         for s in hit {
