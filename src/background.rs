@@ -7,13 +7,10 @@
 //! (`Env::LowerThreadPoolCPUPriority`). Nice 10 only matters while the CPU is contended; when the
 //! write buffer is full the writers wait and these threads get the cores.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::workq::JobFailed;
-
-type Job = Box<dyn FnOnce() + Send>;
+use crate::workq::{job, run_job, Job, JobFailed};
 
 /// Nice value of the background threads (0 is normal, 19 the lowest).
 pub const NICE: i32 = 10;
@@ -54,7 +51,7 @@ fn worker(rx: &Mutex<Receiver<Job>>) {
                 Err(_) => return,
             }
         };
-        let _ = catch_unwind(AssertUnwindSafe(job));
+        run_job(job);
     }
 }
 
@@ -63,10 +60,7 @@ fn worker(rx: &Mutex<Receiver<Job>>) {
 pub async fn run<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, JobFailed> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let _ = tx.send(f());
-    });
+    let (job, rx) = job(f);
     let sent = pool()
         .tx
         .lock()

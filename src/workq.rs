@@ -10,7 +10,26 @@ use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A type-erased blocking job.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
+/// `f` as a [`Job`] that sends its result to the returned receiver; if `f` panics the sender is
+/// dropped unsent, so the receiver errors.
+pub(crate) fn job<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (Job, tokio::sync::oneshot::Receiver<T>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    (job, rx)
+}
+
+/// Runs `job`, containing a panic (the panic hook has logged it; the job's caller gets an error
+/// from its receiver): the thread goes on with the next job.
+pub(crate) fn run_job(job: Job) {
+    let _ = catch_unwind(AssertUnwindSafe(job));
+}
 
 #[derive(Default)]
 struct State {
@@ -48,10 +67,7 @@ impl WorkQueue {
         self: &Arc<Self>,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, JobFailed> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = tx.send(f());
-        });
+        let (job, rx) = job(f);
         let start_worker = {
             let mut st = self.lock();
             st.jobs.push_back(job);
@@ -81,8 +97,7 @@ impl WorkQueue {
                     }
                 }
             };
-            // A panicking job drops its sender (its caller gets `JobFailed`); the worker goes on.
-            let _ = catch_unwind(AssertUnwindSafe(job));
+            run_job(job);
         }
     }
 }
