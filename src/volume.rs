@@ -969,7 +969,7 @@ async fn fetch_run(
 }
 
 /// Threads that run one volume's blocking read work at once. 4k random reads, QD32, 2 cores
-/// (docs/BENCHMARKS.md 2026-11-29 "reads drain a queue"): page-cache-hot data 4 ≈ 8 > 2 > 1;
+/// (docs/BENCHMARKS.md, "Random reads while the flusher works"): page-cache-hot data 4 ≈ 8 > 2 > 1;
 /// frames read from the disk (caches dropped) 8 ≈ 16 ≈ 64 > 4.
 const READ_WORKERS: usize = 8;
 
