@@ -442,7 +442,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         batch.push(r);
         // When the queue is empty, yield once first: requests that are about to finish (woken,
         // not yet run) then join this batch, so one `writev` carries several replies. 4k
-        // randread QD32: 29-34k -> 35-46k IOPS; QD1 unchanged (docs/BENCHMARKS.md, "Reply batches").
+        // randread QD32: 29-34k -> 35-46k IOPS; QD1 unchanged (docs/BENCHMARKS.md, "Reply
+        // batches").
         let mut yielded = false;
         while batch.len() < MAX_REPLY_BATCH {
             match rx.try_recv() {
