@@ -1171,8 +1171,9 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             abort(in_flight).await;
             return;
         }
-        // Schedule uploads for the next frozen memtables while there is room.
-        while in_flight.len() < concurrency {
+        // Schedule uploads for the next frozen memtables while fewer than `concurrency` chunks
+        // are being built or uploaded (finished ones only wait for their in-order commit).
+        while in_flight.iter().filter(|j| !j.task.is_finished()).count() < concurrency {
             let next = {
                 let mut st = lock(&inner.state);
                 if scheduled == st.buf.frozen().len()
@@ -1194,7 +1195,13 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             for (i, input) in groups.into_iter().enumerate() {
                 let object_id = next_object_id;
                 next_object_id += 1;
-                let task = tokio::spawn(upload_chunk(inner.clone(), object_id, input));
+                let inner = inner.clone();
+                let task = tokio::spawn(async move {
+                    let uploaded = upload_chunk(&inner, object_id, input).await;
+                    // The flusher schedules the next chunk as soon as this one is out.
+                    inner.wake.notify_one();
+                    uploaded
+                });
                 in_flight.push_back(InFlight {
                     mem: mem.clone(),
                     last: i + 1 == n,
@@ -1203,7 +1210,7 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
                 });
             }
         }
-        let Some(job) = in_flight.pop_front() else {
+        let Some(front) = in_flight.front_mut() else {
             if inner.draining.load(Ordering::SeqCst) && lock(&inner.state).buf.frozen().is_empty() {
                 return;
             }
@@ -1228,7 +1235,15 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             let _ = tokio::time::timeout(nap, inner.wake.notified()).await;
             continue;
         };
-        let uploaded = match job.task.await {
+        // Wait for the oldest chunk (commits go in order), or for room to schedule another.
+        let done = tokio::select! {
+            done = &mut front.task => done,
+            () = inner.wake.notified() => continue,
+        };
+        let Some(job) = in_flight.pop_front() else {
+            continue;
+        };
+        let uploaded = match done {
             Ok(Some(u)) => u,
             // Stopped, or the task failed (already logged): leave everything to the WAL.
             _ => {
@@ -1319,7 +1334,7 @@ async fn compact(
         }
     };
     let moved: u64 = picked.iter().map(|e| e.block_count * BLOCK_SIZE).sum();
-    let Some(up) = upload_chunk(inner.clone(), object_id, picked).await else {
+    let Some(up) = upload_chunk(inner, object_id, picked).await else {
         return (None, cfg.check_interval);
     };
     let Some(next) = commit_chunk(inner, up, state, state.checkpoint, state.max_seq).await else {
@@ -1427,7 +1442,7 @@ async fn sync_wal_for_split(inner: &Inner) -> bool {
 /// Builds one chunk object and uploads it, retrying the upload with backoff until it succeeds
 /// (data stays in the WAL meanwhile). `None` if the build failed (a bug) or a stop was requested.
 async fn upload_chunk(
-    inner: Arc<Inner>,
+    inner: &Inner,
     object_id: u64,
     input: Vec<chunk::InputExtent>,
 ) -> Option<Uploaded> {
@@ -1449,7 +1464,7 @@ async fn upload_chunk(
     let stored_bytes = object.len() as u64;
     let _slot = inner.upload_slots.acquire().await.ok()?;
     let started = Instant::now();
-    retry_until_stopped(&inner, "chunk upload", &key, false, || {
+    retry_until_stopped(inner, "chunk upload", &key, false, || {
         inner.backend.put(&key, object.clone())
     })
     .await?;
