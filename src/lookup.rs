@@ -220,6 +220,10 @@ impl MapExtent {
     }
 }
 
+/// Ranges of at most this many blocks are looked up backwards (one iterator direction); longer
+/// ones forwards (docs/BENCHMARKS.md, "Map lookups in one direction").
+const SHORT_RANGE_BLOCKS: u64 = 16;
+
 /// A chunk ready to be committed to the map.
 #[derive(Debug, Clone)]
 pub struct ChunkCommit {
@@ -316,6 +320,27 @@ impl BlockLookup {
         ro.set_iterate_upper_bound(self.key(end));
         let mut it = self.meta.db().raw_iterator_opt(ro);
         let mut out = Vec::new();
+        if end - start <= SHORT_RANGE_BLOCKS {
+            // Backwards from the last extent starting below `end` to the one at or before
+            // `start`: a short range holds few extents, and RocksDB's merging iterator re-seeks
+            // every memtable and level when it turns from `SeekForPrev` to `Next`.
+            it.seek_for_prev(self.key(end - 1));
+            while it.valid() {
+                if let Some(e) = self.decode_entry(it.key(), it.value())? {
+                    let first = e.start <= start;
+                    if e.end() > start {
+                        out.push(e);
+                    }
+                    if first {
+                        break;
+                    }
+                }
+                it.prev();
+            }
+            it.status()?;
+            out.reverse();
+            return Ok(out);
+        }
         it.seek_for_prev(self.key(start));
         if it.valid() {
             if let Some(e) = self.decode_entry(it.key(), it.value())? {
@@ -578,6 +603,52 @@ mod tests {
         // Clipped lookup in the middle of an extent.
         let mid = l.lookup(9, 10).unwrap();
         assert_eq!((mid[0].start, mid[0].count), (9, 1));
+    }
+
+    /// Short ranges are looked up backwards, long ones forwards: both must give exactly the
+    /// extents a full scan says intersect the range, in order, with another volume's map on
+    /// either side.
+    #[test]
+    fn lookups_of_every_range_match_a_full_scan() {
+        let (_d, meta, l) = setup();
+        let before = BlockLookup::new(
+            meta.clone(),
+            VolumeId::parse("vol-00000000000000009").unwrap(),
+        );
+        let after = BlockLookup::new(
+            meta.clone(),
+            VolumeId::parse("vol-0000000000000000b").unwrap(),
+        );
+        commit(&before, 1, vec![data(70, 3, 1, 1)]);
+        commit(&after, 1, vec![data(0, 2, 1, 1)]);
+        let zero = MapExtent {
+            start: 50,
+            count: 9,
+            seq: 3,
+            target: Target::Zero,
+        };
+        commit(
+            &l,
+            1,
+            vec![data(2, 1, 1, 1), data(3, 4, 2, 1), data(20, 30, 3, 1), zero],
+        );
+        commit(
+            &l,
+            2,
+            vec![data(25, 1, 4, 2), data(40, 2, 5, 2), data(64, 16, 6, 2)],
+        );
+        let all = l.all().unwrap();
+        assert_eq!(all.len(), 9, "{all:?}");
+        for start in 0..90 {
+            for end in start + 1..start + 40 {
+                let want: Vec<MapExtent> = all
+                    .iter()
+                    .filter(|e| e.start < end && e.end() > start)
+                    .map(|e| e.slice(e.start.max(start), e.end().min(end)))
+                    .collect();
+                assert_eq!(l.lookup(start, end).unwrap(), want, "{start}..{end}");
+            }
+        }
     }
 
     #[test]
