@@ -593,48 +593,18 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// A real backend that counts ranged reads; `local: false` hides its blocking reads, as S3 does.
-struct CountingBackend {
-    inner: vblock::backend::memory::MemoryBackend,
+/// Counts ranged reads; `local: false` hides the blocking reads, as S3 does.
+struct CountRangedReads {
     local: bool,
     ranged_reads: std::sync::atomic::AtomicU64,
 }
 
-#[async_trait::async_trait]
-impl vblock::backend::Backend for CountingBackend {
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), vblock::backend::BackendError> {
-        self.inner.put(key, data).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, vblock::backend::BackendError> {
-        self.inner.get(key).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, vblock::backend::BackendError> {
+impl common::Hooks for CountRangedReads {
+    fn before_ranged_read(&self) {
         self.ranged_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_range(key, range).await
     }
-    async fn delete(&self, key: &str) -> Result<(), vblock::backend::BackendError> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, vblock::backend::BackendError> {
-        self.inner.list(prefix).await
-    }
-    fn kind(&self) -> &'static str {
-        "counting"
-    }
-    fn get_range_blocking(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Option<Result<Bytes, vblock::backend::BackendError>> {
-        if !self.local {
-            return None;
-        }
-        self.ranged_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_range_blocking(key, range)
+    fn local(&self) -> bool {
+        self.local
     }
 }
 
@@ -643,8 +613,7 @@ fn a_sequential_read_fetches_adjacent_frames_with_one_ranged_read() {
     common::run(Duration::from_secs(60), async {
         for local in [true, false] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let counting = std::sync::Arc::new(CountingBackend {
-                inner: vblock::backend::memory::MemoryBackend::new(),
+            let counting = common::HookedBackend::new(CountRangedReads {
                 local,
                 ranged_reads: Default::default(),
             });
@@ -660,11 +629,11 @@ fn a_sequential_read_fetches_adjacent_frames_with_one_ranged_read() {
 
             // A fresh engine has no cached frames: one ranged read per object.
             let (engine, vol) = reopen(dir.path(), &backend, &id).await.expect("reopen");
-            let before = counting.ranged_reads.load(Ordering::SeqCst);
+            let before = counting.hooks.ranged_reads.load(Ordering::SeqCst);
             let got = vol.read(0, data.len() as u64).await.expect("read");
             assert!(got[..] == data[..], "local={local}: wrong data");
             assert_eq!(
-                counting.ranged_reads.load(Ordering::SeqCst) - before,
+                counting.hooks.ranged_reads.load(Ordering::SeqCst) - before,
                 4,
                 "local={local}: ranged reads for 16 frames in 4 objects"
             );
@@ -673,7 +642,7 @@ fn a_sequential_read_fetches_adjacent_frames_with_one_ranged_read() {
             let got = vol.read(37 * 4096, 4096).await.expect("read one block");
             assert!(got[..] == data[37 * 4096..38 * 4096]);
             assert_eq!(
-                counting.ranged_reads.load(Ordering::SeqCst) - before,
+                counting.hooks.ranged_reads.load(Ordering::SeqCst) - before,
                 4,
                 "local={local}: the cached block was read again"
             );
@@ -683,46 +652,24 @@ fn a_sequential_read_fetches_adjacent_frames_with_one_ranged_read() {
     });
 }
 
-/// A real (memory) backend whose PUT of a volume's first chunk object (object id 1) waits until
-/// the test releases it, and which reports how many chunk PUTs have completed: one slow upload,
-/// as S3 gives at times.
+/// Holds the PUT of a volume's first chunk object (object id 1) until the test releases it,
+/// and reports how many chunk PUTs have completed: one slow upload, as S3 gives at times.
 struct HoldFirstChunk {
-    inner: vblock::backend::memory::MemoryBackend,
     release: tokio::sync::Semaphore,
     done: tokio::sync::watch::Sender<u64>,
 }
 
 #[async_trait::async_trait]
-impl vblock::backend::Backend for HoldFirstChunk {
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), vblock::backend::BackendError> {
-        let chunk = key.contains("/chunks/");
+impl common::Hooks for HoldFirstChunk {
+    async fn before_put(&self, key: &str) {
         if key.ends_with("/chunks/0000000000000001") {
             let _ = self.release.acquire().await;
         }
-        self.inner.put(key, data).await?;
-        if chunk {
+    }
+    fn after_put(&self, key: &str) {
+        if key.contains("/chunks/") {
             self.done.send_modify(|n| *n += 1);
         }
-        Ok(())
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, vblock::backend::BackendError> {
-        self.inner.get(key).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, vblock::backend::BackendError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), vblock::backend::BackendError> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, vblock::backend::BackendError> {
-        self.inner.list(prefix).await
-    }
-    fn kind(&self) -> &'static str {
-        "hold-first-chunk"
     }
 }
 
@@ -736,8 +683,7 @@ fn a_slow_upload_does_not_hold_back_the_chunks_behind_it() {
         const CHUNKS: u64 = 12;
         let dir = tempfile::tempdir().expect("tempdir");
         let (done, mut progress) = tokio::sync::watch::channel(0u64);
-        let holding = std::sync::Arc::new(HoldFirstChunk {
-            inner: vblock::backend::memory::MemoryBackend::new(),
+        let holding = common::HookedBackend::new(HoldFirstChunk {
             release: tokio::sync::Semaphore::new(0),
             done,
         });
@@ -778,7 +724,7 @@ fn a_slow_upload_does_not_hold_back_the_chunks_behind_it() {
             0,
             "committed out of order"
         );
-        holding.release.add_permits(1);
+        holding.hooks.release.add_permits(1);
         vol.persist_buffer().await.expect("persist");
         assert_eq!(vol.stats().chunks.load(Ordering::Relaxed), CHUNKS);
         assert_eq!(vol.buffered_bytes(), 0);

@@ -341,42 +341,21 @@ fn overwrites_are_reclaimed() {
     });
 }
 
-/// A memory backend whose chunk PUTs can be held mid-flight: the one fault the real backends
-/// cannot produce on demand (a process killed while a compaction upload is in flight).
-struct HoldingBackend {
-    inner: SharedBackend,
+/// Holds chunk PUTs mid-flight while `hold` is set: the one fault the real backends cannot
+/// produce on demand (a process killed while a compaction upload is in flight).
+struct HoldChunkPuts {
     hold: std::sync::atomic::AtomicBool,
     held: std::sync::atomic::AtomicU64,
     release: tokio::sync::Semaphore,
 }
 
 #[async_trait::async_trait]
-impl vblock::backend::Backend for HoldingBackend {
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), vblock::backend::BackendError> {
+impl common::Hooks for HoldChunkPuts {
+    async fn before_put(&self, key: &str) {
         if key.contains("/chunks/") && self.hold.load(std::sync::atomic::Ordering::SeqCst) {
             self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let _go = self.release.acquire().await;
         }
-        self.inner.put(key, data).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, vblock::backend::BackendError> {
-        self.inner.get(key).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, vblock::backend::BackendError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), vblock::backend::BackendError> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, vblock::backend::BackendError> {
-        self.inner.list(prefix).await
-    }
-    fn kind(&self) -> &'static str {
-        "memory"
     }
 }
 
@@ -386,11 +365,9 @@ impl vblock::backend::Backend for HoldingBackend {
 #[test]
 fn crash_in_the_middle_of_compaction() {
     use std::sync::atomic::Ordering;
-    use std::sync::Arc;
     common::run(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let holding = Arc::new(HoldingBackend {
-            inner: common::memory_backend(),
+        let holding = common::HookedBackend::new(HoldChunkPuts {
             hold: false.into(),
             held: 0.into(),
             release: tokio::sync::Semaphore::new(0),
@@ -425,11 +402,11 @@ fn crash_in_the_middle_of_compaction() {
         drop(engine);
 
         // Reopen with compaction on and chunk PUTs held: the first compaction upload hangs.
-        holding.hold.store(true, Ordering::SeqCst);
+        holding.hooks.hold.store(true, Ordering::SeqCst);
         let engine = open(dir.path(), &backend).await;
         let v = engine.volume(&rec.volume_id).await.expect("volume");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while holding.held.load(Ordering::SeqCst) == 0 {
+        while holding.hooks.held.load(Ordering::SeqCst) == 0 {
             assert!(
                 Instant::now() < deadline,
                 "compaction never started an upload"
@@ -451,8 +428,8 @@ fn crash_in_the_middle_of_compaction() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         drop(v);
-        holding.hold.store(false, Ordering::SeqCst);
-        holding.release.add_permits(1 << 20);
+        holding.hooks.hold.store(false, Ordering::SeqCst);
+        holding.hooks.release.add_permits(1 << 20);
         crash.await.expect("crash");
 
         let engine = open(dir.path(), &backend).await;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vblock::backend::SharedBackend;
+use vblock::backend::{BackendError, SharedBackend};
 use vblock::{Engine, EngineConfig, VolumeConfig};
 
 /// Small chunks and a short idle flush, so tests exercise chunking constantly.
@@ -50,3 +50,76 @@ pub mod daemon;
 pub mod fault_proxy;
 pub mod s3;
 pub mod snapshots;
+
+/// What a [`HookedBackend`] does around its memory backend's calls: counters, and the faults the
+/// real backends cannot produce on demand (a PUT held mid-flight). Every hook defaults to nothing.
+#[async_trait::async_trait]
+pub trait Hooks: Send + Sync {
+    /// Runs before a PUT of `key` reaches the store; may wait.
+    async fn before_put(&self, _key: &str) {}
+    /// Runs after a PUT of `key` succeeded.
+    fn after_put(&self, _key: &str) {}
+    /// Runs before each ranged read (async or blocking).
+    fn before_ranged_read(&self) {}
+    /// True: offer the store's blocking ranged reads, as the local backends do; false (the
+    /// trait's default): hide them, as S3 does.
+    fn local(&self) -> bool {
+        false
+    }
+}
+
+/// A real memory backend with [`Hooks`] around its calls.
+pub struct HookedBackend<H> {
+    pub inner: vblock::backend::memory::MemoryBackend,
+    pub hooks: H,
+}
+
+impl<H: Hooks> HookedBackend<H> {
+    pub fn new(hooks: H) -> Arc<Self> {
+        Arc::new(Self {
+            inner: vblock::backend::memory::MemoryBackend::new(),
+            hooks,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: Hooks + 'static> vblock::backend::Backend for HookedBackend<H> {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> Result<(), BackendError> {
+        self.hooks.before_put(key).await;
+        self.inner.put(key, data).await?;
+        self.hooks.after_put(key);
+        Ok(())
+    }
+    async fn get(&self, key: &str) -> Result<bytes::Bytes, BackendError> {
+        self.inner.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, BackendError> {
+        self.hooks.before_ranged_read();
+        self.inner.get_range(key, range).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.inner.list(prefix).await
+    }
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    fn get_range_blocking(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Option<Result<bytes::Bytes, BackendError>> {
+        if !self.hooks.local() {
+            return None;
+        }
+        self.hooks.before_ranged_read();
+        self.inner.get_range_blocking(key, range)
+    }
+}
