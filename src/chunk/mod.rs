@@ -396,7 +396,9 @@ pub fn decode_index(
             || (kind == ExtentKind::Data
                 && (e.block_count > MAX_FRAME_BLOCKS
                     || (e.frame_offset as usize) < need
-                    || frame_end > object_len));
+                    || frame_end > object_len))
+            // A zero extent has no frame (FORMAT.md: offset and length 0).
+            || (kind == ExtentKind::Zero && (e.frame_offset != 0 || e.frame_len != 0));
         if bad {
             return Err(ChunkError::BadIndex(format!("extent {i}: {e:?}")));
         }
@@ -669,6 +671,37 @@ mod tests {
             decode_index(&obj, (head + 1) as u64).is_err(),
             "frame beyond object end"
         );
+    }
+
+    /// A zero extent that claims a frame is refused even when the index CRC matches (found by
+    /// the chunk_object fuzz target: such an index used to pass `verify` with a frame beyond
+    /// the object's end).
+    #[test]
+    fn zero_extent_with_a_frame_is_refused() {
+        let input = vec![InputExtent {
+            start_block: 0,
+            block_count: 3,
+            seq: 1,
+            data: None,
+        }];
+        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
+        let (header, _) = decode_index(&obj, obj.len() as u64).unwrap();
+        assert_eq!(index[0].kind, ExtentKind::Zero);
+        for (offset, len) in [(0, 1), (obj.len() as u32, 0), (1 << 20, 4096)] {
+            let mut bad = index.clone();
+            bad[0].frame_offset = offset;
+            bad[0].frame_len = len;
+            let mut b = Vec::new();
+            encode_header_and_index(&header, &bad, &mut b);
+            assert!(
+                matches!(
+                    decode_index(&b, b.len() as u64),
+                    Err(ChunkError::BadIndex(_))
+                ),
+                "offset {offset} len {len}"
+            );
+            assert!(verify(&b).is_err());
+        }
     }
 
     #[test]
