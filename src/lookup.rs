@@ -546,9 +546,13 @@ mod tests {
     fn setup() -> (tempfile::TempDir, MetaStore, BlockLookup) {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path(), 1 << 20).unwrap();
-        let vol = VolumeId::parse("vol-0000000000000000a").unwrap();
-        let lookup = BlockLookup::new(meta.clone(), vol);
+        let lookup = map_of(&meta, "vol-0000000000000000a");
         (dir, meta, lookup)
+    }
+
+    /// The map of volume `id` in `meta`.
+    fn map_of(meta: &MetaStore, id: &str) -> BlockLookup {
+        BlockLookup::new(meta.clone(), VolumeId::parse(id).unwrap())
     }
 
     fn commit(l: &BlockLookup, object_id: u64, extents: Vec<MapExtent>) {
@@ -611,14 +615,8 @@ mod tests {
     #[test]
     fn lookups_of_every_range_match_a_full_scan() {
         let (_d, meta, l) = setup();
-        let before = BlockLookup::new(
-            meta.clone(),
-            VolumeId::parse("vol-00000000000000009").unwrap(),
-        );
-        let after = BlockLookup::new(
-            meta.clone(),
-            VolumeId::parse("vol-0000000000000000b").unwrap(),
-        );
+        let before = map_of(&meta, "vol-00000000000000009");
+        let after = map_of(&meta, "vol-0000000000000000b");
         commit(&before, 1, vec![data(70, 3, 1, 1)]);
         commit(&after, 1, vec![data(0, 2, 1, 1)]);
         let zero = MapExtent {
@@ -684,10 +682,7 @@ mod tests {
     #[test]
     fn volumes_do_not_see_each_other() {
         let (_d, meta, l) = setup();
-        let other = BlockLookup::new(
-            meta.clone(),
-            VolumeId::parse("vol-0000000000000000b").unwrap(),
-        );
+        let other = map_of(&meta, "vol-0000000000000000b");
         commit(&l, 1, vec![data(0, 4, 1, 1)]);
         assert!(other.lookup(0, u64::MAX).unwrap().is_empty());
         meta.delete_volume(&l.volume).unwrap();
