@@ -7,7 +7,9 @@
 //!    in S3 and committed (`persist_buffer`).
 //!
 //! Five alternating rounds after a warm-up, the server emptied between them; prints MiB/s for
-//! both per round and the median ratio (target >= 0.8).
+//! both per round and the median ratio (target >= 0.8), and the CPU seconds each round cost this
+//! process and, when `VBLOCK_BENCH_S3_SERVER_PID` names it, the server (Linux `/proc`): on 2
+//! cores shared with the server the run is CPU-bound, so CPU per round is what vblock can cut.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,6 +39,41 @@ fn config(endpoint: &str, bucket: &str) -> S3Config {
 /// median ratio is reported (single runs on 2 shared cores spread by +-0.1).
 const ROUNDS: usize = 5;
 
+/// CPU seconds (user + system) used so far by this process and by the server process named by
+/// `VBLOCK_BENCH_S3_SERVER_PID` (0 when unknown), from `/proc/PID/stat` in clock ticks.
+fn cpu_seconds() -> (f64, f64) {
+    fn of(pid: &str) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // /proc reports USER_HZ ticks, 100 per second on Linux (`getconf CLK_TCK`).
+        (ticks(11) + ticks(12)) as f64 / 100.0
+    }
+    let server = std::env::var("VBLOCK_BENCH_S3_SERVER_PID").map_or(0.0, |pid| of(&pid));
+    (of("self"), server)
+}
+
+/// "CPU-s: this process X, server Y" since `before` (a [`cpu_seconds`] reading).
+fn cpu_since(before: (f64, f64)) -> String {
+    let now = cpu_seconds();
+    format!(
+        "CPU-s: this process {:.2}, server {:.2}",
+        now.0 - before.0,
+        now.1 - before.1
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -53,6 +90,7 @@ async fn empty(backend: &S3Backend) {
 async fn plain_round(plain: &Arc<S3Backend>, data: &Bytes) -> f64 {
     let objects = (TOTAL_MIB / 4) as usize;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu = cpu_seconds();
     let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
@@ -75,7 +113,10 @@ async fn plain_round(plain: &Arc<S3Backend>, data: &Bytes) -> f64 {
         t.await.expect("task");
     }
     let mibs = TOTAL_MIB as f64 / t.elapsed().as_secs_f64();
-    println!("  plain PUT loop: {objects} x 4 MiB, {CONCURRENCY} in flight: {mibs:.0} MiB/s");
+    println!(
+        "  plain PUT loop: {objects} x 4 MiB, {CONCURRENCY} in flight: {mibs:.0} MiB/s ({})",
+        cpu_since(cpu)
+    );
     mibs
 }
 
@@ -97,6 +138,7 @@ async fn vblock_round(
         .expect("create")
         .volume_id;
     let vol = engine.volume(&id).await.expect("open");
+    let cpu = cpu_seconds();
     let t = Instant::now();
     for i in 0..TOTAL_MIB {
         vol.write(
@@ -110,13 +152,14 @@ async fn vblock_round(
     let ingest = t.elapsed();
     vol.persist_buffer().await.expect("persist");
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_since(cpu);
     let stored = vol
         .stats()
         .chunk_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
     let mibs = TOTAL_MIB as f64 / secs;
     println!(
-        "  vblock: writes acknowledged after {ingest:.0?} (WAL + buffer); {TOTAL_MIB} MiB persisted ({:.0} MiB stored in {} chunks, {CONCURRENCY} uploads in flight) after {secs:.2} s: {mibs:.0} MiB/s",
+        "  vblock: writes acknowledged after {ingest:.0?} (WAL + buffer); {TOTAL_MIB} MiB persisted ({:.0} MiB stored in {} chunks, {CONCURRENCY} uploads in flight) after {secs:.2} s: {mibs:.0} MiB/s ({cpu})",
         stored as f64 / (1 << 20) as f64,
         vol.stats().chunks.load(std::sync::atomic::Ordering::Relaxed)
     );
