@@ -228,6 +228,8 @@ struct Inner {
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// PUTs in flight (`upload_concurrency`); chunks are built ahead of them.
     upload_slots: Semaphore,
+    /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy.
+    object_buffers: chunk::ObjectBuffers,
     stats: VolumeStats,
     /// `vblock_chunk_upload_duration_seconds{volume}`: one successful chunk PUT (retries included).
     upload_seconds: metrics::Histogram,
@@ -356,6 +358,7 @@ impl Volume {
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
             upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
+            object_buffers: chunk::ObjectBuffers::new(flusher_window(&config)),
             stats: VolumeStats::default(),
             upload_seconds: metrics::histogram!(
                 "vblock_chunk_upload_duration_seconds",
@@ -1157,14 +1160,19 @@ struct Uploaded {
 /// The background flusher of one volume. Frozen memtables are cut into chunk objects, which are
 /// built and uploaded concurrently (up to `upload_concurrency`) and committed strictly in order,
 /// so the checkpoint always covers a prefix of the WAL.
+/// Chunks the flusher builds or uploads at once: twice the upload slots, so chunks are compressed
+/// while earlier ones upload and the PUTs in flight stay at `upload_concurrency` (measured:
+/// scripts/bench-s3.sh).
+fn flusher_window(config: &VolumeConfig) -> usize {
+    2 * config.upload_concurrency.max(1)
+}
+
 async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     // Frozen memtables (from the front of the queue) whose chunks are all scheduled.
     let mut scheduled = 0usize;
     let mut next_object_id = state.next_object_id.max(1);
-    // Twice the upload slots in tasks: chunks are compressed while earlier ones upload, so the
-    // PUTs in flight stay at `upload_concurrency` (measured: scripts/bench-s3.sh).
-    let concurrency = 2 * inner.config.upload_concurrency.max(1);
+    let concurrency = flusher_window(&inner.config);
     let mut next_compaction = Instant::now() + inner.config.compaction.check_interval;
     loop {
         if inner.stop.load(Ordering::SeqCst) {
@@ -1215,6 +1223,9 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
                 return;
             }
             let pending = !lock(&inner.state).buf.frozen().is_empty();
+            if !pending {
+                inner.object_buffers.clear();
+            }
             if !pending
                 && inner.config.compaction.threshold_percent > 0
                 && Instant::now() >= next_compaction
@@ -1448,7 +1459,9 @@ async fn upload_chunk(
 ) -> Option<Uploaded> {
     let opts = inner.config.chunk;
     let tag = inner.id.tag();
-    let built = crate::background::run(move || chunk::build(tag, object_id, &input, opts)).await;
+    let buf = inner.object_buffers.take();
+    let built =
+        crate::background::run(move || chunk::build(tag, object_id, &input, opts, buf)).await;
     let (object, index) = match built {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -1470,6 +1483,7 @@ async fn upload_chunk(
     .await?;
     crate::crash_point!("chunk-uploaded");
     inner.upload_seconds.record(started.elapsed());
+    inner.object_buffers.give(object);
     Some(Uploaded {
         object_id,
         index,

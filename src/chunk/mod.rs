@@ -18,6 +18,9 @@ use bytes::Bytes;
 
 use crate::block::{is_zero, BLOCK_BYTES};
 
+mod buffers;
+pub use buffers::ObjectBuffers;
+
 /// ASCII "VBCK".
 pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"VBCK");
 /// The only chunk format version this build writes and reads.
@@ -164,12 +167,15 @@ impl Default for ChunkOptions {
 /// Builds a chunk object from `input` (sorted by block, non-overlapping). All-zero blocks become
 /// zero extents; data runs are split into frames of at most `frame_blocks`.
 ///
-/// Returns the object bytes and its index. CPU-bound: call from a blocking thread.
+/// The object is written into `buf` (cleared first; pass `Vec::new()` or a buffer from
+/// [`ObjectBuffers::take`], whose pages are already mapped). Returns the object bytes and its
+/// index. CPU-bound: call from a blocking thread.
 pub fn build(
     volume_tag: u64,
     object_id: u64,
     input: &[InputExtent],
     opts: ChunkOptions,
+    buf: Vec<u8>,
 ) -> Result<(Bytes, Vec<ChunkExtent>), ChunkError> {
     let frame_blocks = opts.frame_blocks.clamp(1, MAX_FRAME_BLOCKS) as u64;
     let mut index: Vec<ChunkExtent> = Vec::new();
@@ -278,7 +284,9 @@ pub fn build(
         max_seq: index.iter().map(|e| e.seq).max().unwrap_or(0),
         extent_count: index.len() as u32,
     };
-    let mut out = Vec::with_capacity(total);
+    let mut out = buf;
+    out.clear();
+    out.reserve(total);
     encode_header_and_index(&header, &index, &mut out);
     for f in &frames {
         out.extend_from_slice(f);
@@ -604,7 +612,7 @@ mod tests {
                 data: None,
             },
         ];
-        let (obj, index) = build(9, 77, &input, SIXTEEN_BLOCK_FRAMES).unwrap();
+        let (obj, index) = build(9, 77, &input, SIXTEEN_BLOCK_FRAMES, Vec::new()).unwrap();
         let (h, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
         assert_eq!(decoded, index);
         assert_eq!(
@@ -652,7 +660,7 @@ mod tests {
             seq: 1,
             data: Some(Bytes::from([block(1), block(2)].concat())),
         }];
-        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
+        let (obj, index) = build(1, 1, &input, ChunkOptions::default(), Vec::new()).unwrap();
         let head = CHUNK_HEADER_LEN + INDEX_ENTRY_LEN;
         for i in 0..head {
             let mut b = obj.to_vec();
@@ -673,6 +681,21 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_reused_buffer_builds_the_same_object() {
+        let input = vec![InputExtent {
+            start_block: 5,
+            block_count: 3,
+            seq: 2,
+            data: Some(Bytes::from([block(1), block(0), block(9)].concat())),
+        }];
+        let (fresh, _) = build(1, 1, &input, ChunkOptions::default(), Vec::new()).unwrap();
+        let mut dirty = vec![0xAAu8; 3 * fresh.len()];
+        dirty.truncate(fresh.len() / 2);
+        let (reused, _) = build(1, 1, &input, ChunkOptions::default(), dirty).unwrap();
+        assert_eq!(reused, fresh);
+    }
+
     /// A zero extent that claims a frame is refused even when the index CRC matches (found by
     /// the chunk_object fuzz target: such an index used to pass `verify` with a frame beyond
     /// the object's end).
@@ -684,7 +707,7 @@ mod tests {
             seq: 1,
             data: None,
         }];
-        let (obj, index) = build(1, 1, &input, ChunkOptions::default()).unwrap();
+        let (obj, index) = build(1, 1, &input, ChunkOptions::default(), Vec::new()).unwrap();
         let (header, _) = decode_index(&obj, obj.len() as u64).unwrap();
         assert_eq!(index[0].kind, ExtentKind::Zero);
         for (offset, len) in [(0, 1), (obj.len() as u32, 0), (1 << 20, 4096)] {
@@ -723,7 +746,7 @@ mod tests {
                 data: Some(Bytes::from(vec![7u8; 20 * BLOCK_BYTES])),
             },
         ];
-        let (obj, index) = build(1, 1, &input, SIXTEEN_BLOCK_FRAMES).unwrap();
+        let (obj, index) = build(1, 1, &input, SIXTEEN_BLOCK_FRAMES, Vec::new()).unwrap();
         let (_, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
         assert_eq!(decoded, index);
         let enc: Vec<(u64, FrameEncoding)> =
