@@ -310,16 +310,32 @@ impl BlockLookup {
 
     /// Extents intersecting `start..end`, unclipped.
     fn overlapping(&self, start: u64, end: u64) -> Result<Vec<MapExtent>, MetaError> {
-        if start >= end {
-            return Ok(Vec::new());
+        let mut out = Vec::new();
+        if start < end {
+            self.scan(&mut self.iterator(end), start, end, &mut out)?;
         }
-        // One iterator, bounded to this map's keys below `end`: the extent that starts at or
-        // before `start` (it may reach into the range), then forward.
+        Ok(out)
+    }
+
+    /// A raw iterator over this map's keys below block `end`.
+    fn iterator(&self, end: u64) -> rocksdb::DBRawIterator<'_> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(self.key(0));
         ro.set_iterate_upper_bound(self.key(end));
-        let mut it = self.meta.db().raw_iterator_opt(ro);
-        let mut out = Vec::new();
+        self.meta.db().raw_iterator_opt(ro)
+    }
+
+    /// Appends the extents intersecting `start..end` (unclipped, sorted) to `out`, using `it`
+    /// (from [`BlockLookup::iterator`] with a bound of at least `end`; one iterator serves many
+    /// scans, as creating one costs more than a seek).
+    fn scan(
+        &self,
+        it: &mut rocksdb::DBRawIterator<'_>,
+        start: u64,
+        end: u64,
+        out: &mut Vec<MapExtent>,
+    ) -> Result<(), MetaError> {
+        let first_new = out.len();
         if end - start <= SHORT_RANGE_BLOCKS {
             // Backwards from the last extent starting below `end` to the one at or before
             // `start`: a short range holds few extents, and RocksDB's merging iterator re-seeks
@@ -338,9 +354,11 @@ impl BlockLookup {
                 it.prev();
             }
             it.status()?;
-            out.reverse();
-            return Ok(out);
+            out[first_new..].reverse();
+            return Ok(());
         }
+        // The extent that starts at or before `start` (it may reach into the range), then
+        // forward.
         it.seek_for_prev(self.key(start));
         if it.valid() {
             if let Some(e) = self.decode_entry(it.key(), it.value())? {
@@ -357,12 +375,15 @@ impl BlockLookup {
         }
         while it.valid() {
             if let Some(e) = self.decode_entry(it.key(), it.value())? {
+                if e.start >= end {
+                    break;
+                }
                 out.push(e);
             }
             it.next();
         }
         it.status()?;
-        Ok(out)
+        Ok(())
     }
 
     /// A map entry at the iterator's position; `None` for a key of another shape.
@@ -392,7 +413,8 @@ impl BlockLookup {
     /// only writer). Blocking (RocksDB): call from a blocking thread.
     pub fn commit_chunk(&self, commit: &ChunkCommit, state: VolumeState) -> Result<(), MetaError> {
         // Existing extents touched by the chunk, each once (by start block): one map scan per
-        // run of back-to-back new extents (a sequential chunk is one scan, not one per frame).
+        // run of back-to-back new extents (a sequential chunk is one scan, not one per frame),
+        // all with one iterator.
         let mut runs: Vec<(u64, u64)> = commit.extents.iter().map(|e| (e.start, e.end())).collect();
         runs.sort_unstable();
         runs.dedup_by(|next, run| {
@@ -402,12 +424,14 @@ impl BlockLookup {
             }
             joins
         });
-        let mut olds: BTreeMap<u64, MapExtent> = BTreeMap::new();
-        for (start, end) in runs {
-            for old in self.overlapping(start, end)? {
-                olds.insert(old.start, old);
+        let mut touched = Vec::new();
+        if let Some(&(_, last_end)) = runs.last() {
+            let mut it = self.iterator(last_end);
+            for &(start, end) in &runs {
+                self.scan(&mut it, start, end, &mut touched)?;
             }
         }
+        let olds: BTreeMap<u64, MapExtent> = touched.into_iter().map(|e| (e.start, e)).collect();
         // The parts of the new extents that no newer existing extent shadows. Existing extents
         // do not overlap, so those reaching into `new` are the last ones starting before its end.
         let mut winners: BTreeMap<u64, MapExtent> = BTreeMap::new();
@@ -637,14 +661,27 @@ mod tests {
         );
         let all = l.all().unwrap();
         assert_eq!(all.len(), 9, "{all:?}");
+        // One iterator bounded far beyond every range serves many scans (as in a commit).
+        let mut shared = l.iterator(u64::MAX);
         for start in 0..90 {
             for end in start + 1..start + 40 {
-                let want: Vec<MapExtent> = all
+                let overlapping: Vec<MapExtent> = all
                     .iter()
                     .filter(|e| e.start < end && e.end() > start)
+                    .copied()
+                    .collect();
+                let clipped: Vec<MapExtent> = overlapping
+                    .iter()
                     .map(|e| e.slice(e.start.max(start), e.end().min(end)))
                     .collect();
-                assert_eq!(l.lookup(start, end).unwrap(), want, "{start}..{end}");
+                assert_eq!(l.lookup(start, end).unwrap(), clipped, "{start}..{end}");
+                let mut scanned = vec![data(0, 1, 99, 9)];
+                l.scan(&mut shared, start, end, &mut scanned).unwrap();
+                assert_eq!(
+                    scanned[1..],
+                    overlapping[..],
+                    "{start}..{end}, shared iterator"
+                );
             }
         }
     }
