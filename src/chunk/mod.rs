@@ -178,10 +178,10 @@ pub fn build(
     buf: Vec<u8>,
 ) -> Result<(Bytes, Vec<ChunkExtent>), ChunkError> {
     let frame_blocks = opts.frame_blocks.clamp(1, MAX_FRAME_BLOCKS) as u64;
-    // Pass 1, the index: zero runs and data frames (where frames start does not depend on
-    // compression), each data frame with its input bytes and the number of its input extent.
     let mut index: Vec<ChunkExtent> = Vec::new();
-    let mut frames: Vec<(usize, &[u8], usize)> = Vec::new();
+    // Compressed frames are owned; raw frames borrow from the input, so their bytes are copied
+    // once, into the object.
+    let mut frames: Vec<std::borrow::Cow<'_, [u8]>> = Vec::new();
     let push_zero = |index: &mut Vec<ChunkExtent>, start: u64, count: u64, seq: u64| {
         // Merge with a preceding adjacent zero extent of the same write.
         if let Some(last) = index.last_mut() {
@@ -212,7 +212,7 @@ pub fn build(
             left -= n;
         }
     };
-    for (n, ext) in input.iter().enumerate() {
+    for ext in input {
         let Some(data) = &ext.data else {
             push_zero(&mut index, ext.start_block, ext.block_count, ext.seq);
             continue;
@@ -226,6 +226,7 @@ pub fn build(
             )));
         }
         let mut b = 0u64;
+        let mut incompressible = false;
         while b < ext.block_count {
             let block = |i: u64| &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
             let zero = is_zero(block(b));
@@ -237,65 +238,44 @@ pub fn build(
             if zero {
                 push_zero(&mut index, ext.start_block + b, e - b, ext.seq);
             } else {
-                frames.push((
-                    index.len(),
-                    &data[(b * 4096) as usize..(e * 4096) as usize],
-                    n,
-                ));
+                let raw = &data[(b * 4096) as usize..(e * 4096) as usize];
+                // A frame not worth compressing is stored raw; after one such frame the rest
+                // of the same write is not even tried (one write is usually one kind of data,
+                // and zstd on incompressible data was half the CPU of sequential writes).
+                let compressed = if incompressible {
+                    None
+                } else {
+                    let c = compress(raw, opts.zstd_level)?;
+                    worth_compressing(c.len(), raw.len()).then_some(c)
+                };
+                incompressible |= compressed.is_none();
+                let (frame, encoding) = match compressed {
+                    Some(c) => (std::borrow::Cow::Owned(c), FrameEncoding::Zstd),
+                    None => (std::borrow::Cow::Borrowed(raw), FrameEncoding::Raw),
+                };
                 index.push(ChunkExtent {
                     start_block: ext.start_block + b,
                     seq: ext.seq,
                     block_count: (e - b) as u32,
                     kind: ExtentKind::Data,
-                    encoding: FrameEncoding::Raw,
+                    encoding,
                     frame_offset: 0,
-                    frame_len: 0,
-                    frame_crc: 0,
+                    frame_len: frame.len() as u32,
+                    frame_crc: crc32fast::hash(&frame),
                 });
+                frames.push(frame);
             }
             b = e;
         }
     }
-    // Pass 2, the frames, each written into the object and checksummed there while its bytes
-    // are in the CPU cache (one read of the input, not one for the CRC and one for the copy).
-    let head = CHUNK_HEADER_LEN + index.len() * INDEX_ENTRY_LEN;
-    let mut out = buf;
-    out.clear();
-    out.reserve(head + frames.iter().map(|f| f.1.len()).sum::<usize>());
-    out.resize(head, 0);
-    let too_big = || ChunkError::BadIndex("chunk larger than 4 GiB".into());
-    // A frame not worth compressing is stored raw; after one such frame the rest of the same
-    // write is not even tried (one write is usually one kind of data, and zstd on
-    // incompressible data was half the CPU of sequential writes).
-    let mut incompressible_write = None;
-    for (at, raw, write) in frames {
-        let offset = out.len();
-        let compressed = if incompressible_write == Some(write) {
-            None
-        } else {
-            let c = compress(raw, opts.zstd_level)?;
-            worth_compressing(c.len(), raw.len()).then_some(c)
-        };
-        let encoding = match compressed {
-            Some(c) => {
-                out.extend_from_slice(&c);
-                FrameEncoding::Zstd
-            }
-            None => {
-                incompressible_write = Some(write);
-                out.extend_from_slice(raw);
-                FrameEncoding::Raw
-            }
-        };
-        let frame = &out[offset..];
-        let e = &mut index[at];
-        e.encoding = encoding;
-        e.frame_offset = u32::try_from(offset).map_err(|_| too_big())?;
-        e.frame_len = u32::try_from(frame.len()).map_err(|_| too_big())?;
-        e.frame_crc = crc32fast::hash(frame);
+    let mut offset = CHUNK_HEADER_LEN + index.len() * INDEX_ENTRY_LEN;
+    let total = offset + frames.iter().map(|f| f.len()).sum::<usize>();
+    if total > u32::MAX as usize {
+        return Err(ChunkError::BadIndex("chunk larger than 4 GiB".into()));
     }
-    if u32::try_from(out.len()).is_err() {
-        return Err(too_big());
+    for e in index.iter_mut().filter(|e| e.kind == ExtentKind::Data) {
+        e.frame_offset = offset as u32;
+        offset += e.frame_len as usize;
     }
     let header = ChunkHeader {
         volume_tag,
@@ -304,9 +284,13 @@ pub fn build(
         max_seq: index.iter().map(|e| e.seq).max().unwrap_or(0),
         extent_count: index.len() as u32,
     };
-    let mut head_bytes = Vec::with_capacity(head);
-    encode_header_and_index(&header, &index, &mut head_bytes);
-    out[..head].copy_from_slice(&head_bytes);
+    let mut out = buf;
+    out.clear();
+    out.reserve(total);
+    encode_header_and_index(&header, &index, &mut out);
+    for f in &frames {
+        out.extend_from_slice(f);
+    }
     Ok((Bytes::from(out), index))
 }
 
