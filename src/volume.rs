@@ -228,7 +228,9 @@ struct Inner {
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// PUTs in flight (`upload_concurrency`); chunks are built ahead of them.
     upload_slots: Semaphore,
-    /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy.
+    /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy:
+    /// at most `upload_concurrency` (a freed buffer is usually taken by the next build at once;
+    /// a larger pool only holds memory the RSS bound needs, docs/BENCHMARKS.md).
     object_buffers: chunk::ObjectBuffers,
     stats: VolumeStats,
     /// `vblock_chunk_upload_duration_seconds{volume}`: one successful chunk PUT (retries included).
@@ -358,7 +360,7 @@ impl Volume {
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
             upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
-            object_buffers: chunk::ObjectBuffers::new(flusher_window(&config)),
+            object_buffers: chunk::ObjectBuffers::new(config.upload_concurrency.max(1)),
             stats: VolumeStats::default(),
             upload_seconds: metrics::histogram!(
                 "vblock_chunk_upload_duration_seconds",
@@ -1160,19 +1162,14 @@ struct Uploaded {
 /// The background flusher of one volume. Frozen memtables are cut into chunk objects, which are
 /// built and uploaded concurrently (up to `upload_concurrency`) and committed strictly in order,
 /// so the checkpoint always covers a prefix of the WAL.
-/// Chunks the flusher builds or uploads at once: twice the upload slots, so chunks are compressed
-/// while earlier ones upload and the PUTs in flight stay at `upload_concurrency` (measured:
-/// scripts/bench-s3.sh).
-fn flusher_window(config: &VolumeConfig) -> usize {
-    2 * config.upload_concurrency.max(1)
-}
-
 async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     // Frozen memtables (from the front of the queue) whose chunks are all scheduled.
     let mut scheduled = 0usize;
     let mut next_object_id = state.next_object_id.max(1);
-    let concurrency = flusher_window(&inner.config);
+    // Twice the upload slots in tasks: chunks are compressed while earlier ones upload, so the
+    // PUTs in flight stay at `upload_concurrency` (measured: scripts/bench-s3.sh).
+    let concurrency = 2 * inner.config.upload_concurrency.max(1);
     let mut next_compaction = Instant::now() + inner.config.compaction.check_interval;
     loop {
         if inner.stop.load(Ordering::SeqCst) {
