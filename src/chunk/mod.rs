@@ -212,6 +212,7 @@ pub fn build(
             left -= n;
         }
     };
+    let mut probe = CompressionProbe::default();
     for ext in input {
         let Some(data) = &ext.data else {
             push_zero(&mut index, ext.start_block, ext.block_count, ext.seq);
@@ -242,13 +243,15 @@ pub fn build(
                 // A frame not worth compressing is stored raw; after one such frame the rest
                 // of the same write is not even tried (one write is usually one kind of data,
                 // and zstd on incompressible data was half the CPU of sequential writes).
-                let compressed = if incompressible {
+                let compressed = if incompressible || !probe.should_try() {
                     None
                 } else {
                     let c = compress(raw, opts.zstd_level)?;
-                    worth_compressing(c.len(), raw.len()).then_some(c)
+                    let worth = worth_compressing(c.len(), raw.len());
+                    probe.record(worth);
+                    incompressible = !worth;
+                    worth.then_some(c)
                 };
-                incompressible |= compressed.is_none();
                 let (frame, encoding) = match compressed {
                     Some(c) => (std::borrow::Cow::Owned(c), FrameEncoding::Zstd),
                     None => (std::borrow::Cow::Borrowed(raw), FrameEncoding::Raw),
@@ -292,6 +295,42 @@ pub fn build(
         out.extend_from_slice(f);
     }
     Ok((Bytes::from(out), index))
+}
+
+/// Which frames of a chunk are tried with zstd, across its writes (within one write, a frame not
+/// worth compressing ends the tries for the rest of it). After [`CompressionProbe::MISSES`] tries
+/// in a row that were not worth it, only every [`CompressionProbe::SAMPLE_EVERY`]th frame is
+/// tried until one compresses. Scattered 4 KiB writes are one frame each, so the per-write rule
+/// alone ran zstd on every block of incompressible random writes: 22% of the flusher's CPU,
+/// whose map commits bound the sustained random-write rate (docs/BENCHMARKS.md, "Sustained
+/// random writes"). A compressible run after incompressible data is found within 16 frames.
+#[derive(Debug, Default)]
+struct CompressionProbe {
+    /// Tries in a row that were not worth compressing.
+    misses: u32,
+    /// Frames not tried since the last try (while sampling).
+    skipped: u32,
+}
+
+impl CompressionProbe {
+    const MISSES: u32 = 8;
+    const SAMPLE_EVERY: u32 = 16;
+
+    /// Whether to try compressing the next frame.
+    fn should_try(&mut self) -> bool {
+        if self.misses < Self::MISSES || self.skipped + 1 >= Self::SAMPLE_EVERY {
+            self.skipped = 0;
+            true
+        } else {
+            self.skipped += 1;
+            false
+        }
+    }
+
+    /// The outcome of a try.
+    fn record(&mut self, worth: bool) {
+        self.misses = if worth { 0 } else { self.misses + 1 };
+    }
 }
 
 /// A frame is stored compressed only if zstd saves at least 1/8 (12.5%) of its bytes, OpenZFS's
@@ -710,6 +749,51 @@ mod tests {
             let (_, index) = build(1, 1, &input, ChunkOptions::default(), Vec::new()).unwrap();
             assert_eq!(index[0].encoding, want, "{zero_bytes} zero bytes per block");
         }
+    }
+
+    #[test]
+    fn after_eight_misses_in_a_row_one_frame_in_sixteen_is_tried() {
+        let mut p = CompressionProbe::default();
+        for _ in 0..8 {
+            assert!(p.should_try());
+            p.record(false);
+        }
+        let tried: Vec<bool> = (0..32).map(|_| p.should_try()).collect();
+        assert_eq!(tried.iter().filter(|t| **t).count(), 2, "{tried:?}");
+        assert!(tried[15] && tried[31]);
+        p.record(true);
+        assert!(
+            (0..8).all(|_| p.should_try()),
+            "a frame that compresses ends the sampling"
+        );
+    }
+
+    #[test]
+    fn compressible_writes_after_random_ones_are_compressed_again_soon() {
+        let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(5);
+        let input: Vec<InputExtent> = (0..60u64)
+            .map(|i| {
+                let mut b = block(b'a');
+                if i < 30 {
+                    rand::RngCore::fill_bytes(&mut rng, &mut b);
+                }
+                InputExtent {
+                    start_block: i * 2,
+                    block_count: 1,
+                    seq: i + 1,
+                    data: Some(Bytes::from(b)),
+                }
+            })
+            .collect();
+        let (_, index) = build(1, 1, &input, ChunkOptions::default(), Vec::new()).unwrap();
+        let enc: Vec<FrameEncoding> = index.iter().map(|e| e.encoding).collect();
+        assert!(enc[..30].iter().all(|e| *e == FrameEncoding::Raw));
+        let late = enc[30..]
+            .iter()
+            .position(|e| *e == FrameEncoding::Zstd)
+            .unwrap();
+        assert!(late < 16, "{enc:?}");
+        assert!(enc[30 + late..].iter().all(|e| *e == FrameEncoding::Zstd));
     }
 
     #[test]
