@@ -274,12 +274,14 @@ async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) -> Dura
         gauge!("vblock_volumes").set(records.len() as f64);
         for r in records {
             let v = r.volume_id.to_string();
-            let started = std::time::Instant::now();
-            let sp = match space {
-                true => engine.volume_space(&r.volume_id).await.ok(),
-                false => None,
+            let sp = if space {
+                let started = std::time::Instant::now();
+                let sp = engine.volume_space(&r.volume_id).await.ok();
+                scanned += started.elapsed();
+                sp
+            } else {
+                None
             };
-            scanned += started.elapsed();
             if let Some(sp) = sp {
                 gauge!("vblock_volume_allocated_bytes", "volume" => v.clone())
                     .set(sp.allocated_bytes as f64);
