@@ -14,43 +14,67 @@ use vblock::ids::VolumeId;
 use vblock::lookup::{BlockLookup, ChunkCommit, FrameRef, MapExtent, Target};
 use vblock::meta::{MetaStore, VolumeState};
 
-fn main() {
-    let n: u64 = std::env::var("N")
+/// `name` from the environment as a number, else `default`.
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300_000);
+        .unwrap_or(default)
+}
+
+/// The next pseudo-random block of the 1 GiB volume (a 64-bit LCG in `x`).
+fn random_block(x: &mut u64) -> u64 {
+    *x = x
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*x >> 33) % (1 << 18)
+}
+
+/// Commits `(start, count, seq)` extents as chunk `object_id`, stored back to back from offset 64.
+fn commit(map: &BlockLookup, object_id: u64, extents: impl Iterator<Item = (u64, u64, u64)>) {
+    let mut offset = 64;
+    let extents = extents
+        .map(|(start, count, seq)| {
+            let len = count as u32 * 4096;
+            offset += len;
+            MapExtent {
+                start,
+                count,
+                seq,
+                target: Target::Data(FrameRef {
+                    owner: 0xa,
+                    object_id,
+                    first_block: start,
+                    blocks: count as u32,
+                    offset: offset - len,
+                    len,
+                    crc: 1,
+                    encoding: FrameEncoding::Raw,
+                }),
+            }
+        })
+        .collect();
+    let commit = ChunkCommit {
+        object_id,
+        extents,
+        stored_bytes: 4 << 20,
+    };
+    map.commit_chunk(&commit, VolumeState::default())
+        .expect("commit");
+}
+
+fn main() {
+    let n = env("N", 300_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let meta = MetaStore::open(dir.path(), 64 << 20).expect("meta");
     let vol = VolumeId::parse("vol-0000000000000000a").expect("id");
     let map = BlockLookup::new(meta.clone(), vol);
     for obj in 0..256u64 {
-        let extents = (0..256u64)
-            .map(|i| {
-                let start = obj * 1024 + i * 4;
-                MapExtent {
-                    start,
-                    count: 4,
-                    seq: obj * 256 + i + 1,
-                    target: Target::Data(FrameRef {
-                        owner: 0xa,
-                        object_id: obj + 1,
-                        first_block: start,
-                        blocks: 4,
-                        offset: 64,
-                        len: 16384,
-                        crc: 1,
-                        encoding: FrameEncoding::Raw,
-                    }),
-                }
-            })
-            .collect();
-        let commit = ChunkCommit {
-            object_id: obj + 1,
-            extents,
-            stored_bytes: 4 << 20,
-        };
-        map.commit_chunk(&commit, VolumeState::default())
-            .expect("commit");
+        commit(
+            &map,
+            obj + 1,
+            (0..256u64).map(|i| (obj * 1024 + i * 4, 4, obj * 256 + i + 1)),
+        );
     }
     let mut x = 12345u64;
     for place in ["memtable", "SST files"] {
@@ -60,10 +84,7 @@ fn main() {
         let t = Instant::now();
         let mut found = 0;
         for _ in 0..n {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let b = (x >> 33) % (1 << 18);
+            let b = random_block(&mut x);
             found += map.lookup(b, b + 1).expect("lookup").len();
         }
         assert_eq!(found as u64, n, "every block is mapped");
@@ -73,49 +94,18 @@ fn main() {
     // Chunk commits of scattered 4 KiB writes (what the flusher does after random writes): each
     // chunk holds 1,024 single-block extents at random places, so the commit resolves ~1,000
     // separate runs against the map.
-    let commits: u64 = std::env::var("COMMITS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let commits = env("COMMITS", 100);
     let t = Instant::now();
     for c in 0..commits {
-        let mut blocks: Vec<u64> = (0..1024)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (x >> 33) % (1 << 18)
-            })
-            .collect();
+        let mut blocks: Vec<u64> = (0..1024).map(|_| random_block(&mut x)).collect();
         blocks.sort_unstable();
         blocks.dedup();
-        let object_id = 1000 + c;
-        let extents = blocks
-            .iter()
-            .enumerate()
-            .map(|(i, &start)| MapExtent {
-                start,
-                count: 1,
-                seq: 1_000_000 + c * 1024 + i as u64,
-                target: Target::Data(FrameRef {
-                    owner: 0xa,
-                    object_id,
-                    first_block: start,
-                    blocks: 1,
-                    offset: 64 + i as u32 * 4096,
-                    len: 4096,
-                    crc: 1,
-                    encoding: FrameEncoding::Raw,
-                }),
-            })
-            .collect();
-        let commit = ChunkCommit {
-            object_id,
-            extents,
-            stored_bytes: 4 << 20,
-        };
-        map.commit_chunk(&commit, VolumeState::default())
-            .expect("commit");
+        let seqs = (0..).map(|i| 1_000_000 + c * 1024 + i);
+        commit(
+            &map,
+            1000 + c,
+            blocks.iter().zip(seqs).map(|(&start, seq)| (start, 1, seq)),
+        );
     }
     let us = t.elapsed().as_secs_f64() * 1e6 / commits.max(1) as f64;
     println!("{us:.0} us per chunk commit of 1,024 scattered blocks ({commits} commits, synced)");
