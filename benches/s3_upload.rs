@@ -1,5 +1,6 @@
 //! Chunk upload throughput against a plain PUT loop, same S3 server, same concurrency, one run.
-//! Run with `scripts/bench-s3.sh` (starts moto_server) or set VBLOCK_BENCH_S3_ENDPOINT.
+//! Run with `scripts/bench-s3.sh` (starts moto_server; `--tls` for HTTPS, where both loops PUT
+//! `UNSIGNED-PAYLOAD`) or set VBLOCK_BENCH_S3_ENDPOINT.
 //!
 //! 1. Plain: `CONCURRENCY` tasks PUT 4 MiB objects of random bytes until `TOTAL_MIB` are stored.
 //! 2. vblock: the same volume of random data written sequentially through the engine API (1 MiB
@@ -190,7 +191,12 @@ fn main() {
         }
         chunk.zstd_level = env("VBLOCK_BENCH_ZSTD_LEVEL").unwrap_or(chunk.zstd_level);
         chunk.frame_blocks = env("VBLOCK_BENCH_FRAME_BLOCKS").unwrap_or(chunk.frame_blocks);
-        println!("zstd level {}, frames of {} blocks", chunk.zstd_level, chunk.frame_blocks);
+        println!(
+            "{endpoint}: payload {}; zstd level {}, frames of {} blocks",
+            if plain.signs_payload() { "signed" } else { "UNSIGNED-PAYLOAD" },
+            chunk.zstd_level,
+            chunk.frame_blocks
+        );
         // Warm-up (not timed): the server's first requests are slower.
         for i in 0..8 {
             plain.put(&format!("warm/{i}"), data.slice(0..4 << 20)).await.expect("put");

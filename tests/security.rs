@@ -12,76 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::{qemu_io_output, require, run, run_ok, Daemon, Nats};
+use common::tls::make_certificates;
 
 const T: Duration = Duration::from_secs(120);
-
-/// A CA and a server certificate for `localhost` / `127.0.0.1` (EC P-256), made with the openssl
-/// CLI in `dir`: `ca-cert.pem` (what libnbd and qemu look for), `server-cert.pem`,
-/// `server-key.pem`.
-fn make_certificates(dir: &Path) {
-    require("openssl");
-    let ossl = |args: &[&str]| {
-        run_ok(Command::new("openssl").args(args).current_dir(dir), T);
-    };
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=vblock test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    ossl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "server-key.pem",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
-         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext file");
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca-cert.pem",
-        "-CAkey",
-        "ca-key.pem",
-        "-CAcreateserial",
-        "-out",
-        "server-cert.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-    ]);
-}
 
 /// A daemon serving NBD TLS with the certificates in `certs` (from [`make_certificates`]).
 fn tls_daemon(nats: &Nats, certs: &Path, required: bool) -> Daemon {

@@ -50,6 +50,7 @@ pub mod daemon;
 pub mod fault_proxy;
 pub mod s3;
 pub mod snapshots;
+pub mod tls;
 
 /// What a [`HookedBackend`] does around its memory backend's calls: counters, and the faults the
 /// real backends cannot produce on demand (a PUT held mid-flight). Every hook defaults to nothing.

@@ -1,5 +1,5 @@
-//! Real S3-compatible servers on loopback for tests: `moto_server` (in memory) and `s3s-fs`
-//! (objects in a directory, so they survive a server restart: outage tests).
+//! Real S3-compatible servers on loopback for tests: `moto_server` (in memory; also over HTTPS)
+//! and `s3s-fs` (objects in a directory, so they survive a server restart: outage tests).
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -18,6 +18,9 @@ pub enum Kind {
     Moto,
     /// `s3s-fs` (crates.io s3s-fs, feature `binary`).
     S3sFs,
+    /// `moto_server` over HTTPS, with a certificate for 127.0.0.1 from a test CA
+    /// (point `SSL_CERT_FILE` at [`S3Server::ca_file`]: the SDK's rustls client then trusts it).
+    MotoTls,
 }
 
 /// A running S3 server.
@@ -34,7 +37,7 @@ impl S3Server {
     /// Starts `kind` on a free port and waits until it answers.
     pub fn start(kind: Kind) -> Self {
         require(match kind {
-            Kind::Moto => "moto_server",
+            Kind::Moto | Kind::MotoTls => "moto_server",
             Kind::S3sFs => "s3s-fs",
         });
         let mut s = Self {
@@ -43,6 +46,9 @@ impl S3Server {
             kind,
             dir: tempfile::tempdir().expect("tempdir"),
         };
+        if kind == Kind::MotoTls {
+            super::tls::make_certificates(s.dir.path());
+        }
         s.spawn();
         s
     }
@@ -53,6 +59,14 @@ impl S3Server {
             Kind::Moto => {
                 let mut c = Command::new("moto_server");
                 c.args(["-H", "127.0.0.1", "-p", &port]);
+                c
+            }
+            Kind::MotoTls => {
+                let mut c = Command::new("moto_server");
+                c.args(["-H", "127.0.0.1", "-p", &port, "-c"])
+                    .arg(self.dir.path().join("server-cert.pem"))
+                    .arg("-k")
+                    .arg(self.dir.path().join("server-key.pem"));
                 c
             }
             Kind::S3sFs => {
@@ -88,9 +102,19 @@ impl S3Server {
         );
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` for [`Kind::MotoTls`]).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.kind == Kind::MotoTls {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA certificate a client must trust to reach a [`Kind::MotoTls`] server.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca-cert.pem")
     }
 
     /// Kills it (an outage).
