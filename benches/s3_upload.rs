@@ -33,6 +33,7 @@ fn config(endpoint: &str, bucket: &str) -> S3Config {
         region: Some("us-east-1".into()),
         static_credentials: Some(("bench".into(), "benchsecret".into())),
         attempt_timeout: None,
+        sign_payload: false,
     }
 }
 

@@ -42,6 +42,7 @@ fn list_objects(s3: &S3Server, bucket: &str) -> Vec<String> {
                 common::s3::SECRET_KEY.into(),
             )),
             attempt_timeout: None,
+            sign_payload: false,
         };
         let b = vblock::backend::s3::S3Backend::connect(&cfg)
             .await
@@ -98,7 +99,7 @@ fn s3_round_trip_and_restart_with_moto() {
     // The secret key (AWS_SECRET_ACCESS_KEY) never reaches the log.
     assert!(!d.log().contains(common::s3::SECRET_KEY), "secret logged");
     // Over plain HTTP the SigV4 signature covers the payload.
-    assert!(d.log().contains("signed (plain HTTP)"), "{}", d.log());
+    assert!(d.log().contains("signed (http endpoint)"), "{}", d.log());
 }
 
 /// An HTTPS endpoint (moto with a certificate from a test CA): an untrusted certificate is a
@@ -120,7 +121,11 @@ fn s3_over_https_round_trip_and_recovery() {
     env.push(("SSL_CERT_FILE", &ca));
     args.extend(["--chunk-size", "256KiB"]);
     let mut a = Daemon::start_with_env(&nats.url(), &args, &env);
-    assert!(a.log().contains("UNSIGNED-PAYLOAD (HTTPS)"), "{}", a.log());
+    assert!(
+        a.log().contains("UNSIGNED-PAYLOAD (https endpoint)"),
+        "{}",
+        a.log()
+    );
     let vol = a.create_volume(1);
     qemu_io(
         &a.uri(&vol),
@@ -129,7 +134,7 @@ fn s3_over_https_round_trip_and_recovery() {
     // A clean stop uploads everything buffered; then the local disk is "lost".
     a.stop();
     drop(a);
-    let b = Daemon::start_with_env(&nats.url(), &args, &env);
+    let mut b = Daemon::start_with_env(&nats.url(), &args, &env);
     assert!(
         wait_until(Duration::from_secs(10), || b
             .log()
@@ -144,6 +149,20 @@ fn s3_over_https_round_trip_and_recovery() {
             "read -P 0 3M 1M",
             "read -P 0x5b 700M 64k",
         ],
+    );
+    // `--s3-sign-payload` signs over HTTPS too (stores that refuse UNSIGNED-PAYLOAD).
+    b.stop();
+    drop(b);
+    args.push("--s3-sign-payload");
+    let c = Daemon::start_with_env(&nats.url(), &args, &env);
+    assert!(
+        c.log().contains("signed (--s3-sign-payload)"),
+        "{}",
+        c.log()
+    );
+    qemu_io(
+        &c.uri(&vol),
+        &["write -P 0x5c 8M 1M", "flush", "read -P 0x5a 0 3M"],
     );
 }
 

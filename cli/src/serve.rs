@@ -50,6 +50,10 @@ pub struct BackendArgs {
     /// backoff like a 5xx.
     #[arg(long, env = "VBLOCK_S3_TIMEOUT", default_value = "30s", value_parser = crate::humantime_duration)]
     pub s3_timeout: std::time::Duration,
+    /// Sign PUT bodies (SigV4 SHA-256) over HTTPS too, for S3-compatible stores that refuse
+    /// UNSIGNED-PAYLOAD (over http:// they are always signed).
+    #[arg(long, env = "VBLOCK_S3_SIGN_PAYLOAD")]
+    pub s3_sign_payload: bool,
 }
 
 /// Flags of `vblock serve`; each has a `VBLOCK_*` environment fallback.
@@ -214,6 +218,7 @@ pub async fn backend(a: &BackendArgs, data_dir: &Path) -> Result<SharedBackend, 
                 region: a.s3_region.clone(),
                 static_credentials: None,
                 attempt_timeout: Some(a.s3_timeout),
+                sign_payload: a.s3_sign_payload,
             };
             let b = vblock::backend::s3::S3Backend::connect(&cfg)
                 .await

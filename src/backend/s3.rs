@@ -42,6 +42,9 @@ pub struct S3Config {
     /// Time limit of one request attempt (default [`DEFAULT_ATTEMPT_TIMEOUT`]); an attempt that
     /// runs over is a transient error, retried like a 5xx.
     pub attempt_timeout: Option<Duration>,
+    /// Sign PUT payloads over HTTPS too (for S3-compatible stores that refuse
+    /// `UNSIGNED-PAYLOAD`); over plain HTTP they are always signed ([`signs_payload`]).
+    pub sign_payload: bool,
 }
 
 /// Default time limit of one S3 request attempt: a 4 MiB PUT at a slow 1 MB/s fits.
@@ -57,7 +60,8 @@ pub struct S3Backend {
 }
 
 /// Whether PUT bodies are SHA-256 hashed into the SigV4 signature for requests to `endpoint`
-/// (`None`: AWS's own endpoints, always HTTPS): only over plain `http://`. Over HTTPS the body is
+/// (`None`: AWS's own endpoints, always HTTPS): only over plain `http://` (unless
+/// [`S3Config::sign_payload`] asks for it everywhere). Over HTTPS the body is
 /// sent as `UNSIGNED-PAYLOAD` (SigV4, "Signature Calculations for the Authorization Header:
 /// Transferring Payload in a Single Chunk"), which saves the hash: a third of the CPU a 4 MiB
 /// upload costs the client (`scripts/bench-s3.sh`).
@@ -151,7 +155,7 @@ impl S3Backend {
             ));
         }
         let sdk = loader.load().await;
-        let sign_payload = signs_payload(sdk.endpoint_url());
+        let sign_payload = cfg.sign_payload || signs_payload(sdk.endpoint_url());
         let b = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(cfg.force_path_style)
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
@@ -209,7 +213,11 @@ impl S3Backend {
         }
         tracing::info!(
             bucket = %cfg.bucket,
-            payload = if sign_payload { "signed (plain HTTP)" } else { "UNSIGNED-PAYLOAD (HTTPS)" },
+            payload = match (sign_payload, cfg.sign_payload) {
+                (false, _) => "UNSIGNED-PAYLOAD (https endpoint)",
+                (true, false) => "signed (http endpoint)",
+                (true, true) => "signed (--s3-sign-payload)",
+            },
             "S3 backend ready"
         );
         Ok(backend)
