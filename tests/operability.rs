@@ -522,6 +522,55 @@ fn daemon_runs_from_a_config_file_alone() {
     assert!(out.contains("# config file"), "{out}");
 }
 
+/// A daemon started with a low soft open-files limit raises it to the hard limit (it holds
+/// table files, chunk files, WAL segments and sockets; the usual soft default is 1024).
+#[test]
+fn daemon_raises_its_open_files_limit() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nbd = free_port();
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .expect("limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .expect("hard limit");
+    if hard == "unlimited" || hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        // Nothing to raise to, or no room below it for the test's low soft limit.
+        eprintln!("hard open-files limit {hard}: nothing to test");
+        return;
+    }
+    // `exec` keeps the shell's pid, and with it the lowered soft limit, for the daemon.
+    let mut child = Some(
+        Command::new("sh")
+            .args(["-c", "ulimit -S -n 256 && exec \"$0\" \"$@\""])
+            .arg(vblock_bin())
+            .args(["serve", "--no-metrics", "--data-dir"])
+            .arg(dir.path())
+            .args(["--nats-url", &nats.url(), "--nbd-listen"])
+            .arg(format!("127.0.0.1:{nbd}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let pid = child.as_ref().map(|c| c.id()).expect("child");
+    let up = wait_until(Duration::from_secs(30), || port_open(nbd));
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    stop_child(&mut child);
+    assert!(up, "daemon did not start");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        fields.get(3..5),
+        Some(&[hard.as_str(), hard.as_str()][..]),
+        "{limits}"
+    );
+}
+
 #[test]
 fn metrics_port_in_use_is_exit_4() {
     let nats = Nats::start();

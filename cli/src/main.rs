@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod limits;
 mod malloc;
 mod memory;
 mod metrics;

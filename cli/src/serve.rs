@@ -240,6 +240,15 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
             (u64::from(vblock::chunk::MAX_FRAME_BLOCKS) * vblock::block::BLOCK_SIZE) >> 20
         )));
     }
+    match crate::limits::raise_open_files() {
+        Ok((before, after)) if before != after => tracing::info!(
+            before = before.map_or("unlimited".into(), |n| n.to_string()),
+            after = after.map_or("unlimited".into(), |n| n.to_string()),
+            "raised the open-files limit (RLIMIT_NOFILE) to its hard limit"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit (RLIMIT_NOFILE)"),
+    }
     // Crash points for the crash harness (src/failpoints.rs); not a flag: tests only.
     if let Ok(spec) = std::env::var("VBLOCK_FAILPOINTS") {
         vblock::failpoints::configure(&spec).map_err(ServeError::Config)?;
