@@ -315,13 +315,7 @@ fn nbd_keeps_serving_through_a_nats_outage_and_control_reconnects() {
     nats.stop();
     let out = qemu_io(&d.uri(&id), &["write -P 0x77 0 1M", "read -P 0x77 0 1M"]);
     assert!(!out.contains("failed"), "{out}");
-    assert!(
-        wait_until(Duration::from_secs(20), || d
-            .log()
-            .contains("NATS disconnected")),
-        "no disconnect log line:\n{}",
-        d.log()
-    );
+    d.wait_for_log("NATS disconnected", Duration::from_secs(20));
     nats.restart();
     let ok = wait_until(Duration::from_secs(60), || {
         run(

@@ -135,12 +135,9 @@ fn s3_over_https_round_trip_and_recovery() {
     a.stop();
     drop(a);
     let mut b = Daemon::start_with_env(&nats.url(), &args, &env);
-    assert!(
-        wait_until(Duration::from_secs(10), || b
-            .log()
-            .contains("recovered volumes from the backend")),
-        "{}",
-        b.log()
+    b.wait_for_log(
+        "recovered volumes from the backend",
+        Duration::from_secs(10),
     );
     qemu_io(
         &b.uri(&vol),
@@ -288,13 +285,7 @@ fn s3_outage_during_writes_loses_nothing_and_reads_recover() {
     s3.stop();
     let down = Instant::now();
     let at_stop = written.load(Ordering::SeqCst);
-    assert!(
-        wait_until(Duration::from_secs(30), || d
-            .log()
-            .contains("chunk upload failed; retrying")),
-        "no upload retry logged:\n{}",
-        d.log()
-    );
+    d.wait_for_log("chunk upload failed; retrying", Duration::from_secs(30));
     assert!(
         wait_until(Duration::from_secs(30), || written.load(Ordering::SeqCst)
             > at_stop + 2 * BLOCKS),
@@ -508,12 +499,9 @@ fn disaster_recovery_into_an_empty_data_dir() {
     a.stop();
     drop(a);
     let mut b = daemon(&nats, &s3, "vblock-dr", &[]);
-    assert!(
-        wait_until(Duration::from_secs(10), || b
-            .log()
-            .contains("recovered volumes from the backend")),
-        "{}",
-        b.log()
+    b.wait_for_log(
+        "recovered volumes from the backend",
+        Duration::from_secs(10),
     );
     let list = b.cli(&["volume", "list"]);
     assert!(

@@ -361,6 +361,16 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// Waits up to `limit` for `needle` in the log of the current run; fails the test with the
+    /// log if it does not appear.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+        assert!(
+            wait_until(limit, || self.log().contains(needle)),
+            "no {needle:?} in the log within {limit:?}:\n{}",
+            self.log()
+        );
+    }
+
     /// Runs `vblock serve` on a fresh data directory expecting it to exit at start; returns its
     /// exit code and stderr (start-up error tests).
     pub fn start_expect_failure(
