@@ -192,12 +192,7 @@ fn main() {
         }
         chunk.zstd_level = env("VBLOCK_BENCH_ZSTD_LEVEL").unwrap_or(chunk.zstd_level);
         chunk.frame_blocks = env("VBLOCK_BENCH_FRAME_BLOCKS").unwrap_or(chunk.frame_blocks);
-        println!(
-            "{endpoint}: payload {}; zstd level {}, frames of {} blocks",
-            if plain.signs_payload() { "signed" } else { "UNSIGNED-PAYLOAD" },
-            chunk.zstd_level,
-            chunk.frame_blocks
-        );
+        println!("{endpoint}: zstd level {}, frames of {} blocks", chunk.zstd_level, chunk.frame_blocks);
         // Warm-up (not timed): the server's first requests are slower.
         for i in 0..8 {
             plain.put(&format!("warm/{i}"), data.slice(0..4 << 20)).await.expect("put");
@@ -215,6 +210,11 @@ fn main() {
             vblocks.push(v);
             ratios.push(v / p);
         }
+        println!(
+            "PUTs sent as UNSIGNED-PAYLOAD (HTTPS): plain loop {}, vblock {}",
+            plain.unsigned_puts(),
+            vb.unsigned_puts()
+        );
         let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
         println!(
             "median of {ROUNDS} rounds: plain PUT {:.0} MiB/s, vblock chunk uploads {:.0} MiB/s, ratio vblock / plain PUT {:.2} (rounds {lo:.2}-{hi:.2}; target >= 0.80)",

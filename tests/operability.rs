@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::TcpStream;
+use std::io::{Seek, SeekFrom, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,39 +14,8 @@ use common::daemon::{
     free_port, nbd_client, port_open, qemu_io, require, run, run_ok, stop_child, vblock_bin,
     wait_until, Daemon, Nats,
 };
-use prometheus_parse::{Scrape, Value};
-
-/// `GET /metrics` over a plain socket, parsed the way a Prometheus server would.
-fn scrape(port: u16) -> Scrape {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "bad response: {head}");
-    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text")
-}
-
-/// Sum of the samples of `metric` whose labels include every `(name, value)` of `labels`
-/// (counters and gauges; for histograms, the sample count).
-fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == metric)
-        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match &x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-            Value::Histogram(b) => b.iter().map(|c| c.count).fold(0.0, f64::max),
-            Value::Summary(_) => 0.0,
-        })
-        .sum()
-}
+use common::metrics::{scrape, value};
+use prometheus_parse::Value;
 
 #[test]
 fn metrics_endpoint_parses_and_counters_move_with_io() {

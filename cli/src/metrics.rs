@@ -142,6 +142,10 @@ fn describe() {
         "vblock_flush_retries_total",
         "Failed chunk uploads, map commits and WAL syncs the flusher retried."
     );
+    describe_counter!(
+        "vblock_s3_unsigned_payload_puts_total",
+        "S3 PUTs sent over HTTPS as UNSIGNED-PAYLOAD (no SigV4 SHA-256 of the body)."
+    );
     describe_gauge!("vblock_volumes", "Volumes on this daemon.");
     describe_gauge!("vblock_volume_size_bytes", Unit::Bytes, "Volume size.");
     describe_gauge!(

@@ -6,16 +6,24 @@
 //! errors (5xx, throttling, timeouts, connection failures) with its own policy. Ranged reads use
 //! `Range: bytes=a-b` and check the returned length.
 //!
-//! Payload signing: over HTTPS, PUTs send `x-amz-content-sha256: UNSIGNED-PAYLOAD` (TLS already
-//! protects the body in transit, and the SDK's `x-amz-checksum-crc32` header, which is signed, lets
-//! S3 check it) instead of hashing every byte with SHA-256 for SigV4, the policy of the AWS SDK for
-//! Java v1's `AWS4UnsignedPayloadSigner`. Over plain HTTP the payload stays signed: there the
-//! signature is the only thing stopping a body altered in transit. See [`signs_payload`].
+//! Payload signing: a PUT whose request goes over HTTPS sends `x-amz-content-sha256:
+//! UNSIGNED-PAYLOAD` (TLS already protects the body in transit, and the SDK's
+//! `x-amz-checksum-crc32` header, which is signed, lets S3 check it) instead of hashing every byte
+//! with SHA-256 for SigV4, the policy of the AWS SDK for Java v1's `AWS4UnsignedPayloadSigner`.
+//! Over plain HTTP the payload stays signed. The choice is made per request on its final URI
+//! ([`UnsignedOverTls`]), so every way of naming the endpoint counts (`--s3-endpoint`,
+//! `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, profile files, AWS's own endpoints). Measured with
+//! `scripts/bench-s3.sh --tls`: half the client CPU of an upload (docs/BENCHMARKS.md).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_runtime::auth::PayloadSigningOverride;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
@@ -43,7 +51,7 @@ pub struct S3Config {
     /// runs over is a transient error, retried like a 5xx.
     pub attempt_timeout: Option<Duration>,
     /// Sign PUT payloads over HTTPS too (for S3-compatible stores that refuse
-    /// `UNSIGNED-PAYLOAD`); over plain HTTP they are always signed ([`signs_payload`]).
+    /// `UNSIGNED-PAYLOAD`); over plain HTTP they are always signed ([`UnsignedOverTls`]).
     pub sign_payload: bool,
 }
 
@@ -56,20 +64,45 @@ pub struct S3Backend {
     client: aws_sdk_s3::Client,
     bucket: String,
     prefix: String,
+    /// `--s3-sign-payload`: sign PUT payloads over HTTPS too.
     sign_payload: bool,
+    /// PUTs sent as `UNSIGNED-PAYLOAD` so far.
+    unsigned_puts: Arc<AtomicU64>,
 }
 
-/// Whether PUT bodies are SHA-256 hashed into the SigV4 signature for requests to `endpoint`
-/// (`None`: AWS's own endpoints, always HTTPS): only over plain `http://` (unless
-/// [`S3Config::sign_payload`] asks for it everywhere). Over HTTPS the body is
-/// sent as `UNSIGNED-PAYLOAD` (SigV4, "Signature Calculations for the Authorization Header:
-/// Transferring Payload in a Single Chunk"), which saves the hash: a third of the CPU a 4 MiB
-/// upload costs the client (`scripts/bench-s3.sh`).
-pub fn signs_payload(endpoint: Option<&str>) -> bool {
-    endpoint.is_some_and(|e| {
-        !e.get(..8)
-            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-    })
+/// Whether a request to `uri` goes over TLS (`https://`, any case).
+fn is_https(uri: &str) -> bool {
+    uri.get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
+/// A PUT's interceptor: when the request goes over HTTPS (its final URI, after endpoint
+/// resolution), its payload is sent as `UNSIGNED-PAYLOAD` instead of being SHA-256 hashed into
+/// the SigV4 signature (SigV4, "Signature Calculations for the Authorization Header: Transferring
+/// Payload in a Single Chunk"); over plain HTTP it stays signed. Counts the unsigned ones (and in
+/// the metric `vblock_s3_unsigned_payload_puts_total`).
+#[derive(Debug)]
+struct UnsignedOverTls(Arc<AtomicU64>);
+
+impl Intercept for UnsignedOverTls {
+    fn name(&self) -> &'static str {
+        "vblock::UnsignedOverTls"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if is_https(context.request().uri()) {
+            cfg.interceptor_state()
+                .store_put(PayloadSigningOverride::unsigned_payload());
+            self.0.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("vblock_s3_unsigned_payload_puts_total").increment(1);
+        }
+        Ok(())
+    }
 }
 
 fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
@@ -155,7 +188,6 @@ impl S3Backend {
             ));
         }
         let sdk = loader.load().await;
-        let sign_payload = cfg.sign_payload || signs_payload(sdk.endpoint_url());
         let b = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(cfg.force_path_style)
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
@@ -172,7 +204,8 @@ impl S3Backend {
             client,
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.trim_matches('/').to_owned(),
-            sign_payload,
+            sign_payload: cfg.sign_payload,
+            unsigned_puts: Arc::new(AtomicU64::new(0)),
         };
         let what = format!("bucket {}", cfg.bucket);
         match backend
@@ -213,19 +246,19 @@ impl S3Backend {
         }
         tracing::info!(
             bucket = %cfg.bucket,
-            payload = match (sign_payload, cfg.sign_payload) {
-                (false, _) => "UNSIGNED-PAYLOAD (https endpoint)",
-                (true, false) => "signed (http endpoint)",
-                (true, true) => "signed (--s3-sign-payload)",
+            payload = if cfg.sign_payload {
+                "signed (--s3-sign-payload)"
+            } else {
+                "UNSIGNED-PAYLOAD over https, signed over http"
             },
             "S3 backend ready"
         );
         Ok(backend)
     }
 
-    /// Whether this backend's PUTs sign their payload ([`signs_payload`] of its endpoint).
-    pub fn signs_payload(&self) -> bool {
-        self.sign_payload
+    /// PUTs sent as `UNSIGNED-PAYLOAD` so far (over HTTPS, without `sign_payload`).
+    pub fn unsigned_puts(&self) -> u64 {
+        self.unsigned_puts.load(Ordering::Relaxed)
     }
 
     fn full_key(&self, key: &str) -> Result<String, BackendError> {
@@ -251,7 +284,10 @@ impl Backend for S3Backend {
         let sent = if self.sign_payload {
             req.send().await
         } else {
-            req.customize().disable_payload_signing().send().await
+            req.customize()
+                .interceptor(UnsignedOverTls(self.unsigned_puts.clone()))
+                .send()
+                .await
         };
         sent.map_err(|e| map_err(key, e))?;
         Ok(())
@@ -381,15 +417,14 @@ impl Backend for S3Backend {
 
 #[cfg(test)]
 mod tests {
-    use super::signs_payload;
+    use super::is_https;
 
     #[test]
-    fn payload_is_signed_only_over_plain_http() {
-        assert!(signs_payload(Some("http://127.0.0.1:9000")));
-        assert!(signs_payload(Some("HTTP://minio.local")));
-        assert!(!signs_payload(Some("https://s3.eu-west-1.amazonaws.com")));
-        assert!(!signs_payload(Some("HTTPS://127.0.0.1:9443")));
-        // No endpoint: AWS's own, always HTTPS.
-        assert!(!signs_payload(None));
+    fn only_https_uris_count_as_tls() {
+        assert!(is_https("https://s3.eu-west-1.amazonaws.com/b/k"));
+        assert!(is_https("HTTPS://127.0.0.1:9443/b/k"));
+        assert!(!is_https("http://127.0.0.1:9000/b/k"));
+        assert!(!is_https("HTTP://minio.local/b/k"));
+        assert!(!is_https("https:/"));
     }
 }

@@ -48,6 +48,7 @@ pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
 }
 pub mod daemon;
 pub mod fault_proxy;
+pub mod metrics;
 pub mod s3;
 pub mod snapshots;
 pub mod tls;
