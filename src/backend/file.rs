@@ -175,8 +175,8 @@ impl Backend for FileBackend {
         let prefix = prefix.to_owned();
         blocking(&prefix.clone(), move || {
             let mut out = Vec::new();
-            walk(&root, &root, &mut out).map_err(|e| io_err(&prefix, e))?;
-            out.retain(|k| k.starts_with(&prefix) && !k.contains(".tmp-"));
+            let keep = |k: &str| k.starts_with(&prefix) && !k.contains(".tmp-");
+            walk(&root, &root, &keep, &mut out).map_err(|e| io_err(&prefix, e))?;
             out.sort();
             Ok(out)
         })
@@ -199,14 +199,14 @@ impl Backend for FileBackend {
 /// Deletes the temporary files (`KEY.tmp-RANDOM`) of `put`s a crash interrupted below `root`:
 /// their objects were never renamed into place, so nothing refers to them. Returns how many were
 /// deleted. Call only while no `put` runs on `root` (the daemon, at start, once it holds the
-/// data directory); it reads every object's directory entry.
+/// data directory); it reads every object's directory entry (and keeps only the temporary ones).
 ///
 /// Errors: the directory walk's I/O errors; files that vanish meanwhile are not errors.
 pub fn remove_leftover_temp_files(root: &Path) -> std::io::Result<usize> {
     let mut keys = Vec::new();
-    walk(root, root, &mut keys)?;
+    walk(root, root, &|k: &str| k.contains(".tmp-"), &mut keys)?;
     let mut removed = 0;
-    for key in keys.iter().filter(|k| k.contains(".tmp-")) {
+    for key in &keys {
         match std::fs::remove_file(root.join(key)) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -216,7 +216,14 @@ pub fn remove_leftover_temp_files(root: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+/// Appends to `out` the keys (paths relative to `root`) of the files below `dir` that `keep`
+/// accepts, so a walk over millions of objects holds only the ones wanted.
+fn walk(
+    root: &Path,
+    dir: &Path,
+    keep: &dyn Fn(&str) -> bool,
+    out: &mut Vec<String>,
+) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -226,10 +233,10 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
         let entry = entry?;
         let path = entry.path();
         if entry.file_type()?.is_dir() {
-            walk(root, &path, out)?;
-        } else if let Ok(rel) = path.strip_prefix(root) {
-            if let Some(s) = rel.to_str() {
-                out.push(s.to_owned());
+            walk(root, &path, keep, out)?;
+        } else if let Some(k) = path.strip_prefix(root).ok().and_then(Path::to_str) {
+            if keep(k) {
+                out.push(k.to_owned());
             }
         }
     }
