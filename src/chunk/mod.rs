@@ -335,9 +335,10 @@ impl CompressionProbe {
 
 /// A frame is stored compressed only if zstd saves at least 1/8 (12.5%) of its bytes, OpenZFS's
 /// rule (`zio_compress_data`): below that, the capacity saved is not worth the CPU of compressing
-/// and of decompressing on every read. fio's default buffers compress by ~11% and went from
-/// 266-294 to 321-325 MB/s of 1M sequential writes; a tar of shared libraries stores 1.4% more
-/// bytes, one of Rust sources the same (docs/BENCHMARKS.md, "Compress only what saves 1/8").
+/// and of decompressing on every read. fio's buffers compress by 7.5-14% per 16 KiB frame (about
+/// half of its writes through NBD land just over the line and stay compressed); 1M sequential
+/// writes went from 266-294 to 321-325 MB/s; a tar of shared libraries stores 1.4% more bytes,
+/// one of Rust sources the same (docs/BENCHMARKS.md, "Compress only what saves 1/8").
 fn worth_compressing(compressed_len: usize, raw_len: usize) -> bool {
     compressed_len <= raw_len - raw_len / 8
 }
