@@ -1,7 +1,8 @@
 //! BlockLookup: the extent map from blocks to where their newest version lives, in RocksDB.
 //!
-//! One entry per extent, keyed `m VOL start_block(BE)` (a snapshot's frozen map:
-//! `p SNAP start_block(BE)`), non-overlapping. Value v1, 48 bytes LE, for frames in objects of the
+//! One entry per extent, keyed `M VOL !start_block(BE)` (a snapshot's frozen map:
+//! `P SNAP !start_block(BE)`; [`crate::meta::map_key`]: descending block order, so every lookup
+//! is a forward seek), non-overlapping. Value v1, 48 bytes LE, for frames in objects of the
 //! map's own volume (for a snapshot: its source volume); v2, 64 bytes, adds the owning VolumeId's
 //! number (u128 LE at 48..64) for frames in another volume's objects (clones)
 //! (FORMAT.md, "Map extent"):
@@ -22,8 +23,8 @@ use rocksdb::{ReadOptions, WriteBatch};
 use crate::chunk::{ChunkExtent, ExtentKind, FrameEncoding};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::meta::{
-    id_key, vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore, VolumeState, PREFIX_CHUNK,
-    PREFIX_MAP, PREFIX_SNAP_MAP, PREFIX_STATE,
+    id_key, map_key, map_key_start, vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore,
+    VolumeState, PREFIX_CHUNK, PREFIX_MAP, PREFIX_SNAP_MAP, PREFIX_STATE,
 };
 
 /// Version byte of map values.
@@ -220,10 +221,6 @@ impl MapExtent {
     }
 }
 
-/// Ranges of at most this many blocks are looked up backwards (one iterator direction); longer
-/// ones forwards (docs/BENCHMARKS.md, "Map lookups in one direction").
-const SHORT_RANGE_BLOCKS: u64 = 16;
-
 /// A chunk ready to be committed to the map.
 #[derive(Debug, Clone)]
 pub struct ChunkCommit {
@@ -235,13 +232,13 @@ pub struct ChunkCommit {
     pub stored_bytes: u64,
 }
 
-/// One map: a volume's (`m VOL`, read-write) or a snapshot's frozen copy (`p SNAP`, read-only).
+/// One map: a volume's (`M VOL`, read-write) or a snapshot's frozen copy (`P SNAP`, read-only).
 #[derive(Clone)]
 pub struct BlockLookup {
     meta: MetaStore,
     /// The volume whose chunk stats commits update (for a snapshot map: its source volume).
     volume: VolumeId,
-    /// Key prefix of the map's entries (`m VOL` or `p SNAP`).
+    /// Key prefix of the map's entries (`M VOL` or `P SNAP`).
     prefix: Vec<u8>,
     /// Owner of frames in v1 values: `volume`'s number.
     owner: u128,
@@ -284,12 +281,9 @@ impl BlockLookup {
         &self.prefix
     }
 
-    /// The key of the extent starting at `start`.
+    /// The key of the extent starting at `start` ([`map_key`]: descending block order).
     pub(crate) fn key(&self, start: u64) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.prefix.len() + 8);
-        k.extend_from_slice(&self.prefix);
-        k.extend_from_slice(&start.to_be_bytes());
-        k
+        map_key(&self.prefix, start)
     }
 
     /// Every extent of the map, in block order.
@@ -317,17 +311,22 @@ impl BlockLookup {
         Ok(out)
     }
 
-    /// A raw iterator over this map's keys below block `end`.
+    /// A raw iterator over this map's keys of extents starting below block `end` (`end` ≥ 1).
+    /// Keys sort in descending block order, so `next` steps to lower blocks.
     fn iterator(&self, end: u64) -> rocksdb::DBRawIterator<'_> {
         let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(self.key(0));
-        ro.set_iterate_upper_bound(self.key(end));
+        ro.set_iterate_lower_bound(self.key(end.saturating_sub(1)));
+        // Just above the key of block 0, the map's last key.
+        let mut upper = self.key(0);
+        upper.push(0);
+        ro.set_iterate_upper_bound(upper);
         self.meta.db().raw_iterator_opt(ro)
     }
 
     /// Appends the extents intersecting `start..end` (unclipped, sorted) to `out`, using `it`
     /// (from [`BlockLookup::iterator`] with a bound of at least `end`; one iterator serves many
-    /// scans, as creating one costs more than a seek).
+    /// scans, as creating one costs more than a seek). One forward seek to the last extent
+    /// starting below `end`, then towards lower blocks to the one at or before `start`.
     fn scan(
         &self,
         it: &mut rocksdb::DBRawIterator<'_>,
@@ -336,53 +335,21 @@ impl BlockLookup {
         out: &mut Vec<MapExtent>,
     ) -> Result<(), MetaError> {
         let first_new = out.len();
-        if end - start <= SHORT_RANGE_BLOCKS {
-            // Backwards from the last extent starting below `end` to the one at or before
-            // `start`: a short range holds few extents, and RocksDB's merging iterator re-seeks
-            // every memtable and level when it turns from `SeekForPrev` to `Next`.
-            it.seek_for_prev(self.key(end - 1));
-            while it.valid() {
-                if let Some(e) = self.decode_entry(it.key(), it.value())? {
-                    let first = e.start <= start;
-                    if e.end() > start {
-                        out.push(e);
-                    }
-                    if first {
-                        break;
-                    }
-                }
-                it.prev();
-            }
-            it.status()?;
-            out[first_new..].reverse();
-            return Ok(());
-        }
-        // The extent that starts at or before `start` (it may reach into the range), then
-        // forward.
-        it.seek_for_prev(self.key(start));
-        if it.valid() {
-            if let Some(e) = self.decode_entry(it.key(), it.value())? {
-                if e.start < start {
-                    if e.end() > start {
-                        out.push(e);
-                    }
-                    it.next();
-                }
-            }
-        } else {
-            it.status()?;
-            it.seek(self.key(start));
-        }
+        it.seek(self.key(end - 1));
         while it.valid() {
             if let Some(e) = self.decode_entry(it.key(), it.value())? {
-                if e.start >= end {
+                let first = e.start <= start;
+                if e.end() > start {
+                    out.push(e);
+                }
+                if first {
                     break;
                 }
-                out.push(e);
             }
             it.next();
         }
         it.status()?;
+        out[first_new..].reverse();
         Ok(())
     }
 
@@ -403,7 +370,7 @@ impl BlockLookup {
             key: String::from_utf8_lossy(k).into_owned(),
             reason: "bad map extent".into(),
         };
-        let start = u64::from_be_bytes(k[k.len() - 8..].try_into().map_err(|_| corrupt())?);
+        let start = map_key_start(k).ok_or_else(corrupt)?;
         MapExtent::decode(start, v, self.owner).ok_or_else(corrupt)
     }
 
@@ -451,7 +418,8 @@ impl BlockLookup {
                 winners.insert(s, new.slice(s, e));
             }
         }
-        let mut batch = WriteBatch::default();
+        // Map changes by start block: a put (`Some`) or a delete (`None`); each key once.
+        let mut changes: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
         let mut live_delta: HashMap<u64, i64> = HashMap::new();
         // Existing extents lose whatever the winners cover. A key that gets a new value is not
         // deleted first (a put replaces it): a 4 KiB write into a 16 KiB extent usually keeps
@@ -474,10 +442,10 @@ impl BlockLookup {
             let replaced = keep.first().is_some_and(|(s, _)| *s == old.start)
                 || winners.contains_key(&old.start);
             if !replaced {
-                batch.delete(self.key(old.start));
+                changes.push((old.start, None));
             }
             for (s, e) in keep {
-                batch.put(self.key(s), old.slice(s, e).encode(self.owner));
+                changes.push((s, Some(old.slice(s, e).encode(self.owner))));
             }
             match old.target {
                 Target::Data(f) if f.owner == self.owner => {
@@ -488,8 +456,18 @@ impl BlockLookup {
         }
         let mut new_live = 0u64;
         for w in winners.values() {
-            batch.put(self.key(w.start), w.encode(self.owner));
+            changes.push((w.start, Some(w.encode(self.owner))));
             new_live += w.data_blocks();
+        }
+        // In key order (descending blocks): RocksDB's memtable inserts a batch's keys with a
+        // splice kept from the previous insert, cheap when each key follows the last.
+        changes.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+        let mut batch = WriteBatch::default();
+        for (start, value) in changes {
+            match value {
+                Some(v) => batch.put(self.key(start), v),
+                None => batch.delete(self.key(start)),
+            }
         }
         let stats_key = |id| vol_u64_key(PREFIX_CHUNK, &self.volume, id);
         for (id, delta) in live_delta {
@@ -633,9 +611,9 @@ mod tests {
         assert_eq!((mid[0].start, mid[0].count), (9, 1));
     }
 
-    /// Short ranges are looked up backwards, long ones forwards: both must give exactly the
-    /// extents a full scan says intersect the range, in order, with another volume's map on
-    /// either side.
+    /// Every range is one forward seek, then steps to lower blocks: each lookup must give
+    /// exactly the extents a full scan says intersect the range, in order, with another
+    /// volume's map on either side.
     #[test]
     fn lookups_of_every_range_match_a_full_scan() {
         let (_d, meta, l) = setup();
@@ -661,6 +639,7 @@ mod tests {
         );
         let all = l.all().unwrap();
         assert_eq!(all.len(), 9, "{all:?}");
+        assert!(all.windows(2).all(|w| w[0].end() <= w[1].start), "{all:?}");
         // One iterator bounded far beyond every range serves many scans (as in a commit).
         let mut shared = l.iterator(u64::MAX);
         for start in 0..90 {
@@ -724,5 +703,86 @@ mod tests {
         assert!(other.lookup(0, u64::MAX).unwrap().is_empty());
         meta.delete_volume(&l.volume).unwrap();
         assert!(l.lookup(0, u64::MAX).unwrap().is_empty());
+    }
+
+    /// A database written with map key layout 1 (`m`/`p`, ascending block numbers) opens with
+    /// every extent under layout 2, including a map a crash left half moved, across several
+    /// migration batches; other keys are untouched.
+    #[test]
+    fn open_moves_map_keys_of_layout_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = VolumeId::parse("vol-0000000000000000a").unwrap();
+        let snap = SnapshotId::parse("snap-0000000000000000b").unwrap();
+        // Far more than one batch, every 4th block; a snapshot map; half of a second volume's
+        // map already moved (a crash between batches).
+        let n = 2 * crate::meta::MIGRATION_BATCH as u64 + 7;
+        let extents: Vec<MapExtent> = (0..n).map(|i| data(i * 4, 1, i + 1, 1)).collect();
+        {
+            let meta = MetaStore::open(dir.path(), 1 << 20).unwrap();
+            let other = map_of(&meta, "vol-0000000000000000c");
+            commit(&other, 1, vec![data(0, 4, 1, 1)]);
+            let mut batch = WriteBatch::default();
+            let legacy = |prefix: Vec<u8>, start: u64| {
+                let mut k = prefix;
+                k.extend_from_slice(&start.to_be_bytes());
+                k
+            };
+            for e in &extents {
+                batch.put(legacy(id_key(b'm', vol.as_str()), e.start), e.encode(OWN));
+            }
+            batch.put(
+                legacy(id_key(b'p', snap.as_str()), 8),
+                data(8, 2, 3, 1).encode(OWN),
+            );
+            batch.put(
+                legacy(id_key(b'm', "vol-0000000000000000c"), 10),
+                data(10, 1, 2, 1).encode(0xc),
+            );
+            // A database of layout 1 has no layout key.
+            batch.delete(b"F");
+            meta.write_sync(batch).unwrap();
+        }
+        for _ in 0..2 {
+            let meta = MetaStore::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(
+                BlockLookup::new(meta.clone(), vol.clone()).all().unwrap(),
+                extents
+            );
+            let frozen = BlockLookup::snapshot(meta.clone(), &snap, vol.clone());
+            assert_eq!(frozen.lookup(0, 100).unwrap(), vec![data(8, 2, 3, 1)]);
+            let other: Vec<_> = map_of(&meta, "vol-0000000000000000c")
+                .all()
+                .unwrap()
+                .iter()
+                .map(|e| (e.start, e.count, e.seq))
+                .collect();
+            assert_eq!(other, vec![(0, 4, 1), (10, 1, 2)]);
+            let keys: Vec<u8> = meta
+                .db()
+                .iterator(rocksdb::IteratorMode::Start)
+                .map(|item| item.unwrap().0[0])
+                .collect();
+            assert!(!keys.contains(&b'm') && !keys.contains(&b'p'), "{keys:?}");
+            assert!(keys.contains(&b'c'), "chunk stats kept");
+        }
+    }
+
+    /// A database of a newer key layout than this build knows is refused, not misread.
+    #[test]
+    fn open_refuses_a_newer_key_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let meta = MetaStore::open(dir.path(), 1 << 20).unwrap();
+            let map = map_of(&meta, "vol-0000000000000000a");
+            commit(&map, 1, vec![data(0, 4, 1, 1)]);
+            let newer = crate::meta::KEY_LAYOUT + 1;
+            meta.db().put(b"F", newer.to_le_bytes()).unwrap();
+        }
+        match MetaStore::open(dir.path(), 1 << 20) {
+            Err(e @ MetaError::UnsupportedLayout { .. }) => {
+                assert!(e.to_string().contains("layout 3 is newer"), "{e}");
+            }
+            other => panic!("opened a newer layout: {:?}", other.err()),
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! Key layout (FORMAT.md, "RocksDB keys"); `VOL` is the 21-byte ASCII VolumeId:
 //! - `v` VOL → volume record (JSON, [`VolumeRecord`])
 //! - `s` VOL → volume state ([`VolumeState`], 24 bytes)
-//! - `m` VOL start_block(u64 BE) → map extent (48 bytes, [`crate::lookup`])
+//! - `M` VOL !start_block(u64 BE) → map extent (48 or 64 bytes, [`crate::lookup`]; keys in
+//!   descending block order, see [`map_key`])
 //! - `c` VOL object_id(u64 BE) → chunk stats (24 bytes, [`ChunkStats`])
 //!
 //! Every write that must survive a crash uses a synced `WriteBatch`.
@@ -35,15 +36,34 @@ pub enum MetaError {
     /// A blocking task failed.
     #[error("metadata task failed: {0}")]
     Task(String),
+    /// The database was written by a newer vblock (its key layout is unknown here).
+    #[error(
+        "metadata key layout {found} is newer than this build's {supported}: refusing to open"
+    )]
+    UnsupportedLayout {
+        /// Layout stored under the `F` key.
+        found: u32,
+        /// The newest layout this build reads.
+        supported: u32,
+    },
 }
 
 /// Key prefixes.
 pub(crate) const PREFIX_VOLUME: u8 = b'v';
 pub(crate) const PREFIX_STATE: u8 = b's';
-pub(crate) const PREFIX_MAP: u8 = b'm';
+pub(crate) const PREFIX_MAP: u8 = b'M';
 pub(crate) const PREFIX_CHUNK: u8 = b'c';
 pub(crate) const PREFIX_SNAPSHOT: u8 = b'n';
-pub(crate) const PREFIX_SNAP_MAP: u8 = b'p';
+pub(crate) const PREFIX_SNAP_MAP: u8 = b'P';
+/// Map keys of layout 1 (`m VOL start_block(BE)`, `p SNAP start_block(BE)`: ascending block
+/// order), written before 2026-11-30; [`MetaStore::open`] moves them to layout 2.
+const LEGACY_MAP_PREFIXES: [(u8, u8); 2] = [(b'm', PREFIX_MAP), (b'p', PREFIX_SNAP_MAP)];
+/// Key of the database's key layout version (u32 LE). Absent: layout 1.
+const LAYOUT_KEY: &[u8] = b"F";
+/// The key layout this build writes: 2 since map keys sort in descending block order.
+pub const KEY_LAYOUT: u32 = 2;
+/// Entries moved per synced batch by the layout migration.
+pub(crate) const MIGRATION_BATCH: usize = 10_000;
 
 /// `prefix` + an id's ASCII bytes (VolumeId or SnapshotId).
 pub(crate) fn id_key(prefix: u8, id: &str) -> Vec<u8> {
@@ -63,6 +83,109 @@ pub(crate) fn vol_u64_key(prefix: u8, vol: &VolumeId, n: u64) -> Vec<u8> {
     let mut k = vol_key(prefix, vol);
     k.extend_from_slice(&n.to_be_bytes());
     k
+}
+
+/// The key of the map extent starting at block `start` under `prefix` (`M VOL` or `P SNAP`):
+/// the prefix, then the bitwise NOT of `start` as u64 big-endian, so the keys of one map sort in
+/// *descending* block order. The extent covering block `b` is then the first key at or after
+/// `map_key(prefix, b)`: every lookup is a forward `Seek`, which costs RocksDB about half of
+/// what a `SeekForPrev` does (docs/BENCHMARKS.md, "Map keys in descending block order").
+pub(crate) fn map_key(prefix: &[u8], start: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&(!start).to_be_bytes());
+    k
+}
+
+/// The start block of map key `k` (the inverse of [`map_key`]); `None` if `k` is shorter than 8
+/// bytes.
+pub(crate) fn map_key_start(k: &[u8]) -> Option<u64> {
+    let tail = k.len().checked_sub(8).map(|at| &k[at..])?;
+    Some(!u64::from_be_bytes(tail.try_into().ok()?))
+}
+
+/// Write options of a synced write (durable when it returns).
+fn synced() -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    wo
+}
+
+/// Brings the database to [`KEY_LAYOUT`]: refuses a newer layout, moves the map keys of layout 1
+/// ([`migrate_map_keys`]), then records the layout (synced).
+fn upgrade_layout(db: &DB) -> Result<(), MetaError> {
+    let found = match db.get(LAYOUT_KEY)? {
+        None => 1,
+        Some(v) => u32::from_le_bytes(v.as_slice().try_into().map_err(|_| MetaError::Corrupt {
+            key: "F".into(),
+            reason: format!("layout version of {} bytes", v.len()),
+        })?),
+    };
+    if found > KEY_LAYOUT {
+        return Err(MetaError::UnsupportedLayout {
+            found,
+            supported: KEY_LAYOUT,
+        });
+    }
+    if found == KEY_LAYOUT {
+        return Ok(());
+    }
+    let moved = migrate_map_keys(db)?;
+    db.put_opt(LAYOUT_KEY, KEY_LAYOUT.to_le_bytes(), &synced())?;
+    tracing::info!(
+        from = found,
+        to = KEY_LAYOUT,
+        map_extents_moved = moved,
+        "metadata key layout upgraded (FORMAT.md, \"RocksDB keys\")"
+    );
+    Ok(())
+}
+
+/// Moves map extents stored under key layout 1 to layout 2 ([`map_key`]). Each entry moves in
+/// one batch (put under the new key, delete the old one), batches are synced, so a crash leaves
+/// every extent under exactly one key and the next open carries on. Returns the entries moved.
+fn migrate_map_keys(db: &DB) -> Result<u64, MetaError> {
+    let mut moved = 0u64;
+    for (old, new) in LEGACY_MAP_PREFIXES {
+        let mut from = vec![old];
+        loop {
+            let mut batch = WriteBatch::default();
+            let mut n = 0;
+            let mut it = db.raw_iterator();
+            it.seek(&from);
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if k.first() != Some(&old) || n == MIGRATION_BATCH {
+                    break;
+                }
+                let corrupt = || MetaError::Corrupt {
+                    key: String::from_utf8_lossy(k).into_owned(),
+                    reason: "map key of layout 1 without a prefix and a block number".into(),
+                };
+                let body = k
+                    .len()
+                    .checked_sub(8)
+                    .filter(|&b| b > 0)
+                    .ok_or_else(corrupt)?;
+                let start = u64::from_be_bytes(k[body..].try_into().map_err(|_| corrupt())?);
+                let mut key = k[..body].to_vec();
+                key[0] = new;
+                batch.put(map_key(&key, start), v);
+                batch.delete(k);
+                from = k.to_vec();
+                from.push(0);
+                n += 1;
+                it.next();
+            }
+            it.status()?;
+            drop(it);
+            if n == 0 {
+                break;
+            }
+            db.write_opt(batch, &synced())?;
+            moved += n as u64;
+        }
+    }
+    Ok(moved)
 }
 
 /// Lifecycle state of a volume (EC2 `VolumeState`).
@@ -267,7 +390,8 @@ pub struct MetaStore {
 
 impl MetaStore {
     /// Opens (creating) the database in `dir` with a bounded block cache of `cache_bytes`
-    /// (this cache is the bounded in-memory part of the BlockLookup).
+    /// (this cache is the bounded in-memory part of the BlockLookup). Map keys of an older
+    /// layout are moved to the current one first ([`map_key`]; FORMAT.md, "RocksDB keys").
     pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, MetaError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -288,6 +412,7 @@ impl MetaStore {
         // WAL's trim mark or replayed from the WAL (FORMAT.md, "Trim mark").
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         let db = DB::open(&opts, dir)?;
+        upgrade_layout(&db)?;
         Ok(Self {
             db: Arc::new(db),
             cache: Arc::new(std::sync::Mutex::new((cache, cache_bytes as u64))),
@@ -336,9 +461,7 @@ impl MetaStore {
 
     /// Writes a batch durably (WAL of RocksDB synced).
     pub(crate) fn write_sync(&self, batch: WriteBatch) -> Result<(), MetaError> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
+        self.db.write_opt(batch, &synced())?;
         Ok(())
     }
 
@@ -514,6 +637,8 @@ impl MetaStore {
             }
             extents.push(lookup.decode(&k, &v)?);
         }
+        // Keys sort in descending block order.
+        extents.reverse();
         let mut obj = MapObject {
             owner: lookup.default_owner(),
             seq: 0,
@@ -558,7 +683,8 @@ impl MetaStore {
     ) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
         delete_prefix(&mut batch, lookup.key_prefix());
-        for e in extents {
+        // In key order (descending blocks; `extents` are ascending), as the memtable likes.
+        for e in extents.iter().rev() {
             batch.put(lookup.key(e.start), e.encode(lookup.default_owner()));
         }
         if let Some((state, objects)) = volume {

@@ -2,7 +2,7 @@
 //! (`CreateVolume` with `SnapshotId`) and read-only snapshot exports.
 //!
 //! A snapshot copies no data: chunks are immutable, so it is the volume's map frozen at a
-//! sequence number (`p SNAP` keys in RocksDB, referencing the volume's objects), plus a record.
+//! sequence number (`P SNAP` keys in RocksDB, referencing the volume's objects), plus a record.
 //! It is `pending` until the map is stored in the backend as a map object (`SNAPID/map`) with the
 //! record beside it (`SNAPID/snapshot.json`), then `completed`: from then on it survives the loss
 //! of the local disk. A clone starts as a copy of the snapshot's map with the owner of every
