@@ -43,17 +43,32 @@ declare -A URI=( [vblock]="nbd://127.0.0.1:$VB_PORT/$VOL" [qemu-nbd]="nbd://127.
 JOBS=(
   "randwrite4k_qd32|--rw=randwrite --bs=4k --iodepth=32"
   "randread4k_qd32|--rw=randread --bs=4k --iodepth=32"
+  "randread4k_qd32_chunks|--rw=randread --bs=4k --iodepth=32"
   "seqwrite1m_qd8|--rw=write --bs=1M --iodepth=8"
   "seqread1m_qd8|--rw=read --bs=1M --iodepth=8"
   "randwrite4k_qd1_fsync1|--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
   "randwrite4k_qd32_fsync32|--rw=randwrite --bs=4k --iodepth=32 --fsync=32"
   "mixed70r_4k_qd16|--rw=randrw --rwmixread=70 --bs=4k --iodepth=16"
 )
+# vblock's write buffer in bytes (0 once the flusher has committed everything to chunks).
+buffer_bytes() {
+  local m; m=$(curl -sf "http://127.0.0.1:$METRICS_PORT/metrics") || return 1
+  awk '/^vblock_buffer_bytes[{ ]/ {s += $2; n++} END {if (n) print s}' <<<"$m"
+}
+# Waits (bounded) until vblock's write buffer is empty: every block then reads from chunks.
+wait_drained() {
+  for _ in $(seq 1 1200); do [ "$(buffer_bytes)" = "0" ] && return 0; sleep 0.1; done
+  echo "vblock's write buffer did not drain in 120 s" >&2; return 1
+}
+# randread4k_qd32 runs right after the random writes (vblock: the buffer full, the flusher
+# draining it, reads from the buffer and from chunks); randread4k_qd32_chunks once vblock has
+# committed everything (reads from chunks only). The other targets run both back to back.
 for target in vblock qemu-nbd nbdkit; do
   # Prefill so reads hit data (for vblock: data in chunks after the idle flush).
   fio --name=prefill --ioengine=nbd --uri="${URI[$target]}" --rw=write --bs=1M --iodepth=8 --size="$SIZE" --output-format=json >"$WORK/$target-prefill.json" 2>/dev/null
   for job in "${JOBS[@]}"; do
     name=${job%%|*}; args=${job#*|}
+    if [ "$target" = vblock ] && [ "$name" = randread4k_qd32_chunks ]; then wait_drained; fi
     # shellcheck disable=SC2086
     fio --name="$name" --ioengine=nbd --uri="${URI[$target]}" --time_based --runtime="$RUNTIME" --size="$SIZE" $args --output-format=json >"$WORK/$target-$name.json" 2>"$WORK/$target-$name.err" || echo "fio $target $name failed (see $WORK/$target-$name.err)" >&2
   done
@@ -111,7 +126,8 @@ PY
 python3 - "$WORK" "$RUNTIME" "$SIZE" <<'PY'
 import json, os, sys
 work, runtime, size = sys.argv[1], sys.argv[2], sys.argv[3]
-jobs = ["randwrite4k_qd32", "randread4k_qd32", "seqwrite1m_qd8", "seqread1m_qd8",
+jobs = ["randwrite4k_qd32", "randread4k_qd32", "randread4k_qd32_chunks", "seqwrite1m_qd8",
+        "seqread1m_qd8",
         "randwrite4k_qd1_fsync1", "randwrite4k_qd32_fsync32", "mixed70r_4k_qd16"]
 def load(target, job):
     p = os.path.join(work, f"{target}-{job}.json")
