@@ -171,18 +171,25 @@ fn migrate_map_keys(db: &DB) -> Result<u64, MetaError> {
                 key[0] = new;
                 batch.put(map_key(&key, start), v);
                 batch.delete(k);
-                from = k.to_vec();
-                from.push(0);
                 n += 1;
                 it.next();
             }
             it.status()?;
+            // Where the next batch starts: the first key not moved yet (seeking from the prefix
+            // again would step over every tombstone this migration left).
+            let next = it
+                .key()
+                .filter(|k| k.first() == Some(&old))
+                .map(<[u8]>::to_vec);
             drop(it);
-            if n == 0 {
-                break;
+            if n > 0 {
+                db.write_opt(batch, &synced())?;
+                moved += n as u64;
             }
-            db.write_opt(batch, &synced())?;
-            moved += n as u64;
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
         }
     }
     Ok(moved)
