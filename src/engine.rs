@@ -15,8 +15,8 @@ use crate::mapobj::MapObject;
 use crate::meta::VolumeState;
 use crate::meta::{blocking, MetaStore, VolumeRecord, VolumeStateName};
 use crate::meta::{ChunkStats, SnapshotRecord};
-use crate::retry::{put_retried, retry, RetryPolicy};
-use crate::volume::{Volume, VolumeConfig, VolumeError};
+use crate::retry::put_retried;
+use crate::volume::{read_chunk_index, Volume, VolumeConfig, VolumeError};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -231,36 +231,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Header and index of a chunk object, with two ranged reads (header, then header + index).
-    async fn read_chunk_index(
-        &self,
-        key: &str,
-    ) -> Result<(crate::chunk::ChunkHeader, Vec<crate::chunk::ChunkExtent>), VolumeError> {
-        use crate::chunk::{decode_index, ChunkError, CHUNK_HEADER_LEN, INDEX_ENTRY_LEN};
-        let policy = RetryPolicy::reads();
-        let head = retry(&policy, key, || {
-            self.backend.get_range(key, 0..CHUNK_HEADER_LEN as u64)
-        })
-        .await?;
-        let corrupt = |source| VolumeError::Chunk {
-            key: key.to_owned(),
-            source,
-        };
-        if head.len() < CHUNK_HEADER_LEN {
-            return Err(corrupt(ChunkError::Truncated {
-                need: CHUNK_HEADER_LEN,
-                have: head.len(),
-            }));
-        }
-        let count = u64::from(u32::from_le_bytes([head[40], head[41], head[42], head[43]]));
-        if count > 1 << 20 {
-            return Err(corrupt(ChunkError::BadIndex(format!("{count} extents"))));
-        }
-        let len = CHUNK_HEADER_LEN as u64 + count * INDEX_ENTRY_LEN as u64;
-        let index = retry(&policy, key, || self.backend.get_range(key, 0..len)).await?;
-        decode_index(&index, u64::MAX).map_err(corrupt)
-    }
-
     /// Disaster recovery: rebuilds every volume found in the backend (`VOLUMEID/volume.json`) that
     /// the metadata DB does not know, from its chunk objects' headers and indexes (each extent
     /// carries its sequence number; newest wins). Returns the volumes recovered. Meant for an empty
@@ -337,7 +307,7 @@ impl Engine {
                 done += 1;
                 progress(done, total);
                 let okey = chunk_key(&id, object_id);
-                let (header, index) = match self.read_chunk_index(&okey).await {
+                let (header, index) = match read_chunk_index(&self.backend, &okey).await {
                     Ok(v) => v,
                     // An unreadable object is skipped (logged); the transport failing is an error.
                     Err(VolumeError::Backend(e)) if e.is_transient() => {

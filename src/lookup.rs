@@ -292,6 +292,23 @@ impl BlockLookup {
         self.overlapping(0, u64::MAX)
     }
 
+    /// Extents intersecting any of the block ranges `ranges` (each `(start, end)`, sorted by
+    /// start, not overlapping), unclipped, in block order, each once (an extent spanning two
+    /// ranges too). One iterator and one seek per range: the cost follows the ranges' extents,
+    /// not the map's size. Blocking (RocksDB): call from a blocking thread.
+    pub fn overlapping_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<MapExtent>, MetaError> {
+        let mut out = Vec::new();
+        let Some(top) = ranges.iter().map(|&(_, e)| e).max() else {
+            return Ok(out);
+        };
+        let mut it = self.iterator(top.max(1));
+        for &(start, end) in ranges.iter().filter(|(s, e)| s < e) {
+            self.scan(&mut it, start, end, &mut out)?;
+        }
+        out.dedup_by_key(|e| e.start);
+        Ok(out)
+    }
+
     /// Extents intersecting blocks `start..end`, sorted, clipped to the range.
     /// Blocking (RocksDB): call from a blocking thread.
     pub fn lookup(&self, start: u64, end: u64) -> Result<Vec<MapExtent>, MetaError> {
@@ -613,7 +630,7 @@ mod tests {
 
     /// Every range is one forward seek, then steps to lower blocks: each lookup must give
     /// exactly the extents a full scan says intersect the range, in order, with another
-    /// volume's map on either side.
+    /// volume's map on either side; so must a set of ranges ([`BlockLookup::overlapping_ranges`]).
     #[test]
     fn lookups_of_every_range_match_a_full_scan() {
         let (_d, meta, l) = setup();
@@ -663,6 +680,25 @@ mod tests {
                 );
             }
         }
+        // Sets of two and three ranges (sorted, apart): every extent intersecting one of
+        // them, once, in order — also one spanning the gap between two ranges.
+        for a in 0..85 {
+            for b in [a + 1, a + 3, a + 12] {
+                for (c, d) in [(b + 1, b + 2), (b + 5, b + 30), (b + 20, b + 21)] {
+                    let sets: [&[(u64, u64)]; 2] =
+                        [&[(a, b), (c, d)], &[(a, b), (c, d), (d + 2, d + 9)]];
+                    for ranges in sets {
+                        let want: Vec<MapExtent> = all
+                            .iter()
+                            .filter(|e| ranges.iter().any(|&(s, t)| e.start < t && e.end() > s))
+                            .copied()
+                            .collect();
+                        assert_eq!(l.overlapping_ranges(ranges).unwrap(), want, "{ranges:?}");
+                    }
+                }
+            }
+        }
+        assert!(l.overlapping_ranges(&[]).unwrap().is_empty());
     }
 
     #[test]

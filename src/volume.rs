@@ -903,6 +903,40 @@ pub(crate) fn check_request(offset: u64, len: u64, size: u64) -> Result<(), Volu
     Ok(())
 }
 
+/// Header and index of chunk object `key` (FORMAT.md, "Chunk object"), with two ranged reads
+/// from `backend` (the header, then header + index), each retried.
+///
+/// Errors: [`VolumeError::Backend`] (missing object, transport), [`VolumeError::Chunk`] (short
+/// or corrupt header or index).
+pub(crate) async fn read_chunk_index(
+    backend: &SharedBackend,
+    key: &str,
+) -> Result<(chunk::ChunkHeader, Vec<chunk::ChunkExtent>), VolumeError> {
+    use crate::chunk::{decode_index, CHUNK_HEADER_LEN, INDEX_ENTRY_LEN};
+    let policy = RetryPolicy::reads();
+    let head = retry(&policy, key, || {
+        backend.get_range(key, 0..CHUNK_HEADER_LEN as u64)
+    })
+    .await?;
+    let corrupt = |source| VolumeError::Chunk {
+        key: key.to_owned(),
+        source,
+    };
+    if head.len() < CHUNK_HEADER_LEN {
+        return Err(corrupt(ChunkError::Truncated {
+            need: CHUNK_HEADER_LEN,
+            have: head.len(),
+        }));
+    }
+    let count = u64::from(u32::from_le_bytes([head[40], head[41], head[42], head[43]]));
+    if count > 1 << 20 {
+        return Err(corrupt(ChunkError::BadIndex(format!("{count} extents"))));
+    }
+    let len = CHUNK_HEADER_LEN as u64 + count * INDEX_ENTRY_LEN as u64;
+    let index = retry(&policy, key, || backend.get_range(key, 0..len)).await?;
+    decode_index(&index, u64::MAX).map_err(corrupt)
+}
+
 /// A decompressed, verified frame from `cache`, or fetched from `backend` with a ranged read
 /// (retried by `policy`) and decoded off the reactor; `fetched(duration)` is called after a GET.
 pub(crate) async fn fetch_frame(
@@ -1370,27 +1404,46 @@ async fn compaction_input(
     let threshold = u64::from(inner.config.compaction.threshold_percent);
     let chunk_blocks = (inner.config.chunk_bytes / BLOCK_SIZE).max(1);
     let owner = id.number();
-    let extents = blocking(move || {
+    let picked = blocking(move || {
         let mut candidates: Vec<(u64, crate::meta::ChunkStats)> = meta
             .chunk_stats(&id)?
             .into_iter()
             .filter(|(_, s)| s.live_blocks > 0 && s.live_blocks * 100 < s.data_blocks * threshold)
             .collect();
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
         candidates.sort_by_key(|(_, s)| (s.live_blocks * 1000) / s.data_blocks.max(1));
-        let mut picked = std::collections::HashSet::new();
+        let mut picked = Vec::new();
         let mut blocks = 0;
         for (object_id, s) in candidates {
             if !picked.is_empty() && blocks + s.live_blocks > chunk_blocks {
                 break;
             }
             blocks += s.live_blocks;
-            picked.insert(object_id);
+            picked.push(object_id);
         }
+        Ok(picked)
+    })
+    .await?;
+    if picked.is_empty() {
+        return Ok(None);
+    }
+    // Every map extent pointing into a chunk lies inside one of the block ranges its index
+    // lists (extents only get cut), so the live extents are found by scanning those ranges
+    // of the map, not the whole map (a full scan took 0.3 s per step at 400k extents).
+    let mut ranges = Vec::new();
+    for &object_id in &picked {
+        let (_, index) = read_chunk_index(&inner.backend, &chunk_key(&inner.id, object_id)).await?;
+        ranges.extend(
+            index
+                .iter()
+                .filter(|x| x.kind == chunk::ExtentKind::Data)
+                .map(|x| (x.start_block, x.start_block + u64::from(x.block_count))),
+        );
+    }
+    let ranges = merge_ranges(ranges);
+    let picked: std::collections::HashSet<u64> = picked.into_iter().collect();
+    let extents = blocking(move || {
         Ok(lookup
-            .all()?
+            .overlapping_ranges(&ranges)?
             .into_iter()
             .filter(|e| matches!(e.target, Target::Data(f) if f.owner == owner && picked.contains(&f.object_id)))
             .collect::<Vec<_>>())
@@ -1416,6 +1469,21 @@ async fn compaction_input(
         });
     }
     Ok(Some(input))
+}
+
+/// `ranges` (block `(start, end)` pairs, any order) sorted and merged where they overlap or
+/// touch: sorted ranges with gaps between them, as [`BlockLookup::overlapping_ranges`] takes.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|(s, e)| s < e);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// Cancels uploads that will not be committed and waits for them, so none writes afterwards.
@@ -1529,4 +1597,18 @@ async fn commit_chunk(
         .chunk_bytes
         .fetch_add(up.stored_bytes, Ordering::Relaxed);
     Some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    #[test]
+    fn ranges_merge_where_they_overlap_or_touch() {
+        assert_eq!(
+            merge_ranges(vec![(9, 12), (0, 2), (2, 4), (10, 11), (5, 6), (7, 7), (11, 15)]),
+            vec![(0, 4), (5, 6), (9, 15)]
+        );
+        assert!(merge_ranges(Vec::new()).is_empty());
+    }
 }
