@@ -676,15 +676,8 @@ impl Volume {
                 return Ok(b.clone());
             }
         }
-        let mut out = BytesMut::zeroed(r.len() as usize * BLOCK_BYTES);
-        for (s, e) in &mem {
-            if let Payload::Data(b) = &e.payload {
-                let at = ((s - r.start) as usize) * BLOCK_BYTES;
-                out[at..at + b.len()].copy_from_slice(b);
-            }
-        }
         if holes.is_empty() {
-            return Ok(out.freeze());
+            return Ok(buffered_blocks(r, &mem).freeze());
         }
         // One blocking task: map lookup, then every frame from the cache or, for local backends,
         // read and decoded right there. Frames a backend cannot read synchronously (S3) are
@@ -738,6 +731,17 @@ impl Volume {
             },
         )
         .await?;
+        // One extent covers the whole range (a 4 KiB read, mostly): a slice of its frame.
+        if let ([], [e], [Some(frame)]) = (&mem[..], &map[..], &frames[..]) {
+            if let Target::Data(f) = e.target {
+                let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
+                let len = e.count as usize * BLOCK_BYTES;
+                if e.start == r.start && e.count == r.len() && from + len <= frame.len() {
+                    return Ok(frame.slice(from..from + len));
+                }
+            }
+        }
+        let mut out = buffered_blocks(r, &mem);
         fill_from_frames(&mut out, r, &map, frames);
         Ok(out.freeze())
     }
@@ -952,7 +956,7 @@ pub(crate) async fn fetch_frame(
             let started = Instant::now();
             let raw = retry(policy, &okey, || backend.get_range(&okey, range.clone())).await?;
             fetched(started.elapsed());
-            tokio::task::spawn_blocking(move || decode_fetched(&okey, &raw, &f))
+            tokio::task::spawn_blocking(move || decode_fetched(&okey, &raw, &f, true))
                 .await
                 .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
         })
@@ -1077,7 +1081,7 @@ fn run_location(run: &[FrameRef]) -> Option<(String, std::ops::Range<u64>)> {
 fn decode_run(
     cache: &FrameCache,
     okey: &str,
-    raw: &[u8],
+    raw: &Bytes,
     run: &[FrameRef],
 ) -> Result<Vec<Bytes>, VolumeError> {
     let Some(first) = run.first() else {
@@ -1087,7 +1091,7 @@ fn decode_run(
     for g in run {
         let at = (g.offset - first.offset) as usize;
         let need = at + g.len as usize;
-        let piece = raw.get(at..need).ok_or_else(|| {
+        raw.get(at..need).ok_or_else(|| {
             tracing::error!(key = %okey, "short ranged read of a chunk object");
             VolumeError::Chunk {
                 key: okey.to_owned(),
@@ -1097,11 +1101,24 @@ fn decode_run(
                 },
             }
         })?;
-        let data = decode_fetched(okey, piece, g)?;
+        let data = decode_fetched(okey, &raw.slice(at..need), g, run.len() == 1)?;
         cache.insert(frame_location(g).0, data.clone());
         out.push(data);
     }
     Ok(out)
+}
+
+/// Block range `r` as zeros with the write buffer's data extents `mem` (from
+/// `WriteBuffer::overlapping`) copied in.
+fn buffered_blocks(r: BlockRange, mem: &[(u64, BufExtent)]) -> BytesMut {
+    let mut out = BytesMut::zeroed(r.len() as usize * BLOCK_BYTES);
+    for (s, e) in mem {
+        if let Payload::Data(b) = &e.payload {
+            let at = ((s - r.start) as usize) * BLOCK_BYTES;
+            out[at..at + b.len()].copy_from_slice(b);
+        }
+    }
+    out
 }
 
 /// Copies the blocks of the data extents in `map` (whose frames are in `frames`, same order)
@@ -1154,9 +1171,21 @@ pub(crate) fn status_runs(offset: u64, len: u64, mut data: Vec<(u64, u64)>) -> V
     out
 }
 
-/// Verifies and decodes a frame fetched from object `okey`; corruption is logged with the key.
-fn decode_fetched(okey: &str, raw: &[u8], f: &FrameRef) -> Result<Bytes, VolumeError> {
-    chunk::decode_frame(raw, f.crc, f.blocks, f.encoding).map_err(|source| {
+/// Verifies and decodes frame `f` fetched from object `okey`; corruption is logged with the key.
+/// With `alone` (`frame` is the whole buffer of its read) a raw frame is shared, not copied; a
+/// frame read together with others is copied, so a cached frame never holds its neighbours.
+fn decode_fetched(
+    okey: &str,
+    frame: &Bytes,
+    f: &FrameRef,
+    alone: bool,
+) -> Result<Bytes, VolumeError> {
+    let decoded = if alone {
+        chunk::decode_shared_frame(frame, f.crc, f.blocks, f.encoding)
+    } else {
+        chunk::decode_frame(frame, f.crc, f.blocks, f.encoding)
+    };
+    decoded.map_err(|source| {
         tracing::error!(key = %okey, error = %source, "corrupt chunk frame");
         VolumeError::Chunk {
             key: okey.to_owned(),
@@ -1606,7 +1635,15 @@ mod tests {
     #[test]
     fn ranges_merge_where_they_overlap_or_touch() {
         assert_eq!(
-            merge_ranges(vec![(9, 12), (0, 2), (2, 4), (10, 11), (5, 6), (7, 7), (11, 15)]),
+            merge_ranges(vec![
+                (9, 12),
+                (0, 2),
+                (2, 4),
+                (10, 11),
+                (5, 6),
+                (7, 7),
+                (11, 15)
+            ]),
             vec![(0, 4), (5, 6), (9, 15)]
         );
         assert!(merge_ranges(Vec::new()).is_empty());

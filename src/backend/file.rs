@@ -54,11 +54,10 @@ impl FileBackend {
     /// Reads bytes `range` of object `key` through the open-file cache (blocking).
     fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
         use std::os::unix::fs::FileExt;
-        let path = self.path(key)?;
         let object = match self.open.get(key) {
             Some(o) => o,
             None => {
-                let f = std::fs::File::open(&path).map_err(|e| io_err(key, e))?;
+                let f = std::fs::File::open(self.path(key)?).map_err(|e| io_err(key, e))?;
                 let len = f.metadata().map_err(|e| io_err(key, e))?.len();
                 let o = Arc::new((f, len));
                 self.open.insert(key.to_owned(), o.clone());

@@ -527,11 +527,35 @@ impl<T> ContextPool<T> {
 
 /// Verifies a frame's CRC and decodes it (zstd or raw) to exactly `blocks * 4096` bytes.
 /// CPU-bound: call from a blocking thread.
+///
+/// Errors: [`ChunkError::Crc`], [`ChunkError::Frame`] (bad block count, length, or zstd data).
 pub fn decode_frame(
     frame: &[u8],
     crc: u32,
     blocks: u32,
     encoding: FrameEncoding,
+) -> Result<Bytes, ChunkError> {
+    decode_frame_with(frame, crc, blocks, encoding, Bytes::copy_from_slice)
+}
+
+/// [`decode_frame`] of a frame held in `frame` alone: a raw frame is returned as `frame`
+/// itself (shared, not copied).
+pub fn decode_shared_frame(
+    frame: &Bytes,
+    crc: u32,
+    blocks: u32,
+    encoding: FrameEncoding,
+) -> Result<Bytes, ChunkError> {
+    decode_frame_with(frame, crc, blocks, encoding, |_| frame.clone())
+}
+
+/// [`decode_frame`], with `raw` making the result of a raw frame from its verified bytes.
+fn decode_frame_with(
+    frame: &[u8],
+    crc: u32,
+    blocks: u32,
+    encoding: FrameEncoding,
+    raw: impl FnOnce(&[u8]) -> Bytes,
 ) -> Result<Bytes, ChunkError> {
     if crc32fast::hash(frame) != crc {
         return Err(ChunkError::Crc { what: "frame" });
@@ -547,7 +571,7 @@ pub fn decode_frame(
                 frame.len()
             )));
         }
-        return Ok(Bytes::copy_from_slice(frame));
+        return Ok(raw(frame));
     }
     let data = DCTX
         .with(
@@ -889,6 +913,20 @@ mod tests {
         let e = index[0];
         let f = &obj[e.frame_offset as usize..(e.frame_offset + e.frame_len - 1) as usize];
         assert!(decode_frame(f, crc32fast::hash(f), e.block_count, FrameEncoding::Raw).is_err());
+        // Held alone, a raw frame is verified and shared, not copied; a zstd frame is decoded.
+        for e in [index[1], index[3]] {
+            let at = e.frame_offset as usize..(e.frame_offset + e.frame_len) as usize;
+            let f = Bytes::copy_from_slice(&obj[at.clone()]);
+            let shared = decode_shared_frame(&f, e.frame_crc, e.block_count, e.encoding).unwrap();
+            let copied = decode_frame(&obj[at], e.frame_crc, e.block_count, e.encoding).unwrap();
+            assert_eq!(shared, copied);
+            assert_eq!(
+                shared.as_ptr() == f.as_ptr(),
+                e.encoding == FrameEncoding::Raw
+            );
+            let bad_crc = e.frame_crc ^ 1;
+            assert!(decode_shared_frame(&f, bad_crc, e.block_count, e.encoding).is_err());
+        }
     }
 
     #[test]
