@@ -879,10 +879,14 @@ impl Volume {
 pub(crate) fn frame_location(
     f: &FrameRef,
 ) -> (crate::cache::FrameKey, String, std::ops::Range<u64>) {
-    // The cache key's tag is the owner's low 64 bits ([`VolumeId::tag`]).
-    let key = (f.owner as u64, f.object_id, f.offset);
     let range = u64::from(f.offset)..u64::from(f.offset) + u64::from(f.len);
-    (key, chunk_key_of(f.owner, f.object_id), range)
+    (frame_key(f), chunk_key_of(f.owner, f.object_id), range)
+}
+
+/// The frame cache's key of frame `f` (no object key formatted, unlike [`frame_location`]).
+fn frame_key(f: &FrameRef) -> crate::cache::FrameKey {
+    // The cache key's tag is the owner's low 64 bits ([`VolumeId::tag`]).
+    (f.owner as u64, f.object_id, f.offset)
 }
 
 /// Checks that bytes `offset..offset + len` lie inside a device of `size` bytes
@@ -1040,7 +1044,7 @@ pub(crate) fn cached_frames(cache: &FrameCache, map: &[MapExtent]) -> (Vec<Optio
         .iter()
         .map(|e| match e.target {
             Target::Data(f) => {
-                let hit = cache.get(&frame_location(&f).0);
+                let hit = cache.get(&frame_key(&f));
                 hits += u64::from(hit.is_some());
                 hit
             }
@@ -1069,9 +1073,8 @@ fn missing_runs(map: &[MapExtent], frames: &[Option<Bytes>]) -> Vec<(usize, Vec<
 /// Object key and byte range holding all of `run` (`None` for an empty run).
 fn run_location(run: &[FrameRef]) -> Option<(String, std::ops::Range<u64>)> {
     let (first, last) = (run.first()?, run.last()?);
-    let (_, okey, _) = frame_location(first);
     Some((
-        okey,
+        chunk_key_of(first.owner, first.object_id),
         u64::from(first.offset)..u64::from(last.offset) + u64::from(last.len),
     ))
 }
@@ -1102,7 +1105,7 @@ fn decode_run(
             }
         })?;
         let data = decode_fetched(okey, &raw.slice(at..need), g, run.len() == 1)?;
-        cache.insert(frame_location(g).0, data.clone());
+        cache.insert(frame_key(g), data.clone());
         out.push(data);
     }
     Ok(out)
