@@ -680,11 +680,12 @@ impl Volume {
             return Ok(buffered_blocks(r, &mem).freeze());
         }
         // One blocking task: map lookup, then every frame from the cache or, for local backends,
-        // read and decoded right there. Frames a backend cannot read synchronously (S3) are
+        // read and decoded right there, and the blocks copied into the reply there too (the
+        // async threads only send it). Frames a backend cannot read synchronously (S3) are
         // fetched asynchronously afterwards.
         let inner = self.inner.clone();
         let reads = self.inner.reads.clone();
-        let (map, mut frames) = reads
+        let (mem, map, mut frames) = match reads
             .run(move || -> Result<_, VolumeError> {
                 let mut map = Vec::new();
                 for (s, e) in holes {
@@ -699,7 +700,7 @@ impl Volume {
                     let started = Instant::now();
                     // `None`: not a local backend; everything missing is fetched below.
                     let Some(raw) = inner.backend.get_range_blocking(&okey, range) else {
-                        break;
+                        return Ok(Resolved::Fetch(mem, map, frames));
                     };
                     let raw = raw?;
                     inner.get_seconds.record(started.elapsed());
@@ -714,10 +715,14 @@ impl Volume {
                         frames[at + k] = Some(d);
                     }
                 }
-                Ok((map, frames))
+                Ok(Resolved::Done(assemble(r, &mem, &map, frames)))
             })
             .await
-            .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??;
+            .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??
+        {
+            Resolved::Done(blocks) => return Ok(blocks),
+            Resolved::Fetch(mem, map, frames) => (mem, map, frames),
+        };
         let inner = &self.inner;
         fetch_missing_frames(
             &inner.cache,
@@ -731,19 +736,7 @@ impl Volume {
             },
         )
         .await?;
-        // One extent covers the whole range (a 4 KiB read, mostly): a slice of its frame.
-        if let ([], [e], [Some(frame)]) = (&mem[..], &map[..], &frames[..]) {
-            if let Target::Data(f) = e.target {
-                let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
-                let len = e.count as usize * BLOCK_BYTES;
-                if e.start == r.start && e.count == r.len() && from + len <= frame.len() {
-                    return Ok(frame.slice(from..from + len));
-                }
-            }
-        }
-        let mut out = buffered_blocks(r, &mem);
-        fill_from_frames(&mut out, r, &map, frames);
-        Ok(out.freeze())
+        Ok(assemble(r, &mem, &map, frames))
     }
 
     /// A decompressed, verified frame, from the cache or the backend (ranged read).
@@ -1109,6 +1102,38 @@ fn decode_run(
         out.push(data);
     }
     Ok(out)
+}
+
+/// What a read's blocking task found: the blocks, or what it could not read synchronously.
+enum Resolved {
+    /// The blocks of the range.
+    Done(Bytes),
+    /// Write buffer extents, map extents and the frames read so far (same order as the map);
+    /// the missing frames are fetched asynchronously.
+    Fetch(Vec<(u64, BufExtent)>, Vec<MapExtent>, Vec<Option<Bytes>>),
+}
+
+/// Block range `r` from the write buffer's extents `mem` and the map's extents `map` (whose
+/// frames are in `frames`, same order); blocks in neither are zeros. When one extent covers the
+/// whole range (a 4 KiB read, mostly) a slice of its frame, not a copy.
+fn assemble(
+    r: BlockRange,
+    mem: &[(u64, BufExtent)],
+    map: &[MapExtent],
+    frames: Vec<Option<Bytes>>,
+) -> Bytes {
+    if let ([], [e], [Some(frame)]) = (mem, map, &frames[..]) {
+        if let Target::Data(f) = e.target {
+            let from = ((e.start - f.first_block) as usize) * BLOCK_BYTES;
+            let len = e.count as usize * BLOCK_BYTES;
+            if e.start == r.start && e.count == r.len() && from + len <= frame.len() {
+                return frame.slice(from..from + len);
+            }
+        }
+    }
+    let mut out = buffered_blocks(r, mem);
+    fill_from_frames(&mut out, r, map, frames);
+    out.freeze()
 }
 
 /// Block range `r` as zeros with the write buffer's data extents `mem` (from
