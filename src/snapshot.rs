@@ -9,10 +9,10 @@
 //! frame written out (map value v2), so it shares the chunks; its own writes go to its own
 //! objects. Garbage collection never deletes an object any map references (`crate::gc`).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::backend::{checkpoint_key, snapshot_map_key, snapshot_record_key, SharedBackend};
-use crate::block::{BlockRange, BLOCK_BYTES, BLOCK_SIZE};
+use crate::block::{BlockRange, BLOCK_SIZE};
 use crate::cache::FrameCache;
 use crate::engine::{now_rfc3339, Engine};
 use crate::ids::{SnapshotId, VolumeId};
@@ -23,7 +23,7 @@ use crate::meta::{
 };
 use crate::retry::{delete_retried, put_retried, RetryPolicy};
 use crate::volume::{
-    cached_frames, check_range, check_request, fetch_missing_frames, fill_from_frames, status_runs,
+    assemble, cached_frames, check_range, check_request, fetch_missing_frames, status_runs,
     StatusExtent, VolumeError,
 };
 
@@ -72,10 +72,8 @@ impl SnapshotVolume {
             &|_, _| {},
         )
         .await?;
-        let mut out = BytesMut::zeroed(r.len() as usize * BLOCK_BYTES);
-        fill_from_frames(&mut out, r, &map, frames);
         let skip = (offset - r.start * BLOCK_SIZE) as usize;
-        Ok(out.freeze().slice(skip..skip + len as usize))
+        Ok(assemble(r, &[], &map, frames).slice(skip..skip + len as usize))
     }
 
     /// Allocation status of `offset..offset + len` (NBD `base:allocation`), as

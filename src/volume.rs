@@ -1087,16 +1087,16 @@ fn decode_run(
     for g in run {
         let at = (g.offset - first.offset) as usize;
         let need = at + g.len as usize;
-        raw.get(at..need).ok_or_else(|| {
+        if need > raw.len() {
             tracing::error!(key = %okey, "short ranged read of a chunk object");
-            VolumeError::Chunk {
+            return Err(VolumeError::Chunk {
                 key: okey.to_owned(),
                 source: ChunkError::Truncated {
                     need,
                     have: raw.len(),
                 },
-            }
-        })?;
+            });
+        }
         let data = decode_fetched(okey, &raw.slice(at..need), g, run.len() == 1)?;
         cache.insert(frame_key(g), data.clone());
         out.push(data);
@@ -1116,7 +1116,7 @@ enum Resolved {
 /// Block range `r` from the write buffer's extents `mem` and the map's extents `map` (whose
 /// frames are in `frames`, same order); blocks in neither are zeros. When one extent covers the
 /// whole range (a 4 KiB read, mostly) a slice of its frame, not a copy.
-fn assemble(
+pub(crate) fn assemble(
     r: BlockRange,
     mem: &[(u64, BufExtent)],
     map: &[MapExtent],
@@ -1151,12 +1151,7 @@ fn buffered_blocks(r: BlockRange, mem: &[(u64, BufExtent)]) -> BytesMut {
 
 /// Copies the blocks of the data extents in `map` (whose frames are in `frames`, same order)
 /// into `out`, which holds block range `r`.
-pub(crate) fn fill_from_frames(
-    out: &mut [u8],
-    r: BlockRange,
-    map: &[MapExtent],
-    frames: Vec<Option<Bytes>>,
-) {
+fn fill_from_frames(out: &mut [u8], r: BlockRange, map: &[MapExtent], frames: Vec<Option<Bytes>>) {
     for (e, frame) in map.iter().zip(frames) {
         let (Target::Data(f), Some(frame)) = (e.target, frame) else {
             continue;

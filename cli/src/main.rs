@@ -66,7 +66,7 @@ struct Cli {
     /// Threads of the async runtime (NBD connections, NATS, the flusher's scheduling); 0 (the
     /// default) is one less than the cores, at least 1. The CPU-heavy work runs on other
     /// threads (the read queue, the WAL writer, the background pool): on 2 cores one async
-    /// thread ran 4k random reads at QD32 ~15-25% faster than tokio's default of one per core
+    /// thread ran 4k random reads at QD32 ~15-20% faster than tokio's default of one per core
     /// (docs/BENCHMARKS.md, "One async thread on two cores").
     #[arg(long, global = true, env = "VBLOCK_ASYNC_THREADS", default_value_t = 0)]
     async_threads: u16,
