@@ -13,8 +13,11 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
 # The end-to-end tests run target/debug/vblock: build it first so they never see a stale one.
+# Built together with the test binaries: a plain `cargo build` resolves features without the
+# dev-dependencies (zerocopy without `derive`, ...) and so compiles every crate above them
+# (hyper, the S3 SDK, ...) a second time for `cargo test`.
 echo "== cargo build"
-cargo build
+cargo build --bins --tests
 
 echo "== cargo test"
 cargo test --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
