@@ -913,7 +913,7 @@ pub(crate) async fn read_chunk_index(
     backend: &SharedBackend,
     key: &str,
 ) -> Result<(chunk::ChunkHeader, Vec<chunk::ChunkExtent>), VolumeError> {
-    use crate::chunk::{decode_index, CHUNK_HEADER_LEN, INDEX_ENTRY_LEN};
+    use crate::chunk::{decode_header, decode_index, CHUNK_HEADER_LEN};
     let policy = RetryPolicy::reads();
     let head = retry(&policy, key, || {
         backend.get_range(key, 0..CHUNK_HEADER_LEN as u64)
@@ -923,17 +923,14 @@ pub(crate) async fn read_chunk_index(
         key: key.to_owned(),
         source,
     };
-    if head.len() < CHUNK_HEADER_LEN {
-        return Err(corrupt(ChunkError::Truncated {
-            need: CHUNK_HEADER_LEN,
-            have: head.len(),
-        }));
+    let header = decode_header(&head).map_err(corrupt)?;
+    if header.extent_count > 1 << 20 {
+        return Err(corrupt(ChunkError::BadIndex(format!(
+            "{} extents",
+            header.extent_count
+        ))));
     }
-    let count = u64::from(u32::from_le_bytes([head[40], head[41], head[42], head[43]]));
-    if count > 1 << 20 {
-        return Err(corrupt(ChunkError::BadIndex(format!("{count} extents"))));
-    }
-    let len = CHUNK_HEADER_LEN as u64 + count * INDEX_ENTRY_LEN as u64;
+    let len = header.index_len();
     let index = retry(&policy, key, || backend.get_range(key, 0..len)).await?;
     decode_index(&index, u64::MAX).map_err(corrupt)
 }

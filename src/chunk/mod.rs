@@ -130,6 +130,14 @@ pub struct ChunkHeader {
     pub extent_count: u32,
 }
 
+impl ChunkHeader {
+    /// Bytes from the object's start to the end of its index (header plus `extent_count`
+    /// entries): the ranged read that [`decode_index`] needs.
+    pub fn index_len(&self) -> u64 {
+        CHUNK_HEADER_LEN as u64 + u64::from(self.extent_count) * INDEX_ENTRY_LEN as u64
+    }
+}
+
 /// What to put in a chunk: a run of blocks at `start_block` written at `seq`, as data (whole
 /// blocks) or zeros.
 #[derive(Debug, Clone)]
@@ -382,13 +390,13 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Decodes and verifies the header and index of a chunk object (`b` may be just the object's
-/// first `CHUNK_HEADER_LEN + extent_count * INDEX_ENTRY_LEN` bytes). Frame bounds are checked
-/// against `object_len`.
-pub fn decode_index(
-    b: &[u8],
-    object_len: u64,
-) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkError> {
+/// Decodes the fixed header at the start of a chunk object (`b`: at least its first
+/// `CHUNK_HEADER_LEN` bytes). Checks length, magic and version only: the header's CRC covers the
+/// index too and is verified by [`decode_index`].
+///
+/// # Errors
+/// `Truncated` when `b` is shorter than the header, `BadMagic`, `BadVersion`.
+pub fn decode_header(b: &[u8]) -> Result<ChunkHeader, ChunkError> {
     if b.len() < CHUNK_HEADER_LEN {
         return Err(ChunkError::Truncated {
             need: CHUNK_HEADER_LEN,
@@ -403,14 +411,23 @@ pub fn decode_index(
     if version != CHUNK_VERSION {
         return Err(ChunkError::BadVersion(version));
     }
-    let header = ChunkHeader {
+    Ok(ChunkHeader {
         volume_tag: le_u64(b, 8),
         object_id: le_u64(b, 16),
         min_seq: le_u64(b, 24),
         max_seq: le_u64(b, 32),
         extent_count: le_u32(b, 40),
-    };
-    let need = CHUNK_HEADER_LEN as u64 + u64::from(header.extent_count) * INDEX_ENTRY_LEN as u64;
+    })
+}
+
+/// Decodes and verifies the header and index of a chunk object (`b` may be just the object's
+/// first [`ChunkHeader::index_len`] bytes). Frame bounds are checked against `object_len`.
+pub fn decode_index(
+    b: &[u8],
+    object_len: u64,
+) -> Result<(ChunkHeader, Vec<ChunkExtent>), ChunkError> {
+    let header = decode_header(b)?;
+    let need = header.index_len();
     if (b.len() as u64) < need || object_len < need {
         return Err(ChunkError::Truncated {
             need: need.min(usize::MAX as u64) as usize,
@@ -723,6 +740,49 @@ mod tests {
             }
         }
         assert_eq!(rebuilt, data);
+    }
+
+    #[test]
+    fn header_alone_tells_how_much_to_read_for_the_index() {
+        let input: Vec<_> = (0..3u64)
+            .map(|i| InputExtent {
+                start_block: i * 10,
+                block_count: 2,
+                seq: 4 + i,
+                data: Some(Bytes::from([block(1), block(i as u8 + 2)].concat())),
+            })
+            .collect();
+        let (obj, index) = build(3, 8, &input, ChunkOptions::default(), Vec::new()).unwrap();
+        let h = decode_header(&obj[..CHUNK_HEADER_LEN]).unwrap();
+        assert_eq!(
+            (h.volume_tag, h.object_id, h.min_seq, h.max_seq),
+            (3, 8, 4, 6)
+        );
+        assert_eq!(h.extent_count as usize, index.len());
+        let len = h.index_len() as usize;
+        assert_eq!(len, CHUNK_HEADER_LEN + index.len() * INDEX_ENTRY_LEN);
+        // Exactly the index's bytes decode; one fewer is truncated.
+        assert_eq!(
+            decode_index(&obj[..len], obj.len() as u64).unwrap().1,
+            index
+        );
+        assert!(matches!(
+            decode_index(&obj[..len - 1], obj.len() as u64),
+            Err(ChunkError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_header(&obj[..CHUNK_HEADER_LEN - 1]),
+            Err(ChunkError::Truncated { .. })
+        ));
+        let mut bad = obj[..CHUNK_HEADER_LEN].to_vec();
+        bad[0] ^= 1;
+        assert!(matches!(decode_header(&bad), Err(ChunkError::BadMagic(_))));
+        let mut bad = obj[..CHUNK_HEADER_LEN].to_vec();
+        bad[4] ^= 1;
+        assert!(matches!(
+            decode_header(&bad),
+            Err(ChunkError::BadVersion(_))
+        ));
     }
 
     #[test]
