@@ -123,9 +123,10 @@ impl Engine {
     pub async fn checkpoint_volume(&self, vol: &VolumeId) -> Result<(), VolumeError> {
         let meta = self.meta.clone();
         let lookup = BlockLookup::new(self.meta.clone(), vol.clone());
-        let obj = blocking(move || meta.map_object(&lookup, true)).await?;
-        let key = checkpoint_key(vol, obj.next_object_id);
-        let body = Bytes::from(obj.encode());
+        let (body, next_object_id) =
+            blocking(move || meta.encode_map_object(&lookup, None)).await?;
+        let key = checkpoint_key(vol, next_object_id);
+        let body = Bytes::from(body);
         put_retried(&self.backend, &key, body).await?;
         for old in self.backend.list(&checkpoint_prefix(vol)).await? {
             if old != key {

@@ -331,13 +331,52 @@ impl BlockLookup {
     /// A raw iterator over this map's keys of extents starting below block `end` (`end` ≥ 1).
     /// Keys sort in descending block order, so `next` steps to lower blocks.
     fn iterator(&self, end: u64) -> rocksdb::DBRawIterator<'_> {
+        self.meta.db().raw_iterator_opt(self.bounds(end))
+    }
+
+    /// Read options bounding an iterator to this map's keys of extents starting below `end`.
+    fn bounds(&self, end: u64) -> ReadOptions {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(self.key(end.saturating_sub(1)));
         // Just above the key of block 0, the map's last key.
         let mut upper = self.key(0);
         upper.push(0);
         ro.set_iterate_upper_bound(upper);
-        self.meta.db().raw_iterator_opt(ro)
+        ro
+    }
+
+    /// Calls `f` with every extent of the map, in descending block order (the keys' order),
+    /// one at a time: the map is never held in memory. Blocking (RocksDB): call from a blocking
+    /// thread.
+    pub fn for_each(&self, mut f: impl FnMut(MapExtent)) -> Result<(), MetaError> {
+        let mut it = self.iterator(u64::MAX);
+        it.seek_to_first();
+        while it.valid() {
+            if let Some(e) = self.decode_entry(it.key(), it.value())? {
+                f(e);
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    /// [`BlockLookup::for_each`] as of RocksDB snapshot `snap`, in ascending block order.
+    pub(crate) fn for_each_ascending_at(
+        &self,
+        snap: &rocksdb::Snapshot<'_>,
+        mut f: impl FnMut(MapExtent),
+    ) -> Result<(), MetaError> {
+        let mut it = snap.raw_iterator_opt(self.bounds(u64::MAX));
+        it.seek_to_last();
+        while it.valid() {
+            if let Some(e) = self.decode_entry(it.key(), it.value())? {
+                f(e);
+            }
+            it.prev();
+        }
+        it.status()?;
+        Ok(())
     }
 
     /// Appends the extents intersecting `start..end` (unclipped, sorted) to `out`, using `it`
@@ -514,10 +553,10 @@ impl BlockLookup {
     pub fn summary(&self) -> Result<(u64, u64), MetaError> {
         let mut entries = 0;
         let mut data = 0;
-        for e in self.overlapping(0, u64::MAX)? {
+        self.for_each(|e| {
             entries += 1;
             data += e.data_blocks();
-        }
+        })?;
         Ok((entries, data))
     }
 }
@@ -699,6 +738,77 @@ mod tests {
             }
         }
         assert!(l.overlapping_ranges(&[]).unwrap().is_empty());
+    }
+
+    /// Walking the whole map (in either order, live or as of a RocksDB snapshot) and the map
+    /// objects encoded while walking it give exactly the map, with neighbouring volumes' maps
+    /// on either side of its keys.
+    #[test]
+    fn whole_map_walks_and_map_objects_match_the_map() {
+        use crate::mapobj::MapObject;
+        let (_d, meta, l) = setup();
+        let before = map_of(&meta, "vol-00000000000000009");
+        let after = map_of(&meta, "vol-0000000000000000b");
+        commit(&before, 1, vec![data(70, 3, 1, 1)]);
+        commit(&after, 1, vec![data(0, 2, 1, 1)]);
+        commit(&l, 1, vec![data(0, 8, 1, 1), data(100, 50, 2, 1)]);
+        let zero = MapExtent {
+            start: 20,
+            count: 9,
+            seq: 4,
+            target: Target::Zero,
+        };
+        let state = VolumeState {
+            checkpoint: 17,
+            next_object_id: 3,
+            max_seq: 18,
+        };
+        let c = ChunkCommit {
+            object_id: 2,
+            extents: vec![data(4, 2, 3, 2), zero, data(120, 1, 5, 2)],
+            stored_bytes: 2000,
+        };
+        l.commit_chunk(&c, state).unwrap();
+        let all = l.all().unwrap();
+        assert_eq!(all.len(), 7, "{all:?}");
+
+        let mut walked = Vec::new();
+        l.for_each(|e| walked.push(e)).unwrap();
+        walked.reverse();
+        assert_eq!(walked, all);
+        let snap = meta.db().snapshot();
+        let mut ascending = Vec::new();
+        l.for_each_ascending_at(&snap, |e| ascending.push(e))
+            .unwrap();
+        assert_eq!(ascending, all);
+        let data_blocks: u64 = all.iter().map(MapExtent::data_blocks).sum();
+        assert_eq!(l.summary().unwrap(), (7, data_blocks));
+        assert_eq!(
+            data_blocks,
+            8 + 50,
+            "overwrites of data by data keep the count"
+        );
+
+        let (bytes, next) = meta.encode_map_object(&l, None).unwrap();
+        let want = MapObject {
+            owner: l.default_owner(),
+            seq: 17,
+            next_object_id: 3,
+            objects: meta.chunk_stats(&l.volume).unwrap(),
+            extents: all.clone(),
+        };
+        assert_eq!(next, 3);
+        assert_eq!(want.objects.len(), 2);
+        assert_eq!(MapObject::decode(&bytes).unwrap(), want);
+        assert_eq!(bytes, want.encode());
+        let (bytes, _) = meta.encode_map_object(&l, Some(42)).unwrap();
+        let snapshot_map = MapObject {
+            seq: 42,
+            next_object_id: 0,
+            objects: Vec::new(),
+            ..want
+        };
+        assert_eq!(MapObject::decode(&bytes).unwrap(), snapshot_map);
     }
 
     #[test]

@@ -61,38 +61,73 @@ pub struct MapObject {
     pub extents: Vec<MapExtent>,
 }
 
-impl MapObject {
-    /// The object's bytes.
-    pub fn encode(&self) -> Vec<u8> {
+/// Writes a map object as its extents arrive, so a map is never held in memory twice (once as
+/// extents, once encoded) while it is stored: the header and chunk stats first, then one entry
+/// per [`MapObjectEncoder::push`], in ascending block order; [`MapObjectEncoder::finish`] fills
+/// in the extent count and the CRC.
+#[derive(Debug)]
+pub struct MapObjectEncoder {
+    b: Vec<u8>,
+    extents: u64,
+}
+
+impl MapObjectEncoder {
+    /// Starts an object for `owner`'s map at `seq` (see [`MapObject`] for the fields).
+    pub fn new(owner: u128, seq: u64, next_object_id: u64, objects: &[(u64, ChunkStats)]) -> Self {
         let mut b = vec![0u8; MAP_OBJECT_HEADER_LEN];
         b[0..4].copy_from_slice(&MAP_OBJECT_MAGIC);
         b[4..6].copy_from_slice(&MAP_OBJECT_VERSION.to_le_bytes());
-        b[8..24].copy_from_slice(&self.owner.to_le_bytes());
-        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
-        b[32..40].copy_from_slice(&self.next_object_id.to_le_bytes());
-        b[40..48].copy_from_slice(&(self.extents.len() as u64).to_le_bytes());
-        b[48..56].copy_from_slice(&(self.objects.len() as u64).to_le_bytes());
-        b.reserve(self.objects.len() * OBJECT_ENTRY_LEN + self.extents.len() * EXTENT_ENTRY_LEN);
-        for (id, s) in &self.objects {
+        b[8..24].copy_from_slice(&owner.to_le_bytes());
+        b[24..32].copy_from_slice(&seq.to_le_bytes());
+        b[32..40].copy_from_slice(&next_object_id.to_le_bytes());
+        b[48..56].copy_from_slice(&(objects.len() as u64).to_le_bytes());
+        b.reserve(objects.len() * OBJECT_ENTRY_LEN);
+        for (id, s) in objects {
             b.extend_from_slice(&id.to_le_bytes());
             b.extend_from_slice(&s.data_blocks.to_le_bytes());
             b.extend_from_slice(&s.live_blocks.to_le_bytes());
             b.extend_from_slice(&s.stored_bytes.to_le_bytes());
         }
+        Self { b, extents: 0 }
+    }
+
+    /// Room for `n` more extents (when the count is known).
+    pub fn reserve(&mut self, n: usize) {
+        self.b.reserve(n * EXTENT_ENTRY_LEN);
+    }
+
+    /// Appends extent `e`; extents must come in ascending block order (the format's).
+    pub fn push(&mut self, e: &MapExtent) {
+        self.b.extend_from_slice(&e.start.to_le_bytes());
         // An owner number no frame has makes every value v2 (owner explicit).
-        let never = u128::MAX;
-        for e in &self.extents {
-            b.extend_from_slice(&e.start.to_le_bytes());
-            let mut v = e.encode(never);
-            v.resize(MAP_VALUE_OWNED_LEN, 0);
-            b.extend_from_slice(&v);
-        }
+        let mut v = e.encode(u128::MAX);
+        v.resize(MAP_VALUE_OWNED_LEN, 0);
+        self.b.extend_from_slice(&v);
+        self.extents += 1;
+    }
+
+    /// The object's bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.b[40..48].copy_from_slice(&self.extents.to_le_bytes());
         let mut h = crc32fast::Hasher::new();
-        h.update(&b[0..56]);
-        h.update(&b[MAP_OBJECT_HEADER_LEN..]);
+        h.update(&self.b[0..56]);
+        h.update(&self.b[MAP_OBJECT_HEADER_LEN..]);
         let crc = h.finalize();
-        b[56..60].copy_from_slice(&crc.to_le_bytes());
-        b
+        self.b[56..60].copy_from_slice(&crc.to_le_bytes());
+        self.b
+    }
+}
+
+impl MapObject {
+    /// The object's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut enc =
+            MapObjectEncoder::new(self.owner, self.seq, self.next_object_id, &self.objects);
+        enc.reserve(self.extents.len());
+        for e in &self.extents {
+            enc.push(e);
+        }
+        enc.finish()
     }
 
     /// Decodes and verifies an object made by [`MapObject::encode`].

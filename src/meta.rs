@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{SnapshotId, VolumeId};
 use crate::lookup::{BlockLookup, MapExtent};
-use crate::mapobj::MapObject;
+use crate::mapobj::MapObjectEncoder;
 
 /// Errors of the metadata layer.
 #[derive(Debug, thiserror::Error)]
@@ -623,60 +623,47 @@ impl MetaStore {
         self.write_sync(batch)
     }
 
-    /// A consistent copy of `lookup`'s map (one RocksDB snapshot), with its volume's chunk stats
-    /// and state when `with_volume_state` (a volume checkpoint) — else `seq` is left 0 and no
-    /// objects are listed (a snapshot map; its record has the seq).
-    pub fn map_object(
+    /// `lookup`'s map as a map object (FORMAT.md, "Map object"), consistent (one RocksDB
+    /// snapshot) and encoded as it is read, so the map is never in memory but as the object's
+    /// bytes. `snapshot_seq` `None`: a volume checkpoint — seq, next object id and the chunk
+    /// stats come from the volume's state. `Some(seq)`: a snapshot's map at `seq` (its record
+    /// has the rest; no objects are listed). Returns the bytes and the next object id written.
+    /// Blocking (RocksDB): call from a blocking thread.
+    pub fn encode_map_object(
         &self,
         lookup: &BlockLookup,
-        with_volume_state: bool,
-    ) -> Result<MapObject, MetaError> {
+        snapshot_seq: Option<u64>,
+    ) -> Result<(Vec<u8>, u64), MetaError> {
         let snap = self.db.snapshot();
-        let prefix = lookup.key_prefix().to_vec();
-        let mut extents = Vec::new();
-        for item in snap.iterator(rocksdb::IteratorMode::From(
-            &prefix,
-            rocksdb::Direction::Forward,
-        )) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            extents.push(lookup.decode(&k, &v)?);
-        }
-        // Keys sort in descending block order.
-        extents.reverse();
-        let mut obj = MapObject {
-            owner: lookup.default_owner(),
-            seq: 0,
-            next_object_id: 0,
-            objects: Vec::new(),
-            extents,
-        };
-        if with_volume_state {
-            let vol = lookup.volume();
-            let state = match snap.get(vol_key(PREFIX_STATE, vol))? {
-                None => VolumeState::default(),
-                Some(v) => VolumeState::decode(&v).ok_or_else(|| MetaError::Corrupt {
-                    key: format!("s{vol}"),
-                    reason: "bad volume state".into(),
-                })?,
-            };
-            obj.seq = state.checkpoint;
-            obj.next_object_id = state.next_object_id;
-            let cprefix = vol_key(PREFIX_CHUNK, vol);
-            for item in snap.iterator(rocksdb::IteratorMode::From(
-                &cprefix,
-                rocksdb::Direction::Forward,
-            )) {
-                let (k, v) = item?;
-                if !k.starts_with(&cprefix) {
-                    break;
+        let (seq, next_object_id, objects) = match snapshot_seq {
+            Some(seq) => (seq, 0, Vec::new()),
+            None => {
+                let vol = lookup.volume();
+                let state = match snap.get(vol_key(PREFIX_STATE, vol))? {
+                    None => VolumeState::default(),
+                    Some(v) => VolumeState::decode(&v).ok_or_else(|| MetaError::Corrupt {
+                        key: format!("s{vol}"),
+                        reason: "bad volume state".into(),
+                    })?,
+                };
+                let cprefix = vol_key(PREFIX_CHUNK, vol);
+                let mut objects = Vec::new();
+                for item in snap.iterator(rocksdb::IteratorMode::From(
+                    &cprefix,
+                    rocksdb::Direction::Forward,
+                )) {
+                    let (k, v) = item?;
+                    if !k.starts_with(&cprefix) {
+                        break;
+                    }
+                    objects.push(decode_stats_entry(&cprefix, &k, &v)?);
                 }
-                obj.objects.push(decode_stats_entry(&cprefix, &k, &v)?);
+                (state.checkpoint, state.next_object_id, objects)
             }
-        }
-        Ok(obj)
+        };
+        let mut enc = MapObjectEncoder::new(lookup.default_owner(), seq, next_object_id, &objects);
+        lookup.for_each_ascending_at(&snap, |e| enc.push(&e))?;
+        Ok((enc.finish(), next_object_id))
     }
 
     /// Replaces `lookup`'s map with `extents` and, for a volume (`state` given), its chunk stats
@@ -753,11 +740,11 @@ impl MetaStore {
                 .map(|s| BlockLookup::snapshot(self.clone(), &s.snapshot_id, s.volume_id)),
         );
         for map in maps {
-            for e in map.all()? {
+            map.for_each(|e| {
                 if let crate::lookup::Target::Data(f) = e.target {
                     candidates.remove(&(f.owner, f.object_id));
                 }
-            }
+            })?;
         }
         Ok(())
     }

@@ -267,10 +267,10 @@ async fn publish_snapshot(meta: MetaStore, backend: SharedBackend, mut rec: Snap
     let result: Result<(), VolumeError> = async {
         let lookup = BlockLookup::snapshot(meta.clone(), &id, rec.volume_id.clone());
         let m = meta.clone();
-        let mut obj = blocking(move || m.map_object(&lookup, false)).await?;
-        obj.seq = rec.seq;
+        let seq = rec.seq;
+        let (body, _) = blocking(move || m.encode_map_object(&lookup, Some(seq))).await?;
         let key = snapshot_map_key(&id);
-        let body = Bytes::from(obj.encode());
+        let body = Bytes::from(body);
         put_retried(&backend, &key, body).await?;
         rec.progress = 100;
         rec.state = SnapshotStateName::Completed;
