@@ -40,6 +40,15 @@ fn unsigned_puts_after_uploads(d: &Daemon, chunks: f64) -> f64 {
     )
 }
 
+/// PUTs of `d` whose SigV4 payload hash was computed ahead on a blocking thread (`/metrics`).
+fn precomputed_hash_puts(d: &Daemon) -> f64 {
+    value(
+        &scrape(d.metrics_port),
+        "vblock_s3_precomputed_payload_hash_puts_total",
+        &[],
+    )
+}
+
 /// Object keys under the daemon's prefix, listed with the backend itself.
 fn list_objects(s3: &S3Server, bucket: &str) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -86,8 +95,10 @@ fn s3_round_trip_and_restart_with_moto() {
             "write -P 0xef 700M 1M",
         ],
     );
-    // Over plain HTTP the SigV4 signature covers the payload.
+    // Over plain HTTP the SigV4 signature covers the payload; once the first PUT has shown
+    // the scheme, its hash is computed off the async thread.
     assert_eq!(unsigned_puts_after_uploads(&d, 4.0), 0.0);
+    assert!(precomputed_hash_puts(&d) >= 3.0, "{}", d.log());
     d.restart();
     qemu_io(
         &uri,
@@ -145,6 +156,11 @@ fn s3_over_https_round_trip_and_recovery() {
         &["write -P 0x5a 0 3M", "write -P 0x5b 700M 64k", "flush"],
     );
     assert!(unsigned_puts_after_uploads(&a, 4.0) >= 4.0);
+    assert_eq!(
+        precomputed_hash_puts(&a),
+        0.0,
+        "unsigned payloads are not hashed"
+    );
     // A clean stop uploads everything buffered; then the local disk is "lost".
     a.stop();
     drop(a);
@@ -176,6 +192,7 @@ fn s3_over_https_round_trip_and_recovery() {
         &["write -P 0x5c 8M 1M", "flush", "read -P 0x5a 0 3M"],
     );
     assert_eq!(unsigned_puts_after_uploads(&c, 4.0), 0.0);
+    assert!(precomputed_hash_puts(&c) >= 4.0, "{}", c.log());
 }
 
 #[test]
@@ -394,6 +411,8 @@ fn s3_slowdown_and_slow_responses_are_retried() {
         d.log()
     );
     assert!(d.log().contains("HTTP 503 SlowDown"), "{}", d.log());
+    // Signed over plain HTTP with hashes computed ahead, which s3s-fs checks against each body.
+    assert!(precomputed_hash_puts(&d) >= 7.0, "{}", d.log());
 
     // Reads of data only in S3 (a restart drains the buffer and empties the cache) through
     // five more 503s.

@@ -14,9 +14,13 @@
 //! (`UnsignedOverTls`), so every way of naming the endpoint counts (`--s3-endpoint`,
 //! `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, profile files, AWS's own endpoints). Measured with
 //! `scripts/bench-s3.sh --tls`: half the client CPU of an upload (docs/BENCHMARKS.md).
+//! A payload that is signed has its SHA-256 computed on a blocking thread first and handed to
+//! SigV4 as precomputed (the SDK would hash it on the async thread, in the way of every
+//! connection): always with `sign_payload`, else once a PUT has shown the endpoint is plain
+//! HTTP (the first one there is hashed by the SDK).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +31,7 @@ use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
 use super::{check_key, Backend, BackendError};
 
@@ -66,8 +71,19 @@ pub struct S3Backend {
     prefix: String,
     /// `--s3-sign-payload`: sign PUT payloads over HTTPS too.
     sign_payload: bool,
+    /// What the PUTs' final URIs have shown, and counts.
+    signing: Arc<PutSigning>,
+}
+
+/// Shared by a backend's PUTs (see [`PayloadSigning`]).
+#[derive(Debug, Default)]
+struct PutSigning {
+    /// The last PUT went over plain HTTP (its payload was signed).
+    plain_http: AtomicBool,
     /// PUTs sent as `UNSIGNED-PAYLOAD` so far.
-    unsigned_puts: Arc<AtomicU64>,
+    unsigned: AtomicU64,
+    /// PUTs signed with a payload hash computed ahead on a blocking thread.
+    precomputed: AtomicU64,
 }
 
 /// Whether a request to `uri` goes over TLS (`https://`, any case).
@@ -77,16 +93,23 @@ fn is_https(uri: &str) -> bool {
 }
 
 /// A PUT's interceptor: when the request goes over HTTPS (its final URI, after endpoint
-/// resolution), its payload is sent as `UNSIGNED-PAYLOAD` instead of being SHA-256 hashed into
-/// the SigV4 signature (SigV4, "Signature Calculations for the Authorization Header: Transferring
-/// Payload in a Single Chunk"); over plain HTTP it stays signed. Counts the unsigned ones (and in
-/// the metric `vblock_s3_unsigned_payload_puts_total`).
+/// resolution) and `sign_always` is off, its payload is sent as `UNSIGNED-PAYLOAD` instead of
+/// being SHA-256 hashed into the SigV4 signature (SigV4, "Signature Calculations for the
+/// Authorization Header: Transferring Payload in a Single Chunk"); otherwise it is signed, with
+/// `sha256` (lowercase hex of the payload's SHA-256) as the precomputed hash when the caller
+/// computed it. Records the URI's scheme for the next PUT and counts unsigned PUTs (also in the
+/// metric `vblock_s3_unsigned_payload_puts_total`) and precomputed hashes
+/// (`vblock_s3_precomputed_payload_hash_puts_total`).
 #[derive(Debug)]
-struct UnsignedOverTls(Arc<AtomicU64>);
+struct PayloadSigning {
+    state: Arc<PutSigning>,
+    sign_always: bool,
+    sha256: Option<String>,
+}
 
-impl Intercept for UnsignedOverTls {
+impl Intercept for PayloadSigning {
     fn name(&self) -> &'static str {
-        "vblock::UnsignedOverTls"
+        "vblock::PayloadSigning"
     }
 
     fn modify_before_signing(
@@ -95,14 +118,26 @@ impl Intercept for UnsignedOverTls {
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if is_https(context.request().uri()) {
+        let https = is_https(context.request().uri());
+        self.state.plain_http.store(!https, Ordering::Relaxed);
+        if https && !self.sign_always {
             cfg.interceptor_state()
                 .store_put(PayloadSigningOverride::unsigned_payload());
-            self.0.fetch_add(1, Ordering::Relaxed);
+            self.state.unsigned.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("vblock_s3_unsigned_payload_puts_total").increment(1);
+        } else if let Some(hash) = &self.sha256 {
+            cfg.interceptor_state()
+                .store_put(PayloadSigningOverride::Precomputed(hash.clone()));
+            self.state.precomputed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("vblock_s3_precomputed_payload_hash_puts_total").increment(1);
         }
         Ok(())
     }
+}
+
+/// Lowercase hex of `data`'s SHA-256 (SigV4's payload hash).
+fn payload_sha256(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
 }
 
 fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
@@ -205,7 +240,7 @@ impl S3Backend {
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.trim_matches('/').to_owned(),
             sign_payload: cfg.sign_payload,
-            unsigned_puts: Arc::new(AtomicU64::new(0)),
+            signing: Arc::default(),
         };
         let what = format!("bucket {}", cfg.bucket);
         match backend
@@ -258,7 +293,12 @@ impl S3Backend {
 
     /// PUTs sent as `UNSIGNED-PAYLOAD` so far (over HTTPS, without `sign_payload`).
     pub fn unsigned_puts(&self) -> u64 {
-        self.unsigned_puts.load(Ordering::Relaxed)
+        self.signing.unsigned.load(Ordering::Relaxed)
+    }
+
+    /// PUTs signed with a payload hash computed on a blocking thread so far.
+    pub fn precomputed_hash_puts(&self) -> u64 {
+        self.signing.precomputed.load(Ordering::Relaxed)
     }
 
     fn full_key(&self, key: &str) -> Result<String, BackendError> {
@@ -275,21 +315,33 @@ impl S3Backend {
 impl Backend for S3Backend {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
         let k = self.full_key(key)?;
-        let req = self
-            .client
+        let sha256 = if self.sign_payload || self.signing.plain_http.load(Ordering::Relaxed) {
+            let body = data.clone();
+            let hash = tokio::task::spawn_blocking(move || payload_sha256(&body))
+                .await
+                .map_err(|e| BackendError::Io {
+                    key: key.to_owned(),
+                    message: format!("hashing the payload: {e}"),
+                    transient: true,
+                })?;
+            Some(hash)
+        } else {
+            None
+        };
+        self.client
             .put_object()
             .bucket(&self.bucket)
             .key(&k)
-            .body(ByteStream::from(data));
-        let sent = if self.sign_payload {
-            req.send().await
-        } else {
-            req.customize()
-                .interceptor(UnsignedOverTls(self.unsigned_puts.clone()))
-                .send()
-                .await
-        };
-        sent.map_err(|e| map_err(key, e))?;
+            .body(ByteStream::from(data))
+            .customize()
+            .interceptor(PayloadSigning {
+                state: self.signing.clone(),
+                sign_always: self.sign_payload,
+                sha256,
+            })
+            .send()
+            .await
+            .map_err(|e| map_err(key, e))?;
         Ok(())
     }
 
@@ -417,7 +469,20 @@ impl Backend for S3Backend {
 
 #[cfg(test)]
 mod tests {
-    use super::is_https;
+    use super::{is_https, payload_sha256};
+
+    #[test]
+    fn payload_hash_is_sigv4s_lowercase_hex_sha256() {
+        // FIPS 180-2 test vectors; SigV4's hash of an empty payload.
+        assert_eq!(
+            payload_sha256(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            payload_sha256(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
 
     #[test]
     fn only_https_uris_count_as_tls() {
