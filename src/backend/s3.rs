@@ -11,7 +11,7 @@
 //! `x-amz-checksum-crc32` header, which is signed, lets S3 check it) instead of hashing every byte
 //! with SHA-256 for SigV4, the policy of the AWS SDK for Java v1's `AWS4UnsignedPayloadSigner`.
 //! Over plain HTTP the payload stays signed. The choice is made per request on its final URI
-//! (`UnsignedOverTls`), so every way of naming the endpoint counts (`--s3-endpoint`,
+//! (`PayloadSigning`), so every way of naming the endpoint counts (`--s3-endpoint`,
 //! `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, profile files, AWS's own endpoints). Measured with
 //! `scripts/bench-s3.sh --tls`: half the client CPU of an upload (docs/BENCHMARKS.md).
 //! A payload that is signed has its SHA-256 computed on a blocking thread first and handed to
