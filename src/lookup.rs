@@ -348,32 +348,41 @@ impl BlockLookup {
     /// Calls `f` with every extent of the map, in descending block order (the keys' order),
     /// one at a time: the map is never held in memory. Blocking (RocksDB): call from a blocking
     /// thread.
-    pub fn for_each(&self, mut f: impl FnMut(MapExtent)) -> Result<(), MetaError> {
-        let mut it = self.iterator(u64::MAX);
-        it.seek_to_first();
-        while it.valid() {
-            if let Some(e) = self.decode_entry(it.key(), it.value())? {
-                f(e);
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(())
+    pub fn for_each(&self, f: impl FnMut(MapExtent)) -> Result<(), MetaError> {
+        self.walk(self.iterator(u64::MAX), false, f)
     }
 
     /// [`BlockLookup::for_each`] as of RocksDB snapshot `snap`, in ascending block order.
     pub(crate) fn for_each_ascending_at(
         &self,
         snap: &rocksdb::Snapshot<'_>,
+        f: impl FnMut(MapExtent),
+    ) -> Result<(), MetaError> {
+        self.walk(snap.raw_iterator_opt(self.bounds(u64::MAX)), true, f)
+    }
+
+    /// Calls `f` with every extent `it` (bounded to this map's keys) passes: in key order
+    /// (descending blocks), or backwards (`ascending`).
+    fn walk(
+        &self,
+        mut it: rocksdb::DBRawIterator<'_>,
+        ascending: bool,
         mut f: impl FnMut(MapExtent),
     ) -> Result<(), MetaError> {
-        let mut it = snap.raw_iterator_opt(self.bounds(u64::MAX));
-        it.seek_to_last();
+        if ascending {
+            it.seek_to_last();
+        } else {
+            it.seek_to_first();
+        }
         while it.valid() {
             if let Some(e) = self.decode_entry(it.key(), it.value())? {
                 f(e);
             }
-            it.prev();
+            if ascending {
+                it.prev();
+            } else {
+                it.next();
+            }
         }
         it.status()?;
         Ok(())
@@ -608,6 +617,16 @@ mod tests {
         (dir, meta, lookup)
     }
 
+    /// [`setup`], with maps of the volumes whose keys sort just before and after its own.
+    fn setup_between_neighbours() -> (tempfile::TempDir, MetaStore, BlockLookup) {
+        let (d, meta, l) = setup();
+        let before = map_of(&meta, "vol-00000000000000009");
+        let after = map_of(&meta, "vol-0000000000000000b");
+        commit(&before, 1, vec![data(70, 3, 1, 1)]);
+        commit(&after, 1, vec![data(0, 2, 1, 1)]);
+        (d, meta, l)
+    }
+
     /// The map of volume `id` in `meta`.
     fn map_of(meta: &MetaStore, id: &str) -> BlockLookup {
         BlockLookup::new(meta.clone(), VolumeId::parse(id).unwrap())
@@ -672,11 +691,7 @@ mod tests {
     /// volume's map on either side; so must a set of ranges ([`BlockLookup::overlapping_ranges`]).
     #[test]
     fn lookups_of_every_range_match_a_full_scan() {
-        let (_d, meta, l) = setup();
-        let before = map_of(&meta, "vol-00000000000000009");
-        let after = map_of(&meta, "vol-0000000000000000b");
-        commit(&before, 1, vec![data(70, 3, 1, 1)]);
-        commit(&after, 1, vec![data(0, 2, 1, 1)]);
+        let (_d, _meta, l) = setup_between_neighbours();
         let zero = MapExtent {
             start: 50,
             count: 9,
@@ -746,11 +761,7 @@ mod tests {
     #[test]
     fn whole_map_walks_and_map_objects_match_the_map() {
         use crate::mapobj::MapObject;
-        let (_d, meta, l) = setup();
-        let before = map_of(&meta, "vol-00000000000000009");
-        let after = map_of(&meta, "vol-0000000000000000b");
-        commit(&before, 1, vec![data(70, 3, 1, 1)]);
-        commit(&after, 1, vec![data(0, 2, 1, 1)]);
+        let (_d, meta, l) = setup_between_neighbours();
         commit(&l, 1, vec![data(0, 8, 1, 1), data(100, 50, 2, 1)]);
         let zero = MapExtent {
             start: 20,
