@@ -71,7 +71,7 @@ pub struct S3Backend {
     prefix: String,
     /// `--s3-sign-payload`: sign PUT payloads over HTTPS too.
     sign_payload: bool,
-    /// What the PUTs' final URIs have shown, and counts.
+    /// What the PUTs' final URIs have shown, and the unsigned ones.
     signing: Arc<PutSigning>,
 }
 
@@ -82,8 +82,6 @@ struct PutSigning {
     plain_http: AtomicBool,
     /// PUTs sent as `UNSIGNED-PAYLOAD` so far.
     unsigned: AtomicU64,
-    /// PUTs signed with a payload hash computed ahead on a blocking thread.
-    precomputed: AtomicU64,
 }
 
 /// Whether a request to `uri` goes over TLS (`https://`, any case).
@@ -128,7 +126,6 @@ impl Intercept for PayloadSigning {
         } else if let Some(hash) = &self.sha256 {
             cfg.interceptor_state()
                 .store_put(PayloadSigningOverride::Precomputed(hash.clone()));
-            self.state.precomputed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("vblock_s3_precomputed_payload_hash_puts_total").increment(1);
         }
         Ok(())
@@ -294,11 +291,6 @@ impl S3Backend {
     /// PUTs sent as `UNSIGNED-PAYLOAD` so far (over HTTPS, without `sign_payload`).
     pub fn unsigned_puts(&self) -> u64 {
         self.signing.unsigned.load(Ordering::Relaxed)
-    }
-
-    /// PUTs signed with a payload hash computed on a blocking thread so far.
-    pub fn precomputed_hash_puts(&self) -> u64 {
-        self.signing.precomputed.load(Ordering::Relaxed)
     }
 
     fn full_key(&self, key: &str) -> Result<String, BackendError> {
