@@ -430,7 +430,7 @@ impl BlockLookup {
         }
     }
 
-    pub(crate) fn decode(&self, k: &[u8], v: &[u8]) -> Result<MapExtent, MetaError> {
+    fn decode(&self, k: &[u8], v: &[u8]) -> Result<MapExtent, MetaError> {
         let corrupt = || MetaError::Corrupt {
             key: String::from_utf8_lossy(k).into_owned(),
             reason: "bad map extent".into(),
