@@ -59,7 +59,7 @@ pub struct Engine {
     open: tokio::sync::Mutex<HashMap<VolumeId, Volume>>,
     /// Serialises what adds or removes map references across volumes: garbage collection,
     /// snapshot deletion, clone creation, volume deletion.
-    pub(crate) gc: tokio::sync::Mutex<()>,
+    pub(crate) gc: tokio::sync::Mutex<crate::gc::GcPacing>,
 }
 
 /// RFC 3339 timestamp of now, to the second.
@@ -82,7 +82,7 @@ impl Engine {
             meta,
             backend,
             open: tokio::sync::Mutex::new(HashMap::new()),
-            gc: tokio::sync::Mutex::new(()),
+            gc: tokio::sync::Mutex::new(Default::default()),
         })
     }
 

@@ -488,3 +488,166 @@ fn crash_in_the_middle_of_compaction() {
         engine.close_all().await;
     });
 }
+
+/// The periodic pass leaves a live volume's garbage for later while it is smaller than the
+/// volume's last map checkpoint (the whole map, written before any of its objects go), until
+/// it has waited `max_delay`; garbage at least that large, and a full pass, go at once.
+#[test]
+fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
+    common::run(Duration::from_secs(90), async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let mut config = common::small_config(dir.path());
+        config.volume.compaction.threshold_percent = 0;
+        let engine = Engine::open(config, backend.clone())
+            .await
+            .expect("engine opens");
+        let rec = engine
+            .create_volume(16 << 20, "gc-pacing")
+            .await
+            .expect("create");
+        let v = engine.volume(&rec.volume_id).await.expect("volume");
+        let mut model = vec![0u8; 16 << 20];
+        let mut rng = StdRng::seed_from_u64(7);
+        let write = |at: u64, data: Vec<u8>, model: &mut Vec<u8>| {
+            model[at as usize..at as usize + data.len()].copy_from_slice(&data);
+            let v = v.clone();
+            async move { v.write(at, Bytes::from(data), false).await.expect("write") }
+        };
+        let chunks = || async {
+            let keys = backend
+                .list(&format!("{}/chunks/", rec.volume_id))
+                .await
+                .expect("list");
+            keys.len()
+        };
+        // 64 KiB of one byte value: one chunk of a few hundred stored bytes.
+        let region = |fill: u8| vec![fill; 64 << 10];
+        write(0, region(1), &mut model).await;
+        v.persist_buffer().await.expect("persist");
+        // 2,000 scattered incompressible blocks: a map of ~2,000 extents (a ~144 KB checkpoint)
+        // in ~8 MB of chunks.
+        let scattered: Vec<u64> = (0..2000u64).map(|i| (32 + 2 * i) * 4096).collect();
+        for &at in &scattered {
+            let mut b = vec![0u8; 4096];
+            rng.fill_bytes(&mut b);
+            write(at, b, &mut model).await;
+        }
+        v.persist_buffer().await.expect("persist");
+        // The first pass knows no checkpoint size yet: the small chunk goes.
+        write(0, region(2), &mut model).await;
+        v.persist_buffer().await.expect("persist");
+        let before = chunks().await;
+        let r = engine
+            .collect_garbage_paced(Duration::from_secs(3600))
+            .await
+            .expect("gc");
+        assert_eq!((r.objects_deleted, r.checkpoints), (1, 1), "{r:?}");
+        assert!(r.checkpoint_bytes > 100_000, "{r:?}");
+        assert_eq!(chunks().await, before - 1);
+        // Now a few hundred bytes of garbage against a ~144 KB checkpoint: it waits.
+        write(0, region(3), &mut model).await;
+        v.persist_buffer().await.expect("persist");
+        for _ in 0..2 {
+            let r = engine
+                .collect_garbage_paced(Duration::from_secs(3600))
+                .await
+                .expect("gc");
+            assert_eq!(
+                (r.objects_deleted, r.checkpoints, r.objects_waiting),
+                (0, 0, 1),
+                "{r:?}"
+            );
+            assert!(!r.marked, "a pass with nothing due scans no map: {r:?}");
+        }
+        assert_eq!(chunks().await, before);
+        // Waited long enough (any wait is, with a zero delay): it goes.
+        let r = engine
+            .collect_garbage_paced(Duration::ZERO)
+            .await
+            .expect("gc");
+        assert_eq!(
+            (r.objects_deleted, r.checkpoints, r.objects_waiting),
+            (1, 1, 0),
+            "{r:?}"
+        );
+        // Small garbage waits again; a full pass (as after a delete) takes it at once.
+        write(0, region(4), &mut model).await;
+        v.persist_buffer().await.expect("persist");
+        let r = engine
+            .collect_garbage_paced(Duration::from_secs(3600))
+            .await
+            .expect("gc");
+        assert_eq!((r.objects_deleted, r.objects_waiting), (0, 1), "{r:?}");
+        let r = engine.collect_garbage().await.expect("gc");
+        assert_eq!((r.objects_deleted, r.checkpoints), (1, 1), "{r:?}");
+        // A snapshot keeps the scattered chunks after the volume overwrote them: ~8 MB of
+        // candidates, so the pass marks, but only a small chunk the snapshot does not know is
+        // free, and it waits.
+        let scattered_chunks = chunks().await - 1;
+        let snap = engine
+            .create_snapshot(&rec.volume_id, "")
+            .await
+            .expect("snapshot");
+        wait_completed(&engine, &snap.snapshot_id).await;
+        let random_blocks = |rng: &mut StdRng| {
+            let mut b = vec![0u8; 4096];
+            rng.fill_bytes(&mut b);
+            b
+        };
+        for &at in &scattered {
+            write(at, random_blocks(&mut rng), &mut model).await;
+        }
+        write(0, region(5), &mut model).await;
+        v.persist_buffer().await.expect("persist");
+        write(0, region(6), &mut model).await;
+        v.persist_buffer().await.expect("persist");
+        let r = engine
+            .collect_garbage_paced(Duration::from_secs(3600))
+            .await
+            .expect("gc");
+        assert_eq!(
+            (r.objects_deleted, r.checkpoints, r.objects_waiting),
+            (0, 0, 1),
+            "{r:?}"
+        );
+        assert!(r.marked, "{r:?}");
+        // Deleting the snapshot collects at once: the chunks only it used (the scattered ones
+        // and the small one it saw) and the waiting one.
+        let before = chunks().await;
+        engine
+            .delete_snapshot(&snap.snapshot_id)
+            .await
+            .expect("delete snapshot");
+        assert_eq!(chunks().await, before - scattered_chunks - 2);
+        // Overwriting the scattered blocks again kills ~8 MB of chunks, more than the
+        // checkpoint: they go at once.
+        for &at in &scattered {
+            write(at, random_blocks(&mut rng), &mut model).await;
+        }
+        v.persist_buffer().await.expect("persist");
+        let r = engine
+            .collect_garbage_paced(Duration::from_secs(3600))
+            .await
+            .expect("gc");
+        assert_eq!(r.objects_deleted as usize, scattered_chunks, "{r:?}");
+        assert_eq!((r.checkpoints, r.objects_waiting), (1, 0), "{r:?}");
+        assert!(
+            v.read(0, 16 << 20).await.expect("read")[..] == model[..],
+            "data after the passes"
+        );
+        // Recovery from the last checkpoint and what GC left agrees too.
+        drop(v);
+        engine.close_all().await;
+        drop(engine);
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let engine = open(fresh.path(), &backend).await;
+        engine.recover_from_backend().await.expect("recover");
+        let v = engine.volume(&rec.volume_id).await.expect("volume");
+        assert!(
+            v.read(0, 16 << 20).await.expect("read")[..] == model[..],
+            "data after recovery"
+        );
+        engine.close_all().await;
+    });
+}

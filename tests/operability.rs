@@ -192,6 +192,8 @@ fn compaction_gc_snapshot_and_space_metrics_move() {
             && value(&last, "vblock_compaction_chunks_total", &[("volume", v)]) >= 1.0
             && value(&last, "vblock_gc_deleted_objects_total", &[]) >= 1.0
             && value(&last, "vblock_gc_deleted_bytes_total", &[]) > 0.0
+            && value(&last, "vblock_gc_checkpoints_total", &[]) >= 1.0
+            && value(&last, "vblock_gc_checkpoint_bytes_total", &[]) > 0.0
     });
     assert!(
         ok,

@@ -193,6 +193,19 @@ fn describe() {
         Unit::Bytes,
         "Stored bytes of chunk objects deleted by garbage collection."
     );
+    describe_counter!(
+        "vblock_gc_checkpoints_total",
+        "Map checkpoints garbage collection wrote to the backend before deleting a live volume's objects."
+    );
+    describe_counter!(
+        "vblock_gc_checkpoint_bytes_total",
+        Unit::Bytes,
+        "Bytes of those map checkpoints."
+    );
+    describe_gauge!(
+        "vblock_gc_waiting_objects",
+        "Unreferenced chunk objects the last periodic pass left waiting (fewer bytes than their volume's map checkpoint, for up to --gc-max-delay)."
+    );
     describe_gauge!("vblock_snapshots", "Snapshots on this daemon.");
     describe_gauge!(
         "vblock_frame_cache_bytes",

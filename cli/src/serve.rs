@@ -133,6 +133,11 @@ pub struct ServeArgs {
     /// How often garbage collection runs and idle volumes look for chunks to compact.
     #[arg(long, env = "VBLOCK_GC_INTERVAL", default_value = "10s", value_parser = crate::humantime_duration)]
     pub gc_interval: Duration,
+    /// Longest a volume's garbage waits for deletion while it is smaller than the volume's map
+    /// checkpoint (the whole map, written to the backend before a live volume's objects are
+    /// deleted); deletes of volumes and snapshots collect at once. `0s`: never wait.
+    #[arg(long, env = "VBLOCK_GC_MAX_DELAY", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub gc_max_delay: Duration,
     /// Prometheus endpoint (`GET /metrics`) listen address.
     #[arg(long, env = "VBLOCK_METRICS_LISTEN", default_value = "127.0.0.1:9109")]
     pub metrics_listen: SocketAddr,
@@ -355,11 +360,11 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
         }
     });
     tasks.spawn({
-        let (engine, every) = (engine.clone(), a.gc_interval);
+        let (engine, every, max_delay) = (engine.clone(), a.gc_interval, a.gc_max_delay);
         async move {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(e) = engine.collect_garbage().await {
+                if let Err(e) = engine.collect_garbage_paced(max_delay).await {
                     tracing::warn!(error = %e, "garbage collection failed; retrying next interval");
                 }
             }
