@@ -18,6 +18,7 @@ use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use vblock::backend::SharedBackend;
+use vblock::gc::GcReport;
 use vblock::meta::SnapshotStateName;
 use vblock::volume::CompactionConfig;
 use vblock::{Engine, SnapshotId, VolumeId};
@@ -475,18 +476,24 @@ fn crash_in_the_middle_of_compaction() {
         );
         // Disaster recovery from what GC left agrees too.
         drop(v);
-        engine.close_all().await;
-        drop(engine);
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let engine = open(fresh.path(), &backend).await;
-        engine.recover_from_backend().await.expect("recover");
-        let v = engine.volume(&rec.volume_id).await.expect("volume");
-        assert!(
-            v.read(0, SIZE).await.expect("read")[..] == model[..],
-            "data after recovery"
-        );
-        engine.close_all().await;
+        assert_recovers(engine, &backend, &rec.volume_id, &model).await;
     });
+}
+
+/// Closes `engine`, recovers a fresh data directory from `backend` alone, and checks that
+/// volume `vol` reads as `model` there.
+async fn assert_recovers(engine: Engine, backend: &SharedBackend, vol: &VolumeId, model: &[u8]) {
+    engine.close_all().await;
+    drop(engine);
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let engine = open(fresh.path(), backend).await;
+    engine.recover_from_backend().await.expect("recover");
+    let v = engine.volume(vol).await.expect("volume");
+    assert!(
+        v.read(0, model.len() as u64).await.expect("read")[..] == model[..],
+        "data after recovery"
+    );
+    engine.close_all().await;
 }
 
 /// The periodic pass leaves a live volume's garbage for later while it is smaller than the
@@ -521,6 +528,12 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
                 .expect("list");
             keys.len()
         };
+        let paced = |max_delay: Duration| {
+            let engine = &engine;
+            async move { engine.collect_garbage_paced(max_delay).await.expect("gc") }
+        };
+        let counts = |r: &GcReport| (r.objects_deleted, r.checkpoints, r.objects_waiting);
+        const HOUR: Duration = Duration::from_secs(3600);
         // 64 KiB of one byte value: one chunk of a few hundred stored bytes.
         let region = |fill: u8| vec![fill; 64 << 10];
         write(0, region(1), &mut model).await;
@@ -528,20 +541,20 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
         // 2,000 scattered incompressible blocks: a map of ~2,000 extents (a ~144 KB checkpoint)
         // in ~8 MB of chunks.
         let scattered: Vec<u64> = (0..2000u64).map(|i| (32 + 2 * i) * 4096).collect();
-        for &at in &scattered {
+        let random_block = |rng: &mut StdRng| {
             let mut b = vec![0u8; 4096];
             rng.fill_bytes(&mut b);
-            write(at, b, &mut model).await;
+            b
+        };
+        for &at in &scattered {
+            write(at, random_block(&mut rng), &mut model).await;
         }
         v.persist_buffer().await.expect("persist");
         // The first pass knows no checkpoint size yet: the small chunk goes.
         write(0, region(2), &mut model).await;
         v.persist_buffer().await.expect("persist");
         let before = chunks().await;
-        let r = engine
-            .collect_garbage_paced(Duration::from_secs(3600))
-            .await
-            .expect("gc");
+        let r = paced(HOUR).await;
         assert_eq!((r.objects_deleted, r.checkpoints), (1, 1), "{r:?}");
         assert!(r.checkpoint_bytes > 100_000, "{r:?}");
         assert_eq!(chunks().await, before - 1);
@@ -549,35 +562,18 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
         write(0, region(3), &mut model).await;
         v.persist_buffer().await.expect("persist");
         for _ in 0..2 {
-            let r = engine
-                .collect_garbage_paced(Duration::from_secs(3600))
-                .await
-                .expect("gc");
-            assert_eq!(
-                (r.objects_deleted, r.checkpoints, r.objects_waiting),
-                (0, 0, 1),
-                "{r:?}"
-            );
+            let r = paced(HOUR).await;
+            assert_eq!(counts(&r), (0, 0, 1), "{r:?}");
             assert!(!r.marked, "a pass with nothing due scans no map: {r:?}");
         }
         assert_eq!(chunks().await, before);
         // Waited long enough (any wait is, with a zero delay): it goes.
-        let r = engine
-            .collect_garbage_paced(Duration::ZERO)
-            .await
-            .expect("gc");
-        assert_eq!(
-            (r.objects_deleted, r.checkpoints, r.objects_waiting),
-            (1, 1, 0),
-            "{r:?}"
-        );
+        let r = paced(Duration::ZERO).await;
+        assert_eq!(counts(&r), (1, 1, 0), "{r:?}");
         // Small garbage waits again; a full pass (as after a delete) takes it at once.
         write(0, region(4), &mut model).await;
         v.persist_buffer().await.expect("persist");
-        let r = engine
-            .collect_garbage_paced(Duration::from_secs(3600))
-            .await
-            .expect("gc");
+        let r = paced(HOUR).await;
         assert_eq!((r.objects_deleted, r.objects_waiting), (0, 1), "{r:?}");
         let r = engine.collect_garbage().await.expect("gc");
         assert_eq!((r.objects_deleted, r.checkpoints), (1, 1), "{r:?}");
@@ -590,27 +586,15 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
             .await
             .expect("snapshot");
         wait_completed(&engine, &snap.snapshot_id).await;
-        let random_blocks = |rng: &mut StdRng| {
-            let mut b = vec![0u8; 4096];
-            rng.fill_bytes(&mut b);
-            b
-        };
         for &at in &scattered {
-            write(at, random_blocks(&mut rng), &mut model).await;
+            write(at, random_block(&mut rng), &mut model).await;
         }
         write(0, region(5), &mut model).await;
         v.persist_buffer().await.expect("persist");
         write(0, region(6), &mut model).await;
         v.persist_buffer().await.expect("persist");
-        let r = engine
-            .collect_garbage_paced(Duration::from_secs(3600))
-            .await
-            .expect("gc");
-        assert_eq!(
-            (r.objects_deleted, r.checkpoints, r.objects_waiting),
-            (0, 0, 1),
-            "{r:?}"
-        );
+        let r = paced(HOUR).await;
+        assert_eq!(counts(&r), (0, 0, 1), "{r:?}");
         assert!(r.marked, "{r:?}");
         // Deleting the snapshot collects at once: the chunks only it used (the scattered ones
         // and the small one it saw) and the waiting one.
@@ -623,13 +607,10 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
         // Overwriting the scattered blocks again kills ~8 MB of chunks, more than the
         // checkpoint: they go at once.
         for &at in &scattered {
-            write(at, random_blocks(&mut rng), &mut model).await;
+            write(at, random_block(&mut rng), &mut model).await;
         }
         v.persist_buffer().await.expect("persist");
-        let r = engine
-            .collect_garbage_paced(Duration::from_secs(3600))
-            .await
-            .expect("gc");
+        let r = paced(HOUR).await;
         assert_eq!(r.objects_deleted as usize, scattered_chunks, "{r:?}");
         assert_eq!((r.checkpoints, r.objects_waiting), (1, 0), "{r:?}");
         assert!(
@@ -638,16 +619,6 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
         );
         // Recovery from the last checkpoint and what GC left agrees too.
         drop(v);
-        engine.close_all().await;
-        drop(engine);
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let engine = open(fresh.path(), &backend).await;
-        engine.recover_from_backend().await.expect("recover");
-        let v = engine.volume(&rec.volume_id).await.expect("volume");
-        assert!(
-            v.read(0, 16 << 20).await.expect("read")[..] == model[..],
-            "data after recovery"
-        );
-        engine.close_all().await;
+        assert_recovers(engine, &backend, &rec.volume_id, &model).await;
     });
 }
