@@ -45,6 +45,8 @@ pub struct GcReport {
     /// Whether the pass scanned every map for references (the mark step): not when no
     /// candidate could be due even if all were free.
     pub marked: bool,
+    /// How long that scan took (zero without it).
+    pub mark_duration: Duration,
 }
 
 /// Space used by one volume (`vblock volume describe`, `vblock_volume_*_bytes` metrics).
@@ -142,6 +144,7 @@ impl Engine {
         });
         if !by_owner.is_empty() {
             let meta = self.meta.clone();
+            let started = Instant::now();
             let mut free: HashSet<(u128, u64)> = by_owner
                 .iter()
                 .flat_map(|(v, chunks)| chunks.iter().map(|(id, _)| (v.number(), *id)))
@@ -152,6 +155,7 @@ impl Engine {
             })
             .await?;
             report.marked = true;
+            report.mark_duration = started.elapsed();
             for (vol, chunks) in &mut by_owner {
                 chunks.retain(|(id, _)| free.contains(&(vol.number(), *id)));
             }

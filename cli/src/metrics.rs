@@ -250,7 +250,7 @@ pub async fn sample(engine: Arc<Engine>, buffer_capacity: u64) {
         let space = tokio::time::Instant::now() >= next_space;
         let scanned = sample_once(&engine, buffer_capacity, space).await;
         if space {
-            next_space = tokio::time::Instant::now() + space_interval(scanned);
+            next_space = tokio::time::Instant::now() + scan_interval(SPACE_INTERVAL, scanned);
         }
     }
 }
@@ -258,14 +258,15 @@ pub async fn sample(engine: Arc<Engine>, buffer_capacity: u64) {
 /// The space gauges scan each volume's whole map (`Engine::volume_space`): at most this often.
 const SPACE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// ... and for at most 1/`SPACE_SHARE` of the time (5% of one core): scans run at ~2.6 million
-/// extents/s (`vblock inspect volume` of a 262,144-extent map: 0.1 s), so a volume written in
-/// scattered 4 KiB blocks takes ~40 s per 400 GiB, and a fixed 10 s period would scan for ever.
-const SPACE_SHARE: u32 = 20;
+/// Whole-map scans (the space gauges here, GC's mark pass in `serve`) take at most
+/// 1/`SCAN_SHARE` of the time (5% of one core): scans run at ~2.6 million extents/s (`vblock
+/// inspect volume` of a 262,144-extent map: 0.1 s), so a volume written in scattered 4 KiB
+/// blocks takes ~40 s per 400 GiB, and a fixed 10 s period would scan for ever.
+const SCAN_SHARE: u32 = 20;
 
-/// Time until the next space scan after one that took `scanned`.
-fn space_interval(scanned: Duration) -> Duration {
-    SPACE_INTERVAL.max(scanned.saturating_mul(SPACE_SHARE))
+/// Time until the next whole-map scan, at least `interval`, after one that took `scanned`.
+pub(crate) fn scan_interval(interval: Duration, scanned: Duration) -> Duration {
+    interval.max(scanned.saturating_mul(SCAN_SHARE))
 }
 
 /// Sets the gauges; the space gauges too when `space`. Returns the time spent scanning maps.
@@ -347,11 +348,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn space_scans_take_at_most_a_twentieth_of_the_time() {
-        assert_eq!(space_interval(Duration::ZERO), SPACE_INTERVAL);
-        assert_eq!(space_interval(Duration::from_millis(400)), SPACE_INTERVAL);
+    fn whole_map_scans_take_at_most_a_twentieth_of_the_time() {
+        let every = SPACE_INTERVAL;
+        assert_eq!(scan_interval(every, Duration::ZERO), every);
+        assert_eq!(scan_interval(every, Duration::from_millis(400)), every);
         assert_eq!(
-            space_interval(Duration::from_secs(3)),
+            scan_interval(every, Duration::from_secs(3)),
             Duration::from_secs(60)
         );
     }
