@@ -42,11 +42,9 @@ pub struct GcReport {
     /// Candidate objects left for a later pass ([`Engine::collect_garbage_paced`]): fewer
     /// bytes than their volume's map checkpoint, and not yet waiting `max_delay`.
     pub objects_waiting: u64,
-    /// Whether the pass scanned every map for references (the mark step): not when no
-    /// candidate could be due even if all were free.
-    pub marked: bool,
-    /// How long that scan took (zero without it).
-    pub mark_duration: Duration,
+    /// How long the pass scanned every map for references (the mark step); `None` when it
+    /// did not, because no candidate could be due even if all were free.
+    pub mark_duration: Option<Duration>,
 }
 
 /// Space used by one volume (`vblock volume describe`, `vblock_volume_*_bytes` metrics).
@@ -154,8 +152,7 @@ impl Engine {
                 Ok(free)
             })
             .await?;
-            report.marked = true;
-            report.mark_duration = started.elapsed();
+            report.mark_duration = Some(started.elapsed());
             for (vol, chunks) in &mut by_owner {
                 chunks.retain(|(id, _)| free.contains(&(vol.number(), *id)));
             }

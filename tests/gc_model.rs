@@ -564,8 +564,10 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
         for _ in 0..2 {
             let r = paced(HOUR).await;
             assert_eq!(counts(&r), (0, 0, 1), "{r:?}");
-            assert!(!r.marked, "a pass with nothing due scans no map: {r:?}");
-            assert_eq!(r.mark_duration, Duration::ZERO, "{r:?}");
+            assert_eq!(
+                r.mark_duration, None,
+                "a pass with nothing due scans no map"
+            );
         }
         assert_eq!(chunks().await, before);
         // Waited long enough (any wait is, with a zero delay): it goes.
@@ -596,7 +598,7 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
         v.persist_buffer().await.expect("persist");
         let r = paced(HOUR).await;
         assert_eq!(counts(&r), (0, 0, 1), "{r:?}");
-        assert!(r.marked && r.mark_duration > Duration::ZERO, "{r:?}");
+        assert!(r.mark_duration.is_some(), "{r:?}");
         // Deleting the snapshot collects at once: the chunks only it used (the scattered ones
         // and the small one it saw) and the waiting one.
         let before = chunks().await;

@@ -368,7 +368,7 @@ pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
             loop {
                 tokio::time::sleep(wait).await;
                 wait = match engine.collect_garbage_paced(max_delay).await {
-                    Ok(r) => crate::metrics::scan_interval(every, r.mark_duration),
+                    Ok(r) => crate::metrics::scan_interval(every, r.mark_duration.unwrap_or_default()),
                     Err(e) => {
                         tracing::warn!(error = %e, "garbage collection failed; retrying next interval");
                         every
