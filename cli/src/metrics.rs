@@ -204,7 +204,7 @@ fn describe() {
     );
     describe_gauge!(
         "vblock_gc_waiting_objects",
-        "Unreferenced chunk objects the last periodic pass left waiting (fewer bytes than their volume's map checkpoint, for up to --gc-max-delay)."
+        "Garbage candidates (chunks their own volume's map no longer uses) the last periodic pass left for later: fewer bytes than their volume's map checkpoint, for up to --gc-max-delay."
     );
     describe_gauge!("vblock_snapshots", "Snapshots on this daemon.");
     describe_gauge!(
