@@ -74,10 +74,18 @@ pub(crate) struct GcPacing {
 }
 
 impl GcPacing {
-    /// Whether `bytes` of garbage of volume `vol` go now: garbage of a deleted volume needs no
-    /// checkpoint; a live volume's goes once it outweighs the checkpoint its deletion costs
-    /// (so checkpoints never write more than they free) or has waited `max_delay`.
-    fn due(&self, vol: &VolumeId, bytes: u64, live: bool, max_delay: Duration) -> bool {
+    /// Whether garbage `chunks` of volume `vol` go now: garbage of a deleted volume needs no
+    /// checkpoint; a live volume's goes once its stored bytes outweigh the checkpoint its
+    /// deletion costs (so checkpoints never write more than they free) or it has waited
+    /// `max_delay`.
+    fn due(
+        &self,
+        vol: &VolumeId,
+        chunks: &[(u64, ChunkStats)],
+        live: bool,
+        max_delay: Duration,
+    ) -> bool {
+        let bytes: u64 = chunks.iter().map(|(_, st)| st.stored_bytes).sum();
         !live
             || bytes >= self.checkpoint_bytes.get(vol).copied().unwrap_or(0)
             || self
@@ -94,7 +102,7 @@ impl Engine {
     /// Errors: metadata and backend errors (after bounded retries); a failed pass deletes
     /// nothing it had not verified and is simply run again.
     pub async fn collect_garbage(&self) -> Result<GcReport, VolumeError> {
-        self.gc_pass(Duration::ZERO).await
+        self.collect_garbage_paced(Duration::ZERO).await
     }
 
     /// The periodic pass (`--gc-interval`): like [`Engine::collect_garbage`], except that a live
@@ -108,10 +116,6 @@ impl Engine {
         &self,
         max_delay: Duration,
     ) -> Result<GcReport, VolumeError> {
-        self.gc_pass(max_delay).await
-    }
-
-    async fn gc_pass(&self, max_delay: Duration) -> Result<GcReport, VolumeError> {
         let mut pacing = self.gc.lock().await;
         let meta = self.meta.clone();
         let candidates = blocking(move || meta.dead_chunks()).await?;
@@ -133,8 +137,7 @@ impl Engine {
         // Candidates are an upper bound of what is free: owners not due even with all of them
         // are not marked at all (the mark pass walks every map).
         by_owner.retain(|vol, chunks| {
-            let bytes = chunks.iter().map(|(_, st)| st.stored_bytes).sum();
-            let due = pacing.due(vol, bytes, live.contains(vol), max_delay);
+            let due = pacing.due(vol, chunks, live.contains(vol), max_delay);
             if !due {
                 report.objects_waiting += chunks.len() as u64;
             }
@@ -162,8 +165,7 @@ impl Engine {
                 continue;
             }
             let is_live = live.contains(&vol);
-            let bytes = chunks.iter().map(|(_, st)| st.stored_bytes).sum();
-            if !pacing.due(&vol, bytes, is_live, max_delay) {
+            if !pacing.due(&vol, &chunks, is_live, max_delay) {
                 report.objects_waiting += chunks.len() as u64;
                 continue;
             }
