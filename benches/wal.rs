@@ -44,6 +44,8 @@ fn open_wal(dir: &std::path::Path) -> Wal {
         dir: dir.to_owned(),
         segment_bytes: 64 << 20,
         name: "bench".into(),
+        recovery: vblock::wal::WalRecovery::default(),
+        fs: vblock::fs::Fs::Real,
     };
     Wal::open(&cfg, 1, 0, |_, _| {}).expect("wal").0
 }

@@ -73,7 +73,7 @@ impl Engine {
         let dir = config.data_dir.join("meta");
         let cache_bytes = config.meta_cache_bytes;
         std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::create_dir_all(&config.wal_dir))
+            .and_then(|()| config.volume.fs.create_dir_all(&config.wal_dir))
             .map_err(|e| VolumeError::Invalid(format!("cannot create data directories: {e}")))?;
         let meta = blocking(move || MetaStore::open(&dir, cache_bytes)).await?;
         Ok(Self {

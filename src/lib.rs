@@ -15,6 +15,7 @@ pub mod chunk;
 pub mod control;
 pub mod engine;
 pub mod failpoints;
+pub mod fs;
 pub mod gc;
 pub mod ids;
 pub mod lookup;

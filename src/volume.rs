@@ -24,11 +24,12 @@ use crate::block::{is_aligned, BlockRange, BLOCK_BYTES, BLOCK_SIZE};
 use crate::buffer::{BufExtent, MemTable, Payload, WriteBuffer};
 use crate::cache::FrameCache;
 use crate::chunk::{self, ChunkError, ChunkOptions};
+use crate::fs::Fs;
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, ChunkCommit, FrameRef, MapExtent, Target};
 use crate::meta::{blocking, MetaError, MetaStore, VolumeState};
 use crate::retry::{retry, RetryPolicy};
-use crate::wal::{self, RecordHeader, RecordKind, Wal, WalConfig, WalError};
+use crate::wal::{self, RecordHeader, RecordKind, Wal, WalConfig, WalError, WalRecovery};
 use crate::workq::WorkQueue;
 
 /// Engine settings for a volume.
@@ -51,6 +52,10 @@ pub struct VolumeConfig {
     pub upload_concurrency: usize,
     /// Background compaction of this volume's chunks.
     pub compaction: CompactionConfig,
+    /// What WAL replay does with a record that fails verification (`--wal-recovery-mode`).
+    pub wal_recovery: WalRecovery,
+    /// The file system the WAL writes through ([`Fs::Real`] but in power-loss tests).
+    pub fs: Fs,
 }
 
 /// Compaction: chunks whose live fraction fell below `threshold_percent` have their live blocks
@@ -107,6 +112,8 @@ impl Default for VolumeConfig {
             read_retry: RetryPolicy::reads(),
             upload_concurrency: 4,
             compaction: CompactionConfig::default(),
+            wal_recovery: WalRecovery::default(),
+            fs: Fs::Real,
         }
     }
 }
@@ -159,6 +166,11 @@ pub enum VolumeError {
     /// The volume is closed.
     #[error("volume is closed")]
     Closed,
+    /// The volume failed and takes no more writes or flushes until it is reopened: its WAL could
+    /// not be synced (the page cache can no longer be trusted), or its flusher hit a permanent
+    /// error (the data stays in the WAL). Reads go on.
+    #[error("volume failed: {0}; reopen it to recover (the WAL is replayed)")]
+    Failed(String),
     /// An invalid argument (size, configuration).
     #[error("invalid argument: {0}")]
     Invalid(String),
@@ -226,6 +238,8 @@ struct Inner {
     /// Flusher: exit at the next step boundary (crash simulation, forced close).
     stop: AtomicBool,
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Why the flusher gave up, once it has ([`Volume::failed`]).
+    failed: Mutex<Option<String>>,
     /// PUTs in flight (`upload_concurrency`); chunks are built ahead of them.
     upload_slots: Semaphore,
     /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy:
@@ -264,6 +278,8 @@ impl Replayer {
         let (payload, cost) = match h.kind {
             RecordKind::Write => (Payload::Data(payload), u64::from(h.block_count)),
             RecordKind::Zero => (Payload::Zero, 1),
+            // Replay never applies sync notes; nothing to do if one came.
+            RecordKind::SyncNote => return,
         };
         self.buf.insert(
             h.start_block,
@@ -304,6 +320,8 @@ impl Volume {
             dir: wal_dir,
             segment_bytes: config.wal_segment_bytes,
             name: id.to_string(),
+            recovery: config.wal_recovery,
+            fs: config.fs.clone(),
         };
         let tag = id.tag();
         let chunk_bytes = config.chunk_bytes;
@@ -359,6 +377,7 @@ impl Volume {
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
+            failed: Mutex::new(None),
             upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
             object_buffers: chunk::ObjectBuffers::new(config.upload_concurrency.max(1)),
             stats: VolumeStats::default(),
@@ -396,6 +415,12 @@ impl Volume {
     /// Counters.
     pub fn stats(&self) -> &VolumeStats {
         &self.inner.stats
+    }
+
+    /// Why the volume refuses writes and flushes, once it does ([`VolumeError::Failed`]): a
+    /// failed WAL `fdatasync`, or a permanent flusher failure. `None` while it is healthy.
+    pub fn failed(&self) -> Option<String> {
+        self.inner.failure()
     }
 
     /// WAL counters (fsyncs, writes, records).
@@ -463,7 +488,10 @@ impl Volume {
     }
 
     /// Makes every write that completed before this call durable (NBD_CMD_FLUSH).
+    ///
+    /// Errors: [`VolumeError::Failed`] once the volume failed, [`VolumeError::Wal`].
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.inner.check_failed()?;
         self.inner.wal.sync().await?;
         Ok(())
     }
@@ -564,11 +592,11 @@ impl Volume {
             Payload::Data(_) => count,
             Payload::Zero => 1,
         };
-        let permits = inner
-            .permits
-            .acquire_many(cost as u32)
-            .await
-            .map_err(|_| VolumeError::Closed)?;
+        inner.check_failed()?;
+        let Ok(permits) = inner.permits.acquire_many(cost as u32).await else {
+            inner.check_failed()?;
+            return Err(VolumeError::Closed);
+        };
         let mut st = lock(&inner.state);
         if st.closed {
             return Err(VolumeError::Closed);
@@ -587,7 +615,10 @@ impl Volume {
             block_count: count as u32,
             payload_len: body.len() as u32,
         };
-        inner.wal.append(header, body)?;
+        if let Err(e) = inner.wal.append(header, body) {
+            inner.check_failed()?;
+            return Err(e.into());
+        }
         permits.forget();
         st.next_seq += 1;
         st.last_write = Instant::now();
@@ -787,6 +818,7 @@ impl Volume {
             if lock(&inner.state).closed {
                 return Err(VolumeError::Closed);
             }
+            inner.check_failed()?;
             inner.wake.notify_one();
             notified.await;
         }
@@ -810,6 +842,7 @@ impl Volume {
                     return Ok(());
                 }
             }
+            inner.check_failed()?;
             inner.wake.notify_one();
             notified.await;
         }
@@ -1215,6 +1248,31 @@ fn decode_fetched(
 }
 
 impl Inner {
+    /// Why the volume failed, if it did: the flusher's reason, or the WAL's failed sync.
+    fn failure(&self) -> Option<String> {
+        if let Some(reason) = lock(&self.failed).clone() {
+            return Some(reason);
+        }
+        self.wal.failed().then(|| "WAL fdatasync failed".to_owned())
+    }
+
+    /// [`VolumeError::Failed`] once the volume failed.
+    fn check_failed(&self) -> Result<(), VolumeError> {
+        match self.failure() {
+            Some(reason) => Err(VolumeError::Failed(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails the volume for good (until reopened): logged, writers waiting for buffer space and
+    /// flushers waiting for commits are woken with [`VolumeError::Failed`].
+    fn fail(&self, reason: String) {
+        tracing::error!(volume = %self.id, %reason, "volume failed: writes and flushes are refused until it is reopened; buffered data stays in the WAL");
+        *lock(&self.failed) = Some(reason);
+        self.permits.close();
+        self.flushed.notify_waiters();
+    }
+
     /// Returns write-buffer permits, paying off replay debt first.
     fn release(&self, n: u64) {
         let mut debt = lock(&self.permit_debt);
@@ -1232,7 +1290,32 @@ struct InFlight {
     last: bool,
     /// True for the first of several chunks of one memtable (the WAL is synced before it commits).
     first_of_split: bool,
+    /// The chunk's object id and input, kept to build it again after a failed attempt.
+    object_id: u64,
+    input: Arc<Vec<chunk::InputExtent>>,
+    /// Attempts so far (at most [`CHUNK_ATTEMPTS`]).
+    attempts: u32,
     task: tokio::task::JoinHandle<Option<Uploaded>>,
+}
+
+/// How often a chunk is built and uploaded before a failure (a panicked or failed build, or a
+/// backend error that is not transient, [`PERMANENT_PUT_RETRIES`] times in a row) fails the
+/// volume instead of being retried again.
+const CHUNK_ATTEMPTS: u32 = 3;
+
+/// Starts building and uploading chunk `object_id` of `input`.
+fn spawn_upload(
+    inner: &Arc<Inner>,
+    object_id: u64,
+    input: Arc<Vec<chunk::InputExtent>>,
+) -> tokio::task::JoinHandle<Option<Uploaded>> {
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let uploaded = upload_chunk(&inner, object_id, input).await;
+        // The flusher schedules the next chunk as soon as this one is out.
+        inner.wake.notify_one();
+        uploaded
+    })
 }
 
 /// A chunk object durable in the backend, ready to commit.
@@ -1283,18 +1366,15 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             for (i, input) in groups.into_iter().enumerate() {
                 let object_id = next_object_id;
                 next_object_id += 1;
-                let inner = inner.clone();
-                let task = tokio::spawn(async move {
-                    let uploaded = upload_chunk(&inner, object_id, input).await;
-                    // The flusher schedules the next chunk as soon as this one is out.
-                    inner.wake.notify_one();
-                    uploaded
-                });
+                let input = Arc::new(input);
                 in_flight.push_back(InFlight {
                     mem: mem.clone(),
                     last: i + 1 == n,
                     first_of_split: i == 0 && n > 1,
-                    task,
+                    object_id,
+                    input: input.clone(),
+                    attempts: 1,
+                    task: spawn_upload(&inner, object_id, input),
                 });
             }
         }
@@ -1331,13 +1411,32 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             done = &mut front.task => done,
             () = inner.wake.notified() => continue,
         };
-        let Some(job) = in_flight.pop_front() else {
+        let Some(mut job) = in_flight.pop_front() else {
             continue;
         };
         let uploaded = match done {
             Ok(Some(u)) => u,
-            // Stopped, or the task failed (already logged): leave everything to the WAL.
-            _ => {
+            _ if inner.stop.load(Ordering::SeqCst) => {
+                abort(in_flight).await;
+                return;
+            }
+            // The build failed or panicked, or the backend refused the PUT for good (logged):
+            // try again, then give up loudly; the data stays in the WAL either way.
+            failed => {
+                if let Err(e) = &failed {
+                    tracing::error!(volume = %inner.id, object_id = job.object_id, error = %e, "chunk task failed");
+                }
+                if job.attempts < CHUNK_ATTEMPTS {
+                    job.attempts += 1;
+                    inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
+                    job.task = spawn_upload(&inner, job.object_id, job.input.clone());
+                    in_flight.push_front(job);
+                    continue;
+                }
+                inner.fail(format!(
+                    "chunk {} of the write buffer failed {} times",
+                    job.object_id, job.attempts
+                ));
                 abort(in_flight).await;
                 return;
             }
@@ -1425,7 +1524,7 @@ async fn compact(
         }
     };
     let moved: u64 = picked.iter().map(|e| e.block_count * BLOCK_SIZE).sum();
-    let Some(up) = upload_chunk(inner, object_id, picked).await else {
+    let Some(up) = upload_chunk(inner, object_id, Arc::new(picked)).await else {
         return (None, cfg.check_interval);
     };
     let Some(next) = commit_chunk(inner, up, state, state.checkpoint, state.max_seq).await else {
@@ -1545,6 +1644,10 @@ async fn abort(in_flight: VecDeque<InFlight>) {
     }
 }
 
+/// Consecutive permanent (not transient) backend errors after which one chunk upload attempt
+/// gives up ([`CHUNK_ATTEMPTS`]).
+const PERMANENT_PUT_RETRIES: u32 = 4;
+
 /// Largest number of extents in one chunk object (bounds the index: 64 Ki x 40 bytes).
 const MAX_CHUNK_EXTENTS: usize = 1 << 16;
 
@@ -1569,7 +1672,7 @@ async fn sync_wal_for_split(inner: &Inner) -> bool {
 async fn upload_chunk(
     inner: &Inner,
     object_id: u64,
-    input: Vec<chunk::InputExtent>,
+    input: Arc<Vec<chunk::InputExtent>>,
 ) -> Option<Uploaded> {
     let opts = inner.config.chunk;
     let tag = inner.id.tag();
@@ -1591,10 +1694,29 @@ async fn upload_chunk(
     let stored_bytes = object.len() as u64;
     let _slot = inner.upload_slots.acquire().await.ok()?;
     let started = Instant::now();
+    // Transient errors (outages, throttling, a full disk) are retried until they pass; an error
+    // the backend calls permanent (denied, I/O error) a few times in a row ends this attempt.
+    let permanent = std::sync::atomic::AtomicU32::new(0);
     retry_until_stopped(inner, "chunk upload", &key, false, || {
-        inner.backend.put(&key, object.clone())
+        let put = inner.backend.put(&key, object.clone());
+        let permanent = &permanent;
+        async move {
+            match put.await {
+                Err(e) if !e.is_transient() => {
+                    if permanent.fetch_add(1, Ordering::Relaxed) + 1 >= PERMANENT_PUT_RETRIES {
+                        return Ok(Err(e));
+                    }
+                    Err(e)
+                }
+                other => other.map(Ok),
+            }
+        }
     })
-    .await?;
+    .await?
+    .map_err(|e| {
+        tracing::error!(volume = %inner.id, key, error = %e, "chunk upload refused for good");
+    })
+    .ok()?;
     crate::crash_point!("chunk-uploaded");
     inner.upload_seconds.record(started.elapsed());
     inner.object_buffers.give(object);

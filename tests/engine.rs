@@ -32,6 +32,20 @@ async fn crashed_volume_with_records(
     VolumeId,
     std::path::PathBuf,
 ) {
+    crashed_volume_with_unsynced_records(n, 0).await
+}
+
+/// Writes `n` flushed blocks, then `unsynced` more without a flush, crashes, and returns (dir,
+/// id, segment file holding the records).
+async fn crashed_volume_with_unsynced_records(
+    n: u64,
+    unsynced: u64,
+) -> (
+    tempfile::TempDir,
+    vblock::backend::SharedBackend,
+    VolumeId,
+    std::path::PathBuf,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let backend = common::memory_backend();
     let mut config = common::small_config(dir.path());
@@ -53,6 +67,11 @@ async fn crashed_volume_with_records(
             .expect("write");
     }
     vol.flush().await.expect("flush");
+    for i in n..n + unsynced {
+        vol.write(i * 4096, block(i as u8 + 1), false)
+            .await
+            .expect("write");
+    }
     drop(vol);
     engine.simulate_crash().await;
     let segs = segments(dir.path(), &id);
@@ -65,7 +84,17 @@ async fn reopen(
     backend: &vblock::backend::SharedBackend,
     id: &VolumeId,
 ) -> Result<(vblock::Engine, vblock::Volume), VolumeError> {
+    reopen_with(dir, backend, id, vblock::wal::WalRecovery::default()).await
+}
+
+async fn reopen_with(
+    dir: &std::path::Path,
+    backend: &vblock::backend::SharedBackend,
+    id: &VolumeId,
+    mode: vblock::wal::WalRecovery,
+) -> Result<(vblock::Engine, vblock::Volume), VolumeError> {
     let mut config = common::small_config(dir);
+    config.volume.wal_recovery = mode;
     config.volume.idle_flush = Duration::from_secs(3600);
     config.volume.chunk_bytes = 1 << 20;
     let engine = vblock::Engine::open(config, backend.clone()).await?;
@@ -75,14 +104,24 @@ async fn reopen(
 
 const RECORD: u64 = 44 + 4096;
 
+/// Offsets of the data records (not sync notes) in a segment file.
+fn data_records(bytes: &[u8]) -> Vec<usize> {
+    vblock::wal::scan_segment(bytes)
+        .records
+        .iter()
+        .filter(|(_, h)| h.kind != vblock::wal::RecordKind::SyncNote)
+        .map(|(off, _)| *off as usize)
+        .collect()
+}
+
+/// A flipped bit in the last record, which was never synced, is a torn tail: cut off, the
+/// records before it read back.
 #[test]
-fn flipped_bit_in_tail_record_is_truncated() {
+fn flipped_bit_in_unsynced_tail_record_is_truncated() {
     common::run(Duration::from_secs(30), async {
-        let (dir, backend, id, seg) = crashed_volume_with_records(4).await;
+        let (dir, backend, id, seg) = crashed_volume_with_unsynced_records(3, 1).await;
         let mut bytes = std::fs::read(&seg).expect("read");
-        // Segments are written in whole pages, zero-padded after the last record.
-        assert_eq!(bytes.len() as u64, (32 + 4 * RECORD).next_multiple_of(4096));
-        let last = 32 + 3 * RECORD as usize;
+        let last = data_records(&bytes)[3];
         bytes[last + 100] ^= 0x04;
         std::fs::write(&seg, &bytes).expect("write");
         let (engine, vol) = reopen(dir.path(), &backend, &id)
@@ -102,6 +141,53 @@ fn flipped_bit_in_tail_record_is_truncated() {
             std::fs::metadata(&seg).expect("meta").len(),
             last as u64,
             "tail cut off"
+        );
+        drop(vol);
+        engine.close_all().await;
+    });
+}
+
+/// A flipped bit in the last record of a flushed batch: the sync note the WAL wrote after the
+/// flush says it was synced, so the default mode refuses to open instead of silently dropping an
+/// acknowledged write; `tolerate-any-corruption` (the operator's choice) cuts it off.
+#[test]
+fn flipped_bit_in_synced_tail_record_refuses_unless_told_to_cut() {
+    common::run(Duration::from_secs(30), async {
+        let (dir, backend, id, seg) = crashed_volume_with_records(4).await;
+        let mut bytes = std::fs::read(&seg).expect("read");
+        let last = data_records(&bytes)[3];
+        bytes[last + 100] ^= 0x04;
+        std::fs::write(&seg, &bytes).expect("write");
+        for mode in [
+            vblock::wal::WalRecovery::TolerateTailCorruption,
+            vblock::wal::WalRecovery::AbsoluteConsistency,
+        ] {
+            match reopen_with(dir.path(), &backend, &id, mode).await {
+                Err(VolumeError::Wal(vblock::wal::WalError::Corrupt { offset, .. })) => {
+                    assert_eq!(offset, last as u64, "{mode:?}")
+                }
+                Err(e) => panic!("{mode:?}: wrong error: {e}"),
+                Ok(_) => panic!("{mode:?}: a synced record's damage must not be cut silently"),
+            }
+            assert_eq!(std::fs::read(&seg).expect("read"), bytes, "nothing cut");
+        }
+        let (engine, vol) = reopen_with(
+            dir.path(),
+            &backend,
+            &id,
+            vblock::wal::WalRecovery::TolerateAnyCorruption,
+        )
+        .await
+        .expect("the operator's mode cuts");
+        for i in 0..3u64 {
+            assert_eq!(
+                vol.read(i * 4096, 4096).await.expect("read"),
+                block(i as u8 + 1)
+            );
+        }
+        assert_eq!(
+            vol.read(3 * 4096, 4096).await.expect("read"),
+            Bytes::from(vec![0u8; 4096])
         );
         drop(vol);
         engine.close_all().await;
@@ -735,4 +821,85 @@ fn a_slow_upload_does_not_hold_back_the_chunks_behind_it() {
         drop(vol);
         engine.close_all().await;
     });
+}
+
+/// What the flusher's uploads run into in [`a_flusher_that_cannot_store_chunks_fails_the_volume`].
+#[derive(Default)]
+struct BrokenUploads {
+    /// 1: every chunk PUT panics (a bug in the upload path); 2: every chunk PUT is refused with
+    /// an error the backend calls permanent (access denied); 0: PUTs work.
+    mode: std::sync::atomic::AtomicU8,
+}
+
+#[async_trait::async_trait]
+impl common::Hooks for BrokenUploads {
+    async fn before_put(&self, key: &str) {
+        if key.contains("/chunks/") && self.mode.load(Ordering::SeqCst) == 1 {
+            panic!("injected upload panic");
+        }
+    }
+    fn refuse_put(&self, key: &str) -> Option<vblock::backend::BackendError> {
+        (key.contains("/chunks/") && self.mode.load(Ordering::SeqCst) == 2).then(|| {
+            vblock::backend::BackendError::Io {
+                key: key.to_owned(),
+                message: "AccessDenied".into(),
+                transient: false,
+            }
+        })
+    }
+}
+
+/// A flusher whose chunk uploads panic or are refused for good does not leave the volume
+/// hanging: after a few attempts the volume fails loudly (writes, flushes and persists return
+/// `VolumeError::Failed`, which NBD answers with `NBD_EIO`), reads go on, and a reopen once the
+/// backend works again replays the WAL with every acknowledged write.
+#[test]
+fn a_flusher_that_cannot_store_chunks_fails_the_volume() {
+    for mode in [1u8, 2] {
+        common::run(Duration::from_secs(60), async move {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let hooked = common::HookedBackend::new(BrokenUploads::default());
+            let backend: vblock::backend::SharedBackend = hooked.clone();
+            let engine = common::open_engine(dir.path(), &backend).await;
+            let id = engine
+                .create_volume(1 << 20, "broken")
+                .await
+                .expect("create")
+                .volume_id;
+            let vol = engine.volume(&id).await.expect("open");
+            vol.write(0, block(1), false).await.expect("write");
+            vol.persist_buffer().await.expect("chunks work at first");
+
+            hooked.hooks.mode.store(mode, Ordering::SeqCst);
+            vol.write(4096, block(2), true).await.expect("write");
+            match vol.persist_buffer().await {
+                Err(VolumeError::Failed(_)) => {}
+                other => panic!("mode {mode}: persist after the flusher gave up: {other:?}"),
+            }
+            assert!(vol.failed().is_some());
+            for i in 2..8u64 {
+                assert!(
+                    matches!(
+                        vol.write(i * 4096, block(3), false).await,
+                        Err(VolumeError::Failed(_))
+                    ),
+                    "mode {mode}: writes are refused"
+                );
+            }
+            assert!(matches!(vol.flush().await, Err(VolumeError::Failed(_))));
+            assert_eq!(vol.read(0, 4096).await.expect("read"), block(1));
+            assert_eq!(vol.read(4096, 4096).await.expect("read"), block(2));
+
+            hooked.hooks.mode.store(0, Ordering::SeqCst);
+            drop(vol);
+            engine.simulate_crash().await;
+            let engine = common::open_engine(dir.path(), &backend).await;
+            let vol = engine.volume(&id).await.expect("reopen");
+            assert!(vol.failed().is_none());
+            assert_eq!(vol.read(4096, 4096).await.expect("read"), block(2));
+            vol.persist_buffer().await.expect("chunks work again");
+            drop(vol);
+            engine.close_all().await;
+        });
+    }
 }

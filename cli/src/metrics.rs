@@ -97,6 +97,10 @@ fn describe() {
     );
     describe_gauge!("vblock_wal_segments", "WAL segment files on disk.");
     describe_gauge!(
+        "vblock_volume_failed",
+        "1 once the volume refuses writes and flushes until it is reopened (a failed WAL fdatasync, or a permanent flusher failure; the log says which)."
+    );
+    describe_gauge!(
         "vblock_wal_unwritten_bytes",
         Unit::Bytes,
         "Records appended but not yet written to a segment (grows while the WAL disk is full)."
@@ -324,6 +328,8 @@ async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) -> Dura
         gauge!("vblock_buffer_capacity_bytes", "volume" => v.clone()).set(buffer_capacity as f64);
         gauge!("vblock_wal_pending_bytes", "volume" => v.clone()).set(load(&w.disk_bytes) as f64);
         gauge!("vblock_wal_segments", "volume" => v.clone()).set(load(&w.segments) as f64);
+        let failed = if vol.failed().is_some() { 1.0 } else { 0.0 };
+        gauge!("vblock_volume_failed", "volume" => v.clone()).set(failed);
         gauge!("vblock_wal_unwritten_bytes", "volume" => v.clone())
             .set(load(&w.unwritten_bytes) as f64);
         counter!("vblock_wal_fsyncs_total", "volume" => v.clone()).absolute(load(&w.fsyncs));

@@ -43,6 +43,14 @@ pub struct DataDir {
     /// WAL directory (default DATA_DIR/wal).
     #[arg(long, env = "VBLOCK_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
+    /// What WAL replay does with a bad record when a volume is opened (as `vblock serve`'s
+    /// flag; docs/RELIABILITY.md, "WAL recovery modes").
+    #[arg(
+        long,
+        env = "VBLOCK_WAL_RECOVERY_MODE",
+        default_value = "tolerate-tail-corruption"
+    )]
+    pub wal_recovery_mode: vblock::wal::WalRecovery,
 }
 
 impl DataDir {
@@ -65,6 +73,7 @@ impl DataDir {
     async fn engine_with(&self, backend: SharedBackend) -> Result<Engine, OfflineError> {
         let mut c = EngineConfig::new(&self.data_dir);
         c.wal_dir = self.wal_dir();
+        c.volume.wal_recovery = self.wal_recovery_mode;
         Engine::open(c, backend).await.map_err(msg)
     }
 }
@@ -224,7 +233,11 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                 let bytes = std::fs::read(f).map_err(msg)?;
                 let scan = vblock::wal::scan_segment(&bytes);
                 if first_seq.is_none() {
-                    first_seq = scan.records.first().map(|(_, h)| h.seq);
+                    first_seq = scan
+                        .records
+                        .iter()
+                        .find(|(_, h)| h.kind != vblock::wal::RecordKind::SyncNote)
+                        .map(|(_, h)| h.seq);
                 }
                 let last = i + 1 == files.len();
                 if let Err(e) = scan.header {
@@ -361,6 +374,8 @@ pub struct RecoverArgs {
 /// Disaster recovery into a (new, empty) data directory: rebuilds the metadata of every volume
 /// found in the backend from its chunk objects (docs/FORMAT.md, "Recovery"), with a progress bar
 /// over the chunk objects. `vblock serve` does the same by itself on an empty data directory.
+/// Then opens and closes every volume with the data directory's WAL, so its replay runs under
+/// `--wal-recovery-mode` (`tolerate-any-corruption` cuts a WAL damaged in the middle).
 pub async fn recover(a: RecoverArgs) -> Result<(), OfflineError> {
     let backend = crate::serve::backend(&a.store, &a.dir.data_dir)
         .await
@@ -382,6 +397,19 @@ pub async fn recover(a: RecoverArgs) -> Result<(), OfflineError> {
         println!("recovered {id}");
     }
     println!("recover: {} volume(s) recovered", recovered.len());
+    let vols = engine.list_records().await.map_err(msg)?;
+    for rec in &vols {
+        let id = &rec.volume_id;
+        engine
+            .volume(id)
+            .await
+            .map_err(|e| msg(format!("{id}: {e}")))?;
+        println!(
+            "replayed {id} (WAL recovery mode {})",
+            a.dir.wal_recovery_mode.name()
+        );
+    }
+    engine.close_all().await;
     Ok(())
 }
 

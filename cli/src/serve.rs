@@ -121,6 +121,17 @@ pub struct ServeArgs {
     /// WAL segment size.
     #[arg(long, env = "VBLOCK_WAL_SEGMENT_SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub wal_segment_size: u64,
+    /// What WAL replay does with a record that fails verification: `tolerate-tail-corruption`
+    /// (cut a torn tail the WAL never recorded as synced; refuse damage to synced records),
+    /// `absolute-consistency` (refuse any damage that valid records follow), or
+    /// `tolerate-any-corruption` (cut at the first bad record even if synced records follow: an
+    /// operator's last resort). docs/RELIABILITY.md, "WAL recovery modes".
+    #[arg(
+        long,
+        env = "VBLOCK_WAL_RECOVERY_MODE",
+        default_value = "tolerate-tail-corruption"
+    )]
+    pub wal_recovery_mode: vblock::wal::WalRecovery,
     /// Chunk objects built and uploaded at once per volume.
     #[arg(long, env = "VBLOCK_UPLOAD_CONCURRENCY", default_value = "4")]
     pub upload_concurrency: usize,
@@ -188,6 +199,7 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c.volume.wal_segment_bytes = a.wal_segment_size;
     c.volume.chunk.frame_blocks = (a.frame_size / vblock::block::BLOCK_SIZE) as u32;
     c.volume.upload_concurrency = a.upload_concurrency.max(1);
+    c.volume.wal_recovery = a.wal_recovery_mode;
     c.volume.compaction = vblock::volume::CompactionConfig {
         threshold_percent: a.compaction_threshold,
         rate_bytes_per_sec: a.compaction_rate.max(1),

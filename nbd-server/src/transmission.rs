@@ -71,7 +71,8 @@ pub fn errno(e: &VolumeError) -> u32 {
         VolumeError::Wal(_)
         | VolumeError::Meta(_)
         | VolumeError::Backend(_)
-        | VolumeError::Chunk { .. } => NBD_EIO,
+        | VolumeError::Chunk { .. }
+        | VolumeError::Failed(_) => NBD_EIO,
     }
 }
 

@@ -1,7 +1,8 @@
 //! File backend: one file per object under a root directory.
 //!
-//! `put` writes `KEY.tmp-RANDOM`, `fsync`s it, renames it over `KEY` and `fsync`s the directory,
-//! so an object is either wholly present or absent after a crash; the daemon deletes the
+//! `put` writes `KEY.tmp-RANDOM`, `fsync`s it, renames it over `KEY` and `fsync`s the directory
+//! (a directory it had to create is `fsync`ed into its parent first), so an object is either
+//! wholly present or absent after a crash or a power loss; the daemon deletes the
 //! temporary files of interrupted puts at start ([`remove_leftover_temp_files`]). All file I/O
 //! runs on tokio's blocking pool.
 //!
@@ -9,7 +10,6 @@
 //! used to spend more time in `open`/`fstat`/`close` than in `pread`. `put` and `delete` drop a
 //! key's open file, so a deleted object's space is freed once in-flight reads finish.
 
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{check_key, check_range, Backend, BackendError};
+use crate::fs::Fs;
 
 /// Objects kept open for ranged reads (file descriptors).
 pub const OPEN_FILES: usize = 128;
@@ -29,6 +30,7 @@ type OpenObject = Arc<(std::fs::File, u64)>;
 #[derive(Clone)]
 pub struct FileBackend {
     root: PathBuf,
+    fs: Fs,
     open: Arc<quick_cache::sync::Cache<String, OpenObject>>,
 }
 
@@ -43,10 +45,17 @@ impl std::fmt::Debug for FileBackend {
 impl FileBackend {
     /// A backend rooted at `root` (created if missing).
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, BackendError> {
+        Self::with_fs(root, Fs::Real)
+    }
+
+    /// A backend rooted at `root` that writes through `fs` (the power-loss simulator in tests).
+    pub fn with_fs(root: impl Into<PathBuf>, fs: Fs) -> Result<Self, BackendError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|e| io_err(&root.display().to_string(), e))?;
+        fs.create_dir_all(&root)
+            .map_err(|e| io_err(&root.display().to_string(), e))?;
         Ok(Self {
             root,
+            fs,
             open: Arc::new(quick_cache::sync::Cache::new(OPEN_FILES)),
         })
     }
@@ -105,29 +114,26 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 #[async_trait]
 impl Backend for FileBackend {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
         let path = self.path(key)?;
         self.open.remove(key);
         let k = key.to_owned();
+        let fs = self.fs.clone();
         blocking(key, move || {
             let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
-            std::fs::create_dir_all(&dir).map_err(|e| io_err(&k, e))?;
+            fs.create_dir_all(&dir).map_err(|e| io_err(&k, e))?;
             let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
             let result = (|| {
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&data)?;
+                let f = fs.create(&tmp)?;
+                f.write_all_at(&data, 0)?;
                 f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                fsync_dir(&dir)
+                fs.rename(&tmp, &path)?;
+                fs.sync_dir(&dir)
             })();
             if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
+                let _ = fs.remove_file(&tmp);
             }
             result.map_err(|e| io_err(&k, e))
         })
@@ -156,8 +162,9 @@ impl Backend for FileBackend {
         self.open.remove(key);
         let k = key.to_owned();
         let open = self.open.clone();
+        let fs = self.fs.clone();
         blocking(key, move || {
-            let r = match std::fs::remove_file(&path) {
+            let r = match fs.remove_file(&path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(io_err(&k, e)),

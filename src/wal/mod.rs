@@ -23,6 +23,8 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::fs::Fs;
+
 pub use record::{DecodeError, RecordHeader, RecordKind};
 pub use replay::ReplayReport;
 
@@ -36,6 +38,65 @@ pub struct WalConfig {
     pub segment_bytes: u64,
     /// Owner's name (the VolumeId) for the `volume` label of the WAL's metrics.
     pub name: String,
+    /// What replay does with a record that fails verification (default
+    /// [`WalRecovery::TolerateTailCorruption`]).
+    pub recovery: WalRecovery,
+    /// The file system segments are written through ([`Fs::Real`] but in power-loss tests).
+    pub fs: Fs,
+}
+
+/// What replay does with a record that fails verification. The modes are raft-engine's
+/// (`RecoveryMode`); docs/RELIABILITY.md, "WAL recovery modes", says when to use which.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WalRecovery {
+    /// The default. A bad record is a torn tail, cut off with a warning, when nothing the WAL
+    /// recorded says it was synced: no valid record follows it in a later segment, and no sync
+    /// note after it in its segment covers its sequence number (FORMAT.md, "Replay"). Otherwise
+    /// the volume does not open ([`WalError::Corrupt`]).
+    #[default]
+    TolerateTailCorruption,
+    /// A bad record is a torn tail only when no valid record (data or sync note) follows it
+    /// anywhere; any other damage refuses the open, even in records never synced.
+    AbsoluteConsistency,
+    /// The operator's last resort: the log is cut at the first bad record, whatever follows it
+    /// (synced records included; each cut is logged as an error). The volume then holds a
+    /// prefix of its writes.
+    TolerateAnyCorruption,
+}
+
+impl WalRecovery {
+    /// The mode's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TolerateTailCorruption => "tolerate-tail-corruption",
+            Self::AbsoluteConsistency => "absolute-consistency",
+            Self::TolerateAnyCorruption => "tolerate-any-corruption",
+        }
+    }
+
+    /// Every mode, in the order of [`WalRecovery::name`]'s documentation.
+    pub const ALL: [Self; 3] = [
+        Self::TolerateTailCorruption,
+        Self::AbsoluteConsistency,
+        Self::TolerateAnyCorruption,
+    ];
+}
+
+impl std::str::FromStr for WalRecovery {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+                format!(
+                    "unknown WAL recovery mode {s:?} (one of {})",
+                    names.join(", ")
+                )
+            })
+    }
 }
 
 /// Errors of the WAL layer. Cloneable so one failure can answer every waiter of a group commit.
@@ -152,19 +213,37 @@ pub struct WalStats {
 /// chunks) and only syncs report the error.
 pub const MAX_UNWRITTEN_BYTES: u64 = 32 << 20;
 
-/// The writer's last segment-write failure, cleared by the next successful write.
+/// The writer's last segment-write failure, cleared by the next successful write; or its fatal
+/// failure (a failed `fdatasync`), which nothing clears.
 #[derive(Debug, Default)]
 pub(crate) struct WriteHealth {
     failing: std::sync::atomic::AtomicBool,
+    fatal: std::sync::atomic::AtomicBool,
     error: Mutex<Option<WalError>>,
 }
 
 impl WriteHealth {
     pub(crate) fn set(&self, e: Option<WalError>) {
+        if self.is_fatal() {
+            return;
+        }
         self.failing.store(e.is_some(), Ordering::Relaxed);
         if let Ok(mut g) = self.error.lock() {
             *g = e;
         }
+    }
+
+    /// From now on every append fails with `e`.
+    pub(crate) fn set_fatal(&self, e: WalError) {
+        if let Ok(mut g) = self.error.lock() {
+            *g = Some(e);
+        }
+        self.fatal.store(true, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_fatal(&self) -> bool {
+        self.fatal.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_failing(&self) -> bool {
@@ -227,8 +306,24 @@ impl Wal {
         checkpoint: u64,
         apply: impl FnMut(&RecordHeader, Bytes),
     ) -> Result<(Self, ReplayReport), WalError> {
-        std::fs::create_dir_all(&config.dir).map_err(|e| WalError::io(&config.dir, e))?;
-        let replayed = replay::replay(&config.dir, volume_tag, checkpoint, apply)?;
+        config
+            .fs
+            .create_dir_all(&config.dir)
+            .map_err(|e| WalError::io(&config.dir, e))?;
+        let replayed = replay::replay(config, volume_tag, checkpoint, apply)?;
+        // The replayed records may still sit only in the page cache (written before a kill -9 and
+        // never synced). New records go to a new segment whose syncs cover only itself, so make
+        // the old ones durable now: once a later flush returns, a power loss must not tear them
+        // (README, "Durability").
+        for seg in &replayed.segments {
+            let path = segment_path(&config.dir, seg.no);
+            config
+                .fs
+                .open_write(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| WalError::io(&path, e))?;
+        }
+        fsync_dir(&config.fs, &config.dir)?;
         let report = replayed.report.clone();
         let stats = Arc::new(WalStats::default());
         let durable = Arc::new(Mutex::new(DurablePosition::default()));
@@ -236,8 +331,7 @@ impl Wal {
         let writer = writer::Writer::start(
             config,
             volume_tag,
-            replayed.segments,
-            replayed.trimmed_through,
+            replayed,
             stats.clone(),
             durable.clone(),
             health.clone(),
@@ -264,11 +358,14 @@ impl Wal {
     /// `payload.len()` must equal `header.payload_len`.
     ///
     /// Errors: [`WalError::Closed`]; while segment writes fail, the write's error (e.g. `ENOSPC`,
-    /// see [`WalError::is_no_space`]) once [`MAX_UNWRITTEN_BYTES`] wait unwritten.
+    /// see [`WalError::is_no_space`]) once [`MAX_UNWRITTEN_BYTES`] wait unwritten; after a failed
+    /// `fdatasync` ([`Wal::failed`]), that error, always.
     pub fn append(&self, header: RecordHeader, payload: Bytes) -> Result<(), WalError> {
         let len = (record::RECORD_HEADER_LEN + payload.len()) as u64;
         if let Some(e) = self.health.error() {
-            if self.stats.unwritten_bytes.load(Ordering::Relaxed) + len > MAX_UNWRITTEN_BYTES {
+            if self.health.is_fatal()
+                || self.stats.unwritten_bytes.load(Ordering::Relaxed) + len > MAX_UNWRITTEN_BYTES
+            {
                 return Err(e);
             }
         }
@@ -300,6 +397,12 @@ impl Wal {
     pub fn trim(&self, checkpoint: u64) {
         // A stopped writer has nothing left to trim; the next open replays past the checkpoint.
         let _ = self.tx.send(Command::Trim(checkpoint));
+    }
+
+    /// True once an `fdatasync` failed: every append, sync and flush fails until the volume is
+    /// reopened (the page cache can no longer be trusted; "fsyncgate").
+    pub fn failed(&self) -> bool {
+        self.health.is_fatal()
     }
 
     /// Counters.
@@ -365,16 +468,15 @@ pub fn map_behind(checkpoint: u64, trimmed_through: u64, first_seq: Option<u64>)
 
 /// Durably replaces the trim mark with `trimmed_through` (write a temporary file, `fsync`,
 /// rename, `fsync` the directory): call before deleting the segments it covers.
-pub(crate) fn write_trim_mark(dir: &Path, trimmed_through: u64) -> Result<(), WalError> {
-    use std::io::Write;
+pub(crate) fn write_trim_mark(fs: &Fs, dir: &Path, trimmed_through: u64) -> Result<(), WalError> {
     let path = trim_mark_path(dir);
     let tmp = dir.join("trimmed.mark.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| WalError::io(&tmp, e))?;
-    f.write_all(&record::encode_trim_mark(trimmed_through))
+    let f = fs.create(&tmp).map_err(|e| WalError::io(&tmp, e))?;
+    f.write_all_at(&record::encode_trim_mark(trimmed_through), 0)
         .and_then(|()| f.sync_all())
         .map_err(|e| WalError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| WalError::io(&path, e))?;
-    fsync_dir(dir)
+    fs.rename(&tmp, &path).map_err(|e| WalError::io(&path, e))?;
+    fsync_dir(fs, dir)
 }
 
 /// Segment numbers present in `dir`, ascending.
@@ -394,10 +496,8 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, WalError> {
     Ok(out)
 }
 
-pub(crate) fn fsync_dir(dir: &Path) -> Result<(), WalError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| WalError::io(dir, e))
+pub(crate) fn fsync_dir(fs: &Fs, dir: &Path) -> Result<(), WalError> {
+    fs.sync_dir(dir).map_err(|e| WalError::io(dir, e))
 }
 
 /// Keeps a counter in step.
@@ -474,6 +574,8 @@ mod tests {
             dir: dir.join("wal"),
             segment_bytes: 1 << 16,
             name: "test".into(),
+            recovery: WalRecovery::default(),
+            fs: Fs::Real,
         }
     }
 

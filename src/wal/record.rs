@@ -9,6 +9,10 @@
 //! whole 4 KiB pages and may be preallocated: after the last record the file holds zero bytes
 //! up to its end ([`is_padding`]); version 1 segments (read still) end after their last record.
 //!
+//! Record kinds: 1 write, 2 zero, 3 sync note (no blocks, no payload; `seq` = highest sequence
+//! number synced when it was written; never applied, read by replay to tell damage from a torn
+//! tail).
+//!
 //! Record header (44 bytes), followed by `payload_len` bytes of payload:
 //! `magic u32 = "VBWL" | version u8 | kind u8 | flags u16 | seq u64 | volume_tag u64 |
 //!  start_block u64 | block_count u32 | payload_len u32 | crc32 u32`
@@ -52,6 +56,10 @@ pub enum RecordKind {
     Write = 1,
     /// The range reads as zeros from now on (trim or write-zeroes); no payload.
     Zero = 2,
+    /// Not a write: `seq` is the highest sequence number that was on stable storage when this
+    /// record was written (every record up to it was synced). No blocks, no payload. Replay reads
+    /// these to tell a torn tail from damage to synced records (FORMAT.md, "Replay").
+    SyncNote = 3,
 }
 
 /// A decoded record header.
@@ -283,18 +291,17 @@ impl RecordHeader {
         let kind = match b[5] {
             1 => RecordKind::Write,
             2 => RecordKind::Zero,
+            3 => RecordKind::SyncNote,
             k => return Err(DecodeError::BadKind(k)),
         };
         let block_count = u32_at(b, 32);
         let payload_len = u32_at(b, 36);
-        let expected = match kind {
-            RecordKind::Write => u64::from(block_count) * BLOCK_SIZE,
-            RecordKind::Zero => 0,
+        let (expected, blocks_ok) = match kind {
+            RecordKind::Write => (u64::from(block_count) * BLOCK_SIZE, block_count > 0),
+            RecordKind::Zero => (0, block_count > 0),
+            RecordKind::SyncNote => (0, block_count == 0),
         };
-        if block_count == 0
-            || u64::from(payload_len) != expected
-            || payload_len > MAX_RECORD_PAYLOAD
-        {
+        if !blocks_ok || u64::from(payload_len) != expected || payload_len > MAX_RECORD_PAYLOAD {
             return Err(DecodeError::BadLength {
                 block_count,
                 payload_len,
@@ -310,6 +317,19 @@ impl RecordHeader {
             payload_len,
         };
         Ok((header, u32_at(b, 40)))
+    }
+
+    /// A sync note of volume `volume_tag`: every record up to `synced_seq` is on stable storage.
+    pub fn sync_note(volume_tag: u64, synced_seq: u64) -> Self {
+        Self {
+            kind: RecordKind::SyncNote,
+            flags: 0,
+            seq: synced_seq,
+            volume_tag,
+            start_block: 0,
+            block_count: 0,
+            payload_len: 0,
+        }
     }
 
     /// Total bytes of header plus payload.

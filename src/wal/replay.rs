@@ -1,6 +1,6 @@
 //! WAL replay on open: verify every record, hand the ones past the checkpoint to the engine,
-//! truncate a torn tail, refuse corruption that valid records follow, and refuse a map whose
-//! checkpoint is behind what the WAL already trimmed.
+//! truncate a torn tail, refuse corruption that synced records follow (as the recovery mode
+//! says), and refuse a map whose checkpoint is behind what the WAL already trimmed.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -9,10 +9,12 @@ use bytes::Bytes;
 
 use super::record::{
     decode_record, decode_segment_header, is_padding, segment_version, DecodeError, RecordHeader,
-    RECORD_MAGIC, SEGMENT_HEADER_LEN,
+    RecordKind, RECORD_MAGIC, SEGMENT_HEADER_LEN,
 };
 use super::writer::SegmentInfo;
-use super::{fsync_dir, list_segments, read_trim_mark, segment_path, WalError};
+use super::WalRecovery;
+use super::{fsync_dir, list_segments, read_trim_mark, segment_path, WalConfig, WalError};
+use crate::fs::Fs;
 
 /// What replay found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub struct ReplayReport {
     pub max_seq: u64,
     /// Bytes cut off a torn tail (0 if the log ended cleanly).
     pub truncated_bytes: u64,
+    /// Sync notes read (records saying how far the log was synced; FORMAT.md, "Record").
+    pub sync_notes: u64,
 }
 
 pub(crate) struct Replayed {
@@ -42,11 +46,14 @@ struct Segment {
 }
 
 pub(crate) fn replay(
-    dir: &Path,
+    config: &WalConfig,
     volume_tag: u64,
     checkpoint: u64,
     mut apply: impl FnMut(&RecordHeader, Bytes),
 ) -> Result<Replayed, WalError> {
+    let dir = &config.dir;
+    let fs = &config.fs;
+    let mode = config.recovery;
     let trimmed_through = read_trim_mark(dir)?;
     let mut segments = Vec::new();
     for no in list_segments(dir)? {
@@ -77,14 +84,14 @@ pub(crate) fn replay(
             }
             Ok(_) => {}
             Err(reason) => {
-                if valid_record_follows(&segments, i, 0, last_seq, volume_tag) {
+                if refuse(mode, &segments, i, 0, last_seq, volume_tag).0 {
                     return Err(WalError::Corrupt {
                         path,
                         offset: 0,
                         reason,
                     });
                 }
-                report.truncated_bytes += cut_tail(dir, &segments, i, 0)?;
+                report.truncated_bytes += cut_tail(fs, dir, &segments, i, 0)?;
                 break;
             }
         }
@@ -98,6 +105,11 @@ pub(crate) fn replay(
         let mut torn = false;
         while off < seg.data.len() {
             match decode_record(&seg.data[off..]) {
+                Ok((h, _)) if h.kind == RecordKind::SyncNote && h.volume_tag == volume_tag => {
+                    // Not a write: only evidence of what was synced, read again on a bad record.
+                    report.sync_notes += 1;
+                    off += h.record_len();
+                }
                 Ok((h, _)) if h.volume_tag != volume_tag || h.seq <= last_seq => {
                     let reason = if h.volume_tag != volume_tag {
                         DecodeError::BadMagic(RECORD_MAGIC)
@@ -131,21 +143,33 @@ pub(crate) fn replay(
                     break;
                 }
                 Err(reason) => {
-                    if hides_records(&segments, i, off, last_seq, volume_tag, padded) {
+                    let (refuse, synced) = refuse(mode, &segments, i, off, last_seq, volume_tag);
+                    if refuse {
                         return Err(WalError::Corrupt {
                             path,
                             offset: off as u64,
                             reason,
                         });
                     }
-                    let cut = cut_tail(dir, &segments, i, off)?;
-                    tracing::warn!(
-                        path = %path.display(),
-                        offset = off,
-                        bytes = cut,
-                        %reason,
-                        "WAL tail torn: truncated"
-                    );
+                    let cut = cut_tail(fs, dir, &segments, i, off)?;
+                    if synced {
+                        tracing::error!(
+                            path = %path.display(),
+                            offset = off,
+                            bytes = cut,
+                            %reason,
+                            mode = mode.name(),
+                            "WAL corrupt: cut at the bad record, synced records after it dropped"
+                        );
+                    } else {
+                        tracing::warn!(
+                            path = %path.display(),
+                            offset = off,
+                            bytes = cut,
+                            %reason,
+                            "WAL tail torn: truncated"
+                        );
+                    }
                     report.truncated_bytes += cut;
                     torn = true;
                     break;
@@ -174,6 +198,27 @@ pub(crate) fn replay(
     })
 }
 
+/// Whether a bad record at byte `off` of segment `i` refuses the open under `mode`, and whether
+/// the WAL recorded that something at or after it was synced ([`hides_synced_records`]).
+fn refuse(
+    mode: WalRecovery,
+    segments: &[Segment],
+    i: usize,
+    off: usize,
+    last_seq: u64,
+    volume_tag: u64,
+) -> (bool, bool) {
+    let synced = hides_synced_records(segments, i, off, last_seq, volume_tag);
+    let refuse = match mode {
+        WalRecovery::TolerateTailCorruption => synced,
+        WalRecovery::AbsoluteConsistency => {
+            valid_record_follows(segments, i, off + 1, last_seq, volume_tag)
+        }
+        WalRecovery::TolerateAnyCorruption => false,
+    };
+    (refuse, synced)
+}
+
 /// True when a record that verifies, belongs to this volume and continues the sequence exists
 /// anywhere after byte `from` of segment `i` (or in a later segment). Only then is a bad record
 /// "in the middle"; otherwise it is a torn tail.
@@ -191,79 +236,76 @@ fn valid_record_follows(
 }
 
 /// Offset of the first record at or after `from` in `data` that verifies, belongs to this volume
-/// and continues the sequence.
+/// and continues the sequence (a data record above `last_seq`, or a sync note).
 fn next_valid_record(data: &[u8], from: usize, last_seq: u64, volume_tag: u64) -> Option<usize> {
+    valid_records(data, from, volume_tag)
+        .find(|h| h.1.kind == RecordKind::SyncNote || h.1.seq > last_seq)
+        .map(|(at, _)| at)
+}
+
+/// Every record at or after byte `from` of `data` that verifies and belongs to this volume, with
+/// its offset, found by scanning for the record magic at every byte.
+fn valid_records(
+    data: &[u8],
+    from: usize,
+    volume_tag: u64,
+) -> impl Iterator<Item = (usize, RecordHeader)> + '_ {
     let magic = RECORD_MAGIC.to_le_bytes();
-    (from..data.len().saturating_sub(3)).find(|&p| {
-        data[p..p + 4] == magic
-            && matches!(decode_record(&data[p..]),
-                Ok((h, _)) if h.volume_tag == volume_tag && h.seq > last_seq)
+    (from..data.len().saturating_sub(3)).filter_map(move |p| {
+        if data[p..p + 4] != magic {
+            return None;
+        }
+        match decode_record(&data[p..]) {
+            Ok((h, _)) if h.volume_tag == volume_tag => Some((p, h)),
+            _ => None,
+        }
     })
 }
 
-/// Device sector size assumed for torn writes: the smallest unit a power loss leaves either old
-/// or new.
-const SECTOR: usize = 512;
-
-/// True when the bad record at byte `off` of segment `i` may hide records that were synced, so
-/// the volume must not open (FORMAT.md, "WAL replay"): a valid record follows it in a later
-/// segment (a segment is synced whole before the next one starts), or later in this segment —
-/// except, in a `padded` (version 2, preallocated) segment, when a zero sector lies between the
-/// two. Such a segment is overwritten in place, so a power loss during an unsynced write can keep
-/// a later page and lose an earlier one, which then reads as the preallocated zeros; records
-/// after it were never synced either (a sync covers everything written before it).
-fn hides_records(
+/// True when the WAL recorded that something at or after the bad record at byte `off` of
+/// segment `i` was synced, so cutting there would drop acknowledged writes (FORMAT.md, "WAL
+/// replay"): a valid record follows in a later segment (a segment is synced whole before the next
+/// one is written, and replayed segments are synced before new records go to a new one), or a
+/// sync note later in this segment covers a sequence number above `last_seq`, the last good
+/// record's (every record at or after `off` has a higher one).
+fn hides_synced_records(
     segments: &[Segment],
     i: usize,
     off: usize,
     last_seq: u64,
     volume_tag: u64,
-    padded: bool,
 ) -> bool {
     if valid_record_follows(segments, i + 1, 0, last_seq, volume_tag) {
         return true;
     }
-    let data = &segments[i].data[..];
-    let Some(next) = next_valid_record(data, off + 1, last_seq, volume_tag) else {
-        return false;
-    };
-    !(padded && has_zero_sector(data, off, next))
-}
-
-/// True when some device sector overlapping `data[from..to]` is all zeros within that range.
-fn has_zero_sector(data: &[u8], from: usize, to: usize) -> bool {
-    let mut at = from;
-    while at < to {
-        let end = ((at / SECTOR + 1) * SECTOR).min(to);
-        if is_padding(&data[at..end]) {
-            return true;
-        }
-        at = end;
-    }
-    false
+    valid_records(&segments[i].data, off + 1, volume_tag)
+        .any(|(_, h)| h.kind == RecordKind::SyncNote && h.seq > last_seq)
 }
 
 /// Cuts segment `i` at `at` (deleting it when `at` is inside its header) and deletes every later
 /// segment; returns the bytes removed.
-fn cut_tail(dir: &Path, segments: &[Segment], i: usize, at: usize) -> Result<u64, WalError> {
+fn cut_tail(
+    fs: &Fs,
+    dir: &Path,
+    segments: &[Segment],
+    i: usize,
+    at: usize,
+) -> Result<u64, WalError> {
     let mut removed = 0u64;
     for (k, seg) in segments[i..].iter().enumerate() {
         let path = segment_path(dir, seg.no);
         if k == 0 && at >= SEGMENT_HEADER_LEN {
             removed += (seg.data.len() - at) as u64;
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| WalError::io(&path, e))?;
+            let file = fs.open_write(&path).map_err(|e| WalError::io(&path, e))?;
             file.set_len(at as u64)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| WalError::io(&path, e))?;
         } else {
             removed += seg.data.len() as u64;
-            std::fs::remove_file(&path).map_err(|e| WalError::io(&path, e))?;
+            fs.remove_file(&path).map_err(|e| WalError::io(&path, e))?;
         }
     }
-    fsync_dir(dir)?;
+    fsync_dir(fs, dir)?;
     Ok(removed)
 }
 
@@ -273,6 +315,16 @@ mod tests {
     use crate::wal::record::{encode_segment_header, one_block_record, RECORD_HEADER_LEN};
 
     const TAG: u64 = 0x5eed;
+
+    fn config(dir: &Path, recovery: WalRecovery) -> WalConfig {
+        WalConfig {
+            dir: dir.to_owned(),
+            segment_bytes: 64 << 20,
+            name: "test".into(),
+            recovery,
+            fs: Fs::Real,
+        }
+    }
 
     fn record(seq: u64, fill: u8) -> (RecordHeader, Vec<u8>) {
         one_block_record(TAG, seq, fill)
@@ -294,7 +346,8 @@ mod tests {
         for cut in last..full.len() {
             std::fs::write(&seg, &full[..cut]).expect("write segment");
             let mut applied = Vec::new();
-            let replayed = replay(dir.path(), TAG, 0, |h, p| applied.push((h.seq, p)))
+            let cfg = config(dir.path(), WalRecovery::default());
+            let replayed = replay(&cfg, TAG, 0, |h, p| applied.push((h.seq, p)))
                 .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
             let seqs: Vec<u64> = applied.iter().map(|(s, _)| *s).collect();
             assert_eq!(seqs, [1, 2], "cut at {cut}");
@@ -329,8 +382,12 @@ mod tests {
     }
 
     fn replay_seqs(dir: &Path) -> Result<(Vec<u64>, ReplayReport), WalError> {
+        replay_mode(dir, WalRecovery::default())
+    }
+
+    fn replay_mode(dir: &Path, mode: WalRecovery) -> Result<(Vec<u64>, ReplayReport), WalError> {
         let mut seqs = Vec::new();
-        let replayed = replay(dir, TAG, 0, |h, _| seqs.push(h.seq))?;
+        let replayed = replay(&config(dir, mode), TAG, 0, |h, _| seqs.push(h.seq))?;
         Ok((seqs, replayed.report))
     }
 
@@ -359,53 +416,99 @@ mod tests {
         );
     }
 
-    /// In a preallocated segment a power loss during an unsynced write can keep a later page and
-    /// lose an earlier one, which reads as zeros: a bad record holding a zero sector is a torn
-    /// tail even with valid records after it. A bad record without one (a flipped bit) is
-    /// corruption and refuses the open, as is any bad record in a version 1 segment.
+    /// A version 2 segment: header, records 1 and 2, a sync note saying `noted` is synced (none
+    /// for 0), records 3 and 4, zero padding to 64 KiB. Returns the bytes and each data record's
+    /// offset.
+    fn noted_segment(noted: u64) -> (Vec<u8>, Vec<usize>) {
+        let mut seg = encode_segment_header(1, TAG).to_vec();
+        let mut offsets = Vec::new();
+        for seq in 1..=4u64 {
+            if seq == 3 && noted > 0 {
+                seg.extend_from_slice(&RecordHeader::sync_note(TAG, noted).encode(&[]));
+            }
+            offsets.push(seg.len());
+            let (h, p) = record(seq, 0x10 + seq as u8);
+            seg.extend_from_slice(&h.encode(&p));
+            seg.extend_from_slice(&p);
+        }
+        seg.resize(64 << 10, 0);
+        (seg, offsets)
+    }
+
+    /// Damage to a record that a later sync note covers is corruption: it refuses the open in
+    /// every mode but `TolerateAnyCorruption`, which cuts there. Damage no note covers (a torn
+    /// write of a batch never synced, whatever its bytes: flipped bits or zero sectors) is a torn
+    /// tail in the default mode, and refused under `AbsoluteConsistency` when valid records follow.
     #[test]
-    fn a_zero_sector_in_a_preallocated_segment_is_a_torn_write() {
+    fn sync_notes_tell_damage_from_a_torn_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = segment_path(dir.path(), 1);
-        let (seg, offsets) = padded_segment(1);
-        // Record 2's payload loses one sector; record 3 after it is intact.
-        let mut torn = seg.clone();
-        let sector = (offsets[1] + RECORD_HEADER_LEN + 1024).next_multiple_of(SECTOR);
-        torn[sector..sector + SECTOR].fill(0);
-        std::fs::write(&path, &torn).expect("write");
-        let (seqs, report) = replay_seqs(dir.path()).expect("a torn write is not corruption");
-        assert_eq!(seqs, [1]);
-        assert_eq!(report.truncated_bytes, (seg.len() - offsets[1]) as u64);
-        assert_eq!(
-            std::fs::metadata(&path).expect("stat").len(),
-            offsets[1] as u64
-        );
+        let damage = |seg: &mut Vec<u8>, at: usize, zeros: bool| {
+            let p = at + RECORD_HEADER_LEN + 1024;
+            if zeros {
+                // A whole zero sector inside the payload: what the old rule took for a torn write.
+                let s = p.next_multiple_of(512);
+                seg[s..s + 512].fill(0);
+            } else {
+                seg[p] ^= 0x20;
+            }
+        };
+        for zeros in [false, true] {
+            // Record 2 damaged; the note after it says 2 was synced.
+            let (mut seg, offsets) = noted_segment(2);
+            damage(&mut seg, offsets[1], zeros);
+            std::fs::write(&path, &seg).expect("write");
+            for mode in [
+                WalRecovery::TolerateTailCorruption,
+                WalRecovery::AbsoluteConsistency,
+            ] {
+                assert!(
+                    matches!(replay_mode(dir.path(), mode), Err(WalError::Corrupt { offset, .. }) if offset == offsets[1] as u64),
+                    "{mode:?} zeros={zeros}: a synced record's damage refuses the open"
+                );
+            }
+            assert_eq!(
+                std::fs::read(&path).expect("read"),
+                seg,
+                "a refused open changes nothing"
+            );
+            let (seqs, report) =
+                replay_mode(dir.path(), WalRecovery::TolerateAnyCorruption).expect("cut");
+            assert_eq!(seqs, [1]);
+            assert_eq!(report.truncated_bytes, (seg.len() - offsets[1]) as u64);
 
-        let mut flipped = seg.clone();
-        flipped[offsets[1] + RECORD_HEADER_LEN + 7] ^= 0x20;
-        std::fs::write(&path, &flipped).expect("write");
-        assert!(matches!(
-            replay_seqs(dir.path()),
-            Err(WalError::Corrupt { offset, .. }) if offset == offsets[1] as u64
-        ));
+            // Record 3 damaged; the note before it covers only 1 and 2: a torn tail.
+            let (mut seg, offsets) = noted_segment(2);
+            damage(&mut seg, offsets[2], zeros);
+            std::fs::write(&path, &seg).expect("write");
+            assert!(matches!(
+                replay_mode(dir.path(), WalRecovery::AbsoluteConsistency),
+                Err(WalError::Corrupt { .. })
+            ));
+            let (seqs, report) = replay_seqs(dir.path()).expect("a torn tail is not corruption");
+            assert_eq!(seqs, [1, 2]);
+            assert_eq!(report.sync_notes, 1);
+            assert_eq!(
+                std::fs::metadata(&path).expect("stat").len(),
+                offsets[2] as u64,
+                "cut at the damaged record"
+            );
 
-        // Version 1 (written by appends, never preallocated): a zero sector is corruption too.
-        let mut v1 = torn.clone();
-        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
-        let crc = crc32fast::hash(&v1[0..24]);
-        v1[24..28].copy_from_slice(&crc.to_le_bytes());
-        v1.truncate(offsets[2] + RECORD_HEADER_LEN + 4096);
-        std::fs::write(&path, &v1).expect("write");
-        assert!(matches!(
-            replay_seqs(dir.path()),
-            Err(WalError::Corrupt { .. })
-        ));
+            // No note at all: nothing says record 2 was synced.
+            let (mut seg, offsets) = noted_segment(0);
+            damage(&mut seg, offsets[1], zeros);
+            std::fs::write(&path, &seg).expect("write");
+            let (seqs, _) = replay_seqs(dir.path()).expect("torn");
+            assert_eq!(seqs, [1]);
+        }
 
-        // A zero sector in a segment that a later segment follows is corruption: segments are
-        // synced whole before the next one starts.
-        std::fs::write(&path, &torn).expect("write");
+        // A bad record with valid records in a later segment is corruption: a segment is synced
+        // whole before the next one is written.
+        let (mut seg, offsets) = noted_segment(0);
+        damage(&mut seg, offsets[2], false);
+        std::fs::write(&path, &seg).expect("write");
         let mut next = encode_segment_header(2, TAG).to_vec();
-        let (h, p) = record(4, 0x44);
+        let (h, p) = record(5, 0x44);
         next.extend_from_slice(&h.encode(&p));
         next.extend_from_slice(&p);
         std::fs::write(segment_path(dir.path(), 2), &next).expect("write");
@@ -429,10 +532,11 @@ mod tests {
             }
             std::fs::write(segment_path(dir.path(), no), seg).expect("write segment");
         };
-        crate::wal::write_trim_mark(dir.path(), 5).expect("mark");
+        crate::wal::write_trim_mark(&Fs::Real, dir.path(), 5).expect("mark");
         let seqs = |checkpoint| {
             let mut applied = Vec::new();
-            replay(dir.path(), TAG, checkpoint, |h, _| applied.push(h.seq)).map(|_| applied)
+            let cfg = config(dir.path(), WalRecovery::default());
+            replay(&cfg, TAG, checkpoint, |h, _| applied.push(h.seq)).map(|_| applied)
         };
         // No records at all: only a map at or past the mark is whole.
         assert_eq!(seqs(5).expect("at the mark"), Vec::<u64>::new());

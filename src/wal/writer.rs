@@ -10,9 +10,7 @@
 //! p50 ~100 us instead of ~230 us as an append (docs/BENCHMARKS.md, "WAL preallocation").
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{IoSlice, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -22,7 +20,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::record::{encode_segment_header, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, WAL_PAGE};
+use crate::fs::{Fs, FsFile};
+
+use super::record::{
+    encode_segment_header, RecordHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, WAL_PAGE,
+};
 use super::{
     bump, fsync_dir, segment_path, Command, DurablePosition, WalConfig, WalError, WalStats,
     WriteHealth,
@@ -95,7 +97,7 @@ impl Batch {
     /// Writes `tail` (the segment's partial last page, which starts at byte `page_at`), then the
     /// batch, then zeros up to a page boundary, with as few `pwritev` calls as the kernel allows.
     /// Returns the new partial last page (the last `(tail + batch) % WAL_PAGE` bytes written).
-    fn write_at(&self, file: &File, page_at: u64, tail: &[u8]) -> std::io::Result<Vec<u8>> {
+    fn write_at(&self, file: &FsFile, page_at: u64, tail: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut slices = Vec::with_capacity(2 * self.large.len() + 3);
         if !tail.is_empty() {
             slices.push(IoSlice::new(tail));
@@ -119,7 +121,7 @@ impl Batch {
         let mut rest = &mut slices[..];
         let mut offset = page_at;
         while !rest.is_empty() {
-            let n = rustix::io::pwritev(file, rest, offset)?;
+            let n = file.write_vectored_at(rest, offset)?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
@@ -185,7 +187,7 @@ impl Waiter {
 /// A segment being preallocated on a helper thread, renamed into place at the next rotation.
 struct Spare {
     no: u64,
-    thread: std::thread::JoinHandle<Result<File, WalError>>,
+    thread: std::thread::JoinHandle<Result<FsFile, WalError>>,
 }
 
 /// A segment known to the writer, with the newest sequence number in it (for trimming).
@@ -198,12 +200,13 @@ pub(crate) struct SegmentInfo {
 }
 
 pub(crate) struct Writer {
+    fs: Fs,
     dir: PathBuf,
     volume_tag: u64,
     segment_bytes: u64,
     /// Closed segments (oldest first) and the open one (last).
     segments: VecDeque<SegmentInfo>,
-    file: File,
+    file: FsFile,
     /// Bytes of the open segment already written to the file.
     written: u64,
     /// The open segment's bytes after its last page boundary (`written % WAL_PAGE` of them),
@@ -219,6 +222,12 @@ pub(crate) struct Writer {
     /// Encoded records not yet written.
     batch: Batch,
     batch_max_seq: u64,
+    /// Highest sequence number written to a segment.
+    written_seq: u64,
+    /// Highest sequence number on stable storage (every record up to it is synced).
+    synced_seq: u64,
+    /// Highest `synced_seq` recorded by a sync note in the open segment.
+    noted_seq: u64,
     /// Set after a failed `fdatasync`: the page cache can no longer be trusted.
     fatal: Option<WalError>,
     /// The trim mark on disk: records up to this seq may have been deleted.
@@ -233,15 +242,18 @@ impl Writer {
     pub(crate) fn start(
         config: &WalConfig,
         volume_tag: u64,
-        mut segments: VecDeque<SegmentInfo>,
-        trimmed_through: u64,
+        replayed: super::replay::Replayed,
         stats: Arc<WalStats>,
         durable: Arc<Mutex<DurablePosition>>,
         health: Arc<WriteHealth>,
     ) -> Result<Self, WalError> {
+        // Every replayed record is synced by now (Wal::open).
+        let synced_seq = replayed.report.max_seq;
+        let trimmed_through = replayed.trimmed_through;
+        let mut segments = replayed.segments;
         let no = segments.back().map_or(1, |s| s.no + 1);
-        remove_leftover_spares(&config.dir);
-        let file = create_segment(&config.dir, no, volume_tag)?;
+        remove_leftover_spares(&config.fs, &config.dir);
+        let file = create_segment(&config.fs, &config.dir, no, volume_tag)?;
         segments.push_back(SegmentInfo {
             no,
             max_seq: 0,
@@ -260,6 +272,7 @@ impl Writer {
             };
         }
         Ok(Self {
+            fs: config.fs.clone(),
             dir: config.dir.clone(),
             volume_tag,
             segment_bytes: config.segment_bytes.max(1 << 16),
@@ -275,6 +288,9 @@ impl Writer {
                 ..Batch::default()
             },
             batch_max_seq: 0,
+            written_seq: synced_seq,
+            synced_seq,
+            noted_seq: 0,
             fatal: None,
             trimmed_through,
             stats,
@@ -346,6 +362,12 @@ impl Writer {
             for w in round.waiters.drain(..) {
                 let _ = w.send(result.clone());
             }
+            if self.note_due() {
+                // Put the sync on record at once (written, not synced: a power loss may take the
+                // note, a crash does not), so even the last synced records are covered by one.
+                self.note_synced();
+                let _ = self.write_batch();
+            }
             if let Some(seq) = round.trim_to.take() {
                 self.trim(seq);
             }
@@ -390,9 +412,36 @@ impl Writer {
                 }
             }
         }
+        if self.fatal.is_some() {
+            // The volume refuses writes from now on (a sync failed, maybe in the rotation just
+            // tried); this one was queued before it knew.
+            self.stats.unwritten_bytes.fetch_sub(len, Ordering::Relaxed);
+            return;
+        }
+        if self.batch.is_empty() && self.note_due() {
+            self.note_synced();
+        }
         self.batch.push(header, payload);
         self.batch_max_seq = self.batch_max_seq.max(seq);
         bump(&self.stats.records, 1);
+    }
+
+    /// True when the open segment has no sync note for the last sync yet.
+    fn note_due(&self) -> bool {
+        self.synced_seq > self.noted_seq && self.fatal.is_none()
+    }
+
+    /// Adds a sync note to the batch: every record up to `synced_seq` is on stable storage.
+    /// Replay's evidence that damage before it is a corruption of synced records, not a torn
+    /// tail (FORMAT.md, "Replay"). Written right after each sync (or, if that write failed, at
+    /// the start of the next batch).
+    fn note_synced(&mut self) {
+        let note = RecordHeader::sync_note(self.volume_tag, self.synced_seq);
+        self.batch.push(&note.encode(&[]), &Bytes::new());
+        self.noted_seq = self.synced_seq;
+        self.stats
+            .unwritten_bytes
+            .fetch_add(RECORD_HEADER_LEN as u64, Ordering::Relaxed);
     }
 
     fn current_path(&self) -> PathBuf {
@@ -437,6 +486,7 @@ impl Writer {
             cur.max_seq = cur.max_seq.max(self.batch_max_seq);
             cur.bytes = self.written;
         }
+        self.written_seq = self.written_seq.max(self.batch_max_seq);
         self.batch.clear();
         Ok(())
     }
@@ -449,14 +499,22 @@ impl Writer {
         crate::crash_point!("wal-before-sync");
         if let Err(e) = self.file.sync_data() {
             // fsyncgate: after a failed fsync the kernel may have dropped dirty pages; nothing
-            // written since the last good sync can be trusted any more.
+            // written since the last good sync can be trusted any more, and a retried fsync
+            // would report success over them. The volume stops taking writes until it is
+            // reopened (replay reads what really is on disk).
             let err = WalError::io(&self.current_path(), e);
-            tracing::error!(error = %err, "WAL fdatasync failed; the WAL refuses further syncs");
+            tracing::error!(error = %err, "WAL fdatasync failed; the volume refuses writes and flushes until it is reopened");
             self.fatal = Some(err.clone());
+            self.health.set_fatal(err.clone());
+            self.stats
+                .unwritten_bytes
+                .fetch_sub(self.batch.len() as u64, Ordering::Relaxed);
+            self.batch.clear();
             return Err(err);
         }
         crate::crash_point!("wal-after-sync");
         bump(&self.stats.fsyncs, 1);
+        self.synced_seq = self.written_seq;
         self.fsync_seconds.record(started.elapsed());
         if let Ok(mut d) = self.durable.lock() {
             d.offset = self.written;
@@ -471,13 +529,14 @@ impl Writer {
         // The closed segment is read again only by a replay after a crash: drop its pages now so
         // the next segment reuses them instead of growing the page cache (measured: 4 GiB
         // sequential write 148 -> 179 MB/s; docs/BENCHMARKS.md). Advice only: errors ignored.
-        let _ = rustix::fs::fadvise(&self.file, 0, None, rustix::fs::Advice::DontNeed);
+        self.file.drop_cache();
         let no = self.segments.back().map_or(0, |s| s.no) + 1;
         (self.file, self.prepared) = self.next_segment(no)?;
         crate::crash_point!("wal-rotate");
         self.written = SEGMENT_HEADER_LEN as u64;
         self.tail = encode_segment_header(no, self.volume_tag).to_vec();
         self.batch_max_seq = 0;
+        self.noted_seq = 0;
         self.segments.push_back(SegmentInfo {
             no,
             max_seq: 0,
@@ -502,7 +561,8 @@ impl Writer {
         if self.spare.is_some() || cur < self.prepare_from {
             return;
         }
-        let (dir, no, tag, len) = (
+        let (fs, dir, no, tag, len) = (
+            self.fs.clone(),
             self.dir.clone(),
             cur + 1,
             self.volume_tag,
@@ -510,7 +570,7 @@ impl Writer {
         );
         match std::thread::Builder::new()
             .name("wal-prepare".into())
-            .spawn(move || prepare_segment(&dir, no, tag, len))
+            .spawn(move || prepare_segment(&fs, &dir, no, tag, len))
         {
             Ok(thread) => self.spare = Some(Spare { no, thread }),
             Err(e) => {
@@ -522,15 +582,15 @@ impl Writer {
 
     /// Opens segment `no`: the preallocated spare renamed into place when there is one (waiting
     /// for it to finish), else a new file that grows as it is written. True when preallocated.
-    fn next_segment(&mut self, no: u64) -> Result<(File, bool), WalError> {
+    fn next_segment(&mut self, no: u64) -> Result<(FsFile, bool), WalError> {
         if let Some(spare) = self.spare.take() {
             let prep = spare_path(&self.dir, spare.no);
             match spare.thread.join() {
                 Ok(Ok(file)) if spare.no == no => {
                     let path = segment_path(&self.dir, no);
-                    match std::fs::rename(&prep, &path) {
+                    match self.fs.rename(&prep, &path) {
                         Ok(()) => {
-                            fsync_dir(&self.dir)?;
+                            fsync_dir(&self.fs, &self.dir)?;
                             return Ok((file, true));
                         }
                         Err(e) => {
@@ -548,9 +608,12 @@ impl Writer {
                     self.prepare_from = no + 1;
                 }
             }
-            let _ = std::fs::remove_file(&prep);
+            let _ = self.fs.remove_file(&prep);
         }
-        Ok((create_segment(&self.dir, no, self.volume_tag)?, false))
+        Ok((
+            create_segment(&self.fs, &self.dir, no, self.volume_tag)?,
+            false,
+        ))
     }
 
     fn trim(&mut self, checkpoint: u64) {
@@ -568,7 +631,7 @@ impl Writer {
             return;
         };
         if through > self.trimmed_through {
-            if let Err(e) = super::write_trim_mark(&self.dir, through) {
+            if let Err(e) = super::write_trim_mark(&self.fs, &self.dir, through) {
                 tracing::warn!(error = %e, "WAL trim mark not written: segments kept");
                 return;
             }
@@ -582,7 +645,7 @@ impl Writer {
                 break;
             }
             let path = segment_path(&self.dir, oldest.no);
-            match std::fs::remove_file(&path) {
+            match self.fs.remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -606,7 +669,7 @@ impl Drop for Writer {
         // A spare never renamed into place is not part of the log.
         if let Some(spare) = self.spare.take() {
             let _ = spare.thread.join();
-            let _ = std::fs::remove_file(spare_path(&self.dir, spare.no));
+            let _ = self.fs.remove_file(&spare_path(&self.dir, spare.no));
         }
     }
 }
@@ -619,7 +682,7 @@ fn spare_path(dir: &Path, no: u64) -> PathBuf {
 }
 
 /// Deletes spares a crash left behind (`*.wal.prep`: never part of the log). Best effort.
-fn remove_leftover_spares(dir: &Path) {
+fn remove_leftover_spares(fs: &Fs, dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -629,7 +692,7 @@ fn remove_leftover_spares(dir: &Path) {
             .to_str()
             .is_some_and(|n| n.ends_with(".wal.prep"))
         {
-            let _ = std::fs::remove_file(entry.path());
+            let _ = fs.remove_file(&entry.path());
         }
     }
 }
@@ -638,27 +701,23 @@ fn remove_leftover_spares(dir: &Path) {
 /// then its header, written and synced, so records later overwrite allocated blocks.
 /// The zeros go through direct I/O when the filesystem supports it (no page-cache copy) and
 /// through the page cache otherwise (tmpfs).
-fn prepare_segment(dir: &Path, no: u64, volume_tag: u64, len: u64) -> Result<File, WalError> {
+fn prepare_segment(
+    fs: &Fs,
+    dir: &Path,
+    no: u64,
+    volume_tag: u64,
+    len: u64,
+) -> Result<FsFile, WalError> {
     let path = spare_path(dir, no);
     let io = |e| WalError::io(&path, e);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(io)?;
+    let file = fs.create(&path).map_err(io)?;
     let len = len.div_ceil(WAL_PAGE as u64) * WAL_PAGE as u64;
     // A page-aligned buffer for direct I/O, found inside a larger Vec (no unsafe allocation).
     let storage = vec![0u8; ZERO_FILL_CHUNK + WAL_PAGE];
     let skip = storage.as_ptr().align_offset(WAL_PAGE).min(WAL_PAGE);
     let zeros = &storage[skip..skip + ZERO_FILL_CHUNK];
-    let direct = OpenOptions::new()
-        .write(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(&path);
-    let filled = match &direct {
-        Ok(d) => fill_zeros(d, zeros, len).or_else(|_| fill_zeros(&file, zeros, len)),
+    let filled = match fs.open_direct(&path) {
+        Ok(d) => fill_zeros(&d, zeros, len).or_else(|_| fill_zeros(&file, zeros, len)),
         Err(_) => fill_zeros(&file, zeros, len),
     };
     filled
@@ -669,30 +728,23 @@ fn prepare_segment(dir: &Path, no: u64, volume_tag: u64, len: u64) -> Result<Fil
 }
 
 /// Writes zeros over bytes `0..len` of `file`, `zeros.len()` bytes per call.
-fn fill_zeros(file: &File, zeros: &[u8], len: u64) -> std::io::Result<()> {
+fn fill_zeros(file: &FsFile, zeros: &[u8], len: u64) -> std::io::Result<()> {
     let mut at = 0u64;
     while at < len {
         let n = (len - at).min(zeros.len() as u64) as usize;
-        let wrote = rustix::io::pwrite(file, &zeros[..n], at)?;
-        if wrote == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        at += wrote as u64;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
     }
     Ok(())
 }
 
 /// Creates segment `no` with its header and makes its directory entry durable.
-fn create_segment(dir: &std::path::Path, no: u64, volume_tag: u64) -> Result<File, WalError> {
+fn create_segment(fs: &Fs, dir: &Path, no: u64, volume_tag: u64) -> Result<FsFile, WalError> {
     let path = segment_path(dir, no);
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&path)
+    let file = fs.create_new(&path).map_err(|e| WalError::io(&path, e))?;
+    file.write_all_at(&encode_segment_header(no, volume_tag), 0)
         .map_err(|e| WalError::io(&path, e))?;
-    file.write_all(&encode_segment_header(no, volume_tag))
-        .map_err(|e| WalError::io(&path, e))?;
-    fsync_dir(dir)?;
+    fsync_dir(fs, dir)?;
     Ok(file)
 }
 
@@ -731,7 +783,7 @@ mod tests {
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("f");
-        let file = File::create(&path).expect("create");
+        let file = Fs::Real.create(&path).expect("create");
         let tail = batch.write_at(&file, 0, &[]).expect("write");
         assert_eq!(tail, want[want.len() / WAL_PAGE * WAL_PAGE..]);
         want.resize(want.len().div_ceil(WAL_PAGE) * WAL_PAGE, 0);

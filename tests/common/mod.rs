@@ -61,6 +61,10 @@ pub trait Hooks: Send + Sync {
     async fn before_put(&self, _key: &str) {}
     /// Runs after a PUT of `key` succeeded.
     fn after_put(&self, _key: &str) {}
+    /// An error to answer a PUT of `key` with instead of storing it (`None`: store it).
+    fn refuse_put(&self, _key: &str) -> Option<BackendError> {
+        None
+    }
     /// Runs before each ranged read (async or blocking).
     fn before_ranged_read(&self) {}
     /// True: offer the store's blocking ranged reads, as the local backends do; false (the
@@ -89,6 +93,9 @@ impl<H: Hooks> HookedBackend<H> {
 impl<H: Hooks + 'static> vblock::backend::Backend for HookedBackend<H> {
     async fn put(&self, key: &str, data: bytes::Bytes) -> Result<(), BackendError> {
         self.hooks.before_put(key).await;
+        if let Some(e) = self.hooks.refuse_put(key) {
+            return Err(e);
+        }
         self.inner.put(key, data).await?;
         self.hooks.after_put(key);
         Ok(())
