@@ -7,9 +7,10 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # Build: clang/libclang for bindgen (rocksdb), librocksdb-dev (the rocksdb crate links the
-# packaged library; see .cargo/config.toml). Tests: nats-server, NBD clients, fio, e2fsprogs,
+# packaged library; see .cargo/config.toml). Tests: nats-server, NBD clients (nbdsh from
+# python3-libnbd sends what stricter clients refuse to), fio, e2fsprogs,
 # fuse3 (nbdfuse), nbdkit (benchmarks), openssl (test certificates for NBD TLS).
-PKGS=(clang libclang-dev librocksdb-dev pkg-config nats-server libnbd-bin qemu-utils fio e2fsprogs fuse3 nbdkit openssl)
+PKGS=(clang libclang-dev librocksdb-dev pkg-config nats-server libnbd-bin python3-libnbd qemu-utils fio e2fsprogs fuse3 nbdkit openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

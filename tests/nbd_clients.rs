@@ -274,3 +274,46 @@ fn fio_verify_on_two_volumes() {
     assert_eq!(text.matches("err= 0").count(), 4, "{text}");
     assert!(!text.contains("verify:"), "verify errors:\n{text}");
 }
+
+/// NBD proto.md: the server MUST accept `NBD_CMD_FLAG_FUA` on every command (ignoring it where
+/// it means nothing), and an `NBD_REPLY_TYPE_OFFSET_DATA` chunk carries at least one byte, so a
+/// zero-length read is answered without one. libnbd's `nbdsh` with strict mode off sends both.
+#[test]
+fn fua_on_every_command_and_zero_length_reads_follow_the_spec() {
+    require("nbdsh");
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let vol = d.create_volume(1);
+    let script = format!(
+        r#"
+h.set_strict_mode(0)
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri("{uri}")
+assert h.get_structured_replies_negotiated()
+h.pwrite(b"\xab" * 4096, 0, nbd.CMD_FLAG_FUA)
+assert h.pread(4096, 0, nbd.CMD_FLAG_FUA) == b"\xab" * 4096
+h.flush(nbd.CMD_FLAG_FUA)
+h.cache(4096, 0, nbd.CMD_FLAG_FUA)
+seen = []
+h.block_status(8192, 0, lambda ctx, off, ents, err: seen.append(ents) or 0, nbd.CMD_FLAG_FUA)
+assert seen, "block status answered"
+h.trim(4096, 4096, nbd.CMD_FLAG_FUA)
+h.zero(4096, 8192, nbd.CMD_FLAG_FUA)
+assert h.pread(0, 0) == b""
+assert h.pread(4096, 0, nbd.CMD_FLAG_FUA) == b"\xab" * 4096
+h.shutdown()
+print("spec ok")
+"#,
+        uri = d.uri(&vol)
+    );
+    // nbdsh is `python3 -m nbd` for the system Python (python3-libnbd): run that Python,
+    // whatever `python3` comes first in PATH.
+    let out = run_ok(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "nbd"])
+            .arg("-c")
+            .arg(script),
+        T,
+    );
+    assert!(out.contains("spec ok"), "{out}");
+}

@@ -642,3 +642,28 @@ fn over_its_memory_target_the_frame_cache_gives_way() {
         "the cache holds {held} bytes, over its 8 MiB floor"
     );
 }
+
+/// `--backend memory` keeps chunks in process memory, so it keeps nothing on disk either: no
+/// metadata or WAL in `--data-dir` (a map there would outlive the chunks it points at), and a
+/// restarted daemon starts empty instead of serving zeros for written blocks.
+#[test]
+fn the_memory_backend_is_wholly_ephemeral() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let mut d = Daemon::start_with(&nats.url(), &["--backend", "memory"]);
+    let vol = d.create_volume(1);
+    qemu_io(&d.uri(&vol), &["write -P 0x5a 0 1M", "flush"]);
+    for sub in ["meta", "wal"] {
+        assert!(
+            !d.data_dir().join(sub).exists(),
+            "--backend memory wrote {sub} into the data directory"
+        );
+    }
+    d.wait_for_log("are gone when the daemon exits", Duration::from_secs(10));
+    d.restart();
+    let out = d.cli(&["volume", "list"]);
+    assert!(
+        !out.contains(&vol),
+        "a memory volume outlived its daemon: {out}"
+    );
+}

@@ -246,7 +246,26 @@ pub async fn backend(a: &BackendArgs, data_dir: &Path) -> Result<SharedBackend, 
 }
 
 /// Runs the daemon until SIGINT or SIGTERM, then shuts down cleanly (volumes drained and synced).
-pub async fn run(a: ServeArgs) -> Result<(), ServeError> {
+///
+/// With `--backend memory` the daemon is wholly ephemeral: chunks live in process memory, so
+/// metadata and WAL go to a temporary directory deleted at exit, never to `--data-dir`
+/// (a map kept on disk would point at chunks a restart no longer has).
+pub async fn run(mut a: ServeArgs) -> Result<(), ServeError> {
+    let _ephemeral = match a.store.backend {
+        BackendKind::Memory => {
+            let dir = tempfile::Builder::new()
+                .prefix("vblock-memory-")
+                .tempdir()
+                .map_err(|e| {
+                    ServeError::Config(format!("memory backend: no temporary directory: {e}"))
+                })?;
+            tracing::warn!(dir = %dir.path().display(), ignored_data_dir = %a.data_dir.display(), "--backend memory: volumes, metadata and WAL live in memory and a temporary directory, and are gone when the daemon exits");
+            a.data_dir = dir.path().to_owned();
+            a.wal_dir = None;
+            Some(dir)
+        }
+        _ => None,
+    };
     if a.frame_size % vblock::block::BLOCK_SIZE != 0
         || !(1..=u64::from(vblock::chunk::MAX_FRAME_BLOCKS))
             .contains(&(a.frame_size / vblock::block::BLOCK_SIZE))

@@ -84,14 +84,18 @@ struct Reply {
     failed: bool,
 }
 
+/// Flags a command may carry. `NBD_CMD_FLAG_FUA` is valid on every command once
+/// `NBD_FLAG_SEND_FUA` is advertised (always, here): proto.md, "Command flags", says the server
+/// MUST accept it everywhere, ignoring it where it means nothing (read, cache, block status;
+/// a flush is already durable).
 fn allowed_flags(kind: u16, structured: bool) -> u16 {
-    match kind {
-        NBD_CMD_READ if structured => NBD_CMD_FLAG_DF,
-        NBD_CMD_WRITE | NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
-        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
-        NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
-        _ => 0,
-    }
+    NBD_CMD_FLAG_FUA
+        | match kind {
+            NBD_CMD_READ if structured => NBD_CMD_FLAG_DF,
+            NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+            NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
+            _ => 0,
+        }
 }
 
 /// Checks everything that can be checked before executing; the payload of a write is read by the
@@ -193,6 +197,14 @@ async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
     match cmd {
         Command::Reject { errno, why } => error_reply(cookie, structured, errno, why),
         Command::Read { offset, len } => match vol.read(offset, u64::from(len)).await {
+            // An `NBD_REPLY_TYPE_OFFSET_DATA` chunk must hold at least one byte (proto.md,
+            // "Structured reply types"): a zero-length read is answered with a `NONE` chunk.
+            Ok(_) if structured && len == 0 => Reply {
+                head: structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0)
+                    .to_vec(),
+                data: None,
+                failed: false,
+            },
             Ok(data) if structured => {
                 let mut head = structured_header(
                     cookie,
