@@ -62,6 +62,11 @@ pub struct Engine {
     pub(crate) gc: tokio::sync::Mutex<crate::gc::GcPacing>,
 }
 
+/// The highest sequence number among `extents` (0 for none).
+pub(crate) fn max_extent_seq(extents: &[MapExtent]) -> u64 {
+    extents.iter().map(|e| e.seq).max().unwrap_or(0)
+}
+
 /// RFC 3339 timestamp of now, to the second.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -284,7 +289,9 @@ impl Engine {
                 state = VolumeState {
                     checkpoint: obj.seq,
                     next_object_id: obj.next_object_id,
-                    max_seq: obj.seq,
+                    // Not the checkpoint: a split memtable's first chunks commit extents above
+                    // it, and new writes must get higher sequence numbers than every extent.
+                    max_seq: max_extent_seq(&obj.extents).max(obj.seq),
                 };
                 let known: std::collections::HashSet<u64> =
                     obj.objects.iter().map(|(id, _)| *id).collect();

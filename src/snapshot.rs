@@ -234,7 +234,9 @@ impl Engine {
         let state = VolumeState {
             checkpoint: s.seq,
             next_object_id: 1,
-            max_seq: s.seq,
+            // A split memtable's first chunks may have committed extents above the snapshot's
+            // checkpoint: the clone's writes must sequence after all of them.
+            max_seq: crate::engine::max_extent_seq(&extents).max(s.seq),
         };
         let id = rec.volume_id.clone();
         let obj = MapObject {

@@ -903,3 +903,81 @@ fn a_flusher_that_cannot_store_chunks_fails_the_volume() {
         });
     }
 }
+
+/// While on, holds every PUT of chunk object 2 forever (a slow upload cut short by the crash).
+struct HoldChunkTwo(std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl common::Hooks for HoldChunkTwo {
+    async fn before_put(&self, key: &str) {
+        if key.ends_with("/chunks/0000000000000002") && self.0.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// After a crash, replay gathers records until a memtable is full, so one memtable can hold
+/// several writes and more than a chunk: its first chunk commits extents whose sequence numbers
+/// are above the checkpoint. A map checkpoint taken then, and a disaster recovery from it, must
+/// still number new writes above every extent, or a new write loses to older data (FORMAT.md,
+/// "Recovery").
+#[test]
+fn recovery_from_a_half_committed_split_numbers_new_writes_above_every_extent() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hooked = common::HookedBackend::new(HoldChunkTwo(true.into()));
+        let backend: vblock::backend::SharedBackend = hooked.clone();
+        // Life 1: 15 blocks at block 8 (seq 1), then 4 at block 0 (seq 2), only in the WAL.
+        let mut config = common::small_config(dir.path());
+        config.volume.idle_flush = Duration::from_secs(3600);
+        config.volume.chunk_bytes = 1 << 20;
+        let engine = vblock::Engine::open(config, backend.clone())
+            .await
+            .expect("engine");
+        let id = engine
+            .create_volume(1 << 20, "split")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        vol.write(8 * 4096, Bytes::from(vec![0xa1; 15 * 4096]), false)
+            .await
+            .expect("write");
+        vol.write(0, Bytes::from(vec![0xb2; 4 * 4096]), true)
+            .await
+            .expect("write");
+        drop(vol);
+        engine.simulate_crash().await;
+
+        // Life 2, 64 KiB chunks: replay builds one 19-block memtable; its first chunk (blocks
+        // 0..16, seqs 1 and 2) commits, the second one's PUT never ends. Checkpoint the map.
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let vol = engine.volume(&id).await.expect("reopen");
+        // Polled without blocking a runtime thread (the flusher runs on them).
+        while vol.stats().chunks.load(Ordering::Relaxed) < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        engine.checkpoint_volume(&id).await.expect("checkpoint");
+        drop(vol);
+        engine.simulate_crash().await;
+        hooked.hooks.0.store(false, Ordering::SeqCst);
+
+        // The disk is lost: recover from the backend, write block 0 anew, make it a chunk.
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let engine = common::open_engine(fresh.path(), &backend).await;
+        assert_eq!(
+            engine.recover_from_backend().await.expect("recover"),
+            vec![id.clone()]
+        );
+        let vol = engine.volume(&id).await.expect("open recovered");
+        assert!(vol.read(0, 4096).await.expect("read") == Bytes::from(vec![0xb2; 4096]));
+        vol.write(0, block(0xc3), false).await.expect("write");
+        vol.persist_buffer().await.expect("persist");
+        assert!(
+            vol.read(0, 4096).await.expect("read") == block(0xc3),
+            "the new write wins over the recovered extent"
+        );
+        drop(vol);
+        engine.close_all().await;
+    });
+}
