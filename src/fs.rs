@@ -16,12 +16,12 @@
 //! a prefix of the directory changes (the journal commits them in order) and, for each write not
 //! covered by a sync, all of it, none of it, or any subset of its 512-byte sectors (a torn write).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// The file system the WAL and the file backend write through.
 #[derive(Clone, Default)]
@@ -124,14 +124,19 @@ impl Fs {
         }
     }
 
-    /// Creates `dir` and its missing parents, and makes each new entry durable (`fsync` of the
-    /// directory that holds it), so a power loss cannot take away a directory that files were
-    /// then made durable in.
+    /// Creates `dir` and its missing parents, and makes each entry durable (`fsync` of the
+    /// directory that holds it) before returning, so a power loss cannot take away a directory
+    /// that files were then made durable in. A directory that already exists is synced into its
+    /// parent too, once per process (another thread, or a process killed before its sync, may
+    /// have created it): later calls for it cost a set lookup.
     pub fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        if dir.is_dir() {
+        if self.durable_dirs().contains(dir) {
             return Ok(());
         }
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent = match dir.parent() {
+            Some(p) if p.as_os_str().is_empty() => Some(Path::new(".")),
+            other => other,
+        };
         if let Some(parent) = parent {
             self.create_dir_all(parent)?;
         }
@@ -141,14 +146,25 @@ impl Fs {
         };
         match made {
             Ok(()) => {}
-            // Another thread made it meanwhile; its creator syncs the parent.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
             Err(e) => return Err(e),
         }
-        match parent {
-            Some(parent) => self.sync_dir(parent),
-            None => Ok(()),
+        if let Some(parent) = parent {
+            self.sync_dir(parent)?;
         }
+        self.durable_dirs().insert(dir.to_owned());
+        Ok(())
+    }
+
+    /// Directories known to be durable in their parents: process-wide for the real file
+    /// system, per simulator for [`Fs::Sim`].
+    fn durable_dirs(&self) -> MutexGuard<'_, HashSet<PathBuf>> {
+        static REAL: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+        let set = match self {
+            Self::Real => REAL.get_or_init(Mutex::default),
+            Self::Sim(sim) => &sim.synced_dirs,
+        };
+        set.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -275,8 +291,9 @@ struct SimState {
     pending: Vec<DirChange>,
     /// Set by a power cut: every later change fails and touches nothing (the machine is off).
     off: bool,
-    /// Every `fsync`/`fdatasync` fails with `EIO` (a failing disk) while set.
-    fail_syncs: bool,
+    /// Every `fsync`/`fdatasync` of a file below this directory fails with `EIO` (a failing
+    /// disk) while set.
+    fail_syncs: Option<PathBuf>,
 }
 
 /// What a power cut did.
@@ -305,6 +322,8 @@ pub const SECTOR: usize = 512;
 pub struct SimFs {
     roots: Vec<PathBuf>,
     state: Mutex<SimState>,
+    /// [`Fs::create_dir_all`]'s directories known durable, for this simulator's life.
+    synced_dirs: Mutex<HashSet<PathBuf>>,
 }
 
 fn off_error() -> std::io::Error {
@@ -340,6 +359,7 @@ impl SimFs {
         Ok(Arc::new(Self {
             roots: roots.iter().map(|r| r.to_path_buf()).collect(),
             state: Mutex::new(state),
+            synced_dirs: Mutex::default(),
         }))
     }
 
@@ -493,8 +513,21 @@ impl SimFs {
         if s.off {
             return Err(off_error());
         }
-        if s.fail_syncs {
-            return Err(std::io::Error::from_raw_os_error(5));
+        let path = s
+            .names
+            .iter()
+            .find(|(_, i)| **i == id)
+            .map(|(p, _)| p.clone());
+        if let (Some(failing), Some(path)) = (&s.fail_syncs, &path) {
+            if path.starts_with(failing) {
+                // Linux marks the pages it could not write clean and may drop them: what a
+                // later read sees is the disk's old content. Model the worst case.
+                if let Some(f) = s.files.get_mut(&id) {
+                    f.pending.clear();
+                    std::fs::write(path, &f.durable)?;
+                }
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
         }
         op()?;
         if let Some(f) = s.files.get_mut(&id) {
@@ -505,11 +538,12 @@ impl SimFs {
         Ok(())
     }
 
-    /// While `on`, every file `fsync`/`fdatasync` through the simulator fails with `EIO`, as on a
-    /// failing disk (the real file is not synced, nothing becomes durable). The one fault here
-    /// no real file system on this machine produces on demand.
-    pub fn fail_syncs(&self, on: bool) {
-        self.lock().fail_syncs = on;
+    /// While `under` is set, every `fsync`/`fdatasync` of a file below it fails with `EIO`, as on a
+    /// failing disk: nothing becomes durable, and the file's unsynced writes are lost (its
+    /// bytes go back to the last synced ones, as when Linux drops pages it could not write
+    /// back). The one fault here no real file system on this machine produces on demand.
+    pub fn fail_syncs(&self, under: Option<&Path>) {
+        self.lock().fail_syncs = under.map(Path::to_path_buf);
     }
 
     /// Cuts the power: from now on every change through this simulator fails (whatever still

@@ -54,6 +54,10 @@ pub struct VolumeConfig {
     pub compaction: CompactionConfig,
     /// What WAL replay does with a record that fails verification (`--wal-recovery-mode`).
     pub wal_recovery: WalRecovery,
+    /// How long a chunk upload retries errors the backend calls permanent (access denied, I/O
+    /// errors) before the attempt fails; after three failed attempts the volume fails (default
+    /// 5 minutes; transient errors are retried for ever).
+    pub permanent_error_timeout: Duration,
     /// The file system the WAL writes through ([`Fs::Real`] but in power-loss tests).
     pub fs: Fs,
 }
@@ -113,6 +117,7 @@ impl Default for VolumeConfig {
             upload_concurrency: 4,
             compaction: CompactionConfig::default(),
             wal_recovery: WalRecovery::default(),
+            permanent_error_timeout: Duration::from_secs(300),
             fs: Fs::Real,
         }
     }
@@ -492,7 +497,10 @@ impl Volume {
     /// Errors: [`VolumeError::Failed`] once the volume failed, [`VolumeError::Wal`].
     pub async fn flush(&self) -> Result<(), VolumeError> {
         self.inner.check_failed()?;
-        self.inner.wal.sync().await?;
+        if let Err(e) = self.inner.wal.sync().await {
+            self.inner.check_failed()?;
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -1256,10 +1264,16 @@ impl Inner {
         self.wal.failed().then(|| "WAL fdatasync failed".to_owned())
     }
 
-    /// [`VolumeError::Failed`] once the volume failed.
+    /// [`VolumeError::Failed`] once the volume failed. The first caller to see a WAL failure
+    /// fails the volume, which wakes every writer and waiter.
     fn check_failed(&self) -> Result<(), VolumeError> {
         match self.failure() {
-            Some(reason) => Err(VolumeError::Failed(reason)),
+            Some(reason) => {
+                if lock(&self.failed).is_none() {
+                    self.fail(reason.clone());
+                }
+                Err(VolumeError::Failed(reason))
+            }
             None => Ok(()),
         }
     }
@@ -1267,8 +1281,14 @@ impl Inner {
     /// Fails the volume for good (until reopened): logged, writers waiting for buffer space and
     /// flushers waiting for commits are woken with [`VolumeError::Failed`].
     fn fail(&self, reason: String) {
-        tracing::error!(volume = %self.id, %reason, "volume failed: writes and flushes are refused until it is reopened; buffered data stays in the WAL");
-        *lock(&self.failed) = Some(reason);
+        {
+            let mut failed = lock(&self.failed);
+            if failed.is_some() {
+                return;
+            }
+            tracing::error!(volume = %self.id, %reason, "volume failed: writes and flushes are refused until it is reopened; buffered data stays in the WAL");
+            *failed = Some(reason);
+        }
         self.permits.close();
         self.flushed.notify_waiters();
     }
@@ -1298,9 +1318,9 @@ struct InFlight {
     task: tokio::task::JoinHandle<Option<Uploaded>>,
 }
 
-/// How often a chunk is built and uploaded before a failure (a panicked or failed build, or a
-/// backend error that is not transient, [`PERMANENT_PUT_RETRIES`] times in a row) fails the
-/// volume instead of being retried again.
+/// How often a chunk is built and uploaded before a failure (a panicked or failed build, or
+/// backend errors that are not transient for [`VolumeConfig::permanent_error_timeout`]) fails
+/// the volume instead of being retried again.
 const CHUNK_ATTEMPTS: u32 = 3;
 
 /// Starts building and uploading chunk `object_id` of `input`.
@@ -1342,6 +1362,9 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             abort(in_flight).await;
             return;
         }
+        // A failed WAL fails the volume (waking its waiters); the flusher goes on turning what
+        // is buffered into chunks.
+        let _ = inner.check_failed();
         // Schedule uploads for the next frozen memtables while fewer than `concurrency` chunks
         // are being built or uploaded (finished ones only wait for their in-order commit).
         while in_flight.iter().filter(|j| !j.task.is_finished()).count() < concurrency {
@@ -1644,27 +1667,37 @@ async fn abort(in_flight: VecDeque<InFlight>) {
     }
 }
 
-/// Consecutive permanent (not transient) backend errors after which one chunk upload attempt
-/// gives up ([`CHUNK_ATTEMPTS`]).
-const PERMANENT_PUT_RETRIES: u32 = 4;
-
 /// Largest number of extents in one chunk object (bounds the index: 64 Ki x 40 bytes).
 const MAX_CHUNK_EXTENTS: usize = 1 << 16;
 
 /// Before the first partial commit of a memtable that spans several chunks: some of its sequence
 /// numbers reach the map before the checkpoint covers them, so every record must survive a crash,
 /// or replay could resurrect an older, durable version of a block under the newer one in the map.
-/// Retries until the WAL syncs; false if asked to stop.
+/// Retries until the WAL syncs; false if asked to stop, or once the WAL failed for good (the
+/// volume then fails).
 async fn sync_wal_for_split(inner: &Inner) -> bool {
-    retry_until_stopped(
+    match retry_until_stopped(
         inner,
         "WAL sync before a split chunk commit",
         "",
         false,
-        || inner.wal.sync(),
+        || async {
+            match inner.wal.sync().await {
+                Err(e) if inner.wal.failed() => Ok(Err(e)),
+                other => other.map(Ok),
+            }
+        },
     )
     .await
-    .is_some()
+    {
+        Some(Ok(())) => true,
+        // The WAL failed for good: fail the volume (wakes its writers and waiters).
+        Some(Err(_)) => {
+            let _ = inner.check_failed();
+            false
+        }
+        None => false,
+    }
 }
 
 /// Builds one chunk object and uploads it, retrying the upload with backoff until it succeeds
@@ -1694,21 +1727,27 @@ async fn upload_chunk(
     let stored_bytes = object.len() as u64;
     let _slot = inner.upload_slots.acquire().await.ok()?;
     let started = Instant::now();
-    // Transient errors (outages, throttling, a full disk) are retried until they pass; an error
-    // the backend calls permanent (denied, I/O error) a few times in a row ends this attempt.
-    let permanent = std::sync::atomic::AtomicU32::new(0);
+    // Transient errors (outages, throttling, a full disk) are retried until they pass; errors
+    // the backend calls permanent (denied, I/O error) end this attempt once they have lasted
+    // `permanent_error_timeout` without a success or a transient error between them.
+    let give_up = inner.config.permanent_error_timeout;
+    let since: Mutex<Option<Instant>> = Mutex::new(None);
     retry_until_stopped(inner, "chunk upload", &key, false, || {
         let put = inner.backend.put(&key, object.clone());
-        let permanent = &permanent;
+        let since = &since;
         async move {
             match put.await {
                 Err(e) if !e.is_transient() => {
-                    if permanent.fetch_add(1, Ordering::Relaxed) + 1 >= PERMANENT_PUT_RETRIES {
+                    let first = *lock(since).get_or_insert_with(Instant::now);
+                    if first.elapsed() >= give_up {
                         return Ok(Err(e));
                     }
                     Err(e)
                 }
-                other => other.map(Ok),
+                other => {
+                    *lock(since) = None;
+                    other.map(Ok)
+                }
             }
         }
     })

@@ -860,7 +860,12 @@ fn a_flusher_that_cannot_store_chunks_fails_the_volume() {
             let dir = tempfile::tempdir().expect("tempdir");
             let hooked = common::HookedBackend::new(BrokenUploads::default());
             let backend: vblock::backend::SharedBackend = hooked.clone();
-            let engine = common::open_engine(dir.path(), &backend).await;
+            let mut config = common::small_config(dir.path());
+            // Permanent errors end an upload attempt at once (the daemon waits 5 minutes).
+            config.volume.permanent_error_timeout = Duration::ZERO;
+            let engine = vblock::Engine::open(config, backend.clone())
+                .await
+                .expect("engine");
             let id = engine
                 .create_volume(1 << 20, "broken")
                 .await
@@ -970,7 +975,7 @@ fn recovery_from_a_half_committed_split_numbers_new_writes_above_every_extent() 
             vec![id.clone()]
         );
         let vol = engine.volume(&id).await.expect("open recovered");
-        assert!(vol.read(0, 4096).await.expect("read") == Bytes::from(vec![0xb2; 4096]));
+        assert!(vol.read(0, 4096).await.expect("read") == vec![0xb2; 4096]);
         vol.write(0, block(0xc3), false).await.expect("write");
         vol.persist_buffer().await.expect("persist");
         assert!(

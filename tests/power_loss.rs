@@ -265,13 +265,13 @@ fn a_failed_fdatasync_fails_the_volume_until_it_is_reopened() {
         vol.flush().await.expect("flush");
         assert!(vol.failed().is_none());
 
-        life.sim.fail_syncs(true);
+        life.sim.fail_syncs(Some(dir.path()));
         vol.write(4096, Bytes::from(vec![0xbb; 4096]), false)
             .await
             .expect("a write before the failed sync is taken");
         assert!(vol.flush().await.is_err(), "the sync fails");
         assert!(vol.failed().is_some(), "the volume says it failed");
-        life.sim.fail_syncs(false);
+        life.sim.fail_syncs(None);
         for i in 0..64u64 {
             match vol
                 .write(
@@ -307,5 +307,36 @@ fn a_failed_fdatasync_fails_the_volume_until_it_is_reopened() {
             .expect("writes are taken again");
         drop(vol);
         life.engine.close_all().await;
+    });
+}
+
+/// A failed WAL `fdatasync` met by the flusher itself (the sync before a split memtable's first
+/// commit) fails the volume instead of retrying for ever: a caller waiting for the buffer to
+/// drain gets `VolumeError::Failed`, not a hang.
+#[test]
+fn a_failed_wal_sync_before_a_split_commit_fails_the_volume() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let life = boot(dir.path(), new_sim(dir.path())).await;
+        let id = life
+            .engine
+            .create_volume(SIZE, "split")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = life.engine.volume(&id).await.expect("open");
+        // Only the WAL's disk fails; chunk objects still store.
+        life.sim.fail_syncs(Some(&dir.path().join("wal")));
+        // 20 blocks: more than a 64 KiB chunk, so its memtable commits as a split.
+        vol.write(0, Bytes::from(vec![0x77; 20 * 4096]), false)
+            .await
+            .expect("write");
+        match vol.persist_buffer().await {
+            Err(vblock::VolumeError::Failed(_)) => {}
+            other => panic!("persist after the WAL failed: {other:?}"),
+        }
+        assert!(vol.failed().is_some());
+        drop(vol);
+        life.engine.simulate_crash().await;
     });
 }

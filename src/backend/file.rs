@@ -96,8 +96,9 @@ fn io_err(key: &str, e: std::io::Error) -> BackendError {
         message: e.to_string(),
         transient: matches!(
             e.kind(),
-            std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
-        ) || e.raw_os_error() == Some(28),
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut // A full disk or quota (ENOSPC, EDQUOT) and running out of file descriptors (EMFILE,
+                                                                           // ENFILE) pass when space or descriptors are freed.
+        ) || matches!(e.raw_os_error(), Some(28 | 122 | 24 | 23)),
     }
 }
 

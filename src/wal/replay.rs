@@ -58,7 +58,7 @@ pub(crate) fn replay(
     let mut segments = Vec::new();
     for no in list_segments(dir)? {
         let path = segment_path(dir, no);
-        let data = std::fs::read(&path).map_err(|e| WalError::io(&path, e))?;
+        let data = read_from_disk(&path).map_err(|e| WalError::io(&path, e))?;
         segments.push(Segment {
             no,
             data: Bytes::from(data),
@@ -84,14 +84,19 @@ pub(crate) fn replay(
             }
             Ok(_) => {}
             Err(reason) => {
-                if refuse(mode, &segments, i, 0, last_seq, volume_tag).0 {
+                let (refused, synced) = refuse(mode, &segments, i, 0, last_seq, volume_tag);
+                if refused {
                     return Err(WalError::Corrupt {
                         path,
                         offset: 0,
                         reason,
                     });
                 }
-                report.truncated_bytes += cut_tail(fs, dir, &segments, i, 0)?;
+                let cut = cut_tail(fs, dir, &segments, i, 0)?;
+                if synced {
+                    tracing::error!(path = %path.display(), bytes = cut, %reason, mode = mode.name(), "WAL segment header corrupt: segment and later ones deleted, synced records among them dropped");
+                }
+                report.truncated_bytes += cut;
                 break;
             }
         }
@@ -217,6 +222,17 @@ fn refuse(
         WalRecovery::TolerateAnyCorruption => false,
     };
     (refuse, synced)
+}
+
+/// Reads a segment, first dropping its clean cached pages (`posix_fadvise(DONTNEED)`): after a
+/// failed writeback Linux may keep pages marked clean whose bytes never reached the disk, and
+/// replay must see what the disk holds. Dirty pages stay (their writeback is still to come).
+fn read_from_disk(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut data)?;
+    Ok(data)
 }
 
 /// True when a record that verifies, belongs to this volume and continues the sequence exists

@@ -364,9 +364,12 @@ impl Writer {
             }
             if self.note_due() {
                 // Put the sync on record at once (written, not synced: a power loss may take the
-                // note, a crash does not), so even the last synced records are covered by one.
+                // note, a crash does not), so even the last synced records are covered by one;
+                // at a clean close it is synced too, leaving no unsynced tail.
                 self.note_synced();
-                let _ = self.write_batch();
+                if self.write_batch().is_ok() && round.stop == Some(true) {
+                    let _ = self.sync();
+                }
             }
             if let Some(seq) = round.trim_to.take() {
                 self.trim(seq);
@@ -398,7 +401,13 @@ impl Writer {
     /// Adds one encoded record to the batch, rotating the segment first if it would overflow.
     fn add(&mut self, header: &[u8; RECORD_HEADER_LEN], seq: u64, payload: &Bytes) {
         let len = (RECORD_HEADER_LEN + payload.len()) as u64;
-        let pending = self.written + self.batch.len() as u64;
+        // A sync note may go before it (counted, so a segment never outgrows its size).
+        let note = if self.note_due() {
+            RECORD_HEADER_LEN as u64
+        } else {
+            0
+        };
+        let pending = self.written + self.batch.len() as u64 + note;
         let full = pending + len > self.segment_bytes && pending > SEGMENT_HEADER_LEN as u64;
         // A preallocated segment is ready while the open one is not: move on now.
         let upgrade = !self.prepared && self.spare.as_ref().is_some_and(|s| s.thread.is_finished());
