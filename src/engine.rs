@@ -58,7 +58,7 @@ pub struct Engine {
     pub(crate) cache: FrameCache,
     open: tokio::sync::Mutex<HashMap<VolumeId, Volume>>,
     /// Serialises what adds or removes map references across volumes: garbage collection,
-    /// snapshot deletion, clone creation, volume deletion.
+    /// snapshot creation and deletion, clone creation, volume deletion.
     pub(crate) gc: tokio::sync::Mutex<crate::gc::GcPacing>,
 }
 

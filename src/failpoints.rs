@@ -64,3 +64,42 @@ fn set(name: &str, _actions: &str) -> Result<(), String> {
         "fail point {name}: this binary was built without the failpoints feature"
     ))
 }
+
+/// Interleaving points: places where a test runs code of its own (a callback) to force a race
+/// that timing alone would rarely produce. Inert unless a test sets one ([`set_callback`]).
+pub const INTERLEAVINGS: &[&str] = &[
+    // GC's mark step: snapshots and volumes listed, their maps not yet walked.
+    "gc-mark-listed",
+];
+
+/// Runs `f` each time interleaving point `name` is passed (tests only).
+///
+/// Errors: the build has no `failpoints` feature, or `name` is not in [`INTERLEAVINGS`].
+#[doc(hidden)]
+pub fn set_callback(name: &str, f: impl Fn() + Send + Sync + 'static) -> Result<(), String> {
+    if !INTERLEAVINGS.contains(&name) {
+        return Err(format!("unknown interleaving point {name:?}"));
+    }
+    set_callback_inner(name, f)
+}
+
+#[cfg(feature = "failpoints")]
+fn set_callback_inner(name: &str, f: impl Fn() + Send + Sync + 'static) -> Result<(), String> {
+    fail::cfg_callback(name, f).map_err(|e| format!("interleaving point {name}: {e}"))
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn set_callback_inner(name: &str, _f: impl Fn() + Send + Sync + 'static) -> Result<(), String> {
+    Err(format!(
+        "interleaving point {name}: this build has no failpoints feature"
+    ))
+}
+
+/// Clears interleaving point `name` (tests only).
+#[doc(hidden)]
+pub fn clear(name: &str) {
+    #[cfg(feature = "failpoints")]
+    fail::remove(name);
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}

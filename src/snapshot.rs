@@ -125,6 +125,10 @@ impl Engine {
         };
         let meta = self.meta.clone();
         let r = rec.clone();
+        // A snapshot copies the volume's references, so it must not run during GC's mark step,
+        // which lists the snapshots and then walks every map: a reference copied out of a map
+        // not yet walked into a snapshot not listed would be missed, and its object deleted.
+        let _gc = self.gc.lock().await;
         rec = volume
             .with_frozen_map(move |state| {
                 let rec = SnapshotRecord {

@@ -625,3 +625,90 @@ fn paced_collection_waits_for_garbage_worth_its_checkpoint() {
         assert_recovers(engine, &backend, &rec.volume_id, &model).await;
     });
 }
+
+/// GC's mark step lists the snapshots, then walks every map. A snapshot taken in between copies
+/// references out of a map not yet walked into a snapshot not listed: here a snapshot S1 of a
+/// clone C whose only reference to the source's dead chunk X then goes away (C overwrites those
+/// blocks). The interleaving is forced at the point between the listing and the walks; snapshot
+/// creation must wait for the pass (it holds the GC lock), so X survives and S1 reads its data.
+#[test]
+fn a_snapshot_taken_during_the_gc_mark_keeps_what_it_copied() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let engine = std::sync::Arc::new(open(dir.path(), &backend).await);
+        let old = Bytes::from(pattern(1, 16 * 4096));
+        // V writes X (blocks 0..16); clone C of a snapshot of V shares X; the snapshot goes; V
+        // overwrites the blocks: X is a GC candidate that only C references.
+        let v = engine
+            .create_volume(SIZE, "source")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&v).await.expect("open");
+        vol.write(0, old.clone(), false).await.expect("write");
+        vol.persist_buffer().await.expect("persist");
+        let s0 = engine.create_snapshot(&v, "").await.expect("snapshot");
+        wait_completed(&engine, &s0.snapshot_id).await;
+        let rec = Engine::new_record(SIZE, "clone");
+        let c = rec.volume_id.clone();
+        engine
+            .create_volume_from_snapshot(rec, &s0.snapshot_id)
+            .await
+            .expect("clone");
+        engine
+            .delete_snapshot(&s0.snapshot_id)
+            .await
+            .expect("delete snapshot");
+        vol.write(0, Bytes::from(pattern(2, 16 * 4096)), false)
+            .await
+            .expect("write");
+        vol.persist_buffer().await.expect("persist");
+
+        // Between GC's listing and its walks: snapshot C (S1), then overwrite C's blocks and
+        // commit, so C's map no longer references X. Given 2 s, which is plenty when nothing
+        // holds the snapshot back; with the fix it waits for the pass instead.
+        let handle = tokio::runtime::Handle::current();
+        let s1 = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let interleave = {
+            let (engine, c, s1, ran) = (engine.clone(), c.clone(), s1.clone(), ran.clone());
+            move || {
+                if ran.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let (engine, c, s1) = (engine.clone(), c.clone(), s1.clone());
+                let task = handle.spawn(async move {
+                    let snap = engine.create_snapshot(&c, "").await.expect("snapshot of C");
+                    *s1.lock().expect("lock") = Some(snap.snapshot_id);
+                    let cv = engine.volume(&c).await.expect("open C");
+                    cv.write(0, Bytes::from(pattern(3, 16 * 4096)), false)
+                        .await
+                        .expect("write C");
+                    cv.persist_buffer().await.expect("persist C");
+                });
+                let _ = handle
+                    .block_on(async { tokio::time::timeout(Duration::from_secs(2), task).await });
+            }
+        };
+        vblock::failpoints::set_callback("gc-mark-listed", interleave)
+            .expect("interleaving points are built in (failpoints feature)");
+        engine.collect_garbage().await.expect("gc");
+        vblock::failpoints::clear("gc-mark-listed");
+        assert!(
+            ran.load(std::sync::atomic::Ordering::SeqCst),
+            "the GC pass reached its mark step"
+        );
+        let s1 = loop {
+            if let Some(id) = s1.lock().expect("lock").clone() {
+                break id;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        wait_completed(&engine, &s1).await;
+        engine.collect_garbage().await.expect("gc");
+        let snap = engine.snapshot_volume(&s1).await.expect("open S1");
+        let got = snap.read(0, 16 * 4096).await.expect("S1 reads its blocks");
+        assert!(got == old, "S1 holds C's data from before the overwrite");
+    });
+}
