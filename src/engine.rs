@@ -267,12 +267,7 @@ impl Engine {
             if self.get_record(&id).await?.is_some() {
                 continue;
             }
-            let chunks_prefix = format!("{id}/chunks/");
-            let mut ids: Vec<u64> = keys
-                .iter()
-                .filter_map(|k| k.strip_prefix(&chunks_prefix))
-                .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
-                .collect();
+            let mut ids = crate::backend::chunk_ids(&id, &keys);
             ids.sort_unstable();
             let lookup = BlockLookup::new(self.meta.clone(), id.clone());
             let mut state = VolumeState::default();
@@ -310,30 +305,35 @@ impl Engine {
                 done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
                 ids.retain(|o| *o >= state.next_object_id);
             }
-            for object_id in ids {
+            // The chunks above the checkpoint, in id order (the order they were committed in),
+            // while the ids are contiguous: a chunk whose PUT never finished ends the walk, so
+            // no later chunk lands on top of the hole. A memtable split into several chunks is
+            // applied whole or not at all. The volume then holds a prefix of its writes.
+            let mut group: Vec<(ChunkCommit, u64)> = Vec::new();
+            let mut stopped = None;
+            for (expected, object_id) in (state.next_object_id.max(1)..).zip(ids) {
                 done += 1;
                 progress(done, total);
+                if object_id != expected {
+                    stopped = Some(format!("chunk {expected:#x} is missing"));
+                    break;
+                }
                 let okey = chunk_key(&id, object_id);
                 let (header, index) = match read_chunk_index(&self.backend, &okey).await {
                     Ok(v) => v,
-                    // An unreadable object is skipped (logged); the transport failing is an error.
+                    // The transport failing is an error; an unreadable object ends the walk.
                     Err(VolumeError::Backend(e)) if e.is_transient() => {
                         return Err(VolumeError::Backend(e))
                     }
                     Err(e) => {
-                        tracing::error!(key = %okey, error = %e, "unreadable chunk skipped during recovery");
-                        continue;
+                        stopped = Some(format!("{okey} is unreadable: {e}"));
+                        break;
                     }
                 };
                 if header.volume_tag != id.tag() || header.object_id != object_id {
-                    tracing::error!(key = %okey, "chunk belongs to another volume or object; skipped");
-                    continue;
+                    stopped = Some(format!("{okey} belongs to another volume or object"));
+                    break;
                 }
-                state = VolumeState {
-                    checkpoint: state.checkpoint.max(header.max_seq),
-                    next_object_id: state.next_object_id.max(object_id + 1),
-                    max_seq: state.max_seq.max(header.max_seq),
-                };
                 let commit = ChunkCommit {
                     object_id,
                     extents: index
@@ -342,8 +342,25 @@ impl Engine {
                         .collect(),
                     stored_bytes: 0,
                 };
-                let (l, s) = (lookup.clone(), state);
-                blocking(move || l.commit_chunk(&commit, s)).await?;
+                group.push((commit, header.max_seq));
+                if header.flags & crate::chunk::FLAG_MORE_PARTS != 0 {
+                    continue;
+                }
+                for (commit, max_seq) in group.drain(..) {
+                    state = VolumeState {
+                        checkpoint: state.checkpoint.max(max_seq),
+                        next_object_id: state.next_object_id.max(commit.object_id + 1),
+                        max_seq: state.max_seq.max(max_seq),
+                    };
+                    let (l, s) = (lookup.clone(), state);
+                    blocking(move || l.commit_chunk(&commit, s)).await?;
+                }
+            }
+            if !group.is_empty() && stopped.is_none() {
+                stopped = Some("the last memtable's chunks are not all there".to_owned());
+            }
+            if let Some(why) = stopped {
+                tracing::warn!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes; they are deleted when it opens)");
             }
             rec.mounted = false;
             let meta = self.meta.clone();

@@ -674,17 +674,27 @@ fn apply_dir_change(
 
 fn walk_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    walk(root, &mut out, false)?;
+    walk(root, &mut |p, is_dir| {
+        if !is_dir {
+            out.push(p.to_owned());
+        }
+    })?;
     Ok(out)
 }
 
 fn walk_dirs(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    walk(root, &mut out, true)?;
+    walk(root, &mut |p, is_dir| {
+        if is_dir {
+            out.push(p.to_owned());
+        }
+    })?;
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>, dirs: bool) -> std::io::Result<()> {
+/// Calls `visit(path, is_dir)` for every file and directory below `dir`, parents before their
+/// contents; a missing `dir` has none.
+pub(crate) fn walk(dir: &Path, visit: &mut dyn FnMut(&Path, bool)) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -693,13 +703,10 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, dirs: bool) -> std::io::Result<()> {
     for entry in entries {
         let entry = entry?;
         let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            if dirs {
-                out.push(path.clone());
-            }
-            walk(&path, out, dirs)?;
-        } else if !dirs {
-            out.push(path);
+        let is_dir = entry.file_type()?.is_dir();
+        visit(&path, is_dir);
+        if is_dir {
+            walk(&path, visit)?;
         }
     }
     Ok(())

@@ -634,6 +634,20 @@ impl MetaStore {
         lookup: &BlockLookup,
         snapshot_seq: Option<u64>,
     ) -> Result<(Vec<u8>, u64), MetaError> {
+        self.encode_map_object_if(lookup, snapshot_seq, false)
+            .map(|o| o.unwrap_or_default())
+    }
+
+    /// [`MetaStore::encode_map_object`]; with `whole_memtables`, `None` instead of a volume's
+    /// map while a memtable split into several chunks is half committed (state `max_seq` above
+    /// its `checkpoint`): a checkpoint then would hold part of that memtable's writes, which a
+    /// disaster recovery could not complete.
+    pub fn encode_map_object_if(
+        &self,
+        lookup: &BlockLookup,
+        snapshot_seq: Option<u64>,
+        whole_memtables: bool,
+    ) -> Result<Option<(Vec<u8>, u64)>, MetaError> {
         let snap = self.db.snapshot();
         let (seq, next_object_id, objects) = match snapshot_seq {
             Some(seq) => (seq, 0, Vec::new()),
@@ -646,6 +660,9 @@ impl MetaStore {
                         reason: "bad volume state".into(),
                     })?,
                 };
+                if whole_memtables && state.max_seq > state.checkpoint {
+                    return Ok(None);
+                }
                 let cprefix = vol_key(PREFIX_CHUNK, vol);
                 let mut objects = Vec::new();
                 for item in snap.iterator(rocksdb::IteratorMode::From(
@@ -663,7 +680,7 @@ impl MetaStore {
         };
         let mut enc = MapObjectEncoder::new(lookup.default_owner(), seq, next_object_id, &objects);
         lookup.for_each_ascending_at(&snap, |e| enc.push(&e))?;
-        Ok((enc.finish(), next_object_id))
+        Ok(Some((enc.finish(), next_object_id)))
     }
 
     /// Replaces `lookup`'s map with `extents` and, for a volume (`state` given), its chunk stats

@@ -272,6 +272,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Deletes `id`'s chunk objects at or above `next_object_id`: an earlier instance uploaded them
+/// but never committed them, and this one is about to reuse their ids. Left in place, one of
+/// them could follow this instance's chunks in a disaster recovery (which takes the chunks above
+/// a checkpoint in id order while the ids are contiguous) and mix an older history into this
+/// one. The flusher does this before its first upload, retrying like an upload.
+async fn remove_uncommitted_chunks(
+    backend: &SharedBackend,
+    id: &VolumeId,
+    next_object_id: u64,
+) -> Result<(), BackendError> {
+    let keys = backend.list(&crate::backend::chunk_prefix(id)).await?;
+    let stale: Vec<u64> = crate::backend::chunk_ids(id, &keys)
+        .into_iter()
+        .filter(|&o| o >= next_object_id)
+        .collect();
+    for &o in &stale {
+        backend.delete(&chunk_key(id, o)).await?;
+    }
+    if !stale.is_empty() {
+        tracing::info!(volume = %id, objects = stale.len(), next_object_id, "deleted chunk objects an earlier run uploaded but never committed");
+    }
+    Ok(())
+}
+
 /// Replays WAL records into memtables.
 struct Replayer {
     chunk_bytes: u64,
@@ -1323,15 +1347,18 @@ struct InFlight {
 /// the volume instead of being retried again.
 const CHUNK_ATTEMPTS: u32 = 3;
 
-/// Starts building and uploading chunk `object_id` of `input`.
+/// Starts building and uploading chunk `object_id` of `input` (`last`: the last part of its
+/// memtable; the others carry `chunk::FLAG_MORE_PARTS`).
 fn spawn_upload(
     inner: &Arc<Inner>,
     object_id: u64,
     input: Arc<Vec<chunk::InputExtent>>,
+    last: bool,
 ) -> tokio::task::JoinHandle<Option<Uploaded>> {
     let inner = inner.clone();
+    let flags = if last { 0 } else { chunk::FLAG_MORE_PARTS };
     tokio::spawn(async move {
-        let uploaded = upload_chunk(&inner, object_id, input).await;
+        let uploaded = upload_chunk(&inner, object_id, input, flags).await;
         // The flusher schedules the next chunk as soon as this one is out.
         inner.wake.notify_one();
         uploaded
@@ -1357,6 +1384,18 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
     // PUTs in flight stay at `upload_concurrency` (measured: scripts/bench-s3.sh).
     let concurrency = 2 * inner.config.upload_concurrency.max(1);
     let mut next_compaction = Instant::now() + inner.config.compaction.check_interval;
+    // Before the first upload reuses their ids (waits out a backend outage like an upload).
+    let cleaned = retry_until_stopped(
+        &inner,
+        "deleting uncommitted chunk objects",
+        "",
+        false,
+        || remove_uncommitted_chunks(&inner.backend, &inner.id, next_object_id),
+    )
+    .await;
+    if cleaned.is_none() {
+        return;
+    }
     loop {
         if inner.stop.load(Ordering::SeqCst) {
             abort(in_flight).await;
@@ -1397,7 +1436,7 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
                     object_id,
                     input: input.clone(),
                     attempts: 1,
-                    task: spawn_upload(&inner, object_id, input),
+                    task: spawn_upload(&inner, object_id, input, i + 1 == n),
                 });
             }
         }
@@ -1452,7 +1491,7 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
                 if job.attempts < CHUNK_ATTEMPTS {
                     job.attempts += 1;
                     inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
-                    job.task = spawn_upload(&inner, job.object_id, job.input.clone());
+                    job.task = spawn_upload(&inner, job.object_id, job.input.clone(), job.last);
                     in_flight.push_front(job);
                     continue;
                 }
@@ -1547,7 +1586,7 @@ async fn compact(
         }
     };
     let moved: u64 = picked.iter().map(|e| e.block_count * BLOCK_SIZE).sum();
-    let Some(up) = upload_chunk(inner, object_id, Arc::new(picked)).await else {
+    let Some(up) = upload_chunk(inner, object_id, Arc::new(picked), 0).await else {
         return (None, cfg.check_interval);
     };
     let Some(next) = commit_chunk(inner, up, state, state.checkpoint, state.max_seq).await else {
@@ -1706,12 +1745,15 @@ async fn upload_chunk(
     inner: &Inner,
     object_id: u64,
     input: Arc<Vec<chunk::InputExtent>>,
+    flags: u16,
 ) -> Option<Uploaded> {
     let opts = inner.config.chunk;
     let tag = inner.id.tag();
     let buf = inner.object_buffers.take();
-    let built =
-        crate::background::run(move || chunk::build(tag, object_id, &input, opts, buf)).await;
+    let built = crate::background::run(move || {
+        chunk::build_flagged(tag, object_id, &input, opts, buf, flags)
+    })
+    .await;
     let (object, index) = match built {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {

@@ -23,6 +23,26 @@ fn segments(dir: &std::path::Path, id: &VolumeId) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// An engine on `dir` and `backend` that turns nothing into chunks (1 MiB chunks, no idle
+/// flush: everything stays in the WAL), and a new 1 MiB volume on it.
+async fn wal_only_volume(
+    dir: &std::path::Path,
+    backend: &vblock::backend::SharedBackend,
+) -> (vblock::Engine, VolumeId) {
+    let mut config = common::small_config(dir);
+    config.volume.idle_flush = Duration::from_secs(3600);
+    config.volume.chunk_bytes = 1 << 20;
+    let engine = vblock::Engine::open(config, backend.clone())
+        .await
+        .expect("engine");
+    let id = engine
+        .create_volume(1 << 20, "c")
+        .await
+        .expect("create")
+        .volume_id;
+    (engine, id)
+}
+
 /// Writes `n` flushed blocks, crashes, and returns (dir, id, segment file holding the records).
 async fn crashed_volume_with_records(
     n: u64,
@@ -48,18 +68,7 @@ async fn crashed_volume_with_unsynced_records(
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
     let backend = common::memory_backend();
-    let mut config = common::small_config(dir.path());
-    // No chunking during the test: everything stays in the WAL.
-    config.volume.idle_flush = Duration::from_secs(3600);
-    config.volume.chunk_bytes = 1 << 20;
-    let engine = vblock::Engine::open(config, backend.clone())
-        .await
-        .expect("engine");
-    let id = engine
-        .create_volume(1 << 20, "c")
-        .await
-        .expect("create")
-        .volume_id;
+    let (engine, id) = wal_only_volume(dir.path(), &backend).await;
     let vol = engine.volume(&id).await.expect("open");
     for i in 0..n {
         vol.write(i * 4096, block(i as u8 + 1), false)
@@ -104,6 +113,15 @@ async fn reopen_with(
 
 const RECORD: u64 = 44 + 4096;
 
+/// Blocks 0..3 hold the first three writes of `crashed_volume_with_*`, block 3 (the fourth
+/// write, cut off) reads as zeros.
+async fn assert_holds_three_of_four(vol: &vblock::Volume) {
+    for i in 0..3u64 {
+        assert!(vol.read(i * 4096, 4096).await.expect("read") == block(i as u8 + 1));
+    }
+    assert!(vol.read(3 * 4096, 4096).await.expect("read") == vec![0u8; 4096]);
+}
+
 /// Offsets of the data records (not sync notes) in a segment file.
 fn data_records(bytes: &[u8]) -> Vec<usize> {
     vblock::wal::scan_segment(bytes)
@@ -127,16 +145,7 @@ fn flipped_bit_in_unsynced_tail_record_is_truncated() {
         let (engine, vol) = reopen(dir.path(), &backend, &id)
             .await
             .expect("tail corruption is recovered");
-        for i in 0..3u64 {
-            assert_eq!(
-                vol.read(i * 4096, 4096).await.expect("read"),
-                block(i as u8 + 1)
-            );
-        }
-        assert_eq!(
-            vol.read(3 * 4096, 4096).await.expect("read"),
-            Bytes::from(vec![0u8; 4096])
-        );
+        assert_holds_three_of_four(&vol).await;
         assert_eq!(
             std::fs::metadata(&seg).expect("meta").len(),
             last as u64,
@@ -179,16 +188,7 @@ fn flipped_bit_in_synced_tail_record_refuses_unless_told_to_cut() {
         )
         .await
         .expect("the operator's mode cuts");
-        for i in 0..3u64 {
-            assert_eq!(
-                vol.read(i * 4096, 4096).await.expect("read"),
-                block(i as u8 + 1)
-            );
-        }
-        assert_eq!(
-            vol.read(3 * 4096, 4096).await.expect("read"),
-            Bytes::from(vec![0u8; 4096])
-        );
+        assert_holds_three_of_four(&vol).await;
         drop(vol);
         engine.close_all().await;
     });
@@ -933,17 +933,7 @@ fn recovery_from_a_half_committed_split_numbers_new_writes_above_every_extent() 
         let hooked = common::HookedBackend::new(HoldChunkTwo(true.into()));
         let backend: vblock::backend::SharedBackend = hooked.clone();
         // Life 1: 15 blocks at block 8 (seq 1), then 4 at block 0 (seq 2), only in the WAL.
-        let mut config = common::small_config(dir.path());
-        config.volume.idle_flush = Duration::from_secs(3600);
-        config.volume.chunk_bytes = 1 << 20;
-        let engine = vblock::Engine::open(config, backend.clone())
-            .await
-            .expect("engine");
-        let id = engine
-            .create_volume(1 << 20, "split")
-            .await
-            .expect("create")
-            .volume_id;
+        let (engine, id) = wal_only_volume(dir.path(), &backend).await;
         let vol = engine.volume(&id).await.expect("open");
         vol.write(8 * 4096, Bytes::from(vec![0xa1; 15 * 4096]), false)
             .await

@@ -231,23 +231,13 @@ fn walk(
     keep: &dyn Fn(&str) -> bool,
     out: &mut Vec<String>,
 ) -> std::io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            walk(root, &path, keep, out)?;
-        } else if let Some(k) = path.strip_prefix(root).ok().and_then(Path::to_str) {
-            if keep(k) {
+    crate::fs::walk(dir, &mut |path, is_dir| {
+        if let Some(k) = path.strip_prefix(root).ok().and_then(Path::to_str) {
+            if !is_dir && keep(k) {
                 out.push(k.to_owned());
             }
         }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

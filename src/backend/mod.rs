@@ -105,6 +105,20 @@ pub fn chunk_key_of(owner: u128, object_id: u64) -> String {
     format!("vol-{owner:017x}/chunks/{object_id:016x}")
 }
 
+/// Prefix of a volume's chunk objects (`VOLUMEID/chunks/`).
+pub fn chunk_prefix(volume: &VolumeId) -> String {
+    format!("{volume}/chunks/")
+}
+
+/// The chunk object ids of `keys` under `volume`'s [`chunk_prefix`] (other keys are skipped).
+pub fn chunk_ids<'a>(volume: &VolumeId, keys: impl IntoIterator<Item = &'a String>) -> Vec<u64> {
+    let prefix = chunk_prefix(volume);
+    keys.into_iter()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .collect()
+}
+
 /// Key of the copy of a volume's record kept with its chunks (`VOLUMEID/volume.json`), from which
 /// a daemon with an empty data directory recovers the volume (FORMAT.md, "Recovery").
 pub fn volume_record_key(volume: &VolumeId) -> String {

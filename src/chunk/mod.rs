@@ -10,6 +10,8 @@
 //!        frame_offset u32 | frame_len u32 | frame_crc u32 | reserved u32
 //! frames: one zstd frame per data extent, at frame_offset, frame_len bytes long
 //! ```
+//! Header flags: bit 0 ([`FLAG_MORE_PARTS`]) says the chunk is not the last part of its memtable
+//! (the next parts follow under the next object ids); other bits are 0.
 //! The header CRC covers header bytes 0..44 and the whole index; each frame has its own CRC32 over
 //! its compressed bytes, so one extent can be fetched (ranged read) and verified alone. Zero
 //! extents (trimmed, write-zeroes or all-zero data) have no frame: `frame_*` are 0.
@@ -27,6 +29,9 @@ pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"VBCK");
 pub const CHUNK_VERSION: u16 = 1;
 /// Header length in bytes.
 pub const CHUNK_HEADER_LEN: usize = 48;
+/// Header flag: more parts of the same memtable follow under the next object ids. A disaster
+/// recovery applies a memtable's chunks all together or not at all (FORMAT.md, "Recovery").
+pub const FLAG_MORE_PARTS: u16 = 1;
 /// Index entry length in bytes.
 pub const INDEX_ENTRY_LEN: usize = 40;
 /// Largest frame the decoder accepts, in blocks (16 MiB uncompressed).
@@ -118,6 +123,8 @@ pub struct ChunkExtent {
 /// The decoded header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// `FLAG_*` bits.
+    pub flags: u16,
     /// Tag of the volume that wrote the chunk.
     pub volume_tag: u64,
     /// Object id (also in its key).
@@ -184,6 +191,19 @@ pub fn build(
     input: &[InputExtent],
     opts: ChunkOptions,
     buf: Vec<u8>,
+) -> Result<(Bytes, Vec<ChunkExtent>), ChunkError> {
+    build_flagged(volume_tag, object_id, input, opts, buf, 0)
+}
+
+/// [`build`] with header `flags` (`FLAG_*`): the flusher marks every part of a memtable but the
+/// last with [`FLAG_MORE_PARTS`].
+pub fn build_flagged(
+    volume_tag: u64,
+    object_id: u64,
+    input: &[InputExtent],
+    opts: ChunkOptions,
+    buf: Vec<u8>,
+    flags: u16,
 ) -> Result<(Bytes, Vec<ChunkExtent>), ChunkError> {
     let frame_blocks = opts.frame_blocks.clamp(1, MAX_FRAME_BLOCKS) as u64;
     let mut index: Vec<ChunkExtent> = Vec::new();
@@ -289,6 +309,7 @@ pub fn build(
         offset += e.frame_len as usize;
     }
     let header = ChunkHeader {
+        flags,
         volume_tag,
         object_id,
         min_seq: index.iter().map(|e| e.seq).min().unwrap_or(0),
@@ -355,7 +376,7 @@ fn encode_header_and_index(h: &ChunkHeader, index: &[ChunkExtent], out: &mut Vec
     let start = out.len();
     out.extend_from_slice(&CHUNK_MAGIC.to_le_bytes());
     out.extend_from_slice(&CHUNK_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&h.flags.to_le_bytes());
     out.extend_from_slice(&h.volume_tag.to_le_bytes());
     out.extend_from_slice(&h.object_id.to_le_bytes());
     out.extend_from_slice(&h.min_seq.to_le_bytes());
@@ -412,6 +433,7 @@ pub fn decode_header(b: &[u8]) -> Result<ChunkHeader, ChunkError> {
         return Err(ChunkError::BadVersion(version));
     }
     Ok(ChunkHeader {
+        flags: u16::from_le_bytes([b[6], b[7]]),
         volume_tag: le_u64(b, 8),
         object_id: le_u64(b, 16),
         min_seq: le_u64(b, 24),

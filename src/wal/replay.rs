@@ -385,9 +385,19 @@ mod tests {
     /// A version 2 segment: header and records 1..=3 (one block each), zero padding up to
     /// 64 KiB. Returns the bytes and the offset of each record.
     fn padded_segment(no: u64) -> (Vec<u8>, Vec<usize>) {
+        segment(no, 3, 0)
+    }
+
+    /// A version 2 segment `no`: header, one-block records 1..=`records`, with a sync note saying
+    /// `noted` is synced before record 3 (none for 0), zero padding to 64 KiB. Returns the bytes
+    /// and each data record's offset.
+    fn segment(no: u64, records: u64, noted: u64) -> (Vec<u8>, Vec<usize>) {
         let mut seg = encode_segment_header(no, TAG).to_vec();
         let mut offsets = Vec::new();
-        for seq in 1..=3u64 {
+        for seq in 1..=records {
+            if seq == 3 && noted > 0 {
+                seg.extend_from_slice(&RecordHeader::sync_note(TAG, noted).encode(&[]));
+            }
             offsets.push(seg.len());
             let (h, p) = record(seq, 0x10 + seq as u8);
             seg.extend_from_slice(&h.encode(&p));
@@ -432,23 +442,9 @@ mod tests {
         );
     }
 
-    /// A version 2 segment: header, records 1 and 2, a sync note saying `noted` is synced (none
-    /// for 0), records 3 and 4, zero padding to 64 KiB. Returns the bytes and each data record's
-    /// offset.
+    /// Records 1 and 2, a sync note saying `noted` is synced (none for 0), records 3 and 4.
     fn noted_segment(noted: u64) -> (Vec<u8>, Vec<usize>) {
-        let mut seg = encode_segment_header(1, TAG).to_vec();
-        let mut offsets = Vec::new();
-        for seq in 1..=4u64 {
-            if seq == 3 && noted > 0 {
-                seg.extend_from_slice(&RecordHeader::sync_note(TAG, noted).encode(&[]));
-            }
-            offsets.push(seg.len());
-            let (h, p) = record(seq, 0x10 + seq as u8);
-            seg.extend_from_slice(&h.encode(&p));
-            seg.extend_from_slice(&p);
-        }
-        seg.resize(64 << 10, 0);
-        (seg, offsets)
+        segment(1, 4, noted)
     }
 
     /// Damage to a record that a later sync note covers is corruption: it refuses the open in
