@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use crate::backend::{
-    checkpoint_prefix, chunk_key, snapshot_map_key, volume_record_key, SharedBackend,
+    checkpoint_prefix, chunk_key, snapshot_map_key, volume_record_key, BackendError, SharedBackend,
 };
 use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 use crate::cache::{frame_cache, FrameCache};
@@ -304,6 +304,10 @@ impl Engine {
                 .await?;
                 done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
                 ids.retain(|o| *o >= state.next_object_id);
+            } else {
+                // Start from an empty map: an earlier recovery cut short may have left extents.
+                let (meta, l) = (self.meta.clone(), lookup.clone());
+                blocking(move || meta.install_map(&l, &[], Some((state, &[])), vec![])).await?;
             }
             // The chunks above the checkpoint, in id order (the order they were committed in),
             // while the ids are contiguous: a chunk whose PUT never finished ends the walk, so
@@ -321,14 +325,20 @@ impl Engine {
                 let okey = chunk_key(&id, object_id);
                 let (header, index) = match read_chunk_index(&self.backend, &okey).await {
                     Ok(v) => v,
-                    // The transport failing is an error; an unreadable object ends the walk.
-                    Err(VolumeError::Backend(e)) if e.is_transient() => {
-                        return Err(VolumeError::Backend(e))
-                    }
-                    Err(e) => {
+                    // Only an object that is gone, short or fails verification ends the walk
+                    // (what comes after it is then deleted at the next open); any other backend
+                    // error (an outage, denied access, expired credentials) fails the recovery,
+                    // which is tried again at the next start.
+                    Err(e @ VolumeError::Chunk { .. })
+                    | Err(
+                        e @ VolumeError::Backend(
+                            BackendError::NotFound(_) | BackendError::BadRange { .. },
+                        ),
+                    ) => {
                         stopped = Some(format!("{okey} is unreadable: {e}"));
                         break;
                     }
+                    Err(e) => return Err(e),
                 };
                 if header.volume_tag != id.tag() || header.object_id != object_id {
                     stopped = Some(format!("{okey} belongs to another volume or object"));
@@ -360,8 +370,9 @@ impl Engine {
                 stopped = Some("the last memtable's chunks are not all there".to_owned());
             }
             if let Some(why) = stopped {
-                tracing::warn!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes; they are deleted when it opens)");
+                tracing::error!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes; they are deleted when it opens)");
             }
+
             rec.mounted = false;
             let meta = self.meta.clone();
             let r = rec.clone();

@@ -125,6 +125,9 @@ impl Engine {
         };
         let meta = self.meta.clone();
         let r = rec.clone();
+        // Most of the buffer goes into chunks before the GC lock is taken, so a slow backend
+        // does not hold GC (and deletions, clones) back for the whole flush.
+        volume.persist_buffer().await?;
         // A snapshot copies the volume's references, so it must not run during GC's mark step,
         // which lists the snapshots and then walks every map: a reference copied out of a map
         // not yet walked into a snapshot not listed would be missed, and its object deleted.

@@ -843,7 +843,13 @@ impl Volume {
             {
                 let _commits = inner.commit_lock.lock().await;
                 let state = *lock(&inner.committed);
-                if state.checkpoint >= target {
+                // Not in the middle of a split memtable's commits (its first chunks committed,
+                // not its last), or the map would hold part of a later write without earlier
+                // ones. A split in progress keeps its memtable frozen; with none frozen, a
+                // `max_seq` above the checkpoint is history (a recovered checkpoint).
+                let between_memtables =
+                    state.max_seq <= state.checkpoint || lock(&inner.state).buf.frozen().is_empty();
+                if state.checkpoint >= target && between_memtables {
                     return Ok(blocking(move || f(state)).await?);
                 }
             }
@@ -1450,6 +1456,7 @@ async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             }
             if !pending
                 && inner.config.compaction.threshold_percent > 0
+                && state.max_seq <= state.checkpoint
                 && Instant::now() >= next_compaction
             {
                 let (next, wait) = compact(&inner, state, next_object_id).await;
