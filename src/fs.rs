@@ -173,11 +173,6 @@ impl FsFile {
         Self { file, sim: None }
     }
 
-    /// The file, for reads.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     /// `pwritev`: writes the slices at `offset`; returns the bytes written (maybe fewer).
     pub fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> std::io::Result<usize> {
         match &self.sim {

@@ -224,3 +224,48 @@ fn recover_rebuilds_a_lost_data_directory_from_the_backend() {
     let out = vblock(&["recover"], &data);
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 volume(s) recovered"));
 }
+
+/// A clone's map points into its source volume's chunks: fsck checks those extents against the
+/// owner's chunk objects (not the clone's own chunks of the same object id), and reports a
+/// damaged shared chunk for the clone too.
+#[test]
+fn fsck_checks_a_clones_shared_extents_against_their_owner() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let mut d = Daemon::start_with(&nats.url(), &["--chunk-size", "256KiB"]);
+    let vol = d.create_volume(1);
+    qemu_io(&d.uri(&vol), &["write -P 0x71 0 1M", "flush"]);
+    let snap = d.cli(&["snapshot", "create", &vol]).trim().to_owned();
+    let clone = d
+        .cli(&["volume", "create", "--snapshot", &snap])
+        .trim()
+        .to_owned();
+    // The clone's own chunk 1 holds other blocks than the source's chunk 1.
+    qemu_io(&d.uri(&clone), &["write -P 0x72 2M 64k", "flush"]);
+    d.stop();
+    let data = d.data_dir();
+    let out = vblock(&["fsck"], &data);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("2 volumes checked, 0 problem(s)"),
+        "fsck of a volume and its clone: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Damage the source's first chunk: both the source and the clone report it.
+    let chunk = data
+        .join("objects")
+        .join(&vol)
+        .join("chunks")
+        .join("0000000000000001");
+    let mut bytes = std::fs::read(&chunk).expect("source chunk");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&chunk, &bytes).expect("write");
+    let out = vblock(&["fsck"], &data);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{vol}: chunk")) && text.contains(&format!("{clone}: chunk")),
+        "both report the damaged chunk: {text}"
+    );
+}

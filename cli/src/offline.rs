@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
-use vblock::backend::{chunk_key, SharedBackend};
+use vblock::backend::{chunk_key, chunk_key_of, SharedBackend};
 use vblock::lookup::{BlockLookup, Target};
 use vblock::meta::MetaStore;
 use vblock::{Engine, EngineConfig, VolumeId};
@@ -214,6 +214,25 @@ pub struct FsckArgs {
     dir: DataDir,
 }
 
+/// The verified index of chunk object `key`, or `None` (printed as a problem of volume `id`)
+/// when it cannot be read or does not verify.
+async fn verified_index(
+    backend: &SharedBackend,
+    key: &str,
+    bar: &ProgressBar,
+    id: &VolumeId,
+) -> Option<Vec<vblock::chunk::ChunkExtent>> {
+    let result = match backend.get(key).await {
+        Ok(obj) => vblock::chunk::verify(&obj)
+            .map(|(_, index)| index)
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    result
+        .map_err(|e| crate::progress::println(bar, format!("{id}: chunk {key}: {e}")))
+        .ok()
+}
+
 /// `vblock fsck`: WAL CRCs, chunk CRCs, and every map extent points inside a chunk frame that
 /// exists and matches the chunk's own index.
 pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
@@ -286,25 +305,13 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                 }
             }
         }
-        // Chunks: every object verifies.
+        // Chunks: every object verifies. Indexes by (owner, object id): a clone's extents point
+        // into its source volume's chunks, which are fetched (and verified) when first met.
         let mut indexes = std::collections::HashMap::new();
         for (object_id, _) in meta.chunk_stats(id).map_err(msg)? {
-            let key = chunk_key(id, object_id);
-            match backend.get(&key).await {
-                Ok(obj) => match vblock::chunk::verify(&obj) {
-                    Ok((_, index)) => {
-                        indexes.insert(object_id, index);
-                    }
-                    Err(e) => {
-                        crate::progress::println(&bar, format!("{id}: chunk {key}: {e}"));
-                        problems += 1;
-                    }
-                },
-                Err(e) => {
-                    crate::progress::println(&bar, format!("{id}: chunk {key}: {e}"));
-                    problems += 1;
-                }
-            }
+            let index = verified_index(&backend, &chunk_key(id, object_id), &bar, id).await;
+            problems += usize::from(index.is_none());
+            indexes.insert((id.number(), object_id), index);
         }
         // Map: every data extent lies inside a frame of an existing, verified chunk.
         let extents = BlockLookup::new(meta.clone(), id.clone())
@@ -323,7 +330,14 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                 problems += 1;
             }
             let Target::Data(f) = e.target else { continue };
-            let ok = indexes.get(&f.object_id).is_some_and(|index| {
+            if !indexes.contains_key(&(f.owner, f.object_id)) {
+                let key = chunk_key_of(f.owner, f.object_id);
+                let index = verified_index(&backend, &key, &bar, id).await;
+                problems += usize::from(index.is_none());
+                indexes.insert((f.owner, f.object_id), index);
+            }
+            let ok = indexes.get(&(f.owner, f.object_id)).is_some_and(|index| {
+                let Some(index) = index else { return false };
                 index.iter().any(|c| {
                     c.start_block == f.first_block
                         && c.frame_offset == f.offset
@@ -334,7 +348,7 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                 })
             });
             if !ok {
-                crate::progress::println(&bar, format!("{id}: map extent {}..{} points at object {} frame @{} which does not exist or does not match", e.start, e.end(), f.object_id, f.offset));
+                crate::progress::println(&bar, format!("{id}: map extent {}..{} points at {} frame @{} which does not exist or does not match", e.start, e.end(), chunk_key_of(f.owner, f.object_id), f.offset));
                 problems += 1;
             }
         }
