@@ -330,14 +330,16 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
                 problems += 1;
             }
             let Target::Data(f) = e.target else { continue };
-            if !indexes.contains_key(&(f.owner, f.object_id)) {
-                let key = chunk_key_of(f.owner, f.object_id);
-                let index = verified_index(&backend, &key, &bar, id).await;
-                problems += usize::from(index.is_none());
-                indexes.insert((f.owner, f.object_id), index);
-            }
-            let ok = indexes.get(&(f.owner, f.object_id)).is_some_and(|index| {
-                let Some(index) = index else { return false };
+            let index = match indexes.entry((f.owner, f.object_id)) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let key = chunk_key_of(f.owner, f.object_id);
+                    let index = verified_index(&backend, &key, &bar, id).await;
+                    problems += usize::from(index.is_none());
+                    v.insert(index)
+                }
+            };
+            let ok = index.as_ref().is_some_and(|index| {
                 index.iter().any(|c| {
                     c.start_block == f.first_block
                         && c.frame_offset == f.offset
