@@ -243,8 +243,10 @@ struct Inner {
     /// Flusher: exit at the next step boundary (crash simulation, forced close).
     stop: AtomicBool,
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Why the flusher gave up, once it has ([`Volume::failed`]).
+    /// Why the volume failed, once it has ([`Volume::failed`]); `has_failed` is the lock-free
+    /// test every write makes.
     failed: Mutex<Option<String>>,
+    has_failed: AtomicBool,
     /// PUTs in flight (`upload_concurrency`); chunks are built ahead of them.
     upload_slots: Semaphore,
     /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy:
@@ -282,7 +284,12 @@ async fn remove_uncommitted_chunks(
     id: &VolumeId,
     next_object_id: u64,
 ) -> Result<(), BackendError> {
-    let keys = backend.list(&crate::backend::chunk_prefix(id)).await?;
+    // Keys sort like ids (fixed-width hex): list only those after the last committed one.
+    let prefix = crate::backend::chunk_prefix(id);
+    let keys = match next_object_id.checked_sub(1) {
+        Some(last) if last > 0 => backend.list_after(&prefix, &chunk_key(id, last)).await?,
+        _ => backend.list(&prefix).await?,
+    };
     let stale: Vec<u64> = crate::backend::chunk_ids(id, &keys)
         .into_iter()
         .filter(|&o| o >= next_object_id)
@@ -407,6 +414,7 @@ impl Volume {
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
             failed: Mutex::new(None),
+            has_failed: AtomicBool::new(false),
             upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
             object_buffers: chunk::ObjectBuffers::new(config.upload_concurrency.max(1)),
             stats: VolumeStats::default(),
@@ -1288,6 +1296,9 @@ fn decode_fetched(
 impl Inner {
     /// Why the volume failed, if it did: the flusher's reason, or the WAL's failed sync.
     fn failure(&self) -> Option<String> {
+        if !self.has_failed.load(Ordering::Acquire) && !self.wal.failed() {
+            return None;
+        }
         if let Some(reason) = lock(&self.failed).clone() {
             return Some(reason);
         }
@@ -1318,6 +1329,7 @@ impl Inner {
             }
             tracing::error!(volume = %self.id, %reason, "volume failed: writes and flushes are refused until it is reopened; buffered data stays in the WAL");
             *failed = Some(reason);
+            self.has_failed.store(true, Ordering::Release);
         }
         self.permits.close();
         self.flushed.notify_waiters();

@@ -75,6 +75,17 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
     /// Keys that start with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+    /// Keys that start with `prefix` and sort after `start_after`, sorted (S3's `StartAfter`:
+    /// a listing from the middle of a large prefix reads only the pages it needs there).
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+    ) -> Result<Vec<String>, BackendError> {
+        let mut keys = self.list(prefix).await?;
+        keys.retain(|k| k.as_str() > start_after);
+        Ok(keys)
+    }
     /// Short name for logs (`file`, `memory`, `s3`).
     fn kind(&self) -> &'static str;
 
@@ -213,6 +224,16 @@ pub(crate) mod contract {
             b.list("vol-0123456789abcdef0/").await.unwrap(),
             vec![key.to_owned(), key2.to_owned()]
         );
+        assert_eq!(
+            b.list_after("vol-0123456789abcdef0/", key).await.unwrap(),
+            vec![key2.to_owned()],
+            "strictly after"
+        );
+        assert!(b
+            .list_after("vol-0123456789abcdef0/", key2)
+            .await
+            .unwrap()
+            .is_empty());
         b.delete(key).await.unwrap();
         b.delete(key).await.unwrap();
         assert!(matches!(b.get(key).await, Err(BackendError::NotFound(_))));

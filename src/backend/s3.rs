@@ -418,11 +418,42 @@ impl Backend for S3Backend {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.list_from(prefix, None).await
+    }
+
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+    ) -> Result<Vec<String>, BackendError> {
+        self.list_from(prefix, Some(start_after)).await
+    }
+
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+}
+
+impl S3Backend {
+    /// ListObjectsV2 of `prefix` (under the backend's own prefix), all pages, from after
+    /// `start_after` when given; keys returned without the backend's prefix, sorted.
+    async fn list_from(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<Vec<String>, BackendError> {
         let full = if self.prefix.is_empty() {
             prefix.to_owned()
         } else {
             format!("{}/{prefix}", self.prefix)
         };
+        let after = start_after.map(|a| {
+            if self.prefix.is_empty() {
+                a.to_owned()
+            } else {
+                format!("{}/{a}", self.prefix)
+            }
+        });
         let strip = if self.prefix.is_empty() {
             0
         } else {
@@ -438,6 +469,8 @@ impl Backend for S3Backend {
                 .prefix(&full);
             if let Some(t) = &token {
                 req = req.continuation_token(t);
+            } else if let Some(a) = &after {
+                req = req.start_after(a);
             }
             let page = req.send().await.map_err(|e| map_err(prefix, e))?;
             for obj in page.contents() {
@@ -452,10 +485,6 @@ impl Backend for S3Backend {
         }
         out.sort();
         Ok(out)
-    }
-
-    fn kind(&self) -> &'static str {
-        "s3"
     }
 }
 
