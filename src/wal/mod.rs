@@ -246,6 +246,15 @@ impl WriteHealth {
         self.fatal.load(Ordering::Relaxed)
     }
 
+    /// The fatal failure's error, once there is one.
+    pub(crate) fn fatal_error(&self) -> Option<WalError> {
+        if self.is_fatal() {
+            self.error.lock().ok().and_then(|g| g.clone())
+        } else {
+            None
+        }
+    }
+
     pub(crate) fn is_failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
     }

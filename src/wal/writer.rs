@@ -228,8 +228,6 @@ pub(crate) struct Writer {
     synced_seq: u64,
     /// Highest `synced_seq` recorded by a sync note in the open segment.
     noted_seq: u64,
-    /// Set after a failed `fdatasync`: the page cache can no longer be trusted.
-    fatal: Option<WalError>,
     /// The trim mark on disk: records up to this seq may have been deleted.
     trimmed_through: u64,
     stats: Arc<WalStats>,
@@ -291,7 +289,6 @@ impl Writer {
             written_seq: synced_seq,
             synced_seq,
             noted_seq: 0,
-            fatal: None,
             trimmed_through,
             stats,
             durable,
@@ -421,7 +418,7 @@ impl Writer {
                 }
             }
         }
-        if self.fatal.is_some() {
+        if self.health.is_fatal() {
             // The volume refuses writes from now on (a sync failed, maybe in the rotation just
             // tried); this one was queued before it knew.
             self.stats.unwritten_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -437,7 +434,7 @@ impl Writer {
 
     /// True when the open segment has no sync note for the last sync yet.
     fn note_due(&self) -> bool {
-        self.synced_seq > self.noted_seq && self.fatal.is_none()
+        self.synced_seq > self.noted_seq && !self.health.is_fatal()
     }
 
     /// Adds a sync note to the batch: every record up to `synced_seq` is on stable storage.
@@ -460,8 +457,8 @@ impl Writer {
     /// Writes the batch to the open segment. On failure the file is cut back to its last good
     /// length and the batch kept, so a later call retries it (disk full is not data loss).
     fn write_batch(&mut self) -> Result<(), WalError> {
-        if let Some(e) = &self.fatal {
-            return Err(e.clone());
+        if let Some(e) = self.health.fatal_error() {
+            return Err(e);
         }
         if self.batch.is_empty() {
             return Ok(());
@@ -501,8 +498,8 @@ impl Writer {
     }
 
     fn sync(&mut self) -> Result<(), WalError> {
-        if let Some(e) = &self.fatal {
-            return Err(e.clone());
+        if let Some(e) = self.health.fatal_error() {
+            return Err(e);
         }
         let started = Instant::now();
         crate::crash_point!("wal-before-sync");
@@ -513,7 +510,6 @@ impl Writer {
             // reopened (replay reads what really is on disk).
             let err = WalError::io(&self.current_path(), e);
             tracing::error!(error = %err, "WAL fdatasync failed; the volume refuses writes and flushes until it is reopened");
-            self.fatal = Some(err.clone());
             self.health.set_fatal(err.clone());
             self.stats
                 .unwritten_bytes
