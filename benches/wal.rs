@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, Criterion};
-use vblock::wal::{RecordHeader, RecordKind, Wal, WalConfig};
+use vblock::wal::{RecordKind, Wal, WalConfig};
 
 fn bench_dir() -> tempfile::TempDir {
     // Same disk as the project (not tmpfs), unless VBLOCK_BENCH_DIR says otherwise.
@@ -23,16 +23,10 @@ fn bench_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(base).expect("tempdir")
 }
 
-fn header(seq: u64) -> RecordHeader {
-    RecordHeader {
-        kind: RecordKind::Write,
-        flags: 0,
-        seq,
-        volume_tag: 0,
-        start_block: seq % 1_000_000,
-        block_count: 1,
-        payload_len: 4096,
-    }
+/// Appends a one-block write numbered `seq` (blocks cycle through the first million).
+fn append(wal: &Wal, seq: u64, payload: Bytes) {
+    wal.append(RecordKind::Write, seq, seq % 1_000_000, 1, payload)
+        .expect("append");
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -62,7 +56,7 @@ fn wal_append(c: &mut Criterion) {
             for i in 0..iters {
                 seq += 1;
                 let t = Instant::now();
-                wal.append(header(seq), payload.clone()).expect("append");
+                append(&wal, seq, payload.clone());
                 total += t.elapsed();
                 if i % 4096 == 4095 {
                     // Bound the writer's queue (the engine bounds it with the write buffer).
@@ -91,7 +85,7 @@ fn report_percentiles() {
     let mut lat = Vec::with_capacity(n as usize);
     for seq in 1..=n {
         let t = Instant::now();
-        wal.append(header(seq), payload.clone()).expect("append");
+        append(&wal, seq, payload.clone());
         lat.push(t.elapsed());
         if seq % 4096 == 0 {
             rt.block_on(wal.sync()).expect("sync");
@@ -161,8 +155,7 @@ fn report_percentiles() {
             move |_, _| {
                 let (wal, seq, payload) = (w.clone(), seq.clone(), payload.clone());
                 async move {
-                    wal.append(header(seq.fetch_add(1, Ordering::SeqCst)), payload)
-                        .expect("append");
+                    append(&wal, seq.fetch_add(1, Ordering::SeqCst), payload);
                     wal.sync().await.expect("sync");
                 }
             },

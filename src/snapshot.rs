@@ -16,16 +16,14 @@ use crate::block::{BlockRange, BLOCK_SIZE};
 use crate::cache::FrameCache;
 use crate::engine::{now_rfc3339, Engine};
 use crate::ids::{SnapshotId, VolumeId};
-use crate::lookup::{BlockLookup, Target};
+use crate::lookup::BlockLookup;
 use crate::mapobj::MapObject;
 use crate::meta::{
     blocking, MetaStore, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeState,
 };
 use crate::retry::{delete_retried, put_retried, RetryPolicy};
-use crate::volume::{
-    assemble, cached_frames, check_range, check_request, fetch_missing_frames, status_runs,
-    StatusExtent, VolumeError,
-};
+use crate::volume::read::{allocation, read_map};
+use crate::volume::{check_range, check_request, StatusExtent, VolumeError};
 
 /// A snapshot opened for reading (the read-only NBD export `SNAPID`).
 #[derive(Clone)]
@@ -62,18 +60,9 @@ impl SnapshotVolume {
         let r = BlockRange::covering(offset, len);
         let lookup = self.lookup.clone();
         let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
-        let (mut frames, _) = cached_frames(&self.cache, &map);
-        fetch_missing_frames(
-            &self.cache,
-            &self.backend,
-            &self.retry,
-            &map,
-            &mut frames,
-            &|_, _| {},
-        )
-        .await?;
+        let blocks = read_map(&self.cache, &self.backend, &self.retry, r, &map).await?;
         let skip = (offset - r.start * BLOCK_SIZE) as usize;
-        Ok(assemble(r, &[], &map, frames).slice(skip..skip + len as usize))
+        Ok(blocks.slice(skip..skip + len as usize))
     }
 
     /// Allocation status of `offset..offset + len` (NBD `base:allocation`), as
@@ -90,12 +79,7 @@ impl SnapshotVolume {
         let r = BlockRange::covering(offset, len);
         let lookup = self.lookup.clone();
         let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
-        let data = map
-            .iter()
-            .filter(|e| matches!(e.target, Target::Data(_)))
-            .map(|e| (e.start, e.end()))
-            .collect();
-        Ok(status_runs(offset, len, data))
+        Ok(allocation(offset, len, &[], &map))
     }
 }
 

@@ -363,13 +363,23 @@ impl Wal {
         ))
     }
 
-    /// Queues a record. Returns at once; see the module docs for what is promised.
-    /// `payload.len()` must equal `header.payload_len`.
+    /// Queues a record of `kind` (a [`RecordKind::Write`] of `block_count` blocks whose data is
+    /// `payload`, `block_count` × 4096 bytes; or a [`RecordKind::Zero`] with an empty payload) for
+    /// blocks from `start_block`, numbered `seq`. The WAL fills in the header's other fields
+    /// (flags, volume tag, lengths, CRC; FORMAT.md, "WAL record"). Returns at once; see the module
+    /// docs for what is promised.
     ///
     /// Errors: [`WalError::Closed`]; while segment writes fail, the write's error (e.g. `ENOSPC`,
     /// see [`WalError::is_no_space`]) once [`MAX_UNWRITTEN_BYTES`] wait unwritten; after a failed
     /// `fdatasync` ([`Wal::failed`]), that error, always.
-    pub fn append(&self, header: RecordHeader, payload: Bytes) -> Result<(), WalError> {
+    pub fn append(
+        &self,
+        kind: RecordKind,
+        seq: u64,
+        start_block: u64,
+        block_count: u32,
+        payload: Bytes,
+    ) -> Result<(), WalError> {
         let len = (record::RECORD_HEADER_LEN + payload.len()) as u64;
         if let Some(e) = self.health.error() {
             if self.health.is_fatal()
@@ -380,14 +390,19 @@ impl Wal {
         }
         self.stats.unwritten_bytes.fetch_add(len, Ordering::Relaxed);
         let encoded = RecordHeader {
+            kind,
+            flags: 0,
+            seq,
             volume_tag: self.volume_tag,
-            ..header
+            start_block,
+            block_count,
+            payload_len: payload.len() as u32,
         }
         .encode(&payload);
         self.tx
             .send(Command::Append {
                 header: encoded,
-                seq: header.seq,
+                seq,
                 payload,
             })
             .map_err(|_| WalError::Closed)
@@ -572,9 +587,17 @@ mod tests {
 
     const TAG: u64 = 0x7a11;
 
-    fn write(seq: u64) -> (RecordHeader, Bytes) {
-        let (header, payload) = record::one_block_record(TAG, seq, seq as u8);
-        (header, Bytes::from(payload))
+    /// Appends a one-block write of block `seq`, filled with the byte `seq as u8`.
+    fn append(wal: &Wal, seq: u64) {
+        let (h, payload) = record::one_block_record(TAG, seq, seq as u8);
+        wal.append(
+            h.kind,
+            h.seq,
+            h.start_block,
+            h.block_count,
+            Bytes::from(payload),
+        )
+        .expect("append");
     }
 
     /// A WAL in `dir/wal` with 64 KiB segments (15 one-block records each).
@@ -610,8 +633,7 @@ mod tests {
         // 4,140-byte records, 15 to a 64 KiB segment. The first sync starts the spare for
         // segment 2; the writer waits for it when segment 1 is full at the latest.
         for seq in 1..=40 {
-            let (h, p) = write(seq);
-            wal.append(h, p).expect("append");
+            append(&wal, seq);
             if seq % 5 == 0 {
                 rt.block_on(wal.sync()).expect("sync");
             }
@@ -661,8 +683,7 @@ mod tests {
         let (wal, _) = Wal::open(&config, TAG, 0, |_, _| {}).expect("open");
         // 4,140-byte records, 15 to a 64 KiB segment: segments hold 1..=15, 16..=30, 31..=40.
         for seq in 1..=40 {
-            let (h, p) = write(seq);
-            wal.append(h, p).expect("append");
+            append(&wal, seq);
         }
         wal.trim(30);
         wal.shutdown(true);

@@ -1,0 +1,484 @@
+//! The flusher: freezes memtables, cuts them into chunk objects, builds and uploads them
+//! concurrently, commits them in order (extents and WAL checkpoint in one RocksDB batch), drops
+//! the committed memtables and trims the WAL; when idle, runs compaction steps.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backend::{chunk_key, BackendError, SharedBackend};
+use crate::block::BLOCK_SIZE;
+use crate::buffer::MemTable;
+use crate::chunk;
+use crate::ids::VolumeId;
+use crate::lookup::{ChunkCommit, MapExtent};
+use crate::meta::{MetaError, VolumeState};
+use crate::retry::RetryPolicy;
+
+use super::compaction::compaction_input;
+use super::{lock, Inner};
+
+/// Deletes `id`'s chunk objects at or above `next_object_id`: an earlier instance uploaded them
+/// but never committed them, and this one is about to reuse their ids. Left in place, one of
+/// them could follow this instance's chunks in a disaster recovery (which takes the chunks above
+/// a checkpoint in id order while the ids are contiguous) and mix an older history into this
+/// one. The flusher does this before its first upload, retrying like an upload.
+pub(super) async fn remove_uncommitted_chunks(
+    backend: &SharedBackend,
+    id: &VolumeId,
+    next_object_id: u64,
+) -> Result<(), BackendError> {
+    // Keys sort like ids (fixed-width hex): list only those after the last committed one.
+    let prefix = crate::backend::chunk_prefix(id);
+    let keys = match next_object_id.checked_sub(1) {
+        Some(last) if last > 0 => backend.list_after(&prefix, &chunk_key(id, last)).await?,
+        _ => backend.list(&prefix).await?,
+    };
+    let stale: Vec<u64> = crate::backend::chunk_ids(id, &keys)
+        .into_iter()
+        .filter(|&o| o >= next_object_id)
+        .collect();
+    for &o in &stale {
+        backend.delete(&chunk_key(id, o)).await?;
+    }
+    if !stale.is_empty() {
+        tracing::info!(volume = %id, objects = stale.len(), next_object_id, "deleted chunk objects an earlier run uploaded but never committed");
+    }
+    Ok(())
+}
+
+/// A chunk object being built and uploaded.
+struct InFlight {
+    /// The memtable it comes from.
+    mem: Arc<MemTable>,
+    /// True for the memtable's last chunk (its commit advances the checkpoint).
+    last: bool,
+    /// True for the first of several chunks of one memtable (the WAL is synced before it commits).
+    first_of_split: bool,
+    /// The chunk's object id and input, kept to build it again after a failed attempt.
+    object_id: u64,
+    input: Arc<Vec<chunk::InputExtent>>,
+    /// Attempts so far (at most [`CHUNK_ATTEMPTS`]).
+    attempts: u32,
+    task: tokio::task::JoinHandle<Option<Uploaded>>,
+}
+
+/// How often a chunk is built and uploaded before a failure (a panicked or failed build, or
+/// backend errors that are not transient for [`VolumeConfig::permanent_error_timeout`]) fails
+/// the volume instead of being retried again.
+const CHUNK_ATTEMPTS: u32 = 3;
+
+/// Starts building and uploading chunk `object_id` of `input` (`last`: the last part of its
+/// memtable; the others carry `chunk::FLAG_MORE_PARTS`).
+fn spawn_upload(
+    inner: &Arc<Inner>,
+    object_id: u64,
+    input: Arc<Vec<chunk::InputExtent>>,
+    last: bool,
+) -> tokio::task::JoinHandle<Option<Uploaded>> {
+    let inner = inner.clone();
+    let flags = if last { 0 } else { chunk::FLAG_MORE_PARTS };
+    tokio::spawn(async move {
+        let uploaded = upload_chunk(&inner, object_id, input, flags).await;
+        // The flusher schedules the next chunk as soon as this one is out.
+        inner.wake.notify_one();
+        uploaded
+    })
+}
+
+/// A chunk object durable in the backend, ready to commit.
+struct Uploaded {
+    object_id: u64,
+    index: Vec<chunk::ChunkExtent>,
+    stored_bytes: u64,
+}
+
+/// The background flusher of one volume. Frozen memtables are cut into chunk objects, which are
+/// built and uploaded concurrently (up to `upload_concurrency`) and committed strictly in order,
+/// so the checkpoint always covers a prefix of the WAL.
+pub(super) async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    // Frozen memtables (from the front of the queue) whose chunks are all scheduled.
+    let mut scheduled = 0usize;
+    let mut next_object_id = state.next_object_id.max(1);
+    // Twice the upload slots in tasks: chunks are compressed while earlier ones upload, so the
+    // PUTs in flight stay at `upload_concurrency` (measured: scripts/bench-s3.sh).
+    let concurrency = 2 * inner.config.upload_concurrency.max(1);
+    let mut next_compaction = Instant::now() + inner.config.compaction.check_interval;
+    // Before the first upload reuses their ids (waits out a backend outage like an upload).
+    let cleaned = retry_until_stopped(
+        &inner,
+        "deleting uncommitted chunk objects",
+        "",
+        false,
+        || remove_uncommitted_chunks(&inner.backend, &inner.id, next_object_id),
+    )
+    .await;
+    if cleaned.is_none() {
+        return;
+    }
+    loop {
+        if inner.stop.load(Ordering::SeqCst) {
+            abort(in_flight).await;
+            return;
+        }
+        // A failed WAL fails the volume (waking its waiters); the flusher goes on turning what
+        // is buffered into chunks.
+        let _ = inner.check_failed();
+        // Schedule uploads for the next frozen memtables while fewer than `concurrency` chunks
+        // are being built or uploaded (finished ones only wait for their in-order commit).
+        while in_flight.iter().filter(|j| !j.task.is_finished()).count() < concurrency {
+            let next = {
+                let mut st = lock(&inner.state);
+                if scheduled == st.buf.frozen().len()
+                    && in_flight.is_empty()
+                    && st.last_write.elapsed() >= inner.config.idle_flush
+                {
+                    st.buf.freeze();
+                }
+                st.buf.frozen().get(scheduled).cloned()
+            };
+            let Some(mem) = next else { break };
+            scheduled += 1;
+            let groups = chunk::split_input(
+                mem.to_chunk_input(),
+                inner.config.chunk_bytes,
+                MAX_CHUNK_EXTENTS,
+            );
+            let n = groups.len();
+            for (i, input) in groups.into_iter().enumerate() {
+                let object_id = next_object_id;
+                next_object_id += 1;
+                let input = Arc::new(input);
+                in_flight.push_back(InFlight {
+                    mem: mem.clone(),
+                    last: i + 1 == n,
+                    first_of_split: i == 0 && n > 1,
+                    object_id,
+                    input: input.clone(),
+                    attempts: 1,
+                    task: spawn_upload(&inner, object_id, input, i + 1 == n),
+                });
+            }
+        }
+        let Some(front) = in_flight.front_mut() else {
+            if inner.draining.load(Ordering::SeqCst) && lock(&inner.state).buf.frozen().is_empty() {
+                return;
+            }
+            let pending = !lock(&inner.state).buf.frozen().is_empty();
+            if !pending {
+                inner.object_buffers.clear();
+            }
+            if !pending
+                && inner.config.compaction.threshold_percent > 0
+                && state.max_seq <= state.checkpoint
+                && Instant::now() >= next_compaction
+            {
+                let (next, wait) = compact(&inner, state, next_object_id).await;
+                if let Some(next) = next {
+                    state = next;
+                    next_object_id = state.next_object_id;
+                }
+                next_compaction = Instant::now() + wait;
+                continue;
+            }
+            let until_compaction = next_compaction.saturating_duration_since(Instant::now());
+            let nap = inner
+                .config
+                .idle_flush
+                .min(until_compaction.max(Duration::from_millis(10)));
+            let _ = tokio::time::timeout(nap, inner.wake.notified()).await;
+            continue;
+        };
+        // Wait for the oldest chunk (commits go in order), or for room to schedule another.
+        let done = tokio::select! {
+            done = &mut front.task => done,
+            () = inner.wake.notified() => continue,
+        };
+        let Some(mut job) = in_flight.pop_front() else {
+            continue;
+        };
+        let uploaded = match done {
+            Ok(Some(u)) => u,
+            _ if inner.stop.load(Ordering::SeqCst) => {
+                abort(in_flight).await;
+                return;
+            }
+            // The build failed or panicked, or the backend refused the PUT for good (logged):
+            // try again, then give up loudly; the data stays in the WAL either way.
+            failed => {
+                if let Err(e) = &failed {
+                    tracing::error!(volume = %inner.id, object_id = job.object_id, error = %e, "chunk task failed");
+                }
+                if job.attempts < CHUNK_ATTEMPTS {
+                    job.attempts += 1;
+                    inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
+                    job.task = spawn_upload(&inner, job.object_id, job.input.clone(), job.last);
+                    in_flight.push_front(job);
+                    continue;
+                }
+                inner.fail(format!(
+                    "chunk {} of the write buffer failed {} times",
+                    job.object_id, job.attempts
+                ));
+                abort(in_flight).await;
+                return;
+            }
+        };
+        if job.first_of_split && !sync_wal_for_split(&inner).await {
+            abort(in_flight).await;
+            return;
+        }
+        let checkpoint = if job.last {
+            job.mem.max_seq()
+        } else {
+            state.checkpoint
+        };
+        let Some(next) = commit_chunk(&inner, uploaded, state, checkpoint, job.mem.max_seq()).await
+        else {
+            abort(in_flight).await;
+            return;
+        };
+        state = next;
+        if job.last {
+            lock(&inner.state).buf.drop_committed(&job.mem);
+            scheduled -= 1;
+            inner.release(job.mem.charged);
+            inner.wal.trim(state.checkpoint);
+            inner.flushed.notify_waiters();
+        }
+    }
+}
+
+/// Runs `op` until it succeeds, backing off between failures (logged as `what` with `key`, at
+/// error level when `serious`, else warn, and counted in `flush_retries`); `None` once a stop is
+/// requested.
+/// Waiting is always safe here: the data stays in the WAL meanwhile.
+async fn retry_until_stopped<T, E, Fut>(
+    inner: &Inner,
+    what: &str,
+    key: &str,
+    serious: bool,
+    mut op: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let policy = RetryPolicy::forever();
+    let mut attempt = 0u32;
+    loop {
+        if inner.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
+                if serious {
+                    tracing::error!(volume = %inner.id, key, error = %e, attempt, "{what} failed; retrying");
+                } else {
+                    tracing::warn!(volume = %inner.id, key, error = %e, attempt, "{what} failed; retrying");
+                }
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// One compaction step: picks this volume's chunks whose live fraction is below the threshold
+/// (fewest live blocks first, at most a chunk of live data), rewrites their live blocks — with
+/// their original sequence numbers, so any newer write still wins — into chunk `object_id`,
+/// and commits it like a flushed chunk (checkpoint unchanged). Returns the new state if it
+/// committed, and how long to wait before the next step (the rate limit, or the check interval
+/// when there was nothing to do or a step failed).
+async fn compact(
+    inner: &Arc<Inner>,
+    state: VolumeState,
+    object_id: u64,
+) -> (Option<VolumeState>, Duration) {
+    let cfg = inner.config.compaction;
+    let picked = match compaction_input(inner).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return (None, cfg.check_interval),
+        Err(e) => {
+            tracing::warn!(error = %e, "compaction skipped");
+            return (None, cfg.check_interval);
+        }
+    };
+    let moved: u64 = picked.iter().map(|e| e.block_count * BLOCK_SIZE).sum();
+    let Some(up) = upload_chunk(inner, object_id, Arc::new(picked), 0).await else {
+        return (None, cfg.check_interval);
+    };
+    let Some(next) = commit_chunk(inner, up, state, state.checkpoint, state.max_seq).await else {
+        return (None, cfg.check_interval);
+    };
+    inner.stats.compacted_chunks.fetch_add(1, Ordering::Relaxed);
+    inner
+        .stats
+        .compacted_bytes
+        .fetch_add(moved, Ordering::Relaxed);
+    tracing::debug!(object_id, moved_bytes = moved, "chunk compacted");
+    let rate = cfg.rate_bytes_per_sec.max(1);
+    (
+        Some(next),
+        Duration::from_secs_f64(moved as f64 / rate as f64),
+    )
+}
+
+/// Cancels uploads that will not be committed and waits for them, so none writes afterwards.
+async fn abort(in_flight: VecDeque<InFlight>) {
+    for job in &in_flight {
+        job.task.abort();
+    }
+    for job in in_flight {
+        let _ = job.task.await;
+    }
+}
+
+/// Largest number of extents in one chunk object (bounds the index: 64 Ki x 40 bytes).
+const MAX_CHUNK_EXTENTS: usize = 1 << 16;
+
+/// Before the first partial commit of a memtable that spans several chunks: some of its sequence
+/// numbers reach the map before the checkpoint covers them, so every record must survive a crash,
+/// or replay could resurrect an older, durable version of a block under the newer one in the map.
+/// Retries until the WAL syncs; false if asked to stop, or once the WAL failed for good (the
+/// volume then fails).
+async fn sync_wal_for_split(inner: &Inner) -> bool {
+    match retry_until_stopped(
+        inner,
+        "WAL sync before a split chunk commit",
+        "",
+        false,
+        || async {
+            match inner.wal.sync().await {
+                Err(e) if inner.wal.failed() => Ok(Err(e)),
+                other => other.map(Ok),
+            }
+        },
+    )
+    .await
+    {
+        Some(Ok(())) => true,
+        // The WAL failed for good: fail the volume (wakes its writers and waiters).
+        Some(Err(_)) => {
+            let _ = inner.check_failed();
+            false
+        }
+        None => false,
+    }
+}
+
+/// Builds one chunk object and uploads it, retrying the upload with backoff until it succeeds
+/// (data stays in the WAL meanwhile). `None` if the build failed (a bug) or a stop was requested.
+async fn upload_chunk(
+    inner: &Inner,
+    object_id: u64,
+    input: Arc<Vec<chunk::InputExtent>>,
+    flags: u16,
+) -> Option<Uploaded> {
+    let opts = inner.config.chunk;
+    let tag = inner.id.tag();
+    let buf = inner.object_buffers.take();
+    let built = crate::background::run(move || {
+        chunk::build_flagged(tag, object_id, &input, opts, buf, flags)
+    })
+    .await;
+    let (object, index) = match built {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::error!(volume = %inner.id, error = %e, "chunk build failed; flusher stops, data stays in the WAL");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(volume = %inner.id, error = %e, "chunk build task failed");
+            return None;
+        }
+    };
+    let key = chunk_key(&inner.id, object_id);
+    let stored_bytes = object.len() as u64;
+    let _slot = inner.upload_slots.acquire().await.ok()?;
+    let started = Instant::now();
+    // Transient errors (outages, throttling, a full disk) are retried until they pass; errors
+    // the backend calls permanent (denied, I/O error) end this attempt once they have lasted
+    // `permanent_error_timeout` without a success or a transient error between them.
+    let give_up = inner.config.permanent_error_timeout;
+    let since: Mutex<Option<Instant>> = Mutex::new(None);
+    retry_until_stopped(inner, "chunk upload", &key, false, || {
+        let put = inner.backend.put(&key, object.clone());
+        let since = &since;
+        async move {
+            match put.await {
+                Err(e) if !e.is_transient() => {
+                    let first = *lock(since).get_or_insert_with(Instant::now);
+                    if first.elapsed() >= give_up {
+                        return Ok(Err(e));
+                    }
+                    Err(e)
+                }
+                other => {
+                    *lock(since) = None;
+                    other.map(Ok)
+                }
+            }
+        }
+    })
+    .await?
+    .map_err(|e| {
+        tracing::error!(volume = %inner.id, key, error = %e, "chunk upload refused for good");
+    })
+    .ok()?;
+    crate::crash_point!("chunk-uploaded");
+    inner.upload_seconds.record(started.elapsed());
+    inner.object_buffers.give(object);
+    Some(Uploaded {
+        object_id,
+        index,
+        stored_bytes,
+    })
+}
+
+/// Commits an uploaded chunk to the map (retrying metadata failures); `None` if asked to stop.
+async fn commit_chunk(
+    inner: &Inner,
+    up: Uploaded,
+    state: VolumeState,
+    checkpoint: u64,
+    max_seq: u64,
+) -> Option<VolumeState> {
+    let commit = Arc::new(ChunkCommit {
+        object_id: up.object_id,
+        extents: up
+            .index
+            .iter()
+            .map(|e| MapExtent::from_chunk(inner.id.number(), up.object_id, e))
+            .collect(),
+        stored_bytes: up.stored_bytes,
+    });
+    let next = VolumeState {
+        checkpoint: state.checkpoint.max(checkpoint),
+        next_object_id: up.object_id + 1,
+        max_seq: state.max_seq.max(max_seq),
+    };
+    let _commits = inner.commit_lock.lock().await;
+    crate::crash_point!("map-commit-before");
+    retry_until_stopped(inner, "map commit", "", true, || {
+        let (lookup, c) = (inner.lookup.clone(), commit.clone());
+        async move {
+            crate::background::run(move || lookup.commit_chunk(&c, next))
+                .await
+                .map_err(|e| MetaError::Task(e.to_string()))?
+        }
+    })
+    .await?;
+    crate::crash_point!("map-commit-after");
+    *lock(&inner.committed) = next;
+    inner.stats.chunks.fetch_add(1, Ordering::Relaxed);
+    inner
+        .stats
+        .chunk_bytes
+        .fetch_add(up.stored_bytes, Ordering::Relaxed);
+    Some(next)
+}

@@ -1,0 +1,661 @@
+//! A volume: the engine API in bytes over the write buffer, WAL, chunks and BlockLookup.
+//!
+//! Write path (this file): validate → (unaligned: read-modify-write the edge blocks under the
+//! RMW lock) → take write-buffer permits (backpressure) → under the state lock assign the next
+//! sequence number, queue the WAL record and insert into the active memtable → with FUA, wait for
+//! the WAL sync. A memtable that reaches the chunk size is frozen; the flusher ([`flusher`])
+//! turns each frozen memtable into chunk objects, commits their extents and the new WAL
+//! checkpoint in one RocksDB batch, drops the memtable (returning its permits) and trims the WAL.
+//!
+//! Read path ([`read`]): newest wins — the write buffer's index (the newest version across the
+//! active and frozen memtables), then the BlockLookup map and chunk frames (through the shared
+//! frame cache); anything else reads as zeros.
+//!
+//! Compaction ([`compaction`]) picks the live blocks of sparse chunks; the flusher rewrites them.
+
+mod compaction;
+mod config;
+mod error;
+mod flusher;
+pub(crate) mod read;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::backend::SharedBackend;
+use crate::block::{is_aligned, BlockRange, BLOCK_SIZE};
+use crate::buffer::{BufExtent, Payload, WriteBuffer};
+use crate::cache::FrameCache;
+use crate::chunk;
+use crate::ids::VolumeId;
+use crate::lookup::BlockLookup;
+use crate::meta::{blocking, MetaError, MetaStore, VolumeState};
+use crate::wal::{self, RecordHeader, RecordKind, Wal, WalConfig};
+use crate::workq::WorkQueue;
+
+pub use config::{CompactionConfig, VolumeConfig};
+pub use error::VolumeError;
+pub(crate) use read::read_chunk_index;
+pub use read::StatusExtent;
+
+/// Largest single request in bytes (the NBD maximum block size, 32 MiB).
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+
+/// Counters of one volume.
+#[derive(Debug, Default)]
+pub struct VolumeStats {
+    /// Chunk objects written.
+    pub chunks: AtomicU64,
+    /// Bytes of chunk objects written.
+    pub chunk_bytes: AtomicU64,
+    /// Frames fetched from the backend (cache misses).
+    pub frame_fetches: AtomicU64,
+    /// Frames served from the frame cache.
+    pub frame_hits: AtomicU64,
+    /// Failures the flusher retried (chunk uploads, map commits, WAL syncs).
+    pub flush_retries: AtomicU64,
+    /// Chunk objects written by compaction.
+    pub compacted_chunks: AtomicU64,
+    /// Live bytes (logical, 4096 per block) compaction rewrote.
+    pub compacted_bytes: AtomicU64,
+}
+
+struct BufState {
+    next_seq: u64,
+    buf: WriteBuffer,
+    last_write: Instant,
+    closed: bool,
+}
+
+struct Inner {
+    id: VolumeId,
+    size: u64,
+    config: VolumeConfig,
+    state: Mutex<BufState>,
+    permits: Semaphore,
+    /// Permits owed after replay loaded more than the buffer holds; paid before any are returned.
+    permit_debt: Mutex<u64>,
+    wal: Wal,
+    meta: MetaStore,
+    lookup: BlockLookup,
+    /// Held across every map commit: a snapshot freezes the map between two commits.
+    commit_lock: tokio::sync::Mutex<()>,
+    /// The state of the last map commit.
+    committed: Mutex<VolumeState>,
+    backend: SharedBackend,
+    cache: FrameCache,
+    rmw: tokio::sync::Mutex<()>,
+    wake: Notify,
+    /// Signalled after every memtable the flusher commits.
+    flushed: Notify,
+    /// Flusher: finish the frozen memtables (and the active one), then exit.
+    draining: AtomicBool,
+    /// Flusher: exit at the next step boundary (crash simulation, forced close).
+    stop: AtomicBool,
+    flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Why the volume failed, once it has ([`Volume::failed`]); `has_failed` is the lock-free
+    /// test every write makes.
+    failed: Mutex<Option<String>>,
+    has_failed: AtomicBool,
+    /// PUTs in flight (`upload_concurrency`); chunks are built ahead of them.
+    upload_slots: Semaphore,
+    /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy:
+    /// at most `upload_concurrency` (a freed buffer is usually taken by the next build at once;
+    /// a larger pool only holds memory the RSS bound needs, docs/BENCHMARKS.md).
+    object_buffers: chunk::ObjectBuffers,
+    stats: VolumeStats,
+    /// `vblock_chunk_upload_duration_seconds{volume}`: one successful chunk PUT (retries included).
+    upload_seconds: metrics::Histogram,
+    /// `vblock_backend_get_duration_seconds{volume,backend}`: one ranged GET of a frame.
+    get_seconds: metrics::Histogram,
+    /// Runs the blocking part of reads (map lookups, local frame reads, decompression).
+    reads: Arc<WorkQueue>,
+}
+
+/// An open volume. Cheap to clone; all clones share the engine state.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+/// Locks a std mutex, recovering the data if a panicking thread poisoned it (the state it guards
+/// is kept consistent by every critical section).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Replays WAL records into memtables.
+struct Replayer {
+    chunk_bytes: u64,
+    buf: WriteBuffer,
+}
+
+impl Replayer {
+    fn apply(&mut self, h: &RecordHeader, payload: Bytes) {
+        let (payload, cost) = match h.kind {
+            RecordKind::Write => (Payload::Data(payload), u64::from(h.block_count)),
+            RecordKind::Zero => (Payload::Zero, 1),
+            // Replay never applies sync notes; nothing to do if one came.
+            RecordKind::SyncNote => return,
+        };
+        self.buf.insert(
+            h.start_block,
+            BufExtent {
+                count: u64::from(h.block_count),
+                seq: h.seq,
+                payload,
+            },
+            cost,
+        );
+        if self.buf.active().is_full(self.chunk_bytes) {
+            self.buf.freeze();
+        }
+    }
+}
+
+impl Volume {
+    /// Opens volume `id` of `size` bytes: reads its state, replays its WAL from `wal_dir` and
+    /// starts its flusher. Must be called inside a tokio runtime.
+    ///
+    /// Errors: [`VolumeError::Wal`] (corrupt WAL in the middle, I/O), [`VolumeError::Meta`],
+    /// [`VolumeError::Invalid`] for a bad configuration.
+    pub async fn open(
+        meta: MetaStore,
+        backend: SharedBackend,
+        cache: FrameCache,
+        id: VolumeId,
+        size: u64,
+        wal_dir: std::path::PathBuf,
+        config: VolumeConfig,
+    ) -> Result<Self, VolumeError> {
+        config.validate()?;
+        let total_permits = config.buffer_bytes / BLOCK_SIZE;
+        let m = meta.clone();
+        let vid = id.clone();
+        let state = blocking(move || m.volume_state(&vid)).await?;
+        let wal_config = WalConfig {
+            dir: wal_dir,
+            segment_bytes: config.wal_segment_bytes,
+            name: id.to_string(),
+            recovery: config.wal_recovery,
+            fs: config.fs.clone(),
+        };
+        let tag = id.tag();
+        let chunk_bytes = config.chunk_bytes;
+        let replay_started = Instant::now();
+        let (wal, report, replayer) = tokio::task::spawn_blocking(move || {
+            let mut r = Replayer {
+                chunk_bytes,
+                buf: WriteBuffer::new(),
+            };
+            Wal::open(&wal_config, tag, state.checkpoint, |h, p| r.apply(h, p))
+                .map(|(w, rep)| (w, rep, r))
+        })
+        .await
+        .map_err(|e| VolumeError::Invalid(format!("replay task failed: {e}")))??;
+        if report.records > 0 || report.truncated_bytes > 0 {
+            tracing::info!(
+                volume = %id,
+                segments = report.segments,
+                records = report.records,
+                applied = report.applied,
+                truncated_bytes = report.truncated_bytes,
+                wal_bytes = wal.stats().disk_bytes.load(Ordering::Relaxed),
+                elapsed_ms = replay_started.elapsed().as_millis() as u64,
+                "WAL replayed"
+            );
+        }
+        let charged = replayer.buf.charged();
+        let next_seq = state.max_seq.max(report.max_seq).max(state.checkpoint) + 1;
+        let id_label = id.to_string();
+        let backend_kind = backend.kind();
+        let inner = Arc::new(Inner {
+            lookup: BlockLookup::new(meta.clone(), id.clone()),
+            meta,
+            commit_lock: tokio::sync::Mutex::new(()),
+            committed: Mutex::new(state),
+            id,
+            size,
+            state: Mutex::new(BufState {
+                next_seq,
+                buf: replayer.buf,
+                last_write: Instant::now(),
+                closed: false,
+            }),
+            permits: Semaphore::new(total_permits.saturating_sub(charged) as usize),
+            permit_debt: Mutex::new(charged.saturating_sub(total_permits)),
+            wal,
+            backend,
+            cache,
+            rmw: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+            flushed: Notify::new(),
+            reads: WorkQueue::new(read::READ_WORKERS),
+            draining: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            flusher: Mutex::new(None),
+            failed: Mutex::new(None),
+            has_failed: AtomicBool::new(false),
+            upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
+            object_buffers: chunk::ObjectBuffers::new(config.upload_concurrency.max(1)),
+            stats: VolumeStats::default(),
+            upload_seconds: metrics::histogram!(
+                "vblock_chunk_upload_duration_seconds",
+                "volume" => id_label.clone()
+            ),
+            get_seconds: metrics::histogram!(
+                "vblock_backend_get_duration_seconds",
+                "volume" => id_label,
+                "backend" => backend_kind
+            ),
+            config,
+        });
+        // Every line the flusher logs (retries, failures) carries the volume's span.
+        let span = tracing::info_span!(parent: None, "volume", volume = %inner.id);
+        let handle = tokio::spawn(tracing::Instrument::instrument(
+            flusher::flusher(inner.clone(), state),
+            span,
+        ));
+        *lock(&inner.flusher) = Some(handle);
+        Ok(Self { inner })
+    }
+
+    /// Volume id.
+    pub fn id(&self) -> &VolumeId {
+        &self.inner.id
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &VolumeStats {
+        &self.inner.stats
+    }
+
+    /// Why the volume refuses writes and flushes, once it does ([`VolumeError::Failed`]): a
+    /// failed WAL `fdatasync`, or a permanent flusher failure. `None` while it is healthy.
+    pub fn failed(&self) -> Option<String> {
+        self.inner.failure()
+    }
+
+    /// WAL counters (fsyncs, writes, records).
+    pub fn wal_stats(&self) -> &wal::WalStats {
+        self.inner.wal.stats()
+    }
+
+    /// Where the WAL is durable up to (crash tests).
+    pub fn wal_durable_position(&self) -> wal::DurablePosition {
+        self.inner.wal.durable_position()
+    }
+
+    /// Bytes the write buffer can still take before writers wait (free permits × 4096; 0 once
+    /// the volume is closing).
+    pub fn buffer_room_bytes(&self) -> u64 {
+        self.inner.permits.available_permits() as u64 * BLOCK_SIZE
+    }
+
+    /// Bytes of data in the write buffer (not yet in chunks).
+    pub fn buffered_bytes(&self) -> u64 {
+        let st = lock(&self.inner.state);
+        st.buf.data_bytes()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        check_range(offset, len, self.inner.size)
+    }
+
+    /// Writes `data` at byte `offset`. With `fua` the data is on stable storage when this
+    /// returns (NBD_CMD_FLAG_FUA); otherwise only after a later [`Volume::flush`].
+    ///
+    /// Errors: [`VolumeError::OutOfRange`], [`VolumeError::TooLarge`] above 32 MiB,
+    /// [`VolumeError::Wal`] (e.g. disk full), [`VolumeError::Closed`].
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        check_request(offset, len, self.inner.size)?;
+        if len > 0 {
+            if is_aligned(offset, len) {
+                self.commit(offset / BLOCK_SIZE, len / BLOCK_SIZE, Payload::Data(data))
+                    .await?;
+            } else {
+                self.write_unaligned(offset, &data).await?;
+            }
+        }
+        if fua {
+            self.inner.wal.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write that completed before this call durable (NBD_CMD_FLUSH).
+    ///
+    /// Errors: [`VolumeError::Failed`] once the volume failed, [`VolumeError::Wal`].
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.inner.check_failed()?;
+        if let Err(e) = self.inner.wal.sync().await {
+            self.inner.check_failed()?;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Discards the whole blocks inside `offset..offset + len`; they read as zeros afterwards.
+    /// Partial blocks at the edges are left unchanged (NBD_CMD_TRIM is advisory).
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        let start = offset.div_ceil(BLOCK_SIZE);
+        let end = (offset + len) / BLOCK_SIZE;
+        self.zero_blocks(start, end).await
+    }
+
+    /// Makes `offset..offset + len` read as zeros (NBD_CMD_WRITE_ZEROES). Whole blocks are
+    /// stored as zero extents (no data); partial edge blocks are rewritten.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check_range(offset, len)?;
+        if len > 0 {
+            let end = offset + len;
+            let full_start = offset.div_ceil(BLOCK_SIZE);
+            let full_end = end / BLOCK_SIZE;
+            if full_start >= full_end {
+                // Within one block, or two partial blocks with no whole block between.
+                self.write_unaligned(offset, &vec![0u8; len as usize])
+                    .await?;
+            } else {
+                self.zero_blocks(full_start, full_end).await?;
+                let head = full_start * BLOCK_SIZE - offset;
+                if head > 0 {
+                    self.write_unaligned(offset, &vec![0u8; head as usize])
+                        .await?;
+                }
+                let tail = end - full_end * BLOCK_SIZE;
+                if tail > 0 {
+                    self.write_unaligned(full_end * BLOCK_SIZE, &vec![0u8; tail as usize])
+                        .await?;
+                }
+            }
+        }
+        if fua {
+            self.inner.wal.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Read-modify-write of the blocks covering an unaligned byte range.
+    async fn write_unaligned(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        let _guard = self.inner.rmw.lock().await;
+        let r = BlockRange::covering(offset, data.len() as u64);
+        let old = self.read_blocks(r).await?;
+        let mut buf = BytesMut::from(&old[..]);
+        let at = (offset - r.start * BLOCK_SIZE) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        self.commit(r.start, r.len(), Payload::Data(buf.freeze()))
+            .await
+    }
+
+    async fn zero_blocks(&self, mut start: u64, end: u64) -> Result<(), VolumeError> {
+        // One record per at most 2^30 blocks (4 TiB) keeps block counts inside u32.
+        while start < end {
+            let n = (end - start).min(1 << 30);
+            self.commit(start, n, Payload::Zero).await?;
+            start += n;
+        }
+        Ok(())
+    }
+
+    /// Sequences one write: permits, WAL record, memtable insert — in that order.
+    async fn commit(&self, start: u64, count: u64, payload: Payload) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        let cost = match payload {
+            Payload::Data(_) => count,
+            Payload::Zero => 1,
+        };
+        inner.check_failed()?;
+        let Ok(permits) = inner.permits.acquire_many(cost as u32).await else {
+            inner.check_failed()?;
+            return Err(VolumeError::Closed);
+        };
+        let mut st = lock(&inner.state);
+        if st.closed {
+            return Err(VolumeError::Closed);
+        }
+        let seq = st.next_seq;
+        let (kind, body) = match &payload {
+            Payload::Data(b) => (RecordKind::Write, b.clone()),
+            Payload::Zero => (RecordKind::Zero, Bytes::new()),
+        };
+        if let Err(e) = inner.wal.append(kind, seq, start, count as u32, body) {
+            inner.check_failed()?;
+            return Err(e.into());
+        }
+        permits.forget();
+        st.next_seq += 1;
+        st.last_write = Instant::now();
+        // Freeze before a write would take the memtable past a chunk, so chunks stay near
+        // `chunk_bytes` (only a single write larger than a chunk makes a memtable that spans
+        // several chunk objects).
+        let new_bytes = match payload {
+            Payload::Data(_) => count * BLOCK_SIZE,
+            Payload::Zero => 0,
+        };
+        let mut froze = false;
+        if st.buf.active().data_bytes() + new_bytes > inner.config.chunk_bytes {
+            froze = st.buf.freeze();
+        }
+        st.buf.insert(
+            start,
+            BufExtent {
+                count,
+                seq,
+                payload,
+            },
+            cost,
+        );
+        if st.buf.active().is_full(inner.config.chunk_bytes) {
+            froze |= st.buf.freeze();
+        }
+        drop(st);
+        if froze {
+            inner.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Runs `f` (blocking, on a RocksDB thread) while the map is frozen at a sequence-number
+    /// prefix that includes every write completed before this call: everything buffered is
+    /// committed to chunks first, and no commit runs while `f` does. `f` gets the committed state
+    /// (its `checkpoint` is the snapshot point). Errors with [`VolumeError::Closed`] if the
+    /// volume closes first.
+    pub async fn with_frozen_map<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(VolumeState) -> Result<T, MetaError> + Send + 'static,
+    ) -> Result<T, VolumeError> {
+        let inner = &self.inner;
+        let target = {
+            let mut st = lock(&inner.state);
+            if st.closed {
+                return Err(VolumeError::Closed);
+            }
+            st.buf.freeze();
+            st.next_seq - 1
+        };
+        loop {
+            let notified = inner.flushed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let _commits = inner.commit_lock.lock().await;
+                let state = *lock(&inner.committed);
+                // Not in the middle of a split memtable's commits (its first chunks committed,
+                // not its last), or the map would hold part of a later write without earlier
+                // ones. A split in progress keeps its memtable frozen; with none frozen, a
+                // `max_seq` above the checkpoint is history (a recovered checkpoint).
+                let between_memtables =
+                    state.max_seq <= state.checkpoint || lock(&inner.state).buf.frozen().is_empty();
+                if state.checkpoint >= target && between_memtables {
+                    return Ok(blocking(move || f(state)).await?);
+                }
+            }
+            if lock(&inner.state).closed {
+                return Err(VolumeError::Closed);
+            }
+            inner.check_failed()?;
+            inner.wake.notify_one();
+            notified.await;
+        }
+    }
+
+    /// Turns everything buffered into chunks and waits until the map points at them (the WAL is
+    /// then trimmed behind them). Errors with [`VolumeError::Closed`] if the volume closes first.
+    pub async fn persist_buffer(&self) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        loop {
+            let notified = inner.flushed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = lock(&inner.state);
+                if st.closed {
+                    return Err(VolumeError::Closed);
+                }
+                st.buf.freeze();
+                if st.buf.frozen().is_empty() {
+                    return Ok(());
+                }
+            }
+            inner.check_failed()?;
+            inner.wake.notify_one();
+            notified.await;
+        }
+    }
+
+    /// Stops accepting writes, turns everything buffered into chunks (waiting at most
+    /// `drain_timeout`; what is left stays in the WAL and is replayed at the next open), syncs
+    /// the WAL and stops its writer.
+    pub async fn close(&self, drain_timeout: Duration) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        {
+            let mut st = lock(&inner.state);
+            st.closed = true;
+            st.buf.freeze();
+        }
+        inner.draining.store(true, Ordering::SeqCst);
+        inner.wake.notify_one();
+        inner.flushed.notify_waiters();
+        let handle = lock(&inner.flusher).take();
+        if let Some(mut handle) = handle {
+            if tokio::time::timeout(drain_timeout, &mut handle)
+                .await
+                .is_err()
+            {
+                tracing::warn!(volume = %inner.id, "flusher did not drain in time; data stays in the WAL");
+                inner.stop.store(true, Ordering::SeqCst);
+                inner.wake.notify_one();
+                let _ = handle.await;
+            }
+        }
+        inner.permits.close();
+        let wal_inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || wal_inner.wal.shutdown(true))
+            .await
+            .map_err(|e| VolumeError::Invalid(format!("WAL shutdown task failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Crash simulation for tests: stops the flusher at its next step boundary and the WAL writer
+    /// after writing (not syncing) what is queued — as if the process died there.
+    #[doc(hidden)]
+    pub async fn simulate_crash(&self) {
+        let inner = &self.inner;
+        // Stop before closed: whoever sees the volume closed knows the flusher is told to stop.
+        inner.stop.store(true, Ordering::SeqCst);
+        lock(&inner.state).closed = true;
+        inner.wake.notify_one();
+        inner.flushed.notify_waiters();
+        let handle = lock(&inner.flusher).take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+        inner.permits.close();
+        let wal_inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || wal_inner.wal.shutdown(false)).await;
+    }
+}
+
+/// Checks that bytes `offset..offset + len` lie inside a device of `size` bytes
+/// ([`VolumeError::OutOfRange`]).
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), VolumeError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(VolumeError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// [`check_range`], and at most [`MAX_REQUEST_BYTES`] ([`VolumeError::TooLarge`]): a read or
+/// write request.
+pub(crate) fn check_request(offset: u64, len: u64, size: u64) -> Result<(), VolumeError> {
+    check_range(offset, len, size)?;
+    if len > MAX_REQUEST_BYTES {
+        return Err(VolumeError::TooLarge {
+            len,
+            max: MAX_REQUEST_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl Inner {
+    /// Why the volume failed, if it did: the flusher's reason, or the WAL's failed sync.
+    fn failure(&self) -> Option<String> {
+        if !self.has_failed.load(Ordering::Acquire) && !self.wal.failed() {
+            return None;
+        }
+        if let Some(reason) = lock(&self.failed).clone() {
+            return Some(reason);
+        }
+        self.wal.failed().then(|| "WAL fdatasync failed".to_owned())
+    }
+
+    /// [`VolumeError::Failed`] once the volume failed. The first caller to see a WAL failure
+    /// fails the volume, which wakes every writer and waiter.
+    fn check_failed(&self) -> Result<(), VolumeError> {
+        match self.failure() {
+            Some(reason) => {
+                if lock(&self.failed).is_none() {
+                    self.fail(reason.clone());
+                }
+                Err(VolumeError::Failed(reason))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Fails the volume for good (until reopened): logged, writers waiting for buffer space and
+    /// flushers waiting for commits are woken with [`VolumeError::Failed`].
+    fn fail(&self, reason: String) {
+        {
+            let mut failed = lock(&self.failed);
+            if failed.is_some() {
+                return;
+            }
+            tracing::error!(volume = %self.id, %reason, "volume failed: writes and flushes are refused until it is reopened; buffered data stays in the WAL");
+            *failed = Some(reason);
+            self.has_failed.store(true, Ordering::Release);
+        }
+        self.permits.close();
+        self.flushed.notify_waiters();
+    }
+
+    /// Returns write-buffer permits, paying off replay debt first.
+    fn release(&self, n: u64) {
+        let mut debt = lock(&self.permit_debt);
+        let pay = n.min(*debt);
+        *debt -= pay;
+        self.permits.add_permits((n - pay) as usize);
+    }
+}
