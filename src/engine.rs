@@ -79,7 +79,13 @@ impl Engine {
         let cache_bytes = config.meta_cache_bytes;
         std::fs::create_dir_all(&dir)
             .and_then(|()| config.volume.fs.create_dir_all(&config.wal_dir))
-            .map_err(|e| VolumeError::Invalid(format!("cannot create data directories: {e}")))?;
+            .map_err(|source| VolumeError::Io {
+                what: format!(
+                    "creating the data directories under {}",
+                    config.data_dir.display()
+                ),
+                source,
+            })?;
         let meta = blocking(move || MetaStore::open(&dir, cache_bytes)).await?;
         Ok(Self {
             cache: frame_cache(config.frame_cache_bytes),
@@ -146,7 +152,7 @@ impl Engine {
     /// Checks a size in bytes: a positive multiple of 4096 up to 16 TiB.
     pub fn check_size(size_bytes: u64) -> Result<(), VolumeError> {
         if size_bytes == 0 || size_bytes % BLOCK_SIZE != 0 || size_bytes > MAX_VOLUME_BYTES {
-            return Err(VolumeError::Invalid(format!(
+            return Err(VolumeError::InvalidArgument(format!(
                 "volume size {size_bytes} bytes must be a positive multiple of 4096 up to 16 TiB"
             )));
         }
@@ -230,7 +236,7 @@ impl Engine {
     pub(crate) async fn publish_record(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
         let key = volume_record_key(&rec.volume_id);
         let body = bytes::Bytes::from(
-            serde_json::to_vec(rec).map_err(|e| VolumeError::Invalid(e.to_string()))?,
+            serde_json::to_vec(rec).map_err(|e| VolumeError::Internal(e.to_string()))?,
         );
         put_retried(&self.backend, &key, body).await?;
         Ok(())
@@ -278,8 +284,9 @@ impl Engine {
             let newest = keys.iter().filter(|k| k.starts_with(&ckpt_prefix)).max();
             if let Some(key) = newest {
                 let body = self.backend.get(key).await?;
-                let obj = MapObject::decode(&body).map_err(|e| {
-                    VolumeError::Invalid(format!("map checkpoint {key} is unreadable: {e}"))
+                let obj = MapObject::decode(&body).map_err(|e| VolumeError::Corrupt {
+                    what: format!("map checkpoint {key}"),
+                    reason: e.to_string(),
                 })?;
                 state = VolumeState {
                     checkpoint: obj.seq,
@@ -404,7 +411,10 @@ impl Engine {
             }
             let map_key = snapshot_map_key(&rec.snapshot_id);
             let obj = MapObject::decode(&self.backend.get(&map_key).await?).map_err(|e| {
-                VolumeError::Invalid(format!("snapshot map {map_key} is unreadable: {e}"))
+                VolumeError::Corrupt {
+                    what: format!("snapshot map {map_key}"),
+                    reason: e.to_string(),
+                }
             })?;
             let meta = self.meta.clone();
             let r = rec.clone();
@@ -430,7 +440,7 @@ impl Engine {
         let rec = self
             .get_record(id)
             .await?
-            .ok_or_else(|| VolumeError::Invalid(format!("volume {id} not found")))?;
+            .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
         let vol = Volume::open(
             self.meta.clone(),
             self.backend.clone(),
@@ -461,9 +471,9 @@ impl Engine {
         let mut rec = self
             .get_record(id)
             .await?
-            .ok_or_else(|| VolumeError::Invalid(format!("volume {id} not found")))?;
+            .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
         if size_bytes < rec.size_bytes {
-            return Err(VolumeError::Invalid(format!(
+            return Err(VolumeError::InvalidArgument(format!(
                 "cannot shrink volume from {} to {size_bytes} bytes",
                 rec.size_bytes
             )));
@@ -504,12 +514,12 @@ impl Engine {
             self.backend.delete(&key).await?;
         }
         let wal = self.config.wal_dir.join(id.as_str());
-        if let Err(e) = std::fs::remove_dir_all(&wal) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(VolumeError::Invalid(format!(
-                    "cannot remove {}: {e}",
-                    wal.display()
-                )));
+        if let Err(source) = std::fs::remove_dir_all(&wal) {
+            if source.kind() != std::io::ErrorKind::NotFound {
+                return Err(VolumeError::Io {
+                    what: format!("removing {}", wal.display()),
+                    source,
+                });
             }
         }
         let meta = self.meta.clone();

@@ -260,7 +260,7 @@ impl Engine {
         let rec = self
             .get_record(vol)
             .await?
-            .ok_or_else(|| VolumeError::Invalid(format!("volume {vol} not found")))?;
+            .ok_or_else(|| VolumeError::VolumeNotFound(vol.clone()))?;
         let meta = self.meta.clone();
         let v = vol.clone();
         let (allocated_blocks, stats) = blocking(move || {

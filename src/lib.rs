@@ -16,6 +16,7 @@ pub mod control;
 pub mod engine;
 pub mod failpoints;
 pub mod fs;
+pub mod fsck;
 pub mod gc;
 pub mod ids;
 pub mod lookup;

@@ -36,6 +36,18 @@ pub enum MetaError {
     /// A blocking task failed.
     #[error("metadata task failed: {0}")]
     Task(String),
+    /// Another process holds the metadata DB's lock: a daemon (or an offline tool) runs on
+    /// this data directory.
+    #[error(
+        "metadata DB {dir} is in use by another process (is a daemon running on this data \
+         directory? stop it first): {source}"
+    )]
+    Locked {
+        /// The metadata directory.
+        dir: std::path::PathBuf,
+        /// RocksDB's error.
+        source: rocksdb::Error,
+    },
     /// The database was written by a newer vblock (its key layout is unknown here).
     #[error(
         "metadata key layout {found} is newer than this build's {supported}: refusing to open"
@@ -418,7 +430,18 @@ impl MetaStore {
         // crash, never acknowledged) is tolerated; a map commit lost that way is caught by the
         // WAL's trim mark or replayed from the WAL (FORMAT.md, "Trim mark").
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
-        let db = DB::open(&opts, dir)?;
+        let db = DB::open(&opts, dir).map_err(|e| {
+            // RocksDB has no error kind of its own for a held LOCK file (an fcntl lock); its
+            // text names the file: "While lock file: DIR/LOCK: Resource temporarily unavailable".
+            if e.kind() == rocksdb::ErrorKind::IOError && e.as_ref().contains("lock file") {
+                MetaError::Locked {
+                    dir: dir.to_owned(),
+                    source: e,
+                }
+            } else {
+                MetaError::Rocks(e)
+            }
+        })?;
         upgrade_layout(&db)?;
         Ok(Self {
             db: Arc::new(db),

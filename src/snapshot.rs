@@ -89,7 +89,7 @@ impl Engine {
     /// copied to the backend in the background (`Progress` 0 → 100, state `completed`, or
     /// `error` when the backend keeps failing).
     ///
-    /// Errors: [`VolumeError::Invalid`] for an unknown volume, [`VolumeError::Closed`] when the
+    /// Errors: [`VolumeError::VolumeNotFound`], [`VolumeError::Closed`] when the
     /// volume closes meanwhile, metadata errors.
     pub async fn create_snapshot(
         &self,
@@ -150,16 +150,19 @@ impl Engine {
     /// Deletes snapshot `id` (backend copy, then the local map) and frees the chunks only it
     /// used. A `pending` snapshot cannot be deleted until its copy finished.
     ///
-    /// Errors: [`VolumeError::Invalid`] for an unknown or pending snapshot; backend errors.
+    /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::IncorrectState`] for a pending
+    /// snapshot; backend errors.
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), VolumeError> {
         {
             let _gc = self.gc.lock().await;
             let rec = self
                 .get_snapshot(id)
                 .await?
-                .ok_or_else(|| VolumeError::Invalid(format!("snapshot {id} not found")))?;
+                .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
             if rec.state == SnapshotStateName::Pending {
-                return Err(VolumeError::Invalid(format!("snapshot {id} is pending")));
+                return Err(VolumeError::IncorrectState(format!(
+                    "snapshot {id} is pending; delete it once it completes"
+                )));
             }
             // The record copy goes first: a half-deleted snapshot is never recovered.
             for key in [snapshot_record_key(id), snapshot_map_key(id)] {
@@ -176,12 +179,12 @@ impl Engine {
     /// Opens snapshot `id` for reading. A snapshot in state `error` is readable too (its local
     /// map is complete; only the backend copy failed).
     ///
-    /// Errors: [`VolumeError::Invalid`] for an unknown snapshot.
+    /// Errors: [`VolumeError::SnapshotNotFound`].
     pub async fn snapshot_volume(&self, id: &SnapshotId) -> Result<SnapshotVolume, VolumeError> {
         let rec = self
             .get_snapshot(id)
             .await?
-            .ok_or_else(|| VolumeError::Invalid(format!("snapshot {id} not found")))?;
+            .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
         Ok(SnapshotVolume {
             id: id.clone(),
             size: rec.volume_size_bytes,
@@ -196,8 +199,9 @@ impl Engine {
     /// snapshot's (sharing its chunks), its sequence numbers continue after the snapshot's, and a
     /// map checkpoint in the backend makes it recoverable without the snapshot. Immediately usable.
     ///
-    /// Errors: [`VolumeError::Invalid`] for an unknown or unfinished snapshot or a size smaller
-    /// than the snapshot's volume; backend and metadata errors.
+    /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::IncorrectState`] for an
+    /// unfinished snapshot, [`VolumeError::InvalidArgument`] for a size smaller than the
+    /// snapshot's volume; backend and metadata errors.
     pub async fn create_volume_from_snapshot(
         &self,
         rec: VolumeRecord,
@@ -208,14 +212,14 @@ impl Engine {
         let s = self
             .get_snapshot(snap)
             .await?
-            .ok_or_else(|| VolumeError::Invalid(format!("snapshot {snap} not found")))?;
+            .ok_or_else(|| VolumeError::SnapshotNotFound(snap.clone()))?;
         if s.state != SnapshotStateName::Completed {
-            return Err(VolumeError::Invalid(format!(
+            return Err(VolumeError::IncorrectState(format!(
                 "snapshot {snap} is not completed"
             )));
         }
         if rec.size_bytes < s.volume_size_bytes {
-            return Err(VolumeError::Invalid(format!(
+            return Err(VolumeError::InvalidArgument(format!(
                 "volume size {} bytes is smaller than snapshot {snap} ({} bytes)",
                 rec.size_bytes, s.volume_size_bytes
             )));
@@ -268,7 +272,7 @@ async fn publish_snapshot(meta: MetaStore, backend: SharedBackend, mut rec: Snap
         rec.progress = 100;
         rec.state = SnapshotStateName::Completed;
         let key = snapshot_record_key(&id);
-        let json = serde_json::to_vec(&rec).map_err(|e| VolumeError::Invalid(e.to_string()))?;
+        let json = serde_json::to_vec(&rec).map_err(|e| VolumeError::Internal(e.to_string()))?;
         let body = Bytes::from(json);
         put_retried(&backend, &key, body).await?;
         Ok(())

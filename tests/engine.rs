@@ -522,7 +522,7 @@ fn out_of_range_and_oversized_requests_are_typed_errors() {
             assert!(
                 matches!(
                     engine.create_volume(bad, "x").await,
-                    Err(VolumeError::Invalid(_))
+                    Err(VolumeError::InvalidArgument(_))
                 ),
                 "{bad}"
             );

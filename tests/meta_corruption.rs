@@ -132,7 +132,7 @@ async fn flip_and_check(
     match check(&engine, id, 1, &what).await {
         Ok(0) => out.intact += 1,
         Ok(_) => out.read_errors += 1,
-        Err(VolumeError::Invalid(m)) if m.contains("not found") => {
+        Err(VolumeError::VolumeNotFound(_)) => {
             panic!("{what}: the volume vanished")
         }
         Err(_) => out.volume_refused += 1,

@@ -1,37 +1,69 @@
-//! Offline tools on a stopped daemon's data directory: inspect, fsck, import, export.
-//! They open RocksDB themselves, so the daemon must not be running on the same directory.
+//! Offline tools on a stopped daemon's data directory: inspect, fsck, import, export, recover.
+//! They open RocksDB themselves, so the daemon must not be running on the same directory; they
+//! take the daemon's backend flags (`--backend s3 --s3-bucket ...`) to reach its chunk objects.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
-use vblock::backend::{chunk_key, chunk_key_of, SharedBackend};
-use vblock::lookup::{BlockLookup, Target};
+use vblock::backend::SharedBackend;
+use vblock::fsck;
 use vblock::meta::MetaStore;
-use vblock::{Engine, EngineConfig, VolumeId};
+use vblock::{Engine, EngineConfig, VolumeError, VolumeId};
 
 /// Errors of the offline tools.
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
-    /// Something to report, already phrased.
+    /// The engine failed: metadata ([`vblock::meta::MetaError::Locked`] when a daemon runs on
+    /// the data directory), WAL, backend.
+    #[error(transparent)]
+    Engine(#[from] VolumeError),
+    /// The backend could not be set up (bad flags, missing bucket, unreachable).
+    #[error(transparent)]
+    Backend(#[from] crate::serve::ServeError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The command line names something that is not there or does not fit.
     #[error("{0}")]
-    Msg(String),
+    Usage(String),
+    /// `inspect wal` found records that do not verify.
+    #[error("WAL has bad records (a bad last record is a torn tail that replay truncates)")]
+    BadWal,
     /// fsck found problems.
     #[error("fsck found {0} problem(s)")]
     Problems(usize),
 }
 
-fn msg(e: impl std::fmt::Display) -> OfflineError {
-    let s = e.to_string();
-    if s.contains("lock") {
-        OfflineError::Msg(format!(
-            "{s} (is a daemon running on this data directory? stop it first)"
-        ))
-    } else {
-        OfflineError::Msg(s)
+impl From<vblock::meta::MetaError> for OfflineError {
+    fn from(e: vblock::meta::MetaError) -> Self {
+        Self::Engine(e.into())
     }
+}
+
+impl From<vblock::wal::WalError> for OfflineError {
+    fn from(e: vblock::wal::WalError) -> Self {
+        Self::Engine(e.into())
+    }
+}
+
+/// [`OfflineError::Io`] for `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OfflineError + '_ {
+    move |source| OfflineError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A volume id from the command line.
+fn volume_id(s: &str) -> Result<VolumeId, OfflineError> {
+    VolumeId::parse(s).map_err(|e| OfflineError::Usage(e.to_string()))
 }
 
 /// Where a stopped daemon keeps its data.
@@ -51,6 +83,9 @@ pub struct DataDir {
         default_value = "tolerate-tail-corruption"
     )]
     pub wal_recovery_mode: vblock::wal::WalRecovery,
+    /// Where the chunk objects are (as `vblock serve`'s flags).
+    #[command(flatten)]
+    pub store: crate::serve::BackendArgs,
 }
 
 impl DataDir {
@@ -59,22 +94,24 @@ impl DataDir {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("wal"))
     }
-    fn backend(&self) -> Result<SharedBackend, OfflineError> {
-        Ok(Arc::new(
-            vblock::backend::file::FileBackend::new(self.data_dir.join("objects")).map_err(msg)?,
-        ))
+    /// The chunk backend the daemon used: the data directory's `objects` for `--backend file`,
+    /// the bucket for `--backend s3`. A memory backend keeps nothing to work on.
+    async fn backend(&self) -> Result<SharedBackend, OfflineError> {
+        if self.store.backend == crate::serve::BackendKind::Memory {
+            return Err(OfflineError::Usage(
+                "--backend memory keeps no data after the daemon stops; use file or s3".into(),
+            ));
+        }
+        Ok(crate::serve::backend(&self.store, &self.data_dir).await?)
     }
     fn meta(&self) -> Result<MetaStore, OfflineError> {
-        MetaStore::open(&self.data_dir.join("meta"), 8 << 20).map_err(msg)
+        Ok(MetaStore::open(&self.data_dir.join("meta"), 8 << 20)?)
     }
     async fn engine(&self) -> Result<Engine, OfflineError> {
-        self.engine_with(self.backend()?).await
-    }
-    async fn engine_with(&self, backend: SharedBackend) -> Result<Engine, OfflineError> {
         let mut c = EngineConfig::new(&self.data_dir);
         c.wal_dir = self.wal_dir();
         c.volume.wal_recovery = self.wal_recovery_mode;
-        Engine::open(c, backend).await.map_err(msg)
+        Ok(Engine::open(c, self.backend().await?).await?)
     }
 }
 
@@ -104,7 +141,7 @@ pub enum InspectCommand {
 }
 
 fn inspect_segment(path: &Path, records: bool) -> Result<bool, OfflineError> {
-    let bytes = std::fs::read(path).map_err(|e| msg(format!("{}: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(io(path))?;
     let scan = vblock::wal::scan_segment(&bytes);
     match scan.header {
         Ok((no, tag)) => println!(
@@ -140,7 +177,7 @@ pub async fn inspect(cmd: InspectCommand) -> Result<(), OfflineError> {
     match cmd {
         InspectCommand::Wal { path, records } => {
             let files = if path.is_dir() {
-                vblock::wal::segment_files(&path).map_err(msg)?
+                vblock::wal::segment_files(&path)?
             } else {
                 vec![path]
             };
@@ -149,17 +186,13 @@ pub async fn inspect(cmd: InspectCommand) -> Result<(), OfflineError> {
                 ok &= inspect_segment(&f, records)?;
             }
             if !ok {
-                return Err(OfflineError::Msg(
-                    "WAL has bad records (a bad last record is a torn tail that replay truncates)"
-                        .into(),
-                ));
+                return Err(OfflineError::BadWal);
             }
         }
         InspectCommand::Chunk { path } => {
-            let bytes =
-                std::fs::read(&path).map_err(|e| msg(format!("{}: {e}", path.display())))?;
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
             let (h, index) = vblock::chunk::verify(&bytes)
-                .map_err(|e| msg(format!("{}: {e}", path.display())))?;
+                .map_err(|e| OfflineError::Usage(format!("{}: {e}", path.display())))?;
             println!("{}: object {}, volume tag {:#018x}, seq {}..{}, {} extents, {} bytes; all frames verify", path.display(), h.object_id, h.volume_tag, h.min_seq, h.max_seq, index.len(), bytes.len());
             for e in index {
                 println!(
@@ -175,32 +208,28 @@ pub async fn inspect(cmd: InspectCommand) -> Result<(), OfflineError> {
             }
         }
         InspectCommand::Volume { dir, id } => {
-            let id = VolumeId::parse(&id).map_err(msg)?;
+            let id = volume_id(&id)?;
             let meta = dir.meta()?;
             let rec = meta
-                .get_volume(&id)
-                .map_err(msg)?
-                .ok_or_else(|| msg(format!("no volume {id}")))?;
+                .get_volume(&id)?
+                .ok_or_else(|| OfflineError::Usage(format!("no volume {id}")))?;
             println!("{}", serde_json::to_string_pretty(&rec).unwrap_or_default());
-            let state = meta.volume_state(&id).map_err(msg)?;
+            let s = fsck::summarize(&meta, &id)?;
             println!(
                 "state: checkpoint seq {}, max seq {}, next object id {}",
-                state.checkpoint, state.max_seq, state.next_object_id
+                s.state.checkpoint, s.state.max_seq, s.state.next_object_id
             );
-            let (entries, data_blocks) = BlockLookup::new(meta.clone(), id.clone())
-                .summary()
-                .map_err(msg)?;
             println!(
-                "map: {entries} extents, {data_blocks} data blocks ({} bytes allocated)",
-                data_blocks * 4096
+                "map: {} extents, {} data blocks ({} bytes allocated)",
+                s.map_extents,
+                s.data_blocks,
+                s.data_blocks * 4096
             );
-            let chunks = meta.chunk_stats(&id).map_err(msg)?;
-            let stored: u64 = chunks.iter().map(|(_, s)| s.stored_bytes).sum();
-            let live: u64 = chunks.iter().map(|(_, s)| s.live_blocks).sum();
             println!(
-                "chunks: {}, {stored} bytes stored, {} live bytes",
-                chunks.len(),
-                live * 4096
+                "chunks: {}, {} bytes stored, {} live bytes",
+                s.chunks,
+                s.stored_bytes,
+                s.live_blocks * 4096
             );
         }
     }
@@ -214,145 +243,26 @@ pub struct FsckArgs {
     dir: DataDir,
 }
 
-/// The verified index of chunk object `key`, or `None` (printed as a problem of volume `id`)
-/// when it cannot be read or does not verify.
-async fn verified_index(
-    backend: &SharedBackend,
-    key: &str,
-    bar: &ProgressBar,
-    id: &VolumeId,
-) -> Option<Vec<vblock::chunk::ChunkExtent>> {
-    let result = match backend.get(key).await {
-        Ok(obj) => vblock::chunk::verify(&obj)
-            .map(|(_, index)| index)
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    result
-        .map_err(|e| crate::progress::println(bar, format!("{id}: chunk {key}: {e}")))
-        .ok()
-}
-
 /// `vblock fsck`: WAL CRCs, chunk CRCs, and every map extent points inside a chunk frame that
-/// exists and matches the chunk's own index.
+/// exists and matches the chunk's own index ([`vblock::fsck`]). Prints each finding.
 pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
     let meta = a.dir.meta()?;
-    let backend = a.dir.backend()?;
+    let backend = a.dir.backend().await?;
     let mut problems = 0usize;
-    let vols = meta.list_volumes().map_err(msg)?;
+    let vols = meta.list_volumes()?;
     let bar = progress(vols.len() as u64, "volumes");
     for rec in &vols {
         let id = &rec.volume_id;
-        // WAL: every record verifies; only the newest segment may end in a torn record.
         let wal = a.dir.wal_dir().join(id.as_str());
+        let mut findings = Vec::new();
         if wal.exists() {
-            let files = vblock::wal::segment_files(&wal).map_err(msg)?;
-            let mut first_seq = None;
-            for (i, f) in files.iter().enumerate() {
-                let bytes = std::fs::read(f).map_err(msg)?;
-                let scan = vblock::wal::scan_segment(&bytes);
-                if first_seq.is_none() {
-                    first_seq = scan
-                        .records
-                        .iter()
-                        .find(|(_, h)| h.kind != vblock::wal::RecordKind::SyncNote)
-                        .map(|(_, h)| h.seq);
-                }
-                let last = i + 1 == files.len();
-                if let Err(e) = scan.header {
-                    if !last {
-                        crate::progress::println(
-                            &bar,
-                            format!("{id}: {}: bad segment header: {e}", f.display()),
-                        );
-                        problems += 1;
-                    }
-                } else if let Some((off, e)) = scan.error {
-                    if last {
-                        crate::progress::println(
-                            &bar,
-                            format!(
-                                "{id}: {}: torn tail at byte {off} ({e}); replay will truncate it",
-                                f.display()
-                            ),
-                        );
-                    } else {
-                        crate::progress::println(
-                            &bar,
-                            format!("{id}: {}: bad record at byte {off}: {e}", f.display()),
-                        );
-                        problems += 1;
-                    }
-                }
-            }
-            // The map must not be behind what the WAL already deleted (FORMAT.md, "Trim mark").
-            let checkpoint = meta.volume_state(id).map_err(msg)?.checkpoint;
-            match vblock::wal::read_trim_mark(&wal) {
-                Ok(mark) if vblock::wal::map_behind(checkpoint, mark, first_seq) => {
-                    crate::progress::println(
-                        &bar,
-                        format!(
-                        "{id}: map checkpoint {checkpoint} is behind the WAL's trim mark {mark} \
-                         (oldest record {first_seq:?}): the map lost committed chunks"
-                    ),
-                    );
-                    problems += 1;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    crate::progress::println(&bar, format!("{id}: {e}"));
-                    problems += 1;
-                }
-            }
+            let checkpoint = meta.volume_state(id)?.checkpoint;
+            findings.extend(fsck::check_wal(&wal, checkpoint)?);
         }
-        // Chunks: every object verifies. Indexes by (owner, object id): a clone's extents point
-        // into its source volume's chunks, which are fetched (and verified) when first met.
-        let mut indexes = std::collections::HashMap::new();
-        for (object_id, _) in meta.chunk_stats(id).map_err(msg)? {
-            let index = verified_index(&backend, &chunk_key(id, object_id), &bar, id).await;
-            problems += usize::from(index.is_none());
-            indexes.insert((id.number(), object_id), index);
-        }
-        // Map: every data extent lies inside a frame of an existing, verified chunk.
-        let extents = BlockLookup::new(meta.clone(), id.clone())
-            .lookup(0, u64::MAX)
-            .map_err(msg)?;
-        for e in extents {
-            if e.end() * 4096 > rec.size_bytes {
-                crate::progress::println(
-                    &bar,
-                    format!(
-                        "{id}: map extent {}..{} beyond the volume size",
-                        e.start,
-                        e.end()
-                    ),
-                );
-                problems += 1;
-            }
-            let Target::Data(f) = e.target else { continue };
-            let index = match indexes.entry((f.owner, f.object_id)) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let key = chunk_key_of(f.owner, f.object_id);
-                    let index = verified_index(&backend, &key, &bar, id).await;
-                    problems += usize::from(index.is_none());
-                    v.insert(index)
-                }
-            };
-            let ok = index.as_ref().is_some_and(|index| {
-                index.iter().any(|c| {
-                    c.start_block == f.first_block
-                        && c.frame_offset == f.offset
-                        && c.frame_len == f.len
-                        && c.frame_crc == f.crc
-                        && c.block_count == f.blocks
-                        && c.encoding == f.encoding
-                })
-            });
-            if !ok {
-                crate::progress::println(&bar, format!("{id}: map extent {}..{} points at {} frame @{} which does not exist or does not match", e.start, e.end(), chunk_key_of(f.owner, f.object_id), f.offset));
-                problems += 1;
-            }
+        findings.extend(fsck::check_chunks(&meta, &backend, rec).await?);
+        for f in findings {
+            problems += usize::from(f.is_problem());
+            crate::progress::println(&bar, format!("{id}: {f}"));
         }
         bar.inc(1);
     }
@@ -383,8 +293,6 @@ fn byte_progress(len: u64) -> ProgressBar {
 pub struct RecoverArgs {
     #[command(flatten)]
     dir: DataDir,
-    #[command(flatten)]
-    store: crate::serve::BackendArgs,
 }
 
 /// Disaster recovery into a (new, empty) data directory: rebuilds the metadata of every volume
@@ -393,10 +301,7 @@ pub struct RecoverArgs {
 /// Then opens and closes every volume with the data directory's WAL, so its replay runs under
 /// `--wal-recovery-mode` (`tolerate-any-corruption` cuts a WAL damaged in the middle).
 pub async fn recover(a: RecoverArgs) -> Result<(), OfflineError> {
-    let backend = crate::serve::backend(&a.store, &a.dir.data_dir)
-        .await
-        .map_err(msg)?;
-    let engine = a.dir.engine_with(backend).await?;
+    let engine = a.dir.engine().await?;
     let bar = progress(0, "chunk objects");
     let recovered = {
         let bar = bar.clone();
@@ -405,21 +310,17 @@ pub async fn recover(a: RecoverArgs) -> Result<(), OfflineError> {
                 bar.set_length(total);
                 bar.set_position(done);
             })
-            .await
-            .map_err(msg)?
+            .await?
     };
     bar.finish_and_clear();
     for id in &recovered {
         println!("recovered {id}");
     }
     println!("recover: {} volume(s) recovered", recovered.len());
-    let vols = engine.list_records().await.map_err(msg)?;
+    let vols = engine.list_records().await?;
     for rec in &vols {
         let id = &rec.volume_id;
-        engine
-            .volume(id)
-            .await
-            .map_err(|e| msg(format!("{id}: {e}")))?;
+        engine.volume(id).await?;
         println!(
             "replayed {id} (WAL recovery mode {})",
             a.dir.wal_recovery_mode.name()
@@ -450,22 +351,20 @@ const STEP: u64 = 1 << 20;
 pub async fn import(a: ImportArgs) -> Result<(), OfflineError> {
     use std::io::Read;
     let engine = a.dir.engine().await?;
-    let mut file =
-        std::fs::File::open(&a.file).map_err(|e| msg(format!("{}: {e}", a.file.display())))?;
-    let len = file.metadata().map_err(msg)?.len();
+    let mut file = std::fs::File::open(&a.file).map_err(io(&a.file))?;
+    let len = file.metadata().map_err(io(&a.file))?.len();
     let id = match a.id {
-        Some(id) => VolumeId::parse(&id).map_err(msg)?,
+        Some(id) => volume_id(&id)?,
         None => {
             engine
                 .create_volume(len.div_ceil(4096).max(1) * 4096, &a.name)
-                .await
-                .map_err(msg)?
+                .await?
                 .volume_id
         }
     };
-    let vol = engine.volume(&id).await.map_err(msg)?;
+    let vol = engine.volume(&id).await?;
     if len > vol.size() {
-        return Err(msg(format!(
+        return Err(OfflineError::Usage(format!(
             "{} is {len} bytes, larger than volume {id} ({} bytes)",
             a.file.display(),
             vol.size()
@@ -476,16 +375,15 @@ pub async fn import(a: ImportArgs) -> Result<(), OfflineError> {
     let mut buf = vec![0u8; STEP as usize];
     while off < len {
         let n = STEP.min(len - off) as usize;
-        file.read_exact(&mut buf[..n]).map_err(msg)?;
+        file.read_exact(&mut buf[..n]).map_err(io(&a.file))?;
         if !vblock::block::is_zero(&buf[..n]) {
             vol.write(off, Bytes::copy_from_slice(&buf[..n]), false)
-                .await
-                .map_err(msg)?;
+                .await?;
         }
         off += n as u64;
         bar.set_position(off);
     }
-    vol.flush().await.map_err(msg)?;
+    vol.flush().await?;
     bar.finish_and_clear();
     drop(vol);
     engine.close_all().await;
@@ -508,28 +406,27 @@ pub struct ExportArgs {
 pub async fn export(a: ExportArgs) -> Result<(), OfflineError> {
     use std::io::{Seek, SeekFrom, Write};
     let engine = a.dir.engine().await?;
-    let id = VolumeId::parse(&a.id).map_err(msg)?;
-    let vol = engine.volume(&id).await.map_err(msg)?;
-    let mut file =
-        std::fs::File::create(&a.file).map_err(|e| msg(format!("{}: {e}", a.file.display())))?;
+    let id = volume_id(&a.id)?;
+    let vol = engine.volume(&id).await?;
+    let mut file = std::fs::File::create(&a.file).map_err(io(&a.file))?;
     let size = vol.size();
     let bar = byte_progress(size);
     let mut off = 0u64;
     while off < size {
         let n = STEP.min(size - off);
-        let status = vol.block_status(off, n).await.map_err(msg)?;
+        let status = vol.block_status(off, n).await?;
         if status.iter().any(|s| !s.hole) {
-            let data = vol.read(off, n).await.map_err(msg)?;
+            let data = vol.read(off, n).await?;
             file.seek(SeekFrom::Start(off))
                 .and_then(|_| file.write_all(&data))
-                .map_err(msg)?;
+                .map_err(io(&a.file))?;
         }
         off += n;
         bar.set_position(off);
     }
     file.set_len(size)
         .and_then(|()| file.sync_all())
-        .map_err(msg)?;
+        .map_err(io(&a.file))?;
     bar.finish_and_clear();
     drop(vol);
     engine.close_all().await;

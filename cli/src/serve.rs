@@ -22,8 +22,8 @@ pub enum BackendKind {
     S3,
 }
 
-/// Where chunk objects go (`vblock serve`, `vblock recover`).
-#[derive(Debug, Args)]
+/// Where chunk objects go (`vblock serve` and the offline tools).
+#[derive(Debug, Clone, Args)]
 pub struct BackendArgs {
     /// Where chunk objects go.
     #[arg(long, env = "VBLOCK_BACKEND", value_enum, default_value = "file")]

@@ -7,7 +7,7 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use nbd_server::{handshake, transmission, Device, Export, ExportProvider, Limits};
+use nbd_server::{handshake, transmission, Device, Export, ExportError, ExportProvider, Limits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every export name opens the one 1 MiB volume (volume ids are random, so a corpus could not
@@ -20,9 +20,9 @@ impl ExportProvider for AnyName {
         vec![self.0.id().to_string()]
     }
 
-    async fn open(&self, name: &str) -> Result<Export, String> {
+    async fn open(&self, name: &str) -> Result<Export, ExportError> {
         if name.starts_with('x') {
-            return Err(format!("no export {name:?}"));
+            return Err(ExportError::Unknown(name.to_owned()));
         }
         Ok(Export {
             name: name.to_owned(),

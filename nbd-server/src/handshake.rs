@@ -31,7 +31,7 @@ pub enum HandshakeError {
     Protocol(String),
     /// `NBD_OPT_EXPORT_NAME` named an export that cannot be opened (no error reply exists).
     #[error("export {0:?} unavailable: {1}")]
-    NoExport(String, String),
+    NoExport(String, crate::ExportError),
 }
 
 /// What the handshake agreed on.
@@ -267,8 +267,8 @@ where
                 let requests: Vec<u16> = (0..n).map(|_| d.get_u16()).collect();
                 let export = match provider.open(&name).await {
                     Ok(e) => e,
-                    Err(msg) => {
-                        error_reply(s, option, NBD_REP_ERR_UNKNOWN, &msg).await?;
+                    Err(e) => {
+                        error_reply(s, option, NBD_REP_ERR_UNKNOWN, &e.to_string()).await?;
                         continue;
                     }
                 };

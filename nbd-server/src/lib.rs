@@ -31,10 +31,6 @@ pub enum Device {
     Snapshot(SnapshotVolume),
 }
 
-fn read_only_error() -> VolumeError {
-    VolumeError::Invalid("the export is a read-only snapshot".into())
-}
-
 impl Device {
     /// VolumeId or SnapshotId.
     pub fn id(&self) -> &str {
@@ -69,7 +65,7 @@ impl Device {
     ) -> Result<(), VolumeError> {
         match self {
             Device::Volume(v) => v.write(offset, data, fua).await,
-            Device::Snapshot(_) => Err(read_only_error()),
+            Device::Snapshot(_) => Err(VolumeError::ReadOnly),
         }
     }
 
@@ -85,7 +81,7 @@ impl Device {
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match self {
             Device::Volume(v) => v.trim(offset, len).await,
-            Device::Snapshot(_) => Err(read_only_error()),
+            Device::Snapshot(_) => Err(VolumeError::ReadOnly),
         }
     }
 
@@ -93,7 +89,7 @@ impl Device {
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         match self {
             Device::Volume(v) => v.write_zeroes(offset, len, fua).await,
-            Device::Snapshot(_) => Err(read_only_error()),
+            Device::Snapshot(_) => Err(VolumeError::ReadOnly),
         }
     }
 
@@ -128,8 +124,31 @@ pub struct Export {
 pub trait ExportProvider: Send + Sync + 'static {
     /// Export names, for `NBD_OPT_LIST`.
     async fn list(&self) -> Vec<String>;
-    /// Opens export `name`; the error text goes to the client (`NBD_REP_ERR_UNKNOWN`).
-    async fn open(&self, name: &str) -> Result<Export, String>;
+    /// Opens export `name`. Errors: [`ExportError`]; the handshake answers either with
+    /// `NBD_REP_ERR_UNKNOWN` ("the requested export is not available", proto.md) and the error's
+    /// text.
+    async fn open(&self, name: &str) -> Result<Export, ExportError>;
+}
+
+/// Why an export cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// No volume or snapshot has this name.
+    #[error("no export named {0:?}")]
+    Unknown(String),
+    /// The volume exists but could not be opened (its WAL does not replay, I/O errors).
+    #[error(transparent)]
+    Open(VolumeError),
+}
+
+impl From<VolumeError> for ExportError {
+    fn from(e: VolumeError) -> Self {
+        match e {
+            VolumeError::VolumeNotFound(id) => Self::Unknown(id.to_string()),
+            VolumeError::SnapshotNotFound(id) => Self::Unknown(id.to_string()),
+            e => Self::Open(e),
+        }
+    }
 }
 
 /// Every volume of an engine, exported read-write under its VolumeId, and every snapshot,
@@ -162,13 +181,9 @@ impl ExportProvider for VolumeExports {
         names
     }
 
-    async fn open(&self, name: &str) -> Result<Export, String> {
+    async fn open(&self, name: &str) -> Result<Export, ExportError> {
         if let Ok(snap) = SnapshotId::parse(name) {
-            let device = self
-                .engine
-                .snapshot_volume(&snap)
-                .await
-                .map_err(|e| e.to_string())?;
+            let device = self.engine.snapshot_volume(&snap).await?;
             return Ok(Export {
                 name: name.to_owned(),
                 volume: Device::Snapshot(device),
@@ -176,14 +191,13 @@ impl ExportProvider for VolumeExports {
                 description: format!("vblock snapshot {snap} (read-only)"),
             });
         }
-        let id = VolumeId::parse(name).map_err(|e| e.to_string())?;
+        let id = VolumeId::parse(name).map_err(|_| ExportError::Unknown(name.to_owned()))?;
         let rec = self
             .engine
             .get_record(&id)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no volume {id}"))?;
-        let volume = self.engine.volume(&id).await.map_err(|e| e.to_string())?;
+            .await?
+            .ok_or_else(|| ExportError::Unknown(name.to_owned()))?;
+        let volume = self.engine.volume(&id).await?;
         Ok(Export {
             name: name.to_owned(),
             volume: Device::Volume(volume),

@@ -63,16 +63,23 @@ enum Command {
 /// Maps an engine error to an NBD errno (NBD proto.md, "Error values").
 pub fn errno(e: &VolumeError) -> u32 {
     match e {
-        VolumeError::OutOfRange { .. } | VolumeError::TooLarge { .. } | VolumeError::Invalid(_) => {
-            NBD_EINVAL
-        }
+        VolumeError::OutOfRange { .. }
+        | VolumeError::TooLarge { .. }
+        | VolumeError::InvalidArgument(_)
+        | VolumeError::IncorrectState(_) => NBD_EINVAL,
+        VolumeError::ReadOnly => NBD_EPERM,
         VolumeError::Wal(w) if w.is_no_space() => NBD_ENOSPC,
         VolumeError::Closed => NBD_ESHUTDOWN,
+        // A volume or snapshot deleted under its client: the device is gone.
+        VolumeError::VolumeNotFound(_) | VolumeError::SnapshotNotFound(_) => NBD_EIO,
         VolumeError::Wal(_)
         | VolumeError::Meta(_)
         | VolumeError::Backend(_)
         | VolumeError::Chunk { .. }
-        | VolumeError::Failed(_) => NBD_EIO,
+        | VolumeError::Failed(_)
+        | VolumeError::Corrupt { .. }
+        | VolumeError::Io { .. }
+        | VolumeError::Internal(_) => NBD_EIO,
     }
 }
 

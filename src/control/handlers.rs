@@ -56,8 +56,30 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(payload).map_err(|e| ApiError::from_json(&e))
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(e.to_string())
+/// The EC2 error code of each engine error (EC2 API reference, "Error codes"): the one place
+/// the control plane maps them.
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> Self {
+        match e {
+            VolumeError::VolumeNotFound(id) => ApiError::volume_not_found(id.as_str()),
+            VolumeError::SnapshotNotFound(id) => ApiError::snapshot_not_found(id.as_str()),
+            VolumeError::InvalidArgument(m) => ApiError::invalid(m),
+            VolumeError::OutOfRange { .. } | VolumeError::TooLarge { .. } => {
+                ApiError::invalid(e.to_string())
+            }
+            VolumeError::IncorrectState(m) => ApiError::new("IncorrectState", m),
+            VolumeError::ReadOnly => ApiError::new("IncorrectState", e.to_string()),
+            VolumeError::Wal(_)
+            | VolumeError::Meta(_)
+            | VolumeError::Backend(_)
+            | VolumeError::Chunk { .. }
+            | VolumeError::Closed
+            | VolumeError::Failed(_)
+            | VolumeError::Corrupt { .. }
+            | VolumeError::Io { .. }
+            | VolumeError::Internal(_) => ApiError::internal(e.to_string()),
+        }
+    }
 }
 
 fn parse_snapshot_id(s: &str) -> Result<SnapshotId, ApiError> {
@@ -225,8 +247,7 @@ impl Control {
     async fn record(&self, id: &VolumeId) -> Result<VolumeRecord, ApiError> {
         self.engine
             .get_record(id)
-            .await
-            .map_err(internal)?
+            .await?
             .ok_or_else(|| ApiError::volume_not_found(id.as_str()))
     }
 
@@ -259,7 +280,7 @@ impl Control {
         let _g = self.lock.lock().await;
         let token = req.client_token.clone().unwrap_or_default();
         if !token.is_empty() {
-            let existing = self.engine.list_records().await.map_err(internal)?;
+            let existing = self.engine.list_records().await?;
             if let Some(r) = existing.iter().find(|r| r.client_token == token) {
                 if r.size_bytes != gib * GIB {
                     return Err(ApiError::new(
@@ -307,11 +328,7 @@ impl Control {
                     .await
             }
             None => self.engine.create_volume_from(rec.clone()).await,
-        }
-        .map_err(|e| match e {
-            VolumeError::Invalid(m) => ApiError::invalid(m),
-            e => internal(e),
-        })?;
+        }?;
         tracing::info!(volume = %rec.volume_id, size_gib = gib, snapshot = %rec.snapshot_id, "volume created");
         Ok(body(&to_api(&rec)))
     }
@@ -335,7 +352,7 @@ impl Control {
                 }
                 out
             }
-            None => self.engine.list_records().await.map_err(internal)?,
+            None => self.engine.list_records().await?,
         };
         for f in req.filters.unwrap_or_default() {
             let keep = |r: &VolumeRecord| -> Result<bool, ApiError> {
@@ -391,10 +408,7 @@ impl Control {
             delete_on_termination: false,
         };
         rec.attachments.push(a.clone());
-        self.engine
-            .put_record(rec.clone())
-            .await
-            .map_err(internal)?;
+        self.engine.put_record(rec.clone()).await?;
         tracing::info!(volume = %id, instance = %a.instance_id, "volume attached");
         Ok(body(&attachment(&rec, &a, "attached")))
     }
@@ -419,10 +433,7 @@ impl Control {
             ));
         };
         let a = rec.attachments.remove(pos);
-        self.engine
-            .put_record(rec.clone())
-            .await
-            .map_err(internal)?;
+        self.engine.put_record(rec.clone()).await?;
         tracing::info!(volume = %id, instance = %a.instance_id, force = req.force, "volume detached");
         Ok(body(&attachment(&rec, &a, "detached")))
     }
@@ -430,20 +441,14 @@ impl Control {
     async fn snapshot_record(&self, id: &SnapshotId) -> Result<SnapshotRecord, ApiError> {
         self.engine
             .get_snapshot(id)
-            .await
-            .map_err(internal)?
+            .await?
             .ok_or_else(|| ApiError::snapshot_not_found(id.as_str()))
     }
 
     async fn create_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
         let req: CreateSnapshotRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
-        self.record(&id).await?;
-        let rec = self
-            .engine
-            .create_snapshot(&id, &req.description)
-            .await
-            .map_err(internal)?;
+        let rec = self.engine.create_snapshot(&id, &req.description).await?;
         Ok(body(&snapshot_to_api(&rec)))
     }
 
@@ -463,7 +468,7 @@ impl Control {
                 }
                 out
             }
-            None => self.engine.list_snapshots().await.map_err(internal)?,
+            None => self.engine.list_snapshots().await?,
         };
         let snapshots = recs
             .iter()
@@ -485,14 +490,7 @@ impl Control {
     async fn delete_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
         let req: SnapshotIdRequest = parse(payload)?;
         let id = parse_snapshot_id(&req.snapshot_id)?;
-        let rec = self.snapshot_record(&id).await?;
-        if rec.state == SnapshotStateName::Pending {
-            return Err(ApiError::new(
-                "IncorrectState",
-                format!("snapshot {id} is pending; delete it once it completes"),
-            ));
-        }
-        self.engine.delete_snapshot(&id).await.map_err(internal)?;
+        self.engine.delete_snapshot(&id).await?;
         Ok(body(&ReturnReply { ret: true }))
     }
 
@@ -506,16 +504,14 @@ impl Control {
             None => self
                 .engine
                 .list_records()
-                .await
-                .map_err(internal)?
+                .await?
                 .into_iter()
                 .map(|r| r.volume_id)
                 .collect(),
         };
         let mut volume_spaces = Vec::new();
         for id in ids {
-            self.record(&id).await?;
-            let s = self.engine.volume_space(&id).await.map_err(internal)?;
+            let s = self.engine.volume_space(&id).await?;
             volume_spaces.push(VolumeSpace {
                 volume_id: id.to_string(),
                 size_bytes: s.size_bytes,
@@ -539,7 +535,7 @@ impl Control {
                 format!("{id} is attached or mounted"),
             ));
         }
-        self.engine.delete_volume(&id).await.map_err(internal)?;
+        self.engine.delete_volume(&id).await?;
         tracing::info!(volume = %id, "volume deleted");
         Ok(body(&ReturnReply { ret: true }))
     }
@@ -562,13 +558,7 @@ impl Control {
                 format!("{id} is mounted; unmount before resizing"),
             ));
         }
-        self.engine
-            .resize_volume(&id, gib * GIB)
-            .await
-            .map_err(|e| match e {
-                VolumeError::Invalid(m) => ApiError::invalid(m),
-                e => internal(e),
-            })?;
+        self.engine.resize_volume(&id, gib * GIB).await?;
         tracing::info!(volume = %id, from_gib = original, to_gib = gib, "volume resized");
         Ok(body(&ModifyVolumeReply {
             volume_modification: VolumeModification {

@@ -68,12 +68,12 @@ impl Default for CompactionConfig {
 impl VolumeConfig {
     /// Checks that the write buffer can hold two chunks and two of the largest requests
     /// (`MAX_REQUEST_BYTES`), so a writer never waits for space that cannot come.
-    /// Errors: [`VolumeError::Invalid`] naming the sizes (bytes).
+    /// Errors: [`VolumeError::InvalidArgument`] naming the sizes (bytes).
     pub fn validate(&self) -> Result<(), VolumeError> {
         let chunk_blocks = (self.chunk_bytes / BLOCK_SIZE).max(1);
         let total_permits = self.buffer_bytes / BLOCK_SIZE;
         if total_permits < 2 * chunk_blocks + 2 * (MAX_REQUEST_BYTES / BLOCK_SIZE) + 2 {
-            return Err(VolumeError::Invalid(format!(
+            return Err(VolumeError::InvalidArgument(format!(
                 "buffer of {} bytes is too small for {}-byte chunks and {}-byte requests \
                  (it needs at least twice both, plus 8 KiB)",
                 self.buffer_bytes, self.chunk_bytes, MAX_REQUEST_BYTES

@@ -2,6 +2,7 @@
 
 use crate::backend::BackendError;
 use crate::chunk::ChunkError;
+use crate::ids::{SnapshotId, VolumeId};
 use crate::meta::MetaError;
 use crate::wal::WalError;
 
@@ -52,7 +53,51 @@ pub enum VolumeError {
     /// error (the data stays in the WAL). Reads go on.
     #[error("volume failed: {0}; reopen it to recover (the WAL is replayed)")]
     Failed(String),
-    /// An invalid argument (size, configuration).
+    /// An argument the caller got wrong: a volume size, a configuration (EC2
+    /// `InvalidParameterValue`, `NBD_EINVAL`).
     #[error("invalid argument: {0}")]
-    Invalid(String),
+    InvalidArgument(String),
+    /// No volume has this id (EC2 `InvalidVolume.NotFound`).
+    #[error("volume {0} not found")]
+    VolumeNotFound(VolumeId),
+    /// No snapshot has this id (EC2 `InvalidSnapshot.NotFound`).
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(SnapshotId),
+    /// The request does not fit the resource's state now, e.g. deleting a snapshot that is still
+    /// `pending` (EC2 `IncorrectState`).
+    #[error("{0}")]
+    IncorrectState(String),
+    /// A write to a read-only export (a snapshot): `NBD_EPERM`.
+    #[error("the export is read-only")]
+    ReadOnly,
+    /// Data the engine stored cannot be decoded: a map checkpoint, a snapshot map, a record
+    /// (`NBD_EIO`, EC2 `InternalError`).
+    #[error("{what} is corrupt: {reason}")]
+    Corrupt {
+        /// What was read (an object key, a file).
+        what: String,
+        /// Why it does not decode.
+        reason: String,
+    },
+    /// A local file-system operation on the data directories failed (`NBD_EIO`, EC2
+    /// `InternalError`).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A background task panicked or was cancelled, or a value could not be encoded: a bug
+    /// (`NBD_EIO`, EC2 `InternalError`).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl VolumeError {
+    /// [`VolumeError::Internal`] for a blocking task that did not return (`what` names it).
+    pub(crate) fn task(what: &str, e: impl std::fmt::Display) -> Self {
+        Self::Internal(format!("{what} task failed: {e}"))
+    }
 }

@@ -162,7 +162,7 @@ impl Volume {
     /// starts its flusher. Must be called inside a tokio runtime.
     ///
     /// Errors: [`VolumeError::Wal`] (corrupt WAL in the middle, I/O), [`VolumeError::Meta`],
-    /// [`VolumeError::Invalid`] for a bad configuration.
+    /// [`VolumeError::InvalidArgument`] for a bad configuration.
     pub async fn open(
         meta: MetaStore,
         backend: SharedBackend,
@@ -196,7 +196,7 @@ impl Volume {
                 .map(|(w, rep)| (w, rep, r))
         })
         .await
-        .map_err(|e| VolumeError::Invalid(format!("replay task failed: {e}")))??;
+        .map_err(|e| VolumeError::task("WAL replay", e))??;
         if report.records > 0 || report.truncated_bytes > 0 {
             tracing::info!(
                 volume = %id,
@@ -563,7 +563,7 @@ impl Volume {
         let wal_inner = self.inner.clone();
         tokio::task::spawn_blocking(move || wal_inner.wal.shutdown(true))
             .await
-            .map_err(|e| VolumeError::Invalid(format!("WAL shutdown task failed: {e}")))?;
+            .map_err(|e| VolumeError::task("WAL shutdown", e))?;
         Ok(())
     }
 

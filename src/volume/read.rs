@@ -161,7 +161,7 @@ impl Volume {
                 Ok(Resolved::Done(assemble(r, &mem, &map, frames)))
             })
             .await
-            .map_err(|e| VolumeError::Invalid(format!("read task failed: {e}")))??
+            .map_err(|e| VolumeError::task("read", e))??
         {
             Resolved::Done(blocks) => return Ok(blocks),
             Resolved::Fetch(mem, map, frames) => (mem, map, frames),
@@ -261,7 +261,7 @@ pub(crate) async fn fetch_frame(
             fetched(started.elapsed());
             tokio::task::spawn_blocking(move || decode_fetched(&okey, &raw, &f, true))
                 .await
-                .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
+                .map_err(|e| VolumeError::task("decode", e))?
         })
         .await
 }
@@ -311,7 +311,7 @@ async fn fetch_run(
     let cache = cache.clone();
     tokio::task::spawn_blocking(move || decode_run(&cache, &okey, &raw, &run))
         .await
-        .map_err(|e| VolumeError::Invalid(format!("decode task failed: {e}")))?
+        .map_err(|e| VolumeError::task("decode", e))?
 }
 
 /// Threads that run one volume's blocking read work at once. 4k random reads, QD32, 2 cores

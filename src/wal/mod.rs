@@ -142,10 +142,11 @@ pub enum WalError {
     /// blocks, so it is not opened (FORMAT.md, "Trim mark").
     #[error(
         "WAL in {dir} was trimmed through seq {trimmed_through} but the block map's checkpoint is \
-         {checkpoint} and the WAL's first record is {first}: the map lost committed chunks \
+         {checkpoint} and the WAL's first record is {}: the map lost committed chunks \
          (RocksDB rolled back or restored from an older copy); refusing to open rather than \
          serve stale blocks. To rebuild the map from the backend, stop the daemon, move \
-         DATA_DIR/meta aside and run `vblock recover` (the WAL is kept and replayed)"
+         DATA_DIR/meta aside and run `vblock recover` (the WAL is kept and replayed)",
+        .first.map_or_else(|| "none".to_owned(), |f| f.to_string())
     )]
     MapBehind {
         /// The volume's WAL directory.
@@ -154,8 +155,8 @@ pub enum WalError {
         checkpoint: u64,
         /// From the trim mark: records up to this seq may have been deleted.
         trimmed_through: u64,
-        /// Sequence number of the oldest record left, or "none".
-        first: String,
+        /// Sequence number of the oldest record left, if any.
+        first: Option<u64>,
     },
     /// The trim mark does not verify. It bounds which records the WAL still holds, so the volume
     /// is not opened; if the map is known to be current, deleting the file lets it open.
@@ -703,7 +704,7 @@ mod tests {
                     ..
                 }) => {
                     assert_eq!(checkpoint, behind);
-                    assert_eq!(first, "31");
+                    assert_eq!(first, Some(31));
                 }
                 other => panic!("checkpoint {behind}: expected MapBehind, got {other:?}"),
             }

@@ -192,7 +192,7 @@ pub(crate) fn replay(
             dir: dir.to_owned(),
             checkpoint,
             trimmed_through,
-            first: first_seq.map_or_else(|| "none".to_owned(), |f| f.to_string()),
+            first: first_seq,
         });
     }
     report.max_seq = last_seq;
