@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{
     checkpoint_prefix, chunk_key, snapshot_map_key, volume_record_key, BackendError, SharedBackend,
@@ -12,9 +12,8 @@ use crate::cache::{frame_cache, FrameCache};
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
 use crate::mapobj::MapObject;
-use crate::meta::VolumeState;
-use crate::meta::{blocking, MetaStore, VolumeRecord, VolumeStateName};
-use crate::meta::{ChunkStats, SnapshotRecord};
+use crate::meta::{blocking, ChunkStats, MetaStore, VolumeState};
+use crate::records::{SnapshotRecord, VolumeRecord, VolumeStateName};
 use crate::retry::put_retried;
 use crate::volume::{read_chunk_index, Volume, VolumeConfig, VolumeError};
 
@@ -59,7 +58,39 @@ pub struct Engine {
     open: tokio::sync::Mutex<HashMap<VolumeId, Volume>>,
     /// Serialises what adds or removes map references across volumes: garbage collection,
     /// snapshot creation and deletion, clone creation, volume deletion.
-    pub(crate) gc: tokio::sync::Mutex<crate::gc::GcPacing>,
+    pub(crate) gc: tokio::sync::Mutex<GcPacing>,
+}
+
+/// What the periodic pass remembers between passes to pace map checkpoints (in memory: a
+/// restarted daemon starts without it, and its first pass frees whatever it may).
+#[derive(Debug, Default)]
+pub(crate) struct GcPacing {
+    /// Size in bytes of the last map checkpoint written for each volume.
+    pub(crate) checkpoint_bytes: HashMap<VolumeId, u64>,
+    /// Since when each volume's garbage has been waiting.
+    pub(crate) waiting_since: HashMap<VolumeId, Instant>,
+}
+
+impl GcPacing {
+    /// Whether garbage `chunks` of volume `vol` go now: garbage of a deleted volume needs no
+    /// checkpoint; a live volume's goes once its stored bytes outweigh the checkpoint its
+    /// deletion costs (so checkpoints never write more than they free) or it has waited
+    /// `max_delay`.
+    pub(crate) fn due(
+        &self,
+        vol: &VolumeId,
+        chunks: &[(u64, ChunkStats)],
+        live: bool,
+        max_delay: Duration,
+    ) -> bool {
+        let bytes: u64 = chunks.iter().map(|(_, st)| st.stored_bytes).sum();
+        !live
+            || bytes >= self.checkpoint_bytes.get(vol).copied().unwrap_or(0)
+            || self
+                .waiting_since
+                .get(vol)
+                .is_some_and(|since| since.elapsed() >= max_delay)
+    }
 }
 
 /// The highest sequence number among `extents` (0 for none).

@@ -12,7 +12,8 @@ use crate::block::BLOCK_SIZE;
 use crate::chunk::{self, ChunkExtent};
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, FrameRef, Target};
-use crate::meta::{blocking, MetaStore, VolumeRecord};
+use crate::meta::{blocking, MetaStore};
+use crate::records::VolumeRecord;
 use crate::volume::VolumeError;
 use crate::wal::{self, RecordKind};
 

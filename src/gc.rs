@@ -14,7 +14,7 @@
 //! leaves stats of missing objects, which the next pass deletes again (deleting a missing object
 //! succeeds).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,7 +24,10 @@ use crate::block::BLOCK_SIZE;
 use crate::engine::Engine;
 use crate::ids::VolumeId;
 use crate::lookup::BlockLookup;
-use crate::meta::{blocking, ChunkStats};
+use crate::meta::{
+    blocking, decode_stats_entry, vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore,
+    PREFIX_CHUNK,
+};
 use crate::retry::{delete_retried, put_retried};
 use crate::volume::VolumeError;
 
@@ -61,38 +64,6 @@ pub struct VolumeSpace {
     pub dead_bytes: u64,
     /// Logical data bytes per stored byte in this volume's chunks (1.0 when nothing is stored).
     pub compression_ratio: f64,
-}
-
-/// What the periodic pass remembers between passes to pace map checkpoints (in memory: a
-/// restarted daemon starts without it, and its first pass frees whatever it may).
-#[derive(Debug, Default)]
-pub(crate) struct GcPacing {
-    /// Size in bytes of the last map checkpoint written for each volume.
-    checkpoint_bytes: HashMap<VolumeId, u64>,
-    /// Since when each volume's garbage has been waiting.
-    waiting_since: HashMap<VolumeId, Instant>,
-}
-
-impl GcPacing {
-    /// Whether garbage `chunks` of volume `vol` go now: garbage of a deleted volume needs no
-    /// checkpoint; a live volume's goes once its stored bytes outweigh the checkpoint its
-    /// deletion costs (so checkpoints never write more than they free) or it has waited
-    /// `max_delay`.
-    fn due(
-        &self,
-        vol: &VolumeId,
-        chunks: &[(u64, ChunkStats)],
-        live: bool,
-        max_delay: Duration,
-    ) -> bool {
-        let bytes: u64 = chunks.iter().map(|(_, st)| st.stored_bytes).sum();
-        !live
-            || bytes >= self.checkpoint_bytes.get(vol).copied().unwrap_or(0)
-            || self
-                .waiting_since
-                .get(vol)
-                .is_some_and(|since| since.elapsed() >= max_delay)
-    }
 }
 
 impl Engine {
@@ -290,5 +261,74 @@ impl Engine {
             space.compression_ratio = logical as f64 / space.stored_bytes as f64;
         }
         Ok(space)
+    }
+}
+
+impl MetaStore {
+    /// Chunk objects no volume map uses any more (`live_blocks == 0`), of every volume,
+    /// deleted or not: the candidates of garbage collection.
+    pub fn dead_chunks(&self) -> Result<Vec<(VolumeId, u64, ChunkStats)>, MetaError> {
+        let mut out = Vec::new();
+        for item in self.db().prefix_iterator([PREFIX_CHUNK]) {
+            let (k, v) = item?;
+            if k.first() != Some(&PREFIX_CHUNK) {
+                break;
+            }
+            let bad = || MetaError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "bad chunk key".into(),
+            };
+            let vol = std::str::from_utf8(&k[1..k.len().saturating_sub(8)])
+                .ok()
+                .and_then(|s| VolumeId::parse(s).ok())
+                .ok_or_else(bad)?;
+            let (id, st) = decode_stats_entry(&vol_key(PREFIX_CHUNK, &vol), &k, &v)?;
+            if st.live_blocks == 0 {
+                out.push((vol, id, st));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes `candidates` that some map — a volume's or a snapshot's — still references.
+    pub fn unmark_referenced(
+        &self,
+        candidates: &mut std::collections::HashSet<(u128, u64)>,
+    ) -> Result<(), MetaError> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let snapshots = self.list_snapshots()?;
+        let mut maps: Vec<BlockLookup> = self
+            .list_volumes()?
+            .into_iter()
+            .map(|r| BlockLookup::new(self.clone(), r.volume_id))
+            .collect();
+        maps.extend(
+            snapshots
+                .into_iter()
+                .map(|s| BlockLookup::snapshot(self.clone(), &s.snapshot_id, s.volume_id)),
+        );
+        // Nothing may copy references between the listing above and the walks below (a
+        // snapshot of a clone would carry a reference out of a map not yet walked):
+        // Engine::create_snapshot holds the GC lock, as this pass does.
+        fail::fail_point!("gc-mark-listed");
+        for map in maps {
+            map.for_each(|e| {
+                if let crate::lookup::Target::Data(f) = e.target {
+                    candidates.remove(&(f.owner, f.object_id));
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the stats of chunk `id` of `vol` (its object is gone).
+    pub fn forget_chunks(&self, chunks: &[(VolumeId, u64)]) -> Result<(), MetaError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (vol, id) in chunks {
+            batch.delete(vol_u64_key(PREFIX_CHUNK, vol, *id));
+        }
+        self.write_sync(batch)
     }
 }

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use rocksdb::{ReadOptions, WriteBatch};
 
 use crate::chunk::{ChunkExtent, ExtentKind, FrameEncoding};
+use crate::codec::{u128_at, u32_at, u64_at};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::meta::{
     id_key, map_key, map_key_start, vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore,
@@ -156,26 +157,20 @@ impl MapExtent {
     pub fn decode(start: u64, b: &[u8], default_owner: u128) -> Option<Self> {
         let owner = match (b.first(), b.len()) {
             (Some(&MAP_VALUE_VERSION), MAP_VALUE_LEN) => default_owner,
-            (Some(&MAP_VALUE_VERSION_OWNED), MAP_VALUE_OWNED_LEN) => {
-                let mut o = [0u8; 16];
-                o.copy_from_slice(&b[48..64]);
-                u128::from_le_bytes(o)
-            }
+            (Some(&MAP_VALUE_VERSION_OWNED), MAP_VALUE_OWNED_LEN) => u128_at(b, 48),
             _ => return None,
         };
-        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let u64_at = |at: usize| crate::meta::u64_le(&b[at..at + 8]);
-        let count = u64::from(u32_at(4));
+        let count = u64::from(u32_at(b, 4));
         let target = match b[1] {
             2 => Target::Zero,
             1 => Target::Data(FrameRef {
                 owner,
-                object_id: u64_at(16),
-                first_block: u64_at(24),
-                offset: u32_at(32),
-                len: u32_at(36),
-                crc: u32_at(40),
-                blocks: u32_at(44),
+                object_id: u64_at(b, 16),
+                first_block: u64_at(b, 24),
+                offset: u32_at(b, 32),
+                len: u32_at(b, 36),
+                crc: u32_at(b, 40),
+                blocks: u32_at(b, 44),
                 encoding: FrameEncoding::from_u8(b[2])?,
             }),
             _ => return None,
@@ -192,7 +187,7 @@ impl MapExtent {
         Some(Self {
             start,
             count,
-            seq: u64_at(8),
+            seq: u64_at(b, 8),
             target,
         })
     }
@@ -872,7 +867,7 @@ mod tests {
         let snap = SnapshotId::parse("snap-0000000000000000b").unwrap();
         // Far more than one batch, every 4th block; a snapshot map; half of a second volume's
         // map already moved (a crash between batches).
-        let n = 2 * crate::meta::MIGRATION_BATCH as u64 + 7;
+        let n = 2 * crate::meta::migrate::MIGRATION_BATCH as u64 + 7;
         let extents: Vec<MapExtent> = (0..n).map(|i| data(i * 4, 1, i + 1, 1)).collect();
         {
             let meta = MetaStore::open(dir.path(), 1 << 20).unwrap();

@@ -8,8 +8,13 @@
 //! object_id, data_blocks, live_blocks, stored_bytes), then `extent_count` extents (72 bytes:
 //! start_block u64 followed by the 64-byte v2 map value, which always names its owner).
 
+use crate::codec::{u128_at, u16_at, u64_at};
+use crate::lookup::BlockLookup;
 use crate::lookup::{MapExtent, MAP_VALUE_LEN, MAP_VALUE_OWNED_LEN, MAP_VALUE_VERSION};
-use crate::meta::{u64_le, ChunkStats};
+use crate::meta::{
+    decode_stats_entry, delete_prefix, vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore,
+    VolumeState, PREFIX_CHUNK, PREFIX_STATE,
+};
 
 /// Magic number: ASCII `VBMP`.
 pub const MAP_OBJECT_MAGIC: [u8; 4] = *b"VBMP";
@@ -142,12 +147,12 @@ impl MapObject {
         if b[0..4] != MAP_OBJECT_MAGIC {
             return Err(MapObjectError::BadMagic);
         }
-        let version = u16::from_le_bytes([b[4], b[5]]);
+        let version = u16_at(b, 4);
         if version != MAP_OBJECT_VERSION {
             return Err(MapObjectError::UnsupportedVersion(version));
         }
-        let extents = u64_le(&b[40..48]);
-        let objects = u64_le(&b[48..56]);
+        let extents = u64_at(b, 40);
+        let objects = u64_at(b, 48);
         let need = (MAP_OBJECT_HEADER_LEN as u64)
             .saturating_add(objects.saturating_mul(OBJECT_ENTRY_LEN as u64))
             .saturating_add(extents.saturating_mul(EXTENT_ENTRY_LEN as u64));
@@ -160,18 +165,16 @@ impl MapObject {
         if h.finalize().to_le_bytes() != b[56..60] {
             return Err(MapObjectError::BadCrc);
         }
-        let mut owner = [0u8; 16];
-        owner.copy_from_slice(&b[8..24]);
         let mut at = MAP_OBJECT_HEADER_LEN;
         let mut objs = Vec::with_capacity(objects as usize);
         for _ in 0..objects {
             let e = &b[at..at + OBJECT_ENTRY_LEN];
             objs.push((
-                u64_le(&e[0..8]),
+                u64_at(e, 0),
                 ChunkStats {
-                    data_blocks: u64_le(&e[8..16]),
-                    live_blocks: u64_le(&e[16..24]),
-                    stored_bytes: u64_le(&e[24..32]),
+                    data_blocks: u64_at(e, 8),
+                    live_blocks: u64_at(e, 16),
+                    stored_bytes: u64_at(e, 24),
                 },
             ));
             at += OBJECT_ENTRY_LEN;
@@ -179,7 +182,7 @@ impl MapObject {
         let mut exts = Vec::with_capacity(extents as usize);
         for i in 0..extents {
             let e = &b[at..at + EXTENT_ENTRY_LEN];
-            let start = u64_le(&e[0..8]);
+            let start = u64_at(e, 0);
             // Zero extents name no owner: their value is v1, padded.
             let v = match e[8] {
                 MAP_VALUE_VERSION => &e[8..8 + MAP_VALUE_LEN],
@@ -189,12 +192,103 @@ impl MapObject {
             at += EXTENT_ENTRY_LEN;
         }
         Ok(Self {
-            owner: u128::from_le_bytes(owner),
-            seq: u64_le(&b[24..32]),
-            next_object_id: u64_le(&b[32..40]),
+            owner: u128_at(b, 8),
+            seq: u64_at(b, 24),
+            next_object_id: u64_at(b, 32),
             objects: objs,
             extents: exts,
         })
+    }
+}
+
+impl MetaStore {
+    /// `lookup`'s map as a map object (FORMAT.md, "Map object"), consistent (one RocksDB
+    /// snapshot) and encoded as it is read, so the map is never in memory but as the object's
+    /// bytes. `snapshot_seq` `None`: a volume checkpoint — seq, next object id and the chunk
+    /// stats come from the volume's state. `Some(seq)`: a snapshot's map at `seq` (its record
+    /// has the rest; no objects are listed). Returns the bytes and the next object id written.
+    /// Blocking (RocksDB): call from a blocking thread.
+    pub fn encode_map_object(
+        &self,
+        lookup: &BlockLookup,
+        snapshot_seq: Option<u64>,
+    ) -> Result<(Vec<u8>, u64), MetaError> {
+        self.encode_map_object_if(lookup, snapshot_seq, false)
+            .map(|o| o.unwrap_or_default())
+    }
+
+    /// [`MetaStore::encode_map_object`]; with `whole_memtables`, `None` instead of a volume's
+    /// map while a memtable split into several chunks is half committed (state `max_seq` above
+    /// its `checkpoint`): a checkpoint then would hold part of that memtable's writes, which a
+    /// disaster recovery could not complete.
+    pub fn encode_map_object_if(
+        &self,
+        lookup: &BlockLookup,
+        snapshot_seq: Option<u64>,
+        whole_memtables: bool,
+    ) -> Result<Option<(Vec<u8>, u64)>, MetaError> {
+        let snap = self.db().snapshot();
+        let (seq, next_object_id, objects) = match snapshot_seq {
+            Some(seq) => (seq, 0, Vec::new()),
+            None => {
+                let vol = lookup.volume();
+                let state = match snap.get(vol_key(PREFIX_STATE, vol))? {
+                    None => VolumeState::default(),
+                    Some(v) => VolumeState::decode(&v).ok_or_else(|| MetaError::Corrupt {
+                        key: format!("s{vol}"),
+                        reason: "bad volume state".into(),
+                    })?,
+                };
+                if whole_memtables && state.max_seq > state.checkpoint {
+                    return Ok(None);
+                }
+                let cprefix = vol_key(PREFIX_CHUNK, vol);
+                let mut objects = Vec::new();
+                for item in snap.iterator(rocksdb::IteratorMode::From(
+                    &cprefix,
+                    rocksdb::Direction::Forward,
+                )) {
+                    let (k, v) = item?;
+                    if !k.starts_with(&cprefix) {
+                        break;
+                    }
+                    objects.push(decode_stats_entry(&cprefix, &k, &v)?);
+                }
+                (state.checkpoint, state.next_object_id, objects)
+            }
+        };
+        let mut enc = MapObjectEncoder::new(lookup.default_owner(), seq, next_object_id, &objects);
+        lookup.for_each_ascending_at(&snap, |e| enc.push(&e))?;
+        Ok(Some((enc.finish(), next_object_id)))
+    }
+
+    /// Replaces `lookup`'s map with `extents` and, for a volume (`state` given), its chunk stats
+    /// with `objects` and its state — one synced batch, together with `extra` puts.
+    pub fn install_map(
+        &self,
+        lookup: &BlockLookup,
+        extents: &[MapExtent],
+        volume: Option<(VolumeState, &[(u64, ChunkStats)])>,
+        extra: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), MetaError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        delete_prefix(&mut batch, lookup.key_prefix());
+        // In key order (descending blocks; `extents` are ascending), as the memtable likes.
+        for e in extents.iter().rev() {
+            batch.put(lookup.key(e.start), e.encode(lookup.default_owner()));
+        }
+        if let Some((state, objects)) = volume {
+            let vol = lookup.volume();
+            delete_prefix(&mut batch, &vol_key(PREFIX_CHUNK, vol));
+            for (id, st) in objects {
+                batch.put(vol_u64_key(PREFIX_CHUNK, vol, *id), st.encode());
+            }
+            batch.put(vol_key(PREFIX_STATE, vol), state.encode());
+        }
+        for (k, v) in extra {
+            batch.put(k, v);
+        }
+        self.write_sync(batch)
     }
 }
 

@@ -18,9 +18,8 @@ use crate::engine::{now_rfc3339, Engine};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::lookup::BlockLookup;
 use crate::mapobj::MapObject;
-use crate::meta::{
-    blocking, MetaStore, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeState,
-};
+use crate::meta::{blocking, MetaStore, VolumeState};
+use crate::records::{SnapshotRecord, SnapshotStateName, VolumeRecord};
 use crate::retry::{delete_retried, put_retried, RetryPolicy};
 use crate::volume::read::{allocation, read_map};
 use crate::volume::{check_range, check_request, StatusExtent, VolumeError};

@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use vblock::backend::SharedBackend;
 use vblock::gc::GcReport;
-use vblock::meta::SnapshotStateName;
+use vblock::records::SnapshotStateName;
 use vblock::volume::CompactionConfig;
 use vblock::{Engine, SnapshotId, VolumeId};
 

@@ -16,6 +16,7 @@
 //! its compressed bytes, so one extent can be fetched (ranged read) and verified alone. Zero
 //! extents (trimmed, write-zeroes or all-zero data) have no frame: `frame_*` are 0.
 
+use crate::codec::{u16_at, u32_at, u64_at};
 use bytes::Bytes;
 
 use crate::block::{is_zero, BLOCK_BYTES};
@@ -402,15 +403,6 @@ fn encode_header_and_index(h: &ChunkHeader, index: &[ChunkExtent], out: &mut Vec
     out[start + 44..start + 48].copy_from_slice(&crc);
 }
 
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 /// Decodes the fixed header at the start of a chunk object (`b`: at least its first
 /// `CHUNK_HEADER_LEN` bytes). Checks length, magic and version only: the header's CRC covers the
 /// index too and is verified by [`decode_index`].
@@ -424,21 +416,21 @@ pub fn decode_header(b: &[u8]) -> Result<ChunkHeader, ChunkError> {
             have: b.len(),
         });
     }
-    let magic = le_u32(b, 0);
+    let magic = u32_at(b, 0);
     if magic != CHUNK_MAGIC {
         return Err(ChunkError::BadMagic(magic));
     }
-    let version = u16::from_le_bytes([b[4], b[5]]);
+    let version = u16_at(b, 4);
     if version != CHUNK_VERSION {
         return Err(ChunkError::BadVersion(version));
     }
     Ok(ChunkHeader {
-        flags: u16::from_le_bytes([b[6], b[7]]),
-        volume_tag: le_u64(b, 8),
-        object_id: le_u64(b, 16),
-        min_seq: le_u64(b, 24),
-        max_seq: le_u64(b, 32),
-        extent_count: le_u32(b, 40),
+        flags: u16_at(b, 6),
+        volume_tag: u64_at(b, 8),
+        object_id: u64_at(b, 16),
+        min_seq: u64_at(b, 24),
+        max_seq: u64_at(b, 32),
+        extent_count: u32_at(b, 40),
     })
 }
 
@@ -460,7 +452,7 @@ pub fn decode_index(
     let mut crc = crc32fast::Hasher::new();
     crc.update(&b[0..44]);
     crc.update(&b[CHUNK_HEADER_LEN..need]);
-    if crc.finalize() != le_u32(b, 44) {
+    if crc.finalize() != u32_at(b, 44) {
         return Err(ChunkError::Crc { what: "index" });
     }
     let mut index = Vec::with_capacity(header.extent_count as usize);
@@ -473,13 +465,13 @@ pub fn decode_index(
             k => return Err(ChunkError::BadIndex(format!("extent {i}: kind {k}"))),
         };
         let e = ChunkExtent {
-            start_block: le_u64(b, at),
-            seq: le_u64(b, at + 8),
-            block_count: le_u32(b, at + 16),
+            start_block: u64_at(b, at),
+            seq: u64_at(b, at + 8),
+            block_count: u32_at(b, at + 16),
             kind,
-            frame_offset: le_u32(b, at + 24),
-            frame_len: le_u32(b, at + 28),
-            frame_crc: le_u32(b, at + 32),
+            frame_offset: u32_at(b, at + 24),
+            frame_len: u32_at(b, at + 28),
+            frame_crc: u32_at(b, at + 32),
             encoding: FrameEncoding::from_u8(b[at + 21]).ok_or_else(|| {
                 ChunkError::BadIndex(format!("extent {i}: frame encoding {}", b[at + 21]))
             })?,

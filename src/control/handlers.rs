@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::api::*;
 use crate::engine::{now_rfc3339, Engine};
 use crate::ids::{SnapshotId, VolumeId};
-use crate::meta::{self, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeStateName};
+use crate::records::{self, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeStateName};
 use crate::volume::VolumeError;
 
 const GIB: u64 = 1 << 30;
@@ -156,7 +156,7 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
     }
 }
 
-fn attachment(r: &VolumeRecord, a: &meta::Attachment, state: &str) -> VolumeAttachment {
+fn attachment(r: &VolumeRecord, a: &records::Attachment, state: &str) -> VolumeAttachment {
     VolumeAttachment {
         volume_id: r.volume_id.to_string(),
         instance_id: a.instance_id.clone(),
@@ -291,13 +291,13 @@ impl Control {
                 return Ok(body(&to_api(r)));
             }
         }
-        let tags: Vec<meta::Tag> = req
+        let tags: Vec<records::Tag> = req
             .tag_specifications
             .unwrap_or_default()
             .into_iter()
             .filter(|s| s.resource_type.is_empty() || s.resource_type == "volume")
             .flat_map(|s| s.tags)
-            .map(|t| meta::Tag {
+            .map(|t| records::Tag {
                 key: t.key,
                 value: t.value,
             })
@@ -400,7 +400,7 @@ impl Control {
                 format!("{id} is already attached to an instance"),
             ));
         }
-        let a = meta::Attachment {
+        let a = records::Attachment {
             instance_id: req.instance_id,
             device: req.device,
             state: "attached".into(),

@@ -23,6 +23,7 @@
 //! (crc32 covers bytes 0..16).
 
 use crate::block::BLOCK_SIZE;
+use crate::codec::{u16_at, u32_at, u64_at};
 
 /// Magic at the start of a segment file: ASCII "VBWS".
 pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"VBWS");
@@ -125,18 +126,6 @@ pub enum DecodeError {
         /// CRC of the bytes read.
         computed: u32,
     },
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Encodes a segment header for segment `segment_no` of the volume with `volume_tag`.
