@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use vblock::control::api::{EbsRequest, Snapshot, Volume, VolumeSpace};
 
 use crate::size::{format_size, parse_size};
 
@@ -76,7 +79,22 @@ impl Client {
     }
 
     /// Sends `body` on `subject` and returns the reply; an `{"Error": ...}` reply is an error.
-    pub async fn request(&self, subject: &str, body: Value) -> Result<Value, ClientError> {
+    /// Sends `req` (a request shape of `vblock::control::api`) to `subject` and decodes the
+    /// reply as `R`. Errors: an EC2 `Error` reply as [`ClientError::Api`]; transport errors.
+    pub async fn call<R: DeserializeOwned>(
+        &self,
+        subject: &str,
+        req: &impl Serialize,
+    ) -> Result<R, ClientError> {
+        let body = serde_json::to_value(req).map_err(|e| ClientError::Usage(e.to_string()))?;
+        let v = self.request(subject, body).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Api {
+            code: "InternalError".into(),
+            message: format!("unexpected reply to {subject}: {e}"),
+        })
+    }
+
+    async fn request(&self, subject: &str, body: Value) -> Result<Value, ClientError> {
         let payload = serde_json::to_vec(&body).map_err(|e| ClientError::Usage(e.to_string()))?;
         let no_daemon = || ClientError::NoDaemon {
             subject: subject.to_owned(),
@@ -129,33 +147,88 @@ pub fn size_to_gib(s: &str) -> Result<u64, ClientError> {
 }
 
 /// Prints volumes as a table.
-pub fn print_volumes(volumes: &[Value]) {
+pub fn print_volumes(volumes: &[Volume]) {
     println!(
         "{:<22} {:>8} {:<10} {:<10} {:<20} {:<25}",
         "VOLUME ID", "SIZE", "STATE", "TYPE", "ATTACHED TO", "CREATED"
     );
     for v in volumes {
-        let attached: Vec<&str> = v["Attachments"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["InstanceId"].as_str()).collect())
-            .unwrap_or_default();
+        let attached: Vec<&str> = v
+            .attachments
+            .iter()
+            .map(|a| a.instance_id.as_str())
+            .collect();
         println!(
             "{:<22} {:>8} {:<10} {:<10} {:<20} {:<25}",
-            v["VolumeId"].as_str().unwrap_or(""),
-            format_size(v["Size"].as_u64().unwrap_or(0) << 30),
-            v["State"].as_str().unwrap_or(""),
-            v["VolumeType"].as_str().unwrap_or(""),
+            v.volume_id,
+            format_size(v.size << 30),
+            v.state,
+            v.volume_type,
             if attached.is_empty() {
                 "-".to_owned()
             } else {
                 attached.join(",")
             },
-            v["CreateTime"].as_str().unwrap_or(""),
+            v.create_time,
         );
     }
 }
 
+/// Prints snapshots as a table.
+pub fn print_snapshots(snaps: &[Snapshot]) {
+    println!(
+        "{:<23} {:<22} {:>8} {:<10} {:>8} {:<25} DESCRIPTION",
+        "SNAPSHOT ID", "VOLUME ID", "SIZE", "STATE", "PROGRESS", "STARTED"
+    );
+    for s in snaps {
+        println!(
+            "{:<23} {:<22} {:>8} {:<10} {:>8} {:<25} {}",
+            s.snapshot_id,
+            s.volume_id,
+            format_size(s.volume_size << 30),
+            s.state,
+            s.progress,
+            s.start_time,
+            s.description,
+        );
+    }
+}
+
+/// Prints the space rows of one volume (`ebs.describevolumespace` entry).
+pub fn print_space(s: &VolumeSpace) {
+    println!("allocated {}", format_size(s.allocated_bytes));
+    println!("stored    {}", format_size(s.stored_bytes));
+    println!("dead      {}", format_size(s.dead_bytes));
+    println!("compression {:.2}x", s.compression_ratio);
+}
+
 /// A Hive `EBSRequest` for `id`.
-pub fn ebs_request(id: &str) -> Value {
-    json!({"Name": id, "VolType": "gp3", "Boot": false, "EFI": false, "DeleteOnTermination": false, "NBDURI": "", "DeviceName": ""})
+pub fn ebs_request(id: &str) -> EbsRequest {
+    EbsRequest {
+        name: id.to_owned(),
+        vol_type: "gp3".into(),
+        boot: false,
+        efi: false,
+        delete_on_termination: false,
+        nbd_uri: String::new(),
+        device_name: String::new(),
+        hotplug_port: None,
+    }
+}
+
+/// How a command prints its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// A table for people.
+    Table,
+    /// The reply's JSON (the `ebs.*` shapes).
+    Json,
+}
+
+/// Prints `v` as JSON, or as `table` prints it.
+pub fn print<T: Serialize>(output: Output, v: &T, table: impl FnOnce(&T)) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table => table(v),
+    }
 }

@@ -19,9 +19,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use serde_json::{json, Value};
 
-use client::{ebs_request, print_volumes, size_to_gib, Client, ClientError};
+use client::{
+    ebs_request, print, print_space, print_volumes, size_to_gib, Client, ClientError, Output,
+};
+use vblock::control::api::{
+    self, AttachVolumeRequest, CreateVolumeRequest, DescribeVolumeSpaceReply,
+    DescribeVolumeSpaceRequest, DescribeVolumesReply, DescribeVolumesRequest, DetachVolumeRequest,
+    EbsMountResponse, EbsUnmountResponse, ModifyVolumeReply, ModifyVolumeRequest, ReturnReply, Tag,
+    TagSpecification, VolumeAttachment, VolumeIdRequest, VolumeSpace,
+};
 
 /// `vblock --version`: the crate version and the git commit it was built from (cli/build.rs).
 const VERSION: &str = concat!(
@@ -77,12 +84,6 @@ struct Cli {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Pretty,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Table,
     Json,
 }
 
@@ -264,13 +265,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn print(output: Output, v: &Value, table: impl FnOnce(&Value)) {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
-        Output::Table => table(v),
-    }
-}
-
 async fn remote(
     remote: &Remote,
     f: impl AsyncFnOnce(&Client) -> Result<(), ClientError>,
@@ -289,45 +283,75 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
                 name,
                 r#type,
             } => {
-                let mut body = json!({"VolumeType": r#type});
-                if let Some(size) = size {
-                    body["Size"] = json!(size_to_gib(&size)?);
-                }
-                if let Some(snap) = snapshot {
-                    body["SnapshotId"] = json!(snap);
-                }
-                if let Some(n) = name {
-                    body["TagSpecifications"] =
-                        json!([{"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": n}]}]);
-                }
-                let v = c.request("ebs.createvolume", body).await?;
-                print(out, &v, |v| {
-                    println!("{}", v["VolumeId"].as_str().unwrap_or(""))
-                });
+                let req = CreateVolumeRequest {
+                    size: size
+                        .map(|s| size_to_gib(&s).map(|g| g as i64))
+                        .transpose()?,
+                    volume_type: Some(r#type),
+                    availability_zone: None,
+                    snapshot_id: snapshot,
+                    iops: None,
+                    tag_specifications: name.map(|n| {
+                        vec![TagSpecification {
+                            resource_type: "volume".into(),
+                            tags: vec![Tag {
+                                key: "Name".into(),
+                                value: n,
+                            }],
+                        }]
+                    }),
+                    client_token: None,
+                };
+                let v: api::Volume = c.call("ebs.createvolume", &req).await?;
+                print(out, &v, |v| println!("{}", v.volume_id));
             }
             VolumeCommand::List => {
-                let v = c.request("ebs.describevolumes", json!({})).await?;
-                print(out, &v, |v| {
-                    print_volumes(v["Volumes"].as_array().map(Vec::as_slice).unwrap_or(&[]))
-                });
+                let v: DescribeVolumesReply = c
+                    .call("ebs.describevolumes", &DescribeVolumesRequest::default())
+                    .await?;
+                print(out, &v, |v| print_volumes(&v.volumes));
             }
             VolumeCommand::Describe { id } => {
-                let v = c
-                    .request("ebs.describevolumes", json!({"VolumeIds": [id]}))
+                let ids = Some(vec![id.clone()]);
+                let v: DescribeVolumesReply = c
+                    .call(
+                        "ebs.describevolumes",
+                        &DescribeVolumesRequest {
+                            volume_ids: ids.clone(),
+                            filters: None,
+                        },
+                    )
                     .await?;
-                let mut vol = v["Volumes"].get(0).cloned().unwrap_or(Value::Null);
-                let space = c
-                    .request("ebs.describevolumespace", json!({"VolumeIds": [id]}))
+                let space: DescribeVolumeSpaceReply = c
+                    .call(
+                        "ebs.describevolumespace",
+                        &DescribeVolumeSpaceRequest { volume_ids: ids },
+                    )
                     .await?;
-                vol["Space"] = space["VolumeSpaces"].get(0).cloned().unwrap_or(Value::Null);
-                print(out, &vol, |v| {
-                    print_volumes(std::slice::from_ref(v));
-                    snapshot::print_space(&v["Space"]);
+                let (Some(vol), Some(space)) = (v.volumes.first(), space.volume_spaces.first())
+                else {
+                    return Err(ClientError::Api {
+                        code: "InternalError".into(),
+                        message: format!("the daemon described no volume {id}"),
+                    });
+                };
+                let described = DescribedVolume {
+                    volume: vol.clone(),
+                    space: space.clone(),
+                };
+                print(out, &described, |d| {
+                    print_volumes(std::slice::from_ref(&d.volume));
+                    print_space(&d.space);
                 });
             }
             VolumeCommand::Delete { id } => {
-                let v = c
-                    .request("ebs.deletevolume", json!({"VolumeId": id}))
+                let v: ReturnReply = c
+                    .call(
+                        "ebs.deletevolume",
+                        &VolumeIdRequest {
+                            volume_id: id.clone(),
+                        },
+                    )
                     .await?;
                 print(out, &v, |_| println!("deleted {id}"));
             }
@@ -336,20 +360,14 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
                 instance,
                 device,
             } => {
-                let v = c
-                    .request(
-                        "ebs.attachvolume",
-                        json!({"VolumeId": id, "InstanceId": instance, "Device": device}),
-                    )
-                    .await?;
+                let req = AttachVolumeRequest {
+                    volume_id: id,
+                    instance_id: instance,
+                    device,
+                };
+                let v: VolumeAttachment = c.call("ebs.attachvolume", &req).await?;
                 print(out, &v, |v| {
-                    println!(
-                        "{} {} {} {}",
-                        v["VolumeId"].as_str().unwrap_or(""),
-                        v["InstanceId"].as_str().unwrap_or(""),
-                        v["Device"].as_str().unwrap_or(""),
-                        v["State"].as_str().unwrap_or("")
-                    )
+                    println!("{} {} {} {}", v.volume_id, v.instance_id, v.device, v.state)
                 });
             }
             VolumeCommand::Detach {
@@ -357,34 +375,26 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
                 instance,
                 force,
             } => {
-                let mut body = json!({"VolumeId": id, "Force": force});
-                if let Some(i) = instance {
-                    body["InstanceId"] = json!(i);
-                }
-                let v = c.request("ebs.detachvolume", body).await?;
-                print(out, &v, |v| {
-                    println!(
-                        "{} {}",
-                        v["VolumeId"].as_str().unwrap_or(""),
-                        v["State"].as_str().unwrap_or("")
-                    )
-                });
+                let req = DetachVolumeRequest {
+                    volume_id: id,
+                    instance_id: instance,
+                    device: None,
+                    force,
+                };
+                let v: VolumeAttachment = c.call("ebs.detachvolume", &req).await?;
+                print(out, &v, |v| println!("{} {}", v.volume_id, v.state));
             }
             VolumeCommand::Resize { id, size } => {
-                let v = c
-                    .request(
-                        "ebs.modifyvolume",
-                        json!({"VolumeId": id, "Size": size_to_gib(&size)?}),
-                    )
-                    .await?;
+                let req = ModifyVolumeRequest {
+                    volume_id: id,
+                    size: size_to_gib(&size)? as i64,
+                };
+                let v: ModifyVolumeReply = c.call("ebs.modifyvolume", &req).await?;
                 print(out, &v, |v| {
-                    let m = &v["VolumeModification"];
+                    let m = &v.volume_modification;
                     println!(
                         "{} {}GiB -> {}GiB {}",
-                        m["VolumeId"].as_str().unwrap_or(""),
-                        m["OriginalSize"],
-                        m["TargetSize"],
-                        m["ModificationState"].as_str().unwrap_or("")
+                        m.volume_id, m.original_size, m.target_size, m.modification_state
                     );
                 });
             }
@@ -394,29 +404,39 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
     .await
 }
 
+/// `vblock volume describe --output json`: the EC2 `Volume` with its space rows under `Space`.
+#[derive(serde::Serialize)]
+struct DescribedVolume {
+    #[serde(flatten)]
+    volume: api::Volume,
+    #[serde(rename = "Space")]
+    space: VolumeSpace,
+}
+
 async fn mount_command(r: &Remote, id: &str, mount: bool) -> Result<(), ClientError> {
     let out = r.output;
     remote(r, async |c: &Client| {
-        let subject = if mount { "ebs.mount" } else { "ebs.unmount" };
-        let v = c.request(subject, ebs_request(id)).await?;
-        let err = v["Error"].as_str().unwrap_or("");
-        if !err.is_empty() {
-            return Err(ClientError::Api {
-                code: if v["NotFound"].as_bool() == Some(true) {
-                    "InvalidVolume.NotFound".into()
-                } else {
-                    "MountFailed".into()
-                },
-                message: err.to_owned(),
-            });
-        }
-        print(out, &v, |v| {
-            if mount {
-                println!("{}", v["URI"].as_str().unwrap_or(""))
+        let failed = |error: &str, not_found: bool| ClientError::Api {
+            code: if not_found {
+                "InvalidVolume.NotFound".into()
             } else {
-                println!("unmounted {id}")
+                "MountFailed".into()
+            },
+            message: error.to_owned(),
+        };
+        if mount {
+            let v: EbsMountResponse = c.call("ebs.mount", &ebs_request(id)).await?;
+            if !v.error.is_empty() {
+                return Err(failed(&v.error, false));
             }
-        });
+            print(out, &v, |v| println!("{}", v.uri));
+        } else {
+            let v: EbsUnmountResponse = c.call("ebs.unmount", &ebs_request(id)).await?;
+            if !v.error.is_empty() {
+                return Err(failed(&v.error, v.not_found));
+            }
+            print(out, &v, |_| println!("unmounted {id}"));
+        }
         Ok(())
     })
     .await
@@ -495,13 +515,9 @@ fn main() -> ExitCode {
                 .map_err(|e| (e.to_string(), e.exit_code())),
             Command::Snapshot { remote: r, command } => {
                 let out = r.output;
-                remote(&r, async |c: &Client| {
-                    let (v, table) = snapshot::run(c, command).await?;
-                    print(out, &v, table);
-                    Ok(())
-                })
-                .await
-                .map_err(|e| (e.to_string(), e.exit_code()))
+                remote(&r, async |c: &Client| snapshot::run(c, command, out).await)
+                    .await
+                    .map_err(|e| (e.to_string(), e.exit_code()))
             }
             Command::Mount { remote, id } => mount_command(&remote, &id, true)
                 .await

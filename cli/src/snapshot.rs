@@ -1,13 +1,15 @@
 //! `vblock snapshot create|list|delete` (ebs.createsnapshot, ebs.describesnapshots,
-//! ebs.deletesnapshot) and the space rows of `vblock volume describe`.
+//! ebs.deletesnapshot).
 
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
-use serde_json::{json, Value};
+use vblock::control::api::{
+    CreateSnapshotRequest, DescribeSnapshotsReply, DescribeSnapshotsRequest, Filter, ReturnReply,
+    Snapshot, SnapshotIdRequest,
+};
 
-use crate::client::{Client, ClientError};
-use crate::size::format_size;
+use crate::client::{print, print_snapshots, Client, ClientError, Output};
 
 /// Snapshot subcommands.
 #[derive(Debug, Subcommand)]
@@ -40,47 +42,12 @@ pub enum SnapshotCommand {
     },
 }
 
-/// Prints snapshots as a table.
-pub fn print_snapshots(snaps: &[Value]) {
-    println!(
-        "{:<23} {:<22} {:>8} {:<10} {:>8} {:<25} DESCRIPTION",
-        "SNAPSHOT ID", "VOLUME ID", "SIZE", "STATE", "PROGRESS", "STARTED"
-    );
-    for s in snaps {
-        println!(
-            "{:<23} {:<22} {:>8} {:<10} {:>8} {:<25} {}",
-            s["SnapshotId"].as_str().unwrap_or(""),
-            s["VolumeId"].as_str().unwrap_or(""),
-            format_size(s["VolumeSize"].as_u64().unwrap_or(0) << 30),
-            s["State"].as_str().unwrap_or(""),
-            s["Progress"].as_str().unwrap_or(""),
-            s["StartTime"].as_str().unwrap_or(""),
-            s["Description"].as_str().unwrap_or(""),
-        );
-    }
+fn percent(s: &Snapshot) -> u64 {
+    s.progress.trim_end_matches('%').parse().unwrap_or(0)
 }
 
-/// Prints the space rows of one volume (`ebs.describevolumespace` entry).
-pub fn print_space(s: &Value) {
-    let bytes = |k: &str| format_size(s[k].as_u64().unwrap_or(0));
-    println!("allocated {}", bytes("AllocatedBytes"));
-    println!("stored    {}", bytes("StoredBytes"));
-    println!("dead      {}", bytes("DeadBytes"));
-    println!(
-        "compression {:.2}x",
-        s["CompressionRatio"].as_f64().unwrap_or(1.0)
-    );
-}
-
-fn percent(s: &Value) -> u64 {
-    s["Progress"]
-        .as_str()
-        .and_then(|p| p.trim_end_matches('%').parse().ok())
-        .unwrap_or(0)
-}
-
-/// Runs one snapshot subcommand; returns the JSON to print and how to print it as a table.
-pub async fn run(c: &Client, cmd: SnapshotCommand) -> Result<(Value, fn(&Value)), ClientError> {
+/// Runs one snapshot subcommand and prints its reply as `out` says.
+pub async fn run(c: &Client, cmd: SnapshotCommand, out: Output) -> Result<(), ClientError> {
     match cmd {
         SnapshotCommand::Create {
             volume,
@@ -88,56 +55,57 @@ pub async fn run(c: &Client, cmd: SnapshotCommand) -> Result<(Value, fn(&Value))
             no_wait,
             wait_timeout,
         } => {
-            let mut snap = c
-                .request(
-                    "ebs.createsnapshot",
-                    json!({"VolumeId": volume, "Description": description}),
-                )
-                .await?;
+            let req = CreateSnapshotRequest {
+                volume_id: volume,
+                description,
+            };
+            let mut snap: Snapshot = c.call("ebs.createsnapshot", &req).await?;
             if !no_wait {
                 snap = wait_completed(c, snap, wait_timeout).await?;
             }
-            Ok((snap, |v| {
-                println!("{}", v["SnapshotId"].as_str().unwrap_or(""))
-            }))
+            print(out, &snap, |s| println!("{}", s.snapshot_id));
         }
         SnapshotCommand::List { volume } => {
-            let body = match volume {
-                Some(v) => json!({"Filters": [{"Name": "volume-id", "Values": [v]}]}),
-                None => json!({}),
+            let req = DescribeSnapshotsRequest {
+                snapshot_ids: None,
+                filters: volume.map(|v| {
+                    vec![Filter {
+                        name: "volume-id".into(),
+                        values: vec![v],
+                    }]
+                }),
             };
-            let v = c.request("ebs.describesnapshots", body).await?;
-            Ok((v, |v| {
-                print_snapshots(v["Snapshots"].as_array().map(Vec::as_slice).unwrap_or(&[]))
-            }))
+            let v: DescribeSnapshotsReply = c.call("ebs.describesnapshots", &req).await?;
+            print(out, &v, |v| print_snapshots(&v.snapshots));
         }
         SnapshotCommand::Delete { id } => {
-            let v = c
-                .request("ebs.deletesnapshot", json!({"SnapshotId": id}))
+            let v: ReturnReply = c
+                .call("ebs.deletesnapshot", &SnapshotIdRequest { snapshot_id: id })
                 .await?;
-            Ok((v, |_| println!("deleted")))
+            print(out, &v, |_| println!("deleted"));
         }
     }
+    Ok(())
 }
 
 /// Polls the snapshot until `completed`, drawing its `Progress`; `error` or the timeout fail.
 async fn wait_completed(
     c: &Client,
-    mut snap: Value,
+    mut snap: Snapshot,
     timeout: Duration,
-) -> Result<Value, ClientError> {
-    let id = snap["SnapshotId"].as_str().unwrap_or("").to_owned();
+) -> Result<Snapshot, ClientError> {
+    let id = snap.snapshot_id.clone();
     let bar = crate::progress::bar(100, "{msg} [{bar:40}] {pos}%");
     bar.set_message(format!("snapshot {id}"));
     let started = Instant::now();
     loop {
         bar.set_position(percent(&snap));
-        match snap["State"].as_str() {
-            Some("completed") => {
+        match snap.state.as_str() {
+            "completed" => {
                 bar.finish_and_clear();
                 return Ok(snap);
             }
-            Some("error") => {
+            "error" => {
                 bar.abandon();
                 return Err(ClientError::Api {
                     code: "SnapshotFailed".into(),
@@ -154,9 +122,18 @@ async fn wait_completed(
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let v = c
-            .request("ebs.describesnapshots", json!({"SnapshotIds": [id]}))
-            .await?;
-        snap = v["Snapshots"].get(0).cloned().unwrap_or(Value::Null);
+        let req = DescribeSnapshotsRequest {
+            snapshot_ids: Some(vec![id.clone()]),
+            filters: None,
+        };
+        let v: DescribeSnapshotsReply = c.call("ebs.describesnapshots", &req).await?;
+        snap = v
+            .snapshots
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Api {
+                code: "InvalidSnapshot.NotFound".into(),
+                message: format!("snapshot {id} vanished while it was being stored"),
+            })?;
     }
 }

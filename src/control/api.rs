@@ -83,7 +83,7 @@ pub struct Tag {
 }
 
 /// `{"ResourceType": "volume", "Tags": [...]}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TagSpecification {
     /// Must be `volume` for CreateVolume.
     #[serde(rename = "ResourceType", default)]
@@ -94,33 +94,33 @@ pub struct TagSpecification {
 }
 
 /// `ebs.createvolume` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateVolumeRequest {
     /// Size in GiB, 1..=16384; with `SnapshotId` it may be left out (the snapshot's size).
-    #[serde(rename = "Size")]
+    #[serde(rename = "Size", skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
     /// Volume type (default `gp3`).
-    #[serde(rename = "VolumeType")]
+    #[serde(rename = "VolumeType", skip_serializing_if = "Option::is_none")]
     pub volume_type: Option<String>,
     /// Availability zone (stored and echoed).
-    #[serde(rename = "AvailabilityZone")]
+    #[serde(rename = "AvailabilityZone", skip_serializing_if = "Option::is_none")]
     pub availability_zone: Option<String>,
     /// Create from this snapshot.
-    #[serde(rename = "SnapshotId")]
+    #[serde(rename = "SnapshotId", skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
     /// Provisioned IOPS (stored and echoed; default 3000).
-    #[serde(rename = "Iops")]
+    #[serde(rename = "Iops", skip_serializing_if = "Option::is_none")]
     pub iops: Option<i64>,
     /// Tags.
-    #[serde(rename = "TagSpecifications")]
+    #[serde(rename = "TagSpecifications", skip_serializing_if = "Option::is_none")]
     pub tag_specifications: Option<Vec<TagSpecification>>,
     /// Idempotency token.
-    #[serde(rename = "ClientToken")]
+    #[serde(rename = "ClientToken", skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
 }
 
 /// `{"Name", "Values"}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Filter {
     /// Filter name: `status`, `attachment.instance-id`, `tag:KEY`, `volume-id`.
     #[serde(rename = "Name")]
@@ -131,18 +131,18 @@ pub struct Filter {
 }
 
 /// `ebs.describevolumes` request.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DescribeVolumesRequest {
     /// Only these volumes (each must exist).
-    #[serde(rename = "VolumeIds")]
+    #[serde(rename = "VolumeIds", skip_serializing_if = "Option::is_none")]
     pub volume_ids: Option<Vec<String>>,
     /// Filters, all of which must match.
-    #[serde(rename = "Filters")]
+    #[serde(rename = "Filters", skip_serializing_if = "Option::is_none")]
     pub filters: Option<Vec<Filter>>,
 }
 
 /// `ebs.attachvolume` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AttachVolumeRequest {
     /// Volume.
     #[serde(rename = "VolumeId")]
@@ -156,16 +156,16 @@ pub struct AttachVolumeRequest {
 }
 
 /// `ebs.detachvolume` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DetachVolumeRequest {
     /// Volume.
     #[serde(rename = "VolumeId")]
     pub volume_id: String,
     /// Must match the attachment if given.
-    #[serde(rename = "InstanceId")]
+    #[serde(rename = "InstanceId", skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
     /// Must match the attachment if given.
-    #[serde(rename = "Device")]
+    #[serde(rename = "Device", skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     /// Detach even if mounted.
     #[serde(rename = "Force", default)]
@@ -173,7 +173,7 @@ pub struct DetachVolumeRequest {
 }
 
 /// `ebs.deletevolume` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeIdRequest {
     /// Volume.
     #[serde(rename = "VolumeId")]
@@ -181,7 +181,7 @@ pub struct VolumeIdRequest {
 }
 
 /// `ebs.modifyvolume` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModifyVolumeRequest {
     /// Volume.
     #[serde(rename = "VolumeId")]
@@ -258,7 +258,7 @@ pub struct DescribeVolumesReply {
 }
 
 /// `ebs.createsnapshot` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateSnapshotRequest {
     /// Volume to snapshot.
     #[serde(rename = "VolumeId")]
@@ -269,18 +269,18 @@ pub struct CreateSnapshotRequest {
 }
 
 /// `ebs.describesnapshots` request.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DescribeSnapshotsRequest {
     /// Only these snapshots (each must exist).
-    #[serde(rename = "SnapshotIds")]
+    #[serde(rename = "SnapshotIds", skip_serializing_if = "Option::is_none")]
     pub snapshot_ids: Option<Vec<String>>,
     /// Filters (`volume-id`, `status`, `snapshot-id`), all of which must match.
-    #[serde(rename = "Filters")]
+    #[serde(rename = "Filters", skip_serializing_if = "Option::is_none")]
     pub filters: Option<Vec<Filter>>,
 }
 
 /// `ebs.deletesnapshot` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotIdRequest {
     /// Snapshot.
     #[serde(rename = "SnapshotId")]
@@ -322,10 +322,10 @@ pub struct DescribeSnapshotsReply {
 }
 
 /// `ebs.describevolumespace` request (a vblock extension, not EC2).
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DescribeVolumeSpaceRequest {
     /// Only these volumes (each must exist); all when absent.
-    #[serde(rename = "VolumeIds")]
+    #[serde(rename = "VolumeIds", skip_serializing_if = "Option::is_none")]
     pub volume_ids: Option<Vec<String>>,
 }
 
@@ -394,7 +394,7 @@ pub struct ModifyVolumeReply {
 }
 
 /// Hive `EBSRequest` (mount, unmount).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EbsRequest {
     /// The VolumeId.
     #[serde(rename = "Name")]
@@ -418,7 +418,11 @@ pub struct EbsRequest {
     #[serde(rename = "DeviceName", default)]
     pub device_name: String,
     /// Hotplug port (informational).
-    #[serde(rename = "HotplugPort", default)]
+    #[serde(
+        rename = "HotplugPort",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hotplug_port: Option<i64>,
 }
 
@@ -457,7 +461,7 @@ pub struct EbsUnmountResponse {
 }
 
 /// Hive `ebs.delete` request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EbsDeleteRequest {
     /// The VolumeId.
     #[serde(rename = "Volume")]
