@@ -3,7 +3,7 @@
 //! then `N` (default 300,000) random one-block lookups, with the map in the memtable and, after a
 //! flush, in SST files. Prints microseconds per lookup. Then `COMMITS` (default 100) chunk
 //! commits of 1,024 scattered blocks each. Wall time on a shared VM is noisy; for comparisons
-//! count instructions instead (docs/BENCHMARKS.md, "Map lookups in one direction"):
+//! count instructions instead (docs/BENCHMARKS.md, "Random reads"):
 //! `N=20000 COMMITS=0 valgrind --tool=callgrind target/release/deps/lookup-*` minus the same with
 //! `N=0` (or `N=0 COMMITS=100` minus `N=0 COMMITS=0` for the commits).
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Write + fdatasync loops into one file, several ways, on the disk holding DIR: what a WAL
 append pays for fdatasync depending on how its segment was created and how it is written
-(docs/BENCHMARKS.md, "WAL preallocation"). Each write is one WAL record of one block (4,140 bytes:
-a 44-byte header and 4 KiB), back to back like the WAL's records.
+(docs/design/wal-preallocation.md; current figures: docs/BENCHMARKS.md, "Flush latency"). Each
+write is one WAL record of one block (4,140 bytes: a 44-byte header and 4 KiB), back to back like
+the WAL's records.
 
   append    a new empty file (each fdatasync also allocates blocks and grows the size)
   reserved  fallocate(FALLOC_FL_KEEP_SIZE) first: blocks allocated, size unchanged

@@ -2,10 +2,10 @@
 //! lower CPU priority than the threads that serve requests.
 //!
 //! On a machine where the CPU is the limit, background work that runs at the same priority as
-//! reads takes its share of the cores while a client waits (measured: docs/BENCHMARKS.md,
-//! "Background work at nice 10"). RocksDB lowers its compaction threads the same way
-//! (`Env::LowerThreadPoolCPUPriority`). Nice 10 only matters while the CPU is contended; when the
-//! write buffer is full the writers wait and these threads get the cores.
+//! reads takes its share of the cores while a client waits
+//! (docs/design/background-work-at-nice-10.md). RocksDB lowers its compaction threads the same
+//! way (`Env::LowerThreadPoolCPUPriority`). Nice 10 only matters while the CPU is contended; when
+//! the write buffer is full the writers wait and these threads get the cores.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};

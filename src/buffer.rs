@@ -7,7 +7,7 @@
 //!
 //! A [`WriteBuffer`] holds the active memtable, the frozen queue and an index of their union, so
 //! a read looks up one map, not one per memtable (a full 256 MiB buffer of 4 MiB memtables is 64
-//! of them: docs/BENCHMARKS.md, "Random reads while the flusher works").
+//! of them: docs/design/write-buffer-index.md).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;

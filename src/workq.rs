@@ -1,10 +1,10 @@
 //! A queue of blocking jobs drained by a few threads of tokio's blocking pool.
 //!
-//! `spawn_blocking` per job hands every job to a thread of its own: at 30k reads per second the
-//! thread wake-ups and the pool's lock were ~30% of the daemon's CPU (perf, docs/BENCHMARKS.md,
-//! "Random reads while the flusher works"). Here a job joins a queue; a worker drains it until
-//! it is empty, so a burst of jobs costs one wake-up per worker, not one per job; up to
-//! `max_workers` run at once, so jobs that block on the disk still overlap.
+//! `spawn_blocking` per job hands every job to a thread of its own: under many small reads the
+//! thread wake-ups and the pool's lock take a large share of the daemon's CPU
+//! (docs/design/read-queue.md). Here a job joins a queue; a worker drains it until it is empty,
+//! so a burst of jobs costs one wake-up per worker, not one per job; up to `max_workers` run at
+//! once, so jobs that block on the disk still overlap.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -760,9 +760,9 @@ impl common::Hooks for HoldFirstChunk {
 }
 
 /// Chunks commit in order, but one slow upload must not stop the flusher from building and
-/// uploading the chunks behind it (the pipeline stays full; docs/BENCHMARKS.md "S3 chunk
-/// uploads"). With 2 uploads allowed and the first PUT held, every other chunk is uploaded
-/// before the held one finishes; then everything commits and reads back.
+/// uploading the chunks behind it (the pipeline stays full; docs/design/flusher-pipeline.md).
+/// With 2 uploads allowed and the first PUT held, every other chunk is uploaded before the held
+/// one finishes; then everything commits and reads back.
 #[test]
 fn a_slow_upload_does_not_hold_back_the_chunks_behind_it() {
     common::run(Duration::from_secs(60), async {

@@ -1,4 +1,4 @@
-//! glibc malloc settings for the daemon (docs/BENCHMARKS.md, "Memory").
+//! glibc malloc settings for the daemon (docs/design/glibc-malloc.md).
 //!
 //! The daemon allocates and frees payload buffers (4 KiB-32 MiB NBD requests, decoded 64 KiB
 //! frames, 4 MiB chunk objects) on dozens of threads. With glibc's defaults (8 arenas per core, an
@@ -11,8 +11,9 @@
 
 /// Allocations of this many bytes or more are mmapped and unmapped on free. Fixed, because
 /// glibc's dynamic threshold rises to the largest freed buffer (up to 32 MiB) and then keeps
-/// chunk objects and map checkpoints in the arenas. 256 KiB (every 1 MiB request mapped) cost
-/// a quarter of sequential-write MB/s.
+/// chunk objects and map checkpoints in the arenas. Above the usual 1 MiB request, because a
+/// 256 KiB threshold, which maps and unmaps every one, slowed sequential writes
+/// (docs/design/glibc-malloc.md).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD_BYTES: libc::c_int = 2 << 20;
 

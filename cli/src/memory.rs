@@ -2,16 +2,17 @@
 //! process grows.
 //!
 //! A volume's write buffer cannot shrink without stalling writers, and the write path also holds
-//! chunk objects in flight, NBD requests and allocator slack that no flag bounds (measured in
-//! docs/BENCHMARKS.md, "Memory"). The frame cache is the one large consumer that can give memory
-//! back at once, so a thread samples the process's resident set every [`TICK`] and moves the
+//! chunk objects in flight, NBD requests and allocator slack that no flag bounds
+//! (docs/design/memory-target.md). The frame cache is the one large consumer that can give
+//! memory back at once, so a thread samples the process's resident set every [`TICK`] and moves the
 //! cache's capacity between a floor (1/8 of `--cache-size`) and `--cache-size` to keep the
 //! resident set under `--memory-target` (default: open volumes × buffer + cache + 64 MiB, the
 //! performance issue's bound). With the frame cache at its floor, RocksDB's block cache
 //! (`--meta-cache-size`) gives way next, to 1/8 of its size; it grows back first. The room the
 //! write buffers can still take is kept free in advance: a burst of writes fills an empty
-//! 256 MiB buffer in a fraction of a second, faster than any feedback. The same idea as Ceph's `osd_memory_target` cache autotuning. The thread
-//! also returns free heap pages to the OS ([`crate::malloc::trim`]).
+//! 256 MiB buffer in a fraction of a second, faster than any feedback. The same idea as Ceph's
+//! `osd_memory_target` cache autotuning. The thread also returns free heap pages to the OS
+//! ([`crate::malloc::trim`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

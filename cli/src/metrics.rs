@@ -263,9 +263,9 @@ pub async fn sample(engine: Arc<Engine>, buffer_capacity: u64) {
 const SPACE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Whole-map scans (the space gauges here, GC's mark pass in `serve`) take at most
-/// 1/`SCAN_SHARE` of the time (5% of one core): scans run at ~2.6 million extents/s (`vblock
-/// inspect volume` of a 262,144-extent map: 0.1 s), so a volume written in scattered 4 KiB
-/// blocks takes ~40 s per 400 GiB, and a fixed 10 s period would scan for ever.
+/// 1/`SCAN_SHARE` of the time (5% of one core): a scan's time grows with the map, so a large
+/// volume written in scattered 4 KiB blocks can take longer to scan than a fixed 10 s period,
+/// which would then scan for ever (docs/design/paced-map-checkpoints.md).
 const SCAN_SHARE: u32 = 20;
 
 /// Time until the next whole-map scan, at least `interval`, after one that took `scanned`.

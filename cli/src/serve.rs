@@ -115,7 +115,8 @@ pub struct ServeArgs {
     pub chunk_size: u64,
     /// Largest compressed frame of a chunk (a multiple of 4 KiB): a one-block read from a
     /// chunk reads and decompresses at most this much. Smaller frames: faster random reads,
-    /// a few % less compression, more map extents for sequential data (docs/BENCHMARKS.md).
+    /// slightly less compression, more map extents for sequential data
+    /// (docs/design/frame-size.md).
     #[arg(long, env = "VBLOCK_FRAME_SIZE", default_value = "16KiB", value_parser = parse_size)]
     pub frame_size: u64,
     /// WAL segment size.

@@ -90,8 +90,8 @@ pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 
     /// A blocking ranged read for local backends (file, memory), so the read path can look up the
-    /// map, fetch and decode a frame in one blocking task instead of three hand-offs (measured:
-    /// docs/BENCHMARKS.md). `None`: not local, use [`Backend::get_range`].
+    /// map, fetch and decode a frame in one blocking task instead of three hand-offs
+    /// (docs/design/read-queue.md). `None`: not local, use [`Backend::get_range`].
     fn get_range_blocking(
         &self,
         _key: &str,

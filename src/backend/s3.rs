@@ -12,8 +12,8 @@
 //! with SHA-256 for SigV4, the policy of the AWS SDK for Java v1's `AWS4UnsignedPayloadSigner`.
 //! Over plain HTTP the payload stays signed. The choice is made per request on its final URI
 //! (`PayloadSigning`), so every way of naming the endpoint counts (`--s3-endpoint`,
-//! `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, profile files, AWS's own endpoints). Measured with
-//! `scripts/bench-s3.sh --tls`: half the client CPU of an upload (docs/BENCHMARKS.md).
+//! `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, profile files, AWS's own endpoints). The hash is a
+//! large share of an upload's client CPU (docs/design/unsigned-payload-over-https.md).
 //! A payload that is signed has its SHA-256 computed on a blocking thread first and handed to
 //! SigV4 as precomputed (the SDK would hash it on the async thread, in the way of every
 //! connection): always with `sign_payload`, else once a PUT has shown the endpoint is plain

@@ -2,9 +2,8 @@
 //!
 //! Every chunk is built into a ~4 MiB buffer that lives until its PUT returns. A fresh buffer
 //! costs a page fault and a zeroed page per 4 KiB on its first write (and, on VMs with free page
-//! reporting, a host fault too): 8.9% of the S3 bench process's samples, half after reuse
-//! (docs/BENCHMARKS.md, "Reused chunk object buffers"). The flusher keeps the buffers of uploaded
-//! chunks for the next ones.
+//! reporting, a host fault too), so the flusher keeps the buffers of uploaded chunks for the next
+//! ones (docs/design/reused-chunk-buffers.md).
 
 use std::sync::Mutex;
 

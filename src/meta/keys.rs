@@ -32,8 +32,8 @@ pub(crate) fn vol_u64_key(prefix: u8, vol: &VolumeId, n: u64) -> Vec<u8> {
 /// The key of the map extent starting at block `start` under `prefix` (`M VOL` or `P SNAP`):
 /// the prefix, then the bitwise NOT of `start` as u64 big-endian, so the keys of one map sort in
 /// *descending* block order. The extent covering block `b` is then the first key at or after
-/// `map_key(prefix, b)`: every lookup is a forward `Seek`, which costs RocksDB about half of
-/// what a `SeekForPrev` does (docs/BENCHMARKS.md, "Map keys in descending block order").
+/// `map_key(prefix, b)`: every lookup is a forward `Seek`, not a `SeekForPrev`, which costs
+/// RocksDB a second search in every memtable and level (docs/design/map-key-order.md).
 pub(crate) fn map_key(prefix: &[u8], start: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + 8);
     k.extend_from_slice(prefix);

@@ -105,7 +105,7 @@ struct Inner {
     upload_slots: Semaphore,
     /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy:
     /// at most `upload_concurrency` (a freed buffer is usually taken by the next build at once;
-    /// a larger pool only holds memory the RSS bound needs, docs/BENCHMARKS.md).
+    /// a larger pool only holds memory the RSS bound needs: docs/design/reused-chunk-buffers.md).
     object_buffers: chunk::ObjectBuffers,
     stats: VolumeStats,
     /// `vblock_chunk_upload_duration_seconds{volume}`: one successful chunk PUT (retries included).

@@ -314,9 +314,9 @@ async fn fetch_run(
         .map_err(|e| VolumeError::task("decode", e))?
 }
 
-/// Threads that run one volume's blocking read work at once. 4k random reads, QD32, 2 cores
-/// (docs/BENCHMARKS.md, "Random reads while the flusher works"): page-cache-hot data
-/// 4 ≈ 8 > 2 > 1; frames read from the disk (caches dropped) 8 ≈ 16 ≈ 64 > 4.
+/// Threads that run one volume's blocking read work at once: enough to overlap reads that wait
+/// on the disk, few enough to cost page-cache-hot reads next to nothing
+/// (docs/design/read-queue.md).
 pub(super) const READ_WORKERS: usize = 8;
 
 /// Most bytes one read of adjacent frames covers (a 1 MiB request of 16 KiB frames is one read).

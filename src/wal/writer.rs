@@ -6,8 +6,8 @@
 //! writing it. Once a volume syncs, the next segment is prepared on a helper thread: written with
 //! zeros (direct I/O where the filesystem has it) and synced, then renamed into place when the
 //! writer moves on. A record appended and `fdatasync`ed into such a segment overwrites allocated
-//! blocks, so the sync commits no metadata: on this machine's ext4 a 4 KiB write + fdatasync takes
-//! p50 ~100 us instead of ~230 us as an append (docs/BENCHMARKS.md, "WAL preallocation").
+//! blocks, so the sync commits no metadata, where an append also commits the file's new size and
+//! block allocation (docs/design/wal-preallocation.md).
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -155,8 +155,8 @@ const SPIN: Duration = Duration::from_micros(200);
 /// flush usually follows its write by less, and a writer asleep on a halted vCPU takes long to
 /// wake (keeping it polling also sped up the tokio side). Once a wait is longer, it blocks at once
 /// until a short gap is seen again, so a volume written at a steadier, lower rate does not pay a
-/// poll per write. Measured (docs/BENCHMARKS.md "WAL preallocation"): fio QD1 + fsync 2,330 ->
-/// 2,857 IOPS, write p50 85 -> 46 us; randwrite QD32 and sequential writes unchanged.
+/// poll per write. Polling speeds up fsync'd QD1 writes and leaves QD32 random and sequential
+/// writes as they were (docs/design/wal-writer-polling.md).
 #[derive(Default)]
 struct Waiter {
     poll: bool,
@@ -532,8 +532,8 @@ impl Writer {
         self.write_batch()?;
         self.sync()?;
         // The closed segment is read again only by a replay after a crash: drop its pages now so
-        // the next segment reuses them instead of growing the page cache (measured: 4 GiB
-        // sequential write 148 -> 179 MB/s; docs/BENCHMARKS.md). Advice only: errors ignored.
+        // the next segment reuses them instead of growing the page cache, which speeds up
+        // sequential writes (docs/design/drop-closed-wal-segments.md). Advice only: errors ignored.
         self.file.drop_cache();
         let no = self.segments.back().map_or(0, |s| s.no) + 1;
         (self.file, self.prepared) = self.next_segment(no)?;
