@@ -13,12 +13,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use vblock::VolumeError;
+use vblock::{StatusExtent, VolumeError};
 
 use crate::handshake::Negotiated;
 use crate::proto::*;
 use crate::request_metrics::ConnMetrics;
-use crate::{Limits, MAX_BLOCK};
+use crate::{Device, Limits, MAX_BLOCK};
 
 /// A validated request.
 #[derive(Debug)]
@@ -191,78 +191,22 @@ fn ok_reply(cookie: u64) -> Reply {
     }
 }
 
+/// Runs one request on the export and builds its reply (NBD proto.md, "Request types").
 async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
     let vol = &neg.export.volume;
     let structured = neg.structured;
-    let fail = |e: VolumeError| {
-        let n = errno(&e);
-        if n == NBD_EIO || n == NBD_ENOSPC {
-            tracing::warn!(volume = %vol.id(), error = %e, "request failed");
+    let result = match cmd {
+        Command::Reject { errno, why } => return error_reply(cookie, structured, errno, why),
+        Command::Read { offset, len } => {
+            let read = vol.read(offset, u64::from(len)).await;
+            return read_reply(cookie, structured, offset, len, read, vol);
         }
-        error_reply(cookie, structured, n, &e.to_string())
-    };
-    match cmd {
-        Command::Reject { errno, why } => error_reply(cookie, structured, errno, why),
-        Command::Read { offset, len } => match vol.read(offset, u64::from(len)).await {
-            // An `NBD_REPLY_TYPE_OFFSET_DATA` chunk must hold at least one byte (proto.md,
-            // "Structured reply types"): a zero-length read is answered with a `NONE` chunk.
-            Ok(_) if structured && len == 0 => Reply {
-                head: structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0)
-                    .to_vec(),
-                data: None,
-                failed: false,
-            },
-            Ok(data) if structured => {
-                let mut head = structured_header(
-                    cookie,
-                    NBD_REPLY_FLAG_DONE,
-                    NBD_REPLY_TYPE_OFFSET_DATA,
-                    8 + len,
-                )
-                .to_vec();
-                head.put_u64(offset);
-                Reply {
-                    head,
-                    data: Some(data),
-                    failed: false,
-                }
-            }
-            Ok(data) => Reply {
-                head: simple_reply(cookie, 0).to_vec(),
-                data: Some(data),
-                failed: false,
-            },
-            Err(e) => {
-                if structured {
-                    fail(e)
-                } else {
-                    // A simple reply to a failed read carries no data.
-                    Reply {
-                        head: simple_reply(cookie, errno(&e)).to_vec(),
-                        data: None,
-                        failed: true,
-                    }
-                }
-            }
+        Command::Write { offset, data, fua } => vol.write(offset, data, fua).await,
+        Command::Flush => vol.flush().await,
+        Command::Trim { offset, len, fua } => match vol.trim(offset, u64::from(len)).await {
+            Ok(()) if fua => vol.flush().await,
+            r => r,
         },
-        Command::Write { offset, data, fua } => match vol.write(offset, data, fua).await {
-            Ok(()) => ok_reply(cookie),
-            Err(e) => fail(e),
-        },
-        Command::Flush => match vol.flush().await {
-            Ok(()) => ok_reply(cookie),
-            Err(e) => fail(e),
-        },
-        Command::Trim { offset, len, fua } => {
-            let mut r = vol.trim(offset, u64::from(len)).await;
-            if r.is_ok() && fua {
-                r = vol.flush().await;
-            }
-            match r {
-                Ok(()) => ok_reply(cookie),
-                Err(e) => fail(e),
-            }
-        }
         Command::WriteZeroes {
             offset,
             len,
@@ -279,58 +223,121 @@ async fn execute(cmd: Command, cookie: u64, neg: &Negotiated) -> Reply {
                     "unaligned zeroing is not fast",
                 );
             }
-            match vol.write_zeroes(offset, u64::from(len), fua).await {
-                Ok(()) => ok_reply(cookie),
-                Err(e) => fail(e),
-            }
+            vol.write_zeroes(offset, u64::from(len), fua).await
         }
         Command::BlockStatus {
             offset,
             len,
             req_one,
         } => match vol.block_status(offset, u64::from(len)).await {
-            Ok(extents) => {
-                let take = if req_one { 1 } else { 1 << 16 };
-                let mut payload = BytesMut::new();
-                payload.put_u32(BASE_ALLOCATION_ID);
-                for e in extents.iter().take(take) {
-                    payload.put_u32(e.len as u32);
-                    payload.put_u32(if e.hole {
-                        NBD_STATE_HOLE | NBD_STATE_ZERO
-                    } else {
-                        0
-                    });
-                }
-                let mut head = structured_header(
-                    cookie,
-                    NBD_REPLY_FLAG_DONE,
-                    NBD_REPLY_TYPE_BLOCK_STATUS,
-                    payload.len() as u32,
-                )
-                .to_vec();
-                head.extend_from_slice(&payload);
-                Reply {
-                    head,
-                    data: None,
-                    failed: false,
-                }
-            }
-            Err(e) => fail(e),
+            Ok(extents) => return block_status_reply(cookie, &extents, req_one),
+            Err(e) => Err(e),
         },
-        Command::Cache { offset, len } => {
-            // Prefetch into the frame cache; the data itself is not needed.
-            let mut at = offset;
-            let end = offset + u64::from(len);
-            while at < end {
-                let n = (end - at).min(u64::from(MAX_BLOCK));
-                if let Err(e) = vol.read(at, n).await {
-                    return fail(e);
-                }
-                at += n;
-            }
-            ok_reply(cookie)
-        }
+        Command::Cache { offset, len } => cache(vol, offset, len).await,
+    };
+    match result {
+        Ok(()) => ok_reply(cookie),
+        Err(e) => failure_reply(cookie, structured, &e, vol),
     }
+}
+
+/// The error reply for `e` (its errno, and its text in a structured reply); I/O and space
+/// errors are logged.
+fn failure_reply(cookie: u64, structured: bool, e: &VolumeError, vol: &Device) -> Reply {
+    let n = errno(e);
+    if n == NBD_EIO || n == NBD_ENOSPC {
+        tracing::warn!(volume = %vol.id(), error = %e, "request failed");
+    }
+    error_reply(cookie, structured, n, &e.to_string())
+}
+
+/// The reply to `NBD_CMD_READ` of `len` bytes at `offset`: one `NBD_REPLY_TYPE_OFFSET_DATA`
+/// chunk (structured), or a simple reply followed by the data.
+fn read_reply(
+    cookie: u64,
+    structured: bool,
+    offset: u64,
+    len: u32,
+    read: Result<Bytes, VolumeError>,
+    vol: &Device,
+) -> Reply {
+    match read {
+        // An `NBD_REPLY_TYPE_OFFSET_DATA` chunk must hold at least one byte (proto.md,
+        // "Structured reply types"): a zero-length read is answered with a `NONE` chunk.
+        Ok(_) if structured && len == 0 => Reply {
+            head: structured_header(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0).to_vec(),
+            data: None,
+            failed: false,
+        },
+        Ok(data) if structured => {
+            let mut head = structured_header(
+                cookie,
+                NBD_REPLY_FLAG_DONE,
+                NBD_REPLY_TYPE_OFFSET_DATA,
+                8 + len,
+            )
+            .to_vec();
+            head.put_u64(offset);
+            Reply {
+                head,
+                data: Some(data),
+                failed: false,
+            }
+        }
+        Ok(data) => Reply {
+            head: simple_reply(cookie, 0).to_vec(),
+            data: Some(data),
+            failed: false,
+        },
+        Err(e) if structured => failure_reply(cookie, structured, &e, vol),
+        // A simple reply to a failed read carries no data.
+        Err(e) => Reply {
+            head: simple_reply(cookie, errno(&e)).to_vec(),
+            data: None,
+            failed: true,
+        },
+    }
+}
+
+/// The reply to `NBD_CMD_BLOCK_STATUS`: one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for the
+/// `base:allocation` context (only the first extent with `NBD_CMD_FLAG_REQ_ONE`).
+fn block_status_reply(cookie: u64, extents: &[StatusExtent], req_one: bool) -> Reply {
+    let take = if req_one { 1 } else { 1 << 16 };
+    let mut payload = BytesMut::new();
+    payload.put_u32(BASE_ALLOCATION_ID);
+    for e in extents.iter().take(take) {
+        payload.put_u32(e.len as u32);
+        payload.put_u32(if e.hole {
+            NBD_STATE_HOLE | NBD_STATE_ZERO
+        } else {
+            0
+        });
+    }
+    let mut head = structured_header(
+        cookie,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_BLOCK_STATUS,
+        payload.len() as u32,
+    )
+    .to_vec();
+    head.extend_from_slice(&payload);
+    Reply {
+        head,
+        data: None,
+        failed: false,
+    }
+}
+
+/// `NBD_CMD_CACHE`: reads the range into the frame cache; the data itself is not needed.
+async fn cache(vol: &Device, offset: u64, len: u32) -> Result<(), VolumeError> {
+    let mut at = offset;
+    let end = offset + u64::from(len);
+    while at < end {
+        let n = (end - at).min(u64::from(MAX_BLOCK));
+        vol.read(at, n).await?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Serves requests on `stream` until the client disconnects or breaks the protocol.
@@ -461,9 +468,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     while let Some(r) = rx.recv().await {
         batch.push(r);
         // When the queue is empty, yield once first: requests that are about to finish (woken,
-        // not yet run) then join this batch, so one `writev` carries several replies. 4k
-        // randread QD32: 29-34k -> 35-46k IOPS; QD1 unchanged (docs/BENCHMARKS.md, "Reply
-        // batches").
+        // not yet run) then join this batch, so one `writev` carries several replies: fewer
+        // system calls at high queue depths, no extra latency at QD1
+        // (docs/design/reply-batches.md).
         let mut yielded = false;
         while batch.len() < MAX_REPLY_BATCH {
             match rx.try_recv() {
