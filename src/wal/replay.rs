@@ -45,6 +45,26 @@ struct Segment {
     data: Bytes,
 }
 
+/// Replay of one WAL directory: the segments read, and what is known so far.
+struct Replay<'a> {
+    config: &'a WalConfig,
+    volume_tag: u64,
+    /// Records with `seq <= checkpoint` are in the map already.
+    checkpoint: u64,
+    segments: Vec<Segment>,
+    report: ReplayReport,
+    /// Sequence number of the last record read (0 before the first).
+    last_seq: u64,
+    /// Sequence number of the first write record read.
+    first_seq: Option<u64>,
+}
+
+/// Replays the WAL in `config.dir` of the volume tagged `volume_tag`: every record verifies,
+/// `apply` gets each one with `seq > checkpoint` in order, a torn tail is cut, and damage is
+/// refused or cut as `config.recovery` says (FORMAT.md, "Replay").
+///
+/// Errors: [`WalError::Corrupt`] for refused damage, [`WalError::ForeignSegment`],
+/// [`WalError::MapBehind`], I/O errors.
 pub(crate) fn replay(
     config: &WalConfig,
     volume_tag: u64,
@@ -52,8 +72,6 @@ pub(crate) fn replay(
     mut apply: impl FnMut(&RecordHeader, Bytes),
 ) -> Result<Replayed, WalError> {
     let dir = &config.dir;
-    let fs = &config.fs;
-    let mode = config.recovery;
     let trimmed_through = read_trim_mark(dir)?;
     let mut segments = Vec::new();
     for no in list_segments(dir)? {
@@ -64,59 +82,90 @@ pub(crate) fn replay(
             data: Bytes::from(data),
         });
     }
-    let mut report = ReplayReport {
-        segments: segments.len(),
-        ..Default::default()
+    let mut r = Replay {
+        config,
+        volume_tag,
+        checkpoint,
+        report: ReplayReport {
+            segments: segments.len(),
+            ..Default::default()
+        },
+        segments,
+        last_seq: 0,
+        first_seq: None,
     };
     let mut infos = VecDeque::new();
-    let mut last_seq = 0u64;
-    let mut first_seq = None;
-    for i in 0..segments.len() {
-        let seg = &segments[i];
-        let path = segment_path(dir, seg.no);
+    for i in 0..r.segments.len() {
+        if !r.header_ok(i)? {
+            break;
+        }
+        let (info, torn) = r.records(i, &mut apply)?;
+        infos.push_back(info);
+        if torn {
+            break;
+        }
+    }
+    if super::map_behind(checkpoint, trimmed_through, r.first_seq) {
+        return Err(WalError::MapBehind {
+            dir: dir.to_owned(),
+            checkpoint,
+            trimmed_through,
+            first: r.first_seq,
+        });
+    }
+    r.report.max_seq = r.last_seq;
+    Ok(Replayed {
+        report: r.report,
+        segments: infos,
+        trimmed_through,
+    })
+}
+
+impl Replay<'_> {
+    /// Whether segment `i`'s header verifies; a damaged one is refused (error) or cut with
+    /// every later segment (`false`).
+    fn header_ok(&mut self, i: usize) -> Result<bool, WalError> {
+        let seg = &self.segments[i];
         match decode_segment_header(&seg.data) {
-            Ok((_, tag)) if tag != volume_tag => {
-                return Err(WalError::ForeignSegment {
-                    path,
-                    found: tag,
-                    expected: volume_tag,
-                })
-            }
-            Ok(_) => {}
+            Ok((_, tag)) if tag != self.volume_tag => Err(WalError::ForeignSegment {
+                path: segment_path(&self.config.dir, seg.no),
+                found: tag,
+                expected: self.volume_tag,
+            }),
+            Ok(_) => Ok(true),
             Err(reason) => {
-                let (refused, synced) = refuse(mode, &segments, i, 0, last_seq, volume_tag);
-                if refused {
-                    return Err(WalError::Corrupt {
-                        path,
-                        offset: 0,
-                        reason,
-                    });
-                }
-                let cut = cut_tail(fs, dir, &segments, i, 0)?;
-                if synced {
-                    tracing::error!(path = %path.display(), bytes = cut, %reason, mode = mode.name(), "WAL segment header corrupt: segment and later ones deleted, synced records among them dropped");
-                }
-                report.truncated_bytes += cut;
-                break;
+                self.damaged(i, 0, reason)?;
+                Ok(false)
             }
         }
+    }
+
+    /// Reads segment `i`'s records, applying those past the checkpoint. Returns what the writer
+    /// needs to know of the segment, and whether it ended in damage that was cut (replay stops
+    /// there).
+    fn records(
+        &mut self,
+        i: usize,
+        apply: &mut impl FnMut(&RecordHeader, Bytes),
+    ) -> Result<(SegmentInfo, bool), WalError> {
+        let data = self.segments[i].data.clone();
         let mut info = SegmentInfo {
-            no: seg.no,
+            no: self.segments[i].no,
             max_seq: 0,
             bytes: 0,
         };
-        let padded = segment_version(&seg.data) >= 2;
+        let padded = segment_version(&data) >= 2;
         let mut off = SEGMENT_HEADER_LEN;
         let mut torn = false;
-        while off < seg.data.len() {
-            match decode_record(&seg.data[off..]) {
-                Ok((h, _)) if h.kind == RecordKind::SyncNote && h.volume_tag == volume_tag => {
+        while off < data.len() {
+            match decode_record(&data[off..]) {
+                Ok((h, _)) if h.kind == RecordKind::SyncNote && h.volume_tag == self.volume_tag => {
                     // Not a write: only evidence of what was synced, read again on a bad record.
-                    report.sync_notes += 1;
+                    self.report.sync_notes += 1;
                     off += h.record_len();
                 }
-                Ok((h, _)) if h.volume_tag != volume_tag || h.seq <= last_seq => {
-                    let reason = if h.volume_tag != volume_tag {
+                Ok((h, _)) if h.volume_tag != self.volume_tag || h.seq <= self.last_seq => {
+                    let reason = if h.volume_tag != self.volume_tag {
                         DecodeError::BadMagic(RECORD_MAGIC)
                     } else {
                         DecodeError::BadLength {
@@ -125,82 +174,76 @@ pub(crate) fn replay(
                         }
                     };
                     return Err(WalError::Corrupt {
-                        path,
+                        path: segment_path(&self.config.dir, info.no),
                         offset: off as u64,
                         reason,
                     });
                 }
                 Ok((h, _)) => {
                     let start = off + super::record::RECORD_HEADER_LEN;
-                    let payload = seg.data.slice(start..start + h.payload_len as usize);
-                    report.records += 1;
-                    first_seq.get_or_insert(h.seq);
-                    last_seq = h.seq;
+                    let payload = data.slice(start..start + h.payload_len as usize);
+                    self.report.records += 1;
+                    self.first_seq.get_or_insert(h.seq);
+                    self.last_seq = h.seq;
                     info.max_seq = h.seq;
-                    if h.seq > checkpoint {
-                        report.applied += 1;
+                    if h.seq > self.checkpoint {
+                        self.report.applied += 1;
                         apply(&h, payload);
                     }
                     off += h.record_len();
                 }
-                Err(_) if padded && is_padding(&seg.data[off..]) => {
+                Err(_) if padded && is_padding(&data[off..]) => {
                     // The zero padding of a version 2 segment: its records end here.
                     break;
                 }
                 Err(reason) => {
-                    let (refuse, synced) = refuse(mode, &segments, i, off, last_seq, volume_tag);
-                    if refuse {
-                        return Err(WalError::Corrupt {
-                            path,
-                            offset: off as u64,
-                            reason,
-                        });
-                    }
-                    let cut = cut_tail(fs, dir, &segments, i, off)?;
-                    if synced {
-                        tracing::error!(
-                            path = %path.display(),
-                            offset = off,
-                            bytes = cut,
-                            %reason,
-                            mode = mode.name(),
-                            "WAL corrupt: cut at the bad record, synced records after it dropped"
-                        );
-                    } else {
-                        tracing::warn!(
-                            path = %path.display(),
-                            offset = off,
-                            bytes = cut,
-                            %reason,
-                            "WAL tail torn: truncated"
-                        );
-                    }
-                    report.truncated_bytes += cut;
+                    self.damaged(i, off, reason)?;
                     torn = true;
                     break;
                 }
             }
         }
-        info.bytes = off.min(seg.data.len()) as u64;
-        infos.push_back(info);
-        if torn {
-            break;
+        info.bytes = off.min(data.len()) as u64;
+        Ok((info, torn))
+    }
+
+    /// A record (or, at `off` 0, the header) of segment `i` that does not verify: refused as
+    /// [`WalError::Corrupt`] when the recovery mode says so, else cut with everything after it
+    /// (logged as a torn tail, or as an error when synced records were dropped).
+    fn damaged(&mut self, i: usize, off: usize, reason: DecodeError) -> Result<(), WalError> {
+        let mode = self.config.recovery;
+        let path = segment_path(&self.config.dir, self.segments[i].no);
+        let (refused, synced) =
+            refuse(mode, &self.segments, i, off, self.last_seq, self.volume_tag);
+        if refused {
+            return Err(WalError::Corrupt {
+                path,
+                offset: off as u64,
+                reason,
+            });
         }
+        let cut = cut_tail(&self.config.fs, &self.config.dir, &self.segments, i, off)?;
+        if synced {
+            tracing::error!(
+                path = %path.display(),
+                offset = off,
+                bytes = cut,
+                %reason,
+                mode = mode.name(),
+                "WAL corrupt: cut at the bad record, synced records after it dropped"
+            );
+        } else {
+            tracing::warn!(
+                path = %path.display(),
+                offset = off,
+                bytes = cut,
+                %reason,
+                "WAL tail torn: truncated"
+            );
+        }
+        self.report.truncated_bytes += cut;
+        Ok(())
     }
-    if super::map_behind(checkpoint, trimmed_through, first_seq) {
-        return Err(WalError::MapBehind {
-            dir: dir.to_owned(),
-            checkpoint,
-            trimmed_through,
-            first: first_seq,
-        });
-    }
-    report.max_seq = last_seq;
-    Ok(Replayed {
-        report,
-        segments: infos,
-        trimmed_through,
-    })
 }
 
 /// Whether a bad record at byte `off` of segment `i` refuses the open under `mode`, and whether
