@@ -3,6 +3,7 @@
 //! the committed memtables and trims the WAL; when idle, runs compaction steps.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -97,16 +98,9 @@ struct Uploaded {
 /// The background flusher of one volume. Frozen memtables are cut into chunk objects, which are
 /// built and uploaded concurrently (up to `upload_concurrency`) and committed strictly in order,
 /// so the checkpoint always covers a prefix of the WAL.
-pub(super) async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    // Frozen memtables (from the front of the queue) whose chunks are all scheduled.
-    let mut scheduled = 0usize;
-    let mut next_object_id = state.next_object_id.max(1);
-    // Twice the upload slots in tasks: chunks are compressed while earlier ones upload, so the
-    // PUTs in flight stay at `upload_concurrency` (measured: scripts/bench-s3.sh).
-    let concurrency = 2 * inner.config.upload_concurrency.max(1);
-    let mut next_compaction = Instant::now() + inner.config.compaction.check_interval;
+pub(super) async fn flusher(inner: Arc<Inner>, state: VolumeState) {
     // Before the first upload reuses their ids (waits out a backend outage like an upload).
+    let next_object_id = state.next_object_id.max(1);
     let cleaned = retry_until_stopped(
         &inner,
         "deleting uncommitted chunk objects",
@@ -118,29 +112,85 @@ pub(super) async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
     if cleaned.is_none() {
         return;
     }
+    let mut f = Flusher {
+        // Twice the upload slots in tasks: chunks are compressed while earlier ones upload, so
+        // the PUTs in flight stay at `upload_concurrency` (docs/design/flusher-pipeline.md).
+        concurrency: 2 * inner.config.upload_concurrency.max(1),
+        next_compaction: Instant::now() + inner.config.compaction.check_interval,
+        inner,
+        state,
+        in_flight: VecDeque::new(),
+        scheduled: 0,
+        next_object_id,
+    };
     loop {
-        if inner.stop.load(Ordering::SeqCst) {
-            abort(in_flight).await;
-            return;
+        if f.inner.stop.load(Ordering::SeqCst) {
+            break;
         }
         // A failed WAL fails the volume (waking its waiters); the flusher goes on turning what
         // is buffered into chunks.
-        let _ = inner.check_failed();
-        // Schedule uploads for the next frozen memtables while fewer than `concurrency` chunks
-        // are being built or uploaded (finished ones only wait for their in-order commit).
-        while in_flight.iter().filter(|j| !j.task.is_finished()).count() < concurrency {
+        let _ = f.inner.check_failed();
+        f.schedule();
+        let Some(front) = f.in_flight.front_mut() else {
+            if f.idle().await.is_break() {
+                return;
+            }
+            continue;
+        };
+        // Wait for the oldest chunk (commits go in order), or for room to schedule another.
+        let done = tokio::select! {
+            done = &mut front.task => done,
+            () = f.inner.wake.notified() => continue,
+        };
+        if f.finish_oldest(done).await.is_break() {
+            break;
+        }
+    }
+    abort(std::mem::take(&mut f.in_flight)).await;
+}
+
+/// The flusher's state between steps.
+struct Flusher {
+    inner: Arc<Inner>,
+    /// The state of the last map commit.
+    state: VolumeState,
+    /// Chunks being built and uploaded, oldest first (they commit in this order).
+    in_flight: VecDeque<InFlight>,
+    /// Frozen memtables (from the front of the queue) whose chunks are all scheduled.
+    scheduled: usize,
+    /// The object id the next chunk gets.
+    next_object_id: u64,
+    /// Chunk tasks building or uploading at once at most.
+    concurrency: usize,
+    /// When an idle flusher next looks for chunks to compact.
+    next_compaction: Instant,
+}
+
+impl Flusher {
+    /// Starts uploads for the next frozen memtables (freezing an idle active one) while fewer
+    /// than `concurrency` chunks are being built or uploaded; finished ones only wait for
+    /// their in-order commit.
+    fn schedule(&mut self) {
+        let inner = &self.inner;
+        while self
+            .in_flight
+            .iter()
+            .filter(|j| !j.task.is_finished())
+            .count()
+            < self.concurrency
+        {
             let next = {
                 let mut st = lock(&inner.state);
-                if scheduled == st.buf.frozen().len()
-                    && in_flight.is_empty()
+                if self.scheduled == st.buf.frozen().len()
+                    && self.in_flight.is_empty()
                     && st.last_write.elapsed() >= inner.config.idle_flush
                 {
                     st.buf.freeze();
                 }
-                st.buf.frozen().get(scheduled).cloned()
+                st.buf.frozen().get(self.scheduled).cloned()
             };
             let Some(mem) = next else { break };
-            scheduled += 1;
+            self.scheduled += 1;
             let groups = chunk::split_input(
                 mem.to_chunk_input(),
                 inner.config.chunk_bytes,
@@ -148,63 +198,72 @@ pub(super) async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
             );
             let n = groups.len();
             for (i, input) in groups.into_iter().enumerate() {
-                let object_id = next_object_id;
-                next_object_id += 1;
+                let object_id = self.next_object_id;
+                self.next_object_id += 1;
                 let input = Arc::new(input);
-                in_flight.push_back(InFlight {
+                self.in_flight.push_back(InFlight {
                     mem: mem.clone(),
                     last: i + 1 == n,
                     first_of_split: i == 0 && n > 1,
                     object_id,
                     input: input.clone(),
                     attempts: 1,
-                    task: spawn_upload(&inner, object_id, input, i + 1 == n),
+                    task: spawn_upload(inner, object_id, input, i + 1 == n),
                 });
             }
         }
-        let Some(front) = in_flight.front_mut() else {
-            if inner.draining.load(Ordering::SeqCst) && lock(&inner.state).buf.frozen().is_empty() {
-                return;
+    }
+
+    /// Nothing in flight: exits once draining and empty (`Break`), runs a compaction step when
+    /// one is due, or naps until woken.
+    async fn idle(&mut self) -> ControlFlow<()> {
+        let inner = self.inner.clone();
+        let pending = !lock(&inner.state).buf.frozen().is_empty();
+        if inner.draining.load(Ordering::SeqCst) && !pending {
+            return ControlFlow::Break(());
+        }
+        if !pending {
+            inner.object_buffers.clear();
+        }
+        if !pending
+            && inner.config.compaction.threshold_percent > 0
+            && self.state.max_seq <= self.state.checkpoint
+            && Instant::now() >= self.next_compaction
+        {
+            let (next, wait) = compact(&inner, self.state, self.next_object_id).await;
+            if let Some(next) = next {
+                self.state = next;
+                self.next_object_id = next.next_object_id;
             }
-            let pending = !lock(&inner.state).buf.frozen().is_empty();
-            if !pending {
-                inner.object_buffers.clear();
-            }
-            if !pending
-                && inner.config.compaction.threshold_percent > 0
-                && state.max_seq <= state.checkpoint
-                && Instant::now() >= next_compaction
-            {
-                let (next, wait) = compact(&inner, state, next_object_id).await;
-                if let Some(next) = next {
-                    state = next;
-                    next_object_id = state.next_object_id;
-                }
-                next_compaction = Instant::now() + wait;
-                continue;
-            }
-            let until_compaction = next_compaction.saturating_duration_since(Instant::now());
-            let nap = inner
-                .config
-                .idle_flush
-                .min(until_compaction.max(Duration::from_millis(10)));
-            let _ = tokio::time::timeout(nap, inner.wake.notified()).await;
-            continue;
-        };
-        // Wait for the oldest chunk (commits go in order), or for room to schedule another.
-        let done = tokio::select! {
-            done = &mut front.task => done,
-            () = inner.wake.notified() => continue,
-        };
-        let Some(mut job) = in_flight.pop_front() else {
-            continue;
+            self.next_compaction = Instant::now() + wait;
+            return ControlFlow::Continue(());
+        }
+        let until_compaction = self
+            .next_compaction
+            .saturating_duration_since(Instant::now());
+        let nap = inner
+            .config
+            .idle_flush
+            .min(until_compaction.max(Duration::from_millis(10)));
+        let _ = tokio::time::timeout(nap, inner.wake.notified()).await;
+        ControlFlow::Continue(())
+    }
+
+    /// The oldest chunk's task ended with `done`: commits it (after a WAL sync for the first
+    /// part of a split memtable), and after a memtable's last chunk drops the memtable and
+    /// trims the WAL. A failed task is retried up to [`CHUNK_ATTEMPTS`] times, then the volume
+    /// fails. `Break`: the flusher stops (asked to, or failed).
+    async fn finish_oldest(
+        &mut self,
+        done: Result<Option<Uploaded>, tokio::task::JoinError>,
+    ) -> ControlFlow<()> {
+        let inner = self.inner.clone();
+        let Some(mut job) = self.in_flight.pop_front() else {
+            return ControlFlow::Continue(());
         };
         let uploaded = match done {
             Ok(Some(u)) => u,
-            _ if inner.stop.load(Ordering::SeqCst) => {
-                abort(in_flight).await;
-                return;
-            }
+            _ if inner.stop.load(Ordering::SeqCst) => return ControlFlow::Break(()),
             // The build failed or panicked, or the backend refused the PUT for good (logged):
             // try again, then give up loudly; the data stays in the WAL either way.
             failed => {
@@ -215,39 +274,38 @@ pub(super) async fn flusher(inner: Arc<Inner>, mut state: VolumeState) {
                     job.attempts += 1;
                     inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
                     job.task = spawn_upload(&inner, job.object_id, job.input.clone(), job.last);
-                    in_flight.push_front(job);
-                    continue;
+                    self.in_flight.push_front(job);
+                    return ControlFlow::Continue(());
                 }
                 inner.fail(format!(
                     "chunk {} of the write buffer failed {} times",
                     job.object_id, job.attempts
                 ));
-                abort(in_flight).await;
-                return;
+                return ControlFlow::Break(());
             }
         };
         if job.first_of_split && !sync_wal_for_split(&inner).await {
-            abort(in_flight).await;
-            return;
+            return ControlFlow::Break(());
         }
         let checkpoint = if job.last {
             job.mem.max_seq()
         } else {
-            state.checkpoint
+            self.state.checkpoint
         };
-        let Some(next) = commit_chunk(&inner, uploaded, state, checkpoint, job.mem.max_seq()).await
+        let max_seq = job.mem.max_seq();
+        let Some(next) = commit_chunk(&inner, uploaded, self.state, checkpoint, max_seq).await
         else {
-            abort(in_flight).await;
-            return;
+            return ControlFlow::Break(());
         };
-        state = next;
+        self.state = next;
         if job.last {
             lock(&inner.state).buf.drop_committed(&job.mem);
-            scheduled -= 1;
+            self.scheduled -= 1;
             inner.release(job.mem.charged);
-            inner.wal.trim(state.checkpoint);
+            inner.wal.trim(next.checkpoint);
             inner.flushed.notify_waiters();
         }
+        ControlFlow::Continue(())
     }
 }
 
