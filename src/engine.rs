@@ -4,18 +4,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::{
-    checkpoint_prefix, chunk_key, snapshot_map_key, volume_record_key, BackendError, SharedBackend,
-};
+use crate::backend::{checkpoint_prefix, volume_record_key, SharedBackend};
 use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 use crate::cache::{frame_cache, FrameCache};
 use crate::ids::VolumeId;
-use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
-use crate::mapobj::MapObject;
-use crate::meta::{blocking, ChunkStats, MetaStore, VolumeState};
-use crate::records::{SnapshotRecord, VolumeRecord, VolumeStateName};
+use crate::lookup::MapExtent;
+use crate::meta::{blocking, ChunkStats, MetaStore};
+use crate::records::{VolumeRecord, VolumeStateName};
 use crate::retry::put_retried;
-use crate::volume::{read_chunk_index, Volume, VolumeConfig, VolumeError};
+use crate::volume::{Volume, VolumeConfig, VolumeError};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -270,194 +267,6 @@ impl Engine {
             serde_json::to_vec(rec).map_err(|e| VolumeError::Internal(e.to_string()))?,
         );
         put_retried(&self.backend, &key, body).await?;
-        Ok(())
-    }
-
-    /// Disaster recovery: rebuilds every volume found in the backend (`VOLUMEID/volume.json`) that
-    /// the metadata DB does not know, from its chunk objects' headers and indexes (each extent
-    /// carries its sequence number; newest wins). Returns the volumes recovered. Meant for an empty
-    /// data directory; data that was only in the lost WAL is not recoverable (FORMAT.md, "Recovery").
-    pub async fn recover_from_backend(&self) -> Result<Vec<VolumeId>, VolumeError> {
-        self.recover_from_backend_with(&|_, _| {}).await
-    }
-
-    /// [`Engine::recover_from_backend`], calling `progress(chunks_read, chunks_total)` after
-    /// each chunk object's index is applied (progress bars).
-    pub async fn recover_from_backend_with(
-        &self,
-        progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<Vec<VolumeId>, VolumeError> {
-        let keys = self.backend.list("").await?;
-        let total = keys.iter().filter(|k| k.contains("/chunks/")).count() as u64;
-        let mut done = 0u64;
-        let mut recovered = Vec::new();
-        for key in keys.iter().filter(|k| k.ends_with("/volume.json")) {
-            let body = self.backend.get(key).await?;
-            let mut rec: VolumeRecord = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "skipping an unreadable volume record");
-                    continue;
-                }
-            };
-            let id = rec.volume_id.clone();
-            if self.get_record(&id).await?.is_some() {
-                continue;
-            }
-            let mut ids = crate::backend::chunk_ids(&id, &keys);
-            ids.sort_unstable();
-            let lookup = BlockLookup::new(self.meta.clone(), id.clone());
-            let mut state = VolumeState::default();
-            // Start from the newest map checkpoint, if any: it reflects every chunk below its
-            // next object id (older chunks still stored are garbage, left to GC).
-            let ckpt_prefix = checkpoint_prefix(&id);
-            // Fixed-width hex ids: the greatest key is the newest checkpoint.
-            let newest = keys.iter().filter(|k| k.starts_with(&ckpt_prefix)).max();
-            if let Some(key) = newest {
-                let body = self.backend.get(key).await?;
-                let obj = MapObject::decode(&body).map_err(|e| VolumeError::Corrupt {
-                    what: format!("map checkpoint {key}"),
-                    reason: e.to_string(),
-                })?;
-                state = VolumeState {
-                    checkpoint: obj.seq,
-                    next_object_id: obj.next_object_id,
-                    // Not the checkpoint: a split memtable's first chunks commit extents above
-                    // it, and new writes must get higher sequence numbers than every extent.
-                    max_seq: max_extent_seq(&obj.extents).max(obj.seq),
-                };
-                let known: std::collections::HashSet<u64> =
-                    obj.objects.iter().map(|(id, _)| *id).collect();
-                let mut objects = obj.objects.clone();
-                // Stored but unused chunks get empty stats, so GC deletes them.
-                objects.extend(
-                    ids.iter()
-                        .filter(|o| **o < obj.next_object_id && !known.contains(o))
-                        .map(|o| (*o, ChunkStats::default())),
-                );
-                let (meta, l) = (self.meta.clone(), lookup.clone());
-                blocking(move || {
-                    meta.install_map(&l, &obj.extents, Some((state, &objects)), vec![])
-                })
-                .await?;
-                done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
-                ids.retain(|o| *o >= state.next_object_id);
-            } else {
-                // Start from an empty map: an earlier recovery cut short may have left extents.
-                let (meta, l) = (self.meta.clone(), lookup.clone());
-                blocking(move || meta.install_map(&l, &[], Some((state, &[])), vec![])).await?;
-            }
-            // The chunks above the checkpoint, in id order (the order they were committed in),
-            // while the ids are contiguous: a chunk whose PUT never finished ends the walk, so
-            // no later chunk lands on top of the hole. A memtable split into several chunks is
-            // applied whole or not at all. The volume then holds a prefix of its writes.
-            let mut group: Vec<(ChunkCommit, u64)> = Vec::new();
-            let mut stopped = None;
-            for (expected, object_id) in (state.next_object_id.max(1)..).zip(ids) {
-                done += 1;
-                progress(done, total);
-                if object_id != expected {
-                    stopped = Some(format!("chunk {expected:#x} is missing"));
-                    break;
-                }
-                let okey = chunk_key(&id, object_id);
-                let (header, index) = match read_chunk_index(&self.backend, &okey).await {
-                    Ok(v) => v,
-                    // Only an object that is gone, short or fails verification ends the walk
-                    // (what comes after it is then deleted at the next open); any other backend
-                    // error (an outage, denied access, expired credentials) fails the recovery,
-                    // which is tried again at the next start.
-                    Err(e @ VolumeError::Chunk { .. })
-                    | Err(
-                        e @ VolumeError::Backend(
-                            BackendError::NotFound(_) | BackendError::BadRange { .. },
-                        ),
-                    ) => {
-                        stopped = Some(format!("{okey} is unreadable: {e}"));
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if header.volume_tag != id.tag() || header.object_id != object_id {
-                    stopped = Some(format!("{okey} belongs to another volume or object"));
-                    break;
-                }
-                let commit = ChunkCommit {
-                    object_id,
-                    extents: index
-                        .iter()
-                        .map(|e| MapExtent::from_chunk(id.number(), object_id, e))
-                        .collect(),
-                    stored_bytes: 0,
-                };
-                group.push((commit, header.max_seq));
-                if header.flags & crate::chunk::FLAG_MORE_PARTS != 0 {
-                    continue;
-                }
-                for (commit, max_seq) in group.drain(..) {
-                    state = VolumeState {
-                        checkpoint: state.checkpoint.max(max_seq),
-                        next_object_id: state.next_object_id.max(commit.object_id + 1),
-                        max_seq: state.max_seq.max(max_seq),
-                    };
-                    let (l, s) = (lookup.clone(), state);
-                    blocking(move || l.commit_chunk(&commit, s)).await?;
-                }
-            }
-            if !group.is_empty() && stopped.is_none() {
-                stopped = Some("the last memtable's chunks are not all there".to_owned());
-            }
-            if let Some(why) = stopped {
-                tracing::error!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes; they are deleted when it opens)");
-            }
-
-            rec.mounted = false;
-            let meta = self.meta.clone();
-            let r = rec.clone();
-            blocking(move || meta.put_volume(&r)).await?;
-            tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, "volume recovered from the backend");
-            recovered.push(id);
-        }
-        self.recover_snapshots(&keys).await?;
-        Ok(recovered)
-    }
-
-    /// Recovers every snapshot whose record copy (`SNAPID/snapshot.json`) is among `keys` and
-    /// that the metadata DB does not know, from its map object.
-    async fn recover_snapshots(&self, keys: &[String]) -> Result<(), VolumeError> {
-        for key in keys
-            .iter()
-            .filter(|k| k.starts_with("snap-") && k.ends_with("/snapshot.json"))
-        {
-            let body = self.backend.get(key).await?;
-            let rec: SnapshotRecord = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "skipping an unreadable snapshot record");
-                    continue;
-                }
-            };
-            if self.get_snapshot(&rec.snapshot_id).await?.is_some() {
-                continue;
-            }
-            let map_key = snapshot_map_key(&rec.snapshot_id);
-            let obj = MapObject::decode(&self.backend.get(&map_key).await?).map_err(|e| {
-                VolumeError::Corrupt {
-                    what: format!("snapshot map {map_key}"),
-                    reason: e.to_string(),
-                }
-            })?;
-            let meta = self.meta.clone();
-            let r = rec.clone();
-            blocking(move || {
-                let lookup =
-                    BlockLookup::snapshot(meta.clone(), &r.snapshot_id, r.volume_id.clone());
-                meta.install_map(&lookup, &obj.extents, None, vec![])?;
-                meta.put_snapshot(&r)
-            })
-            .await?;
-            tracing::info!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "snapshot recovered from the backend");
-        }
         Ok(())
     }
 

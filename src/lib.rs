@@ -24,6 +24,7 @@ pub mod lookup;
 pub mod mapobj;
 pub mod meta;
 pub mod records;
+mod recovery;
 pub mod retry;
 pub mod snapshot;
 pub mod volume;

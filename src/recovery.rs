@@ -1,0 +1,256 @@
+//! Disaster recovery: rebuilds the metadata of volumes and snapshots from the backend alone
+//! (FORMAT.md, "Recovery"): a volume from its newest map checkpoint and then its chunk objects
+//! above it, in id order while the ids are contiguous, so that it holds a prefix of its writes.
+
+use std::collections::HashSet;
+
+use crate::backend::{checkpoint_prefix, chunk_ids, chunk_key, snapshot_map_key, BackendError};
+use crate::chunk::FLAG_MORE_PARTS;
+use crate::engine::{max_extent_seq, Engine};
+use crate::ids::VolumeId;
+use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
+use crate::mapobj::MapObject;
+use crate::meta::{blocking, ChunkStats, VolumeState};
+use crate::records::{SnapshotRecord, VolumeRecord};
+use crate::volume::{read_chunk_index, VolumeError};
+
+/// Counts chunk objects read, for a progress report.
+struct Progress<'a> {
+    done: u64,
+    total: u64,
+    report: &'a (dyn Fn(u64, u64) + Send + Sync),
+}
+
+impl Progress<'_> {
+    /// `n` more chunk objects are accounted for.
+    fn advance(&mut self, n: u64) {
+        self.done += n;
+        (self.report)(self.done, self.total);
+    }
+}
+
+impl Engine {
+    /// Disaster recovery: rebuilds every volume found in the backend (`VOLUMEID/volume.json`)
+    /// that the metadata DB does not know, from its newest map checkpoint and its chunk objects'
+    /// headers and indexes (each extent carries its sequence number; newest wins), then every
+    /// snapshot. Returns the volumes recovered. Meant for an empty data directory; data that was
+    /// only in the lost WAL is not recoverable (FORMAT.md, "Recovery").
+    ///
+    /// Errors: backend errors other than a missing or corrupt chunk (which ends that volume's
+    /// walk), a corrupt map checkpoint, metadata errors. A failed recovery is run again at the
+    /// next start.
+    pub async fn recover_from_backend(&self) -> Result<Vec<VolumeId>, VolumeError> {
+        self.recover_from_backend_with(&|_, _| {}).await
+    }
+
+    /// [`Engine::recover_from_backend`], calling `progress(chunks_read, chunks_total)` after
+    /// each chunk object's index is applied (progress bars).
+    pub async fn recover_from_backend_with(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<Vec<VolumeId>, VolumeError> {
+        let keys = self.backend.list("").await?;
+        let mut progress = Progress {
+            done: 0,
+            total: keys.iter().filter(|k| k.contains("/chunks/")).count() as u64,
+            report: progress,
+        };
+        let mut recovered = Vec::new();
+        for key in keys.iter().filter(|k| k.ends_with("/volume.json")) {
+            let body = self.backend.get(key).await?;
+            let rec: VolumeRecord = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "skipping an unreadable volume record");
+                    continue;
+                }
+            };
+            if self.get_record(&rec.volume_id).await?.is_some() {
+                continue;
+            }
+            recovered.push(self.recover_volume(rec, &keys, &mut progress).await?);
+        }
+        self.recover_snapshots(&keys).await?;
+        Ok(recovered)
+    }
+
+    /// Rebuilds volume `rec` from the backend objects among `keys`: its map from the newest
+    /// checkpoint, then the chunks above it; stores the record (unmounted) last.
+    async fn recover_volume(
+        &self,
+        mut rec: VolumeRecord,
+        keys: &[String],
+        progress: &mut Progress<'_>,
+    ) -> Result<VolumeId, VolumeError> {
+        let id = rec.volume_id.clone();
+        let mut ids = chunk_ids(&id, keys);
+        ids.sort_unstable();
+        let lookup = BlockLookup::new(self.meta.clone(), id.clone());
+        let state = self.install_checkpoint(&lookup, keys, &ids).await?;
+        let covered = ids.iter().filter(|o| **o < state.next_object_id).count();
+        progress.advance(covered as u64);
+        ids.retain(|o| *o >= state.next_object_id);
+        let state = self.apply_chunks(&lookup, state, ids, progress).await?;
+        rec.mounted = false;
+        let meta = self.meta.clone();
+        blocking(move || meta.put_volume(&rec)).await?;
+        tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, "volume recovered from the backend");
+        Ok(id)
+    }
+
+    /// Installs the newest map checkpoint of `lookup`'s volume among `keys` (or an empty map:
+    /// an earlier recovery cut short may have left extents) and returns its state. Chunks in
+    /// `ids` below the checkpoint's next object id that it does not list get empty stats, so GC
+    /// deletes them.
+    async fn install_checkpoint(
+        &self,
+        lookup: &BlockLookup,
+        keys: &[String],
+        ids: &[u64],
+    ) -> Result<VolumeState, VolumeError> {
+        let prefix = checkpoint_prefix(lookup.volume());
+        // Fixed-width hex ids: the greatest key is the newest checkpoint.
+        let Some(key) = keys.iter().filter(|k| k.starts_with(&prefix)).max() else {
+            let (meta, l) = (self.meta.clone(), lookup.clone());
+            let state = VolumeState::default();
+            blocking(move || meta.install_map(&l, &[], Some((state, &[])), vec![])).await?;
+            return Ok(state);
+        };
+        let body = self.backend.get(key).await?;
+        let obj = MapObject::decode(&body).map_err(|e| VolumeError::Corrupt {
+            what: format!("map checkpoint {key}"),
+            reason: e.to_string(),
+        })?;
+        let state = VolumeState {
+            checkpoint: obj.seq,
+            next_object_id: obj.next_object_id,
+            // Not the checkpoint: a split memtable's first chunks commit extents above it, and
+            // new writes must get higher sequence numbers than every extent.
+            max_seq: max_extent_seq(&obj.extents).max(obj.seq),
+        };
+        let known: HashSet<u64> = obj.objects.iter().map(|(id, _)| *id).collect();
+        let mut objects = obj.objects.clone();
+        objects.extend(
+            ids.iter()
+                .filter(|o| **o < obj.next_object_id && !known.contains(o))
+                .map(|o| (*o, ChunkStats::default())),
+        );
+        let (meta, l) = (self.meta.clone(), lookup.clone());
+        blocking(move || meta.install_map(&l, &obj.extents, Some((state, &objects)), vec![]))
+            .await?;
+        Ok(state)
+    }
+
+    /// Commits the chunks `ids` (sorted, above the checkpoint of `state`) to `lookup`'s map in
+    /// id order — the order they were committed in — while the ids are contiguous: a chunk
+    /// whose PUT never finished ends the walk, so no later chunk lands on top of the hole. A
+    /// memtable split into several chunks is applied whole or not at all. The volume then holds
+    /// a prefix of its writes. Returns the state after the last chunk applied.
+    async fn apply_chunks(
+        &self,
+        lookup: &BlockLookup,
+        mut state: VolumeState,
+        ids: Vec<u64>,
+        progress: &mut Progress<'_>,
+    ) -> Result<VolumeState, VolumeError> {
+        let id = lookup.volume().clone();
+        let mut group: Vec<(ChunkCommit, u64)> = Vec::new();
+        let mut stopped = None;
+        for (expected, object_id) in (state.next_object_id.max(1)..).zip(ids) {
+            progress.advance(1);
+            if object_id != expected {
+                stopped = Some(format!("chunk {expected:#x} is missing"));
+                break;
+            }
+            let okey = chunk_key(&id, object_id);
+            let (header, index) = match read_chunk_index(&self.backend, &okey).await {
+                Ok(v) => v,
+                // Only an object that is gone, short or fails verification ends the walk (what
+                // comes after it is then deleted at the next open); any other backend error (an
+                // outage, denied access, expired credentials) fails the recovery, which is
+                // tried again at the next start.
+                Err(e @ VolumeError::Chunk { .. })
+                | Err(
+                    e @ VolumeError::Backend(
+                        BackendError::NotFound(_) | BackendError::BadRange { .. },
+                    ),
+                ) => {
+                    stopped = Some(format!("{okey} is unreadable: {e}"));
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if header.volume_tag != id.tag() || header.object_id != object_id {
+                stopped = Some(format!("{okey} belongs to another volume or object"));
+                break;
+            }
+            let commit = ChunkCommit {
+                object_id,
+                extents: index
+                    .iter()
+                    .map(|e| MapExtent::from_chunk(id.number(), object_id, e))
+                    .collect(),
+                stored_bytes: 0,
+            };
+            group.push((commit, header.max_seq));
+            if header.flags & FLAG_MORE_PARTS != 0 {
+                continue;
+            }
+            for (commit, max_seq) in group.drain(..) {
+                state = VolumeState {
+                    checkpoint: state.checkpoint.max(max_seq),
+                    next_object_id: state.next_object_id.max(commit.object_id + 1),
+                    max_seq: state.max_seq.max(max_seq),
+                };
+                let (l, s) = (lookup.clone(), state);
+                blocking(move || l.commit_chunk(&commit, s)).await?;
+            }
+        }
+        if !group.is_empty() && stopped.is_none() {
+            stopped = Some("the last memtable's chunks are not all there".to_owned());
+        }
+        if let Some(why) = stopped {
+            tracing::error!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes; they are deleted when it opens)");
+        }
+        Ok(state)
+    }
+
+    /// Recovers every snapshot whose record copy (`SNAPID/snapshot.json`) is among `keys` and
+    /// that the metadata DB does not know, from its map object.
+    async fn recover_snapshots(&self, keys: &[String]) -> Result<(), VolumeError> {
+        for key in keys
+            .iter()
+            .filter(|k| k.starts_with("snap-") && k.ends_with("/snapshot.json"))
+        {
+            let body = self.backend.get(key).await?;
+            let rec: SnapshotRecord = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "skipping an unreadable snapshot record");
+                    continue;
+                }
+            };
+            if self.get_snapshot(&rec.snapshot_id).await?.is_some() {
+                continue;
+            }
+            let map_key = snapshot_map_key(&rec.snapshot_id);
+            let obj = MapObject::decode(&self.backend.get(&map_key).await?).map_err(|e| {
+                VolumeError::Corrupt {
+                    what: format!("snapshot map {map_key}"),
+                    reason: e.to_string(),
+                }
+            })?;
+            let meta = self.meta.clone();
+            let r = rec.clone();
+            blocking(move || {
+                let lookup =
+                    BlockLookup::snapshot(meta.clone(), &r.snapshot_id, r.volume_id.clone());
+                meta.install_map(&lookup, &obj.extents, None, vec![])?;
+                meta.put_snapshot(&r)
+            })
+            .await?;
+            tracing::info!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "snapshot recovered from the backend");
+        }
+        Ok(())
+    }
+}
