@@ -165,7 +165,7 @@ pub struct InputExtent {
 pub struct ChunkOptions {
     /// Largest data extent (one zstd frame), in blocks; a read of one block decompresses at most
     /// this much (default 4 = 16 KiB, the volume block size OpenZFS 2.2 chose for VM disks;
-    /// docs/BENCHMARKS.md, "Frame size").
+    /// docs/design/frame-size.md).
     pub frame_blocks: u32,
     /// zstd level (default 1).
     pub zstd_level: i32,
@@ -206,100 +206,19 @@ pub fn build_flagged(
     buf: Vec<u8>,
     flags: u16,
 ) -> Result<(Bytes, Vec<ChunkExtent>), ChunkError> {
-    let frame_blocks = opts.frame_blocks.clamp(1, MAX_FRAME_BLOCKS) as u64;
-    let mut index: Vec<ChunkExtent> = Vec::new();
-    // Compressed frames are owned; raw frames borrow from the input, so their bytes are copied
-    // once, into the object.
-    let mut frames: Vec<std::borrow::Cow<'_, [u8]>> = Vec::new();
-    let push_zero = |index: &mut Vec<ChunkExtent>, start: u64, count: u64, seq: u64| {
-        // Merge with a preceding adjacent zero extent of the same write.
-        if let Some(last) = index.last_mut() {
-            if last.kind == ExtentKind::Zero
-                && last.seq == seq
-                && last.start_block + u64::from(last.block_count) == start
-                && u64::from(last.block_count) + count <= u64::from(u32::MAX)
-            {
-                last.block_count += count as u32;
-                return;
-            }
-        }
-        let mut left = count;
-        let mut at = start;
-        while left > 0 {
-            let n = left.min(u64::from(u32::MAX));
-            index.push(ChunkExtent {
-                start_block: at,
-                seq,
-                block_count: n as u32,
-                kind: ExtentKind::Zero,
-                encoding: FrameEncoding::Zstd,
-                frame_offset: 0,
-                frame_len: 0,
-                frame_crc: 0,
-            });
-            at += n;
-            left -= n;
-        }
+    let mut framer = Framer {
+        opts,
+        frame_blocks: opts.frame_blocks.clamp(1, MAX_FRAME_BLOCKS) as u64,
+        probe: CompressionProbe::default(),
+        index: Vec::new(),
+        frames: Vec::new(),
     };
-    let mut probe = CompressionProbe::default();
     for ext in input {
-        let Some(data) = &ext.data else {
-            push_zero(&mut index, ext.start_block, ext.block_count, ext.seq);
-            continue;
-        };
-        if data.len() as u64 != ext.block_count * BLOCK_BYTES as u64 {
-            return Err(ChunkError::BadIndex(format!(
-                "input extent at block {} has {} bytes for {} blocks",
-                ext.start_block,
-                data.len(),
-                ext.block_count
-            )));
-        }
-        let mut b = 0u64;
-        let mut incompressible = false;
-        while b < ext.block_count {
-            let block = |i: u64| &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
-            let zero = is_zero(block(b));
-            let mut e = b + 1;
-            while e < ext.block_count && is_zero(block(e)) == zero && (zero || e - b < frame_blocks)
-            {
-                e += 1;
-            }
-            if zero {
-                push_zero(&mut index, ext.start_block + b, e - b, ext.seq);
-            } else {
-                let raw = &data[(b * 4096) as usize..(e * 4096) as usize];
-                // A frame not worth compressing is stored raw; after one such frame the rest
-                // of the same write is not even tried (one write is usually one kind of data,
-                // and zstd on incompressible data was half the CPU of sequential writes).
-                let compressed = if incompressible || !probe.should_try() {
-                    None
-                } else {
-                    let c = compress(raw, opts.zstd_level)?;
-                    let worth = worth_compressing(c.len(), raw.len());
-                    probe.record(worth);
-                    incompressible = !worth;
-                    worth.then_some(c)
-                };
-                let (frame, encoding) = match compressed {
-                    Some(c) => (std::borrow::Cow::Owned(c), FrameEncoding::Zstd),
-                    None => (std::borrow::Cow::Borrowed(raw), FrameEncoding::Raw),
-                };
-                index.push(ChunkExtent {
-                    start_block: ext.start_block + b,
-                    seq: ext.seq,
-                    block_count: (e - b) as u32,
-                    kind: ExtentKind::Data,
-                    encoding,
-                    frame_offset: 0,
-                    frame_len: frame.len() as u32,
-                    frame_crc: crc32fast::hash(&frame),
-                });
-                frames.push(frame);
-            }
-            b = e;
-        }
+        framer.add(ext)?;
     }
+    let Framer {
+        mut index, frames, ..
+    } = framer;
     let mut offset = CHUNK_HEADER_LEN + index.len() * INDEX_ENTRY_LEN;
     let total = offset + frames.iter().map(|f| f.len()).sum::<usize>();
     if total > u32::MAX as usize {
@@ -327,13 +246,135 @@ pub fn build_flagged(
     Ok((Bytes::from(out), index))
 }
 
+/// Cuts input extents into index entries and frames (their offsets are set once all are known).
+struct Framer<'a> {
+    opts: ChunkOptions,
+    /// Most blocks in one data frame.
+    frame_blocks: u64,
+    probe: CompressionProbe,
+    index: Vec<ChunkExtent>,
+    /// Compressed frames are owned; raw frames borrow from the input, so their bytes are
+    /// copied once, into the object.
+    frames: Vec<std::borrow::Cow<'a, [u8]>>,
+}
+
+impl<'a> Framer<'a> {
+    /// Adds one input extent: runs of all-zero blocks become zero extents, data runs frames of
+    /// at most `frame_blocks`.
+    fn add(&mut self, ext: &'a InputExtent) -> Result<(), ChunkError> {
+        let Some(data) = &ext.data else {
+            self.zero(ext.start_block, ext.block_count, ext.seq);
+            return Ok(());
+        };
+        if data.len() as u64 != ext.block_count * BLOCK_BYTES as u64 {
+            return Err(ChunkError::BadIndex(format!(
+                "input extent at block {} has {} bytes for {} blocks",
+                ext.start_block,
+                data.len(),
+                ext.block_count
+            )));
+        }
+        let block = |i: u64| &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
+        let mut b = 0u64;
+        let mut incompressible = false;
+        while b < ext.block_count {
+            let zero = is_zero(block(b));
+            let mut e = b + 1;
+            while e < ext.block_count
+                && is_zero(block(e)) == zero
+                && (zero || e - b < self.frame_blocks)
+            {
+                e += 1;
+            }
+            if zero {
+                self.zero(ext.start_block + b, e - b, ext.seq);
+            } else {
+                let raw = &data[(b * 4096) as usize..(e * 4096) as usize];
+                self.data(ext.start_block + b, ext.seq, raw, &mut incompressible)?;
+            }
+            b = e;
+        }
+        Ok(())
+    }
+
+    /// A data frame of `raw` (whole blocks from `start`). A frame not worth compressing is
+    /// stored raw; after one such frame the rest of the same write is not even tried
+    /// (`incompressible`): one write is usually one kind of data, and zstd on incompressible
+    /// data costs as much as on any other (docs/design/compress-only-what-saves.md).
+    fn data(
+        &mut self,
+        start: u64,
+        seq: u64,
+        raw: &'a [u8],
+        incompressible: &mut bool,
+    ) -> Result<(), ChunkError> {
+        let compressed = if *incompressible || !self.probe.should_try() {
+            None
+        } else {
+            let c = compress(raw, self.opts.zstd_level)?;
+            let worth = worth_compressing(c.len(), raw.len());
+            self.probe.record(worth);
+            *incompressible = !worth;
+            worth.then_some(c)
+        };
+        let (frame, encoding) = match compressed {
+            Some(c) => (std::borrow::Cow::Owned(c), FrameEncoding::Zstd),
+            None => (std::borrow::Cow::Borrowed(raw), FrameEncoding::Raw),
+        };
+        self.index.push(ChunkExtent {
+            start_block: start,
+            seq,
+            block_count: (raw.len() / BLOCK_BYTES) as u32,
+            kind: ExtentKind::Data,
+            encoding,
+            frame_offset: 0,
+            frame_len: frame.len() as u32,
+            frame_crc: crc32fast::hash(&frame),
+        });
+        self.frames.push(frame);
+        Ok(())
+    }
+
+    /// A zero extent of `count` blocks from `start`, merged into a preceding adjacent zero
+    /// extent of the same write, and cut at `u32::MAX` blocks.
+    fn zero(&mut self, start: u64, count: u64, seq: u64) {
+        if let Some(last) = self.index.last_mut() {
+            if last.kind == ExtentKind::Zero
+                && last.seq == seq
+                && last.start_block + u64::from(last.block_count) == start
+                && u64::from(last.block_count) + count <= u64::from(u32::MAX)
+            {
+                last.block_count += count as u32;
+                return;
+            }
+        }
+        let mut left = count;
+        let mut at = start;
+        while left > 0 {
+            let n = left.min(u64::from(u32::MAX));
+            self.index.push(ChunkExtent {
+                start_block: at,
+                seq,
+                block_count: n as u32,
+                kind: ExtentKind::Zero,
+                encoding: FrameEncoding::Zstd,
+                frame_offset: 0,
+                frame_len: 0,
+                frame_crc: 0,
+            });
+            at += n;
+            left -= n;
+        }
+    }
+}
+
 /// Which frames of a chunk are tried with zstd, across its writes (within one write, a frame not
 /// worth compressing ends the tries for the rest of it). After [`CompressionProbe::MISSES`] tries
 /// in a row that were not worth it, only every [`CompressionProbe::SAMPLE_EVERY`]th frame is
 /// tried until one compresses. Scattered 4 KiB writes are one frame each, so the per-write rule
-/// alone ran zstd on every block of incompressible random writes: 22% of the flusher's CPU,
-/// whose map commits bound the sustained random-write rate (docs/BENCHMARKS.md, "Sustained
-/// random writes"). A compressible run after incompressible data is found within 16 frames.
+/// alone ran zstd on every block of incompressible random writes, on the flusher whose map
+/// commits bound the sustained random-write rate (docs/design/compress-only-what-saves.md). A
+/// compressible run after incompressible data is found within 16 frames.
 #[derive(Debug, Default)]
 struct CompressionProbe {
     /// Tries in a row that were not worth compressing.
@@ -365,10 +406,8 @@ impl CompressionProbe {
 
 /// A frame is stored compressed only if zstd saves at least 1/8 (12.5%) of its bytes, OpenZFS's
 /// rule (`zio_compress_data`): below that, the capacity saved is not worth the CPU of compressing
-/// and of decompressing on every read. fio's buffers compress by 7.5-14% per 16 KiB frame (about
-/// half of its writes through NBD land just over the line and stay compressed); 1M sequential
-/// writes went from 266-294 to 321-325 MB/s; a tar of shared libraries stores 1.4% more bytes,
-/// one of Rust sources the same (docs/BENCHMARKS.md, "Compress only what saves 1/8").
+/// and of decompressing on every read; data that compresses well (sources, libraries) loses
+/// next to nothing by it (docs/design/compress-only-what-saves.md).
 fn worth_compressing(compressed_len: usize, raw_len: usize) -> bool {
     compressed_len <= raw_len - raw_len / 8
 }
@@ -510,11 +549,9 @@ fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
     .map_err(|e| ChunkError::Frame(e.to_string()))
 }
 
-/// zstd contexts kept for reuse. A compression context holds 0.3-0.6 MB (frames of 64-256 KiB
-/// at level 1; more for larger frames), a decompression context ~96 KB. Kept one per thread, they
-/// grew with tokio's blocking pool (~170 threads in the soak: up to ~120 MB). Pooled, what is
-/// kept is bounded by the pool sizes (< 12 MB) and what is live by the number of concurrent
-/// (de)compressions (docs/RELIABILITY.md, "Soak").
+/// zstd contexts kept for reuse. A context holds hundreds of KB; kept one per thread, they grew
+/// with tokio's blocking pool. Pooled, what is kept is bounded by the pool sizes and what is
+/// live by the number of concurrent (de)compressions (docs/design/zstd-context-pool.md).
 static CCTX: ContextPool<zstd::bulk::Compressor<'static>> = ContextPool::new(8);
 static DCTX: ContextPool<zstd::bulk::Decompressor<'static>> = ContextPool::new(64);
 
