@@ -439,81 +439,9 @@ impl BlockLookup {
     /// Must not run concurrently with another commit of the same volume (the flusher is the
     /// only writer). Blocking (RocksDB): call from a blocking thread.
     pub fn commit_chunk(&self, commit: &ChunkCommit, state: VolumeState) -> Result<(), MetaError> {
-        // Existing extents touched by the chunk, each once (by start block): one map scan per
-        // run of back-to-back new extents (a sequential chunk is one scan, not one per frame),
-        // all with one iterator.
-        let mut runs: Vec<(u64, u64)> = commit.extents.iter().map(|e| (e.start, e.end())).collect();
-        runs.sort_unstable();
-        runs.dedup_by(|next, run| {
-            let joins = next.0 <= run.1;
-            if joins {
-                run.1 = run.1.max(next.1);
-            }
-            joins
-        });
-        let mut touched = Vec::new();
-        if let Some(&(_, last_end)) = runs.last() {
-            let mut it = self.iterator(last_end);
-            for &(start, end) in &runs {
-                self.scan(&mut it, start, end, &mut touched)?;
-            }
-        }
-        let olds: BTreeMap<u64, MapExtent> = touched.into_iter().map(|e| (e.start, e)).collect();
-        // The parts of the new extents that no newer existing extent shadows. Existing extents
-        // do not overlap, so those reaching into `new` are the last ones starting before its end.
-        let mut winners: BTreeMap<u64, MapExtent> = BTreeMap::new();
-        for new in &commit.extents {
-            let mut pieces = vec![(new.start, new.end())];
-            let reaching = olds
-                .range(..new.end())
-                .rev()
-                .map(|(_, o)| o)
-                .take_while(|o| o.end() > new.start);
-            for old in reaching {
-                if old.seq > new.seq {
-                    pieces = subtract(&pieces, old.start, old.end());
-                }
-            }
-            for (s, e) in pieces {
-                winners.insert(s, new.slice(s, e));
-            }
-        }
-        // Map changes by start block: a put (`Some`) or a delete (`None`); each key once.
-        let mut changes: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
-        let mut live_delta: HashMap<u64, i64> = HashMap::new();
-        // Existing extents lose whatever the winners cover. A key that gets a new value is not
-        // deleted first (a put replaces it): a 4 KiB write into a 16 KiB extent usually keeps
-        // the extent's first piece, and a tombstone per block was a quarter of the commit's
-        // memtable inserts after scattered writes.
-        for old in olds.values() {
-            let mut keep = vec![(old.start, old.end())];
-            let covering = winners
-                .range(..old.end())
-                .rev()
-                .take_while(|(_, w)| w.end() > old.start)
-                .map(|(_, w)| (w.start, w.end()));
-            for (s, e) in covering {
-                keep = subtract(&keep, s, e);
-            }
-            let kept: u64 = keep.iter().map(|(s, e)| e - s).sum();
-            if kept == old.count {
-                continue;
-            }
-            let replaced = keep.first().is_some_and(|(s, _)| *s == old.start)
-                || winners.contains_key(&old.start);
-            if !replaced {
-                changes.push((old.start, None));
-            }
-            for (s, e) in keep {
-                changes.push((s, Some(old.slice(s, e).encode(self.owner))));
-            }
-            match old.target {
-                Target::Data(f) if f.owner == self.owner => {
-                    *live_delta.entry(f.object_id).or_default() -= (old.count - kept) as i64;
-                }
-                _ => {}
-            }
-        }
+        let olds = self.touched(&commit.extents)?;
+        let winners = winners(&olds, &commit.extents);
+        let (mut changes, live_delta) = self.cut(&olds, &winners);
         let mut new_live = 0u64;
         for w in winners.values() {
             changes.push((w.start, Some(w.encode(self.owner))));
@@ -553,6 +481,73 @@ impl BlockLookup {
         self.meta.write_sync(batch)
     }
 
+    /// The existing extents that `extents` touch, each once, by start block: one map scan per
+    /// run of back-to-back new extents (a sequential chunk is one scan, not one per frame), all
+    /// with one iterator.
+    fn touched(&self, extents: &[MapExtent]) -> Result<BTreeMap<u64, MapExtent>, MetaError> {
+        let mut runs: Vec<(u64, u64)> = extents.iter().map(|e| (e.start, e.end())).collect();
+        runs.sort_unstable();
+        runs.dedup_by(|next, run| {
+            let joins = next.0 <= run.1;
+            if joins {
+                run.1 = run.1.max(next.1);
+            }
+            joins
+        });
+        let mut touched = Vec::new();
+        if let Some(&(_, last_end)) = runs.last() {
+            let mut it = self.iterator(last_end);
+            for &(start, end) in &runs {
+                self.scan(&mut it, start, end, &mut touched)?;
+            }
+        }
+        Ok(touched.into_iter().map(|e| (e.start, e)).collect())
+    }
+
+    /// The map changes that cut what `winners` cover out of the existing extents `olds`, by
+    /// start block: a put (`Some`) or a delete (`None`), each key once; and the live blocks each
+    /// of this volume's chunks loses. A key that gets a new value is not deleted first (a put
+    /// replaces it): a 4 KiB write into a 16 KiB extent usually keeps the extent's first piece,
+    /// and a tombstone per block would add to every commit after scattered writes.
+    fn cut(
+        &self,
+        olds: &BTreeMap<u64, MapExtent>,
+        winners: &BTreeMap<u64, MapExtent>,
+    ) -> (MapChanges, HashMap<u64, i64>) {
+        let mut changes = Vec::new();
+        let mut live_delta: HashMap<u64, i64> = HashMap::new();
+        for old in olds.values() {
+            let mut keep = vec![(old.start, old.end())];
+            let covering = winners
+                .range(..old.end())
+                .rev()
+                .take_while(|(_, w)| w.end() > old.start)
+                .map(|(_, w)| (w.start, w.end()));
+            for (s, e) in covering {
+                keep = subtract(&keep, s, e);
+            }
+            let kept: u64 = keep.iter().map(|(s, e)| e - s).sum();
+            if kept == old.count {
+                continue;
+            }
+            let replaced = keep.first().is_some_and(|(s, _)| *s == old.start)
+                || winners.contains_key(&old.start);
+            if !replaced {
+                changes.push((old.start, None));
+            }
+            for (s, e) in keep {
+                changes.push((s, Some(old.slice(s, e).encode(self.owner))));
+            }
+            match old.target {
+                Target::Data(f) if f.owner == self.owner => {
+                    *live_delta.entry(f.object_id).or_default() -= (old.count - kept) as i64;
+                }
+                _ => {}
+            }
+        }
+        (changes, live_delta)
+    }
+
     /// Number of map entries and data blocks mapped (for stats and tests).
     pub fn summary(&self) -> Result<(u64, u64), MetaError> {
         let mut entries = 0;
@@ -566,6 +561,33 @@ impl BlockLookup {
 }
 
 /// `ranges` minus `[s, e)`.
+/// Map changes by start block: the new value (`Some`) or a delete (`None`).
+type MapChanges = Vec<(u64, Option<Vec<u8>>)>;
+
+/// The parts of the new extents `news` that no newer existing extent of `olds` shadows, by start
+/// block. Existing extents do not overlap, so those reaching into a new one are the last ones
+/// starting before its end.
+fn winners(olds: &BTreeMap<u64, MapExtent>, news: &[MapExtent]) -> BTreeMap<u64, MapExtent> {
+    let mut winners = BTreeMap::new();
+    for new in news {
+        let mut pieces = vec![(new.start, new.end())];
+        let reaching = olds
+            .range(..new.end())
+            .rev()
+            .map(|(_, o)| o)
+            .take_while(|o| o.end() > new.start);
+        for old in reaching {
+            if old.seq > new.seq {
+                pieces = subtract(&pieces, old.start, old.end());
+            }
+        }
+        for (s, e) in pieces {
+            winners.insert(s, new.slice(s, e));
+        }
+    }
+    winners
+}
+
 fn subtract(ranges: &[(u64, u64)], s: u64, e: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::with_capacity(ranges.len() + 1);
     for &(a, b) in ranges {
