@@ -252,166 +252,17 @@ pub async fn backend(a: &BackendArgs, data_dir: &Path) -> Result<SharedBackend, 
 /// metadata and WAL go to a temporary directory deleted at exit, never to `--data-dir`
 /// (a map kept on disk would point at chunks a restart no longer has).
 pub async fn run(mut a: ServeArgs) -> Result<(), ServeError> {
-    let _ephemeral = match a.store.backend {
-        BackendKind::Memory => {
-            let dir = tempfile::Builder::new()
-                .prefix("vblock-memory-")
-                .tempdir()
-                .map_err(|e| {
-                    ServeError::Config(format!("memory backend: no temporary directory: {e}"))
-                })?;
-            tracing::warn!(dir = %dir.path().display(), ignored_data_dir = %a.data_dir.display(), "--backend memory: volumes, metadata and WAL live in memory and a temporary directory, and are gone when the daemon exits");
-            a.data_dir = dir.path().to_owned();
-            a.wal_dir = None;
-            Some(dir)
-        }
-        _ => None,
-    };
-    if a.frame_size % vblock::block::BLOCK_SIZE != 0
-        || !(1..=u64::from(vblock::chunk::MAX_FRAME_BLOCKS))
-            .contains(&(a.frame_size / vblock::block::BLOCK_SIZE))
-    {
-        return Err(ServeError::Config(format!(
-            "--frame-size {} is not a multiple of 4 KiB between 4 KiB and {} MiB",
-            a.frame_size,
-            (u64::from(vblock::chunk::MAX_FRAME_BLOCKS) * vblock::block::BLOCK_SIZE) >> 20
-        )));
-    }
-    match crate::limits::raise_open_files() {
-        Ok((before, after)) if before != after => tracing::info!(
-            before = before.map_or("unlimited".into(), |n| n.to_string()),
-            after = after.map_or("unlimited".into(), |n| n.to_string()),
-            "raised the open-files limit (RLIMIT_NOFILE) to its hard limit"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit (RLIMIT_NOFILE)"),
-    }
-    // Crash points for the crash harness (src/failpoints.rs); not a flag: tests only.
-    if let Ok(spec) = std::env::var("VBLOCK_FAILPOINTS") {
-        vblock::failpoints::configure(&spec).map_err(ServeError::Config)?;
-        tracing::warn!(%spec, "fail points configured: this process will abort on purpose");
-    }
-    if !a.no_metrics {
-        crate::metrics::install(a.metrics_listen).map_err(|e| {
-            ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))
-        })?;
-    }
-    let config = engine_config(&a);
-    config
-        .volume
-        .validate()
-        .map_err(|e| ServeError::Config(format!("--buffer-size / --chunk-size: {e}")))?;
-    let backend = backend(&a.store, &a.data_dir).await?;
-    let engine = Arc::new(Engine::open(config, backend).await?);
-    if matches!(a.store.backend, BackendKind::File) {
-        // The data directory is ours now (RocksDB's lock): puts a crash interrupted left
-        // temporary files that nothing will ever rename or delete.
-        let objects = a.data_dir.join("objects");
-        match tokio::task::spawn_blocking(move || {
-            vblock::backend::file::remove_leftover_temp_files(&objects)
-        })
-        .await
-        {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(
-                files = n,
-                "removed temporary files of interrupted object writes"
-            ),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "temporary files of interrupted object writes not removed")
-            }
-            Err(e) => tracing::warn!(error = %e, "temporary-file cleanup task failed"),
-        }
-    }
-    let target = match a.memory_target {
-        Some(0) => None,
-        Some(bytes) => Some(crate::memory::RssTarget::Fixed(bytes)),
-        None => Some(crate::memory::RssTarget::PerVolume {
-            buffer_bytes: a.buffer_size,
-            rest_bytes: a.cache_size + crate::memory::DEFAULT_ALLOWANCE_BYTES,
-        }),
-    }
-    .map(|rss| crate::memory::Target::new(rss, a.cache_size, a.meta_cache_size));
-    if let Err(e) = crate::memory::spawn(engine.clone(), target) {
-        tracing::warn!(error = %e, "cannot start the memory-target thread; the frame cache keeps its size and freed memory may stay resident");
-    }
-    // An empty data directory next to a backend that holds volumes: recover them (disaster
-    // recovery; FORMAT.md, "Recovery").
-    if engine.list_records().await?.is_empty() {
-        let recovered = engine.recover_from_backend().await?;
-        if !recovered.is_empty() {
-            tracing::info!(
-                volumes = recovered.len(),
-                "recovered volumes from the backend into an empty data directory"
-            );
-        }
-    }
-    let (engine_for_metrics, buffer_capacity) = (engine.clone(), a.buffer_size);
-    let listener = tokio::net::TcpListener::bind(a.nbd_listen)
-        .await
-        .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
-    let nbd_addr = listener
-        .local_addr()
-        .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
-    let tls = match (&a.tls_certificate, &a.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            nbd_server::tls::TlsConfig::from_pem_files(cert, key, a.tls_required)
-                .map_err(|e| ServeError::Config(e.to_string()))?,
-        ),
-        _ => None,
-    };
-    let server = nbd_server::Server::new(
-        Arc::new(nbd_server::VolumeExports::new(engine.clone())),
-        nbd_server::Limits::default(),
-        tls,
-    );
+    let _ephemeral = ephemeral_data_dir(&mut a)?;
+    prepare_process(&a)?;
+    let engine = open_engine(&a).await?;
+    start_memory_target(&a, &engine);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(server.clone().serve_tcp(listener));
-    if let Some(path) = &a.nbd_unix {
-        let _ = std::fs::remove_file(path);
-        let unix = tokio::net::UnixListener::bind(path)
-            .map_err(|e| ServeError::Listen(path.display().to_string(), e))?;
-        tasks.spawn(server.clone().serve_unix(unix));
-    }
-    let advertise = a
-        .nbd_advertise
-        .clone()
-        .unwrap_or_else(|| nbd_addr.to_string());
-    let control = vblock::control::ControlConfig {
-        nats_url: a.nats_url.clone(),
-        queue_group: a.queue_group.clone(),
-        node: a.node.clone(),
-        nbd_advertise: advertise.clone(),
-        nbd_tls: a.tls_required,
-    };
-    tasks.spawn({
-        let engine = engine.clone();
-        async move {
-            vblock::control::run(engine, control).await;
-            Ok(())
-        }
-    });
-    tasks.spawn({
-        let (engine, every, max_delay) = (engine.clone(), a.gc_interval, a.gc_max_delay);
-        async move {
-            // The mark pass walks every map: passes that mark are spaced out like the space
-            // gauges' scans, so they take at most 5% of one core however large the maps grow.
-            let mut wait = every;
-            loop {
-                tokio::time::sleep(wait).await;
-                wait = match engine.collect_garbage_paced(max_delay).await {
-                    Ok(r) => crate::metrics::scan_interval(every, r.mark_duration.unwrap_or_default()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "garbage collection failed; retrying next interval");
-                        every
-                    }
-                };
-            }
-        }
-    });
+    let (nbd_addr, advertise) = spawn_servers(&a, &engine, &mut tasks).await?;
+    spawn_gc(&a, &engine, &mut tasks);
     if !a.no_metrics {
+        let (engine, buffer_capacity) = (engine.clone(), a.buffer_size);
         tasks.spawn(async move {
-            crate::metrics::sample(engine_for_metrics, buffer_capacity).await;
+            crate::metrics::sample(engine, buffer_capacity).await;
             Ok(())
         });
     }
@@ -441,4 +292,197 @@ pub async fn run(mut a: ServeArgs) -> Result<(), ServeError> {
     }
     tracing::info!("vblock stopped");
     Ok(())
+}
+
+/// Server tasks: each runs until the daemon stops (an error ends the daemon).
+type Tasks = tokio::task::JoinSet<std::io::Result<()>>;
+
+/// With `--backend memory`, a temporary directory for metadata and WAL instead of
+/// `--data-dir` (deleted when the returned guard drops, at exit).
+fn ephemeral_data_dir(a: &mut ServeArgs) -> Result<Option<tempfile::TempDir>, ServeError> {
+    Ok(match a.store.backend {
+        BackendKind::Memory => {
+            let dir = tempfile::Builder::new()
+                .prefix("vblock-memory-")
+                .tempdir()
+                .map_err(|e| {
+                    ServeError::Config(format!("memory backend: no temporary directory: {e}"))
+                })?;
+            tracing::warn!(dir = %dir.path().display(), ignored_data_dir = %a.data_dir.display(), "--backend memory: volumes, metadata and WAL live in memory and a temporary directory, and are gone when the daemon exits");
+            a.data_dir = dir.path().to_owned();
+            a.wal_dir = None;
+            Some(dir)
+        }
+        _ => None,
+    })
+}
+
+/// Checks the flags the engine does not, raises the open-files limit, configures crash points
+/// (tests) and starts the metrics endpoint.
+fn prepare_process(a: &ServeArgs) -> Result<(), ServeError> {
+    if a.frame_size % vblock::block::BLOCK_SIZE != 0
+        || !(1..=u64::from(vblock::chunk::MAX_FRAME_BLOCKS))
+            .contains(&(a.frame_size / vblock::block::BLOCK_SIZE))
+    {
+        return Err(ServeError::Config(format!(
+            "--frame-size {} is not a multiple of 4 KiB between 4 KiB and {} MiB",
+            a.frame_size,
+            (u64::from(vblock::chunk::MAX_FRAME_BLOCKS) * vblock::block::BLOCK_SIZE) >> 20
+        )));
+    }
+    match crate::limits::raise_open_files() {
+        Ok((before, after)) if before != after => tracing::info!(
+            before = before.map_or("unlimited".into(), |n| n.to_string()),
+            after = after.map_or("unlimited".into(), |n| n.to_string()),
+            "raised the open-files limit (RLIMIT_NOFILE) to its hard limit"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit (RLIMIT_NOFILE)"),
+    }
+    // Crash points for the crash harness (src/failpoints.rs); not a flag: tests only.
+    if let Ok(spec) = std::env::var("VBLOCK_FAILPOINTS") {
+        vblock::failpoints::configure(&spec).map_err(ServeError::Config)?;
+        tracing::warn!(%spec, "fail points configured: this process will abort on purpose");
+    }
+    if !a.no_metrics {
+        crate::metrics::install(a.metrics_listen).map_err(|e| {
+            ServeError::Listen(a.metrics_listen.to_string(), std::io::Error::other(e))
+        })?;
+    }
+    Ok(())
+}
+
+/// Opens the engine on the data directory and the backend, removes the file backend's leftover
+/// temporary files, and recovers the backend's volumes into an empty data directory.
+async fn open_engine(a: &ServeArgs) -> Result<Arc<Engine>, ServeError> {
+    let config = engine_config(a);
+    config
+        .volume
+        .validate()
+        .map_err(|e| ServeError::Config(format!("--buffer-size / --chunk-size: {e}")))?;
+    let backend = backend(&a.store, &a.data_dir).await?;
+    let engine = Arc::new(Engine::open(config, backend).await?);
+    if matches!(a.store.backend, BackendKind::File) {
+        // The data directory is ours now (RocksDB's lock): puts a crash interrupted left
+        // temporary files that nothing will ever rename or delete.
+        let objects = a.data_dir.join("objects");
+        match tokio::task::spawn_blocking(move || {
+            vblock::backend::file::remove_leftover_temp_files(&objects)
+        })
+        .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                files = n,
+                "removed temporary files of interrupted object writes"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "temporary files of interrupted object writes not removed")
+            }
+            Err(e) => tracing::warn!(error = %e, "temporary-file cleanup task failed"),
+        }
+    }
+    // An empty data directory next to a backend that holds volumes: recover them (disaster
+    // recovery; FORMAT.md, "Recovery").
+    if engine.list_records().await?.is_empty() {
+        let recovered = engine.recover_from_backend().await?;
+        if !recovered.is_empty() {
+            tracing::info!(
+                volumes = recovered.len(),
+                "recovered volumes from the backend into an empty data directory"
+            );
+        }
+    }
+    Ok(engine)
+}
+
+/// Starts the thread that steers the daemon's resident memory (`--memory-target`).
+fn start_memory_target(a: &ServeArgs, engine: &Arc<Engine>) {
+    let target = match a.memory_target {
+        Some(0) => None,
+        Some(bytes) => Some(crate::memory::RssTarget::Fixed(bytes)),
+        None => Some(crate::memory::RssTarget::PerVolume {
+            buffer_bytes: a.buffer_size,
+            rest_bytes: a.cache_size + crate::memory::DEFAULT_ALLOWANCE_BYTES,
+        }),
+    }
+    .map(|rss| crate::memory::Target::new(rss, a.cache_size, a.meta_cache_size));
+    if let Err(e) = crate::memory::spawn(engine.clone(), target) {
+        tracing::warn!(error = %e, "cannot start the memory-target thread; the frame cache keeps its size and freed memory may stay resident");
+    }
+}
+
+/// Binds the NBD listeners and starts them and the NATS control plane on `tasks`; returns the
+/// NBD address bound and the address advertised in mount URIs.
+async fn spawn_servers(
+    a: &ServeArgs,
+    engine: &Arc<Engine>,
+    tasks: &mut Tasks,
+) -> Result<(std::net::SocketAddr, String), ServeError> {
+    let listener = tokio::net::TcpListener::bind(a.nbd_listen)
+        .await
+        .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
+    let nbd_addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
+    let tls = match (&a.tls_certificate, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            nbd_server::tls::TlsConfig::from_pem_files(cert, key, a.tls_required)
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let server = nbd_server::Server::new(
+        Arc::new(nbd_server::VolumeExports::new(engine.clone())),
+        nbd_server::Limits::default(),
+        tls,
+    );
+    tasks.spawn(server.clone().serve_tcp(listener));
+    if let Some(path) = &a.nbd_unix {
+        let _ = std::fs::remove_file(path);
+        let unix = tokio::net::UnixListener::bind(path)
+            .map_err(|e| ServeError::Listen(path.display().to_string(), e))?;
+        tasks.spawn(server.clone().serve_unix(unix));
+    }
+    let advertise = a
+        .nbd_advertise
+        .clone()
+        .unwrap_or_else(|| nbd_addr.to_string());
+    let control = vblock::control::ControlConfig {
+        nats_url: a.nats_url.clone(),
+        queue_group: a.queue_group.clone(),
+        node: a.node.clone(),
+        nbd_advertise: advertise.clone(),
+        nbd_tls: a.tls_required,
+    };
+    tasks.spawn({
+        let engine = engine.clone();
+        async move {
+            vblock::control::run(engine, control).await;
+            Ok(())
+        }
+    });
+    Ok((nbd_addr, advertise))
+}
+
+/// Starts the periodic garbage collection on `tasks`.
+fn spawn_gc(a: &ServeArgs, engine: &Arc<Engine>, tasks: &mut Tasks) {
+    tasks.spawn({
+        let (engine, every, max_delay) = (engine.clone(), a.gc_interval, a.gc_max_delay);
+        async move {
+            // The mark pass walks every map: passes that mark are spaced out like the space
+            // gauges' scans, so they take at most 5% of one core however large the maps grow.
+            let mut wait = every;
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = match engine.collect_garbage_paced(max_delay).await {
+                    Ok(r) => crate::metrics::scan_interval(every, r.mark_duration.unwrap_or_default()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "garbage collection failed; retrying next interval");
+                        every
+                    }
+                };
+            }
+        }
+    });
 }
