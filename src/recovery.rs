@@ -57,13 +57,8 @@ impl Engine {
         };
         let mut recovered = Vec::new();
         for key in keys.iter().filter(|k| k.ends_with("/volume.json")) {
-            let body = self.backend.get(key).await?;
-            let rec: VolumeRecord = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "skipping an unreadable volume record");
-                    continue;
-                }
+            let Some(rec) = self.stored_record::<VolumeRecord>(key).await? else {
+                continue;
             };
             if self.get_record(&rec.volume_id).await?.is_some() {
                 continue;
@@ -72,6 +67,18 @@ impl Engine {
         }
         self.recover_snapshots(&keys).await?;
         Ok(recovered)
+    }
+
+    /// The record copy stored under `key` (a volume's or a snapshot's JSON); `None`, logged,
+    /// when it does not decode: recovery skips it rather than fail on one bad record.
+    async fn stored_record<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, VolumeError> {
+        let body = self.backend.get(key).await?;
+        Ok(serde_json::from_slice(&body)
+            .map_err(|e| tracing::warn!(key = %key, error = %e, "skipping an unreadable record"))
+            .ok())
     }
 
     /// Rebuilds volume `rec` from the backend objects among `keys`: its map from the newest
@@ -222,13 +229,8 @@ impl Engine {
             .iter()
             .filter(|k| k.starts_with("snap-") && k.ends_with("/snapshot.json"))
         {
-            let body = self.backend.get(key).await?;
-            let rec: SnapshotRecord = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "skipping an unreadable snapshot record");
-                    continue;
-                }
+            let Some(rec) = self.stored_record::<SnapshotRecord>(key).await? else {
+                continue;
             };
             if self.get_snapshot(&rec.snapshot_id).await?.is_some() {
                 continue;

@@ -12,17 +12,17 @@
 use bytes::Bytes;
 
 use crate::backend::{checkpoint_key, snapshot_map_key, snapshot_record_key, SharedBackend};
-use crate::block::{BlockRange, BLOCK_SIZE};
+use crate::block::BlockRange;
 use crate::cache::FrameCache;
 use crate::engine::{now_rfc3339, Engine};
 use crate::ids::{SnapshotId, VolumeId};
-use crate::lookup::BlockLookup;
+use crate::lookup::{BlockLookup, MapExtent};
 use crate::mapobj::MapObject;
 use crate::meta::{blocking, MetaStore, VolumeState};
 use crate::records::{SnapshotRecord, SnapshotStateName, VolumeRecord};
 use crate::retry::{delete_retried, put_retried, RetryPolicy};
-use crate::volume::read::{allocation, read_map};
-use crate::volume::{check_range, check_request, StatusExtent, VolumeError};
+use crate::volume::read::{read_bytes, read_map, status};
+use crate::volume::{StatusExtent, VolumeError};
 
 /// A snapshot opened for reading (the read-only NBD export `SNAPID`).
 #[derive(Clone)]
@@ -52,16 +52,11 @@ impl SnapshotVolume {
     /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
     /// verified.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
-        check_request(offset, len, self.size)?;
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let r = BlockRange::covering(offset, len);
-        let lookup = self.lookup.clone();
-        let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
-        let blocks = read_map(&self.cache, &self.backend, &self.retry, r, &map).await?;
-        let skip = (offset - r.start * BLOCK_SIZE) as usize;
-        Ok(blocks.slice(skip..skip + len as usize))
+        read_bytes(offset, len, self.size, |r| async move {
+            let map = self.map(r).await?;
+            read_map(&self.cache, &self.backend, &self.retry, r, &map).await
+        })
+        .await
     }
 
     /// Allocation status of `offset..offset + len` (NBD `base:allocation`), as
@@ -71,14 +66,16 @@ impl SnapshotVolume {
         offset: u64,
         len: u64,
     ) -> Result<Vec<StatusExtent>, VolumeError> {
-        check_range(offset, len, self.size)?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let r = BlockRange::covering(offset, len);
+        status(offset, len, self.size, |r| async move {
+            Ok((Vec::new(), self.map(r).await?))
+        })
+        .await
+    }
+
+    /// The map extents of block range `r` (a snapshot has no write buffer).
+    async fn map(&self, r: BlockRange) -> Result<Vec<MapExtent>, VolumeError> {
         let lookup = self.lookup.clone();
-        let map = blocking(move || lookup.lookup(r.start, r.end)).await?;
-        Ok(allocation(offset, len, &[], &map))
+        Ok(blocking(move || lookup.lookup(r.start, r.end)).await?)
     }
 }
 

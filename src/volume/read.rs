@@ -16,7 +16,7 @@ use crate::lookup::{FrameRef, MapExtent, Target};
 use crate::meta::blocking;
 use crate::retry::{retry, RetryPolicy};
 
-use super::{check_request, lock, Volume, VolumeError};
+use super::{check_range, check_request, lock, Volume, VolumeError};
 
 /// A block range `(start, end)` that no memtable covers.
 type Holes = (u64, u64);
@@ -38,14 +38,7 @@ impl Volume {
     /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
     /// verified (NBD maps both to `NBD_EIO`).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
-        check_request(offset, len, self.inner.size)?;
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let r = BlockRange::covering(offset, len);
-        let blocks = self.read_blocks(r).await?;
-        let skip = (offset - r.start * BLOCK_SIZE) as usize;
-        Ok(blocks.slice(skip..skip + len as usize))
+        read_bytes(offset, len, self.inner.size, |r| self.read_blocks(r)).await
     }
 
     /// Allocation status of `offset..offset + len` in runs (NBD `base:allocation`): stored data
@@ -55,13 +48,7 @@ impl Volume {
         offset: u64,
         len: u64,
     ) -> Result<Vec<StatusExtent>, VolumeError> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let r = BlockRange::covering(offset, len);
-        let (mem, map) = self.resolve(r).await?;
-        Ok(allocation(offset, len, &mem, &map))
+        status(offset, len, self.inner.size, |r| self.resolve(r)).await
     }
 
     /// The newest buffered extents in `r` (clipped, in block order) and the block ranges the
@@ -83,10 +70,7 @@ impl Volume {
     }
 
     /// The memtable extents and map extents that make up `r`; blocks in neither read as zeros.
-    async fn resolve(
-        &self,
-        r: BlockRange,
-    ) -> Result<(Vec<(u64, BufExtent)>, Vec<MapExtent>), VolumeError> {
+    async fn resolve(&self, r: BlockRange) -> Result<Resolution, VolumeError> {
         let (found, holes) = self.resolve_memtables(r);
         if holes.is_empty() {
             return Ok((found, Vec::new()));
@@ -468,6 +452,55 @@ fn fill_from_frames(out: &mut [u8], r: BlockRange, map: &[MapExtent], frames: Ve
         out[at..at + len].copy_from_slice(&frame[from..from + len]);
     }
 }
+
+/// Bytes `offset..offset + len` of a device of `size` bytes, cut from the blocks covering them,
+/// which `read_blocks` reads (an empty read reads nothing).
+///
+/// Errors: [`VolumeError::OutOfRange`], [`VolumeError::TooLarge`] above 32 MiB, and
+/// `read_blocks`'s.
+pub(crate) async fn read_bytes<Fut>(
+    offset: u64,
+    len: u64,
+    size: u64,
+    read_blocks: impl FnOnce(BlockRange) -> Fut,
+) -> Result<Bytes, VolumeError>
+where
+    Fut: std::future::Future<Output = Result<Bytes, VolumeError>>,
+{
+    check_request(offset, len, size)?;
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let r = BlockRange::covering(offset, len);
+    let blocks = read_blocks(r).await?;
+    let skip = (offset - r.start * BLOCK_SIZE) as usize;
+    Ok(blocks.slice(skip..skip + len as usize))
+}
+
+/// The allocation status of bytes `offset..offset + len` of a device of `size` bytes, from the
+/// write buffer and map extents that `resolve` finds for the blocks covering them.
+///
+/// Errors: [`VolumeError::OutOfRange`], and `resolve`'s.
+pub(crate) async fn status<Fut>(
+    offset: u64,
+    len: u64,
+    size: u64,
+    resolve: impl FnOnce(BlockRange) -> Fut,
+) -> Result<Vec<StatusExtent>, VolumeError>
+where
+    Fut: std::future::Future<Output = Result<Resolution, VolumeError>>,
+{
+    check_range(offset, len, size)?;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let (mem, map) = resolve(BlockRange::covering(offset, len)).await?;
+    Ok(allocation(offset, len, &mem, &map))
+}
+
+/// The write buffer's extents (start block, extent) and the map's extents that make up a block
+/// range; blocks in neither read as zeros.
+pub(crate) type Resolution = (Vec<(u64, BufExtent)>, Vec<MapExtent>);
 
 /// Allocation runs (NBD `base:allocation`) of bytes `offset..offset + len`, whose blocks are
 /// made up of the write buffer's extents `mem` and the map's extents `map`: their data extents
