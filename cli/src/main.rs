@@ -59,9 +59,9 @@ struct Cli {
     )]
     log_format: LogFormat,
     /// Most threads for blocking work (chunk reads and decoding, RocksDB, fsync of chunk
-    /// files). Fewer threads mean fewer wake-ups per request: 4k random reads at QD32 ran
-    /// ~20% faster with 8 than with tokio's default of 512 (docs/BENCHMARKS.md). Every blocking
-    /// task is a leaf (none waits for another), so a small pool cannot deadlock.
+    /// files). Fewer threads mean fewer wake-ups per request than with tokio's default of 512
+    /// (docs/design/read-queue.md). Every blocking task is a leaf (none waits for another), so a
+    /// small pool cannot deadlock.
     #[arg(
         long,
         global = true,
@@ -72,9 +72,9 @@ struct Cli {
     blocking_threads: u16,
     /// Threads of the async runtime (NBD connections, NATS, the flusher's scheduling); 0 (the
     /// default) is one less than the cores, at least 1. The CPU-heavy work runs on other
-    /// threads (the read queue, the WAL writer, the background pool): on 2 cores one async
-    /// thread ran 4k random reads at QD32 ~15-20% faster than tokio's default of one per core
-    /// (docs/BENCHMARKS.md, "One async thread on two cores").
+    /// threads (the read queue, the WAL writer, the background pool), so on 2 cores one async
+    /// thread serves random reads faster than tokio's default of one per core
+    /// (docs/design/one-async-thread.md).
     #[arg(long, global = true, env = "VBLOCK_ASYNC_THREADS", default_value_t = 0)]
     async_threads: u16,
     #[command(subcommand)]
