@@ -13,6 +13,7 @@
 
 pub mod record;
 mod replay;
+mod segment;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -580,6 +581,17 @@ pub fn segment_files(dir: &Path) -> Result<Vec<PathBuf>, WalError> {
         .into_iter()
         .map(|no| segment_path(dir, no))
         .collect())
+}
+
+/// A segment known to the writer, with the newest sequence number in it (for trimming).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SegmentInfo {
+    /// Segment number.
+    pub no: u64,
+    /// Highest sequence number of a record in it (0 for none).
+    pub max_seq: u64,
+    /// Bytes in the file (header and records).
+    pub bytes: u64,
 }
 
 #[cfg(test)]

@@ -11,9 +11,8 @@ use super::record::{
     decode_record, decode_segment_header, is_padding, segment_version, DecodeError, RecordHeader,
     RecordKind, RECORD_MAGIC, SEGMENT_HEADER_LEN,
 };
-use super::writer::SegmentInfo;
-use super::WalRecovery;
 use super::{fsync_dir, list_segments, read_trim_mark, segment_path, WalConfig, WalError};
+use super::{SegmentInfo, WalRecovery};
 use crate::fs::Fs;
 
 /// What replay found.

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -25,9 +25,10 @@ use crate::fs::{Fs, FsFile};
 use super::record::{
     encode_segment_header, RecordHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, WAL_PAGE,
 };
+use super::segment::{create_segment, prepare_segment, remove_leftover_spares, spare_path};
 use super::{
-    bump, fsync_dir, segment_path, Command, DurablePosition, WalConfig, WalError, WalStats,
-    WriteHealth,
+    bump, fsync_dir, segment_path, Command, DurablePosition, SegmentInfo, WalConfig, WalError,
+    WalStats, WriteHealth,
 };
 
 /// A batch is written once it holds this many bytes, even if more commands are queued.
@@ -42,9 +43,6 @@ const GROUP_WAIT: Duration = Duration::from_micros(100);
 
 /// Zeros for padding a write to a whole page.
 static ZERO_PAGE: [u8; WAL_PAGE] = [0; WAL_PAGE];
-
-/// Bytes per write when filling a segment with zeros.
-const ZERO_FILL_CHUNK: usize = 1 << 20;
 
 /// What one write+sync round collects.
 #[derive(Default)]
@@ -188,15 +186,6 @@ impl Waiter {
 struct Spare {
     no: u64,
     thread: std::thread::JoinHandle<Result<FsFile, WalError>>,
-}
-
-/// A segment known to the writer, with the newest sequence number in it (for trimming).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SegmentInfo {
-    pub no: u64,
-    pub max_seq: u64,
-    /// Bytes in the file (header and records).
-    pub bytes: u64,
 }
 
 pub(crate) struct Writer {
@@ -677,80 +666,6 @@ impl Drop for Writer {
             let _ = self.fs.remove_file(&spare_path(&self.dir, spare.no));
         }
     }
-}
-
-/// Where segment `no` is preallocated before it is renamed to its segment path.
-fn spare_path(dir: &Path, no: u64) -> PathBuf {
-    let mut p = segment_path(dir, no).into_os_string();
-    p.push(".prep");
-    PathBuf::from(p)
-}
-
-/// Deletes spares a crash left behind (`*.wal.prep`: never part of the log). Best effort.
-fn remove_leftover_spares(fs: &Fs, dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.ends_with(".wal.prep"))
-        {
-            let _ = fs.remove_file(&entry.path());
-        }
-    }
-}
-
-/// Preallocates segment `no` at its spare path: zeros up to `len` bytes (rounded up to a page),
-/// then its header, written and synced, so records later overwrite allocated blocks.
-/// The zeros go through direct I/O when the filesystem supports it (no page-cache copy) and
-/// through the page cache otherwise (tmpfs).
-fn prepare_segment(
-    fs: &Fs,
-    dir: &Path,
-    no: u64,
-    volume_tag: u64,
-    len: u64,
-) -> Result<FsFile, WalError> {
-    let path = spare_path(dir, no);
-    let io = |e| WalError::io(&path, e);
-    let file = fs.create(&path).map_err(io)?;
-    let len = len.div_ceil(WAL_PAGE as u64) * WAL_PAGE as u64;
-    // A page-aligned buffer for direct I/O, found inside a larger Vec (no unsafe allocation).
-    let storage = vec![0u8; ZERO_FILL_CHUNK + WAL_PAGE];
-    let skip = storage.as_ptr().align_offset(WAL_PAGE).min(WAL_PAGE);
-    let zeros = &storage[skip..skip + ZERO_FILL_CHUNK];
-    let filled = match fs.open_direct(&path) {
-        Ok(d) => fill_zeros(&d, zeros, len).or_else(|_| fill_zeros(&file, zeros, len)),
-        Err(_) => fill_zeros(&file, zeros, len),
-    };
-    filled
-        .and_then(|()| file.write_all_at(&encode_segment_header(no, volume_tag), 0))
-        .and_then(|()| file.sync_all())
-        .map_err(io)?;
-    Ok(file)
-}
-
-/// Writes zeros over bytes `0..len` of `file`, `zeros.len()` bytes per call.
-fn fill_zeros(file: &FsFile, zeros: &[u8], len: u64) -> std::io::Result<()> {
-    let mut at = 0u64;
-    while at < len {
-        let n = (len - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
-}
-
-/// Creates segment `no` with its header and makes its directory entry durable.
-fn create_segment(fs: &Fs, dir: &Path, no: u64, volume_tag: u64) -> Result<FsFile, WalError> {
-    let path = segment_path(dir, no);
-    let file = fs.create_new(&path).map_err(|e| WalError::io(&path, e))?;
-    file.write_all_at(&encode_segment_header(no, volume_tag), 0)
-        .map_err(|e| WalError::io(&path, e))?;
-    fsync_dir(fs, dir)?;
-    Ok(file)
 }
 
 #[cfg(test)]
