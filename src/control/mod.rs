@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod handlers;
+mod hive;
 
 use std::sync::Arc;
 use std::time::Duration;
