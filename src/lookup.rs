@@ -560,7 +560,6 @@ impl BlockLookup {
     }
 }
 
-/// `ranges` minus `[s, e)`.
 /// Map changes by start block: the new value (`Some`) or a delete (`None`).
 type MapChanges = Vec<(u64, Option<Vec<u8>>)>;
 
@@ -588,6 +587,7 @@ fn winners(olds: &BTreeMap<u64, MapExtent>, news: &[MapExtent]) -> BTreeMap<u64,
     winners
 }
 
+/// `ranges` minus `[s, e)`.
 fn subtract(ranges: &[(u64, u64)], s: u64, e: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::with_capacity(ranges.len() + 1);
     for &(a, b) in ranges {

@@ -57,7 +57,7 @@ impl Engine {
         };
         let mut recovered = Vec::new();
         for key in keys.iter().filter(|k| k.ends_with("/volume.json")) {
-            let Some(rec) = self.stored_record::<VolumeRecord>(key).await? else {
+            let Some(rec) = self.stored_record::<VolumeRecord>(key, "volume").await? else {
                 continue;
             };
             if self.get_record(&rec.volume_id).await?.is_some() {
@@ -69,15 +69,18 @@ impl Engine {
         Ok(recovered)
     }
 
-    /// The record copy stored under `key` (a volume's or a snapshot's JSON); `None`, logged,
-    /// when it does not decode: recovery skips it rather than fail on one bad record.
+    /// The record copy stored under `key` (a `kind` record's JSON: volume or snapshot); `None`,
+    /// logged, when it does not decode: recovery skips it rather than fail on one bad record.
     async fn stored_record<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
+        kind: &str,
     ) -> Result<Option<T>, VolumeError> {
         let body = self.backend.get(key).await?;
         Ok(serde_json::from_slice(&body)
-            .map_err(|e| tracing::warn!(key = %key, error = %e, "skipping an unreadable record"))
+            .map_err(
+                |e| tracing::warn!(key = %key, error = %e, "skipping an unreadable {kind} record"),
+            )
             .ok())
     }
 
@@ -94,8 +97,8 @@ impl Engine {
         ids.sort_unstable();
         let lookup = BlockLookup::new(self.meta.clone(), id.clone());
         let state = self.install_checkpoint(&lookup, keys, &ids).await?;
-        let covered = ids.iter().filter(|o| **o < state.next_object_id).count();
-        progress.advance(covered as u64);
+        // Chunks the checkpoint covers count as read; reported with the next one.
+        progress.done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
         ids.retain(|o| *o >= state.next_object_id);
         let state = self.apply_chunks(&lookup, state, ids, progress).await?;
         rec.mounted = false;
@@ -229,7 +232,10 @@ impl Engine {
             .iter()
             .filter(|k| k.starts_with("snap-") && k.ends_with("/snapshot.json"))
         {
-            let Some(rec) = self.stored_record::<SnapshotRecord>(key).await? else {
+            let Some(rec) = self
+                .stored_record::<SnapshotRecord>(key, "snapshot")
+                .await?
+            else {
                 continue;
             };
             if self.get_snapshot(&rec.snapshot_id).await?.is_some() {

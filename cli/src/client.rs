@@ -78,7 +78,6 @@ impl Client {
         })
     }
 
-    /// Sends `body` on `subject` and returns the reply; an `{"Error": ...}` reply is an error.
     /// Sends `req` (a request shape of `vblock::control::api`) to `subject` and decodes the
     /// reply as `R`. Errors: an EC2 `Error` reply as [`ClientError::Api`]; transport errors.
     pub async fn call<R: DeserializeOwned>(
@@ -94,6 +93,7 @@ impl Client {
         })
     }
 
+    /// Sends `body` on `subject` and returns the reply; an `{"Error": ...}` reply is an error.
     async fn request(&self, subject: &str, body: Value) -> Result<Value, ClientError> {
         let payload = serde_json::to_vec(&body).map_err(|e| ClientError::Usage(e.to_string()))?;
         let no_daemon = || ClientError::NoDaemon {
@@ -219,16 +219,18 @@ pub fn ebs_request(id: &str) -> EbsRequest {
 /// How a command prints its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
-    /// A table for people.
     Table,
-    /// The reply's JSON (the `ebs.*` shapes).
     Json,
 }
 
-/// Prints `v` as JSON, or as `table` prints it.
+/// Prints `v` as JSON (through a `serde_json::Value`, whose keys print sorted, as the replies
+/// always have), or as `table` prints it.
 pub fn print<T: Serialize>(output: Output, v: &T, table: impl FnOnce(&T)) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Json => {
+            let json = serde_json::to_value(v).and_then(|v| serde_json::to_string_pretty(&v));
+            println!("{}", json.unwrap_or_default());
+        }
         Output::Table => table(v),
     }
 }

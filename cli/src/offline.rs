@@ -39,6 +39,14 @@ pub enum OfflineError {
     /// fsck found problems.
     #[error("fsck found {0} problem(s)")]
     Problems(usize),
+    /// A volume could not be opened (its WAL replay failed).
+    #[error("{id}: {source}")]
+    Volume {
+        /// The volume.
+        id: VolumeId,
+        /// Why.
+        source: VolumeError,
+    },
 }
 
 impl From<vblock::meta::MetaError> for OfflineError {
@@ -253,17 +261,18 @@ pub async fn fsck(a: FsckArgs) -> Result<(), OfflineError> {
     let bar = progress(vols.len() as u64, "volumes");
     for rec in &vols {
         let id = &rec.volume_id;
+        let mut report = |findings: Vec<fsck::Finding>| {
+            for f in findings {
+                problems += usize::from(f.is_problem());
+                crate::progress::println(&bar, format!("{id}: {f}"));
+            }
+        };
         let wal = a.dir.wal_dir().join(id.as_str());
-        let mut findings = Vec::new();
         if wal.exists() {
             let checkpoint = meta.volume_state(id)?.checkpoint;
-            findings.extend(fsck::check_wal(&wal, checkpoint)?);
+            report(fsck::check_wal(&wal, checkpoint)?);
         }
-        findings.extend(fsck::check_chunks(&meta, &backend, rec).await?);
-        for f in findings {
-            problems += usize::from(f.is_problem());
-            crate::progress::println(&bar, format!("{id}: {f}"));
-        }
+        report(fsck::check_chunks(&meta, &backend, rec).await?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -320,7 +329,13 @@ pub async fn recover(a: RecoverArgs) -> Result<(), OfflineError> {
     let vols = engine.list_records().await?;
     for rec in &vols {
         let id = &rec.volume_id;
-        engine.volume(id).await?;
+        engine
+            .volume(id)
+            .await
+            .map_err(|source| OfflineError::Volume {
+                id: id.clone(),
+                source,
+            })?;
         println!(
             "replayed {id} (WAL recovery mode {})",
             a.dir.wal_recovery_mode.name()

@@ -256,6 +256,7 @@ pub async fn run(mut a: ServeArgs) -> Result<(), ServeError> {
     prepare_process(&a)?;
     let engine = open_engine(&a).await?;
     start_memory_target(&a, &engine);
+    recover_into_empty_data_dir(&engine).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let (nbd_addr, advertise) = spawn_servers(&a, &engine, &mut tasks).await?;
     spawn_gc(&a, &engine, &mut tasks);
@@ -352,8 +353,8 @@ fn prepare_process(a: &ServeArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Opens the engine on the data directory and the backend, removes the file backend's leftover
-/// temporary files, and recovers the backend's volumes into an empty data directory.
+/// Opens the engine on the data directory and the backend, and removes the file backend's
+/// leftover temporary files.
 async fn open_engine(a: &ServeArgs) -> Result<Arc<Engine>, ServeError> {
     let config = engine_config(a);
     config
@@ -382,8 +383,12 @@ async fn open_engine(a: &ServeArgs) -> Result<Arc<Engine>, ServeError> {
             Err(e) => tracing::warn!(error = %e, "temporary-file cleanup task failed"),
         }
     }
-    // An empty data directory next to a backend that holds volumes: recover them (disaster
-    // recovery; FORMAT.md, "Recovery").
+    Ok(engine)
+}
+
+/// An empty data directory next to a backend that holds volumes: recovers them (disaster
+/// recovery; FORMAT.md, "Recovery").
+async fn recover_into_empty_data_dir(engine: &Engine) -> Result<(), ServeError> {
     if engine.list_records().await?.is_empty() {
         let recovered = engine.recover_from_backend().await?;
         if !recovered.is_empty() {
@@ -393,7 +398,7 @@ async fn open_engine(a: &ServeArgs) -> Result<Arc<Engine>, ServeError> {
             );
         }
     }
-    Ok(engine)
+    Ok(())
 }
 
 /// Starts the thread that steers the daemon's resident memory (`--memory-target`).

@@ -22,7 +22,7 @@ impl ExportProvider for AnyName {
 
     async fn open(&self, name: &str) -> Result<Export, ExportError> {
         if name.starts_with('x') {
-            return Err(ExportError::Unknown(name.to_owned()));
+            return Err(ExportError::Unknown(format!("no export {name:?}")));
         }
         Ok(Export {
             name: name.to_owned(),

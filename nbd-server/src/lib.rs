@@ -133,8 +133,8 @@ pub trait ExportProvider: Send + Sync + 'static {
 /// Why an export cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// No volume or snapshot has this name.
-    #[error("no export named {0:?}")]
+    /// No volume or snapshot has this name (the text says which was looked for).
+    #[error("{0}")]
     Unknown(String),
     /// The volume exists but could not be opened (its WAL does not replay, I/O errors).
     #[error(transparent)]
@@ -144,8 +144,8 @@ pub enum ExportError {
 impl From<VolumeError> for ExportError {
     fn from(e: VolumeError) -> Self {
         match e {
-            VolumeError::VolumeNotFound(id) => Self::Unknown(id.to_string()),
-            VolumeError::SnapshotNotFound(id) => Self::Unknown(id.to_string()),
+            VolumeError::VolumeNotFound(id) => Self::Unknown(format!("no volume {id}")),
+            VolumeError::SnapshotNotFound(id) => Self::Unknown(format!("no snapshot {id}")),
             e => Self::Open(e),
         }
     }
@@ -191,12 +191,13 @@ impl ExportProvider for VolumeExports {
                 description: format!("vblock snapshot {snap} (read-only)"),
             });
         }
-        let id = VolumeId::parse(name).map_err(|_| ExportError::Unknown(name.to_owned()))?;
+        let id = VolumeId::parse(name)
+            .map_err(|_| ExportError::Unknown(format!("no volume or snapshot named {name:?}")))?;
         let rec = self
             .engine
             .get_record(&id)
             .await?
-            .ok_or_else(|| ExportError::Unknown(name.to_owned()))?;
+            .ok_or_else(|| ExportError::Unknown(format!("no volume {id}")))?;
         let volume = self.engine.volume(&id).await?;
         Ok(Export {
             name: name.to_owned(),

@@ -222,7 +222,11 @@ impl Replay<'_> {
             });
         }
         let cut = cut_tail(&self.config.fs, &self.config.dir, &self.segments, i, off)?;
-        if synced {
+        if off == 0 {
+            if synced {
+                tracing::error!(path = %path.display(), bytes = cut, %reason, mode = mode.name(), "WAL segment header corrupt: segment and later ones deleted, synced records among them dropped");
+            }
+        } else if synced {
             tracing::error!(
                 path = %path.display(),
                 offset = off,
