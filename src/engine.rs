@@ -8,6 +8,7 @@ use crate::backend::{checkpoint_prefix, volume_record_key, SharedBackend};
 use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 use crate::cache::{frame_cache, FrameCache};
 use crate::ids::VolumeId;
+use crate::instances::Instances;
 use crate::lookup::MapExtent;
 use crate::meta::{blocking, ChunkStats, MetaStore};
 use crate::records::{VolumeRecord, VolumeStateName};
@@ -52,7 +53,8 @@ pub struct Engine {
     pub(crate) meta: MetaStore,
     pub(crate) backend: SharedBackend,
     pub(crate) cache: FrameCache,
-    open: tokio::sync::Mutex<HashMap<VolumeId, Volume>>,
+    /// The one live instance of each open volume.
+    instances: Instances,
     /// Serialises what adds or removes map references across volumes: garbage collection,
     /// snapshot creation and deletion, clone creation, volume deletion.
     pub(crate) gc: tokio::sync::Mutex<GcPacing>,
@@ -120,7 +122,7 @@ impl Engine {
             config,
             meta,
             backend,
-            open: tokio::sync::Mutex::new(HashMap::new()),
+            instances: Instances::default(),
             gc: tokio::sync::Mutex::new(Default::default()),
         })
     }
@@ -165,11 +167,8 @@ impl Engine {
     /// open volumes is busy (opening or closing one): a non-blocking look for the daemon's
     /// memory target (cli/src/memory.rs), which keeps that room free for writes.
     pub fn write_buffer_room(&self) -> Option<(usize, u64)> {
-        let open = self.open.try_lock().ok()?;
-        Some((
-            open.len(),
-            open.values().map(Volume::buffer_room_bytes).sum(),
-        ))
+        let open = self.instances.try_open()?;
+        Some((open.len(), open.iter().map(Volume::buffer_room_bytes).sum()))
     }
 
     /// The chunk backend.
@@ -271,33 +270,41 @@ impl Engine {
     }
 
     /// The open volume `id`, opening it (WAL replay) on first use. One instance per volume is
-    /// shared by every caller, so flushes on any connection cover every connection's writes.
+    /// shared by every caller, so flushes on any connection cover every connection's writes;
+    /// while the volume is closing, this waits for the close and then opens it again
+    /// (one instance per volume: src/instances.rs).
+    ///
+    /// Errors: [`VolumeError::VolumeNotFound`], the open's errors (WAL replay, metadata),
+    /// [`VolumeError::IncorrectState`] when a close does not end in time.
     pub async fn volume(&self, id: &VolumeId) -> Result<Volume, VolumeError> {
-        let mut open = self.open.lock().await;
-        if let Some(v) = open.get(id) {
-            return Ok(v.clone());
-        }
-        let rec = self
-            .get_record(id)
-            .await?
-            .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
-        let vol = Volume::open(
-            self.meta.clone(),
-            self.backend.clone(),
-            self.cache.clone(),
-            id.clone(),
-            rec.size_bytes,
-            self.config.wal_dir.join(id.as_str()),
-            self.config.volume.clone(),
-        )
-        .await?;
-        open.insert(id.clone(), vol.clone());
-        Ok(vol)
+        self.instances
+            .get_or_open(id, self.close_wait(), || async {
+                let rec = self
+                    .get_record(id)
+                    .await?
+                    .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
+                Volume::open(
+                    self.meta.clone(),
+                    self.backend.clone(),
+                    self.cache.clone(),
+                    id.clone(),
+                    rec.size_bytes,
+                    self.config.wal_dir.join(id.as_str()),
+                    self.config.volume.clone(),
+                )
+                .await
+            })
+            .await
+    }
+
+    /// How long an opener waits for a volume's close (its drain, and what follows it).
+    fn close_wait(&self) -> Duration {
+        2 * self.config.close_drain_timeout + Duration::from_secs(60)
     }
 
     /// The volumes open now (opened by a client or the control plane), for metrics.
     pub async fn open_volumes(&self) -> Vec<Volume> {
-        self.open.lock().await.values().cloned().collect()
+        self.instances.open().await
     }
 
     /// Grows volume `id` to `size_bytes` (never shrinks). An open volume is closed first and
@@ -318,20 +325,37 @@ impl Engine {
                 rec.size_bytes
             )));
         }
-        self.close_volume(id).await?;
         rec.size_bytes = size_bytes;
-        self.publish_record(&rec).await?;
-        self.put_record(rec.clone()).await?;
+        // The new size is stored before anyone can open the volume again.
+        self.close_then(id, || async {
+            self.publish_record(&rec).await?;
+            self.put_record(rec.clone()).await
+        })
+        .await?;
         Ok(rec)
     }
 
-    /// Closes volume `id` if open (drains the buffer into chunks, syncs the WAL).
+    /// Closes volume `id` if open (drains the buffer into chunks, syncs the WAL). Openers wait
+    /// meanwhile; the next one opens a new instance.
     pub async fn close_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
-        let vol = self.open.lock().await.remove(id);
-        if let Some(vol) = vol {
-            vol.close(self.config.close_drain_timeout).await?;
-        }
-        Ok(())
+        self.close_then(id, || async { Ok(()) }).await
+    }
+
+    /// Closes volume `id` if open, then runs `then` before any opener may open it again.
+    async fn close_then<T, TFut>(&self, id: &VolumeId, then: T) -> Result<(), VolumeError>
+    where
+        T: FnOnce() -> TFut,
+        TFut: std::future::Future<Output = Result<(), VolumeError>>,
+    {
+        let drain = self.config.close_drain_timeout;
+        self.instances
+            .close_then(
+                id,
+                self.close_wait(),
+                |v| async move { v.close(drain).await },
+                then,
+            )
+            .await
     }
 
     /// Deletes volume `id`: closes it, removes its record copy and map checkpoints from the
@@ -347,7 +371,13 @@ impl Engine {
     }
 
     async fn delete_volume_locked(&self, id: &VolumeId) -> Result<(), VolumeError> {
-        self.close_volume(id).await?;
+        // Openers wait until the volume is gone, then find no record.
+        self.close_then(id, || self.delete_volume_data(id)).await
+    }
+
+    /// Removes volume `id`'s record copy and map checkpoints from the backend, its WAL and its
+    /// metadata. The volume is closed.
+    async fn delete_volume_data(&self, id: &VolumeId) -> Result<(), VolumeError> {
         // The record copy goes first: a volume half deleted is never recovered.
         self.backend.delete(&volume_record_key(id)).await?;
         for key in self.backend.list(&checkpoint_prefix(id)).await? {
@@ -372,18 +402,16 @@ impl Engine {
     /// flushed, nothing synced); the engine is consumed so its RocksDB handle closes.
     #[doc(hidden)]
     pub async fn simulate_crash(self) {
-        let vols: Vec<Volume> = self.open.lock().await.drain().map(|(_, v)| v).collect();
-        for v in vols {
+        for v in self.instances.take_all().await {
             v.simulate_crash().await;
         }
     }
 
     /// Closes every open volume, then flushes the metadata DB's memtable to table files.
     pub async fn close_all(&self) {
-        let vols: Vec<Volume> = self.open.lock().await.drain().map(|(_, v)| v).collect();
-        for v in vols {
-            if let Err(e) = v.close(self.config.close_drain_timeout).await {
-                tracing::error!(volume = %v.id(), error = %e, "close failed");
+        for id in self.instances.ids().await {
+            if let Err(e) = self.close_volume(&id).await {
+                tracing::error!(volume = %id, error = %e, "close failed");
             }
         }
         let meta = self.meta.clone();

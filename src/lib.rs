@@ -20,6 +20,7 @@ pub mod fs;
 pub mod fsck;
 pub mod gc;
 pub mod ids;
+mod instances;
 pub mod lookup;
 pub mod mapobj;
 pub mod meta;

@@ -562,6 +562,35 @@ fn metrics_port_in_use_is_exit_4() {
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
 }
 
+/// A second `vblock serve` on a data directory a daemon is using exits with exit code 3 and
+/// says why, and the first daemon goes on serving.
+#[test]
+fn a_second_daemon_on_the_same_data_directory_is_refused() {
+    require("qemu-io");
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let id = d.create_volume(1);
+    qemu_io(&d.uri(&id), &["write -P 0x3c 0 64k", "flush"]);
+    let out = run(
+        Command::new(vblock_bin())
+            .args(["serve", "--data-dir"])
+            .arg(d.data_dir())
+            .args(["--nats-url", &nats.url(), "--nbd-listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", free_port())),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("is a daemon running on this data directory"),
+        "{err}"
+    );
+    let read = qemu_io(&d.uri(&id), &["read -P 0x3c 0 64k"]);
+    assert!(!read.contains("failed"), "{read}");
+}
+
 #[test]
 fn version_names_the_commit_and_completions_generate() {
     let out = run_ok(

@@ -103,6 +103,16 @@ impl std::str::FromStr for WalRecovery {
 /// Errors of the WAL layer. Cloneable so one failure can answer every waiter of a group commit.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WalError {
+    /// Another open WAL holds the directory's lock file (`LOCK`, an advisory `flock`): a second
+    /// instance of the volume, in this process or another one on the same WAL directory.
+    #[error(
+        "WAL directory {dir} is in use by another instance of the volume (is another vblock \
+         process using the same --wal-dir?)"
+    )]
+    Locked {
+        /// The volume's WAL directory.
+        dir: PathBuf,
+    },
     /// An I/O call on a WAL file or directory failed.
     #[error("WAL I/O error on {path}: {source}")]
     Io {
@@ -321,6 +331,7 @@ impl Wal {
             .fs
             .create_dir_all(&config.dir)
             .map_err(|e| WalError::io(&config.dir, e))?;
+        let lock = lock_dir(&config.dir)?;
         let replayed = replay::replay(config, volume_tag, checkpoint, apply)?;
         // The replayed records may still sit only in the page cache (written before a kill -9 and
         // never synced). New records go to a new segment whose syncs cover only itself, so make
@@ -342,6 +353,7 @@ impl Wal {
         let writer = writer::Writer::start(
             config,
             volume_tag,
+            lock,
             replayed,
             stats.clone(),
             durable.clone(),
@@ -456,6 +468,29 @@ impl Drop for Wal {
     fn drop(&mut self) {
         // Not a clean close: write what is queued without promising durability, and detach.
         let _ = self.tx.send(Command::Stop { sync: false });
+    }
+}
+
+/// Takes the WAL directory's lock: `dir/LOCK`, created if missing, locked exclusively with
+/// `flock` (FORMAT.md, "WAL"). The lock lasts while the returned file is open; the writer thread
+/// holds it until it exits, so a directory has one writer at a time across instances and
+/// processes.
+///
+/// Errors: [`WalError::Locked`] when another open file holds it, [`WalError::Io`].
+fn lock_dir(dir: &Path) -> Result<std::fs::File, WalError> {
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| WalError::io(&path, e))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(WalError::Locked {
+            dir: dir.to_owned(),
+        }),
+        Err(e) => Err(WalError::io(&path, e.into())),
     }
 }
 
@@ -735,5 +770,25 @@ mod tests {
             replayed_seqs(&config, 40),
             Err(WalError::BadTrimMark { .. })
         ));
+    }
+    /// A WAL directory has one writer: a second open is refused while the first WAL runs,
+    /// and succeeds once it is shut down (FORMAT.md, "WAL").
+    #[test]
+    fn a_second_open_of_a_wal_directory_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = small_segments(dir.path());
+        let (wal, _) = Wal::open(&config, TAG, 0, |_, _| {}).expect("open");
+        append(&wal, 1);
+        match Wal::open(&config, TAG, 0, |_, _| {}) {
+            Err(WalError::Locked { dir }) => assert_eq!(dir, config.dir),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a second writer opened the WAL directory"),
+        }
+        wal.shutdown(true);
+        let mut replayed = Vec::new();
+        let (again, _) =
+            Wal::open(&config, TAG, 0, |h, _| replayed.push(h.seq)).expect("open after shutdown");
+        assert_eq!(replayed, vec![1]);
+        again.shutdown(true);
     }
 }

@@ -189,6 +189,8 @@ struct Spare {
 }
 
 pub(crate) struct Writer {
+    /// The WAL directory's lock file, held (open) while this writer runs.
+    _lock: std::fs::File,
     fs: Fs,
     dir: PathBuf,
     volume_tag: u64,
@@ -229,6 +231,7 @@ impl Writer {
     pub(crate) fn start(
         config: &WalConfig,
         volume_tag: u64,
+        lock: std::fs::File,
         replayed: super::replay::Replayed,
         stats: Arc<WalStats>,
         durable: Arc<Mutex<DurablePosition>>,
@@ -259,6 +262,7 @@ impl Writer {
             };
         }
         Ok(Self {
+            _lock: lock,
             fs: config.fs.clone(),
             dir: config.dir.clone(),
             volume_tag,
