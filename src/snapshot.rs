@@ -92,10 +92,32 @@ impl Engine {
         vol: &VolumeId,
         description: &str,
     ) -> Result<SnapshotRecord, VolumeError> {
-        let volume = self.volume(vol).await?;
-        let mut rec = SnapshotRecord {
+        // A close can end the instance under the snapshot (an unmount racing it): the next
+        // instance, opened once the close is done, holds every write the closed one had.
+        let mut attempt = 0;
+        let rec = loop {
+            let volume = self.volume(vol).await?;
+            match self.capture_snapshot(&volume, description).await {
+                Err(VolumeError::Closed) if attempt < 3 => attempt += 1,
+                r => break r?,
+            }
+        };
+        tracing::info!(snapshot = %rec.snapshot_id, volume = %vol, seq = rec.seq, "snapshot taken");
+        let (meta, backend, r) = (self.meta.clone(), self.backend.clone(), rec.clone());
+        tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
+        Ok(rec)
+    }
+
+    /// Freezes `volume`'s map into a new snapshot record (the `pending` record, stored).
+    /// Errors: [`VolumeError::Closed`] when the instance closes meanwhile; metadata errors.
+    async fn capture_snapshot(
+        &self,
+        volume: &crate::Volume,
+        description: &str,
+    ) -> Result<SnapshotRecord, VolumeError> {
+        let rec = SnapshotRecord {
             snapshot_id: SnapshotId::generate(),
-            volume_id: vol.clone(),
+            volume_id: volume.id().clone(),
             volume_size_bytes: volume.size(),
             state: SnapshotStateName::Pending,
             start_time: now_rfc3339(),
@@ -112,7 +134,7 @@ impl Engine {
         // which lists the snapshots and then walks every map: a reference copied out of a map
         // not yet walked into a snapshot not listed would be missed, and its object deleted.
         let _gc = self.gc.lock().await;
-        rec = volume
+        volume
             .with_frozen_map(move |state| {
                 let rec = SnapshotRecord {
                     seq: state.checkpoint,
@@ -121,11 +143,7 @@ impl Engine {
                 meta.capture_snapshot(&rec)?;
                 Ok(rec)
             })
-            .await?;
-        tracing::info!(snapshot = %rec.snapshot_id, volume = %vol, seq = rec.seq, "snapshot taken");
-        let (meta, backend, r) = (self.meta.clone(), self.backend.clone(), rec.clone());
-        tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
-        Ok(rec)
+            .await
     }
 
     /// The record of snapshot `id`, if any.
