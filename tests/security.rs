@@ -203,6 +203,103 @@ fn tls_optional_serves_both_and_bad_settings_fail_at_start() {
     assert!(stderr.contains("unknown fail point"), "{stderr}");
 }
 
+/// `--tls-client-ca`: TLS clients must present a certificate from that CA. libnbd (nbdinfo) and
+/// qemu-io with the CA's client certificate are served; without a certificate, or with one from
+/// another CA, the TLS handshake fails; the flag without `--tls-required` is refused at start.
+#[test]
+fn tls_client_certificates_are_required_with_a_client_ca() {
+    require("nbdinfo");
+    require("qemu-io");
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_certificates(certs.path());
+    let ca = certs.path().join("ca-cert.pem");
+    let cert = certs.path().join("server-cert.pem");
+    let key = certs.path().join("server-key.pem");
+    let nats = Nats::start();
+    let d = Daemon::start_with(
+        &nats.url(),
+        &[
+            "--tls-certificate",
+            cert.to_str().expect("utf-8"),
+            "--tls-key",
+            key.to_str().expect("utf-8"),
+            "--tls-required",
+            "--tls-client-ca",
+            ca.to_str().expect("utf-8"),
+        ],
+    );
+    let vol = d.create_volume(1);
+    let info = nbdinfo_tls(&d, &vol, certs.path());
+    assert!(info.contains("export-size: 1073741824"), "{info}");
+    let qemu = |dir: &Path| {
+        let mut c = Command::new("qemu-io");
+        c.arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                dir.display()
+            ))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export={vol},tls-creds=tls0",
+                d.nbd_port
+            ))
+            .args(["-c", "write -P 0x5d 0 4096", "-c", "read -P 0x5d 0 4096"]);
+        run(&mut c, T)
+    };
+    let out = qemu(certs.path());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("read 4096/4096 bytes"),
+        "{text}"
+    );
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+
+    // No client certificate: only the CA, to trust the server.
+    let anonymous = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(&ca, anonymous.path().join("ca-cert.pem")).expect("copy CA");
+    // A client certificate from another CA.
+    let foreign = tempfile::tempdir().expect("tempdir");
+    common::tls::make_foreign_client(foreign.path(), certs.path());
+    for refused in [anonymous.path(), foreign.path()] {
+        let info = run(
+            Command::new("nbdinfo").arg(format!(
+                "nbds://127.0.0.1:{}/{vol}?tls-certificates={}",
+                d.nbd_port,
+                refused.display()
+            )),
+            T,
+        );
+        assert!(
+            !info.status.success(),
+            "nbdinfo with {refused:?} was served"
+        );
+        let out = qemu(refused);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !text.contains("bytes"),
+            "qemu-io with {refused:?} was served: {text}"
+        );
+    }
+
+    // Without --tls-required, plaintext clients would get past the CA: refused at start.
+    let (code, stderr) = Daemon::start_expect_failure(
+        &nats.url(),
+        &[
+            "--tls-certificate",
+            cert.to_str().expect("utf-8"),
+            "--tls-key",
+            key.to_str().expect("utf-8"),
+            "--tls-client-ca",
+            ca.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--tls-required"), "{stderr}");
+}
+
 #[test]
 fn listeners_default_to_loopback() {
     let out = run_ok(

@@ -86,6 +86,11 @@ pub struct ServeArgs {
     /// Refuse NBD clients that do not start TLS (mount URIs become nbds://).
     #[arg(long, env = "VBLOCK_TLS_REQUIRED", requires = "tls_certificate")]
     pub tls_required: bool,
+    /// CA certificates (PEM) that NBD clients' certificates must chain to: TLS clients without
+    /// such a certificate are refused (client authentication, as nbdkit's --tls-verify-peer).
+    /// Needs --tls-required, so that no client gets in without one.
+    #[arg(long, env = "VBLOCK_TLS_CLIENT_CA", requires = "tls_required")]
+    pub tls_client_ca: Option<PathBuf>,
     /// NATS server URL for the ebs.* control plane.
     #[arg(long, env = "VBLOCK_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -432,8 +437,13 @@ async fn spawn_servers(
         .map_err(|e| ServeError::Listen(a.nbd_listen.to_string(), e))?;
     let tls = match (&a.tls_certificate, &a.tls_key) {
         (Some(cert), Some(key)) => Some(
-            nbd_server::tls::TlsConfig::from_pem_files(cert, key, a.tls_required)
-                .map_err(|e| ServeError::Config(e.to_string()))?,
+            nbd_server::tls::TlsConfig::from_pem_files(
+                cert,
+                key,
+                a.tls_required,
+                a.tls_client_ca.as_deref(),
+            )
+            .map_err(|e| ServeError::Config(e.to_string()))?,
         ),
         _ => None,
     };

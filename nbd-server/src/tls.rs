@@ -25,6 +25,9 @@ pub enum TlsError {
     /// rustls refused the certificate/key pair.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    /// The client CA file cannot verify client certificates (no usable CA certificate).
+    #[error("{0}: no usable CA certificate for verifying clients: {1}")]
+    ClientCa(PathBuf, String),
 }
 
 /// The server side of NBD TLS: who we are, and whether plaintext is allowed.
@@ -38,8 +41,19 @@ pub struct TlsConfig {
 
 impl TlsConfig {
     /// Loads the server certificate chain (`cert`, PEM, leaf first) and its private key (`key`,
-    /// PEM: PKCS#8, PKCS#1 or SEC1). TLS 1.2 and 1.3, aws-lc-rs crypto, no client certificates.
-    pub fn from_pem_files(cert: &Path, key: &Path, required: bool) -> Result<Self, TlsError> {
+    /// PEM: PKCS#8, PKCS#1 or SEC1). TLS 1.2 and 1.3, aws-lc-rs crypto. With `client_ca` (PEM,
+    /// one or more CA certificates) every client must present a certificate that chains to one
+    /// of them, or the TLS handshake fails (nbdkit's `--tls-verify-peer`); without it no client
+    /// certificate is asked for.
+    ///
+    /// Errors: [`TlsError::Pem`], [`TlsError::NoCertificate`], [`TlsError::ClientCa`],
+    /// [`TlsError::Config`].
+    pub fn from_pem_files(
+        cert: &Path,
+        key: &Path,
+        required: bool,
+        client_ca: Option<&Path>,
+    ) -> Result<Self, TlsError> {
         let pem_err = |p: &Path, e: rustls::pki_types::pem::Error| {
             TlsError::Pem(p.to_path_buf(), e.to_string())
         };
@@ -52,10 +66,27 @@ impl TlsConfig {
         }
         let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key_der)?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for der in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err(ca, e))? {
+                    roots
+                        .add(der.map_err(|e| pem_err(ca, e))?)
+                        .map_err(|e| TlsError::ClientCa(ca.to_path_buf(), e.to_string()))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| TlsError::ClientCa(ca.to_path_buf(), e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder.with_single_cert(chain, key_der)?;
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             required,
