@@ -202,6 +202,7 @@ impl Engine {
             attachments: Vec::new(),
             client_token: String::new(),
             mounted: false,
+            multi_attach_enabled: false,
         }
     }
 

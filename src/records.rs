@@ -87,6 +87,10 @@ pub struct VolumeRecord {
     /// True while mounted (exported for a VM via `ebs.mount`).
     #[serde(default)]
     pub mounted: bool,
+    /// EC2 `MultiAttachEnabled`: the volume may be attached to several instances at once
+    /// (EBS Multi-Attach; io1 and io2 volumes only).
+    #[serde(default)]
+    pub multi_attach_enabled: bool,
 }
 
 /// Lifecycle state of a snapshot (EC2 `SnapshotState`).

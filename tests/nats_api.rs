@@ -95,6 +95,21 @@ fn volume_lifecycle_ec2_and_hive() {
             assert_eq!(desc["Volumes"][0]["Attachments"][0]["InstanceId"], "i-0abc");
             let by_instance = call(&c, "ebs.describevolumes", json!({"Filters": [{"Name": "attachment.instance-id", "Values": ["i-0abc"]}]})).await;
             assert_eq!(by_instance["Volumes"].as_array().map(Vec::len), Some(1));
+            assert_eq!(desc["Volumes"][0]["MultiAttachEnabled"], false);
+            // EBS Multi-Attach: io1/io2 only; then several instances, each once, at most 16.
+            let bad = call(&c, "ebs.createvolume", json!({"Size": 1, "MultiAttachEnabled": true})).await;
+            assert_eq!(error_code(&bad), "InvalidParameterValue", "{bad}");
+            let multi = call(&c, "ebs.createvolume", json!({"Size": 1, "VolumeType": "io2", "MultiAttachEnabled": true})).await;
+            assert_eq!(multi["MultiAttachEnabled"], true, "{multi}");
+            let multi = multi["VolumeId"].as_str().expect("VolumeId").to_owned();
+            for i in 0..16 {
+                let a = call(&c, "ebs.attachvolume", json!({"VolumeId": multi, "InstanceId": format!("i-{i}"), "Device": "/dev/sdf"})).await;
+                assert_eq!(a["State"], "attached", "{a}");
+            }
+            assert_eq!(error_code(&call(&c, "ebs.attachvolume", json!({"VolumeId": multi, "InstanceId": "i-3", "Device": "/dev/sdg"})).await), "VolumeInUse");
+            assert_eq!(error_code(&call(&c, "ebs.attachvolume", json!({"VolumeId": multi, "InstanceId": "i-16", "Device": "/dev/sdf"})).await), "VolumeInUse");
+            let desc = call(&c, "ebs.describevolumes", json!({"VolumeIds": [multi]})).await;
+            assert_eq!(desc["Volumes"][0]["Attachments"].as_array().map(Vec::len), Some(16));
             // Hive mount, verbatim payload, with the ebs.mount.response broadcast.
             let mut responses = c.subscribe("ebs.mount.response").await.expect("subscribe");
             let hive = format!(r#"{{"Name":"{id}","VolType":"gp3","Boot":false,"EFI":false,"DeleteOnTermination":true,"NBDURI":"","DeviceName":"/dev/vdb","HotplugPort":3}}"#);

@@ -205,6 +205,9 @@ enum VolumeCommand {
         /// Volume type.
         #[arg(long, default_value = "gp3")]
         r#type: String,
+        /// EBS Multi-Attach: attachable to several instances at once (io1 and io2 only).
+        #[arg(long)]
+        multi_attach: bool,
     },
     /// List volumes (ebs.describevolumes).
     List,
@@ -282,6 +285,7 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
                 snapshot,
                 name,
                 r#type,
+                multi_attach,
             } => {
                 let req = CreateVolumeRequest {
                     size: size
@@ -301,6 +305,7 @@ async fn volume_command(r: &Remote, cmd: VolumeCommand) -> Result<(), ClientErro
                         }]
                     }),
                     client_token: None,
+                    multi_attach_enabled: multi_attach.then_some(true),
                 };
                 let v: api::Volume = c.call("ebs.createvolume", &req).await?;
                 print(out, &v, |v| println!("{}", v.volume_id));

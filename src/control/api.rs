@@ -117,6 +117,9 @@ pub struct CreateVolumeRequest {
     /// Idempotency token.
     #[serde(rename = "ClientToken", skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
+    /// EBS Multi-Attach (io1 and io2 only, as in EC2).
+    #[serde(rename = "MultiAttachEnabled", skip_serializing_if = "Option::is_none")]
+    pub multi_attach_enabled: Option<bool>,
 }
 
 /// `{"Name", "Values"}`.
@@ -244,6 +247,9 @@ pub struct Volume {
     /// Attachments.
     #[serde(rename = "Attachments")]
     pub attachments: Vec<VolumeAttachment>,
+    /// EBS Multi-Attach: attachable to several instances at once.
+    #[serde(rename = "MultiAttachEnabled", default)]
+    pub multi_attach_enabled: bool,
     /// Tags.
     #[serde(rename = "Tags")]
     pub tags: Vec<Tag>,

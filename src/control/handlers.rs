@@ -15,6 +15,8 @@ use crate::volume::VolumeError;
 const GIB: u64 = 1 << 30;
 /// EC2's largest `Size`, GiB.
 const MAX_SIZE_GIB: i64 = 16384;
+/// Instances a Multi-Attach volume can be attached to at once (EBS's limit).
+const MAX_MULTI_ATTACH: usize = 16;
 
 /// What handling a request produced.
 #[derive(Debug)]
@@ -140,6 +142,7 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
         create_time: r.create_time.clone(),
         volume_type: r.volume_type.clone(),
         iops: r.iops,
+        multi_attach_enabled: r.multi_attach_enabled,
         attachments: r
             .attachments
             .iter()
@@ -320,6 +323,16 @@ impl Control {
             rec.iops = u32::try_from(iops)
                 .map_err(|_| ApiError::invalid(format!("Iops {iops} out of range")))?;
         }
+        if req.multi_attach_enabled == Some(true) {
+            // EBS Multi-Attach exists for Provisioned IOPS volumes only.
+            if !matches!(rec.volume_type.as_str(), "io1" | "io2") {
+                return Err(ApiError::invalid(format!(
+                    "MultiAttachEnabled is supported for io1 and io2 volumes, not {}",
+                    rec.volume_type
+                )));
+            }
+            rec.multi_attach_enabled = true;
+        }
         match &snapshot {
             Some(s) => {
                 rec.snapshot_id = s.snapshot_id.to_string();
@@ -394,10 +407,26 @@ impl Control {
         let id = parse_volume_id(&req.volume_id)?;
         let _g = self.lock.lock().await;
         let mut rec = self.record(&id).await?;
-        if !rec.attachments.is_empty() {
+        if rec
+            .attachments
+            .iter()
+            .any(|a| a.instance_id == req.instance_id)
+        {
             return Err(ApiError::new(
                 "VolumeInUse",
-                format!("{id} is already attached to an instance"),
+                format!("{id} is already attached to {}", req.instance_id),
+            ));
+        }
+        if !rec.attachments.is_empty() && !rec.multi_attach_enabled {
+            return Err(ApiError::new(
+                "VolumeInUse",
+                format!("{id} is already attached to an instance and is not a Multi-Attach volume"),
+            ));
+        }
+        if rec.attachments.len() >= MAX_MULTI_ATTACH {
+            return Err(ApiError::new(
+                "VolumeInUse",
+                format!("{id} is attached to {MAX_MULTI_ATTACH} instances, the most EBS allows"),
             ));
         }
         let a = records::Attachment {
