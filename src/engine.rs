@@ -278,23 +278,18 @@ impl Engine {
     /// Errors: [`VolumeError::VolumeNotFound`], the open's errors (WAL replay, metadata),
     /// [`VolumeError::IncorrectState`] when a close does not end in time.
     pub async fn volume(&self, id: &VolumeId) -> Result<Volume, VolumeError> {
+        let (meta, backend, cache) = (self.meta.clone(), self.backend.clone(), self.cache.clone());
+        let (vid, wal_dir) = (id.clone(), self.config.wal_dir.join(id.as_str()));
+        let config = self.config.volume.clone();
+        let open = async move {
+            let (m, v) = (meta.clone(), vid.clone());
+            let rec = blocking(move || m.get_volume(&v))
+                .await?
+                .ok_or_else(|| VolumeError::VolumeNotFound(vid.clone()))?;
+            Volume::open(meta, backend, cache, vid, rec.size_bytes, wal_dir, config).await
+        };
         self.instances
-            .get_or_open(id, self.close_wait(), || async {
-                let rec = self
-                    .get_record(id)
-                    .await?
-                    .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
-                Volume::open(
-                    self.meta.clone(),
-                    self.backend.clone(),
-                    self.cache.clone(),
-                    id.clone(),
-                    rec.size_bytes,
-                    self.config.wal_dir.join(id.as_str()),
-                    self.config.volume.clone(),
-                )
-                .await
-            })
+            .get_or_open(id, self.close_wait(), open)
             .await
     }
 

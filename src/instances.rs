@@ -1,15 +1,21 @@
 //! The one live instance of each open volume. A volume's instance goes opening → open → closing
-//! → closed, and there is never a second one: an opener finds the open instance, opens it
-//! itself while holding the table (so concurrent openers wait for it), or, while the volume is
-//! closing, waits until the close is done and looks again. A WAL directory, a map and a range
-//! of chunk object ids so belong to one instance at a time; the WAL's lock file
-//! ([`crate::wal::WalError::Locked`]) catches a second process on the same directory.
+//! → closed, and there is never a second one: an opener finds the open instance, waits while it
+//! is opening or closing and then looks again, or starts the open itself. A WAL directory, a map
+//! and a range of chunk object ids so belong to one instance at a time; the WAL's lock file
+//! ([`crate::wal::WalError::Locked`]) backs this up, also against a second process on the same
+//! directory.
+//!
+//! Opens run in their own task and closes finish their bookkeeping even when the caller goes
+//! away (a handshake timeout, a panic), so no slot is ever left behind: a waiter that finds the
+//! slot's owner gone treats the slot as stale and removes it.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Mutex};
+use tokio::time::Instant;
 
 use crate::ids::VolumeId;
 use crate::volume::{Volume, VolumeError};
@@ -18,60 +24,100 @@ use crate::volume::{Volume, VolumeError};
 enum Slot {
     /// Open: every caller shares this instance.
     Open(Volume),
-    /// Closing (and, for a delete or resize, what follows the close): openers wait until the
-    /// sender is dropped.
-    Closing(watch::Receiver<()>),
+    /// Being opened by a task, or closing (and, for a delete or resize, what follows the close):
+    /// others wait until the owner drops the sender.
+    Busy(watch::Receiver<()>),
 }
+
+type Slots = Arc<Mutex<HashMap<VolumeId, Slot>>>;
 
 /// The table of open volumes of an engine.
 #[derive(Default)]
 pub(crate) struct Instances {
-    slots: Mutex<HashMap<VolumeId, Slot>>,
+    slots: Slots,
+}
+
+/// Waits until the owner of a busy slot whose receiver is `rx` is done, at most until
+/// `deadline`; then, if the slot still holds the same (now closed) channel, its owner went
+/// away without cleaning up: the slot is removed.
+async fn wait_busy(
+    slots: &Slots,
+    id: &VolumeId,
+    mut rx: watch::Receiver<()>,
+    deadline: Instant,
+) -> Result<(), VolumeError> {
+    // The sender is dropped when the owner is done: `changed` then returns an error.
+    if tokio::time::timeout_at(deadline, rx.changed())
+        .await
+        .is_err()
+    {
+        return Err(VolumeError::IncorrectState(format!(
+            "volume {id} is still being opened or closed"
+        )));
+    }
+    let mut slots = slots.lock().await;
+    if let Some(Slot::Busy(now)) = slots.get(id) {
+        if now.same_channel(&rx) {
+            slots.remove(id);
+        }
+    }
+    Ok(())
 }
 
 impl Instances {
-    /// The open instance of `id`, or the one `open` makes when there is none (the table stays
-    /// locked meanwhile, so no other opener makes another). While `id` is closing, waits up to
-    /// `wait` for the close to end, then looks again.
+    /// The open instance of `id`, or the one `open` makes when there is none. The open runs in
+    /// its own task (it finishes and is recorded even if this caller goes away); meanwhile other
+    /// openers wait for it, as they wait while `id` is closing — at most `wait` in all.
     ///
-    /// Errors: `open`'s; [`VolumeError::IncorrectState`] when the close outlasts `wait`.
-    pub(crate) async fn get_or_open<F, Fut>(
+    /// Errors: `open`'s; [`VolumeError::IncorrectState`] when an open or close outlasts `wait`;
+    /// [`VolumeError::Internal`] when the open task panics.
+    pub(crate) async fn get_or_open<Fut>(
         &self,
         id: &VolumeId,
         wait: Duration,
-        open: F,
+        open: Fut,
     ) -> Result<Volume, VolumeError>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Volume, VolumeError>>,
+        Fut: Future<Output = Result<Volume, VolumeError>> + Send + 'static,
     {
-        let mut slots = loop {
-            let slots = self.slots.lock().await;
-            let mut closing = match slots.get(id) {
+        let deadline = Instant::now() + wait;
+        let (tx, rx) = watch::channel(());
+        loop {
+            let mut slots = self.slots.lock().await;
+            let busy = match slots.get(id) {
                 Some(Slot::Open(v)) => return Ok(v.clone()),
-                Some(Slot::Closing(rx)) => rx.clone(),
-                None => break slots,
+                Some(Slot::Busy(rx)) => rx.clone(),
+                None => {
+                    slots.insert(id.clone(), Slot::Busy(rx));
+                    break;
+                }
             };
             drop(slots);
-            // The sender is dropped when the close is over: `changed` then returns an error.
-            if tokio::time::timeout(wait, closing.changed()).await.is_err() {
-                return Err(VolumeError::IncorrectState(format!(
-                    "volume {id} is still closing after {wait:?}"
-                )));
-            }
-        };
-        let vol = open().await?;
-        slots.insert(id.clone(), Slot::Open(vol.clone()));
-        Ok(vol)
+            wait_busy(&self.slots, id, busy, deadline).await?;
+        }
+        let (slots, vid) = (self.slots.clone(), id.clone());
+        let task = tokio::spawn(async move {
+            let opened = open.await;
+            let mut slots = slots.lock().await;
+            match &opened {
+                Ok(v) => slots.insert(vid, Slot::Open(v.clone())),
+                Err(_) => slots.remove(&vid),
+            };
+            drop(slots);
+            drop(tx);
+            opened
+        });
+        task.await
+            .map_err(|e| VolumeError::task("volume open", e))?
     }
 
-    /// Closes `id`'s instance, if open, with `close`, then runs `then` (e.g. deleting the
-    /// volume's files), with openers waiting throughout; another close in progress is waited
-    /// for first (up to `wait`). Returns the first error of the two steps (`then` runs even when
-    /// the close failed: the instance is gone either way).
+    /// Closes `id`'s instance, if open, with `close`, then — if the close succeeded — runs
+    /// `then` (e.g. deleting the volume's files), with openers waiting throughout; an open or
+    /// another close in progress is waited for first (at most `wait`). Should this call be
+    /// dropped half way (its caller cancelled, a panic), the slot is freed all the same.
     ///
-    /// Errors: `close`'s and `then`'s; [`VolumeError::IncorrectState`] when another close
-    /// outlasts `wait`.
+    /// Errors: `close`'s (then `then` does not run) and `then`'s;
+    /// [`VolumeError::IncorrectState`] when another open or close outlasts `wait`.
     pub(crate) async fn close_then<C, CFut, T, TFut>(
         &self,
         id: &VolumeId,
@@ -85,41 +131,41 @@ impl Instances {
         T: FnOnce() -> TFut,
         TFut: Future<Output = Result<(), VolumeError>>,
     {
+        let deadline = Instant::now() + wait;
         let (tx, rx) = watch::channel(());
         let open = loop {
             let mut slots = self.slots.lock().await;
-            let mut closing = match slots.remove(id) {
+            let busy = match slots.remove(id) {
                 Some(Slot::Open(v)) => {
-                    slots.insert(id.clone(), Slot::Closing(rx));
+                    slots.insert(id.clone(), Slot::Busy(rx));
                     break Some(v);
                 }
-                Some(Slot::Closing(other)) => {
-                    slots.insert(id.clone(), Slot::Closing(other.clone()));
+                Some(Slot::Busy(other)) => {
+                    slots.insert(id.clone(), Slot::Busy(other.clone()));
                     other
                 }
                 None => {
-                    slots.insert(id.clone(), Slot::Closing(rx));
+                    slots.insert(id.clone(), Slot::Busy(rx));
                     break None;
                 }
             };
             drop(slots);
-            if tokio::time::timeout(wait, closing.changed()).await.is_err() {
-                return Err(VolumeError::IncorrectState(format!(
-                    "volume {id} is still closing after {wait:?}"
-                )));
-            }
+            wait_busy(&self.slots, id, busy, deadline).await?;
         };
-        let closed = match open {
-            Some(v) => close(v).await,
-            None => Ok(()),
+        let guard = Release {
+            slots: self.slots.clone(),
+            id: id.clone(),
+            tx: Some(tx),
         };
+        if let Some(v) = open {
+            close(v).await?;
+        }
         let then = then().await;
-        self.slots.lock().await.remove(id);
-        drop(tx);
-        closed.and(then)
+        drop(guard);
+        then
     }
 
-    /// Takes every open instance out of the table (crash simulation); closing ones are left.
+    /// Takes every open instance out of the table (crash simulation); busy ones are left.
     pub(crate) async fn take_all(&self) -> Vec<Volume> {
         let mut slots = self.slots.lock().await;
         let ids: Vec<VolumeId> = slots
@@ -135,7 +181,7 @@ impl Instances {
             .collect()
     }
 
-    /// The ids of the volumes open or closing now.
+    /// The ids of the volumes open, opening or closing now.
     pub(crate) async fn ids(&self) -> Vec<VolumeId> {
         self.slots.lock().await.keys().cloned().collect()
     }
@@ -146,11 +192,41 @@ impl Instances {
         open_volumes(&slots).cloned().collect()
     }
 
-    /// [`Instances::open`] without waiting: `None` while the table is busy (opening or closing
-    /// a volume).
+    /// [`Instances::open`] without waiting: `None` while the table is locked.
     pub(crate) fn try_open(&self) -> Option<Vec<Volume>> {
         let slots = self.slots.try_lock().ok()?;
         Some(open_volumes(&slots).cloned().collect())
+    }
+}
+
+/// Frees a closing volume's slot when dropped — after the close and its follow-up, or when the
+/// closer goes away half way — and then lets its waiters go (drops the sender).
+struct Release {
+    slots: Slots,
+    id: VolumeId,
+    tx: Option<watch::Sender<()>>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let (slots, id, tx) = (self.slots.clone(), self.id.clone(), self.tx.take());
+        // Removing needs the table's async lock: at once when it is free (the usual case),
+        // else from a task.
+        let remove = move |slots: &mut HashMap<VolumeId, Slot>| {
+            if let (Some(Slot::Busy(rx)), Some(tx)) = (slots.get(&id), &tx) {
+                if rx.same_channel(&tx.subscribe()) {
+                    slots.remove(&id);
+                }
+            }
+            drop(tx);
+        };
+        if let Ok(mut guard) = self.slots.try_lock() {
+            remove(&mut guard);
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { remove(&mut *slots.lock().await) });
+        }
+        // Without a runtime the sender goes with `remove`: waiters then find the slot's
+        // channel closed and remove the slot themselves.
     }
 }
 
@@ -158,6 +234,6 @@ impl Instances {
 fn open_volumes(slots: &HashMap<VolumeId, Slot>) -> impl Iterator<Item = &Volume> {
     slots.values().filter_map(|s| match s {
         Slot::Open(v) => Some(v),
-        Slot::Closing(_) => None,
+        Slot::Busy(_) => None,
     })
 }

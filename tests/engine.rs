@@ -1049,3 +1049,94 @@ fn a_closing_volume_is_never_open_twice() {
         engine.close_all().await;
     });
 }
+
+/// Two engines (two metadata DBs) that share a WAL directory: the second open of a volume's
+/// WAL is refused with `WalError::Locked` while the first engine has it open, and succeeds once
+/// the first closes it.
+#[test]
+fn a_wal_directory_shared_by_two_engines_has_one_writer() {
+    common::run(Duration::from_secs(60), async {
+        let (a_dir, b_dir, wal) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let engine = |dir: std::path::PathBuf| {
+            let wal = wal.path().to_owned();
+            async move {
+                let mut config = common::small_config(&dir);
+                config.wal_dir = wal;
+                vblock::Engine::open(config, common::memory_backend())
+                    .await
+                    .expect("engine")
+            }
+        };
+        let a = engine(a_dir.path().to_owned()).await;
+        let b = engine(b_dir.path().to_owned()).await;
+        let rec = a.create_volume(1 << 20, "shared").await.expect("create");
+        b.create_volume_from(rec.clone())
+            .await
+            .expect("same id on b");
+        let id = rec.volume_id;
+        let vol = a.volume(&id).await.expect("a opens");
+        match b.volume(&id).await {
+            Err(VolumeError::Wal(WalError::Locked { dir })) => {
+                assert_eq!(dir, wal.path().join(id.as_str()));
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("two engines opened one WAL directory"),
+        }
+        drop(vol);
+        a.close_volume(&id).await.expect("a closes");
+        b.volume(&id).await.expect("b opens once a closed");
+        a.close_all().await;
+        b.close_all().await;
+    });
+}
+
+/// A close whose caller goes away half way (a timeout) leaves no closing slot behind: the volume
+/// opens again, with its flushed data, once the abandoned instance has stopped.
+#[test]
+fn a_close_abandoned_half_way_does_not_wedge_the_volume() {
+    common::run(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend: vblock::backend::SharedBackend = common::HookedBackend::new(SlowChunkPuts);
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(4 << 20, "abandoned")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        vol.write(0, Bytes::from(vec![7u8; 2 << 20]), false)
+            .await
+            .expect("write");
+        vol.flush().await.expect("flush");
+        drop(vol);
+        // 32 chunks at 3 ms each: the close is still draining when the timeout drops it.
+        let cut = tokio::time::timeout(Duration::from_millis(5), engine.close_volume(&id)).await;
+        assert!(
+            cut.is_err(),
+            "the close finished before it could be abandoned"
+        );
+        // Opens fail with `Locked` (never hang) until the abandoned instance's WAL writer exits.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let vol = loop {
+            match tokio::time::timeout(Duration::from_secs(10), engine.volume(&id)).await {
+                Ok(Ok(v)) => break v,
+                Ok(Err(VolumeError::Wal(WalError::Locked { .. }))) => {}
+                Ok(Err(e)) => panic!("open failed: {e}"),
+                Err(_) => panic!("an open hung behind the abandoned close"),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the volume stayed locked"
+            );
+            tokio::task::yield_now().await;
+        };
+        let data = vol.read(0, 2 << 20).await.expect("read");
+        assert!(data.iter().all(|&b| b == 7), "flushed data lost");
+        drop(vol);
+        engine.close_all().await;
+    });
+}
