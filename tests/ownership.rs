@@ -97,3 +97,61 @@ fn unmount_raced_by_handshakes_and_snapshots_never_opens_a_second_instance() {
         );
     }
 }
+
+/// An unmount closes the volume's NBD connections: a client connected before it gets an error
+/// for its next request (the connection is closed), and its write before the unmount is kept.
+#[test]
+fn unmount_disconnects_the_volumes_clients() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    require("qemu-io");
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let id = d.create_volume(1);
+    let mount = run(
+        Command::new(vblock_bin()).args(["mount", &id, "--nats-url", &nats.url()]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        mount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mount.stderr)
+    );
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", d.nbd_port)).expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let export = nbd::client::handshake(&mut tcp, id.as_bytes()).expect("handshake");
+    let mut socket = tcp.try_clone().expect("clone");
+    let mut c = nbd::client::NbdClient::new(tcp, &export);
+    c.write_all(&[0x6e; 4096])
+        .expect("write before the unmount");
+    c.flush().expect("flush");
+    let unmount = run(
+        Command::new(vblock_bin()).args(["unmount", &id, "--nats-url", &nats.url()]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        unmount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unmount.stderr)
+    );
+    d.wait_for_log(
+        "volume closed: disconnecting its client",
+        Duration::from_secs(30),
+    );
+    // The server closed the connection: the socket reads end of file, not a timeout.
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        socket.read(&mut byte).expect("read after the unmount"),
+        0,
+        "the connection is still open"
+    );
+    c.seek(SeekFrom::Start(0)).expect("seek");
+    let mut buf = [0u8; 4096];
+    assert!(
+        c.read_exact(&mut buf).is_err(),
+        "a request after the unmount was served"
+    );
+    let read = qemu_io(&d.uri(&id), &["read -P 0x6e 0 4096"]);
+    assert!(!read.contains("failed"), "{read}");
+}

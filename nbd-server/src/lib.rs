@@ -69,6 +69,14 @@ impl Device {
         }
     }
 
+    /// Resolves when a volume starts closing ([`Volume::closed`]); never for a snapshot.
+    pub async fn closed(&self) {
+        match self {
+            Device::Volume(v) => v.closed().await,
+            Device::Snapshot(_) => std::future::pending().await,
+        }
+    }
+
     /// [`Volume::flush`]; nothing to do for a snapshot.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         match self {

@@ -356,9 +356,22 @@ where
     let bytes = Arc::new(Semaphore::new(limits.max_in_flight_bytes));
     let mut tasks = JoinSet::new();
     let mut header = [0u8; REQUEST_LEN];
+    // An unmount, delete or resize closes the volume: no request is taken after that; those in
+    // flight are answered (`NBD_ESHUTDOWN` once they meet the closed volume), then the
+    // connection is closed.
+    let device = neg.export.volume.clone();
+    let closed = device.closed();
+    tokio::pin!(closed);
     let result = loop {
         while tasks.try_join_next().is_some() {}
-        match rd.read_exact(&mut header).await {
+        let read = tokio::select! {
+            read = rd.read_exact(&mut header) => read,
+            () = &mut closed => {
+                tracing::info!(volume = %neg.export.name, "volume closed: disconnecting its client");
+                break Ok(());
+            }
+        };
+        match read {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e),

@@ -101,6 +101,8 @@ struct Inner {
     /// test every write makes.
     failed: Mutex<Option<String>>,
     has_failed: AtomicBool,
+    /// Set (true) when the volume starts closing: [`Volume::closed`] waits for it.
+    closing: tokio::sync::watch::Sender<bool>,
     /// PUTs in flight (`upload_concurrency`); chunks are built ahead of them.
     upload_slots: Semaphore,
     /// Buffers of uploaded chunk objects, reused for the next ones while the flusher is busy:
@@ -240,6 +242,7 @@ impl Volume {
             flusher: Mutex::new(None),
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
+            closing: tokio::sync::watch::Sender::new(false),
             upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
             object_buffers: chunk::ObjectBuffers::new(config.upload_concurrency.max(1)),
             stats: VolumeStats::default(),
@@ -534,6 +537,14 @@ impl Volume {
         }
     }
 
+    /// Resolves once this instance has started closing (an unmount, a delete, a resize, the
+    /// daemon's shutdown): every request from then on fails with [`VolumeError::Closed`], so an
+    /// NBD connection to it ends (nbd_server::transmission).
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closing.subscribe();
+        let _ = rx.wait_for(|closing| *closing).await;
+    }
+
     /// Stops accepting writes, turns everything buffered into chunks (waiting at most
     /// `drain_timeout`; what is left stays in the WAL and is replayed at the next open), syncs
     /// the WAL and stops its writer.
@@ -544,6 +555,7 @@ impl Volume {
             st.closed = true;
             st.buf.freeze();
         }
+        inner.closing.send_replace(true);
         inner.draining.store(true, Ordering::SeqCst);
         inner.wake.notify_one();
         inner.flushed.notify_waiters();
@@ -575,6 +587,7 @@ impl Volume {
         // Stop before closed: whoever sees the volume closed knows the flusher is told to stop.
         inner.stop.store(true, Ordering::SeqCst);
         lock(&inner.state).closed = true;
+        inner.closing.send_replace(true);
         inner.wake.notify_one();
         inner.flushed.notify_waiters();
         let handle = lock(&inner.flusher).take();
