@@ -92,6 +92,11 @@ impl GcPacing {
     }
 }
 
+/// The record of volume `id` in `meta`, if any (read on a blocking thread).
+async fn read_record(meta: MetaStore, id: VolumeId) -> Result<Option<VolumeRecord>, VolumeError> {
+    Ok(blocking(move || meta.get_volume(&id)).await?)
+}
+
 /// The highest sequence number among `extents` (0 for none).
 pub(crate) fn max_extent_seq(extents: &[MapExtent]) -> u64 {
     extents.iter().map(|e| e.seq).max().unwrap_or(0)
@@ -237,9 +242,7 @@ impl Engine {
 
     /// The record of `id`, if any.
     pub async fn get_record(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, VolumeError> {
-        let meta = self.meta.clone();
-        let id = id.clone();
-        Ok(blocking(move || meta.get_volume(&id)).await?)
+        read_record(self.meta.clone(), id.clone()).await
     }
 
     /// Every volume record.
@@ -282,8 +285,7 @@ impl Engine {
         let (vid, wal_dir) = (id.clone(), self.config.wal_dir.join(id.as_str()));
         let config = self.config.volume.clone();
         let open = async move {
-            let (m, v) = (meta.clone(), vid.clone());
-            let rec = blocking(move || m.get_volume(&v))
+            let rec = read_record(meta.clone(), vid.clone())
                 .await?
                 .ok_or_else(|| VolumeError::VolumeNotFound(vid.clone()))?;
             Volume::open(meta, backend, cache, vid, rec.size_bytes, wal_dir, config).await

@@ -3,7 +3,7 @@
 //! is not behind the WAL's trim mark, every chunk object verifies, and every map extent points
 //! at a frame that exists and matches its chunk's index. Findings are typed; the CLI prints them.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -199,18 +199,27 @@ pub fn check_wal(dir: &Path, checkpoint: u64) -> Result<Vec<Finding>, VolumeErro
     Ok(out)
 }
 
-/// The index of chunk object `key` after verifying the whole object, or why it is bad.
-async fn verified_index(backend: &SharedBackend, key: &str) -> Result<Vec<ChunkExtent>, Finding> {
+/// The index of chunk object `key` after verifying the whole object; `None`, with a
+/// [`Finding::BadChunk`] added to `out`, when it is missing or bad.
+async fn verified_index(
+    backend: &SharedBackend,
+    key: &str,
+    out: &mut Vec<Finding>,
+) -> Option<Vec<ChunkExtent>> {
     let result = match backend.get(key).await {
         Ok(obj) => chunk::verify(&obj)
             .map(|(_, index)| index)
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    result.map_err(|error| Finding::BadChunk {
-        key: key.to_owned(),
-        error,
-    })
+    result
+        .map_err(|error| {
+            out.push(Finding::BadChunk {
+                key: key.to_owned(),
+                error,
+            })
+        })
+        .ok()
 }
 
 /// Whether chunk index entry `c` is the frame `f` points at.
@@ -246,11 +255,8 @@ pub async fn check_chunks(
     // Indexes by (owner, object id), `None` for a bad chunk (reported once).
     let mut indexes: HashMap<(u128, u64), Option<Vec<ChunkExtent>>> = HashMap::new();
     for (object_id, _) in stats {
-        let index = verified_index(backend, &chunk_key(id, object_id)).await;
-        indexes.insert(
-            (id.number(), object_id),
-            index.map_err(|f| out.push(f)).ok(),
-        );
+        let index = verified_index(backend, &chunk_key(id, object_id), &mut out).await;
+        indexes.insert((id.number(), object_id), index);
     }
     for e in extents {
         if e.end() * BLOCK_SIZE > rec.size_bytes {
@@ -260,15 +266,11 @@ pub async fn check_chunks(
             });
         }
         let Target::Data(f) = e.target else { continue };
-        let key = chunk_key_of(f.owner, f.object_id);
-        let index = match indexes.get(&(f.owner, f.object_id)) {
-            Some(index) => index,
-            None => {
-                let index = verified_index(backend, &key)
-                    .await
-                    .map_err(|f| out.push(f))
-                    .ok();
-                indexes.entry((f.owner, f.object_id)).or_insert(index)
+        let index = match indexes.entry((f.owner, f.object_id)) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let key = chunk_key_of(f.owner, f.object_id);
+                v.insert(verified_index(backend, &key, &mut out).await)
             }
         };
         let found = index
@@ -278,7 +280,7 @@ pub async fn check_chunks(
             out.push(Finding::ExtentWithoutFrame {
                 start: e.start,
                 end: e.end(),
-                key,
+                key: chunk_key_of(f.owner, f.object_id),
                 frame_offset: f.offset,
             });
         }

@@ -135,19 +135,13 @@ impl Instances {
         let (tx, rx) = watch::channel(());
         let open = loop {
             let mut slots = self.slots.lock().await;
-            let busy = match slots.remove(id) {
-                Some(Slot::Open(v)) => {
-                    slots.insert(id.clone(), Slot::Busy(rx));
-                    break Some(v);
-                }
-                Some(Slot::Busy(other)) => {
-                    slots.insert(id.clone(), Slot::Busy(other.clone()));
-                    other
-                }
-                None => {
-                    slots.insert(id.clone(), Slot::Busy(rx));
-                    break None;
-                }
+            let busy = match slots.get(id) {
+                Some(Slot::Busy(other)) => other.clone(),
+                // Open or absent: the slot is this close's now.
+                _ => match slots.insert(id.clone(), Slot::Busy(rx)) {
+                    Some(Slot::Open(v)) => break Some(v),
+                    _ => break None,
+                },
             };
             drop(slots);
             wait_busy(&self.slots, id, busy, deadline).await?;

@@ -107,34 +107,13 @@ fn unmount_disconnects_the_volumes_clients() {
     let nats = Nats::start();
     let d = Daemon::start(&nats.url());
     let id = d.create_volume(1);
-    let mount = run(
-        Command::new(vblock_bin()).args(["mount", &id, "--nats-url", &nats.url()]),
-        Duration::from_secs(60),
-    );
-    assert!(
-        mount.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mount.stderr)
-    );
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", d.nbd_port)).expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    tcp.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let export = nbd::client::handshake(&mut tcp, id.as_bytes()).expect("handshake");
-    let mut socket = tcp.try_clone().expect("clone");
-    let mut c = nbd::client::NbdClient::new(tcp, &export);
+    d.cli(&["mount", &id]);
+    let (mut c, mut socket) =
+        common::daemon::nbd_client_and_socket(d.nbd_port, &id, Duration::from_secs(30));
     c.write_all(&[0x6e; 4096])
         .expect("write before the unmount");
     c.flush().expect("flush");
-    let unmount = run(
-        Command::new(vblock_bin()).args(["unmount", &id, "--nats-url", &nats.url()]),
-        Duration::from_secs(60),
-    );
-    assert!(
-        unmount.status.success(),
-        "{}",
-        String::from_utf8_lossy(&unmount.stderr)
-    );
+    d.cli(&["unmount", &id]);
     d.wait_for_log(
         "volume closed: disconnecting its client",
         Duration::from_secs(30),

@@ -359,8 +359,7 @@ where
     // An unmount, delete or resize closes the volume: no request is taken after that; those in
     // flight are answered (`NBD_ESHUTDOWN` once they meet the closed volume), then the
     // connection is closed.
-    let device = neg.export.volume.clone();
-    let closed = device.closed();
+    let closed = neg.export.volume.closed();
     tokio::pin!(closed);
     let result = loop {
         while tasks.try_join_next().is_some() {}

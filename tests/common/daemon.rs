@@ -60,12 +60,23 @@ pub fn nbd_client(
     vol: &str,
     read_timeout: Duration,
 ) -> nbd::client::NbdClient<TcpStream> {
+    nbd_client_and_socket(port, vol, read_timeout).0
+}
+
+/// [`nbd_client`], and a second handle on its socket (to see what the server does with the
+/// connection itself, e.g. close it).
+pub fn nbd_client_and_socket(
+    port: u16,
+    vol: &str,
+    read_timeout: Duration,
+) -> (nbd::client::NbdClient<TcpStream>, TcpStream) {
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     // The nbd crate writes each header field separately: no Nagle delay.
     tcp.set_nodelay(true).expect("nodelay");
     tcp.set_read_timeout(Some(read_timeout)).expect("timeout");
     let export = nbd::client::handshake(&mut tcp, vol.as_bytes()).expect("handshake");
-    nbd::client::NbdClient::new(tcp, &export)
+    let socket = tcp.try_clone().expect("clone the socket");
+    (nbd::client::NbdClient::new(tcp, &export), socket)
 }
 
 /// Runs `qemu-io -f raw -c CMD... URI` (bounded) and returns its output, whatever it says.
