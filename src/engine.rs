@@ -58,6 +58,9 @@ pub struct Engine {
     /// Serialises what adds or removes map references across volumes: garbage collection,
     /// snapshot creation and deletion, clone creation, volume deletion.
     pub(crate) gc: tokio::sync::Mutex<GcPacing>,
+    /// Per snapshot opened for reading: set to true when its export ends (unmount, delete), so
+    /// that every reader of it stops (src/snapshot.rs).
+    pub(crate) snapshot_ends: std::sync::Mutex<crate::snapshot::SnapshotEnds>,
 }
 
 /// What the periodic pass remembers between passes to pace map checkpoints (in memory: a
@@ -129,6 +132,7 @@ impl Engine {
             backend,
             instances: Instances::default(),
             gc: tokio::sync::Mutex::new(Default::default()),
+            snapshot_ends: Default::default(),
         })
     }
 
@@ -206,7 +210,7 @@ impl Engine {
             tags: Vec::new(),
             attachments: Vec::new(),
             client_token: String::new(),
-            mounted: false,
+            mount: None,
             multi_attach_enabled: false,
         }
     }
@@ -337,6 +341,29 @@ impl Engine {
     /// meanwhile; the next one opens a new instance.
     pub async fn close_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
         self.close_then(id, || async { Ok(()) }).await
+    }
+
+    /// [`Engine::close_volume`]; without `drain` the write buffer is not turned into chunks
+    /// (it stays in the synced WAL and is replayed at the next open), so the close takes only
+    /// the WAL sync (EC2 `DetachVolume` with `Force`).
+    pub async fn close_volume_draining(
+        &self,
+        id: &VolumeId,
+        drain: bool,
+    ) -> Result<(), VolumeError> {
+        let drain = if drain {
+            self.config.close_drain_timeout
+        } else {
+            Duration::ZERO
+        };
+        self.instances
+            .close_then(
+                id,
+                self.close_wait(),
+                |v| async move { v.close(drain).await },
+                || async { Ok(()) },
+            )
+            .await
     }
 
     /// Closes volume `id` if open, then runs `then` before any opener may open it again.

@@ -49,6 +49,78 @@ pub struct Attachment {
     pub delete_on_termination: bool,
 }
 
+/// A mount (Hive's `ebs.mount`): the grant to serve a volume or snapshot over NBD, until the
+/// matching unmount. Persisted with the record, so a restarted daemon serves the same export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// The export name's secret: [`MOUNT_SECRET_HEX`] lowercase hex digits (128 random bits).
+    /// The export is `ID-SECRET`, unless the daemon runs with open exports (`ID`).
+    pub secret: String,
+    /// The node it was mounted through (`ebs.NODE.mount`, or the daemon's `--node`); empty when
+    /// neither named one.
+    #[serde(default)]
+    pub node: String,
+    /// Hive's `DeviceName`.
+    #[serde(default)]
+    pub device: String,
+    /// Hive's `DeleteOnTermination` (reported in the volume's `Attachments`).
+    #[serde(default)]
+    pub delete_on_termination: bool,
+    /// RFC 3339 time of the mount.
+    #[serde(default)]
+    pub mount_time: String,
+}
+
+/// Hex digits of a [`Mount::secret`]: 32, i.e. 128 bits.
+pub const MOUNT_SECRET_HEX: usize = 32;
+
+impl Mount {
+    /// A new mount with a fresh random secret.
+    pub fn new(node: String, device: String, delete_on_termination: bool, time: String) -> Self {
+        use rand::Rng;
+        let bits: u128 = rand::thread_rng().gen();
+        Self {
+            secret: format!("{bits:0width$x}", width = MOUNT_SECRET_HEX),
+            node,
+            device,
+            delete_on_termination,
+            mount_time: time,
+        }
+    }
+
+    /// Whether `secret` is this mount's, compared in time independent of where they differ.
+    pub fn secret_matches(&self, secret: &str) -> bool {
+        let (a, b) = (self.secret.as_bytes(), secret.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+/// The NBD export name of volume or snapshot `id` while mounted with `mount`: `ID-SECRET`
+/// (e.g. `vol-0123456789abcdef0-` and 32 hex digits), or the bare `ID` with open exports.
+pub fn export_name(id: &str, mount: &Mount, open_exports: bool) -> String {
+    if open_exports {
+        id.to_owned()
+    } else {
+        format!("{id}-{}", mount.secret)
+    }
+}
+
+/// Splits an export name into the id and the secret it carries: `(ID, Some(SECRET))` when the
+/// part after the last `-` is [`MOUNT_SECRET_HEX`] lowercase hex digits, else `(name, None)`.
+pub fn split_export_name(name: &str) -> (&str, Option<&str>) {
+    match name.rsplit_once('-') {
+        Some((id, secret))
+            if secret.len() == MOUNT_SECRET_HEX
+                && secret
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
+            (id, Some(secret))
+        }
+        _ => (name, None),
+    }
+}
+
 /// Everything persisted about a volume besides its data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
@@ -84,9 +156,11 @@ pub struct VolumeRecord {
     /// EC2 `ClientToken` used to create it (idempotency).
     #[serde(default)]
     pub client_token: String,
-    /// True while mounted (exported for a VM via `ebs.mount`).
-    #[serde(default)]
-    pub mounted: bool,
+    /// The mount while the volume is mounted (exported over NBD after `ebs.mount`); `None`
+    /// otherwise. Records written before mounts carried a secret had a `mounted` flag instead:
+    /// it is ignored, so such a volume is unmounted until mounted again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<Mount>,
     /// EC2 `MultiAttachEnabled`: the volume may be attached to several instances at once
     /// (EBS Multi-Attach; io1 and io2 volumes only).
     #[serde(default)]
@@ -126,4 +200,41 @@ pub struct SnapshotRecord {
     pub description: String,
     /// Every write of the volume up to this sequence number is in the snapshot; none after.
     pub seq: u64,
+    /// The mount while the snapshot is exported read-only over NBD (`ebs.mount` with the
+    /// SnapshotId as `Name`); local to this daemon, never in the backend copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<Mount>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_name_splits_into_its_id_and_secret() {
+        let m = Mount::new(String::new(), String::new(), false, String::new());
+        assert_eq!(m.secret.len(), MOUNT_SECRET_HEX);
+        let name = export_name("vol-0123456789abcdef0", &m, false);
+        assert_eq!(
+            split_export_name(&name),
+            ("vol-0123456789abcdef0", Some(m.secret.as_str()))
+        );
+        assert!(m.secret_matches(&m.secret));
+        assert!(!m.secret_matches(&"0".repeat(MOUNT_SECRET_HEX)) || m.secret == "0".repeat(32));
+        assert!(!m.secret_matches(""));
+        // A bare id carries no secret, nor does a name whose tail is not 32 hex digits.
+        assert_eq!(
+            split_export_name("vol-0123456789abcdef0"),
+            ("vol-0123456789abcdef0", None)
+        );
+        let upper = format!("vol-0123456789abcdef0-{}", "A".repeat(MOUNT_SECRET_HEX));
+        assert_eq!(split_export_name(&upper), (upper.as_str(), None));
+        assert_eq!(
+            export_name("snap-0123456789abcdef0", &m, true),
+            "snap-0123456789abcdef0"
+        );
+        // Two mounts never share a secret.
+        let other = Mount::new(String::new(), String::new(), false, String::new());
+        assert_ne!(m.secret, other.secret);
+    }
 }

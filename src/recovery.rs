@@ -101,7 +101,7 @@ impl Engine {
         progress.done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
         ids.retain(|o| *o >= state.next_object_id);
         let state = self.apply_chunks(&lookup, state, ids, progress).await?;
-        rec.mounted = false;
+        rec.mount = None;
         let meta = self.meta.clone();
         blocking(move || meta.put_volume(&rec)).await?;
         tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, "volume recovered from the backend");

@@ -33,6 +33,8 @@ pub struct SnapshotVolume {
     backend: SharedBackend,
     cache: FrameCache,
     retry: RetryPolicy,
+    /// True once the snapshot's export ended (unmounted or deleted): every request fails.
+    ended: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SnapshotVolume {
@@ -52,6 +54,7 @@ impl SnapshotVolume {
     /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
     /// verified.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
+        self.check_open()?;
         read_bytes(offset, len, self.size, |r| async move {
             let map = self.map(r).await?;
             read_map(&self.cache, &self.backend, &self.retry, r, &map).await
@@ -66,10 +69,29 @@ impl SnapshotVolume {
         offset: u64,
         len: u64,
     ) -> Result<Vec<StatusExtent>, VolumeError> {
+        self.check_open()?;
         status(offset, len, self.size, |r| async move {
             Ok((Vec::new(), self.map(r).await?))
         })
         .await
+    }
+
+    /// Resolves once the snapshot is unmounted or deleted ([`Engine::unmount_snapshot`],
+    /// [`Engine::delete_snapshot`]): every request from then on fails with
+    /// [`VolumeError::Closed`], so an NBD connection to it ends.
+    pub async fn closed(&self) {
+        let mut rx = self.ended.clone();
+        let _ = rx.wait_for(|ended| *ended).await;
+    }
+
+    /// [`VolumeError::Closed`] once the snapshot's export ended: a reader never sees the zeros
+    /// of a map that is gone.
+    fn check_open(&self) -> Result<(), VolumeError> {
+        if *self.ended.borrow() {
+            Err(VolumeError::Closed)
+        } else {
+            Ok(())
+        }
     }
 
     /// The map extents of block range `r` (a snapshot has no write buffer).
@@ -78,6 +100,15 @@ impl SnapshotVolume {
         Ok(blocking(move || lookup.lookup(r.start, r.end)).await?)
     }
 }
+
+/// The table of snapshot export ends; a panic elsewhere while it was held leaves it usable.
+fn ends(m: &std::sync::Mutex<SnapshotEnds>) -> std::sync::MutexGuard<'_, SnapshotEnds> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Per snapshot, the sender that ends its readers ([`SnapshotVolume::closed`]).
+pub(crate) type SnapshotEnds =
+    std::collections::HashMap<SnapshotId, tokio::sync::watch::Sender<bool>>;
 
 impl Engine {
     /// Takes a snapshot of volume `vol`: flushes its buffer into chunks, freezes its map at the
@@ -124,6 +155,7 @@ impl Engine {
             progress: 0,
             description: description.to_owned(),
             seq: 0,
+            mount: None,
         };
         let meta = self.meta.clone();
         let r = rec.clone();
@@ -178,12 +210,18 @@ impl Engine {
                     "snapshot {id} is pending; delete it once it completes"
                 )));
             }
+            if rec.mount.is_some() {
+                return Err(VolumeError::InUse(format!(
+                    "snapshot {id} is mounted (exported over NBD); unmount it first"
+                )));
+            }
             // The record copy goes first: a half-deleted snapshot is never recovered.
             for key in [snapshot_record_key(id), snapshot_map_key(id)] {
                 delete_retried(&self.backend, &key).await?;
             }
             let (meta, sid) = (self.meta.clone(), id.clone());
             blocking(move || meta.delete_snapshot(&sid)).await?;
+            self.end_snapshot_readers(id);
         }
         tracing::info!(snapshot = %id, "snapshot deleted");
         self.collect_garbage().await?;
@@ -199,6 +237,10 @@ impl Engine {
             .get_snapshot(id)
             .await?
             .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
+        let ended = ends(&self.snapshot_ends)
+            .entry(id.clone())
+            .or_insert_with(|| tokio::sync::watch::channel(false).0)
+            .subscribe();
         Ok(SnapshotVolume {
             id: id.clone(),
             size: rec.volume_size_bytes,
@@ -206,7 +248,65 @@ impl Engine {
             backend: self.backend.clone(),
             cache: self.cache.clone(),
             retry: self.config.volume.read_retry,
+            ended,
         })
+    }
+
+    /// Ends every reader of snapshot `id` opened so far ([`SnapshotVolume::closed`]); readers
+    /// opened later start afresh.
+    fn end_snapshot_readers(&self, id: &SnapshotId) {
+        if let Some(tx) = ends(&self.snapshot_ends).remove(id) {
+            tx.send_replace(true);
+        }
+    }
+
+    /// Mounts snapshot `id` (its read-only NBD export) with `mount`, or returns the record as it
+    /// is when it is mounted already (mounts are idempotent; the caller compares the node).
+    /// Under the GC lock, so that a deletion never races it.
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::IncorrectState`] while it is
+    /// `pending` (its record is still being rewritten); metadata errors.
+    pub async fn mount_snapshot(
+        &self,
+        id: &SnapshotId,
+        mount: crate::records::Mount,
+    ) -> Result<SnapshotRecord, VolumeError> {
+        let _gc = self.gc.lock().await;
+        let mut rec = self
+            .get_snapshot(id)
+            .await?
+            .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
+        if rec.mount.is_some() {
+            return Ok(rec);
+        }
+        if rec.state == SnapshotStateName::Pending {
+            return Err(VolumeError::IncorrectState(format!(
+                "snapshot {id} is pending; mount it once it completes"
+            )));
+        }
+        rec.mount = Some(mount);
+        let (meta, r) = (self.meta.clone(), rec.clone());
+        blocking(move || meta.put_snapshot(&r)).await?;
+        Ok(rec)
+    }
+
+    /// Unmounts snapshot `id`: its export ends and every connected reader's requests fail from
+    /// now on. Returns whether it was mounted.
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`]; metadata errors.
+    pub async fn unmount_snapshot(&self, id: &SnapshotId) -> Result<bool, VolumeError> {
+        let _gc = self.gc.lock().await;
+        let mut rec = self
+            .get_snapshot(id)
+            .await?
+            .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
+        let was = rec.mount.take().is_some();
+        if was {
+            let (meta, r) = (self.meta.clone(), rec.clone());
+            blocking(move || meta.put_snapshot(&r)).await?;
+        }
+        self.end_snapshot_readers(id);
+        Ok(was)
     }
 
     /// Creates volume `rec` as a clone of completed snapshot `snap`: its map starts as the

@@ -268,7 +268,8 @@ fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
             "50ms",
         ],
     );
-    let vol = d.create_volume(1);
+    // The export name of the mounted volume: its mount (and secret) outlives every kill.
+    let vol = d.export(&d.create_volume(1));
     let env_num = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<u64>().ok());
     let iterations = env_num("VBLOCK_CRASH_ITERATIONS").unwrap_or(200) as usize;
     let seed = env_num("VBLOCK_CRASH_SEED").unwrap_or_else(rand::random);

@@ -69,7 +69,7 @@ fn wal_disk_full_fails_flushes_then_recovers_without_loss() {
         ],
     );
     let vol = d.create_volume(1);
-    let mut c = nbd_client(d.nbd_port, &vol, Duration::from_secs(60));
+    let mut c = nbd_client(d.nbd_port, &d.export(&vol), Duration::from_secs(60));
 
     // Generation 1 fits: acknowledged durable.
     c.write_all(&pattern(1, 1 << 20)).expect("write gen 1");
@@ -84,7 +84,7 @@ fn wal_disk_full_fails_flushes_then_recovers_without_loss() {
     // Writes keep being accepted only up to the WAL's unwritten cap (32 MiB), then fail with
     // ENOSPC: a full WAL disk does not grow memory without bound.
     drop(c);
-    let mut c = nbd_client(d.nbd_port, &vol, Duration::from_secs(60));
+    let mut c = nbd_client(d.nbd_port, &d.export(&vol), Duration::from_secs(60));
     let mut accepted = 0;
     for i in 0..64u64 {
         c.seek(SeekFrom::Start((16 << 20) + (i << 20)))
@@ -100,7 +100,7 @@ fn wal_disk_full_fails_flushes_then_recovers_without_loss() {
     );
     // The client library may give up on the connection after an error reply; reconnect.
     drop(c);
-    let mut c = nbd_client(d.nbd_port, &vol, Duration::from_secs(60));
+    let mut c = nbd_client(d.nbd_port, &d.export(&vol), Duration::from_secs(60));
     let mut first = vec![0u8; 1 << 20];
     c.read_exact(&mut first)
         .expect("read gen 1 while the disk is full");
@@ -121,7 +121,7 @@ fn wal_disk_full_fails_flushes_then_recovers_without_loss() {
     // error reply.
     drop(c);
     let ok = wait_until(Duration::from_secs(30), || {
-        nbd_client(d.nbd_port, &vol, Duration::from_secs(60))
+        nbd_client(d.nbd_port, &d.export(&vol), Duration::from_secs(60))
             .flush()
             .is_ok()
     });
@@ -134,7 +134,7 @@ fn wal_disk_full_fails_flushes_then_recovers_without_loss() {
     // kill -9: everything acknowledged by the last flush is there after the WAL replay.
     d.kill9();
     d.start_again();
-    let mut c = nbd_client(d.nbd_port, &vol, Duration::from_secs(60));
+    let mut c = nbd_client(d.nbd_port, &d.export(&vol), Duration::from_secs(60));
     let mut all = vec![0u8; 9 << 20];
     c.read_exact(&mut all).expect("read back");
     assert!(all[..1 << 20].iter().all(|&b| b == 1), "gen 1 lost");

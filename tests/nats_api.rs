@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{qemu_io, run, vblock_bin, wait_until, Daemon, Nats};
+use common::daemon::{qemu_io, qemu_io_output, run, vblock_bin, wait_until, Daemon, Nats};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -114,12 +114,20 @@ fn volume_lifecycle_ec2_and_hive() {
             let mut responses = c.subscribe("ebs.mount.response").await.expect("subscribe");
             let hive = format!(r#"{{"Name":"{id}","VolType":"gp3","Boot":false,"EFI":false,"DeleteOnTermination":true,"NBDURI":"","DeviceName":"/dev/vdb","HotplugPort":3}}"#);
             let m = request(&c, "ebs.mount", hive.as_bytes()).await;
-            let uri = format!("nbd://127.0.0.1:{}/{id}", d.nbd_port);
+            let uri = m["URI"].as_str().expect("URI").to_owned();
+            // The export is the VolumeId and the mount's 128-bit secret.
+            let secret = uri.strip_prefix(&format!("nbd://127.0.0.1:{}/{id}-", d.nbd_port)).expect("export named by the volume id and a secret");
+            assert!(secret.len() == 32 && secret.bytes().all(|b| b.is_ascii_hexdigit()), "{uri}");
             assert_eq!(m, json!({"URI": uri, "Mounted": true, "Error": "", "Retryable": false}));
             let broadcast = tokio::time::timeout(Duration::from_secs(10), responses.next()).await.expect("broadcast in time").expect("message");
             assert_eq!(serde_json::from_slice::<Value>(&broadcast.payload).expect("json"), m);
             let m2 = request(&c, "ebs.node1.mount", hive.as_bytes()).await;
             assert_eq!(m2["URI"], m["URI"], "mount is idempotent, also on the node subject");
+            // The mount is reported as an attachment with its DeleteOnTermination.
+            let desc = call(&c, "ebs.describevolumes", json!({"VolumeIds": [id]})).await;
+            let mount = &desc["Volumes"][0]["Attachments"][1];
+            assert_eq!((mount["InstanceId"].as_str(), mount["Device"].as_str(), mount["State"].as_str(), mount["DeleteOnTermination"].as_bool()),
+                (Some(""), Some("/dev/vdb"), Some("attached"), Some(true)), "{desc}");
             // The URI works for a real client.
             let out = qemu_io(&uri, &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"]);
             assert!(!out.contains("failed"), "{out}");
@@ -145,8 +153,16 @@ fn volume_lifecycle_ec2_and_hive() {
             let vol = &desc["Volumes"][0];
             assert_eq!((vol["Size"].as_u64(), vol["State"].as_str()), (Some(2), Some("available")));
             assert_eq!(vol["Tags"], json!([{"Key": "Name", "Value": "web-1"}, {"Key": "team", "Value": "db"}]));
-            let out = qemu_io(&uri, &["read -P 0x5a 0 64k", "read -P 0 1G 4k"]);
+            // The unmount ended the old URI; a new mount has a new secret.
+            let refused = qemu_io_output(&uri, &["read 0 4k"]);
+            assert!(!refused.status.success(), "the URI of an ended mount must not open");
+            let again = request(&c, "ebs.mount", hive.as_bytes()).await;
+            let uri2 = again["URI"].as_str().expect("URI").to_owned();
+            assert_ne!(uri2, uri);
+            let out = qemu_io(&uri2, &["read -P 0x5a 0 64k", "read -P 0 1G 4k"]);
             assert!(!out.contains("failed"), "{out}");
+            let u = request(&c, "ebs.unmount", hive.as_bytes()).await;
+            assert_eq!(u["Error"], "", "{u}");
             // DeleteVolume.
             assert_eq!(call(&c, "ebs.deletevolume", json!({"VolumeId": id})).await, json!({"Return": true}));
             assert_eq!(error_code(&call(&c, "ebs.describevolumes", json!({"VolumeIds": [id]})).await), "InvalidVolume.NotFound");
@@ -327,8 +343,9 @@ fn nbd_keeps_serving_through_a_nats_outage_and_control_reconnects() {
     let mut nats = Nats::start();
     let d = Daemon::start(&nats.url());
     let id = d.create_volume(1);
+    let uri = d.uri(&id);
     nats.stop();
-    let out = qemu_io(&d.uri(&id), &["write -P 0x77 0 1M", "read -P 0x77 0 1M"]);
+    let out = qemu_io(&uri, &["write -P 0x77 0 1M", "read -P 0x77 0 1M"]);
     assert!(!out.contains("failed"), "{out}");
     d.wait_for_log("NATS disconnected", Duration::from_secs(20));
     nats.restart();

@@ -155,7 +155,7 @@ fn nbd_over_unix_socket() {
     let d = Daemon::start_with(&nats.url(), &["--nbd-unix", sock.to_str().expect("path")]);
     let vol = d.create_volume(1);
     assert!(common::daemon::wait_until(Duration::from_secs(10), || sock.exists()));
-    let uri = format!("nbd+unix:///{vol}?socket={}", sock.display());
+    let uri = format!("nbd+unix:///{}?socket={}", d.export(&vol), sock.display());
     let info = run_ok(Command::new("nbdinfo").arg(&uri), T);
     assert!(info.contains("export-size: 1073741824"), "{info}");
     qemu_io(&uri, &["write -P 0x44 0 128k"]);

@@ -233,7 +233,7 @@ fn status_shows_mounts_connections_and_iops() {
     // One connection held open and writing while status samples.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (stop, vol, port) = (stop.clone(), vol.clone(), d.nbd_port);
+        let (stop, vol, port) = (stop.clone(), d.export(&vol), d.nbd_port);
         std::thread::spawn(move || {
             let mut c = nbd_client(port, &vol, Duration::from_secs(30));
             let mut n = 0u64;

@@ -24,9 +24,10 @@ fn unmount_raced_by_handshakes_and_snapshots_never_opens_a_second_instance() {
     // Small chunks: each round's 4 MiB is 16 chunk uploads for the unmount to drain.
     let mut d = Daemon::start_with(&nats.url(), &["--chunk-size", "256KiB"]);
     let id = d.create_volume(1);
-    let uri = d.uri(&id);
     let mut last = [0u8; 16];
     for round in 1..=ROUNDS {
+        // Each mount has its own export name (secret); the unmount below ends it.
+        let uri = d.uri(&id);
         let fill = (round % 250 + 1) as u8;
         let region = (round % 16) as usize;
         let at = region as u64 * REGION;
@@ -55,11 +56,13 @@ fn unmount_raced_by_handshakes_and_snapshots_never_opens_a_second_instance() {
                 "round {round}: unmount: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Before the unmount ends the export, nbdinfo is served; after, it is refused as
+            // an unknown export (NBD_REP_ERR_UNKNOWN, which libnbd reports as ENOENT).
             for out in infos.join().expect("nbdinfo thread") {
+                let err = String::from_utf8_lossy(&out.stderr);
                 assert!(
-                    out.status.success(),
-                    "round {round}: nbdinfo: {}",
-                    String::from_utf8_lossy(&out.stderr)
+                    out.status.success() || err.contains("No such file or directory"),
+                    "round {round}: nbdinfo: {err}"
                 );
             }
             if let Some(snapshot) = snapshot {
@@ -71,7 +74,7 @@ fn unmount_raced_by_handshakes_and_snapshots_never_opens_a_second_instance() {
                 );
             }
         });
-        let read = qemu_io(&uri, &[&format!("read -P {fill} {at} {REGION}")]);
+        let read = qemu_io(&d.uri(&id), &[&format!("read -P {fill} {at} {REGION}")]);
         assert!(!read.contains("failed"), "round {round}: {read}");
     }
     let log = d.log();
@@ -85,6 +88,7 @@ fn unmount_raced_by_handshakes_and_snapshots_never_opens_a_second_instance() {
     }
     // Every region's last flushed write survives a restart.
     d.restart();
+    let uri = d.uri(&id);
     for (region, &fill) in last.iter().enumerate() {
         if fill == 0 {
             continue;
@@ -107,9 +111,8 @@ fn unmount_disconnects_the_volumes_clients() {
     let nats = Nats::start();
     let d = Daemon::start(&nats.url());
     let id = d.create_volume(1);
-    d.cli(&["mount", &id]);
     let (mut c, mut socket) =
-        common::daemon::nbd_client_and_socket(d.nbd_port, &id, Duration::from_secs(30));
+        common::daemon::nbd_client_and_socket(d.nbd_port, &d.export(&id), Duration::from_secs(30));
     c.write_all(&[0x6e; 4096])
         .expect("write before the unmount");
     c.flush().expect("flush");
@@ -133,4 +136,139 @@ fn unmount_disconnects_the_volumes_clients() {
     );
     let read = qemu_io(&d.uri(&id), &["read -P 0x6e 0 4096"]);
     assert!(!read.contains("failed"), "{read}");
+}
+
+/// Export names carry the mount's secret: before the mount and after the unmount no name opens
+/// the volume, the bare volume id never does, and each mount has a new secret. Real clients
+/// (nbdinfo, nbdcopy, fio's nbd engine) work with the URI the mount returns.
+#[test]
+fn a_volume_is_an_export_only_while_mounted_and_only_under_its_secret() {
+    require("nbdinfo");
+    require("nbdcopy");
+    require("fio");
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let id = d.create_volume(1);
+    let base = format!("nbd://127.0.0.1:{}", d.nbd_port);
+    let nbdinfo = |uri: &str| run(Command::new("nbdinfo").arg(uri), Duration::from_secs(60));
+    assert!(
+        !nbdinfo(&format!("{base}/{id}")).status.success(),
+        "unmounted, yet exported"
+    );
+    let uri = d.uri(&id);
+    assert!(nbdinfo(&uri).status.success());
+    assert!(
+        !nbdinfo(&format!("{base}/{id}")).status.success(),
+        "the bare id opened the volume"
+    );
+    let forged = format!("{base}/{id}-{}", "0".repeat(32));
+    assert!(
+        !nbdinfo(&forged).status.success(),
+        "a made-up secret opened the volume"
+    );
+    let fio = run(
+        Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=write",
+            "--bs=64k",
+            "--size=4M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_state_save=0",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(
+        fio.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    let copy = tempfile::tempdir().expect("tempdir");
+    let file = copy.path().join("vol.raw");
+    let out = run(
+        Command::new("nbdcopy").arg(&uri).arg(&file),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "nbdcopy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::metadata(&file).expect("copy").len(), 1 << 30);
+    d.cli(&["unmount", &id]);
+    assert!(
+        !nbdinfo(&uri).status.success(),
+        "the URI outlived its unmount"
+    );
+    let again = d.uri(&id);
+    assert_ne!(again, uri, "a new mount must have a new secret");
+    assert!(nbdinfo(&again).status.success());
+}
+
+/// Detaching the mount (DetachVolume of the attachment without an instance id) ends it like
+/// an unmount: its client is disconnected and its URI stops working. With `Force` the write
+/// buffer is not drained into chunks first; it stays in the WAL, and nothing flushed is lost.
+#[test]
+fn detaching_the_mount_with_force_disconnects_and_keeps_flushed_writes() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    require("qemu-io");
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let id = d.create_volume(1);
+    let uri = d.uri(&id);
+    qemu_io(&uri, &["write -P 0x4f 0 8M", "flush"]);
+    let (mut c, mut socket) =
+        common::daemon::nbd_client_and_socket(d.nbd_port, &d.export(&id), Duration::from_secs(30));
+    c.seek(SeekFrom::Start(8 << 20)).expect("seek");
+    c.write_all(&[0x50; 4096]).expect("write");
+    c.flush().expect("flush");
+    let detached = d.cli(&["volume", "detach", &id, "--force", "--output", "json"]);
+    let detached: serde_json::Value = serde_json::from_str(&detached).expect("json");
+    assert_eq!(
+        (detached["State"].as_str(), detached["InstanceId"].as_str()),
+        (Some("detached"), Some("")),
+        "{detached}"
+    );
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        socket.read(&mut byte).expect("read after the detach"),
+        0,
+        "still connected"
+    );
+    let described = d.cli(&["volume", "describe", &id, "--output", "json"]);
+    let described: serde_json::Value = serde_json::from_str(&described).expect("json");
+    assert_eq!(described["State"], "available", "{described}");
+    assert_eq!(
+        described["Attachments"],
+        serde_json::json!([]),
+        "{described}"
+    );
+    let refused = common::daemon::qemu_io_output(&uri, &["read 0 4k"]);
+    assert!(!refused.status.success(), "the URI outlived the detach");
+    let read = qemu_io(&d.uri(&id), &["read -P 0x4f 0 8M", "read -P 0x50 8M 4k"]);
+    assert!(!read.contains("failed"), "{read}");
+}
+
+/// A mount remembers its node: `ebs.NODE.mount` and `ebs.NODE.unmount` through another node are
+/// refused (`VolumeInUse`), while `ebs.mount` stays idempotent (platforms retry mounts). The node
+/// changes here by restarting the daemon under another `--node`: one daemon serves one node's
+/// subjects.
+#[test]
+fn a_mount_through_one_node_is_refused_through_another() {
+    let nats = Nats::start();
+    let mut d = Daemon::start_with(&nats.url(), &["--node", "node1"]);
+    let id = d.create_volume(1);
+    let uri = d.cli(&["mount", &id, "--node", "node1"]);
+    assert_eq!(d.cli(&["mount", &id, "--node", "node1"]), uri);
+    d.set_args(&["--node", "node2"]);
+    d.restart();
+    let refused = d.cli_refused(&["mount", &id, "--node", "node2"]);
+    assert!(refused.contains("VolumeInUse"), "{refused}");
+    let refused = d.cli_refused(&["unmount", &id, "--node", "node2"]);
+    assert!(refused.contains("VolumeInUse"), "{refused}");
+    assert_eq!(d.uri(&id), uri.trim(), "ebs.mount is idempotent");
+    d.cli(&["unmount", &id]);
+    assert!(d.cli(&["mount", &id, "--node", "node2"]).trim() != uri.trim());
 }

@@ -123,6 +123,7 @@ fn s3_round_trip_and_restart_with_moto() {
     );
     assert!(chunks >= 16, "{keys:?}");
     // Deleting the volume removes its objects.
+    d.cli(&["unmount", &vol]);
     d.cli(&["volume", "delete", &vol]);
     assert!(list_objects(&s3, "vblock-rt")
         .iter()
@@ -286,7 +287,8 @@ fn s3_outage_during_writes_loses_nothing_and_reads_recover() {
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (stop, written, vol, port) = (stop.clone(), written.clone(), vol.clone(), d.nbd_port);
+        let (stop, written, vol, port) =
+            (stop.clone(), written.clone(), d.export(&vol), d.nbd_port);
         std::thread::spawn(move || {
             let mut c = nbd_client(port, &vol, Duration::from_secs(120));
             let mut n = 0u64;
@@ -344,7 +346,7 @@ fn s3_outage_during_writes_loses_nothing_and_reads_recover() {
     // A clean stop drains everything into S3; then every block holds its last generation.
     d.restart();
     let check = |d: &Daemon| {
-        let mut c = nbd_client(d.nbd_port, &vol, Duration::from_secs(120));
+        let mut c = nbd_client(d.nbd_port, &d.export(&vol), Duration::from_secs(120));
         let mut all = vec![0u8; (BLOCKS * 4096) as usize];
         for piece in all.chunks_mut(1 << 20) {
             c.read_exact(piece).expect("read");
@@ -645,7 +647,7 @@ fn disaster_recovery_holds_a_prefix_of_the_writes() {
         let kill_after = 6 + rseed % 30;
         let acked = Arc::new(AtomicU64::new(0));
         let writer = {
-            let (acked, vol, port) = (acked.clone(), vol.clone(), a.nbd_port);
+            let (acked, vol, port) = (acked.clone(), a.export(&vol), a.nbd_port);
             std::thread::spawn(move || {
                 let mut c = nbd_client(port, &vol, Duration::from_secs(30));
                 for step in 1..=200u64 {
@@ -681,7 +683,7 @@ fn disaster_recovery_holds_a_prefix_of_the_writes() {
             "recovered volumes from the backend",
             Duration::from_secs(30),
         );
-        let mut c = nbd_client(b.nbd_port, &vol, Duration::from_secs(30));
+        let mut c = nbd_client(b.nbd_port, &b.export(&vol), Duration::from_secs(30));
         let mut image = vec![0u8; 48 << 20];
         for (r, region) in image.chunks_mut(1 << 20).enumerate() {
             c.seek(SeekFrom::Start((r as u64) << 20)).expect("seek");

@@ -75,7 +75,9 @@ fn nbd_tls_required_serves_tls_clients_and_refuses_plaintext() {
     make_certificates(certs.path());
     let nats = Nats::start();
     let d = tls_daemon(&nats, certs.path(), true);
-    let vol = d.create_volume(1);
+    // The export name: the volume id and its mount's secret.
+    let id = d.create_volume(1);
+    let vol = d.export(&id);
     let dir = certs.path().to_str().expect("utf-8");
 
     // libnbd over TLS (nbds://, CA from the directory): the export and its size.
@@ -103,9 +105,15 @@ fn nbd_tls_required_serves_tls_clients_and_refuses_plaintext() {
     assert!(out.contains("read 65536/65536 bytes"), "{out}");
 
     // Plaintext clients are refused: libnbd without TLS, qemu-io without credentials.
-    let plain = run(Command::new("nbdinfo").arg(d.uri(&vol)), T);
+    let plain = run(
+        Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{}/{vol}", d.nbd_port)),
+        T,
+    );
     assert!(!plain.status.success(), "plaintext nbdinfo was served");
-    let out = qemu_io_output(&d.uri(&vol), &["read 0 4096"]);
+    let out = qemu_io_output(
+        &format!("nbd://127.0.0.1:{}/{vol}", d.nbd_port),
+        &["read 0 4096"],
+    );
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("read 4096/4096 bytes"), "{text}");
@@ -139,7 +147,7 @@ fn nbd_tls_required_serves_tls_clients_and_refuses_plaintext() {
     );
 
     // Mount URIs name the TLS scheme.
-    let mounted = d.cli(&["mount", &vol]);
+    let mounted = d.cli(&["mount", &id]);
     assert!(
         mounted.contains(&format!("nbds://127.0.0.1:{}/{vol}", d.nbd_port)),
         "{mounted}"
@@ -154,10 +162,15 @@ fn tls_optional_serves_both_and_bad_settings_fail_at_start() {
     let cert = certs.path().join("server-cert.pem");
     let nats = Nats::start();
     let d = tls_daemon(&nats, certs.path(), false);
-    let vol = d.create_volume(1);
+    // The export name: the volume id and its mount's secret.
+    let id = d.create_volume(1);
+    let vol = d.export(&id);
     let tls = nbdinfo_tls(&d, &vol, certs.path());
     assert!(tls.contains("export-size: 1073741824"), "{tls}");
-    let plain = run_ok(Command::new("nbdinfo").arg(d.uri(&vol)), T);
+    let plain = run_ok(
+        Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{}/{vol}", d.nbd_port)),
+        T,
+    );
     assert!(plain.contains("export-size: 1073741824"), "{plain}");
 
     // A missing key file, a key file that holds a certificate, a certificate without a key:
@@ -228,7 +241,9 @@ fn tls_client_certificates_are_required_with_a_client_ca() {
             ca.to_str().expect("utf-8"),
         ],
     );
-    let vol = d.create_volume(1);
+    // The export name: the volume id and its mount's secret.
+    let id = d.create_volume(1);
+    let vol = d.export(&id);
     let info = nbdinfo_tls(&d, &vol, certs.path());
     assert!(info.contains("export-size: 1073741824"), "{info}");
     let qemu = |dir: &Path| {

@@ -126,19 +126,27 @@ enum Command {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
     },
-    /// Mount a volume for a VM and print its NBD URI (ebs.mount).
+    /// Mount a volume (read-write) or a snapshot (read-only) and print its NBD URI
+    /// (ebs.mount); it is an NBD export until unmounted. Mounting again prints the same URI.
     Mount {
         #[command(flatten)]
         remote: Remote,
-        /// Volume id.
+        /// Volume id or snapshot id.
         id: String,
+        /// Mount through this node (`ebs.NODE.mount`); refused if mounted through another.
+        #[arg(long)]
+        node: Option<String>,
     },
-    /// Unmount a volume (ebs.unmount).
+    /// Unmount a volume or snapshot (ebs.unmount): its export ends and its NBD clients are
+    /// disconnected.
     Unmount {
         #[command(flatten)]
         remote: Remote,
-        /// Volume id.
+        /// Volume id or snapshot id.
         id: String,
+        /// Unmount through this node (`ebs.NODE.unmount`); refused if mounted through another.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Decode and verify on-disk formats of a stopped daemon's data directory.
     Inspect {
@@ -418,8 +426,17 @@ struct DescribedVolume {
     space: VolumeSpace,
 }
 
-async fn mount_command(r: &Remote, id: &str, mount: bool) -> Result<(), ClientError> {
+async fn mount_command(
+    r: &Remote,
+    id: &str,
+    node: Option<&str>,
+    mount: bool,
+) -> Result<(), ClientError> {
     let out = r.output;
+    let subject = |op: &str| match node {
+        Some(n) => format!("ebs.{n}.{op}"),
+        None => format!("ebs.{op}"),
+    };
     remote(r, async |c: &Client| {
         let failed = |error: &str, not_found: bool| ClientError::Api {
             code: if not_found {
@@ -430,13 +447,13 @@ async fn mount_command(r: &Remote, id: &str, mount: bool) -> Result<(), ClientEr
             message: error.to_owned(),
         };
         if mount {
-            let v: EbsMountResponse = c.call("ebs.mount", &ebs_request(id)).await?;
+            let v: EbsMountResponse = c.call(&subject("mount"), &ebs_request(id)).await?;
             if !v.error.is_empty() {
                 return Err(failed(&v.error, false));
             }
             print(out, &v, |v| println!("{}", v.uri));
         } else {
-            let v: EbsUnmountResponse = c.call("ebs.unmount", &ebs_request(id)).await?;
+            let v: EbsUnmountResponse = c.call(&subject("unmount"), &ebs_request(id)).await?;
             if !v.error.is_empty() {
                 return Err(failed(&v.error, v.not_found));
             }
@@ -524,12 +541,16 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| (e.to_string(), e.exit_code()))
             }
-            Command::Mount { remote, id } => mount_command(&remote, &id, true)
-                .await
-                .map_err(|e| (e.to_string(), e.exit_code())),
-            Command::Unmount { remote, id } => mount_command(&remote, &id, false)
-                .await
-                .map_err(|e| (e.to_string(), e.exit_code())),
+            Command::Mount { remote, id, node } => {
+                mount_command(&remote, &id, node.as_deref(), true)
+                    .await
+                    .map_err(|e| (e.to_string(), e.exit_code()))
+            }
+            Command::Unmount { remote, id, node } => {
+                mount_command(&remote, &id, node.as_deref(), false)
+                    .await
+                    .map_err(|e| (e.to_string(), e.exit_code()))
+            }
             Command::Inspect { what } => {
                 offline::inspect(what).await.map_err(|e| (e.to_string(), 1))
             }

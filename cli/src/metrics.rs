@@ -316,7 +316,7 @@ async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) -> Dura
             gauge!("vblock_volume_size_bytes", "volume" => v.clone()).set(r.size_bytes as f64);
             let attached = if r.attachments.is_empty() { 0.0 } else { 1.0 };
             gauge!("vblock_volume_attached", "volume" => v.clone()).set(attached);
-            let mounted = if r.mounted { 1.0 } else { 0.0 };
+            let mounted = if r.mount.is_some() { 1.0 } else { 0.0 };
             gauge!("vblock_volume_mounted", "volume" => v).set(mounted);
         }
     }

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// host:port written into mount URIs (default: the listen address).
     #[arg(long, env = "VBLOCK_NBD_ADVERTISE")]
     pub nbd_advertise: Option<String>,
+    /// Name NBD exports by the bare VolumeId or SnapshotId instead of `ID-SECRET` (development
+    /// only: anyone who can reach the NBD port and knows an id can then use a mounted volume).
+    #[arg(long, env = "VBLOCK_NBD_OPEN_EXPORTS")]
+    pub nbd_open_exports: bool,
     /// Server certificate chain for NBD TLS (PEM, leaf first): enables `NBD_OPT_STARTTLS`.
     #[arg(long, env = "VBLOCK_TLS_CERTIFICATE", requires = "tls_key")]
     pub tls_certificate: Option<PathBuf>,
@@ -448,7 +452,10 @@ async fn spawn_servers(
         _ => None,
     };
     let server = nbd_server::Server::new(
-        Arc::new(nbd_server::VolumeExports::new(engine.clone())),
+        Arc::new(nbd_server::VolumeExports::new(
+            engine.clone(),
+            a.nbd_open_exports,
+        )),
         nbd_server::Limits::default(),
         tls,
     );
@@ -469,6 +476,7 @@ async fn spawn_servers(
         node: a.node.clone(),
         nbd_advertise: advertise.clone(),
         nbd_tls: a.tls_required,
+        open_exports: a.nbd_open_exports,
     };
     tasks.spawn({
         let engine = engine.clone();

@@ -7,7 +7,9 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use nbd_server::{handshake, transmission, Device, Export, ExportError, ExportProvider, Limits};
+use nbd_server::{
+    handshake, transmission, Device, Export, ExportError, ExportInfo, ExportProvider, Limits,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every export name opens the one 1 MiB volume (volume ids are random, so a corpus could not
@@ -18,6 +20,10 @@ struct AnyName(vblock::Volume);
 impl ExportProvider for AnyName {
     async fn list(&self) -> Vec<String> {
         vec![self.0.id().to_string()]
+    }
+
+    async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError> {
+        self.open(name).await.map(|e| e.info())
     }
 
     async fn open(&self, name: &str) -> Result<Export, ExportError> {

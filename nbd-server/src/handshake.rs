@@ -13,6 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proto::*;
 use crate::tls::{MaybeTls, TlsConfig};
+use vblock::records::split_export_name;
+
 use crate::{Export, ExportProvider, MAX_BLOCK};
 
 /// Longest option payload accepted; a longer one is treated as abuse and the client dropped.
@@ -44,8 +46,8 @@ pub struct Negotiated {
     pub base_allocation: bool,
 }
 
-/// Transmission flags for `export` (NBD proto.md, "Transmission flags").
-pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
+/// Transmission flags for an export, `read_only` or not (NBD proto.md, "Transmission flags").
+pub fn transmission_flags(read_only: bool, structured: bool) -> u16 {
     let mut f = NBD_FLAG_HAS_FLAGS
         | NBD_FLAG_SEND_FLUSH
         | NBD_FLAG_SEND_FUA
@@ -57,7 +59,7 @@ pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
     if structured {
         f |= NBD_FLAG_SEND_DF;
     }
-    if export.read_only {
+    if read_only {
         f |= NBD_FLAG_READ_ONLY;
     }
     f
@@ -280,10 +282,10 @@ impl Haggle<'_> {
             .provider
             .open(&name)
             .await
-            .map_err(|e| HandshakeError::NoExport(name.clone(), e))?;
+            .map_err(|e| HandshakeError::NoExport(split_export_name(&name).0.to_owned(), e))?;
         let mut out = Vec::with_capacity(10 + 124);
         out.extend_from_slice(&export.volume.size().to_be_bytes());
-        out.extend_from_slice(&transmission_flags(&export, self.structured).to_be_bytes());
+        out.extend_from_slice(&transmission_flags(export.read_only, self.structured).to_be_bytes());
         if !self.no_zeroes {
             out.extend_from_slice(&[0u8; 124]);
         }
@@ -366,8 +368,14 @@ impl Haggle<'_> {
             ));
         }
         let requests: Vec<u16> = (0..n).map(|_| d.get_u16()).collect();
-        let export = match self.provider.open(&name).await {
-            Ok(e) => e,
+        // INFO only describes: no volume instance is opened for it.
+        let found = if option == NBD_OPT_GO {
+            self.provider.open(&name).await.map(|e| (e.info(), Some(e)))
+        } else {
+            self.provider.describe(&name).await.map(|i| (i, None))
+        };
+        let (about, export) = match found {
+            Ok(f) => f,
             Err(e) => {
                 // The error's own text, which a `Step::Refuse` cannot carry.
                 error_reply(s, option, NBD_REP_ERR_UNKNOWN, &e.to_string()).await?;
@@ -376,19 +384,19 @@ impl Haggle<'_> {
         };
         let mut info = BytesMut::new();
         info.put_u16(NBD_INFO_EXPORT);
-        info.put_u64(export.volume.size());
-        info.put_u16(transmission_flags(&export, self.structured));
+        info.put_u64(about.size);
+        info.put_u16(transmission_flags(about.read_only, self.structured));
         reply(s, option, NBD_REP_INFO, &info).await?;
         if requests.contains(&NBD_INFO_NAME) {
             let mut d = BytesMut::new();
             d.put_u16(NBD_INFO_NAME);
-            d.put_slice(export.name.as_bytes());
+            d.put_slice(about.name.as_bytes());
             reply(s, option, NBD_REP_INFO, &d).await?;
         }
         if requests.contains(&NBD_INFO_DESCRIPTION) {
             let mut d = BytesMut::new();
             d.put_u16(NBD_INFO_DESCRIPTION);
-            d.put_slice(export.description.as_bytes());
+            d.put_slice(about.description.as_bytes());
             reply(s, option, NBD_REP_INFO, &d).await?;
         }
         // Always sent (as qemu does): any alignment works, 4 KiB is preferred.
@@ -399,10 +407,9 @@ impl Haggle<'_> {
         d.put_u32(MAX_BLOCK);
         reply(s, option, NBD_REP_INFO, &d).await?;
         reply(s, option, NBD_REP_ACK, &[]).await?;
-        Ok(if option == NBD_OPT_GO {
-            Step::Transmit(Box::new(export))
-        } else {
-            Step::Next
+        Ok(match export {
+            Some(export) => Step::Transmit(Box::new(export)),
+            None => Step::Next,
         })
     }
 

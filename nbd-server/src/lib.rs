@@ -1,6 +1,7 @@
 //! NBD protocol server for vblock volumes: fixed newstyle handshake ([`handshake`]) and the
 //! transmission phase ([`transmission`]), following the NBD project's `doc/proto.md`.
-//! One export per volume, named by its VolumeId; served over TCP and Unix sockets.
+//! One export per mounted volume or snapshot ([`VolumeExports`]); served over TCP and Unix
+//! sockets.
 
 pub mod handshake;
 pub mod proto;
@@ -17,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
+use vblock::records::{split_export_name, Mount, SnapshotRecord, VolumeRecord};
 use vblock::{Engine, SnapshotId, SnapshotVolume, StatusExtent, Volume, VolumeError, VolumeId};
 
 /// Largest read or write payload in bytes (advertised as the maximum block size): 32 MiB.
@@ -69,11 +71,12 @@ impl Device {
         }
     }
 
-    /// Resolves when a volume starts closing ([`Volume::closed`]); never for a snapshot.
+    /// Resolves when a volume starts closing ([`Volume::closed`]) or a snapshot's export ends
+    /// ([`SnapshotVolume::closed`]).
     pub async fn closed(&self) {
         match self {
             Device::Volume(v) => v.closed().await,
-            Device::Snapshot(_) => std::future::pending().await,
+            Device::Snapshot(s) => s.closed().await,
         }
     }
 
@@ -114,10 +117,25 @@ impl Device {
     }
 }
 
+/// What the handshake tells a client about an export (`NBD_OPT_INFO`, proto.md "Option
+/// types"), without opening it.
+#[derive(Clone, Debug)]
+pub struct ExportInfo {
+    /// Export name as the client gave it (`NBD_INFO_NAME`).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Advertise `NBD_FLAG_READ_ONLY` and refuse writes with `NBD_EPERM`.
+    pub read_only: bool,
+    /// Text for `NBD_INFO_DESCRIPTION`.
+    pub description: String,
+}
+
 /// An export: a volume or snapshot and how it is offered.
 #[derive(Clone)]
 pub struct Export {
-    /// Export name (the VolumeId or SnapshotId).
+    /// Export name as the client gave it (`ID-SECRET`, or the bare id with open exports). Logs
+    /// and metrics use [`Device::id`] instead, which carries no secret.
     pub name: String,
     /// The device behind it.
     pub volume: Device,
@@ -127,11 +145,26 @@ pub struct Export {
     pub description: String,
 }
 
+impl Export {
+    /// What the handshake tells the client about it.
+    pub fn info(&self) -> ExportInfo {
+        ExportInfo {
+            name: self.name.clone(),
+            size: self.volume.size(),
+            read_only: self.read_only,
+            description: self.description.clone(),
+        }
+    }
+}
+
 /// Where exports come from.
 #[async_trait]
 pub trait ExportProvider: Send + Sync + 'static {
-    /// Export names, for `NBD_OPT_LIST`.
+    /// Export names, for `NBD_OPT_LIST` (proto.md lets a server leave exports out).
     async fn list(&self) -> Vec<String>;
+    /// Describes export `name` without opening it (`NBD_OPT_INFO`). Errors as
+    /// [`ExportProvider::open`].
+    async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError>;
     /// Opens export `name`. Errors: [`ExportError`]; the handshake answers either with
     /// `NBD_REP_ERR_UNKNOWN` ("the requested export is not available", proto.md) and the error's
     /// text.
@@ -141,7 +174,8 @@ pub trait ExportProvider: Send + Sync + 'static {
 /// Why an export cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// No volume or snapshot has this name (the text says which was looked for).
+    /// No export has this name: no such volume or snapshot, not mounted, or not its secret
+    /// (the text does not say which).
     #[error("{0}")]
     Unknown(String),
     /// The volume exists but could not be opened (its WAL does not replay, I/O errors).
@@ -159,63 +193,144 @@ impl From<VolumeError> for ExportError {
     }
 }
 
-/// Every volume of an engine, exported read-write under its VolumeId, and every snapshot,
-/// exported read-only (`NBD_FLAG_READ_ONLY`) under its SnapshotId.
+/// The mounted volumes of an engine, exported read-write, and its mounted snapshots, exported
+/// read-only (`NBD_FLAG_READ_ONLY`). A volume or snapshot is an export only while it is mounted
+/// (`ebs.mount`), under the name the mount's URI gives: `ID-SECRET`, or the bare `ID` with open
+/// exports (`--nbd-open-exports`).
 pub struct VolumeExports {
     engine: Arc<Engine>,
+    open_exports: bool,
+}
+
+/// A mounted volume's or snapshot's record, found by export name.
+enum Mounted {
+    Volume(VolumeRecord),
+    Snapshot(SnapshotRecord),
 }
 
 impl VolumeExports {
-    /// Exports of `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// Exports of `engine`; `open_exports`: names are bare ids.
+    pub fn new(engine: Arc<Engine>, open_exports: bool) -> Self {
+        Self {
+            engine,
+            open_exports,
+        }
+    }
+
+    /// Whether `mount` lets a client in with `secret` (the part of the export name after the id).
+    fn admits(&self, mount: Option<&Mount>, secret: Option<&str>) -> bool {
+        match (mount, secret) {
+            (Some(m), Some(s)) => !self.open_exports && m.secret_matches(s),
+            (Some(_), None) => self.open_exports,
+            (None, _) => false,
+        }
+    }
+
+    /// The record export `name` stands for, if it is mounted under that name. One answer for
+    /// every refusal (no such id, not mounted, wrong secret), so that a client learns nothing.
+    async fn resolve(&self, name: &str) -> Result<Mounted, ExportError> {
+        let (id, secret) = split_export_name(name);
+        let found = if let Ok(snap) = SnapshotId::parse(id) {
+            self.engine
+                .get_snapshot(&snap)
+                .await
+                .map_err(ExportError::Open)?
+                .filter(|r| self.admits(r.mount.as_ref(), secret))
+                .map(Mounted::Snapshot)
+        } else if let Ok(vol) = VolumeId::parse(id) {
+            self.engine
+                .get_record(&vol)
+                .await
+                .map_err(ExportError::Open)?
+                .filter(|r| self.admits(r.mount.as_ref(), secret))
+                .map(Mounted::Volume)
+        } else {
+            None
+        };
+        found.ok_or_else(|| {
+            ExportError::Unknown(format!(
+                "no export {:?}: a volume or snapshot is exported only while mounted, under the \
+                 name in the URI its mount returned",
+                id
+            ))
+        })
+    }
+
+    fn info(name: &str, m: &Mounted) -> ExportInfo {
+        match m {
+            Mounted::Snapshot(r) => ExportInfo {
+                name: name.to_owned(),
+                size: r.volume_size_bytes,
+                read_only: true,
+                description: format!("vblock snapshot {} (read-only)", r.snapshot_id),
+            },
+            Mounted::Volume(r) => ExportInfo {
+                name: name.to_owned(),
+                size: r.size_bytes,
+                read_only: false,
+                description: if r.name.is_empty() {
+                    format!("vblock volume {}", r.volume_id)
+                } else {
+                    r.name.clone()
+                },
+            },
+        }
     }
 }
 
 #[async_trait]
 impl ExportProvider for VolumeExports {
+    /// With open exports, the ids of the mounted volumes and snapshots; otherwise nothing, since
+    /// a name without its secret opens nothing and the secret is never listed.
     async fn list(&self) -> Vec<String> {
+        if !self.open_exports {
+            return Vec::new();
+        }
         let mut names = match self.engine.list_records().await {
-            Ok(recs) => recs.into_iter().map(|r| r.volume_id.to_string()).collect(),
+            Ok(recs) => recs
+                .into_iter()
+                .filter(|r| r.mount.is_some())
+                .map(|r| r.volume_id.to_string())
+                .collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list volumes for NBD_OPT_LIST");
                 Vec::new()
             }
         };
         match self.engine.list_snapshots().await {
-            Ok(snaps) => names.extend(snaps.into_iter().map(|s| s.snapshot_id.to_string())),
+            Ok(snaps) => names.extend(
+                snaps
+                    .into_iter()
+                    .filter(|s| s.mount.is_some())
+                    .map(|s| s.snapshot_id.to_string()),
+            ),
             Err(e) => tracing::warn!(error = %e, "cannot list snapshots for NBD_OPT_LIST"),
         }
         names
     }
 
+    async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError> {
+        Ok(Self::info(name, &self.resolve(name).await?))
+    }
+
     async fn open(&self, name: &str) -> Result<Export, ExportError> {
-        if let Ok(snap) = SnapshotId::parse(name) {
-            let device = self.engine.snapshot_volume(&snap).await?;
-            return Ok(Export {
-                name: name.to_owned(),
-                volume: Device::Snapshot(device),
-                read_only: true,
-                description: format!("vblock snapshot {snap} (read-only)"),
-            });
-        }
-        let id = VolumeId::parse(name)
-            .map_err(|_| ExportError::Unknown(format!("no volume or snapshot named {name:?}")))?;
-        let rec = self
-            .engine
-            .get_record(&id)
-            .await?
-            .ok_or_else(|| ExportError::Unknown(format!("no volume {id}")))?;
-        let volume = self.engine.volume(&id).await?;
+        let mounted = self.resolve(name).await?;
+        let info = Self::info(name, &mounted);
+        let volume = match &mounted {
+            Mounted::Snapshot(r) => {
+                Device::Snapshot(self.engine.snapshot_volume(&r.snapshot_id).await?)
+            }
+            Mounted::Volume(r) => Device::Volume(self.engine.volume(&r.volume_id).await?),
+        };
+        // An unmount may have ended the mount while the device opened: the client would hold
+        // an instance no unmount disconnects. Checked again once the device is held (an unmount
+        // from now on ends it: Volume::closed, SnapshotVolume::closed).
+        self.resolve(name).await?;
         Ok(Export {
-            name: name.to_owned(),
-            volume: Device::Volume(volume),
-            read_only: false,
-            description: if rec.name.is_empty() {
-                format!("vblock volume {id}")
-            } else {
-                rec.name
-            },
+            name: info.name,
+            volume,
+            read_only: info.read_only,
+            description: info.description,
         })
     }
 }
@@ -368,7 +483,7 @@ impl Server {
             Ok(Ok(Some(n))) => n,
         };
         let (neg, stream) = neg;
-        tracing::Span::current().record("volume", neg.export.name.as_str());
+        tracing::Span::current().record("volume", neg.export.volume.id());
         tracing::info!(
             structured = neg.structured,
             tls = stream.is_tls(),

@@ -66,7 +66,8 @@ pub fn errno(e: &VolumeError) -> u32 {
         VolumeError::OutOfRange { .. }
         | VolumeError::TooLarge { .. }
         | VolumeError::InvalidArgument(_)
-        | VolumeError::IncorrectState(_) => NBD_EINVAL,
+        | VolumeError::IncorrectState(_)
+        | VolumeError::InUse(_) => NBD_EINVAL,
         VolumeError::ReadOnly => NBD_EPERM,
         VolumeError::Wal(w) if w.is_no_space() => NBD_ENOSPC,
         VolumeError::Closed => NBD_ESHUTDOWN,
@@ -347,7 +348,7 @@ where
 {
     let neg = Arc::new(neg);
     let size = neg.export.volume.size();
-    let metrics = Arc::new(ConnMetrics::new(&neg.export.name));
+    let metrics = Arc::new(ConnMetrics::new(neg.export.volume.id()));
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::channel::<Reply>(limits.max_requests);
@@ -366,7 +367,7 @@ where
         let read = tokio::select! {
             read = rd.read_exact(&mut header) => read,
             () = &mut closed => {
-                tracing::info!(volume = %neg.export.name, "volume closed: disconnecting its client");
+                tracing::info!(volume = %neg.export.volume.id(), "volume closed: disconnecting its client");
                 break Ok(());
             }
         };
@@ -376,7 +377,7 @@ where
             Err(e) => break Err(e),
         }
         let Some(h) = parse_request(&header) else {
-            tracing::warn!(volume = %neg.export.name, "bad request magic; disconnecting client");
+            tracing::warn!(volume = %neg.export.volume.id(), "bad request magic; disconnecting client");
             break Ok(());
         };
         if h.kind == NBD_CMD_DISC {

@@ -13,11 +13,32 @@ use tokio::net::TcpStream;
 struct Fixture {
     _dir: tempfile::TempDir,
     port: u16,
+    /// Export name of the mounted volume.
     vol: String,
     server: Arc<Server>,
+    engine: Arc<vblock::Engine>,
 }
 
+/// Mounts volume `id` the way `ebs.mount` does (its record's mount) and returns its export name.
+async fn mount(engine: &vblock::Engine, id: &vblock::VolumeId, open_exports: bool) -> String {
+    let mut rec = engine
+        .get_record(id)
+        .await
+        .expect("record")
+        .expect("volume");
+    let m = vblock::records::Mount::new(String::new(), String::new(), false, String::new());
+    let name = vblock::records::export_name(id.as_str(), &m, open_exports);
+    rec.mount = Some(m);
+    engine.put_record(rec).await.expect("mount");
+    name
+}
+
+/// A server with open exports (bare names) and one mounted 1 MiB volume.
 async fn fixture() -> Fixture {
+    fixture_with(true).await
+}
+
+async fn fixture_with(open_exports: bool) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let backend = Arc::new(vblock::backend::memory::MemoryBackend::new());
     let engine = Arc::new(
@@ -25,18 +46,18 @@ async fn fixture() -> Fixture {
             .await
             .expect("engine"),
     );
-    let vol = engine
+    let id = engine
         .create_volume(1 << 20, "p")
         .await
         .expect("create")
-        .volume_id
-        .to_string();
+        .volume_id;
+    let vol = mount(&engine, &id, open_exports).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let server = Server::new(
-        Arc::new(VolumeExports::new(engine)),
+        Arc::new(VolumeExports::new(engine.clone(), open_exports)),
         Limits::default(),
         None,
     );
@@ -46,6 +67,7 @@ async fn fixture() -> Fixture {
         port,
         vol,
         server,
+        engine,
     }
 }
 
@@ -509,5 +531,84 @@ fn requests_after_disc_are_not_served() {
             data[4096..].iter().all(|&b| b == 0),
             "write after DISC served"
         );
+    });
+}
+
+/// `NBD_OPT_LIST`'s names, then the ACK.
+async fn list(s: &mut TcpStream) -> Vec<String> {
+    send_option(s, NBD_OPT_LIST, &[]).await;
+    let mut names = Vec::new();
+    loop {
+        match option_reply(s, NBD_OPT_LIST).await {
+            (NBD_REP_SERVER, data) => names.push(String::from_utf8_lossy(&data[4..]).into_owned()),
+            (kind, _) => {
+                assert_eq!(kind, NBD_REP_ACK);
+                return names;
+            }
+        }
+    }
+}
+
+/// The reply type of `NBD_OPT_INFO` for `name` (its info replies read and dropped).
+async fn info(s: &mut TcpStream, name: &str) -> u32 {
+    send_option(s, NBD_OPT_INFO, &go_data(name, &[])).await;
+    loop {
+        match option_reply(s, NBD_OPT_INFO).await.0 {
+            NBD_REP_INFO => {}
+            kind => return kind,
+        }
+    }
+}
+
+/// Only mounted volumes are exports: under `ID-SECRET` by default (the bare id, another
+/// secret, and an unmounted volume are all unknown; nothing is listed), under the bare id with
+/// open exports (mounted volumes listed). `NBD_OPT_INFO` opens no instance; `NBD_OPT_GO` does.
+#[test]
+fn exports_are_mounted_volumes_under_their_secret_names() {
+    limited(async {
+        let f = fixture_with(false).await;
+        let (id, secret) = vblock::records::split_export_name(&f.vol);
+        let (id, secret) = (id.to_owned(), secret.expect("a secret").to_owned());
+        let unmounted = f
+            .engine
+            .create_volume(1 << 20, "u")
+            .await
+            .expect("create")
+            .volume_id;
+        let mut s = hello(f.port, NBD_FLAG_C_FIXED_NEWSTYLE).await;
+        assert!(
+            list(&mut s).await.is_empty(),
+            "secret names are never listed"
+        );
+        let other = format!("{id}-{}", "0".repeat(secret.len()));
+        for refused in [id.as_str(), other.as_str(), unmounted.as_str()] {
+            assert_eq!(
+                info(&mut s, refused).await,
+                NBD_REP_ERR_UNKNOWN,
+                "{refused}"
+            );
+        }
+        assert_eq!(info(&mut s, &f.vol).await, NBD_REP_ACK);
+        assert!(
+            f.engine.open_volumes().await.is_empty(),
+            "NBD_OPT_INFO left an instance open"
+        );
+        let _go = go(f.port, &f.vol).await;
+        assert_eq!(f.engine.open_volumes().await.len(), 1);
+
+        let f = fixture().await;
+        let unmounted = f
+            .engine
+            .create_volume(1 << 20, "u")
+            .await
+            .expect("create")
+            .volume_id;
+        let mut s = hello(f.port, NBD_FLAG_C_FIXED_NEWSTYLE).await;
+        assert_eq!(list(&mut s).await, vec![f.vol.clone()]);
+        assert_eq!(info(&mut s, unmounted.as_str()).await, NBD_REP_ERR_UNKNOWN);
+        assert_eq!(info(&mut s, &f.vol).await, NBD_REP_ACK);
+        let named = mount(&f.engine, &unmounted, true).await;
+        assert_eq!(info(&mut s, &named).await, NBD_REP_ACK);
+        assert_eq!(list(&mut s).await.len(), 2);
     });
 }

@@ -38,6 +38,10 @@ fn hive_result(error: &str) -> String {
 pub struct Control {
     pub(super) engine: Arc<Engine>,
     pub(super) nbd_uri_base: String,
+    /// This daemon's `--node` name: the node of a mount through `ebs.mount`.
+    pub(super) node: Option<String>,
+    /// Export names are bare ids (`--nbd-open-exports`), without the mount's secret.
+    pub(super) open_exports: bool,
     /// Serialises read-modify-write of volume records (the control plane is not a hot path).
     pub(super) lock: tokio::sync::Mutex<()>,
 }
@@ -70,6 +74,7 @@ impl From<VolumeError> for ApiError {
                 ApiError::invalid(e.to_string())
             }
             VolumeError::IncorrectState(m) => ApiError::new("IncorrectState", m),
+            VolumeError::InUse(m) => ApiError::new("VolumeInUse", m),
             VolumeError::ReadOnly => ApiError::new("IncorrectState", e.to_string()),
             VolumeError::Wal(_)
             | VolumeError::Meta(_)
@@ -125,7 +130,7 @@ fn parse_volume_id(s: &str) -> Result<VolumeId, ApiError> {
 /// EC2 view of a record.
 pub fn to_api(r: &VolumeRecord) -> Volume {
     let state = match r.state {
-        VolumeStateName::Available if !r.attachments.is_empty() || r.mounted => "in-use",
+        VolumeStateName::Available if !r.attachments.is_empty() || r.mount.is_some() => "in-use",
         VolumeStateName::Available => "available",
         VolumeStateName::InUse => "in-use",
         VolumeStateName::Creating => "creating",
@@ -147,6 +152,7 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
             .attachments
             .iter()
             .map(|a| attachment(r, a, &a.state))
+            .chain(r.mount.as_ref().map(|m| mount_attachment(r, m)))
             .collect(),
         tags: r
             .tags
@@ -170,6 +176,19 @@ fn attachment(r: &VolumeRecord, a: &records::Attachment, state: &str) -> VolumeA
     }
 }
 
+/// A mount, reported as an attachment: Hive's mount carries no instance id, so `InstanceId`
+/// is empty; `Device` and `DeleteOnTermination` are the mount's.
+fn mount_attachment(r: &VolumeRecord, m: &records::Mount) -> VolumeAttachment {
+    VolumeAttachment {
+        volume_id: r.volume_id.to_string(),
+        instance_id: String::new(),
+        device: m.device.clone(),
+        state: "attached".into(),
+        attach_time: m.mount_time.clone(),
+        delete_on_termination: m.delete_on_termination,
+    }
+}
+
 fn size_gib(size: i64) -> Result<u64, ApiError> {
     if !(1..=MAX_SIZE_GIB).contains(&size) {
         return Err(ApiError::invalid(format!(
@@ -186,14 +205,35 @@ impl Control {
         Self {
             engine,
             nbd_uri_base,
+            node: None,
+            open_exports: false,
             lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Names this daemon's node (`--node`): mounts through `ebs.mount` record it.
+    pub fn with_node(mut self, node: Option<String>) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// Mount URIs name exports by the bare id (`--nbd-open-exports`, for development) instead
+    /// of `ID-SECRET`.
+    pub fn with_open_exports(mut self, open: bool) -> Self {
+        self.open_exports = open;
+        self
     }
 
     /// Handles `subject` (the operation is the last subject token: `ebs.createvolume`,
     /// `ebs.NODE.mount`, ...) with JSON `payload`.
     pub async fn handle(&self, subject: &str, payload: &[u8]) -> Handled {
         let op = subject.rsplit('.').next().unwrap_or("");
+        // `ebs.NODE.mount` / `ebs.NODE.unmount` name the node.
+        let node = subject
+            .strip_prefix("ebs.")
+            .and_then(|rest| rest.strip_suffix(op))
+            .and_then(|rest| rest.strip_suffix('.'))
+            .filter(|n| !n.is_empty());
         let plain = |r: Result<Vec<u8>, ApiError>| match r {
             Ok(reply) => Handled {
                 reply,
@@ -218,7 +258,7 @@ impl Control {
             "deletesnapshot" => plain(self.delete_snapshot(payload).await),
             "describevolumespace" => plain(self.describe_volume_space(payload).await),
             "mount" => {
-                let r = self.mount(payload).await;
+                let r = self.mount(node, payload).await;
                 let b = body(&r);
                 Handled {
                     reply: b.clone(),
@@ -227,7 +267,7 @@ impl Control {
                 }
             }
             "unmount" => {
-                let r = self.unmount(payload).await;
+                let r = self.unmount(node, payload).await;
                 let b = body(&r);
                 Handled {
                     reply: b.clone(),
@@ -447,10 +487,26 @@ impl Control {
         let id = parse_volume_id(&req.volume_id)?;
         let _g = self.lock.lock().await;
         let mut rec = self.record(&id).await?;
-        let Some(pos) = rec.attachments.iter().position(|a| {
-            req.instance_id.as_ref().is_none_or(|i| *i == a.instance_id)
-                && req.device.as_ref().is_none_or(|d| *d == a.device)
-        }) else {
+        let named = |instance: &str, device: &str| {
+            req.instance_id.as_ref().is_none_or(|i| i == instance)
+                && req.device.as_ref().is_none_or(|d| d == device)
+        };
+        let pos = rec
+            .attachments
+            .iter()
+            .position(|a| named(&a.instance_id, &a.device));
+        // The mount is the attachment without an instance id: detaching it unmounts the volume.
+        if let (None, Some(m)) = (pos, rec.mount.clone()) {
+            if named("", &m.device) {
+                self.end_mount(&mut rec, !req.force).await?;
+                tracing::info!(volume = %id, device = %m.device, force = req.force, "volume detached");
+                return Ok(body(&VolumeAttachment {
+                    state: "detached".into(),
+                    ..mount_attachment(&rec, &m)
+                }));
+            }
+        }
+        let Some(pos) = pos else {
             return Err(ApiError::new(
                 "IncorrectState",
                 format!(
@@ -558,7 +614,7 @@ impl Control {
         let id = parse_volume_id(&req.volume_id)?;
         let _g = self.lock.lock().await;
         let rec = self.record(&id).await?;
-        if !rec.attachments.is_empty() || rec.mounted {
+        if !rec.attachments.is_empty() || rec.mount.is_some() {
             return Err(ApiError::new(
                 "VolumeInUse",
                 format!("{id} is attached or mounted"),
@@ -581,7 +637,7 @@ impl Control {
                 "Size {gib} GiB is smaller than the current {original} GiB; volumes only grow"
             )));
         }
-        if rec.mounted {
+        if rec.mount.is_some() {
             return Err(ApiError::new(
                 "IncorrectState",
                 format!("{id} is mounted; unmount before resizing"),

@@ -1,17 +1,29 @@
 //! Hive's subjects (`ebs.mount`, `ebs.unmount`, `ebs.delete`; `../shared/nats-api.md`): replies
 //! carry an `Error` text instead of an EC2 error object.
 
-use crate::ids::VolumeId;
+use crate::engine::now_rfc3339;
+use crate::ids::{SnapshotId, VolumeId};
+use crate::records::{self, Mount, SnapshotRecord, VolumeRecord};
+use crate::volume::VolumeError;
 
 use super::api::*;
 use super::handlers::{parse, Control};
 
 impl Control {
-    fn uri(&self, id: &VolumeId) -> String {
-        format!("{}/{id}", self.nbd_uri_base)
+    /// The mount URI of `id` mounted with `mount`.
+    fn uri(&self, id: &str, mount: &Mount) -> String {
+        format!(
+            "{}/{}",
+            self.nbd_uri_base,
+            records::export_name(id, mount, self.open_exports)
+        )
     }
 
-    pub(super) async fn mount(&self, payload: &[u8]) -> EbsMountResponse {
+    /// `ebs.mount` / `ebs.NODE.mount` (`node`): mounts a volume (read-write export) or a
+    /// snapshot (read-only export) and returns its URI. Idempotent: a mounted volume or snapshot
+    /// returns the same URI, unless `ebs.NODE.mount` names another node than the one it is
+    /// mounted on (`VolumeInUse`).
+    pub(super) async fn mount(&self, node: Option<&str>, payload: &[u8]) -> EbsMountResponse {
         let fail = |error: String, retryable: bool| EbsMountResponse {
             uri: String::new(),
             mounted: false,
@@ -22,8 +34,43 @@ impl Control {
             Ok(r) => r,
             Err(e) => return fail(e.message, false),
         };
+        let mount = Mount::new(
+            node.or(self.node.as_deref()).unwrap_or("").to_owned(),
+            req.device_name.clone(),
+            req.delete_on_termination,
+            now_rfc3339(),
+        );
+        let mounted = |name: &str, m: &Mount| match node {
+            Some(n) if n != m.node => fail(
+                format!(
+                    "VolumeInUse: {name} is mounted on node {:?}, not {n:?}",
+                    m.node
+                ),
+                false,
+            ),
+            _ => EbsMountResponse {
+                uri: self.uri(name, m),
+                mounted: true,
+                error: String::new(),
+                retryable: false,
+            },
+        };
+        if let Ok(snap) = SnapshotId::parse(&req.name) {
+            return match self.engine.mount_snapshot(&snap, mount).await {
+                Ok(SnapshotRecord { mount: Some(m), .. }) => {
+                    tracing::info!(snapshot = %snap, device = %req.device_name, "snapshot mounted");
+                    mounted(snap.as_str(), &m)
+                }
+                Ok(_) => fail(format!("snapshot {snap} was not mounted"), true),
+                Err(e @ VolumeError::SnapshotNotFound(_)) => fail(e.to_string(), false),
+                Err(e) => fail(format!("cannot mount {snap}: {e}"), true),
+            };
+        }
         let Ok(id) = VolumeId::parse(&req.name) else {
-            return fail(format!("invalid volume id {:?}", req.name), false);
+            return fail(
+                format!("invalid volume or snapshot id {:?}", req.name),
+                false,
+            );
         };
         let _g = self.lock.lock().await;
         let mut rec = match self.engine.get_record(&id).await {
@@ -31,26 +78,42 @@ impl Control {
             Ok(None) => return fail(format!("volume {id} not found"), false),
             Err(e) => return fail(e.to_string(), true),
         };
+        if let Some(m) = &rec.mount {
+            return mounted(id.as_str(), m);
+        }
         // Open it now so WAL replay happens before the VM connects.
         if let Err(e) = self.engine.volume(&id).await {
             return fail(format!("cannot open {id}: {e}"), true);
         }
-        if !rec.mounted {
-            rec.mounted = true;
-            if let Err(e) = self.engine.put_record(rec).await {
-                return fail(e.to_string(), true);
-            }
-            tracing::info!(volume = %id, device = %req.device_name, "volume mounted");
+        rec.mount = Some(mount.clone());
+        if let Err(e) = self.engine.put_record(rec).await {
+            return fail(e.to_string(), true);
         }
-        EbsMountResponse {
-            uri: self.uri(&id),
-            mounted: true,
-            error: String::new(),
-            retryable: false,
-        }
+        tracing::info!(volume = %id, device = %req.device_name, "volume mounted");
+        mounted(id.as_str(), &mount)
     }
 
-    pub(super) async fn unmount(&self, payload: &[u8]) -> EbsUnmountResponse {
+    /// Ends volume `id`'s mount (a no-op when it has none; the caller holds `self.lock`): the
+    /// export name stops working first, then the instance closes, which answers the requests in
+    /// flight and disconnects every client (`Volume::closed`). `drain`: turn the write buffer
+    /// into chunks first (bounded); without it the buffer stays in the WAL, replayed at the next
+    /// open (EC2 `Force` on detach).
+    pub(super) async fn end_mount(
+        &self,
+        rec: &mut VolumeRecord,
+        drain: bool,
+    ) -> Result<(), VolumeError> {
+        let id = rec.volume_id.clone();
+        if rec.mount.take().is_some() {
+            self.engine.put_record(rec.clone()).await?;
+            tracing::info!(volume = %id, "volume unmounted");
+        }
+        self.engine.close_volume_draining(&id, drain).await
+    }
+
+    /// `ebs.unmount` / `ebs.NODE.unmount` (`node`): ends the mount of a volume or snapshot and
+    /// disconnects its clients. Unmounting what is not mounted succeeds.
+    pub(super) async fn unmount(&self, node: Option<&str>, payload: &[u8]) -> EbsUnmountResponse {
         let resp =
             |volume: String, mounted: bool, error: String, not_found: bool| EbsUnmountResponse {
                 volume,
@@ -62,11 +125,41 @@ impl Control {
             Ok(r) => r,
             Err(e) => return resp(String::new(), false, e.message, false),
         };
+        if let Ok(snap) = SnapshotId::parse(&req.name) {
+            let name = snap.to_string();
+            if let Some(n) = node {
+                if let Ok(Some(SnapshotRecord { mount: Some(m), .. })) =
+                    self.engine.get_snapshot(&snap).await
+                {
+                    if m.node != n {
+                        return resp(
+                            name,
+                            true,
+                            format!(
+                                "VolumeInUse: {snap} is mounted on node {:?}, not {n:?}",
+                                m.node
+                            ),
+                            false,
+                        );
+                    }
+                }
+            }
+            return match self.engine.unmount_snapshot(&snap).await {
+                Ok(was) => {
+                    if was {
+                        tracing::info!(snapshot = %snap, "snapshot unmounted");
+                    }
+                    resp(name, false, String::new(), false)
+                }
+                Err(e @ VolumeError::SnapshotNotFound(_)) => resp(name, false, e.to_string(), true),
+                Err(e) => resp(name, true, format!("cannot unmount {snap}: {e}"), false),
+            };
+        }
         let Ok(id) = VolumeId::parse(&req.name) else {
             return resp(
                 req.name.clone(),
                 false,
-                format!("invalid volume id {:?}", req.name),
+                format!("invalid volume or snapshot id {:?}", req.name),
                 true,
             );
         };
@@ -83,22 +176,28 @@ impl Control {
             }
             Err(e) => return resp(id.to_string(), true, e.to_string(), false),
         };
-        if let Err(e) = self.engine.close_volume(&id).await {
-            return resp(
-                id.to_string(),
-                true,
-                format!("cannot close {id}: {e}"),
-                false,
-            );
-        }
-        if rec.mounted {
-            rec.mounted = false;
-            if let Err(e) = self.engine.put_record(rec).await {
-                return resp(id.to_string(), true, e.to_string(), false);
+        if let (Some(n), Some(m)) = (node, &rec.mount) {
+            if m.node != n {
+                return resp(
+                    id.to_string(),
+                    true,
+                    format!(
+                        "VolumeInUse: {id} is mounted on node {:?}, not {n:?}",
+                        m.node
+                    ),
+                    false,
+                );
             }
-            tracing::info!(volume = %id, "volume unmounted");
         }
-        resp(id.to_string(), false, String::new(), false)
+        match self.end_mount(&mut rec, true).await {
+            Ok(()) => resp(id.to_string(), false, String::new(), false),
+            Err(e) => resp(
+                id.to_string(),
+                rec.mount.is_some(),
+                format!("cannot unmount {id}: {e}"),
+                false,
+            ),
+        }
     }
 
     pub(super) async fn hive_delete(&self, payload: &[u8]) -> EbsDeleteResponse {
@@ -122,7 +221,7 @@ impl Control {
         };
         let _g = self.lock.lock().await;
         match self.engine.get_record(&id).await {
-            Ok(Some(r)) if r.mounted || !r.attachments.is_empty() => {
+            Ok(Some(r)) if r.mount.is_some() || !r.attachments.is_empty() => {
                 return fail(format!("volume {id} is mounted or attached"))
             }
             Ok(Some(_)) => {}

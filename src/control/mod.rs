@@ -44,16 +44,19 @@ pub struct ControlConfig {
     pub nbd_advertise: String,
     /// The NBD server requires TLS: mount URIs use the `nbds://` scheme (NBD URI spec).
     pub nbd_tls: bool,
+    /// Mount URIs name exports by the bare id (`--nbd-open-exports`).
+    pub open_exports: bool,
 }
 
 /// Serves the control plane until the process ends. Connects in the background and reconnects
 /// for ever, logging each disconnect and reconnect; NBD keeps serving meanwhile.
 pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
     let scheme = if config.nbd_tls { "nbds" } else { "nbd" };
-    let control = Arc::new(Control::new(
-        engine,
-        format!("{scheme}://{}", config.nbd_advertise),
-    ));
+    let control = Arc::new(
+        Control::new(engine, format!("{scheme}://{}", config.nbd_advertise))
+            .with_node(config.node.clone())
+            .with_open_exports(config.open_exports),
+    );
     let options = |url: String| {
         async_nats::ConnectOptions::new()
             .name("vblock")

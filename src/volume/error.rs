@@ -67,6 +67,10 @@ pub enum VolumeError {
     /// `pending` (EC2 `IncorrectState`).
     #[error("{0}")]
     IncorrectState(String),
+    /// The resource is mounted or attached and the request needs it free, e.g. deleting an
+    /// exported snapshot (EC2 `VolumeInUse`).
+    #[error("{0}")]
+    InUse(String),
     /// A write to a read-only export (a snapshot): `NBD_EPERM`.
     #[error("the export is read-only")]
     ReadOnly,

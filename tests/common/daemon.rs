@@ -428,9 +428,44 @@ impl Daemon {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
 
-    /// `nbd://127.0.0.1:PORT/NAME`.
-    pub fn uri(&self, name: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{name}", self.nbd_port)
+    /// The NBD URI of volume or snapshot `id`: mounts it (`vblock mount`, idempotent: a mounted
+    /// volume keeps its URI) and returns the URI the mount gave, `nbd://127.0.0.1:PORT/EXPORT`
+    /// (`nbds://` under `--tls-required`).
+    pub fn uri(&self, id: &str) -> String {
+        let mut uri = String::new();
+        // The control plane may still be connecting to NATS after a start.
+        let ok = wait_until(Duration::from_secs(30), || {
+            let out = run(
+                Command::new(vblock_bin()).args([
+                    "mount",
+                    id,
+                    "--nats-url",
+                    &self.nats_url,
+                    "--timeout",
+                    "5",
+                ]),
+                Duration::from_secs(30),
+            );
+            uri = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            out.status.success()
+        });
+        assert!(
+            ok,
+            "vblock mount {id} failed; log:
+{}",
+            self.log()
+        );
+        assert!(
+            uri.contains(&format!("://127.0.0.1:{}/{id}", self.nbd_port)),
+            "unexpected mount URI {uri:?}"
+        );
+        uri
+    }
+
+    /// The NBD export name of volume or snapshot `id`, mounting it ([`Daemon::uri`]).
+    pub fn export(&self, id: &str) -> String {
+        let uri = self.uri(id);
+        uri.rsplit('/').next().unwrap_or_default().to_owned()
     }
 
     /// SIGTERM and wait for a clean exit (exit code 0 required).
@@ -470,6 +505,11 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Replaces the extra `vblock serve` flags of the next start.
+    pub fn set_args(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Replaces the extra environment of the next start.
     pub fn set_envs(&mut self, envs: &[(&str, &str)]) {
         self.envs = envs
@@ -493,6 +533,19 @@ impl Daemon {
                 .arg(&self.nats_url),
             Duration::from_secs(60),
         )
+    }
+
+    /// `vblock ARGS` against this daemon's NATS, expecting it to fail; returns its stderr.
+    pub fn cli_refused(&self, args: &[&str]) -> String {
+        let out = run(
+            Command::new(vblock_bin())
+                .args(args)
+                .arg("--nats-url")
+                .arg(&self.nats_url),
+            Duration::from_secs(60),
+        );
+        assert!(!out.status.success(), "vblock {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     /// Creates a volume of `gib` GiB through the CLI (waiting until the control plane answers)

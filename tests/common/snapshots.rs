@@ -6,7 +6,7 @@ use serde_json::Value;
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
-use super::daemon::{nbd_client, qemu_io, qemu_io_read_only, wait_until, Daemon};
+use super::daemon::{nbd_client, qemu_io, qemu_io_output, qemu_io_read_only, wait_until, Daemon};
 
 fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
@@ -46,7 +46,7 @@ pub fn snapshot_clone_delete(d: &Daemon) {
     );
     // The export is read-only (NBD_FLAG_READ_ONLY); a client that writes anyway gets an error
     // (NBD_EPERM) and the snapshot is unchanged.
-    let mut c = nbd_client(d.nbd_port, &snap, Duration::from_secs(30));
+    let mut c = nbd_client(d.nbd_port, &d.export(&snap), Duration::from_secs(30));
     c.seek(SeekFrom::Start(0)).expect("seek");
     let refused = c.write_all(&[0x11; 4096]).and_then(|()| c.flush());
     assert!(refused.is_err(), "a write to a snapshot export succeeded");
@@ -88,6 +88,15 @@ pub fn snapshot_clone_delete(d: &Daemon) {
         "{space}"
     );
 
+    // A mounted snapshot cannot go; its unmount ends the export, and then it can.
+    let refused = d.cli_refused(&["snapshot", "delete", &snap]);
+    assert!(refused.contains("VolumeInUse"), "{refused}");
+    d.cli(&["unmount", &snap]);
+    let ended = qemu_io_output(&snap_uri, &["read 0 4k"]);
+    assert!(
+        !ended.status.success(),
+        "an unmounted snapshot's URI still opens"
+    );
     // A snapshot with a clone can go; the clone keeps its data.
     d.cli(&["snapshot", "delete", &snap]);
     let listed = json(&d.cli(&["snapshot", "list", "--output", "json"]));
@@ -100,7 +109,11 @@ pub fn snapshot_clone_delete(d: &Daemon) {
             "read -P 0xbb 8M 1M",
         ],
     );
+    let refused = d.cli_refused(&["volume", "delete", &vol]);
+    assert!(refused.contains("VolumeInUse"), "{refused}");
+    d.cli(&["unmount", &vol]);
     d.cli(&["volume", "delete", &vol]);
     qemu_io(&clone_uri, &["read -P 0xaa 1M 1M", "read -P 0xbb 8M 1M"]);
+    d.cli(&["unmount", &clone]);
     d.cli(&["volume", "delete", &clone]);
 }
