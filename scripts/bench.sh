@@ -39,7 +39,8 @@ qemu-nbd -f raw --cache=writeback -x vol -b 127.0.0.1 -p "$QN_PORT" -t "$WORK/qe
 nbdkit -f -p "$NK_PORT" memory 4G >"$WORK/nbdkit.log" 2>&1 & PIDS+=($!)
 wait_port "$QN_PORT"; wait_port "$NK_PORT"
 
-declare -A URI=( [vblock]="nbd://127.0.0.1:$VB_PORT/$VOL" [qemu-nbd]="nbd://127.0.0.1:$QN_PORT/vol" [nbdkit]="nbd://127.0.0.1:$NK_PORT/" )
+VB_URI=$("$BIN" mount "$VOL" --nats-url "nats://127.0.0.1:$NATS_PORT")
+declare -A URI=( [vblock]="$VB_URI" [qemu-nbd]="nbd://127.0.0.1:$QN_PORT/vol" [nbdkit]="nbd://127.0.0.1:$NK_PORT/" )
 JOBS=(
   "randwrite4k_qd32|--rw=randwrite --bs=4k --iodepth=32"
   "randread4k_qd32|--rw=randread --bs=4k --iodepth=32"

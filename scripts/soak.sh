@@ -56,10 +56,12 @@ for _ in 1 2 3 4; do VOLS+=("$(create)"); done
 SPARE=$(create)
 
 # fio: two connections per volume, each on its own half, mixed random I/O with periodic flushes.
+declare -A URIS
+for v in "${VOLS[@]}"; do URIS[$v]=$("$BIN" mount "$v" --nats-url "$NATS"); done
 JOBS=()
 for v in "${VOLS[@]}"; do
   for half in 0 1; do
-    JOBS+=(--name="$v-$half" --uri="nbd://127.0.0.1:$NBD_PORT/$v" --offset="${half}G" --size=1G)
+    JOBS+=(--name="$v-$half" --uri="${URIS[$v]}" --offset="${half}G" --size=1G)
   done
 done
 fio --ioengine=nbd --rw=randrw --rwmixread=60 --bsrange=4k-64k --iodepth=8 --fsync=64 \

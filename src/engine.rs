@@ -61,6 +61,8 @@ pub struct Engine {
     /// Per snapshot opened for reading: set to true when its export ends (unmount, delete), so
     /// that every reader of it stops (src/snapshot.rs).
     pub(crate) snapshot_ends: std::sync::Mutex<crate::snapshot::SnapshotEnds>,
+    /// Serialises snapshot mounts, unmounts and deletions (taken after `gc` when both are).
+    pub(crate) snapshot_mounts: tokio::sync::Mutex<()>,
 }
 
 /// What the periodic pass remembers between passes to pace map checkpoints (in memory: a
@@ -110,6 +112,26 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Gives every volume record written mounted before mounts had a secret (`"mounted": true`)
+/// a [`Mount`](crate::records::Mount) with a new secret, so that it stays mounted (refused by
+/// deletes and resizes); its platform gets the new export name from its next `ebs.mount`.
+fn upgrade_legacy_mounts(meta: &MetaStore) -> Result<(), crate::meta::MetaError> {
+    for mut rec in meta.list_volumes()? {
+        if rec.legacy_mounted && rec.mount.is_none() {
+            rec.mount = Some(crate::records::Mount::new(
+                String::new(),
+                String::new(),
+                false,
+                now_rfc3339(),
+            ));
+            rec.legacy_mounted = false;
+            meta.put_volume(&rec)?;
+            tracing::info!(volume = %rec.volume_id, "mount upgraded: its export name now carries a secret (ebs.mount returns it)");
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Opens the metadata DB under `config.data_dir/meta` and uses `backend` for chunks.
     pub async fn open(config: EngineConfig, backend: SharedBackend) -> Result<Self, VolumeError> {
@@ -125,6 +147,8 @@ impl Engine {
                 source,
             })?;
         let meta = blocking(move || MetaStore::open(&dir, cache_bytes)).await?;
+        let m = meta.clone();
+        blocking(move || upgrade_legacy_mounts(&m)).await?;
         Ok(Self {
             cache: frame_cache(config.frame_cache_bytes),
             config,
@@ -133,6 +157,7 @@ impl Engine {
             instances: Instances::default(),
             gc: tokio::sync::Mutex::new(Default::default()),
             snapshot_ends: Default::default(),
+            snapshot_mounts: Default::default(),
         })
     }
 
@@ -211,6 +236,7 @@ impl Engine {
             attachments: Vec::new(),
             client_token: String::new(),
             mount: None,
+            legacy_mounted: false,
             multi_attach_enabled: false,
         }
     }
@@ -267,11 +293,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes the record's copy to `VOLUMEID/volume.json` in the backend (bounded retries).
+    /// Writes the record's copy to `VOLUMEID/volume.json` in the backend (bounded retries),
+    /// without its mount: a mount (and its export secret) belongs to the daemon serving it, and
+    /// a volume recovered from the backend starts unmounted.
     pub(crate) async fn publish_record(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
         let key = volume_record_key(&rec.volume_id);
+        let copy = VolumeRecord {
+            mount: None,
+            ..rec.clone()
+        };
         let body = bytes::Bytes::from(
-            serde_json::to_vec(rec).map_err(|e| VolumeError::Internal(e.to_string()))?,
+            serde_json::to_vec(&copy).map_err(|e| VolumeError::Internal(e.to_string()))?,
         );
         put_retried(&self.backend, &key, body).await?;
         Ok(())
@@ -285,6 +317,21 @@ impl Engine {
     /// Errors: [`VolumeError::VolumeNotFound`], the open's errors (WAL replay, metadata),
     /// [`VolumeError::IncorrectState`] when a close does not end in time.
     pub async fn volume(&self, id: &VolumeId) -> Result<Volume, VolumeError> {
+        self.volume_if(id, |_| true).await
+    }
+
+    /// [`Engine::volume`], but a new instance is opened only if `admit` accepts the volume's
+    /// record as read under the volume's busy slot, i.e. ordered with closes: an NBD export
+    /// opens a volume only while it is mounted, and an unmount's close either sees that open
+    /// (and closes what it opened) or the open sees the unmount. An instance already open is
+    /// returned as it is.
+    ///
+    /// Errors: as [`Engine::volume`]; [`VolumeError::IncorrectState`] when `admit` refuses.
+    pub async fn volume_if(
+        &self,
+        id: &VolumeId,
+        admit: impl FnOnce(&VolumeRecord) -> bool + Send + 'static,
+    ) -> Result<Volume, VolumeError> {
         let (meta, backend, cache) = (self.meta.clone(), self.backend.clone(), self.cache.clone());
         let (vid, wal_dir) = (id.clone(), self.config.wal_dir.join(id.as_str()));
         let config = self.config.volume.clone();
@@ -292,6 +339,11 @@ impl Engine {
             let rec = read_record(meta.clone(), vid.clone())
                 .await?
                 .ok_or_else(|| VolumeError::VolumeNotFound(vid.clone()))?;
+            if !admit(&rec) {
+                return Err(VolumeError::IncorrectState(format!(
+                    "volume {vid} may not be opened now"
+                )));
+            }
             Volume::open(meta, backend, cache, vid, rec.size_bytes, wal_dir, config).await
         };
         self.instances

@@ -157,10 +157,13 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub client_token: String,
     /// The mount while the volume is mounted (exported over NBD after `ebs.mount`); `None`
-    /// otherwise. Records written before mounts carried a secret had a `mounted` flag instead:
-    /// it is ignored, so such a volume is unmounted until mounted again.
+    /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<Mount>,
+    /// `mounted` of records written before mounts had a secret: read, never written.
+    /// [`crate::Engine::open`] turns a `true` into a [`Mount`] with a new secret.
+    #[serde(default, rename = "mounted", skip_serializing)]
+    pub legacy_mounted: bool,
     /// EC2 `MultiAttachEnabled`: the volume may be attached to several instances at once
     /// (EBS Multi-Attach; io1 and io2 volumes only).
     #[serde(default)]

@@ -197,10 +197,11 @@ impl Engine {
     /// used. A `pending` snapshot cannot be deleted until its copy finished.
     ///
     /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::IncorrectState`] for a pending
-    /// snapshot; backend errors.
+    /// snapshot, [`VolumeError::InUse`] for a mounted one; backend errors.
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), VolumeError> {
         {
             let _gc = self.gc.lock().await;
+            let _mounts = self.snapshot_mounts.lock().await;
             let rec = self
                 .get_snapshot(id)
                 .await?
@@ -262,7 +263,8 @@ impl Engine {
 
     /// Mounts snapshot `id` (its read-only NBD export) with `mount`, or returns the record as it
     /// is when it is mounted already (mounts are idempotent; the caller compares the node).
-    /// Under the GC lock, so that a deletion never races it.
+    /// Under the snapshot mount lock, which a deletion takes too, so that the two never race
+    /// (not the GC lock: a mount must not wait for a GC pass).
     ///
     /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::IncorrectState`] while it is
     /// `pending` (its record is still being rewritten); metadata errors.
@@ -271,7 +273,7 @@ impl Engine {
         id: &SnapshotId,
         mount: crate::records::Mount,
     ) -> Result<SnapshotRecord, VolumeError> {
-        let _gc = self.gc.lock().await;
+        let _mounts = self.snapshot_mounts.lock().await;
         let mut rec = self
             .get_snapshot(id)
             .await?
@@ -291,15 +293,29 @@ impl Engine {
     }
 
     /// Unmounts snapshot `id`: its export ends and every connected reader's requests fail from
-    /// now on. Returns whether it was mounted.
+    /// now on. `node`: only if it was mounted through this node (`ebs.NODE.unmount`). Returns
+    /// whether it was mounted.
     ///
-    /// Errors: [`VolumeError::SnapshotNotFound`]; metadata errors.
-    pub async fn unmount_snapshot(&self, id: &SnapshotId) -> Result<bool, VolumeError> {
-        let _gc = self.gc.lock().await;
+    /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::InUse`] when mounted through
+    /// another node; metadata errors.
+    pub async fn unmount_snapshot(
+        &self,
+        id: &SnapshotId,
+        node: Option<&str>,
+    ) -> Result<bool, VolumeError> {
+        let _mounts = self.snapshot_mounts.lock().await;
         let mut rec = self
             .get_snapshot(id)
             .await?
             .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
+        if let (Some(n), Some(m)) = (node, &rec.mount) {
+            if m.node != n {
+                return Err(VolumeError::InUse(format!(
+                    "{id} is mounted on node {:?}, not {n:?}",
+                    m.node
+                )));
+            }
+        }
         let was = rec.mount.take().is_some();
         if was {
             let (meta, r) = (self.meta.clone(), rec.clone());

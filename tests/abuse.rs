@@ -77,6 +77,7 @@ fn a_thousand_idle_connections_cost_bounded_memory_and_block_no_one() {
     let pid = d.pid();
     // Warm the paths a client uses once, then take the baseline.
     qemu_io(&d.uri(&vol), &["write -P 0x11 0 1M", "read -P 0x11 0 1M"]);
+    let export = d.export(&vol);
     let (rss_before, sockets_before) = (rss_kib(pid), sockets(pid));
 
     let mut idle = Vec::with_capacity(IDLE);
@@ -85,7 +86,7 @@ fn a_thousand_idle_connections_cost_bounded_memory_and_block_no_one() {
             // Stopped before the client flags: the handshake waits for it.
             idle.push(TcpStream::connect(("127.0.0.1", d.nbd_port)).expect("connect"));
         } else {
-            idle.push(go(d.nbd_port, &vol));
+            idle.push(go(d.nbd_port, &export));
         }
     }
     assert!(

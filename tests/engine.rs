@@ -1140,3 +1140,48 @@ fn a_close_abandoned_half_way_does_not_wedge_the_volume() {
         engine.close_all().await;
     });
 }
+
+/// A volume record written mounted before mounts had a secret (`"mounted": true`, no `mount`)
+/// comes out of the next open still mounted, with a new secret, once: deletes and resizes stay
+/// refused, and the export name is stable from then on.
+#[test]
+fn a_volume_mounted_before_export_secrets_stays_mounted() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend: vblock::backend::SharedBackend =
+            std::sync::Arc::new(vblock::backend::memory::MemoryBackend::new());
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let rec = engine.create_volume(1 << 20, "old").await.expect("create");
+        let id = rec.volume_id.clone();
+        drop(engine);
+        // Rewrite the record as an older build stored it.
+        {
+            let db = rocksdb::DB::open_default(dir.path().join("meta")).expect("open meta");
+            let key = [b"v".as_slice(), id.as_str().as_bytes()].concat();
+            let mut json: serde_json::Value =
+                serde_json::from_slice(&db.get(&key).expect("get").expect("record")).expect("json");
+            assert!(json.get("mount").is_none() && json.get("mounted").is_none());
+            json["mounted"] = serde_json::Value::Bool(true);
+            db.put(&key, serde_json::to_vec(&json).expect("json"))
+                .expect("put");
+        }
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let mount = engine
+            .get_record(&id)
+            .await
+            .expect("record")
+            .expect("volume")
+            .mount
+            .expect("still mounted");
+        assert_eq!(mount.secret.len(), vblock::records::MOUNT_SECRET_HEX);
+        drop(engine);
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let again = engine
+            .get_record(&id)
+            .await
+            .expect("record")
+            .expect("volume");
+        assert_eq!(again.mount, Some(mount), "the upgrade ran twice");
+        assert!(!again.legacy_mounted);
+    });
+}

@@ -16,6 +16,14 @@ const ROUNDS: u64 = 50;
 /// 4 MiB written at a time, in 16 regions of a 1 GiB volume.
 const REGION: u64 = 4 << 20;
 
+/// Whether volume `id`'s WAL directory lock (`LOCK`, an advisory `flock` an open instance's WAL
+/// writer holds) is free: no instance of the volume is open.
+fn wal_lock_free(d: &Daemon, id: &str) -> bool {
+    let path = d.data_dir().join("wal").join(id).join("LOCK");
+    let file = std::fs::File::open(&path).expect("the WAL lock file");
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+}
+
 #[test]
 fn unmount_raced_by_handshakes_and_snapshots_never_opens_a_second_instance() {
     require("qemu-io");
@@ -74,6 +82,12 @@ fn unmount_raced_by_handshakes_and_snapshots_never_opens_a_second_instance() {
                 );
             }
         });
+        // The unmount left no instance open (a handshake that raced it opened none): the WAL
+        // directory's lock is free.
+        assert!(
+            wal_lock_free(&d, &id),
+            "round {round}: an instance is open after the unmount"
+        );
         let read = qemu_io(&d.uri(&id), &[&format!("read -P {fill} {at} {REGION}")]);
         assert!(!read.contains("failed"), "round {round}: {read}");
     }
@@ -151,21 +165,21 @@ fn a_volume_is_an_export_only_while_mounted_and_only_under_its_secret() {
     let id = d.create_volume(1);
     let base = format!("nbd://127.0.0.1:{}", d.nbd_port);
     let nbdinfo = |uri: &str| run(Command::new("nbdinfo").arg(uri), Duration::from_secs(60));
-    assert!(
-        !nbdinfo(&format!("{base}/{id}")).status.success(),
-        "unmounted, yet exported"
-    );
+    // Refused as an unknown export (NBD_REP_ERR_UNKNOWN, which libnbd reports as ENOENT).
+    let unknown = |uri: &str, why: &str| {
+        let out = nbdinfo(uri);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("No such file or directory"),
+            "{why}: {uri}: {err}"
+        );
+    };
+    unknown(&format!("{base}/{id}"), "unmounted, yet exported");
     let uri = d.uri(&id);
     assert!(nbdinfo(&uri).status.success());
-    assert!(
-        !nbdinfo(&format!("{base}/{id}")).status.success(),
-        "the bare id opened the volume"
-    );
+    unknown(&format!("{base}/{id}"), "the bare id opened the volume");
     let forged = format!("{base}/{id}-{}", "0".repeat(32));
-    assert!(
-        !nbdinfo(&forged).status.success(),
-        "a made-up secret opened the volume"
-    );
+    unknown(&forged, "a made-up secret opened the volume");
     let fio = run(
         Command::new("fio").args([
             "--name=w",
@@ -198,10 +212,7 @@ fn a_volume_is_an_export_only_while_mounted_and_only_under_its_secret() {
     );
     assert_eq!(std::fs::metadata(&file).expect("copy").len(), 1 << 30);
     d.cli(&["unmount", &id]);
-    assert!(
-        !nbdinfo(&uri).status.success(),
-        "the URI outlived its unmount"
-    );
+    unknown(&uri, "the URI outlived its unmount");
     let again = d.uri(&id);
     assert_ne!(again, uri, "a new mount must have a new secret");
     assert!(nbdinfo(&again).status.success());
@@ -245,6 +256,8 @@ fn detaching_the_mount_with_force_disconnects_and_keeps_flushed_writes() {
         serde_json::json!([]),
         "{described}"
     );
+    // Force reached the close: no drain (the buffer stays in the WAL, replayed at the remount).
+    d.wait_for_log("closing without a drain", Duration::from_secs(10));
     let refused = common::daemon::qemu_io_output(&uri, &["read 0 4k"]);
     assert!(!refused.status.success(), "the URI outlived the detach");
     let read = qemu_io(&d.uri(&id), &["read -P 0x4f 0 8M", "read -P 0x50 8M 4k"]);
@@ -271,4 +284,52 @@ fn a_mount_through_one_node_is_refused_through_another() {
     assert_eq!(d.uri(&id), uri.trim(), "ebs.mount is idempotent");
     d.cli(&["unmount", &id]);
     assert!(d.cli(&["mount", &id, "--node", "node2"]).trim() != uri.trim());
+}
+
+/// Detaching a volume's last instance (EC2 DetachVolume) ends its mount too: the export is gone
+/// and the client is disconnected after a drain; what it wrote and flushed is kept.
+#[test]
+fn detaching_the_last_instance_ends_the_mount() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    require("qemu-io");
+    let nats = Nats::start();
+    let d = Daemon::start(&nats.url());
+    let id = d.create_volume(1);
+    d.cli(&[
+        "volume",
+        "attach",
+        &id,
+        "--instance",
+        "i-1",
+        "--device",
+        "/dev/sdf",
+    ]);
+    let uri = d.uri(&id);
+    let (mut c, mut socket) =
+        common::daemon::nbd_client_and_socket(d.nbd_port, &d.export(&id), Duration::from_secs(30));
+    c.seek(SeekFrom::Start(4096)).expect("seek");
+    c.write_all(&[0x61; 4096]).expect("write");
+    c.flush().expect("flush");
+    d.cli(&["volume", "detach", &id, "--instance", "i-1"]);
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        socket.read(&mut byte).expect("read after the detach"),
+        0,
+        "still connected"
+    );
+    let described = d.cli(&["volume", "describe", &id, "--output", "json"]);
+    let described: serde_json::Value = serde_json::from_str(&described).expect("json");
+    assert_eq!(
+        (described["State"].as_str(), &described["Attachments"]),
+        (Some("available"), &serde_json::json!([])),
+        "{described}"
+    );
+    assert!(
+        !d.log().contains("closing without a drain"),
+        "drained without Force"
+    );
+    let refused = common::daemon::qemu_io_output(&uri, &["read 0 4k"]);
+    assert!(!refused.status.success(), "the URI outlived the detach");
+    let read = qemu_io(&d.uri(&id), &["read -P 0x61 4096 4096"]);
+    assert!(!read.contains("failed"), "{read}");
 }

@@ -512,6 +512,7 @@ fn disaster_recovery_into_an_empty_data_dir() {
         ],
     );
     qemu_io(&a.uri(&v2), &["write -P 0x21 1G 2M", "write -z 1G 4k"]);
+    a.cli(&["unmount", &v2]);
     a.cli(&["volume", "resize", &v2, "--size", "3GiB"]);
     // A snapshot of v2, a clone of it with its own write, and v2 overwritten twice after it: GC
     // deletes the first overwrite's chunks, so v2 gets a map checkpoint in the bucket.

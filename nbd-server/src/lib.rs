@@ -316,16 +316,28 @@ impl ExportProvider for VolumeExports {
     async fn open(&self, name: &str) -> Result<Export, ExportError> {
         let mounted = self.resolve(name).await?;
         let info = Self::info(name, &mounted);
-        let volume = match &mounted {
-            Mounted::Snapshot(r) => {
-                Device::Snapshot(self.engine.snapshot_volume(&r.snapshot_id).await?)
+        let opened = match &mounted {
+            Mounted::Snapshot(r) => self
+                .engine
+                .snapshot_volume(&r.snapshot_id)
+                .await
+                .map(Device::Snapshot),
+            Mounted::Volume(r) => {
+                // A new instance only while the mount lasts, checked in order with closes
+                // (Engine::volume_if): an unmount never leaves one behind.
+                let mount = r.mount.clone();
+                self.engine
+                    .volume_if(&r.volume_id, move |now| now.mount == mount)
+                    .await
+                    .map(Device::Volume)
             }
-            Mounted::Volume(r) => Device::Volume(self.engine.volume(&r.volume_id).await?),
         };
-        // An unmount may have ended the mount while the device opened: the client would hold
-        // an instance no unmount disconnects. Checked again once the device is held (an unmount
-        // from now on ends it: Volume::closed, SnapshotVolume::closed).
+        // An unmount may have ended the mount meanwhile: the client would hold a device no
+        // unmount disconnects. Checked again once the device is held (an unmount from now on
+        // ends it: Volume::closed, SnapshotVolume::closed); it also gives a refused open the
+        // answer every refusal gets.
         self.resolve(name).await?;
+        let volume = opened?;
         Ok(Export {
             name: info.name,
             volume,

@@ -520,6 +520,11 @@ impl Control {
         let a = rec.attachments.remove(pos);
         self.engine.put_record(rec.clone()).await?;
         tracing::info!(volume = %id, instance = %a.instance_id, force = req.force, "volume detached");
+        if rec.attachments.is_empty() {
+            // The last instance is gone: so are its export and its NBD clients (drained first
+            // unless `Force`).
+            self.end_mount(&mut rec, !req.force).await?;
+        }
         Ok(body(&attachment(&rec, &a, "detached")))
     }
 
@@ -534,6 +539,15 @@ impl Control {
         let req: CreateSnapshotRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
         let rec = self.engine.create_snapshot(&id, &req.description).await?;
+        // The snapshot opened the volume if it was not: only a mount keeps an instance open
+        // (its write buffer, WAL writer and lock), so an unmounted volume is closed again.
+        // The snapshot is taken whatever happens here.
+        let _g = self.lock.lock().await;
+        if let Ok(Some(VolumeRecord { mount: None, .. })) = self.engine.get_record(&id).await {
+            if let Err(e) = self.engine.close_volume(&id).await {
+                tracing::warn!(volume = %id, error = %e, "closing an unmounted volume after its snapshot failed");
+            }
+        }
         Ok(body(&snapshot_to_api(&rec)))
     }
 

@@ -93,9 +93,9 @@ impl Control {
         mounted(id.as_str(), &mount)
     }
 
-    /// Ends volume `id`'s mount (a no-op when it has none; the caller holds `self.lock`): the
-    /// export name stops working first, then the instance closes, which answers the requests in
-    /// flight and disconnects every client (`Volume::closed`). `drain`: turn the write buffer
+    /// Ends the mount of `rec`'s volume if it has one (the caller holds `self.lock`), then
+    /// closes its instance if one is open: the export name stops working first, then the close
+    /// answers the requests in flight and disconnects every client (`Volume::closed`). `drain`: turn the write buffer
     /// into chunks first (bounded); without it the buffer stays in the WAL, replayed at the next
     /// open (EC2 `Force` on detach).
     pub(super) async fn end_mount(
@@ -127,24 +127,7 @@ impl Control {
         };
         if let Ok(snap) = SnapshotId::parse(&req.name) {
             let name = snap.to_string();
-            if let Some(n) = node {
-                if let Ok(Some(SnapshotRecord { mount: Some(m), .. })) =
-                    self.engine.get_snapshot(&snap).await
-                {
-                    if m.node != n {
-                        return resp(
-                            name,
-                            true,
-                            format!(
-                                "VolumeInUse: {snap} is mounted on node {:?}, not {n:?}",
-                                m.node
-                            ),
-                            false,
-                        );
-                    }
-                }
-            }
-            return match self.engine.unmount_snapshot(&snap).await {
+            return match self.engine.unmount_snapshot(&snap, node).await {
                 Ok(was) => {
                     if was {
                         tracing::info!(snapshot = %snap, "snapshot unmounted");
@@ -152,6 +135,7 @@ impl Control {
                     resp(name, false, String::new(), false)
                 }
                 Err(e @ VolumeError::SnapshotNotFound(_)) => resp(name, false, e.to_string(), true),
+                Err(VolumeError::InUse(m)) => resp(name, true, format!("VolumeInUse: {m}"), false),
                 Err(e) => resp(name, true, format!("cannot unmount {snap}: {e}"), false),
             };
         }

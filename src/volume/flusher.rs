@@ -146,7 +146,9 @@ pub(super) async fn flusher(inner: Arc<Inner>, state: VolumeState) {
             break;
         }
     }
-    abort(std::mem::take(&mut f.in_flight)).await;
+    // The flusher is done: retries in flight end after their current attempt.
+    f.inner.stop.store(true, Ordering::SeqCst);
+    end_uploads(std::mem::take(&mut f.in_flight)).await;
 }
 
 /// The flusher's state between steps.
@@ -386,11 +388,12 @@ async fn compact(
     )
 }
 
-/// Cancels uploads that will not be committed and waits for them, so none writes afterwards.
-async fn abort(in_flight: VecDeque<InFlight>) {
-    for job in &in_flight {
-        job.task.abort();
-    }
+/// Waits for uploads that will not be committed (the stop flag is set: each ends after the
+/// attempt under way, whose time the backend bounds), so that none writes afterwards. Aborting
+/// them instead would drop the futures but not the writes already handed to the backend (an
+/// HTTP request sent, a file write on a blocking thread): such a write could land after the next
+/// instance of the volume reused its object id.
+async fn end_uploads(in_flight: VecDeque<InFlight>) {
     for job in in_flight {
         let _ = job.task.await;
     }

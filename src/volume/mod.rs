@@ -546,8 +546,8 @@ impl Volume {
     }
 
     /// Stops accepting writes, turns everything buffered into chunks (waiting at most
-    /// `drain_timeout`; what is left stays in the WAL and is replayed at the next open), syncs
-    /// the WAL and stops its writer.
+    /// `drain_timeout`, not at all when it is zero; what is left stays in the WAL and is
+    /// replayed at the next open), syncs the WAL and stops its writer.
     pub async fn close(&self, drain_timeout: Duration) -> Result<(), VolumeError> {
         let inner = &self.inner;
         {
@@ -561,7 +561,12 @@ impl Volume {
         inner.flushed.notify_waiters();
         let handle = lock(&inner.flusher).take();
         if let Some(mut handle) = handle {
-            if tokio::time::timeout(drain_timeout, &mut handle)
+            if drain_timeout.is_zero() {
+                tracing::info!(volume = %inner.id, "closing without a drain; the write buffer stays in the WAL");
+                inner.stop.store(true, Ordering::SeqCst);
+                inner.wake.notify_one();
+                let _ = handle.await;
+            } else if tokio::time::timeout(drain_timeout, &mut handle)
                 .await
                 .is_err()
             {

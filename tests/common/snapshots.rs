@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use super::daemon::{nbd_client, qemu_io, qemu_io_output, qemu_io_read_only, wait_until, Daemon};
@@ -88,10 +88,20 @@ pub fn snapshot_clone_delete(d: &Daemon) {
         "{space}"
     );
 
-    // A mounted snapshot cannot go; its unmount ends the export, and then it can.
+    // A mounted snapshot cannot go; its unmount ends the export and fails every request of a
+    // reader still connected, and then it can go.
     let refused = d.cli_refused(&["snapshot", "delete", &snap]);
     assert!(refused.contains("VolumeInUse"), "{refused}");
+    let mut reader = nbd_client(d.nbd_port, &d.export(&snap), Duration::from_secs(30));
+    let mut block = [0u8; 4096];
+    reader.read_exact(&mut block).expect("read the snapshot");
+    assert_eq!(block, [0xaa; 4096]);
     d.cli(&["unmount", &snap]);
+    reader.seek(SeekFrom::Start(0)).expect("seek");
+    assert!(
+        reader.read_exact(&mut block).is_err(),
+        "a reader of an unmounted snapshot was served"
+    );
     let ended = qemu_io_output(&snap_uri, &["read 0 4k"]);
     assert!(
         !ended.status.success(),
