@@ -218,12 +218,33 @@ fn a_volume_is_an_export_only_while_mounted_and_only_under_its_secret() {
     assert!(nbdinfo(&again).status.success());
 }
 
+/// After a detach that ended volume `id`'s mount: the client on `socket` was disconnected, the
+/// volume is available with no attachment, and the mount's `uri` opens nothing.
+fn assert_detached(d: &Daemon, id: &str, socket: &mut std::net::TcpStream, uri: &str) {
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        socket.read(&mut byte).expect("read after the detach"),
+        0,
+        "still connected"
+    );
+    let described = d.cli(&["volume", "describe", id, "--output", "json"]);
+    let described: serde_json::Value = serde_json::from_str(&described).expect("json");
+    assert_eq!(
+        (described["State"].as_str(), &described["Attachments"]),
+        (Some("available"), &serde_json::json!([])),
+        "{described}"
+    );
+    let refused = common::daemon::qemu_io_output(uri, &["read 0 4k"]);
+    assert!(!refused.status.success(), "the URI outlived the detach");
+}
+
 /// Detaching the mount (DetachVolume of the attachment without an instance id) ends it like
 /// an unmount: its client is disconnected and its URI stops working. With `Force` the write
 /// buffer is not drained into chunks first; it stays in the WAL, and nothing flushed is lost.
 #[test]
 fn detaching_the_mount_with_force_disconnects_and_keeps_flushed_writes() {
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Seek, SeekFrom, Write};
     require("qemu-io");
     let nats = Nats::start();
     let d = Daemon::start(&nats.url());
@@ -242,24 +263,9 @@ fn detaching_the_mount_with_force_disconnects_and_keeps_flushed_writes() {
         (Some("detached"), Some("")),
         "{detached}"
     );
-    let mut byte = [0u8; 1];
-    assert_eq!(
-        socket.read(&mut byte).expect("read after the detach"),
-        0,
-        "still connected"
-    );
-    let described = d.cli(&["volume", "describe", &id, "--output", "json"]);
-    let described: serde_json::Value = serde_json::from_str(&described).expect("json");
-    assert_eq!(described["State"], "available", "{described}");
-    assert_eq!(
-        described["Attachments"],
-        serde_json::json!([]),
-        "{described}"
-    );
+    assert_detached(&d, &id, &mut socket, &uri);
     // Force reached the close: no drain (the buffer stays in the WAL, replayed at the remount).
     d.wait_for_log("closing without a drain", Duration::from_secs(10));
-    let refused = common::daemon::qemu_io_output(&uri, &["read 0 4k"]);
-    assert!(!refused.status.success(), "the URI outlived the detach");
     let read = qemu_io(&d.uri(&id), &["read -P 0x4f 0 8M", "read -P 0x50 8M 4k"]);
     assert!(!read.contains("failed"), "{read}");
 }
@@ -290,7 +296,7 @@ fn a_mount_through_one_node_is_refused_through_another() {
 /// and the client is disconnected after a drain; what it wrote and flushed is kept.
 #[test]
 fn detaching_the_last_instance_ends_the_mount() {
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Seek, SeekFrom, Write};
     require("qemu-io");
     let nats = Nats::start();
     let d = Daemon::start(&nats.url());
@@ -311,25 +317,11 @@ fn detaching_the_last_instance_ends_the_mount() {
     c.write_all(&[0x61; 4096]).expect("write");
     c.flush().expect("flush");
     d.cli(&["volume", "detach", &id, "--instance", "i-1"]);
-    let mut byte = [0u8; 1];
-    assert_eq!(
-        socket.read(&mut byte).expect("read after the detach"),
-        0,
-        "still connected"
-    );
-    let described = d.cli(&["volume", "describe", &id, "--output", "json"]);
-    let described: serde_json::Value = serde_json::from_str(&described).expect("json");
-    assert_eq!(
-        (described["State"].as_str(), &described["Attachments"]),
-        (Some("available"), &serde_json::json!([])),
-        "{described}"
-    );
+    assert_detached(&d, &id, &mut socket, &uri);
     assert!(
         !d.log().contains("closing without a drain"),
         "drained without Force"
     );
-    let refused = common::daemon::qemu_io_output(&uri, &["read 0 4k"]);
-    assert!(!refused.status.success(), "the URI outlived the detach");
     let read = qemu_io(&d.uri(&id), &["read -P 0x61 4096 4096"]);
     assert!(!read.contains("failed"), "{read}");
 }

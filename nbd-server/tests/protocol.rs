@@ -534,6 +534,15 @@ fn requests_after_disc_are_not_served() {
     });
 }
 
+/// A new volume of `f`'s engine, not mounted.
+async fn unmounted_volume(f: &Fixture) -> vblock::VolumeId {
+    f.engine
+        .create_volume(1 << 20, "u")
+        .await
+        .expect("create")
+        .volume_id
+}
+
 /// `NBD_OPT_LIST`'s names, then the ACK.
 async fn list(s: &mut TcpStream) -> Vec<String> {
     send_option(s, NBD_OPT_LIST, &[]).await;
@@ -569,12 +578,7 @@ fn exports_are_mounted_volumes_under_their_secret_names() {
         let f = fixture_with(false).await;
         let (id, secret) = vblock::records::split_export_name(&f.vol);
         let (id, secret) = (id.to_owned(), secret.expect("a secret").to_owned());
-        let unmounted = f
-            .engine
-            .create_volume(1 << 20, "u")
-            .await
-            .expect("create")
-            .volume_id;
+        let unmounted = unmounted_volume(&f).await;
         let mut s = hello(f.port, NBD_FLAG_C_FIXED_NEWSTYLE).await;
         assert!(
             list(&mut s).await.is_empty(),
@@ -597,12 +601,7 @@ fn exports_are_mounted_volumes_under_their_secret_names() {
         assert_eq!(f.engine.open_volumes().await.len(), 1);
 
         let f = fixture().await;
-        let unmounted = f
-            .engine
-            .create_volume(1 << 20, "u")
-            .await
-            .expect("create")
-            .volume_id;
+        let unmounted = unmounted_volume(&f).await;
         let mut s = hello(f.port, NBD_FLAG_C_FIXED_NEWSTYLE).await;
         assert_eq!(list(&mut s).await, vec![f.vol.clone()]);
         assert_eq!(info(&mut s, unmounted.as_str()).await, NBD_REP_ERR_UNKNOWN);

@@ -148,7 +148,8 @@ pub(super) async fn flusher(inner: Arc<Inner>, state: VolumeState) {
     }
     // The flusher is done: retries in flight end after their current attempt.
     f.inner.stop.store(true, Ordering::SeqCst);
-    end_uploads(std::mem::take(&mut f.in_flight)).await;
+    let crashed = f.inner.crashed.load(Ordering::SeqCst);
+    end_uploads(std::mem::take(&mut f.in_flight), crashed).await;
 }
 
 /// The flusher's state between steps.
@@ -392,9 +393,13 @@ async fn compact(
 /// attempt under way, whose time the backend bounds), so that none writes afterwards. Aborting
 /// them instead would drop the futures but not the writes already handed to the backend (an
 /// HTTP request sent, a file write on a blocking thread): such a write could land after the next
-/// instance of the volume reused its object id.
-async fn end_uploads(in_flight: VecDeque<InFlight>) {
+/// instance of the volume reused its object id. A simulated crash (`crashed`) aborts them, as
+/// the process's death would.
+async fn end_uploads(in_flight: VecDeque<InFlight>, crashed: bool) {
     for job in in_flight {
+        if crashed {
+            job.task.abort();
+        }
         let _ = job.task.await;
     }
 }

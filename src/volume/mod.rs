@@ -96,6 +96,8 @@ struct Inner {
     draining: AtomicBool,
     /// Flusher: exit at the next step boundary (crash simulation, forced close).
     stop: AtomicBool,
+    /// Crash simulation: the stopping flusher drops its uploads instead of waiting for them.
+    crashed: AtomicBool,
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Why the volume failed, once it has ([`Volume::failed`]); `has_failed` is the lock-free
     /// test every write makes.
@@ -239,6 +241,7 @@ impl Volume {
             reads: WorkQueue::new(read::READ_WORKERS),
             draining: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            crashed: AtomicBool::new(false),
             flusher: Mutex::new(None),
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
@@ -590,6 +593,7 @@ impl Volume {
     pub async fn simulate_crash(&self) {
         let inner = &self.inner;
         // Stop before closed: whoever sees the volume closed knows the flusher is told to stop.
+        inner.crashed.store(true, Ordering::SeqCst);
         inner.stop.store(true, Ordering::SeqCst);
         lock(&inner.state).closed = true;
         inner.closing.send_replace(true);
