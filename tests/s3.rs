@@ -57,25 +57,88 @@ fn list_objects(s3: &S3Server, bucket: &str) -> Vec<String> {
         .expect("rt");
     rt.block_on(async {
         use vblock::backend::Backend;
-        let cfg = vblock::backend::s3::S3Config {
-            bucket: bucket.into(),
-            prefix: "vblock".into(),
-            endpoint: Some(s3.endpoint()),
-            force_path_style: true,
-            create_bucket: false,
-            region: Some("us-east-1".into()),
-            static_credentials: Some((
-                common::s3::ACCESS_KEY.into(),
-                common::s3::SECRET_KEY.into(),
-            )),
-            attempt_timeout: None,
-            sign_payload: false,
-        };
-        let b = vblock::backend::s3::S3Backend::connect(&cfg)
+        let b = vblock::backend::s3::S3Backend::connect(&backend_config(s3, bucket, false))
             .await
             .expect("connect");
         b.list("").await.expect("list")
     })
+}
+
+/// The S3 backend's settings for `bucket` on `s3`, under the prefix the daemons use.
+fn backend_config(
+    s3: &S3Server,
+    bucket: &str,
+    create_bucket: bool,
+) -> vblock::backend::s3::S3Config {
+    vblock::backend::s3::S3Config {
+        bucket: bucket.into(),
+        prefix: "vblock".into(),
+        endpoint: Some(s3.endpoint()),
+        force_path_style: true,
+        create_bucket,
+        region: Some("us-east-1".into()),
+        static_credentials: Some((common::s3::ACCESS_KEY.into(), common::s3::SECRET_KEY.into())),
+        attempt_timeout: None,
+        sign_payload: false,
+    }
+}
+
+/// `put_if_absent` is S3's conditional PUT (`If-None-Match: *`) on both test servers: the
+/// first stores, a second leaves the object alone, and of 8 racing writers (separate clients)
+/// exactly one stores. The fencing of cluster takeovers rests on this.
+#[test]
+fn conditional_puts_store_once_on_s3s_fs_and_moto() {
+    for kind in [Kind::S3sFs, Kind::Moto] {
+        let s3 = S3Server::start(kind);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            use vblock::backend::Backend;
+            tokio::time::timeout(Duration::from_secs(60), async {
+                let cfg = backend_config(&s3, "vblock-cas", true);
+                let b = vblock::backend::s3::S3Backend::connect(&cfg)
+                    .await
+                    .expect("connect");
+                let key = "vol-0123456789abcdef0/epoch/0000000000000001";
+                assert!(b.put_if_absent(key, "first".into()).await.expect("put"));
+                assert!(!b.put_if_absent(key, "second".into()).await.expect("put"));
+                assert_eq!(&b.get(key).await.expect("get")[..], b"first");
+                let race = "vol-0123456789abcdef0/epoch/0000000000000002";
+                let mut writers = Vec::new();
+                for i in 0..8u8 {
+                    let b = vblock::backend::s3::S3Backend::connect(&cfg)
+                        .await
+                        .expect("connect");
+                    writers.push(tokio::spawn(async move {
+                        loop {
+                            match b.put_if_absent(race, vec![i; 16].into()).await {
+                                Err(e) if e.is_transient() => continue,
+                                r => break (i, r.expect("conditional put")),
+                            }
+                        }
+                    }));
+                }
+                let mut winners = Vec::new();
+                for w in writers {
+                    let (i, stored) = w.await.expect("writer");
+                    if stored {
+                        winners.push(i);
+                    }
+                }
+                assert_eq!(winners.len(), 1, "{kind:?}: winners {winners:?}");
+                assert_eq!(
+                    &b.get(race).await.expect("get")[..],
+                    &[winners[0]; 16][..],
+                    "{kind:?}: the object is the winner's"
+                );
+            })
+            .await
+            .expect("time limit");
+        });
+    }
 }
 
 #[test]

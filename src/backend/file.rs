@@ -141,6 +141,32 @@ impl Backend for FileBackend {
         .await
     }
 
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, BackendError> {
+        let path = self.path(key)?;
+        let k = key.to_owned();
+        let fs = self.fs.clone();
+        blocking(key, move || {
+            let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+            fs.create_dir_all(&dir).map_err(|e| io_err(&k, e))?;
+            let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+            let result = (|| {
+                let f = fs.create(&tmp)?;
+                f.write_all_at(&data, 0)?;
+                f.sync_all()?;
+                match fs.rename_noreplace(&tmp, &path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e),
+                    Ok(()) => fs.sync_dir(&dir).map(|()| true),
+                }
+            })();
+            if !matches!(result, Ok(true)) {
+                let _ = fs.remove_file(&tmp);
+            }
+            result.map_err(|e| io_err(&k, e))
+        })
+        .await
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
         let path = self.path(key)?;
         let k = key.to_owned();
@@ -246,6 +272,37 @@ mod tests {
     async fn contract() {
         let dir = tempfile::tempdir().unwrap();
         super::super::contract::check(&super::FileBackend::new(dir.path()).unwrap()).await;
+    }
+
+    /// Of racing conditional puts (each on its own blocking thread, two backends on one
+    /// directory as two processes would be) exactly one stores, and no temp file is left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_conditional_puts_store_once() {
+        use crate::backend::Backend;
+        let dir = tempfile::tempdir().unwrap();
+        let key = "vol/epoch/0000000000000001";
+        let mut writers = Vec::new();
+        for i in 0..8u8 {
+            let b = super::FileBackend::new(dir.path()).unwrap();
+            writers.push(tokio::spawn(async move {
+                (i, b.put_if_absent(key, vec![i; 8].into()).await.unwrap())
+            }));
+        }
+        let mut winners = Vec::new();
+        for w in writers {
+            let (i, stored) = w.await.unwrap();
+            if stored {
+                winners.push(i);
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        let b = super::FileBackend::new(dir.path()).unwrap();
+        assert_eq!(&b.get(key).await.unwrap()[..], &[winners[0]; 8][..]);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("vol/epoch"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["0000000000000001"], "temp files left");
     }
 
     #[tokio::test]

@@ -42,6 +42,17 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, BackendError> {
+        check_key(key)?;
+        self.with(|m| match m.entry(key.to_owned()) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(data);
+                true
+            }
+        })
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
         check_key(key)?;
         self.with(|m| m.get(key).cloned())?

@@ -67,6 +67,12 @@ impl BackendError {
 pub trait Backend: Send + Sync + 'static {
     /// Stores `data` under `key`, replacing any object there.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    /// Stores `data` under `key` only if no object is there: `Ok(true)` when stored, `Ok(false)`
+    /// when one already was (nothing changed). Of concurrent calls for one key, from any number
+    /// of processes, at most one stores: the primitive that fences a stale writer (S3
+    /// `PutObject` with `If-None-Match: *`, answered `412 PreconditionFailed` when the key
+    /// exists; a local rename with `RENAME_NOREPLACE`). Durable like [`Backend::put`].
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, BackendError>;
     /// The whole object.
     async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
     /// Bytes `range.start..range.end` of the object (a ranged GET); the range must lie inside it.
@@ -241,6 +247,18 @@ pub(crate) mod contract {
             b.list("vol-0123456789abcdef0/").await.unwrap(),
             vec![key2.to_owned()]
         );
+        // A conditional put stores once; later ones change nothing.
+        let fence = "vol-0123456789abcdef0/epoch/0000000000000001";
+        assert!(b
+            .put_if_absent(fence, Bytes::from_static(b"first"))
+            .await
+            .unwrap());
+        assert!(!b
+            .put_if_absent(fence, Bytes::from_static(b"second"))
+            .await
+            .unwrap());
+        assert_eq!(&b.get(fence).await.unwrap()[..], b"first");
+        b.delete(fence).await.unwrap();
         for bad in ["", "../x", "a//b", "/abs", "a/../../b", "a/b c"] {
             assert!(matches!(
                 b.put(bad, Bytes::new()).await,

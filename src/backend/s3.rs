@@ -190,6 +190,64 @@ fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
 }
 
 impl S3Backend {
+    /// `PutObject` of `data` under `key`; with `if_absent`, conditional on no object being
+    /// there (`If-None-Match: *`): `Ok(false)` when S3 answers `412 PreconditionFailed`.
+    /// A `409 ConditionalRequestConflict` (another conditional write to the key in progress) is
+    /// transient: the retry sees the winner's object and answers `Ok(false)`.
+    async fn put_object(
+        &self,
+        key: &str,
+        data: Bytes,
+        if_absent: bool,
+    ) -> Result<bool, BackendError> {
+        let k = self.full_key(key)?;
+        let sha256 = if self.sign_payload || self.signing.plain_http.load(Ordering::Relaxed) {
+            let body = data.clone();
+            let hash = tokio::task::spawn_blocking(move || payload_sha256(&body))
+                .await
+                .map_err(|e| BackendError::Io {
+                    key: key.to_owned(),
+                    message: format!("hashing the payload: {e}"),
+                    transient: true,
+                })?;
+            Some(hash)
+        } else {
+            None
+        };
+        let sent = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&k)
+            .set_if_none_match(if_absent.then(|| "*".to_owned()))
+            .body(ByteStream::from(data))
+            .customize()
+            .interceptor(PayloadSigning {
+                state: self.signing.clone(),
+                sign_always: self.sign_payload,
+                sha256,
+            })
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(se)) if if_absent => {
+                let status = se.raw().status().as_u16();
+                let code = se.err().code().unwrap_or("").to_owned();
+                match (status, code.as_str()) {
+                    (412, _) | (_, "PreconditionFailed") => Ok(false),
+                    (409, _) | (_, "ConditionalRequestConflict") => Err(BackendError::Io {
+                        key: key.to_owned(),
+                        message: format!("HTTP {status} {code}: a concurrent conditional write"),
+                        transient: true,
+                    }),
+                    _ => Err(map_err(key, SdkError::ServiceError(se))),
+                }
+            }
+            Err(e) => Err(map_err(key, e)),
+        }
+    }
+
     /// Connects and checks the bucket: a missing bucket (unless `create_bucket`), bad credentials or
     /// an unreachable endpoint are errors here, at start, with a message saying which.
     pub async fn connect(cfg: &S3Config) -> Result<Self, BackendError> {
@@ -306,35 +364,11 @@ impl S3Backend {
 #[async_trait]
 impl Backend for S3Backend {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        let k = self.full_key(key)?;
-        let sha256 = if self.sign_payload || self.signing.plain_http.load(Ordering::Relaxed) {
-            let body = data.clone();
-            let hash = tokio::task::spawn_blocking(move || payload_sha256(&body))
-                .await
-                .map_err(|e| BackendError::Io {
-                    key: key.to_owned(),
-                    message: format!("hashing the payload: {e}"),
-                    transient: true,
-                })?;
-            Some(hash)
-        } else {
-            None
-        };
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&k)
-            .body(ByteStream::from(data))
-            .customize()
-            .interceptor(PayloadSigning {
-                state: self.signing.clone(),
-                sign_always: self.sign_payload,
-                sha256,
-            })
-            .send()
-            .await
-            .map_err(|e| map_err(key, e))?;
-        Ok(())
+        self.put_object(key, data, false).await.map(|_| ())
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, BackendError> {
+        self.put_object(key, data, true).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, BackendError> {

@@ -113,6 +113,26 @@ impl Fs {
         }
     }
 
+    /// Renames `from` to `to` unless `to` exists (`renameat2` with `RENAME_NOREPLACE`: atomic,
+    /// so of two racing renames to one name exactly one succeeds; the other gets
+    /// `AlreadyExists`); durable after [`Fs::sync_dir`] of the directory.
+    pub fn rename_noreplace(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        let call = || {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                from,
+                rustix::fs::CWD,
+                to,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(std::io::Error::from)
+        };
+        match self {
+            Self::Real => call(),
+            Self::Sim(sim) => sim.rename_with(from, to, call),
+        }
+    }
+
     /// Deletes the file `path`; durable after [`Fs::sync_dir`] of its directory.
     pub fn remove_file(&self, path: &Path) -> std::io::Result<()> {
         match self {

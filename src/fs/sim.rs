@@ -194,11 +194,22 @@ impl SimFs {
     }
 
     pub(super) fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.rename_with(from, to, || std::fs::rename(from, to))
+    }
+
+    /// A rename made by `call` (plain, or `RENAME_NOREPLACE`), recorded like [`SimFs::rename`]
+    /// when it succeeds.
+    pub(super) fn rename_with(
+        &self,
+        from: &Path,
+        to: &Path,
+        call: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let mut s = self.lock();
         if s.off {
             return Err(off_error());
         }
-        std::fs::rename(from, to)?;
+        call()?;
         if let Some(id) = s.names.remove(from) {
             s.names.insert(to.to_owned(), id);
             s.pending.push(DirChange::Link {

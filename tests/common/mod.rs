@@ -100,6 +100,15 @@ impl<H: Hooks + 'static> vblock::backend::Backend for HookedBackend<H> {
         self.hooks.after_put(key);
         Ok(())
     }
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> Result<bool, BackendError> {
+        self.hooks.before_put(key).await;
+        if let Some(e) = self.hooks.refuse_put(key) {
+            return Err(e);
+        }
+        let stored = self.inner.put_if_absent(key, data).await?;
+        self.hooks.after_put(key);
+        Ok(stored)
+    }
     async fn get(&self, key: &str) -> Result<bytes::Bytes, BackendError> {
         self.inner.get(key).await
     }
