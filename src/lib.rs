@@ -12,6 +12,7 @@ pub mod block;
 pub mod buffer;
 pub mod cache;
 pub mod chunk;
+pub mod cluster;
 mod codec;
 pub mod control;
 pub mod engine;

@@ -230,6 +230,8 @@ pub struct Nats {
     child: Option<Child>,
     /// Port.
     pub port: u16,
+    /// JetStream's store directory (`-js -sd DIR`), kept across restarts.
+    jetstream: Option<tempfile::TempDir>,
 }
 
 impl Nats {
@@ -237,14 +239,41 @@ impl Nats {
     pub fn start() -> Self {
         require("nats-server");
         let port = free_port();
-        let mut n = Self { child: None, port };
+        let mut n = Self {
+            child: None,
+            port,
+            jetstream: None,
+        };
+        n.spawn();
+        n
+    }
+
+    /// [`Nats::start`] with JetStream on (`-js`), its store in a temporary directory.
+    pub fn start_jetstream() -> Self {
+        require("nats-server");
+        let port = free_port();
+        let mut n = Self {
+            child: None,
+            port,
+            jetstream: Some(tempfile::tempdir().expect("tempdir")),
+        };
         n.spawn();
         n
     }
 
     fn spawn(&mut self) {
+        let mut args = vec![
+            "-a".to_owned(),
+            "127.0.0.1".to_owned(),
+            "-p".to_owned(),
+            self.port.to_string(),
+        ];
+        if let Some(dir) = &self.jetstream {
+            args.extend(["-js".to_owned(), "-sd".to_owned()]);
+            args.push(dir.path().display().to_string());
+        }
         let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,0 +1,224 @@
+//! Volume leases in a JetStream KV bucket (docs/design/cluster.md, "Lease"): which node should
+//! own a volume. A lease is the key `owner.VOLUMEID` holding an [`Owner`]; holding it means
+//! renewing it (a compare-and-set on its revision) more often than the TTL. nats-server 2.9 has
+//! no per-key TTL, so expiry is judged by the candidate: a revision that has not changed for the
+//! TTL on the candidate's own monotonic clock. No clocks are compared between nodes.
+//!
+//! A lease says who *should* write; it does not make a stale owner harmless (JetStream can lose
+//! acknowledged writes under faults). That is the S3 fence's job (`Backend::put_if_absent`).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::{self, Operation, Store};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::VolumeId;
+
+/// The holder of a volume's lease (the value of `owner.VOLUMEID`, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Node name (`--node`).
+    pub node: String,
+    /// The volume's epoch under this owner (docs/design/cluster.md, "Fence").
+    pub epoch: u64,
+    /// `host:port` its NBD clients connect to (`--nbd-advertise`).
+    pub nbd_advertise: String,
+}
+
+/// The outcome of [`Leases::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node holds the lease; renew it with this revision.
+    Won {
+        /// The key's revision after the claim.
+        revision: u64,
+    },
+    /// Another node holds the lease and renewed it within the TTL (or just won it).
+    Held(Owner),
+}
+
+/// Errors of the lease layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Another node changed the lease since this node last wrote it: it is not ours any more.
+    #[error("the lease of {0} was taken by another node")]
+    Lost(VolumeId),
+    /// The KV bucket could not be reached or answered with an error.
+    #[error("JetStream KV: {0}")]
+    Kv(String),
+    /// The lease's value does not decode.
+    #[error("the lease of {id} is corrupt: {reason}")]
+    Corrupt {
+        /// Volume.
+        id: VolumeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn kv_err(e: impl std::fmt::Display) -> LeaseError {
+    LeaseError::Kv(e.to_string())
+}
+
+/// The leases of a cluster: one KV bucket, one TTL.
+pub struct Leases {
+    kv: Store,
+    ttl: Duration,
+}
+
+impl Leases {
+    /// The leases in KV bucket `bucket` (created, with one value per key, if missing) with lease
+    /// time `ttl`.
+    ///
+    /// Errors: [`LeaseError::Kv`] when JetStream is off or unreachable.
+    pub async fn open(
+        client: async_nats::Client,
+        bucket: &str,
+        ttl: Duration,
+    ) -> Result<Self, LeaseError> {
+        let js = async_nats::jetstream::new(client);
+        let kv = match js.get_key_value(bucket).await {
+            Ok(kv) => kv,
+            // Creating an existing bucket with the same settings succeeds, so two daemons
+            // starting together both get it.
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_owned(),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+                .map_err(kv_err)?,
+        };
+        Ok(Self { kv, ttl })
+    }
+
+    /// The lease's time: a holder that has not renewed for this long may be replaced.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn key(id: &VolumeId) -> String {
+        format!("owner.{id}")
+    }
+
+    /// The current holder of volume `id`'s lease and the key's revision, if it is held.
+    pub async fn holder(&self, id: &VolumeId) -> Result<Option<(Owner, u64)>, LeaseError> {
+        match self.kv.entry(Self::key(id)).await.map_err(kv_err)? {
+            Some(e) if e.operation == Operation::Put => {
+                let owner =
+                    serde_json::from_slice(&e.value).map_err(|err| LeaseError::Corrupt {
+                        id: id.clone(),
+                        reason: err.to_string(),
+                    })?;
+                Ok(Some((owner, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Claims volume `id`'s lease for `me`. A free lease (never held, or released) is taken at
+    /// once, and so is one `me.node` holds already (a restarted owner). A lease another node
+    /// holds is watched for at most the TTL: if its revision changes (a renewal, or another
+    /// claimer winning) it is [`Claim::Held`] by that node; if it does not, the holder is taken
+    /// to be gone and the lease is taken over by a compare-and-set on the revision seen. Of
+    /// racing claimers exactly one wins; the others get [`Claim::Held`] with the winner.
+    ///
+    /// Takes up to the TTL (plus a poll interval) when the holder is gone, and up to the
+    /// holder's renewal interval when it is alive.
+    ///
+    /// Errors: [`LeaseError::Kv`], [`LeaseError::Corrupt`].
+    pub async fn claim(&self, id: &VolumeId, me: &Owner) -> Result<Claim, LeaseError> {
+        let key = Self::key(id);
+        let body = Bytes::from(serde_json::to_vec(me).map_err(kv_err)?);
+        // After a lost compare-and-set the winner has just written: no need to watch it.
+        let mut fresh = false;
+        loop {
+            let (owner, revision) = match self.holder(id).await? {
+                None => match self.kv.create(&key, body.clone()).await {
+                    Ok(revision) => return Ok(Claim::Won { revision }),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        fresh = true;
+                        continue;
+                    }
+                    Err(e) => return Err(kv_err(e)),
+                },
+                Some(held) => held,
+            };
+            if owner.node != me.node {
+                if fresh {
+                    return Ok(Claim::Held(owner));
+                }
+                if let Some(now) = self.watch(id, revision).await? {
+                    match now {
+                        Some((owner, _)) => return Ok(Claim::Held(owner)),
+                        // Released meanwhile: claim it afresh.
+                        None => continue,
+                    }
+                }
+            }
+            match self.kv.update(&key, body.clone(), revision).await {
+                Ok(revision) => return Ok(Claim::Won { revision }),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => fresh = true,
+                Err(e) => return Err(kv_err(e)),
+            }
+        }
+    }
+
+    /// Watches volume `id`'s lease, seen at `revision`, for the TTL on this node's clock:
+    /// `Some(now)` as soon as the revision changes (`now`: the new holder, or `None` once
+    /// released); `None` when it stayed the same for the whole TTL.
+    async fn watch(
+        &self,
+        id: &VolumeId,
+        revision: u64,
+    ) -> Result<Option<Option<(Owner, u64)>>, LeaseError> {
+        let since = Instant::now();
+        let poll = (self.ttl / 10).max(Duration::from_millis(10));
+        loop {
+            let now = self.holder(id).await?;
+            if now.as_ref().map(|(_, r)| *r) != Some(revision) {
+                return Ok(Some(now));
+            }
+            let left = self.ttl.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            tokio::time::sleep(poll.min(left)).await;
+        }
+    }
+
+    /// Renews volume `id`'s lease, held by `me` at `revision`; returns the new revision.
+    ///
+    /// Errors: [`LeaseError::Lost`] when another node changed it since (the caller must stop
+    /// writing the volume); [`LeaseError::Kv`].
+    pub async fn renew(&self, id: &VolumeId, me: &Owner, revision: u64) -> Result<u64, LeaseError> {
+        let body = Bytes::from(serde_json::to_vec(me).map_err(kv_err)?);
+        match self.kv.update(Self::key(id), body, revision).await {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(LeaseError::Lost(id.clone()))
+            }
+            Err(e) => Err(kv_err(e)),
+        }
+    }
+
+    /// Releases volume `id`'s lease, held at `revision` (an unmount): the next claim takes it at
+    /// once.
+    ///
+    /// Errors: [`LeaseError::Lost`] when another node holds it now (left alone); [`LeaseError::Kv`].
+    pub async fn release(&self, id: &VolumeId, revision: u64) -> Result<(), LeaseError> {
+        match self
+            .kv
+            .delete_expect_revision(Self::key(id), Some(revision))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
+                Err(LeaseError::Lost(id.clone()))
+            }
+            Err(e) => Err(kv_err(e)),
+        }
+    }
+}
