@@ -163,6 +163,17 @@ pub fn snapshot_map_key(snapshot: &SnapshotId) -> String {
     format!("{snapshot}/map")
 }
 
+/// Prefix of a volume's epoch manifests (`VOLUMEID/epoch/`; docs/design/cluster.md).
+pub fn epoch_prefix(volume: &VolumeId) -> String {
+    format!("{volume}/epoch/")
+}
+
+/// Key of a volume's epoch manifest `epoch` (`VOLUMEID/epoch/EPOCH`, 16 lowercase hex digits;
+/// the largest is the volume's writer; FORMAT.md, "Epoch manifest").
+pub fn epoch_key(volume: &VolumeId, epoch: u64) -> String {
+    format!("{volume}/epoch/{epoch:016x}")
+}
+
 /// Prefix of every object of `volume`.
 pub fn volume_prefix(volume: &VolumeId) -> String {
     format!("{volume}/")

@@ -1,0 +1,182 @@
+//! Epoch manifests: the fence that admits one writer per volume (docs/design/cluster.md,
+//! "Fence"; format in FORMAT.md, "Epoch manifest"). A node that takes a volume over writes the
+//! next epoch's manifest with [`Backend::put_if_absent`]: of racing takers exactly one stores
+//! it, whatever the KV lease said, and the highest epoch present is the volume's writer.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{epoch_key, epoch_prefix, Backend, BackendError};
+use crate::ids::VolumeId;
+
+/// The manifest format this build writes and reads.
+pub const EPOCH_MANIFEST_VERSION: u32 = 1;
+
+/// `VOLUMEID/epoch/EPOCH` (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochManifest {
+    /// [`EPOCH_MANIFEST_VERSION`].
+    pub version: u32,
+    /// The epoch, from 1; the key's number.
+    pub epoch: u64,
+    /// The node that took it (`--node`).
+    pub node: String,
+    /// RFC 3339 time it was taken.
+    pub time: String,
+}
+
+/// Errors of the epoch layer.
+#[derive(Debug, thiserror::Error)]
+pub enum EpochError {
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A manifest does not decode, or has a version this build does not know.
+    #[error("epoch manifest {key} is unreadable: {reason}")]
+    Corrupt {
+        /// Object key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The outcome of [`take_epoch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeOver {
+    /// This node stored the manifest: it is the volume's writer from now on.
+    Taken(EpochManifest),
+    /// Another node stored the same epoch first: it is the writer.
+    Lost(EpochManifest),
+}
+
+/// The highest epoch number among `volume`'s manifests (0: none yet).
+pub async fn highest_epoch(backend: &dyn Backend, volume: &VolumeId) -> Result<u64, EpochError> {
+    let prefix = epoch_prefix(volume);
+    Ok(backend
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .max()
+        .unwrap_or(0))
+}
+
+/// Reads `volume`'s manifest of `epoch`.
+///
+/// Errors: [`BackendError::NotFound`] (as [`EpochError::Backend`]) when there is none;
+/// [`EpochError::Corrupt`].
+pub async fn read_epoch(
+    backend: &dyn Backend,
+    volume: &VolumeId,
+    epoch: u64,
+) -> Result<EpochManifest, EpochError> {
+    let key = epoch_key(volume, epoch);
+    let body = backend.get(&key).await?;
+    let m: EpochManifest = serde_json::from_slice(&body).map_err(|e| EpochError::Corrupt {
+        key: key.clone(),
+        reason: e.to_string(),
+    })?;
+    if m.version != EPOCH_MANIFEST_VERSION || m.epoch != epoch {
+        return Err(EpochError::Corrupt {
+            key,
+            reason: format!(
+                "version {} epoch {} (this build reads version {EPOCH_MANIFEST_VERSION})",
+                m.version, m.epoch
+            ),
+        });
+    }
+    Ok(m)
+}
+
+/// Takes `volume` over for `node`: stores the manifest of the epoch after the highest present.
+/// [`TakeOver::Lost`] with the winner's manifest when another node stored that epoch first.
+///
+/// Errors: [`EpochError`]; a transient backend error may be retried (the next attempt looks
+/// at the epochs again).
+pub async fn take_epoch(
+    backend: &dyn Backend,
+    volume: &VolumeId,
+    node: &str,
+    time: String,
+) -> Result<TakeOver, EpochError> {
+    let epoch = highest_epoch(backend, volume).await? + 1;
+    let m = EpochManifest {
+        version: EPOCH_MANIFEST_VERSION,
+        epoch,
+        node: node.to_owned(),
+        time,
+    };
+    let body = Bytes::from(serde_json::to_vec(&m).map_err(|e| EpochError::Corrupt {
+        key: epoch_key(volume, epoch),
+        reason: e.to_string(),
+    })?);
+    if backend
+        .put_if_absent(&epoch_key(volume, epoch), body)
+        .await?
+    {
+        Ok(TakeOver::Taken(m))
+    } else {
+        Ok(TakeOver::Lost(read_epoch(backend, volume, epoch).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemoryBackend;
+
+    /// Takeovers number epochs from 1 up; of racing takers of one epoch exactly one wins and
+    /// the others are told who.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_taker_wins_each_epoch() {
+        let b = std::sync::Arc::new(MemoryBackend::new());
+        let vol = VolumeId::generate();
+        assert_eq!(highest_epoch(&*b, &vol).await.unwrap(), 0);
+        let TakeOver::Taken(first) = take_epoch(&*b, &vol, "a", "t".into()).await.unwrap() else {
+            panic!("the first takeover lost");
+        };
+        assert_eq!((first.epoch, first.node.as_str()), (1, "a"));
+        let mut takers = Vec::new();
+        for node in ["b", "c", "d", "e"] {
+            let (b, vol) = (b.clone(), vol.clone());
+            takers.push(tokio::spawn(async move {
+                take_epoch(&*b, &vol, node, "t".into()).await.unwrap()
+            }));
+        }
+        let mut won = Vec::new();
+        let mut lost = Vec::new();
+        for t in takers {
+            match t.await.unwrap() {
+                TakeOver::Taken(m) => won.push(m),
+                TakeOver::Lost(m) => lost.push(m),
+            }
+        }
+        // Each epoch has one winner; a taker that read an older highest epoch loses to the
+        // winner of that epoch.
+        let mut epochs: Vec<u64> = won.iter().map(|m| m.epoch).collect();
+        epochs.sort_unstable();
+        epochs.dedup();
+        assert_eq!(epochs.len(), won.len(), "two takers won one epoch: {won:?}");
+        for m in &lost {
+            assert!(won.contains(m), "a loser was told {m:?}, not a winner");
+        }
+        let top = highest_epoch(&*b, &vol).await.unwrap();
+        assert_eq!(read_epoch(&*b, &vol, top).await.unwrap().epoch, top);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_manifest_version_is_refused() {
+        let b = MemoryBackend::new();
+        let vol = VolumeId::generate();
+        let body = br#"{"version":2,"epoch":1,"node":"x","time":"t"}"#;
+        b.put(&epoch_key(&vol, 1), Bytes::from_static(body))
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_epoch(&b, &vol, 1).await,
+            Err(EpochError::Corrupt { .. })
+        ));
+    }
+}
