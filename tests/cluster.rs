@@ -156,3 +156,49 @@ fn racing_claims_on_a_stale_lease_have_one_winner() {
         );
     });
 }
+
+/// A kept lease stays held across several TTLs; it is reported lost as soon as another node
+/// overwrites it, and (another lease) when NATS goes away for longer than its renewals allow.
+#[test]
+fn a_kept_lease_stays_held_and_reports_its_loss() {
+    let mut nats = Nats::start_jetstream();
+    run(async {
+        let a = std::sync::Arc::new(leases(&nats).await);
+        let b = leases(&nats).await;
+        let id = VolumeId::generate();
+        let Claim::Won { revision } = a.claim(&id, &owner("a")).await.expect("claim") else {
+            panic!("a free lease was not won");
+        };
+        let kept = a.keep(&id, &owner("a"), revision);
+        let started = Instant::now();
+        while started.elapsed() < 2 * TTL {
+            assert_eq!(
+                b.claim(&id, &owner("b")).await.expect("claim"),
+                Claim::Held(owner("a"))
+            );
+        }
+        assert!(!kept.is_lost());
+        // Another node writes the key (as a takeover after a KV fault would): lost.
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+        let kv = js.get_key_value("vblock-leases").await.expect("bucket");
+        kv.put(
+            format!("owner.{id}"),
+            serde_json::to_vec(&owner("z")).expect("json").into(),
+        )
+        .await
+        .expect("put");
+        tokio::time::timeout(TTL, kept.lost())
+            .await
+            .expect("the overwritten lease was not reported lost");
+
+        let other = VolumeId::generate();
+        let Claim::Won { revision } = a.claim(&other, &owner("a")).await.expect("claim") else {
+            panic!("a free lease was not won");
+        };
+        let kept = a.keep(&other, &owner("a"), revision);
+        nats.stop();
+        tokio::time::timeout(2 * TTL, kept.lost())
+            .await
+            .expect("a lease that cannot be renewed was not reported lost");
+    });
+}

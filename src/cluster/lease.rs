@@ -7,6 +7,7 @@
 //! A lease says who *should* write; it does not make a stale owner harmless (JetStream can lose
 //! acknowledged writes under faults). That is the S3 fence's job (`Backend::put_if_absent`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, Operation, Store};
@@ -220,5 +221,76 @@ impl Leases {
             }
             Err(e) => Err(kv_err(e)),
         }
+    }
+}
+
+/// A lease kept by a task that renews it every TTL/3 ([`Leases::keep`]); dropping it stops the
+/// renewals (the lease then expires, or is released by its owner first).
+pub struct Kept {
+    lost: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Kept {
+    /// True once the lease is lost: another node changed it, or no renewal has succeeded for
+    /// two thirds of the TTL (after the TTL a claimer may take it over). A lost lease stays
+    /// lost: its owner stops writing the volume and claims it again if it still should.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves once the lease is lost ([`Kept::is_lost`]).
+    pub async fn lost(&self) {
+        let mut rx = self.lost.clone();
+        let _ = rx.wait_for(|lost| *lost).await;
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Leases {
+    /// Keeps volume `id`'s lease, won by `me` at `revision`: renews it every TTL/3 until the
+    /// returned [`Kept`] is dropped or the lease is lost.
+    pub fn keep(self: &Arc<Self>, id: &VolumeId, me: &Owner, revision: u64) -> Kept {
+        let (tx, lost) = tokio::sync::watch::channel(false);
+        let (leases, id, me) = (self.clone(), id.clone(), me.clone());
+        let task = tokio::spawn(async move {
+            let every = leases.ttl / 3;
+            let mut revision = revision;
+            let mut renewed = Instant::now();
+            let give_up = leases.ttl * 2 / 3;
+            loop {
+                tokio::time::sleep(every).await;
+                // A renewal may not outlast the time the lease can still be trusted (a NATS
+                // request waits for a reconnect otherwise).
+                let left = give_up.saturating_sub(renewed.elapsed());
+                let renewal = tokio::time::timeout(left, leases.renew(&id, &me, revision))
+                    .await
+                    .unwrap_or_else(|_| Err(LeaseError::Kv("renewal timed out".into())));
+                match renewal {
+                    Ok(r) => {
+                        revision = r;
+                        renewed = Instant::now();
+                    }
+                    Err(LeaseError::Lost(_)) => {
+                        tracing::error!(volume = %id, "lease taken by another node");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %id, error = %e, "lease renewal failed; retrying");
+                        if renewed.elapsed() >= give_up {
+                            tracing::error!(volume = %id, "lease not renewed for 2/3 of its time: given up");
+                            break;
+                        }
+                    }
+                }
+            }
+            tx.send_replace(true);
+        });
+        Kept { lost, task }
     }
 }
