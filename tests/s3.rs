@@ -83,15 +83,16 @@ fn backend_config(
     }
 }
 
-/// `put_if_absent` is S3's conditional PUT (`If-None-Match: *`) on both test servers: the
-/// first stores, a second leaves the object alone, and of 8 racing writers (separate clients)
-/// exactly one stores. The fencing of cluster takeovers rests on this.
+/// `put_if_absent` is S3's conditional PUT (`If-None-Match: *`) on both test servers: the first
+/// stores, later ones get `412 PreconditionFailed` and leave the object alone, from the same
+/// client and from another. Racing writers are not tested here: s3s-fs and moto check for the
+/// key and then store, so two racing conditional PUTs can both succeed on them (AWS S3's are
+/// atomic); the file backend's race is tested in src/backend/file.rs.
 #[test]
 fn conditional_puts_store_once_on_s3s_fs_and_moto() {
     for kind in [Kind::S3sFs, Kind::Moto] {
         let s3 = S3Server::start(kind);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("rt");
@@ -99,41 +100,25 @@ fn conditional_puts_store_once_on_s3s_fs_and_moto() {
             use vblock::backend::Backend;
             tokio::time::timeout(Duration::from_secs(60), async {
                 let cfg = backend_config(&s3, "vblock-cas", true);
-                let b = vblock::backend::s3::S3Backend::connect(&cfg)
-                    .await
-                    .expect("connect");
-                let key = "vol-0123456789abcdef0/epoch/0000000000000001";
-                assert!(b.put_if_absent(key, "first".into()).await.expect("put"));
-                assert!(!b.put_if_absent(key, "second".into()).await.expect("put"));
-                assert_eq!(&b.get(key).await.expect("get")[..], b"first");
-                let race = "vol-0123456789abcdef0/epoch/0000000000000002";
-                let mut writers = Vec::new();
-                for i in 0..8u8 {
-                    let b = vblock::backend::s3::S3Backend::connect(&cfg)
-                        .await
-                        .expect("connect");
-                    writers.push(tokio::spawn(async move {
-                        loop {
-                            match b.put_if_absent(race, vec![i; 16].into()).await {
-                                Err(e) if e.is_transient() => continue,
-                                r => break (i, r.expect("conditional put")),
-                            }
-                        }
-                    }));
-                }
-                let mut winners = Vec::new();
-                for w in writers {
-                    let (i, stored) = w.await.expect("writer");
-                    if stored {
-                        winners.push(i);
-                    }
-                }
-                assert_eq!(winners.len(), 1, "{kind:?}: winners {winners:?}");
-                assert_eq!(
-                    &b.get(race).await.expect("get")[..],
-                    &[winners[0]; 16][..],
-                    "{kind:?}: the object is the winner's"
+                let connect = || vblock::backend::s3::S3Backend::connect(&cfg);
+                let (a, b) = (
+                    connect().await.expect("connect"),
+                    connect().await.expect("connect"),
                 );
+                let key = "vol-0123456789abcdef0/epoch/0000000000000001";
+                assert!(a.put_if_absent(key, "first".into()).await.expect("put"));
+                assert!(
+                    !a.put_if_absent(key, "again".into()).await.expect("put"),
+                    "{kind:?}"
+                );
+                assert!(
+                    !b.put_if_absent(key, "other".into()).await.expect("put"),
+                    "{kind:?}"
+                );
+                assert_eq!(&b.get(key).await.expect("get")[..], b"first", "{kind:?}");
+                // A plain put still replaces: only the conditional one refuses.
+                a.put(key, "replaced".into()).await.expect("put");
+                assert_eq!(&a.get(key).await.expect("get")[..], b"replaced");
             })
             .await
             .expect("time limit");

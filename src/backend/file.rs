@@ -153,11 +153,14 @@ impl Backend for FileBackend {
                 let f = fs.create(&tmp)?;
                 f.write_all_at(&data, 0)?;
                 f.sync_all()?;
-                match fs.rename_noreplace(&tmp, &path) {
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                    Err(e) => Err(e),
-                    Ok(()) => fs.sync_dir(&dir).map(|()| true),
-                }
+                // Either way the directory is synced: the caller acts on the object there
+                // (its own or the winner's), which must then survive a power cut.
+                let stored = match fs.rename_noreplace(&tmp, &path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(e),
+                    Ok(()) => true,
+                };
+                fs.sync_dir(&dir).map(|()| stored)
             })();
             if !matches!(result, Ok(true)) {
                 let _ = fs.remove_file(&tmp);

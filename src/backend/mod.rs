@@ -69,9 +69,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
     /// Stores `data` under `key` only if no object is there: `Ok(true)` when stored, `Ok(false)`
     /// when one already was (nothing changed). Of concurrent calls for one key, from any number
-    /// of processes, at most one stores: the primitive that fences a stale writer (S3
+    /// of processes, at most one stores, on a store whose conditional PUT is atomic (AWS S3's
+    /// is; the file and memory backends' are): the primitive that fences a stale writer (S3
     /// `PutObject` with `If-None-Match: *`, answered `412 PreconditionFailed` when the key
     /// exists; a local rename with `RENAME_NOREPLACE`). Durable like [`Backend::put`].
+    ///
+    /// A retry after a transient error may find the object its own first attempt stored and
+    /// answer `Ok(false)`: callers put something unique in `data` (a nonce) and read the object
+    /// back to tell their own from another writer's.
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, BackendError>;
     /// The whole object.
     async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
@@ -258,7 +263,8 @@ pub(crate) mod contract {
             b.list("vol-0123456789abcdef0/").await.unwrap(),
             vec![key2.to_owned()]
         );
-        // A conditional put stores once; later ones change nothing.
+        // A conditional put stores once; later ones change nothing (their race is each
+        // backend's own test).
         let fence = "vol-0123456789abcdef0/epoch/0000000000000001";
         assert!(b
             .put_if_absent(fence, Bytes::from_static(b"first"))

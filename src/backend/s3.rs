@@ -193,7 +193,8 @@ impl S3Backend {
     /// `PutObject` of `data` under `key`; with `if_absent`, conditional on no object being
     /// there (`If-None-Match: *`): `Ok(false)` when S3 answers `412 PreconditionFailed`.
     /// A `409 ConditionalRequestConflict` (another conditional write to the key in progress) is
-    /// transient: the retry sees the winner's object and answers `Ok(false)`.
+    /// transient: a retry answers `Ok(false)` once an object is there (which may be this
+    /// caller's own, if an earlier attempt stored it: see [`Backend::put_if_absent`]).
     async fn put_object(
         &self,
         key: &str,

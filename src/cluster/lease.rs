@@ -21,10 +21,31 @@ use crate::ids::VolumeId;
 pub struct Owner {
     /// Node name (`--node`).
     pub node: String,
+    /// Random per daemon process: a restarted daemon, or a second one misconfigured with the
+    /// same node name, is another holder and waits out the TTL like any claimer.
+    pub instance: String,
     /// The volume's epoch under this owner (docs/design/cluster.md, "Fence").
     pub epoch: u64,
     /// `host:port` its NBD clients connect to (`--nbd-advertise`).
     pub nbd_advertise: String,
+}
+
+impl Owner {
+    /// The holder `node` as this daemon process (a fresh random instance).
+    pub fn new(node: &str, epoch: u64, nbd_advertise: &str) -> Self {
+        use rand::Rng;
+        Self {
+            node: node.to_owned(),
+            instance: format!("{:016x}", rand::thread_rng().gen::<u64>()),
+            epoch,
+            nbd_advertise: nbd_advertise.to_owned(),
+        }
+    }
+
+    /// Whether `other` is the same holder (node and process).
+    pub fn same_holder(&self, other: &Owner) -> bool {
+        self.node == other.node && self.instance == other.instance
+    }
 }
 
 /// The outcome of [`Leases::claim`].
@@ -34,6 +55,8 @@ pub enum Claim {
     Won {
         /// The key's revision after the claim.
         revision: u64,
+        /// When the winning write was sent: the lease runs from here, on this node's clock.
+        sent: Instant,
     },
     /// Another node holds the lease and renewed it within the TTL (or just won it).
     Held(Owner),
@@ -120,8 +143,8 @@ impl Leases {
     }
 
     /// Claims volume `id`'s lease for `me`. A free lease (never held, or released) is taken at
-    /// once, and so is one `me.node` holds already (a restarted owner). A lease another node
-    /// holds is watched for at most the TTL: if its revision changes (a renewal, or another
+    /// once, and so is one `me` holds already (the same node and process). A lease another
+    /// holder has is watched for at most the TTL: if its revision changes (a renewal, or another
     /// claimer winning) it is [`Claim::Held`] by that node; if it does not, the holder is taken
     /// to be gone and the lease is taken over by a compare-and-set on the revision seen. Of
     /// racing claimers exactly one wins; the others get [`Claim::Held`] with the winner.
@@ -136,9 +159,10 @@ impl Leases {
         // After a lost compare-and-set the winner has just written: no need to watch it.
         let mut fresh = false;
         loop {
+            let sent = Instant::now();
             let (owner, revision) = match self.holder(id).await? {
                 None => match self.kv.create(&key, body.clone()).await {
-                    Ok(revision) => return Ok(Claim::Won { revision }),
+                    Ok(revision) => return Ok(Claim::Won { revision, sent }),
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                         fresh = true;
                         continue;
@@ -147,7 +171,7 @@ impl Leases {
                 },
                 Some(held) => held,
             };
-            if owner.node != me.node {
+            if !owner.same_holder(me) {
                 if fresh {
                     return Ok(Claim::Held(owner));
                 }
@@ -159,8 +183,9 @@ impl Leases {
                     }
                 }
             }
+            let sent = Instant::now();
             match self.kv.update(&key, body.clone(), revision).await {
-                Ok(revision) => return Ok(Claim::Won { revision }),
+                Ok(revision) => return Ok(Claim::Won { revision, sent }),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => fresh = true,
                 Err(e) => return Err(kv_err(e)),
             }
@@ -228,22 +253,50 @@ impl Leases {
 /// renewals (the lease then expires, or is released by its owner first).
 pub struct Kept {
     lost: tokio::sync::watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// Until when the lease can be trusted: 2/3 of the TTL after the last successful renewal
+    /// was *sent* (a claimer's clock starts no earlier than that).
+    trusted_until: Arc<std::sync::Mutex<Instant>>,
+    stop: Arc<tokio::sync::Notify>,
+    /// Ends with the last revision written, or `None` once the lease was lost.
+    task: tokio::task::JoinHandle<Option<u64>>,
 }
 
 impl Kept {
-    /// True once the lease is lost: another node changed it, or no renewal has succeeded for
-    /// two thirds of the TTL (after the TTL a claimer may take it over). A lost lease stays
-    /// lost: its owner stops writing the volume and claims it again if it still should.
+    /// True once the lease is lost: another node changed it, or no renewal sent in the last two
+    /// thirds of the TTL has succeeded (after the TTL a claimer may take it over). Judged at the
+    /// call, not only by the renewal task, which may not have run yet after a pause. A lost
+    /// lease stays lost: its owner stops writing the volume and claims it again if it still
+    /// should.
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        *self.lost.borrow() || Instant::now() >= *trusted(&self.trusted_until)
     }
 
     /// Resolves once the lease is lost ([`Kept::is_lost`]).
     pub async fn lost(&self) {
         let mut rx = self.lost.clone();
-        let _ = rx.wait_for(|lost| *lost).await;
+        loop {
+            if self.is_lost() {
+                return;
+            }
+            let until = *trusted(&self.trusted_until);
+            tokio::select! {
+                _ = rx.wait_for(|lost| *lost) => return,
+                () = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
     }
+
+    /// Stops renewing (after a renewal in flight, if any) and returns the revision last
+    /// written, for [`Leases::release`]; `None` if the lease was lost.
+    pub async fn stop(mut self) -> Option<u64> {
+        self.stop.notify_one();
+        let last = (&mut self.task).await.ok().flatten();
+        last.filter(|_| !self.is_lost())
+    }
+}
+
+fn trusted(m: &std::sync::Mutex<Instant>) -> std::sync::MutexGuard<'_, Instant> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Drop for Kept {
@@ -253,28 +306,37 @@ impl Drop for Kept {
 }
 
 impl Leases {
-    /// Keeps volume `id`'s lease, won by `me` at `revision`: renews it every TTL/3 until the
-    /// returned [`Kept`] is dropped or the lease is lost.
-    pub fn keep(self: &Arc<Self>, id: &VolumeId, me: &Owner, revision: u64) -> Kept {
+    /// Keeps volume `id`'s lease, won by `me` at `revision` with a write sent at `sent`
+    /// ([`Claim::Won`]): renews it every TTL/3 until the returned [`Kept`] is dropped or the
+    /// lease is lost.
+    pub fn keep(self: &Arc<Self>, id: &VolumeId, me: &Owner, revision: u64, sent: Instant) -> Kept {
         let (tx, lost) = tokio::sync::watch::channel(false);
-        let (leases, id, me) = (self.clone(), id.clone(), me.clone());
+        let give_up = self.ttl * 2 / 3;
+        let trusted_until = Arc::new(std::sync::Mutex::new(sent + give_up));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let (leases, id, me, until) = (self.clone(), id.clone(), me.clone(), trusted_until.clone());
+        let stopped = stop.clone();
         let task = tokio::spawn(async move {
             let every = leases.ttl / 3;
             let mut revision = revision;
-            let mut renewed = Instant::now();
-            let give_up = leases.ttl * 2 / 3;
+            let mut renewed = sent;
             loop {
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = stopped.notified() => return Some(revision),
+                }
                 // A renewal may not outlast the time the lease can still be trusted (a NATS
                 // request waits for a reconnect otherwise).
                 let left = give_up.saturating_sub(renewed.elapsed());
+                let sending = Instant::now();
                 let renewal = tokio::time::timeout(left, leases.renew(&id, &me, revision))
                     .await
                     .unwrap_or_else(|_| Err(LeaseError::Kv("renewal timed out".into())));
                 match renewal {
                     Ok(r) => {
                         revision = r;
-                        renewed = Instant::now();
+                        renewed = sending;
+                        *trusted(&until) = sending + give_up;
                     }
                     Err(LeaseError::Lost(_)) => {
                         tracing::error!(volume = %id, "lease taken by another node");
@@ -290,7 +352,13 @@ impl Leases {
                 }
             }
             tx.send_replace(true);
+            None
         });
-        Kept { lost, task }
+        Kept {
+            lost,
+            trusted_until,
+            stop,
+            task,
+        }
     }
 }
