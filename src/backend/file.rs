@@ -87,6 +87,32 @@ impl FileBackend {
     }
 }
 
+/// Writes `data` into a new temporary file beside `path` and syncs it, then `place`s it there
+/// (a rename; `Ok(false)`: not placed) and syncs the directory. The temporary file is removed
+/// unless it was placed. Returns whether it was.
+fn store(
+    fs: &Fs,
+    path: &Path,
+    data: &[u8],
+    place: impl FnOnce(&Path, &Path) -> std::io::Result<bool>,
+) -> std::io::Result<bool> {
+    let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+    fs.create_dir_all(&dir)?;
+    let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        let f = fs.create(&tmp)?;
+        f.write_all_at(data, 0)?;
+        f.sync_all()?;
+        let placed = place(&tmp, path)?;
+        fs.sync_dir(&dir)?;
+        Ok(placed)
+    })();
+    if !matches!(result, Ok(true)) {
+        let _ = fs.remove_file(&tmp);
+    }
+    result
+}
+
 fn io_err(key: &str, e: std::io::Error) -> BackendError {
     if e.kind() == std::io::ErrorKind::NotFound {
         return BackendError::NotFound(key.to_owned());
@@ -123,20 +149,11 @@ impl Backend for FileBackend {
         let k = key.to_owned();
         let fs = self.fs.clone();
         blocking(key, move || {
-            let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
-            fs.create_dir_all(&dir).map_err(|e| io_err(&k, e))?;
-            let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
-            let result = (|| {
-                let f = fs.create(&tmp)?;
-                f.write_all_at(&data, 0)?;
-                f.sync_all()?;
-                fs.rename(&tmp, &path)?;
-                fs.sync_dir(&dir)
-            })();
-            if result.is_err() {
-                let _ = fs.remove_file(&tmp);
-            }
-            result.map_err(|e| io_err(&k, e))
+            store(&fs, &path, &data, |tmp, path| {
+                fs.rename(tmp, path).map(|()| true)
+            })
+            .map(|_| ())
+            .map_err(|e| io_err(&k, e))
         })
         .await
     }
@@ -146,26 +163,16 @@ impl Backend for FileBackend {
         let k = key.to_owned();
         let fs = self.fs.clone();
         blocking(key, move || {
-            let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
-            fs.create_dir_all(&dir).map_err(|e| io_err(&k, e))?;
-            let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
-            let result = (|| {
-                let f = fs.create(&tmp)?;
-                f.write_all_at(&data, 0)?;
-                f.sync_all()?;
-                // Either way the directory is synced: the caller acts on the object there
-                // (its own or the winner's), which must then survive a power cut.
-                let stored = match fs.rename_noreplace(&tmp, &path) {
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-                    Err(e) => return Err(e),
-                    Ok(()) => true,
-                };
-                fs.sync_dir(&dir).map(|()| stored)
-            })();
-            if !matches!(result, Ok(true)) {
-                let _ = fs.remove_file(&tmp);
-            }
-            result.map_err(|e| io_err(&k, e))
+            // Placed or not, the directory is synced: the caller acts on the object there (its
+            // own or the winner's), which must then survive a power cut.
+            store(&fs, &path, &data, |tmp, path| {
+                match fs.rename_noreplace(tmp, path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e),
+                    Ok(()) => Ok(true),
+                }
+            })
+            .map_err(|e| io_err(&k, e))
         })
         .await
     }

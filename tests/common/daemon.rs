@@ -360,6 +360,23 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        // free_port's port may be taken by another process before the daemon binds it: a
+        // first start picks new ports and tries again (restarts keep theirs: tests hold URIs).
+        for attempt in 1..=5 {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(log) if self.starts == attempt && log.contains("Address already in use") => {
+                    (self.nbd_port, self.metrics_port) = (free_port(), free_port());
+                }
+                Err(log) => panic!("vblock serve exited at start; log:\n{log}"),
+            }
+        }
+        panic!("vblock serve found no free ports in 5 attempts");
+    }
+
+    /// Starts the daemon and waits until it serves (its `vblock serving` log line, written
+    /// once every listener is bound); `Err(log)` if it exits first.
+    fn try_spawn(&mut self) -> Result<(), String> {
         self.starts += 1;
         let log =
             std::fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts)))
@@ -376,23 +393,27 @@ impl Daemon {
         .spawn()
         .expect("spawn vblock serve");
         self.child = Some(child);
-        let port = self.nbd_port;
+        let mut exited = false;
         let ok = wait_until(Duration::from_secs(30), || {
             if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "vblock serve exited at start ({status}); log:\n{}",
-                        self.log()
-                    );
+                if let Ok(Some(_)) = c.try_wait() {
+                    exited = true;
+                    return true;
                 }
             }
-            port_open(port)
+            self.log().contains("vblock serving")
         });
+        if exited {
+            self.child = None;
+            return Err(self.log());
+        }
         assert!(
             ok,
-            "vblock serve did not listen on {port}; log:\n{}",
+            "vblock serve did not start serving on {}; log:\n{}",
+            self.nbd_port,
             self.log()
         );
+        Ok(())
     }
 
     /// The current log.
