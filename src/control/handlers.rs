@@ -507,6 +507,11 @@ impl Control {
             }
         }
         let Some(pos) = pos else {
+            if rec.attachments.is_empty() && rec.mount.is_none() {
+                // A retry of a detach whose close failed after the record was updated: close
+                // what is still open (nothing, usually).
+                self.engine.close_volume_draining(&id, !req.force).await?;
+            }
             return Err(ApiError::new(
                 "IncorrectState",
                 format!(
