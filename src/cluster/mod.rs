@@ -3,3 +3,4 @@
 
 pub mod epoch;
 pub mod lease;
+pub mod walobj;
