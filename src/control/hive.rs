@@ -56,9 +56,11 @@ impl Control {
             },
         };
         if let Ok(snap) = SnapshotId::parse(&req.name) {
-            return match self.engine.mount_snapshot(&snap, mount).await {
+            return match self.engine.mount_snapshot(&snap, mount.clone()).await {
                 Ok(SnapshotRecord { mount: Some(m), .. }) => {
-                    tracing::info!(snapshot = %snap, device = %req.device_name, "snapshot mounted");
+                    if m == mount {
+                        tracing::info!(snapshot = %snap, device = %req.device_name, "snapshot mounted");
+                    }
                     mounted(snap.as_str(), &m)
                 }
                 Ok(_) => fail(format!("snapshot {snap} was not mounted"), true),
@@ -95,9 +97,9 @@ impl Control {
 
     /// Ends the mount of `rec`'s volume if it has one (the caller holds `self.lock`), then
     /// closes its instance if one is open: the export name stops working first, then the close
-    /// answers the requests in flight and disconnects every client (`Volume::closed`). `drain`: turn the write buffer
-    /// into chunks first (bounded); without it the buffer stays in the WAL, replayed at the next
-    /// open (EC2 `Force` on detach).
+    /// answers the requests in flight and disconnects every client (`Volume::closed`).
+    /// `drain`: turn the write buffer into chunks first (bounded); without it the buffer stays
+    /// in the WAL, replayed at the next open (EC2 `Force` on detach).
     pub(super) async fn end_mount(
         &self,
         rec: &mut VolumeRecord,
