@@ -381,7 +381,7 @@ impl Engine {
         }
         rec.size_bytes = size_bytes;
         // The new size is stored before anyone can open the volume again.
-        self.close_then(id, || async {
+        self.close_then(id, self.config.close_drain_timeout, || async {
             self.publish_record(&rec).await?;
             self.put_record(rec.clone()).await
         })
@@ -392,7 +392,7 @@ impl Engine {
     /// Closes volume `id` if open (drains the buffer into chunks, syncs the WAL). Openers wait
     /// meanwhile; the next one opens a new instance.
     pub async fn close_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
-        self.close_then(id, || async { Ok(()) }).await
+        self.close_volume_draining(id, true).await
     }
 
     /// [`Engine::close_volume`]; without `drain` the write buffer is not turned into chunks
@@ -408,23 +408,21 @@ impl Engine {
         } else {
             Duration::ZERO
         };
-        self.instances
-            .close_then(
-                id,
-                self.close_wait(),
-                |v| async move { v.close(drain).await },
-                || async { Ok(()) },
-            )
-            .await
+        self.close_then(id, drain, || async { Ok(()) }).await
     }
 
-    /// Closes volume `id` if open, then runs `then` before any opener may open it again.
-    async fn close_then<T, TFut>(&self, id: &VolumeId, then: T) -> Result<(), VolumeError>
+    /// Closes volume `id` if open (draining its buffer for at most `drain`), then runs `then`
+    /// before any opener may open it again.
+    async fn close_then<T, TFut>(
+        &self,
+        id: &VolumeId,
+        drain: Duration,
+        then: T,
+    ) -> Result<(), VolumeError>
     where
         T: FnOnce() -> TFut,
         TFut: std::future::Future<Output = Result<(), VolumeError>>,
     {
-        let drain = self.config.close_drain_timeout;
         self.instances
             .close_then(
                 id,
@@ -449,7 +447,10 @@ impl Engine {
 
     async fn delete_volume_locked(&self, id: &VolumeId) -> Result<(), VolumeError> {
         // Openers wait until the volume is gone, then find no record.
-        self.close_then(id, || self.delete_volume_data(id)).await
+        self.close_then(id, self.config.close_drain_timeout, || {
+            self.delete_volume_data(id)
+        })
+        .await
     }
 
     /// Removes volume `id`'s record copy and map checkpoints from the backend, its WAL and its

@@ -88,6 +88,14 @@ impl Mount {
         }
     }
 
+    /// Why `name`, mounted with this mount, may not be mounted or unmounted through `node`
+    /// (`ebs.NODE.mount`, `ebs.NODE.unmount`): it was mounted through another. `None` when
+    /// `node` is this mount's or not named (`ebs.mount`, `ebs.unmount`).
+    pub fn other_node(&self, name: &str, node: Option<&str>) -> Option<String> {
+        node.filter(|n| *n != self.node)
+            .map(|n| format!("{name} is mounted on node {:?}, not {n:?}", self.node))
+    }
+
     /// Whether `secret` is this mount's, compared in time independent of where they differ.
     pub fn secret_matches(&self, secret: &str) -> bool {
         let (a, b) = (self.secret.as_bytes(), secret.as_bytes());

@@ -187,6 +187,13 @@ impl Engine {
         Ok(blocking(move || meta.get_snapshot(&id)).await?)
     }
 
+    /// The record of snapshot `id`. Errors: [`VolumeError::SnapshotNotFound`]; metadata errors.
+    async fn existing_snapshot(&self, id: &SnapshotId) -> Result<SnapshotRecord, VolumeError> {
+        self.get_snapshot(id)
+            .await?
+            .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))
+    }
+
     /// Every snapshot record, ordered by id.
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>, VolumeError> {
         let meta = self.meta.clone();
@@ -202,10 +209,7 @@ impl Engine {
         {
             let _gc = self.gc.lock().await;
             let _mounts = self.snapshot_mounts.lock().await;
-            let rec = self
-                .get_snapshot(id)
-                .await?
-                .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
+            let rec = self.existing_snapshot(id).await?;
             if rec.state == SnapshotStateName::Pending {
                 return Err(VolumeError::IncorrectState(format!(
                     "snapshot {id} is pending; delete it once it completes"
@@ -234,10 +238,7 @@ impl Engine {
     ///
     /// Errors: [`VolumeError::SnapshotNotFound`].
     pub async fn snapshot_volume(&self, id: &SnapshotId) -> Result<SnapshotVolume, VolumeError> {
-        let rec = self
-            .get_snapshot(id)
-            .await?
-            .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
+        let rec = self.existing_snapshot(id).await?;
         let ended = ends(&self.snapshot_ends)
             .entry(id.clone())
             .or_insert_with(|| tokio::sync::watch::channel(false).0)
@@ -274,10 +275,7 @@ impl Engine {
         mount: crate::records::Mount,
     ) -> Result<SnapshotRecord, VolumeError> {
         let _mounts = self.snapshot_mounts.lock().await;
-        let mut rec = self
-            .get_snapshot(id)
-            .await?
-            .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
+        let mut rec = self.existing_snapshot(id).await?;
         if rec.mount.is_some() {
             return Ok(rec);
         }
@@ -304,17 +302,13 @@ impl Engine {
         node: Option<&str>,
     ) -> Result<bool, VolumeError> {
         let _mounts = self.snapshot_mounts.lock().await;
-        let mut rec = self
-            .get_snapshot(id)
-            .await?
-            .ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))?;
-        if let (Some(n), Some(m)) = (node, &rec.mount) {
-            if m.node != n {
-                return Err(VolumeError::InUse(format!(
-                    "{id} is mounted on node {:?}, not {n:?}",
-                    m.node
-                )));
-            }
+        let mut rec = self.existing_snapshot(id).await?;
+        if let Some(why) = rec
+            .mount
+            .as_ref()
+            .and_then(|m| m.other_node(id.as_str(), node))
+        {
+            return Err(VolumeError::InUse(why));
         }
         let was = rec.mount.take().is_some();
         if was {
@@ -339,10 +333,7 @@ impl Engine {
     ) -> Result<(), VolumeError> {
         Self::check_size(rec.size_bytes)?;
         let _gc = self.gc.lock().await;
-        let s = self
-            .get_snapshot(snap)
-            .await?
-            .ok_or_else(|| VolumeError::SnapshotNotFound(snap.clone()))?;
+        let s = self.existing_snapshot(snap).await?;
         if s.state != SnapshotStateName::Completed {
             return Err(VolumeError::IncorrectState(format!(
                 "snapshot {snap} is not completed"

@@ -23,7 +23,7 @@ impl ExportProvider for AnyName {
     }
 
     async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError> {
-        self.open(name).await.map(|e| e.info())
+        self.open(name).await.map(|e| e.info)
     }
 
     async fn open(&self, name: &str) -> Result<Export, ExportError> {
@@ -31,10 +31,13 @@ impl ExportProvider for AnyName {
             return Err(ExportError::Unknown(format!("no export {name:?}")));
         }
         Ok(Export {
-            name: name.to_owned(),
+            info: ExportInfo {
+                name: name.to_owned(),
+                size: self.0.size(),
+                read_only: false,
+                description: String::new(),
+            },
             volume: Device::Volume(self.0.clone()),
-            read_only: false,
-            description: String::new(),
         })
     }
 }

@@ -285,7 +285,9 @@ impl Haggle<'_> {
             .map_err(|e| HandshakeError::NoExport(split_export_name(&name).0.to_owned(), e))?;
         let mut out = Vec::with_capacity(10 + 124);
         out.extend_from_slice(&export.volume.size().to_be_bytes());
-        out.extend_from_slice(&transmission_flags(export.read_only, self.structured).to_be_bytes());
+        out.extend_from_slice(
+            &transmission_flags(export.info.read_only, self.structured).to_be_bytes(),
+        );
         if !self.no_zeroes {
             out.extend_from_slice(&[0u8; 124]);
         }
@@ -370,7 +372,10 @@ impl Haggle<'_> {
         let requests: Vec<u16> = (0..n).map(|_| d.get_u16()).collect();
         // INFO only describes: no volume instance is opened for it.
         let found = if option == NBD_OPT_GO {
-            self.provider.open(&name).await.map(|e| (e.info(), Some(e)))
+            self.provider
+                .open(&name)
+                .await
+                .map(|e| (e.info.clone(), Some(e)))
         } else {
             self.provider.describe(&name).await.map(|i| (i, None))
         };

@@ -134,27 +134,12 @@ pub struct ExportInfo {
 /// An export: a volume or snapshot and how it is offered.
 #[derive(Clone)]
 pub struct Export {
-    /// Export name as the client gave it (`ID-SECRET`, or the bare id with open exports). Logs
-    /// and metrics use [`Device::id`] instead, which carries no secret.
-    pub name: String,
+    /// Its name as the client gave it (`ID-SECRET`, or the bare id with open exports), size,
+    /// flags and description. Logs and metrics use [`Device::id`] instead of the name, which
+    /// carries no secret.
+    pub info: ExportInfo,
     /// The device behind it.
     pub volume: Device,
-    /// Advertise `NBD_FLAG_READ_ONLY` and refuse writes with `NBD_EPERM`.
-    pub read_only: bool,
-    /// Text for `NBD_INFO_DESCRIPTION`.
-    pub description: String,
-}
-
-impl Export {
-    /// What the handshake tells the client about it.
-    pub fn info(&self) -> ExportInfo {
-        ExportInfo {
-            name: self.name.clone(),
-            size: self.volume.size(),
-            read_only: self.read_only,
-            description: self.description.clone(),
-        }
-    }
 }
 
 /// Where exports come from.
@@ -337,12 +322,9 @@ impl ExportProvider for VolumeExports {
         // ends it: Volume::closed, SnapshotVolume::closed); it also gives a refused open the
         // answer every refusal gets.
         self.resolve(name).await?;
-        let volume = opened?;
         Ok(Export {
-            name: info.name,
-            volume,
-            read_only: info.read_only,
-            description: info.description,
+            info,
+            volume: opened?,
         })
     }
 }

@@ -125,7 +125,7 @@ fn validate(h: &RequestHeader, size: u64, neg: &Negotiated) -> Result<(), (u32, 
         return Err((NBD_EINVAL, "flag not valid for this command"));
     }
     let writes = matches!(h.kind, NBD_CMD_WRITE | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES);
-    if writes && neg.export.read_only {
+    if writes && neg.export.info.read_only {
         return Err((NBD_EPERM, "export is read-only"));
     }
     if h.kind == NBD_CMD_FLUSH {

@@ -40,15 +40,9 @@ impl Control {
             req.delete_on_termination,
             now_rfc3339(),
         );
-        let mounted = |name: &str, m: &Mount| match node {
-            Some(n) if n != m.node => fail(
-                format!(
-                    "VolumeInUse: {name} is mounted on node {:?}, not {n:?}",
-                    m.node
-                ),
-                false,
-            ),
-            _ => EbsMountResponse {
+        let mounted = |name: &str, m: &Mount| match m.other_node(name, node) {
+            Some(why) => fail(format!("VolumeInUse: {why}"), false),
+            None => EbsMountResponse {
                 uri: self.uri(name, m),
                 mounted: true,
                 error: String::new(),
@@ -162,18 +156,12 @@ impl Control {
             }
             Err(e) => return resp(id.to_string(), true, e.to_string(), false),
         };
-        if let (Some(n), Some(m)) = (node, &rec.mount) {
-            if m.node != n {
-                return resp(
-                    id.to_string(),
-                    true,
-                    format!(
-                        "VolumeInUse: {id} is mounted on node {:?}, not {n:?}",
-                        m.node
-                    ),
-                    false,
-                );
-            }
+        if let Some(why) = rec
+            .mount
+            .as_ref()
+            .and_then(|m| m.other_node(id.as_str(), node))
+        {
+            return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
         }
         match self.end_mount(&mut rec, true).await {
             Ok(()) => resp(id.to_string(), false, String::new(), false),
