@@ -1185,3 +1185,35 @@ fn a_volume_mounted_before_export_secrets_stays_mounted() {
         assert!(!again.legacy_mounted);
     });
 }
+
+/// `Engine::volume_if` opens a new instance only if `admit` accepts the record read under the
+/// volume's slot (an NBD export's "still mounted" check, ordered with closes): refused, it
+/// leaves nothing open; an instance already open is returned without asking.
+#[test]
+fn volume_if_opens_only_what_it_admits() {
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend: vblock::backend::SharedBackend =
+            std::sync::Arc::new(vblock::backend::memory::MemoryBackend::new());
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(1 << 20, "gate")
+            .await
+            .expect("create")
+            .volume_id;
+        let refused = engine.volume_if(&id, |rec| rec.mount.is_some()).await;
+        assert!(matches!(refused, Err(VolumeError::IncorrectState(_))));
+        assert!(
+            engine.open_volumes().await.is_empty(),
+            "a refused open left an instance"
+        );
+        let vol = engine.volume(&id).await.expect("open");
+        let again = engine
+            .volume_if(&id, |_| false)
+            .await
+            .expect("the open instance is returned");
+        assert_eq!(again.id(), vol.id());
+        assert_eq!(engine.open_volumes().await.len(), 1);
+        engine.close_all().await;
+    });
+}
