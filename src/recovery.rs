@@ -1,11 +1,17 @@
 //! Disaster recovery: rebuilds the metadata of volumes and snapshots from the backend alone
 //! (FORMAT.md, "Recovery"): a volume from its newest map checkpoint and then its chunk objects
-//! above it, in id order while the ids are contiguous, so that it holds a prefix of its writes.
+//! above it, in id order while the ids are contiguous, so that it holds a prefix of its writes;
+//! then the shipped WAL objects (`VOLUMEID/wal/`) after what the chunks hold, which go into the
+//! volume's local WAL and are replayed when it opens.
 
 use std::collections::HashSet;
 
-use crate::backend::{checkpoint_prefix, chunk_ids, chunk_key, snapshot_map_key, BackendError};
+use crate::backend::{
+    checkpoint_prefix, chunk_ids, chunk_key, snapshot_map_key, wal_object_counters, wal_object_key,
+    BackendError,
+};
 use crate::chunk::FLAG_MORE_PARTS;
+use crate::cluster::walobj::{self, WalObjectKind};
 use crate::engine::{max_extent_seq, Engine};
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
@@ -13,6 +19,7 @@ use crate::mapobj::MapObject;
 use crate::meta::{blocking, ChunkStats, VolumeState};
 use crate::records::{SnapshotRecord, VolumeRecord};
 use crate::volume::{read_chunk_index, VolumeError};
+use crate::wal::Wal;
 
 /// Counts chunk objects read, for a progress report.
 struct Progress<'a> {
@@ -101,10 +108,13 @@ impl Engine {
         progress.done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
         ids.retain(|o| *o >= state.next_object_id);
         let state = self.apply_chunks(&lookup, state, ids, progress).await?;
+        let shipped = self
+            .recover_shipped_wal(&id, keys, state.checkpoint)
+            .await?;
         rec.mount = None;
         let meta = self.meta.clone();
         blocking(move || meta.put_volume(&rec)).await?;
-        tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, "volume recovered from the backend");
+        tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, shipped_wal_records = shipped, "volume recovered from the backend");
         Ok(id)
     }
 
@@ -223,6 +233,103 @@ impl Engine {
             tracing::error!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes; they are deleted when it opens)");
         }
         Ok(state)
+    }
+
+    /// Replays volume `id`'s shipped WAL objects among `keys` after seq `covered` (what its
+    /// chunks hold) into its local WAL directory, where the volume's next open replays them.
+    /// Objects go in counter order: those the chunks cover are skipped (they may be deleted in
+    /// any order); from the first one that is not, the walk stops at a missing or unreadable
+    /// object, or at one whose `after_seq` leaves a gap (FORMAT.md, "Shipped WAL object"), so
+    /// the volume holds a prefix of its writes. Records the local WAL already holds are not
+    /// written again. Returns the records written.
+    ///
+    /// Errors: backend errors other than a missing object, WAL errors.
+    async fn recover_shipped_wal(
+        &self,
+        id: &VolumeId,
+        keys: &[String],
+        covered: u64,
+    ) -> Result<u64, VolumeError> {
+        let listed = wal_object_counters(id, keys);
+        let mut through = covered;
+        let mut records = Vec::new();
+        // Listed objects until the first one chunks do not cover, then every counter after it.
+        let mut counters = listed.iter().copied();
+        let mut next_counter = None;
+        loop {
+            let counter = match next_counter {
+                Some(c) => c,
+                None => match counters.next() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            let key = wal_object_key(id, counter);
+            let body = match self.backend.get(&key).await {
+                Ok(b) => b,
+                // Deleted after the listing (covered meanwhile), or the end of the log.
+                Err(BackendError::NotFound(_)) if next_counter.is_none() => continue,
+                Err(BackendError::NotFound(_)) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let stop = |why: String| {
+                tracing::error!(volume = %id, %key, %why, "replay of the shipped WAL stops here: later objects are not applied (the volume holds a prefix of its writes)");
+            };
+            let (h, recs) = match walobj::decode(&body, counter) {
+                Ok(v) => v,
+                Err(e) => {
+                    stop(e.to_string());
+                    break;
+                }
+            };
+            if h.kind == WalObjectKind::Fence {
+                next_counter = next_counter.map(|c| c + 1);
+                continue;
+            }
+            if next_counter.is_none() && h.last_seq <= through {
+                continue;
+            }
+            next_counter = Some(counter + 1);
+            if h.after_seq > through {
+                stop(format!(
+                    "it holds the records after seq {}, but only those through {through} are known",
+                    h.after_seq
+                ));
+                break;
+            }
+            if let Some((r, _)) = recs.iter().find(|(r, _)| r.volume_tag != id.tag()) {
+                stop(format!("record {} belongs to another volume", r.seq));
+                break;
+            }
+            records.extend(recs.into_iter().filter(|(r, _)| r.seq > through));
+            through = through.max(h.last_seq);
+        }
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let config = &self.config.volume;
+        let wal_config = config.wal_config(self.config.wal_dir.join(id.as_str()), id.to_string());
+        let tag = id.tag();
+        let wal = tokio::task::spawn_blocking(move || {
+            let mut local_max = 0;
+            Wal::open(&wal_config, tag, covered, |h, _| {
+                local_max = local_max.max(h.seq)
+            })
+            .map(|(wal, _)| (wal, local_max))
+        })
+        .await
+        .map_err(|e| VolumeError::task("WAL open", e))?;
+        let (wal, local_max) = wal?;
+        let mut written = 0;
+        for (h, payload) in records.into_iter().filter(|(h, _)| h.seq > local_max) {
+            wal.append(h.kind, h.seq, h.start_block, h.block_count, payload)?;
+            written += 1;
+        }
+        wal.sync().await?;
+        tokio::task::spawn_blocking(move || wal.shutdown(true))
+            .await
+            .map_err(|e| VolumeError::task("WAL shutdown", e))?;
+        Ok(written)
     }
 
     /// Recovers every snapshot whose record copy (`SNAPID/snapshot.json`) is among `keys` and

@@ -96,6 +96,25 @@ fn describe() {
         "Bytes in WAL segments not yet trimmed (data not yet in committed chunks)."
     );
     describe_gauge!("vblock_wal_segments", "WAL segment files on disk.");
+    describe_counter!(
+        "vblock_wal_shipped_objects_total",
+        "Shipped WAL objects stored in the backend (--ship-wal)."
+    );
+    describe_counter!(
+        "vblock_wal_shipped_bytes_total",
+        Unit::Bytes,
+        "Bytes of shipped WAL objects stored in the backend (--ship-wal)."
+    );
+    describe_gauge!(
+        "vblock_wal_unshipped_bytes",
+        Unit::Bytes,
+        "WAL records queued for shipping and not yet being shipped (--ship-wal): the shipped WAL's lag."
+    );
+    describe_histogram!(
+        "vblock_wal_ship_duration_seconds",
+        Unit::Seconds,
+        "One shipped WAL object's conditional PUT, retries included (--ship-wal)."
+    );
     describe_gauge!(
         "vblock_volume_failed",
         "1 once the volume refuses writes and flushes until it is reopened (a failed WAL fdatasync, or a permanent flusher failure; the log says which)."

@@ -142,6 +142,12 @@ pub struct ServeArgs {
         default_value = "tolerate-tail-corruption"
     )]
     pub wal_recovery_mode: vblock::wal::WalRecovery,
+    /// Ship the WAL to the backend: `NBD_CMD_FLUSH` and FUA return only once the writes they
+    /// cover are also stored in the backend (`VOLUMEID/wal/`), so a flushed write survives the
+    /// loss of this node's disks; a flush then costs about one PUT. The cluster mode's WAL
+    /// shipping (docs/design/cluster.md), usable on its own.
+    #[arg(long, env = "VBLOCK_SHIP_WAL")]
+    pub ship_wal: bool,
     /// Chunk objects built and uploaded at once per volume.
     #[arg(long, env = "VBLOCK_UPLOAD_CONCURRENCY", default_value = "4")]
     pub upload_concurrency: usize,
@@ -210,6 +216,7 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c.volume.chunk.frame_blocks = (a.frame_size / vblock::block::BLOCK_SIZE) as u32;
     c.volume.upload_concurrency = a.upload_concurrency.max(1);
     c.volume.wal_recovery = a.wal_recovery_mode;
+    c.volume.ship_wal = a.ship_wal;
     c.volume.compaction = vblock::volume::CompactionConfig {
         threshold_percent: a.compaction_threshold,
         rate_bytes_per_sec: a.compaction_rate.max(1),

@@ -80,6 +80,7 @@ pub fn errno(e: &VolumeError) -> u32 {
         | VolumeError::Failed(_)
         | VolumeError::Corrupt { .. }
         | VolumeError::Io { .. }
+        | VolumeError::Shipping(_)
         | VolumeError::Internal(_) => NBD_EIO,
     }
 }

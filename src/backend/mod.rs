@@ -179,6 +179,34 @@ pub fn epoch_key(volume: &VolumeId, epoch: u64) -> String {
     format!("{volume}/epoch/{epoch:016x}")
 }
 
+/// Prefix of a volume's shipped WAL objects (`VOLUMEID/wal/`; FORMAT.md, "Shipped WAL object").
+pub fn wal_object_prefix(volume: &VolumeId) -> String {
+    format!("{volume}/wal/")
+}
+
+/// Key of a volume's shipped WAL object `counter` (`VOLUMEID/wal/COUNTER`, 16 lowercase hex
+/// digits; objects are replayed in counter order).
+pub fn wal_object_key(volume: &VolumeId, counter: u64) -> String {
+    format!("{volume}/wal/{counter:016x}")
+}
+
+/// The shipped WAL object counters among `keys` under `volume`'s [`wal_object_prefix`], sorted
+/// (other keys are skipped).
+pub fn wal_object_counters<'a>(
+    volume: &VolumeId,
+    keys: impl IntoIterator<Item = &'a String>,
+) -> Vec<u64> {
+    let prefix = wal_object_prefix(volume);
+    let mut counters: Vec<u64> = keys
+        .into_iter()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .filter(|hex| hex.len() == 16)
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .collect();
+    counters.sort_unstable();
+    counters
+}
+
 /// Prefix of every object of `volume`.
 pub fn volume_prefix(volume: &VolumeId) -> String {
     format!("{volume}/")

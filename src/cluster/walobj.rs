@@ -2,7 +2,9 @@
 //! object"): one group-commit batch of WAL records, stored as `VOLUMEID/wal/COUNTER` with a
 //! conditional PUT, or a fence that a takeover stores at the next counter so that the stale
 //! owner's next PUT is refused. The records keep the WAL's own format (and CRCs); the object
-//! adds a header that names the epoch, the counter and the seqs it holds.
+//! adds a header that names the epoch, the counter, the seqs it holds and the seq through which
+//! earlier objects and chunks hold every record (`after_seq`), which lets replay prove there is
+//! no gap before it.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -15,7 +17,7 @@ pub const WAL_OBJECT_MAGIC: u32 = u32::from_le_bytes(*b"VBWO");
 /// The format this build writes and reads.
 pub const WAL_OBJECT_VERSION: u16 = 1;
 /// Header bytes before the records.
-pub const WAL_OBJECT_HEADER_LEN: usize = 56;
+pub const WAL_OBJECT_HEADER_LEN: usize = 64;
 
 /// What a shipped WAL object is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +38,10 @@ pub struct WalObjectHeader {
     pub epoch: u64,
     /// Its counter (the key's number).
     pub counter: u64,
+    /// Every record with a seq up to this one is in an earlier object or in a chunk stored
+    /// before this object; the body holds every record after it through `last_seq` (0 for a
+    /// fence).
+    pub after_seq: u64,
     /// Seq of the first record (0 for a fence).
     pub first_seq: u64,
     /// Seq of the last record (0 for a fence).
@@ -68,6 +74,7 @@ pub enum WalObjectError {
 pub struct WalObjectEncoder {
     epoch: u64,
     counter: u64,
+    after_seq: u64,
     body: BytesMut,
     first_seq: u64,
     last_seq: u64,
@@ -75,11 +82,13 @@ pub struct WalObjectEncoder {
 }
 
 impl WalObjectEncoder {
-    /// An empty batch of `epoch` at `counter`.
-    pub fn new(epoch: u64, counter: u64) -> Self {
+    /// An empty batch of `epoch` at `counter` whose records follow `after_seq` (see
+    /// [`WalObjectHeader::after_seq`]).
+    pub fn new(epoch: u64, counter: u64, after_seq: u64) -> Self {
         Self {
             epoch,
             counter,
+            after_seq,
             body: BytesMut::new(),
             first_seq: 0,
             last_seq: 0,
@@ -91,6 +100,7 @@ impl WalObjectEncoder {
     pub fn push(&mut self, header: &RecordHeader, payload: &[u8]) {
         debug_assert!(header.kind != RecordKind::SyncNote);
         debug_assert!(self.count == 0 || header.seq > self.last_seq);
+        debug_assert!(header.seq > self.after_seq);
         if self.count == 0 {
             self.first_seq = header.seq;
         }
@@ -116,6 +126,7 @@ impl WalObjectEncoder {
             kind: WalObjectKind::Batch,
             epoch: self.epoch,
             counter: self.counter,
+            after_seq: self.after_seq,
             first_seq: self.first_seq,
             last_seq: self.last_seq,
             record_count: self.count,
@@ -133,6 +144,7 @@ pub fn encode_fence(epoch: u64, counter: u64) -> Bytes {
         kind: WalObjectKind::Fence,
         epoch,
         counter,
+        after_seq: 0,
         first_seq: 0,
         last_seq: 0,
         record_count: 0,
@@ -147,12 +159,13 @@ fn encode_header(h: &WalObjectHeader, body_len: u64) -> [u8; WAL_OBJECT_HEADER_L
     b[6..8].copy_from_slice(&(h.kind as u16).to_le_bytes());
     b[8..16].copy_from_slice(&h.epoch.to_le_bytes());
     b[16..24].copy_from_slice(&h.counter.to_le_bytes());
-    b[24..32].copy_from_slice(&h.first_seq.to_le_bytes());
-    b[32..40].copy_from_slice(&h.last_seq.to_le_bytes());
-    b[40..44].copy_from_slice(&h.record_count.to_le_bytes());
-    b[44..52].copy_from_slice(&body_len.to_le_bytes());
-    let crc = crc32fast::hash(&b[0..52]);
-    b[52..56].copy_from_slice(&crc.to_le_bytes());
+    b[24..32].copy_from_slice(&h.after_seq.to_le_bytes());
+    b[32..40].copy_from_slice(&h.first_seq.to_le_bytes());
+    b[40..48].copy_from_slice(&h.last_seq.to_le_bytes());
+    b[48..52].copy_from_slice(&h.record_count.to_le_bytes());
+    b[52..60].copy_from_slice(&body_len.to_le_bytes());
+    let crc = crc32fast::hash(&b[0..60]);
+    b[60..64].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
@@ -166,48 +179,14 @@ pub fn decode(
     b: &Bytes,
     counter: u64,
 ) -> Result<(WalObjectHeader, Vec<(RecordHeader, Bytes)>), WalObjectError> {
-    let bad = |m: String| Err(WalObjectError::Header(m));
-    if b.len() < WAL_OBJECT_HEADER_LEN {
-        return bad(format!("{} bytes, shorter than its header", b.len()));
-    }
-    let (stored, computed) = (u32_at(b, 52), crc32fast::hash(&b[0..52]));
-    if stored != computed {
-        return bad(format!(
-            "crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
-        ));
-    }
-    if u32_at(b, 0) != WAL_OBJECT_MAGIC {
-        return bad(format!("magic {:#010x}", u32_at(b, 0)));
-    }
-    if u16_at(b, 4) != WAL_OBJECT_VERSION {
-        return bad(format!(
-            "version {} (this build reads {WAL_OBJECT_VERSION})",
-            u16_at(b, 4)
-        ));
-    }
-    let kind = match u16_at(b, 6) {
-        1 => WalObjectKind::Batch,
-        2 => WalObjectKind::Fence,
-        k => return bad(format!("kind {k}")),
-    };
-    let h = WalObjectHeader {
-        kind,
-        epoch: u64_at(b, 8),
-        counter: u64_at(b, 16),
-        first_seq: u64_at(b, 24),
-        last_seq: u64_at(b, 32),
-        record_count: u32_at(b, 40),
-    };
-    if h.counter != counter {
-        return bad(format!("counter {} stored under {counter}", h.counter));
-    }
+    let (h, body_len) = decode_header_len(b, counter)?;
+    let kind = h.kind;
     let body = b.slice(WAL_OBJECT_HEADER_LEN..);
-    if u64_at(b, 44) != body.len() as u64 {
-        return bad(format!(
-            "body of {} bytes, header says {}",
+    if body_len != body.len() as u64 {
+        return Err(WalObjectError::Header(format!(
+            "body of {} bytes, header says {body_len}",
             body.len(),
-            u64_at(b, 44)
-        ));
+        )));
     }
     let inconsistent = |m: String| Err(WalObjectError::Inconsistent(m));
     if kind == WalObjectKind::Fence && (h.record_count != 0 || !body.is_empty()) {
@@ -236,6 +215,14 @@ pub fn decode(
         records.first().map_or(0, |(r, _)| r.seq),
         records.last().map_or(0, |(r, _)| r.seq),
     );
+    if kind == WalObjectKind::Batch && (records.is_empty() || h.first_seq <= h.after_seq) {
+        return inconsistent(format!(
+            "a batch of {} records from seq {} after seq {}",
+            records.len(),
+            h.first_seq,
+            h.after_seq
+        ));
+    }
     if records.len() != h.record_count as usize || seqs != (h.first_seq, h.last_seq) {
         return inconsistent(format!(
             "{} records, seqs {seqs:?}; header says {} records, seqs {:?}",
@@ -245,6 +232,56 @@ pub fn decode(
         ));
     }
     Ok((h, records))
+}
+
+/// Decodes and verifies the header of the shipped WAL object stored under `counter` from its
+/// first [`WAL_OBJECT_HEADER_LEN`] bytes (magic, version, CRC, kind, the key's counter), without
+/// the body: which seqs an object holds, from a ranged read.
+///
+/// Errors: [`WalObjectError::Header`].
+pub fn decode_header(b: &[u8], counter: u64) -> Result<WalObjectHeader, WalObjectError> {
+    decode_header_len(b, counter).map(|(h, _)| h)
+}
+
+/// [`decode_header`] and the body length the header gives.
+fn decode_header_len(b: &[u8], counter: u64) -> Result<(WalObjectHeader, u64), WalObjectError> {
+    let bad = |m: String| Err(WalObjectError::Header(m));
+    if b.len() < WAL_OBJECT_HEADER_LEN {
+        return bad(format!("{} bytes, shorter than its header", b.len()));
+    }
+    let (stored, computed) = (u32_at(b, 60), crc32fast::hash(&b[0..60]));
+    if stored != computed {
+        return bad(format!(
+            "crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
+        ));
+    }
+    if u32_at(b, 0) != WAL_OBJECT_MAGIC {
+        return bad(format!("magic {:#010x}", u32_at(b, 0)));
+    }
+    if u16_at(b, 4) != WAL_OBJECT_VERSION {
+        return bad(format!(
+            "version {} (this build reads {WAL_OBJECT_VERSION})",
+            u16_at(b, 4)
+        ));
+    }
+    let kind = match u16_at(b, 6) {
+        1 => WalObjectKind::Batch,
+        2 => WalObjectKind::Fence,
+        k => return bad(format!("kind {k}")),
+    };
+    let h = WalObjectHeader {
+        kind,
+        epoch: u64_at(b, 8),
+        counter: u64_at(b, 16),
+        after_seq: u64_at(b, 24),
+        first_seq: u64_at(b, 32),
+        last_seq: u64_at(b, 40),
+        record_count: u32_at(b, 48),
+    };
+    if h.counter != counter {
+        return bad(format!("counter {} stored under {counter}", h.counter));
+    }
+    Ok((h, u64_at(b, 52)))
 }
 
 #[cfg(test)]
@@ -266,7 +303,7 @@ mod tests {
             },
             Vec::new(),
         ));
-        let mut enc = WalObjectEncoder::new(3, 42);
+        let mut enc = WalObjectEncoder::new(3, 42, 9);
         for (h, p) in &records {
             enc.push(h, p);
         }
@@ -284,6 +321,7 @@ mod tests {
                 kind: WalObjectKind::Batch,
                 epoch: 3,
                 counter: 42,
+                after_seq: 9,
                 first_seq: 10,
                 last_seq: 13,
                 record_count: 3,

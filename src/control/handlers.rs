@@ -84,6 +84,7 @@ impl From<VolumeError> for ApiError {
             | VolumeError::Failed(_)
             | VolumeError::Corrupt { .. }
             | VolumeError::Io { .. }
+            | VolumeError::Shipping(_)
             | VolumeError::Internal(_) => ApiError::internal(e.to_string()),
         }
     }

@@ -6,7 +6,7 @@ use crate::block::BLOCK_SIZE;
 use crate::chunk::ChunkOptions;
 use crate::fs::Fs;
 use crate::retry::RetryPolicy;
-use crate::wal::WalRecovery;
+use crate::wal::{WalConfig, WalRecovery};
 
 use super::{VolumeError, MAX_REQUEST_BYTES};
 
@@ -38,6 +38,10 @@ pub struct VolumeConfig {
     pub permanent_error_timeout: Duration,
     /// The file system the WAL writes through ([`Fs::Real`] but in power-loss tests).
     pub fs: Fs,
+    /// Ship the WAL to the backend (`--ship-wal`, cluster mode): a flush or FUA returns only
+    /// once the records it covers are also in the backend as shipped WAL objects, so a flushed
+    /// write outlives the node's disks (docs/design/cluster.md; default off).
+    pub ship_wal: bool,
 }
 
 /// Compaction: chunks whose live fraction fell below `threshold_percent` have their live blocks
@@ -66,6 +70,17 @@ impl Default for CompactionConfig {
 }
 
 impl VolumeConfig {
+    /// The WAL settings of volume `name` whose segments live in `dir`.
+    pub fn wal_config(&self, dir: std::path::PathBuf, name: String) -> WalConfig {
+        WalConfig {
+            dir,
+            segment_bytes: self.wal_segment_bytes,
+            name,
+            recovery: self.wal_recovery,
+            fs: self.fs.clone(),
+        }
+    }
+
     /// Checks that the write buffer can hold two chunks and two of the largest requests
     /// (`MAX_REQUEST_BYTES`), so a writer never waits for space that cannot come.
     /// Errors: [`VolumeError::InvalidArgument`] naming the sizes (bytes).
@@ -97,6 +112,7 @@ impl Default for VolumeConfig {
             wal_recovery: WalRecovery::default(),
             permanent_error_timeout: Duration::from_secs(300),
             fs: Fs::Real,
+            ship_wal: false,
         }
     }
 }

@@ -93,6 +93,11 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+    /// A flush could not be acknowledged: its WAL records could not be shipped to the backend
+    /// (with `ship_wal`; a backend outage beyond the retries). The records stay queued and the
+    /// next flush tries again (`NBD_EIO`, EC2 `InternalError`).
+    #[error("WAL shipping failed, the flush is not acknowledged: {0}")]
+    Shipping(String),
     /// A background task panicked or was cancelled, or a value could not be encoded: a bug
     /// (`NBD_EIO`, EC2 `InternalError`).
     #[error("internal error: {0}")]

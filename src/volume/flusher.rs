@@ -306,6 +306,9 @@ impl Flusher {
             self.scheduled -= 1;
             inner.release(job.mem.charged);
             inner.wal.trim(next.checkpoint);
+            if let Some(s) = &inner.shipper {
+                s.cover(next.checkpoint);
+            }
             inner.flushed.notify_waiters();
         }
         ControlFlow::Continue(())

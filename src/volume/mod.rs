@@ -18,6 +18,7 @@ mod config;
 mod error;
 mod flusher;
 pub(crate) mod read;
+mod ship;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,13 +35,14 @@ use crate::chunk;
 use crate::ids::VolumeId;
 use crate::lookup::BlockLookup;
 use crate::meta::{blocking, MetaError, MetaStore, VolumeState};
-use crate::wal::{self, RecordHeader, RecordKind, Wal, WalConfig};
+use crate::wal::{self, RecordHeader, RecordKind, Wal};
 use crate::workq::WorkQueue;
 
 pub use config::{CompactionConfig, VolumeConfig};
 pub use error::VolumeError;
 pub(crate) use read::read_chunk_index;
 pub use read::StatusExtent;
+pub use ship::SHIP_AHEAD_BYTES;
 
 /// Largest single request in bytes (the NBD maximum block size, 32 MiB).
 pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
@@ -118,6 +120,9 @@ struct Inner {
     get_seconds: metrics::Histogram,
     /// Runs the blocking part of reads (map lookups, local frame reads, decompression).
     reads: Arc<WorkQueue>,
+    /// WAL shipping (`VolumeConfig::ship_wal`), and its task.
+    shipper: Option<ship::Shipper>,
+    ship_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// An open volume. Cheap to clone; all clones share the engine state.
@@ -136,10 +141,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Replayer {
     chunk_bytes: u64,
     buf: WriteBuffer,
+    /// With WAL shipping: the replayed records above this seq (the store has the rest), which
+    /// the shipper queues.
+    ship_after: Option<u64>,
+    to_ship: Vec<(RecordHeader, Bytes)>,
 }
 
 impl Replayer {
     fn apply(&mut self, h: &RecordHeader, payload: Bytes) {
+        if self.ship_after.is_some_and(|after| h.seq > after) && h.kind != RecordKind::SyncNote {
+            self.to_ship.push((*h, payload.clone()));
+        }
         let (payload, cost) = match h.kind {
             RecordKind::Write => (Payload::Data(payload), u64::from(h.block_count)),
             RecordKind::Zero => (Payload::Zero, 1),
@@ -181,20 +193,24 @@ impl Volume {
         let m = meta.clone();
         let vid = id.clone();
         let state = blocking(move || m.volume_state(&vid)).await?;
-        let wal_config = WalConfig {
-            dir: wal_dir,
-            segment_bytes: config.wal_segment_bytes,
-            name: id.to_string(),
-            recovery: config.wal_recovery,
-            fs: config.fs.clone(),
-        };
+        let wal_config = config.wal_config(wal_dir, id.to_string());
         let tag = id.tag();
         let chunk_bytes = config.chunk_bytes;
+        // What the store already holds: replayed records up to its last seq are not shipped
+        // again, and new records get higher seqs.
+        let shipped = if config.ship_wal {
+            Some(ship::Shipped::load(&backend, &id).await?)
+        } else {
+            None
+        };
+        let ship_after = shipped.as_ref().map(|s| s.last_seq.max(state.checkpoint));
         let replay_started = Instant::now();
-        let (wal, report, replayer) = tokio::task::spawn_blocking(move || {
+        let (wal, report, mut replayer) = tokio::task::spawn_blocking(move || {
             let mut r = Replayer {
                 chunk_bytes,
                 buf: WriteBuffer::new(),
+                ship_after,
+                to_ship: Vec::new(),
             };
             Wal::open(&wal_config, tag, state.checkpoint, |h, p| r.apply(h, p))
                 .map(|(w, rep)| (w, rep, r))
@@ -214,7 +230,21 @@ impl Volume {
             );
         }
         let charged = replayer.buf.charged();
-        let next_seq = state.max_seq.max(report.max_seq).max(state.checkpoint) + 1;
+        let shipped_seq = shipped.as_ref().map_or(0, |s| s.last_seq);
+        let next_seq = state
+            .max_seq
+            .max(report.max_seq)
+            .max(state.checkpoint)
+            .max(shipped_seq)
+            + 1;
+        let shipper = shipped.map(|s| {
+            ship::Shipper::new(
+                &id,
+                s,
+                state.checkpoint,
+                std::mem::take(&mut replayer.to_ship),
+            )
+        });
         let id_label = id.to_string();
         let backend_kind = backend.kind();
         let inner = Arc::new(Inner {
@@ -249,6 +279,8 @@ impl Volume {
             upload_slots: Semaphore::new(config.upload_concurrency.max(1)),
             object_buffers: chunk::ObjectBuffers::new(config.upload_concurrency.max(1)),
             stats: VolumeStats::default(),
+            shipper,
+            ship_task: Mutex::new(None),
             upload_seconds: metrics::histogram!(
                 "vblock_chunk_upload_duration_seconds",
                 "volume" => id_label.clone()
@@ -267,6 +299,14 @@ impl Volume {
             span,
         ));
         *lock(&inner.flusher) = Some(handle);
+        if inner.shipper.is_some() {
+            let span = tracing::info_span!(parent: None, "volume", volume = %inner.id);
+            let handle = tokio::spawn(tracing::Instrument::instrument(
+                ship::shipper(inner.clone()),
+                span,
+            ));
+            *lock(&inner.ship_task) = Some(handle);
+        }
         Ok(Self { inner })
     }
 
@@ -334,7 +374,7 @@ impl Volume {
             }
         }
         if fua {
-            self.inner.wal.sync().await?;
+            self.inner.sync().await?;
         }
         Ok(())
     }
@@ -344,9 +384,9 @@ impl Volume {
     /// Errors: [`VolumeError::Failed`] once the volume failed, [`VolumeError::Wal`].
     pub async fn flush(&self) -> Result<(), VolumeError> {
         self.inner.check_failed()?;
-        if let Err(e) = self.inner.wal.sync().await {
+        if let Err(e) = self.inner.sync().await {
             self.inner.check_failed()?;
-            return Err(e.into());
+            return Err(e);
         }
         Ok(())
     }
@@ -387,7 +427,7 @@ impl Volume {
             }
         }
         if fua {
-            self.inner.wal.sync().await?;
+            self.inner.sync().await?;
         }
         Ok(())
     }
@@ -435,7 +475,25 @@ impl Volume {
             Payload::Data(b) => (RecordKind::Write, b.clone()),
             Payload::Zero => (RecordKind::Zero, Bytes::new()),
         };
-        if let Err(e) = inner.wal.append(kind, seq, start, count as u32, body) {
+        if let Some(s) = &inner.shipper {
+            let header = RecordHeader {
+                kind,
+                flags: 0,
+                seq,
+                volume_tag: inner.id.tag(),
+                start_block: start,
+                block_count: count as u32,
+                payload_len: body.len() as u32,
+            };
+            if let Err(e) = inner
+                .wal
+                .append(kind, seq, start, count as u32, body.clone())
+            {
+                inner.check_failed()?;
+                return Err(e.into());
+            }
+            s.record(header, body);
+        } else if let Err(e) = inner.wal.append(kind, seq, start, count as u32, body) {
             inner.check_failed()?;
             return Err(e.into());
         }
@@ -580,6 +638,7 @@ impl Volume {
             }
         }
         inner.permits.close();
+        inner.stop_shipper().await;
         let wal_inner = self.inner.clone();
         tokio::task::spawn_blocking(move || wal_inner.wal.shutdown(true))
             .await
@@ -604,6 +663,7 @@ impl Volume {
             let _ = handle.await;
         }
         inner.permits.close();
+        inner.stop_shipper().await;
         let wal_inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || wal_inner.wal.shutdown(false)).await;
     }
@@ -632,6 +692,26 @@ pub(crate) fn check_request(offset: u64, len: u64, size: u64) -> Result<(), Volu
 }
 
 impl Inner {
+    /// Waits until every record appended before the call is durable: in the local WAL, and
+    /// with WAL shipping also in the backend (the shipper syncs the WAL before each PUT).
+    async fn sync(&self) -> Result<(), VolumeError> {
+        match &self.shipper {
+            Some(s) => s.flush().await,
+            None => Ok(self.wal.sync().await?),
+        }
+    }
+
+    /// Stops the shipping task after its current round and waits for it.
+    async fn stop_shipper(&self) {
+        if let Some(s) = &self.shipper {
+            s.stop();
+        }
+        let handle = lock(&self.ship_task).take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+    }
+
     /// Why the volume failed, if it did: the flusher's reason, or the WAL's failed sync.
     fn failure(&self) -> Option<String> {
         if !self.has_failed.load(Ordering::Acquire) && !self.wal.failed() {

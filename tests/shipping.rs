@@ -1,0 +1,432 @@
+//! WAL shipping (`VolumeConfig::ship_wal`, `vblock serve --ship-wal`): a flush is acknowledged
+//! only once its records are in the backend, so every flushed write survives the loss of every
+//! local disk; recovery from the backend yields a prefix of the writes that holds every flushed
+//! one. A taken counter fences the volume; covered objects are deleted.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vblock::backend::{wal_object_key, wal_object_prefix, BackendError, SharedBackend};
+use vblock::ids::VolumeId;
+use vblock::{Engine, VolumeError};
+
+const BLOCKS: u64 = 48;
+
+fn config(dir: &std::path::Path) -> vblock::EngineConfig {
+    let mut c = common::small_config(dir);
+    c.volume.ship_wal = true;
+    c
+}
+
+async fn open(dir: &std::path::Path, backend: &SharedBackend) -> Engine {
+    Engine::open(config(dir), backend.clone())
+        .await
+        .expect("engine opens")
+}
+
+/// Block `b`'s content at generation `g` (0: never written, zeros).
+fn content(b: u64, g: u64) -> Vec<u8> {
+    if g == 0 {
+        return vec![0; 4096];
+    }
+    let mut v = vec![0u8; 4096];
+    v[..8].copy_from_slice(&b.to_le_bytes());
+    v[8..16].copy_from_slice(&g.to_le_bytes());
+    v[16..].fill((g % 251) as u8);
+    v
+}
+
+/// The generation a block's content holds, if it is one [`content`] makes for block `b`.
+fn generation(b: u64, data: &[u8]) -> Option<u64> {
+    if data.iter().all(|x| *x == 0) {
+        return Some(0);
+    }
+    let g = u64::from_le_bytes(data[8..16].try_into().ok()?);
+    (data == content(b, g).as_slice()).then_some(g)
+}
+
+/// Reads every block's generation.
+async fn read_all(vol: &vblock::Volume) -> Vec<u64> {
+    let data = vol.read(0, BLOCKS * 4096).await.expect("read");
+    (0..BLOCKS)
+        .map(|b| {
+            let d = &data[(b * 4096) as usize..((b + 1) * 4096) as usize];
+            generation(b, d).unwrap_or_else(|| panic!("block {b} holds data never written to it"))
+        })
+        .collect()
+}
+
+/// Asserts that `got` is the volume after some write `k` of `writes` (block, generation) with
+/// `k >= flushed`: a prefix of the writes that holds every flushed one.
+fn assert_prefix(got: &[u64], writes: &[(u64, u64)], flushed: usize, what: &str) {
+    let mut state = vec![0u64; BLOCKS as usize];
+    for (b, g) in &writes[..flushed] {
+        state[*b as usize] = *g;
+    }
+    if state == got {
+        return;
+    }
+    for (k, (b, g)) in writes.iter().enumerate().skip(flushed) {
+        state[*b as usize] = *g;
+        if state == got {
+            eprintln!("{what}: prefix of {} writes ({flushed} flushed)", k + 1);
+            return;
+        }
+    }
+    panic!("{what}: not a prefix of the writes holding the {flushed} flushed ones: {got:?}");
+}
+
+/// Random writes, flushes and crashes with restarts on the same disk; chunks commit meanwhile
+/// (64 KiB chunks, 20 ms idle flush). Then every local disk is lost: a daemon with an empty
+/// data directory recovers the volume from the backend alone, and it holds a prefix of the
+/// writes with every flushed one. 12 seeds.
+#[test]
+fn flushed_writes_survive_the_loss_of_every_local_disk() {
+    common::run(Duration::from_secs(240), async {
+        for seed in 0..12u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let backend = common::memory_backend();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let engine = open(dir.path(), &backend).await;
+            let id = engine
+                .create_volume(1 << 20, "ship")
+                .await
+                .expect("create")
+                .volume_id;
+            let mut engine = Some(engine);
+            let mut writes: Vec<(u64, u64)> = Vec::new();
+            let mut flushed = 0;
+            for step in 0..300u64 {
+                let e = engine.as_ref().expect("engine");
+                let vol = e.volume(&id).await.expect("open");
+                let b = rng.gen_range(0..BLOCKS);
+                let g = step + 1;
+                let fua = rng.gen_bool(0.05);
+                vol.write(b * 4096, Bytes::from(content(b, g)), fua)
+                    .await
+                    .expect("write");
+                writes.push((b, g));
+                if fua {
+                    flushed = writes.len();
+                }
+                match rng.gen_range(0..100) {
+                    0..=9 => {
+                        vol.flush().await.expect("flush");
+                        flushed = writes.len();
+                    }
+                    10..=11 => {
+                        // kill -9: everything written survives on this disk.
+                        drop(vol);
+                        engine.take().expect("engine").simulate_crash().await;
+                        let e = open(dir.path(), &backend).await;
+                        let vol = e.volume(&id).await.expect("reopen");
+                        assert_prefix(&read_all(&vol).await, &writes, writes.len(), "restart");
+                        engine = Some(e);
+                    }
+                    12..=14 => tokio::time::sleep(Duration::from_millis(25)).await,
+                    _ => {}
+                }
+            }
+            engine.take().expect("engine").simulate_crash().await;
+            drop(dir);
+
+            let fresh = tempfile::tempdir().expect("tempdir");
+            let e = open(fresh.path(), &backend).await;
+            assert_eq!(
+                e.recover_from_backend().await.expect("recover"),
+                vec![id.clone()]
+            );
+            let vol = e.volume(&id).await.expect("open recovered");
+            let got = read_all(&vol).await;
+            assert_prefix(&got, &writes, flushed, &format!("seed {seed}: disks lost"));
+            // The recovered volume ships on: a flushed write survives a second loss.
+            vol.write(0, Bytes::from(content(0, 1000)), true)
+                .await
+                .expect("write");
+            drop(vol);
+            e.simulate_crash().await;
+            drop(fresh);
+            let again = tempfile::tempdir().expect("tempdir");
+            let e = open(again.path(), &backend).await;
+            e.recover_from_backend().await.expect("recover again");
+            let vol = e.volume(&id).await.expect("open");
+            let mut expected = got.clone();
+            expected[0] = 1000;
+            assert_eq!(read_all(&vol).await, expected, "seed {seed}: second loss");
+            drop(vol);
+            e.close_all().await;
+        }
+    });
+}
+
+/// Fails every PUT of a shipped WAL object while `down` is set.
+#[derive(Default)]
+struct WalPutsDown {
+    down: AtomicBool,
+    wal_puts: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl common::Hooks for Arc<WalPutsDown> {
+    fn refuse_put(&self, key: &str) -> Option<BackendError> {
+        if !key.contains("/wal/") {
+            return None;
+        }
+        self.wal_puts.fetch_add(1, Ordering::SeqCst);
+        self.down.load(Ordering::SeqCst).then(|| BackendError::Io {
+            key: key.to_owned(),
+            message: "injected: access denied".into(),
+            transient: false,
+        })
+    }
+}
+
+/// A flush whose records cannot be stored fails (`NBD_EIO`) after the retries, and the records
+/// stay queued: the next flush once the backend is back ships them, and they survive the loss
+/// of the disk. A flush with nothing new to ship makes no PUT.
+#[test]
+fn a_flush_is_acknowledged_only_once_its_records_are_stored() {
+    common::run(Duration::from_secs(60), async {
+        let hooks = Arc::new(WalPutsDown::default());
+        let hooked = common::HookedBackend::new(hooks.clone());
+        let backend: SharedBackend = hooked.clone();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = config(dir.path());
+        c.volume.idle_flush = Duration::from_secs(3600);
+        let engine = Engine::open(c, backend.clone()).await.expect("engine");
+        let id = engine
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+
+        hooks.down.store(true, Ordering::SeqCst);
+        vol.write(0, Bytes::from(content(0, 1)), false)
+            .await
+            .expect("write");
+        match vol.flush().await {
+            Err(VolumeError::Shipping(reason)) => assert!(reason.contains("injected"), "{reason}"),
+            other => panic!("flush while WAL PUTs fail: {other:?}"),
+        }
+        assert!(vol.failed().is_none(), "an outage does not fail the volume");
+
+        hooks.down.store(false, Ordering::SeqCst);
+        vol.flush().await.expect("flush after the outage");
+        let puts = hooks.wal_puts.load(Ordering::SeqCst);
+        vol.flush().await.expect("flush with nothing new");
+        assert_eq!(
+            hooks.wal_puts.load(Ordering::SeqCst),
+            puts,
+            "a flush with nothing new stores nothing"
+        );
+        drop(vol);
+        engine.simulate_crash().await;
+
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let e = open(fresh.path(), &backend).await;
+        e.recover_from_backend().await.expect("recover");
+        let vol = e.volume(&id).await.expect("open");
+        assert_eq!(
+            read_all(&vol).await[0],
+            1,
+            "the write flushed after the outage"
+        );
+        drop(vol);
+        e.close_all().await;
+    });
+}
+
+/// Another object at the next counter (a newer owner's, after a takeover) fences the volume:
+/// its next flush fails, the volume fails (writes refused), and nothing of it is stored after
+/// the other writer's object.
+#[test]
+fn a_taken_counter_fences_the_writer() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        vol.write(0, Bytes::from(content(0, 1)), true)
+            .await
+            .expect("write");
+        let counters = wal_counters(&backend, &id).await;
+        assert_eq!(counters, vec![1], "the FUA write shipped one object");
+
+        let theirs = vblock::cluster::walobj::encode_fence(1, 2);
+        assert!(backend
+            .put_if_absent(&wal_object_key(&id, 2), theirs.clone())
+            .await
+            .expect("fence"));
+        vol.write(4096, Bytes::from(content(1, 2)), false)
+            .await
+            .expect("write before the fence is seen");
+        assert!(
+            vol.flush().await.is_err(),
+            "the fenced writer's flush fails"
+        );
+        assert!(vol.failed().is_some(), "the fenced volume fails");
+        assert!(
+            vol.write(8192, Bytes::from(content(2, 3)), false)
+                .await
+                .is_err(),
+            "and refuses writes"
+        );
+        assert_eq!(wal_counters(&backend, &id).await, vec![1, 2]);
+        assert_eq!(
+            backend.get(&wal_object_key(&id, 2)).await.expect("get"),
+            theirs,
+            "the other writer's object is untouched"
+        );
+        drop(vol);
+        engine.simulate_crash().await;
+    });
+}
+
+/// Once chunks hold a shipped object's records, the object is deleted (oldest first); the
+/// volume still recovers from the backend.
+#[test]
+fn covered_objects_are_deleted() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // No chunk before persist_buffer: every FUA ships its own object.
+        let mut c = config(dir.path());
+        c.volume.idle_flush = Duration::from_secs(3600);
+        c.volume.chunk_bytes = 1 << 20;
+        let engine = Engine::open(c, backend.clone()).await.expect("engine");
+        let id = engine
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        for b in 0..BLOCKS {
+            vol.write(b * 4096, Bytes::from(content(b, b + 1)), b % 8 == 7)
+                .await
+                .expect("write");
+        }
+        assert_eq!(wal_counters(&backend, &id).await.len(), 6);
+        vol.persist_buffer().await.expect("persist");
+        // The shipper deletes in the background once woken by the flusher's commit.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !wal_counters(&backend, &id).await.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "covered objects not deleted: {:?}",
+                wal_counters(&backend, &id).await
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let expected = read_all(&vol).await;
+        drop(vol);
+        engine.simulate_crash().await;
+        drop(dir);
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let e = open(fresh.path(), &backend).await;
+        e.recover_from_backend().await.expect("recover");
+        let vol = e.volume(&id).await.expect("open");
+        assert_eq!(read_all(&vol).await, expected);
+        drop(vol);
+        e.close_all().await;
+    });
+}
+
+async fn wal_counters(backend: &SharedBackend, id: &VolumeId) -> Vec<u64> {
+    let keys = backend.list(&wal_object_prefix(id)).await.expect("list");
+    vblock::backend::wal_object_counters(id, &keys)
+}
+
+/// Recovery replays shipped objects only while they follow one another: a missing counter ends
+/// the walk, and so does an object whose `after_seq` says records before it are missing, so
+/// the volume holds a prefix of its writes.
+#[test]
+fn replay_from_the_backend_stops_at_a_gap() {
+    use vblock::cluster::walobj::WalObjectEncoder;
+    use vblock::wal::{RecordHeader, RecordKind};
+    common::run(Duration::from_secs(60), async {
+        // Three FUA writes, three objects, no chunk.
+        async fn shipped_three(backend: &SharedBackend) -> VolumeId {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut c = config(dir.path());
+            c.volume.idle_flush = Duration::from_secs(3600);
+            c.volume.chunk_bytes = 1 << 20;
+            let engine = Engine::open(c, backend.clone()).await.expect("engine");
+            let id = engine
+                .create_volume(1 << 20, "ship")
+                .await
+                .expect("create")
+                .volume_id;
+            let vol = engine.volume(&id).await.expect("open");
+            for b in 0..3 {
+                vol.write(b * 4096, Bytes::from(content(b, b + 1)), true)
+                    .await
+                    .expect("write");
+            }
+            assert_eq!(wal_counters(backend, &id).await, vec![1, 2, 3]);
+            drop(vol);
+            engine.simulate_crash().await;
+            id
+        }
+        async fn recovered(backend: &SharedBackend, id: &VolumeId) -> Vec<u64> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let e = open(dir.path(), backend).await;
+            e.recover_from_backend().await.expect("recover");
+            let vol = e.volume(id).await.expect("open");
+            let got = read_all(&vol).await[..4].to_vec();
+            drop(vol);
+            e.close_all().await;
+            got
+        }
+
+        let backend = common::memory_backend();
+        let id = shipped_three(&backend).await;
+        backend
+            .delete(&wal_object_key(&id, 2))
+            .await
+            .expect("delete");
+        assert_eq!(recovered(&backend, &id).await, vec![1, 0, 0, 0]);
+
+        // Object 4 claims to follow seq 100: the records between are missing.
+        let backend = common::memory_backend();
+        let id = shipped_three(&backend).await;
+        let head = backend
+            .get_range(&wal_object_key(&id, 3), 0..64)
+            .await
+            .expect("get");
+        let last = vblock::cluster::walobj::decode_header(&head, 3)
+            .expect("header")
+            .last_seq;
+        let mut enc = WalObjectEncoder::new(0, 4, 100);
+        let payload = content(3, 4);
+        enc.push(
+            &RecordHeader {
+                kind: RecordKind::Write,
+                flags: 0,
+                seq: 101,
+                volume_tag: id.tag(),
+                start_block: 3,
+                block_count: 1,
+                payload_len: 4096,
+            },
+            &payload,
+        );
+        assert!(last < 100);
+        assert!(backend
+            .put_if_absent(&wal_object_key(&id, 4), enc.finish())
+            .await
+            .expect("put"));
+        assert_eq!(recovered(&backend, &id).await, vec![1, 2, 3, 0]);
+    });
+}
