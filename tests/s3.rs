@@ -668,6 +668,20 @@ fn step_region(step: u64, seed: u64) -> u64 {
 /// point into. Rounds: `VBLOCK_PREFIX_ROUNDS` (default 6).
 #[test]
 fn disaster_recovery_holds_a_prefix_of_the_writes() {
+    prefix_rounds(false);
+}
+
+/// With `--ship-wal` the same kill -9 and loss of the data directory lose no flushed write:
+/// the recovered prefix holds every step whose flush returned, from chunks and shipped WAL
+/// objects. Rounds: `VBLOCK_PREFIX_ROUNDS` (default 6).
+#[test]
+fn with_wal_shipping_disaster_recovery_holds_every_flushed_write() {
+    prefix_rounds(true);
+}
+
+/// The rounds of [`disaster_recovery_holds_a_prefix_of_the_writes`]; with `ship_wal`, the
+/// daemons ship their WAL and every acknowledged step must be recovered.
+fn prefix_rounds(ship_wal: bool) {
     let nats = Nats::start();
     let s3 = S3Server::start(Kind::S3sFs);
     let rounds: u64 = std::env::var("VBLOCK_PREFIX_ROUNDS")
@@ -678,8 +692,8 @@ fn disaster_recovery_holds_a_prefix_of_the_writes() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(rand::random);
-    println!("prefix test seed {seed} ({rounds} rounds)");
-    let args = [
+    println!("prefix test seed {seed} ({rounds} rounds, ship_wal {ship_wal})");
+    let mut args = vec![
         "--chunk-size",
         "256KiB",
         "--upload-concurrency",
@@ -687,10 +701,13 @@ fn disaster_recovery_holds_a_prefix_of_the_writes() {
         "--gc-interval",
         "200ms",
     ];
+    if ship_wal {
+        args.push("--ship-wal");
+    }
     let (mut holes_avoided, mut steps_checked) = (0u64, 0u64);
     for round in 0..rounds {
         let rseed = seed ^ round.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let bucket = format!("vblock-prefix-{round}");
+        let bucket = format!("vblock-prefix-{}{round}", if ship_wal { "ship-" } else { "" });
         let mut a = daemon(&nats, &s3, &bucket, &args);
         let vol = a.create_volume(1);
         let kill_after = 6 + rseed % 30;
@@ -802,6 +819,13 @@ fn disaster_recovery_holds_a_prefix_of_the_writes() {
         steps_checked += k;
         if k + 1 < sent {
             holes_avoided += 1;
+        }
+        if ship_wal {
+            assert!(
+                k + 1 >= sent,
+                "round {round}: step {} was flushed but only steps through {k} were recovered",
+                sent - 1
+            );
         }
         println!(
             "round {round}: {} steps acknowledged, recovered a prefix through step {k}",
