@@ -7,18 +7,16 @@
 use std::collections::HashSet;
 
 use crate::backend::{
-    checkpoint_prefix, chunk_ids, chunk_key, snapshot_map_key, wal_object_counters, wal_object_key,
-    BackendError,
+    checkpoint_prefix, chunk_ids, chunk_key, snapshot_map_key, wal_object_counters, BackendError,
 };
 use crate::chunk::FLAG_MORE_PARTS;
-use crate::cluster::walobj::{self, WalObjectKind};
 use crate::engine::{max_extent_seq, Engine};
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
 use crate::mapobj::MapObject;
 use crate::meta::{blocking, ChunkStats, VolumeState};
 use crate::records::{SnapshotRecord, VolumeRecord};
-use crate::volume::{read_chunk_index, VolumeError};
+use crate::volume::{read_chunk_index, Chain, VolumeError};
 use crate::wal::Wal;
 
 /// Counts chunk objects read, for a progress report.
@@ -235,13 +233,11 @@ impl Engine {
         Ok(state)
     }
 
-    /// Replays volume `id`'s shipped WAL objects among `keys` after seq `covered` (what its
-    /// chunks hold) into its local WAL directory, where the volume's next open replays them.
-    /// Objects go in counter order: those the chunks cover are skipped (they may be deleted in
-    /// any order); from the first one that is not, the walk stops at a missing or unreadable
-    /// object, or at one whose `after_seq` leaves a gap (FORMAT.md, "Shipped WAL object"), so
-    /// the volume holds a prefix of its writes. Records the local WAL already holds are not
-    /// written again. Returns the records written.
+    /// Replays volume `id`'s shipped WAL objects (if `keys` lists any) after seq `covered`
+    /// (what its chunks hold) into its local WAL directory, where the volume's next open replays
+    /// them. The objects are walked as [`Chain::load`] does (FORMAT.md, "Recovery"): the volume
+    /// holds a prefix of its writes. Records the local WAL already holds are not written
+    /// again. Returns the records written.
     ///
     /// Errors: backend errors other than a missing object, WAL errors.
     async fn recover_shipped_wal(
@@ -250,59 +246,13 @@ impl Engine {
         keys: &[String],
         covered: u64,
     ) -> Result<u64, VolumeError> {
-        let listed = wal_object_counters(id, keys);
-        let mut through = covered;
-        let mut records = Vec::new();
-        // Listed objects until the first one chunks do not cover, then every counter after it.
-        let mut counters = listed.iter().copied();
-        let mut next_counter = None;
-        loop {
-            let counter = match next_counter {
-                Some(c) => c,
-                None => match counters.next() {
-                    Some(c) => c,
-                    None => break,
-                },
-            };
-            let key = wal_object_key(id, counter);
-            let body = match self.backend.get(&key).await {
-                Ok(b) => b,
-                // Deleted after the listing (covered meanwhile), or the end of the log.
-                Err(BackendError::NotFound(_)) if next_counter.is_none() => continue,
-                Err(BackendError::NotFound(_)) => break,
-                Err(e) => return Err(e.into()),
-            };
-            let stop = |why: String| {
-                tracing::error!(volume = %id, %key, %why, "replay of the shipped WAL stops here: later objects are not applied (the volume holds a prefix of its writes)");
-            };
-            let (h, recs) = match walobj::decode(&body, counter) {
-                Ok(v) => v,
-                Err(e) => {
-                    stop(e.to_string());
-                    break;
-                }
-            };
-            if h.kind == WalObjectKind::Fence {
-                next_counter = next_counter.map(|c| c + 1);
-                continue;
-            }
-            if next_counter.is_none() && h.last_seq <= through {
-                continue;
-            }
-            next_counter = Some(counter + 1);
-            if h.after_seq > through {
-                stop(format!(
-                    "it holds the records after seq {}, but only those through {through} are known",
-                    h.after_seq
-                ));
-                break;
-            }
-            if let Some((r, _)) = recs.iter().find(|(r, _)| r.volume_tag != id.tag()) {
-                stop(format!("record {} belongs to another volume", r.seq));
-                break;
-            }
-            records.extend(recs.into_iter().filter(|(r, _)| r.seq > through));
-            through = through.max(h.last_seq);
+        if wal_object_counters(id, keys).is_empty() {
+            return Ok(0);
+        }
+        let chain = Chain::load(&self.backend, id, covered).await?;
+        let (records, broken) = chain.records_after(&self.backend, id, covered).await?;
+        if let Some(e) = broken {
+            tracing::error!(volume = %id, error = %e, "replay of the shipped WAL stops here: later objects are not applied (the volume holds a prefix of its writes)");
         }
         if records.is_empty() {
             return Ok(0);

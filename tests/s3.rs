@@ -707,7 +707,10 @@ fn prefix_rounds(ship_wal: bool) {
     let (mut holes_avoided, mut steps_checked) = (0u64, 0u64);
     for round in 0..rounds {
         let rseed = seed ^ round.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let bucket = format!("vblock-prefix-{}{round}", if ship_wal { "ship-" } else { "" });
+        let bucket = format!(
+            "vblock-prefix-{}{round}",
+            if ship_wal { "ship-" } else { "" }
+        );
         let mut a = daemon(&nats, &s3, &bucket, &args);
         let vol = a.create_volume(1);
         let kill_after = 6 + rseed % 30;

@@ -294,8 +294,9 @@ fn a_taken_counter_fences_the_writer() {
     });
 }
 
-/// Once chunks hold a shipped object's records, the object is deleted (oldest first); the
-/// volume still recovers from the backend.
+/// Once chunks hold a shipped object's records, the object is deleted, but for the newest one
+/// (the counter's high-water mark); the volume still recovers from the backend, and ships on
+/// at the next counter.
 #[test]
 fn covered_objects_are_deleted() {
     common::run(Duration::from_secs(60), async {
@@ -319,9 +320,10 @@ fn covered_objects_are_deleted() {
         }
         assert_eq!(wal_counters(&backend, &id).await.len(), 6);
         vol.persist_buffer().await.expect("persist");
-        // The shipper deletes in the background once woken by the flusher's commit.
+        // The shipper deletes in the background once woken by the flusher's commit; the newest
+        // object stays (the counter's high-water mark for the next open).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !wal_counters(&backend, &id).await.is_empty() {
+        while wal_counters(&backend, &id).await != vec![6] {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "covered objects not deleted: {:?}",
@@ -338,6 +340,10 @@ fn covered_objects_are_deleted() {
         e.recover_from_backend().await.expect("recover");
         let vol = e.volume(&id).await.expect("open");
         assert_eq!(read_all(&vol).await, expected);
+        vol.write(0, Bytes::from(content(0, 99)), true)
+            .await
+            .expect("write");
+        assert_eq!(wal_counters(&backend, &id).await.last(), Some(&7));
         drop(vol);
         e.close_all().await;
     });
@@ -397,6 +403,22 @@ fn replay_from_the_backend_stops_at_a_gap() {
             .await
             .expect("delete");
         assert_eq!(recovered(&backend, &id).await, vec![1, 0, 0, 0]);
+        // The recovered volume drops object 3 (past the break) and ships at counter 2: a
+        // flushed write survives the next loss.
+        {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let e = open(dir.path(), &backend).await;
+            e.recover_from_backend().await.expect("recover");
+            let vol = e.volume(&id).await.expect("open");
+            vol.write(3 * 4096, Bytes::from(content(3, 9)), true)
+                .await
+                .expect("write");
+            // (Object 1 may be deleted already: chunks cover it once the volume drains.)
+            assert_eq!(wal_counters(&backend, &id).await.last(), Some(&2));
+            drop(vol);
+            e.simulate_crash().await;
+        }
+        assert_eq!(recovered(&backend, &id).await, vec![1, 0, 0, 9]);
 
         // Object 4 claims to follow seq 100: the records between are missing.
         let backend = common::memory_backend();
@@ -428,5 +450,124 @@ fn replay_from_the_backend_stops_at_a_gap() {
             .await
             .expect("put"));
         assert_eq!(recovered(&backend, &id).await, vec![1, 2, 3, 0]);
+    });
+}
+
+/// The local WAL lost records the backend holds (its disk replaced; meta kept): the volume's
+/// open takes them from the shipped WAL, and new writes get higher seqs.
+#[test]
+fn an_open_takes_what_the_local_wal_lost_from_the_backend() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = config(dir.path());
+        c.volume.idle_flush = Duration::from_secs(3600);
+        c.volume.chunk_bytes = 1 << 20;
+        let engine = Engine::open(c.clone(), backend.clone())
+            .await
+            .expect("engine");
+        let id = engine
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        for b in 0..3 {
+            vol.write(b * 4096, Bytes::from(content(b, b + 1)), true)
+                .await
+                .expect("write");
+        }
+        drop(vol);
+        engine.simulate_crash().await;
+        // Every segment lost (the lock file stays: the process's cache of durable directories
+        // would not see a directory removed behind it).
+        for f in std::fs::read_dir(c.wal_dir.join(id.as_str())).expect("WAL dir") {
+            let f = f.expect("entry").path();
+            if f.file_name().is_some_and(|n| n != "LOCK") {
+                std::fs::remove_file(&f).expect("lose a WAL file");
+            }
+        }
+
+        let engine = Engine::open(c, backend.clone()).await.expect("engine");
+        let vol = engine.volume(&id).await.expect("reopen");
+        assert_eq!(read_all(&vol).await[..4], [1, 2, 3, 0]);
+        vol.write(0, Bytes::from(content(0, 7)), true)
+            .await
+            .expect("write");
+        drop(vol);
+        engine.simulate_crash().await;
+        drop(dir);
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let e = open(fresh.path(), &backend).await;
+        e.recover_from_backend().await.expect("recover");
+        let vol = e.volume(&id).await.expect("open");
+        assert_eq!(read_all(&vol).await[..4], [7, 2, 3, 0]);
+        drop(vol);
+        e.close_all().await;
+    });
+}
+
+/// Stores WAL PUTs but answers the first `lost` of them with an error (the response lost).
+struct LostResponses {
+    lost: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl common::Hooks for LostResponses {
+    fn fail_after_put(&self, key: &str) -> Option<BackendError> {
+        if !key.contains("/wal/") {
+            return None;
+        }
+        let left = self.lost.load(Ordering::SeqCst);
+        (left > 0).then(|| {
+            self.lost.store(left - 1, Ordering::SeqCst);
+            BackendError::Io {
+                key: key.to_owned(),
+                message: "injected: response lost".into(),
+                transient: false,
+            }
+        })
+    }
+}
+
+/// A PUT that landed but whose answer was lost fails its flush; the next round stores the same
+/// object again, finds it is its own and goes on: the volume is not mistaken for fenced, and
+/// the writes of both flushes survive the loss of the disk.
+#[test]
+fn a_landed_put_whose_answer_was_lost_is_not_a_fence() {
+    common::run(Duration::from_secs(60), async {
+        let hooked = common::HookedBackend::new(LostResponses { lost: 0.into() });
+        let backend: SharedBackend = hooked.clone();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        hooked.hooks.lost.store(1, Ordering::SeqCst);
+        vol.write(0, Bytes::from(content(0, 1)), false)
+            .await
+            .expect("write");
+        assert!(
+            matches!(vol.flush().await, Err(VolumeError::Shipping(_))),
+            "the flush whose answer was lost fails"
+        );
+        vol.write(4096, Bytes::from(content(1, 2)), false)
+            .await
+            .expect("write");
+        vol.flush().await.expect("the next flush");
+        assert!(vol.failed().is_none(), "not fenced by its own object");
+        drop(vol);
+        engine.simulate_crash().await;
+        drop(dir);
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let e = open(fresh.path(), &backend).await;
+        e.recover_from_backend().await.expect("recover");
+        let vol = e.volume(&id).await.expect("open");
+        assert_eq!(read_all(&vol).await[..3], [1, 2, 0]);
+        drop(vol);
+        e.close_all().await;
     });
 }

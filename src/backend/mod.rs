@@ -202,6 +202,7 @@ pub fn wal_object_counters<'a>(
         .filter_map(|k| k.strip_prefix(&prefix))
         .filter(|hex| hex.len() == 16)
         .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .filter(|c| *c < u64::MAX)
         .collect();
     counters.sort_unstable();
     counters

@@ -192,7 +192,8 @@ pub fn decode(
     if kind == WalObjectKind::Fence && (h.record_count != 0 || !body.is_empty()) {
         return inconsistent("a fence with records".into());
     }
-    let mut records = Vec::with_capacity(h.record_count as usize);
+    let mut records =
+        Vec::with_capacity((h.record_count as usize).min(body.len() / RECORD_HEADER_LEN));
     let mut at = 0usize;
     while at < body.len() {
         let index = records.len() as u32;

@@ -42,6 +42,7 @@ pub use config::{CompactionConfig, VolumeConfig};
 pub use error::VolumeError;
 pub(crate) use read::read_chunk_index;
 pub use read::StatusExtent;
+pub(crate) use ship::Chain;
 pub use ship::SHIP_AHEAD_BYTES;
 
 /// Largest single request in bytes (the NBD maximum block size, 32 MiB).
@@ -196,14 +197,14 @@ impl Volume {
         let wal_config = config.wal_config(wal_dir, id.to_string());
         let tag = id.tag();
         let chunk_bytes = config.chunk_bytes;
-        // What the store already holds: replayed records up to its last seq are not shipped
-        // again, and new records get higher seqs.
-        let shipped = if config.ship_wal {
-            Some(ship::Shipped::load(&backend, &id).await?)
+        // What the store already holds (its chain of shipped objects, FORMAT.md "Recovery"):
+        // replayed records in it are not shipped again, and new records get higher seqs.
+        let chain = if config.ship_wal {
+            Some(open_chain(&backend, &id, state.checkpoint).await?)
         } else {
             None
         };
-        let ship_after = shipped.as_ref().map(|s| s.last_seq.max(state.checkpoint));
+        let ship_after = chain.as_ref().map(|c| c.through);
         let replay_started = Instant::now();
         let (wal, report, mut replayer) = tokio::task::spawn_blocking(move || {
             let mut r = Replayer {
@@ -229,18 +230,32 @@ impl Volume {
                 "WAL replayed"
             );
         }
+        // Records the store holds beyond the local WAL (its tail was lost, or the WAL disk
+        // replaced): taken from the store, applied and written to the local WAL.
+        let local = report.max_seq.max(state.checkpoint);
+        if let Some(c) = chain.as_ref().filter(|c| c.through > local) {
+            let (fetched, broken) = c.records_after(&backend, &id, local).await?;
+            if let Some(e) = broken {
+                return Err(e);
+            }
+            tracing::warn!(volume = %id, local_seq = local, shipped_seq = c.through, records = fetched.len(), "the local WAL ends before the shipped WAL: its records are taken from the backend");
+            for (h, p) in fetched {
+                replayer.apply(&h, p.clone());
+                wal.append(h.kind, h.seq, h.start_block, h.block_count, p)?;
+            }
+            wal.sync().await?;
+        }
         let charged = replayer.buf.charged();
-        let shipped_seq = shipped.as_ref().map_or(0, |s| s.last_seq);
         let next_seq = state
             .max_seq
             .max(report.max_seq)
             .max(state.checkpoint)
-            .max(shipped_seq)
+            .max(chain.as_ref().map_or(0, |c| c.through))
             + 1;
-        let shipper = shipped.map(|s| {
+        let shipper = chain.map(|c| {
             ship::Shipper::new(
                 &id,
-                s,
+                &c,
                 state.checkpoint,
                 std::mem::take(&mut replayer.to_ship),
             )
@@ -381,14 +396,11 @@ impl Volume {
 
     /// Makes every write that completed before this call durable (NBD_CMD_FLUSH).
     ///
-    /// Errors: [`VolumeError::Failed`] once the volume failed, [`VolumeError::Wal`].
+    /// Errors: [`VolumeError::Failed`] once the volume failed, [`VolumeError::Wal`]; with WAL
+    /// shipping [`VolumeError::Shipping`] (the backend did not take the records).
     pub async fn flush(&self) -> Result<(), VolumeError> {
         self.inner.check_failed()?;
-        if let Err(e) = self.inner.sync().await {
-            self.inner.check_failed()?;
-            return Err(e);
-        }
-        Ok(())
+        self.inner.sync().await
     }
 
     /// Discards the whole blocks inside `offset..offset + len`; they read as zeros afterwards.
@@ -669,6 +681,30 @@ impl Volume {
     }
 }
 
+/// The chain of `id`'s shipped WAL objects at open, with chunks holding every record through
+/// `checkpoint`; its orphans are deleted (their counters are reused).
+///
+/// Errors: backend errors; [`VolumeError::Failed`] when a fence object is listed (another node
+/// took the volume over: this one must not write).
+async fn open_chain(
+    backend: &SharedBackend,
+    id: &VolumeId,
+    checkpoint: u64,
+) -> Result<ship::Chain, VolumeError> {
+    let chain = ship::Chain::load(backend, id, checkpoint).await?;
+    if let Some((counter, epoch)) = chain.fence {
+        return Err(VolumeError::Failed(format!(
+            "{} is a fence of epoch {epoch}: another node took the volume over",
+            crate::backend::wal_object_key(id, counter)
+        )));
+    }
+    if !chain.orphans.is_empty() {
+        tracing::warn!(volume = %id, orphans = ?chain.orphans, "deleting shipped WAL objects past a break in the chain (not part of the volume's history)");
+        chain.delete_orphans(backend, id).await?;
+    }
+    Ok(chain)
+}
+
 /// Checks that bytes `offset..offset + len` lie inside a device of `size` bytes
 /// ([`VolumeError::OutOfRange`]).
 pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), VolumeError> {
@@ -695,10 +731,15 @@ impl Inner {
     /// Waits until every record appended before the call is durable: in the local WAL, and
     /// with WAL shipping also in the backend (the shipper syncs the WAL before each PUT).
     async fn sync(&self) -> Result<(), VolumeError> {
-        match &self.shipper {
+        let synced = match &self.shipper {
             Some(s) => s.flush().await,
-            None => Ok(self.wal.sync().await?),
+            None => self.wal.sync().await.map_err(VolumeError::from),
+        };
+        if synced.is_err() {
+            // A fenced or failed volume says so (NBD_EIO), not "closed".
+            self.check_failed()?;
         }
+        synced
     }
 
     /// Stops the shipping task after its current round and waits for it.

@@ -28,7 +28,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify};
 
-use crate::backend::{wal_object_counters, wal_object_key, wal_object_prefix, SharedBackend};
+use crate::backend::{
+    wal_object_counters, wal_object_key, wal_object_prefix, BackendError, SharedBackend,
+};
 use crate::cluster::walobj::{self, WalObjectEncoder, WalObjectKind, WAL_OBJECT_HEADER_LEN};
 use crate::ids::VolumeId;
 use crate::retry::{delete_retried, retry, RetryPolicy};
@@ -39,48 +41,158 @@ use super::{lock, Inner, VolumeError};
 /// The queue is shipped without waiting for a flush once it holds this many bytes.
 pub const SHIP_AHEAD_BYTES: u64 = 8 << 20;
 
-/// The shipped WAL objects of a volume found in the store when it opens.
+/// A volume's shipped WAL objects as replay sees them (FORMAT.md, "Recovery"): those chunks
+/// cover, then the chain replay walks, then orphans past a break.
 #[derive(Debug, Default)]
-pub(super) struct Shipped {
-    /// Stored objects, oldest first: counter and last seq.
-    pub objects: VecDeque<(u64, u64)>,
-    /// The highest last seq among them (0 without any).
-    pub last_seq: u64,
-    /// The counter the next object gets.
-    pub next_counter: u64,
+pub(crate) struct Chain {
+    /// Objects whose records chunks hold (last seq at or below `covered`), in counter order:
+    /// counter and last seq. Replay skips them; they may be deleted in any order.
+    pub covered: Vec<(u64, u64)>,
+    /// From the first object chunks do not cover: consecutive counters, each following what is
+    /// known before it (`after_seq`); counter and last seq.
+    pub chain: Vec<(u64, u64)>,
+    /// Objects past a break in the chain (a missing counter, an unreadable header, an
+    /// `after_seq` beyond what is known): never part of the volume's history.
+    pub orphans: Vec<u64>,
+    /// Chunks and the chain hold every record through this seq.
+    pub through: u64,
+    /// A fence object listed: its counter and epoch.
+    pub fence: Option<(u64, u64)>,
 }
 
-impl Shipped {
-    /// Lists `volume`'s shipped WAL objects and reads each one's header (a ranged GET).
+impl Chain {
+    /// Lists `volume`'s shipped WAL objects and reads each one's header (a ranged GET), with
+    /// chunks holding every record through seq `covered`.
     ///
-    /// Errors: backend errors; [`VolumeError::Corrupt`] for an object whose header does not
-    /// decode.
-    pub(super) async fn load(
+    /// Errors: backend errors other than an object missing or unreadable (which ends the
+    /// chain).
+    pub(crate) async fn load(
         backend: &SharedBackend,
         volume: &VolumeId,
+        covered: u64,
     ) -> Result<Self, VolumeError> {
         let keys = backend.list(&wal_object_prefix(volume)).await?;
-        let mut shipped = Shipped {
-            next_counter: 1,
+        let mut c = Chain {
+            through: covered,
             ..Self::default()
         };
+        let mut broken = false;
+        // The counter of the chain's last object or fence.
+        let mut prev: Option<u64> = None;
         for counter in wal_object_counters(volume, &keys) {
+            if broken {
+                c.orphans.push(counter);
+                continue;
+            }
             let key = wal_object_key(volume, counter);
-            let head = retry(&RetryPolicy::reads(), &key, || {
+            let head = match retry(&RetryPolicy::reads(), &key, || {
                 backend.get_range(&key, 0..WAL_OBJECT_HEADER_LEN as u64)
             })
-            .await?;
-            let h = walobj::decode_header(&head, counter).map_err(|e| VolumeError::Corrupt {
-                what: format!("shipped WAL object {key}"),
-                reason: e.to_string(),
-            })?;
-            if h.kind == WalObjectKind::Batch {
-                shipped.objects.push_back((counter, h.last_seq));
-                shipped.last_seq = shipped.last_seq.max(h.last_seq);
+            .await
+            {
+                Ok(h) => Some(h),
+                // Deleted since the listing (covered), or short: not readable.
+                Err(BackendError::NotFound(_) | BackendError::BadRange { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let header = head.map(|h| walobj::decode_header(&h, counter));
+            let h = match header {
+                None if c.chain.is_empty() => continue,
+                Some(Ok(h)) => h,
+                None | Some(Err(_)) => {
+                    tracing::error!(volume = %volume, %key, "shipped WAL object unreadable: the objects from it on are not part of the volume's history");
+                    broken = true;
+                    c.orphans.push(counter);
+                    continue;
+                }
+            };
+            if h.kind == WalObjectKind::Fence {
+                c.fence = Some((counter, h.epoch));
+                if !c.chain.is_empty() {
+                    prev = Some(counter);
+                }
+                continue;
             }
-            shipped.next_counter = counter + 1;
+            if c.chain.is_empty() && h.last_seq <= covered {
+                c.covered.push((counter, h.last_seq));
+                continue;
+            }
+            let follows = prev.is_none_or(|p| counter == p + 1);
+            if !follows || h.after_seq > c.through {
+                tracing::error!(volume = %volume, %key, after_seq = h.after_seq, through = c.through, "shipped WAL objects break off here: the objects from it on are not part of the volume's history");
+                broken = true;
+                c.orphans.push(counter);
+                continue;
+            }
+            c.chain.push((counter, h.last_seq));
+            prev = Some(counter);
+            c.through = c.through.max(h.last_seq);
         }
-        Ok(shipped)
+        Ok(c)
+    }
+
+    /// The counter the next object gets: after the last object kept (orphans are deleted
+    /// first and their counters reused).
+    pub(crate) fn next_counter(&self) -> u64 {
+        self.chain
+            .last()
+            .or(self.covered.last())
+            .map_or(1, |(c, _)| c.saturating_add(1))
+    }
+
+    /// The chain's records above seq `after`, fetched and verified, in seq order. A body that
+    /// does not verify (its header did) ends them: the records before it and the failure are
+    /// returned.
+    ///
+    /// Errors: backend errors other than a missing object (which also ends them).
+    pub(crate) async fn records_after(
+        &self,
+        backend: &SharedBackend,
+        volume: &VolumeId,
+        after: u64,
+    ) -> Result<(Vec<(RecordHeader, Bytes)>, Option<VolumeError>), VolumeError> {
+        let mut out = Vec::new();
+        for (counter, last) in &self.chain {
+            if *last <= after {
+                continue;
+            }
+            let key = wal_object_key(volume, *counter);
+            let corrupt = |reason: String| {
+                Some(VolumeError::Corrupt {
+                    what: format!("shipped WAL object {key}"),
+                    reason,
+                })
+            };
+            let body = match retry(&RetryPolicy::reads(), &key, || backend.get(&key)).await {
+                Ok(b) => b,
+                Err(e @ BackendError::NotFound(_)) => return Ok((out, corrupt(e.to_string()))),
+                Err(e) => return Err(e.into()),
+            };
+            let records = match walobj::decode(&body, *counter) {
+                Ok((_, records)) => records,
+                Err(e) => return Ok((out, corrupt(e.to_string()))),
+            };
+            if let Some((r, _)) = records.iter().find(|(r, _)| r.volume_tag != volume.tag()) {
+                let why = format!("record {} belongs to another volume", r.seq);
+                return Ok((out, corrupt(why)));
+            }
+            out.extend(records.into_iter().filter(|(r, _)| r.seq > after));
+        }
+        Ok((out, None))
+    }
+
+    /// Deletes the orphans (before the first PUT reuses their counters).
+    ///
+    /// Errors: backend errors after retries.
+    pub(crate) async fn delete_orphans(
+        &self,
+        backend: &SharedBackend,
+        volume: &VolumeId,
+    ) -> Result<(), VolumeError> {
+        for counter in &self.orphans {
+            delete_retried(backend, &wal_object_key(volume, *counter)).await?;
+        }
+        Ok(())
     }
 }
 
@@ -100,7 +212,16 @@ struct Queue {
     covered: u64,
     /// Stored objects, oldest first (counter, last seq).
     stored: VecDeque<(u64, u64)>,
+    /// The counter the next new object gets.
     next_counter: u64,
+}
+
+/// One object to store: the records after `after` through `last_seq`, encoded.
+struct Job {
+    after: u64,
+    counter: u64,
+    last_seq: u64,
+    body: Bytes,
 }
 
 /// What flushes wait on.
@@ -120,8 +241,12 @@ struct Progress {
 pub(super) struct Shipper {
     queue: Mutex<Queue>,
     wake: Notify,
+    /// Wakes the deletes of covered objects.
+    delete_wake: Notify,
     progress: watch::Sender<Progress>,
     stop: AtomicBool,
+    /// Set once the shipping loop has ended: the deletes end too.
+    done: AtomicBool,
     objects: metrics::Counter,
     bytes: metrics::Counter,
     unshipped: metrics::Gauge,
@@ -129,16 +254,16 @@ pub(super) struct Shipper {
 }
 
 impl Shipper {
-    /// A shipper that continues after `shipped` (what the store holds), with `covered` the
-    /// map's checkpoint and `replayed` the records WAL replay applied, in seq order: those not
-    /// yet shipped are queued.
+    /// A shipper that continues `chain` (what the store holds; its orphans deleted), with
+    /// `covered` the map's checkpoint and `replayed` the records the volume's open applied, in
+    /// seq order: those the chain does not hold are queued.
     pub(super) fn new(
         volume: &VolumeId,
-        shipped: Shipped,
+        chain: &Chain,
         covered: u64,
         replayed: Vec<(RecordHeader, Bytes)>,
     ) -> Self {
-        let through = shipped.last_seq.max(covered);
+        let through = chain.through.max(covered);
         let mut q = Queue {
             records: VecDeque::new(),
             bytes: 0,
@@ -146,8 +271,8 @@ impl Shipper {
             through,
             wanted: 0,
             covered,
-            stored: shipped.objects,
-            next_counter: shipped.next_counter,
+            stored: chain.covered.iter().chain(&chain.chain).copied().collect(),
+            next_counter: chain.next_counter(),
         };
         for (h, p) in replayed.into_iter().filter(|(h, _)| h.seq > through) {
             q.push(h, p);
@@ -156,6 +281,8 @@ impl Shipper {
         Self {
             queue: Mutex::new(q),
             wake: Notify::new(),
+            delete_wake: Notify::new(),
+            done: AtomicBool::new(false),
             progress: watch::Sender::new(Progress {
                 through,
                 ..Progress::default()
@@ -198,6 +325,7 @@ impl Shipper {
             grew
         });
         self.wake.notify_one();
+        self.delete_wake.notify_one();
     }
 
     /// Waits until every record queued before the call is in the store (NBD_CMD_FLUSH, FUA).
@@ -232,6 +360,7 @@ impl Shipper {
     pub(super) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_one();
+        self.delete_wake.notify_one();
     }
 }
 
@@ -260,83 +389,77 @@ fn record_bytes(h: &RecordHeader) -> u64 {
     h.record_len() as u64
 }
 
+/// Largest object body: a longer queue goes in several objects, one after the other.
+const MAX_OBJECT_BYTES: u64 = 16 << 20;
+
+/// Deletes at once up to this many covered objects.
+const DELETE_CONCURRENCY: usize = 16;
+
+/// Marks the shipper stopped when its task ends, also by a panic: waiting flushes fail rather
+/// than hang.
+struct Stopped<'a>(&'a watch::Sender<Progress>);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|p| p.stopped = true);
+    }
+}
+
 /// The shipping task of one volume: ships the queue when a flush waits for it or it holds
-/// [`SHIP_AHEAD_BYTES`], deletes covered objects, and ends when asked to stop or when fenced.
+/// [`SHIP_AHEAD_BYTES`] and, beside it, deletes covered objects; ends when asked to stop or
+/// when fenced.
 pub(super) async fn shipper(inner: Arc<Inner>) {
     let Some(s) = inner.shipper.as_ref() else {
         return;
     };
+    let _stopped = Stopped(&s.progress);
+    tokio::join!(ship_loop(&inner, s), delete_loop(&inner, s));
+}
+
+async fn ship_loop(inner: &Inner, s: &Shipper) {
     let mut failures = 0u32;
+    // A failed round's object: stored again unchanged (its first PUT may have landed).
+    let mut pending: Option<Job> = None;
     loop {
         let notified = s.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let stopping = s.stop.load(Ordering::SeqCst);
-        let job = {
-            let mut q = lock(&s.queue);
-            let due = q.wanted > q.through || q.bytes >= SHIP_AHEAD_BYTES;
-            if due && !q.records.is_empty() && !stopping {
-                let after = q.through;
-                let records: Vec<_> = q.records.drain(..).collect();
-                q.bytes = 0;
-                Some((after, q.next_counter, records))
-            } else {
-                None
-            }
-        };
-        let Some((after, counter, records)) = job else {
-            delete_covered(&inner, s).await;
-            if stopping {
-                break;
-            }
+        if s.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Some(job) = pending.take().or_else(|| take_job(s)) else {
             notified.await;
             continue;
         };
-        s.unshipped.set(0.0);
-        let (shipped, ()) = tokio::join!(
-            ship(&inner, s, after, counter, &records),
-            delete_covered(&inner, s)
-        );
-        match shipped {
+        match ship(inner, s, &job).await {
             Ok(true) => {
                 failures = 0;
-                let last = records.last().map_or(after, |(h, _)| h.seq);
                 let through = {
                     let mut q = lock(&s.queue);
-                    q.next_counter = counter + 1;
-                    q.stored.push_back((counter, last));
-                    q.through = q.through.max(last);
+                    q.next_counter = job.counter + 1;
+                    q.stored.push_back((job.counter, job.last_seq));
+                    q.through = q.through.max(job.last_seq);
                     q.through
                 };
                 s.progress
                     .send_modify(|p| p.through = p.through.max(through));
+                s.delete_wake.notify_one();
             }
             Ok(false) => {
                 let reason = format!(
                     "shipped WAL object {} is another writer's: the volume was taken over",
-                    wal_object_key(&inner.id, counter)
+                    wal_object_key(&inner.id, job.counter)
                 );
                 inner.fail(reason);
                 break;
             }
             Err(e) => {
-                // The records go back to the front of the queue (less what chunks covered
-                // meanwhile), and the flushes waiting for them fail.
-                let unshipped = {
-                    let mut q = lock(&s.queue);
-                    for (h, p) in records.into_iter().rev() {
-                        q.bytes += record_bytes(&h);
-                        q.records.push_front((h, p));
-                    }
-                    q.drop_covered();
-                    q.bytes
-                };
-                s.unshipped.set(unshipped as f64);
-                tracing::warn!(volume = %inner.id, counter, error = %e, "WAL shipping failed; flushes waiting for it fail");
+                tracing::warn!(volume = %inner.id, counter = job.counter, error = %e, "WAL shipping failed; flushes waiting for it fail");
                 s.progress.send_modify(|p| {
                     p.failures += 1;
                     p.error = Some(e.to_string());
                 });
+                pending = Some(job);
                 let delay = RetryPolicy::forever().delay(failures);
                 failures = failures.saturating_add(1);
                 let _ = tokio::time::timeout(delay, notified).await;
@@ -344,48 +467,87 @@ pub(super) async fn shipper(inner: Arc<Inner>) {
         }
     }
     s.progress.send_modify(|p| p.stopped = true);
+    s.done.store(true, Ordering::SeqCst);
+    s.delete_wake.notify_one();
 }
 
-/// Syncs the local WAL, then stores `records` as object `counter` with a conditional PUT.
-/// `Ok(false)`: another object holds the counter (the volume was taken over).
-async fn ship(
-    inner: &Inner,
-    s: &Shipper,
-    after: u64,
-    counter: u64,
-    records: &[(RecordHeader, Bytes)],
-) -> Result<bool, VolumeError> {
-    inner.wal.sync().await?;
+/// The next object, when a flush waits or [`SHIP_AHEAD_BYTES`] are queued: the queue's oldest
+/// records, up to [`MAX_OBJECT_BYTES`].
+fn take_job(s: &Shipper) -> Option<Job> {
+    let (after, counter, records, left) = {
+        let mut q = lock(&s.queue);
+        let due = q.wanted > q.through || q.bytes >= SHIP_AHEAD_BYTES;
+        if !due || q.records.is_empty() {
+            return None;
+        }
+        let mut taken = 0;
+        let mut records = Vec::new();
+        while let Some((h, _)) = q.records.front() {
+            if !records.is_empty() && taken + record_bytes(h) > MAX_OBJECT_BYTES {
+                break;
+            }
+            taken += record_bytes(h);
+            records.extend(q.records.pop_front());
+        }
+        q.bytes -= taken;
+        (q.through, q.next_counter, records, q.bytes)
+    };
+    s.unshipped.set(left as f64);
     let mut enc = WalObjectEncoder::new(0, counter, after);
-    for (h, p) in records {
+    for (h, p) in &records {
         enc.push(h, p);
     }
-    let body = enc.finish();
-    let key = wal_object_key(&inner.id, counter);
+    Some(Job {
+        after,
+        counter,
+        last_seq: records.last().map_or(after, |(h, _)| h.seq),
+        body: enc.finish(),
+    })
+}
+
+/// Syncs the local WAL (the store never holds a record the local WAL could lose), then stores
+/// `job` with a conditional PUT. `Ok(false)`: another object holds the counter (the volume was
+/// taken over).
+async fn ship(inner: &Inner, s: &Shipper, job: &Job) -> Result<bool, VolumeError> {
+    inner.wal.sync().await?;
+    let key = wal_object_key(&inner.id, job.counter);
     let started = Instant::now();
     let stored = retry(&RetryPolicy::reads(), &key, || {
-        inner.backend.put_if_absent(&key, body.clone())
+        inner.backend.put_if_absent(&key, job.body.clone())
     })
     .await?;
     if !stored {
-        // A retried PUT whose first attempt landed is refused too: the object is ours if it
-        // holds these bytes.
+        // A PUT whose earlier attempt (this round's or a failed round's) landed is refused
+        // too: the object is ours if it holds these bytes.
         let there = retry(&RetryPolicy::reads(), &key, || inner.backend.get(&key)).await?;
-        if there != body {
+        if there != job.body {
             return Ok(false);
         }
     }
     s.put_seconds.record(started.elapsed().as_secs_f64());
     s.objects.increment(1);
-    s.bytes.increment(body.len() as u64);
+    s.bytes.increment(job.body.len() as u64);
+    debug_assert!(job.after < job.last_seq);
     Ok(true)
 }
 
-/// Deletes at once up to this many covered objects.
-const DELETE_CONCURRENCY: usize = 16;
+/// Deletes covered objects whenever woken, until the shipping loop has ended.
+async fn delete_loop(inner: &Inner, s: &Shipper) {
+    loop {
+        let notified = s.delete_wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if s.done.load(Ordering::SeqCst) {
+            return;
+        }
+        delete_covered(inner, s).await;
+        notified.await;
+    }
+}
 
-/// Deletes the stored objects whose records chunks cover, [`DELETE_CONCURRENCY`] at a time; a
-/// failed delete is logged and tried again at the next round.
+/// Deletes the stored objects whose records chunks cover, [`DELETE_CONCURRENCY`] at a time,
+/// but never the newest one: it keeps the counter's high-water mark for the next open. A
+/// failed delete is logged and tried again at the next wake.
 async fn delete_covered(inner: &Inner, s: &Shipper) {
     let covered: Vec<u64> = {
         let mut q = lock(&s.queue);
@@ -393,17 +555,18 @@ async fn delete_covered(inner: &Inner, s: &Shipper) {
             .stored
             .iter()
             .take_while(|(_, last)| *last <= q.covered)
-            .count();
+            .count()
+            .min(q.stored.len().saturating_sub(1));
         q.stored.drain(..n).map(|(counter, _)| counter).collect()
     };
-    let failed: Vec<(u64, u64)> = futures::stream::iter(covered)
+    let failed: Vec<u64> = futures::stream::iter(covered)
         .map(|counter| async move {
             let key = wal_object_key(&inner.id, counter);
             match delete_retried(&inner.backend, &key).await {
                 Ok(()) => None,
                 Err(e) => {
                     tracing::warn!(volume = %inner.id, %key, error = %e, "deleting a covered shipped WAL object failed; trying again later");
-                    Some((counter, 0))
+                    Some(counter)
                 }
             }
         })
@@ -413,8 +576,9 @@ async fn delete_covered(inner: &Inner, s: &Shipper) {
         .await;
     if !failed.is_empty() {
         let mut q = lock(&s.queue);
-        for f in failed.into_iter().rev() {
-            q.stored.push_front(f);
+        // Covered (last seq 0 is at or below any checkpoint): deleted at the next wake.
+        for counter in failed {
+            q.stored.push_front((counter, 0));
         }
         q.stored.make_contiguous().sort_unstable();
     }

@@ -65,6 +65,10 @@ pub trait Hooks: Send + Sync {
     fn refuse_put(&self, _key: &str) -> Option<BackendError> {
         None
     }
+    /// An error to answer a PUT of `key` with after storing it (a response lost on the way).
+    fn fail_after_put(&self, _key: &str) -> Option<BackendError> {
+        None
+    }
     /// Runs before each ranged read (async or blocking).
     fn before_ranged_read(&self) {}
     /// True: offer the store's blocking ranged reads, as the local backends do; false (the
@@ -107,6 +111,9 @@ impl<H: Hooks + 'static> vblock::backend::Backend for HookedBackend<H> {
         }
         let stored = self.inner.put_if_absent(key, data).await?;
         self.hooks.after_put(key);
+        if let Some(e) = self.hooks.fail_after_put(key) {
+            return Err(e);
+        }
         Ok(stored)
     }
     async fn get(&self, key: &str) -> Result<bytes::Bytes, BackendError> {
