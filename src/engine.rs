@@ -413,7 +413,7 @@ impl Engine {
 
     /// Closes volume `id` if open (draining its buffer for at most `drain`), then runs `then`
     /// before any opener may open it again.
-    async fn close_then<T, TFut>(
+    pub(crate) async fn close_then<T, TFut>(
         &self,
         id: &VolumeId,
         drain: Duration,

@@ -218,8 +218,10 @@ impl Engine {
         let body = Bytes::from(body);
         let written = body.len() as u64;
         put_retried(&self.backend, &key, body).await?;
+        // Only older ones (keys sort like ids): a newer checkpoint is a later epoch's, whose
+        // node took the volume over from this one.
         for old in self.backend.list(&checkpoint_prefix(vol)).await? {
-            if old != key {
+            if old < key {
                 delete_retried(&self.backend, &old).await?;
             }
         }

@@ -29,6 +29,7 @@ pub mod records;
 mod recovery;
 pub mod retry;
 pub mod snapshot;
+mod takeover;
 pub mod volume;
 pub mod wal;
 pub mod workq;

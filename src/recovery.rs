@@ -10,6 +10,7 @@ use crate::backend::{
     checkpoint_prefix, chunk_ids, chunk_key, snapshot_map_key, wal_object_counters, BackendError,
 };
 use crate::chunk::FLAG_MORE_PARTS;
+use crate::cluster::epoch::epoch_base;
 use crate::engine::{max_extent_seq, Engine};
 use crate::ids::VolumeId;
 use crate::lookup::{BlockLookup, ChunkCommit, MapExtent};
@@ -20,13 +21,22 @@ use crate::volume::{read_chunk_index, Chain, VolumeError};
 use crate::wal::Wal;
 
 /// Counts chunk objects read, for a progress report.
-struct Progress<'a> {
+pub(crate) struct Progress<'a> {
     done: u64,
     total: u64,
     report: &'a (dyn Fn(u64, u64) + Send + Sync),
 }
 
-impl Progress<'_> {
+impl<'a> Progress<'a> {
+    /// A report of `total` chunk objects to `report`.
+    pub(crate) fn new(total: u64, report: &'a (dyn Fn(u64, u64) + Send + Sync)) -> Self {
+        Self {
+            done: 0,
+            total,
+            report,
+        }
+    }
+
     /// `n` more chunk objects are accounted for.
     fn advance(&mut self, n: u64) {
         self.done += n;
@@ -68,7 +78,7 @@ impl Engine {
             if self.get_record(&rec.volume_id).await?.is_some() {
                 continue;
             }
-            recovered.push(self.recover_volume(rec, &keys, &mut progress).await?);
+            recovered.push(self.recover_volume(rec, &keys, None, &mut progress).await?);
         }
         self.recover_snapshots(&keys).await?;
         Ok(recovered)
@@ -76,7 +86,7 @@ impl Engine {
 
     /// The record copy stored under `key` (a `kind` record's JSON: volume or snapshot); `None`,
     /// logged, when it does not decode: recovery skips it rather than fail on one bad record.
-    async fn stored_record<T: serde::de::DeserializeOwned>(
+    pub(crate) async fn stored_record<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
         kind: &str,
@@ -90,11 +100,14 @@ impl Engine {
     }
 
     /// Rebuilds volume `rec` from the backend objects among `keys`: its map from the newest
-    /// checkpoint, then the chunks above it; stores the record (unmounted) last.
-    async fn recover_volume(
+    /// checkpoint, then the chunks above it, then its shipped WAL into the local WAL; with
+    /// `epoch`, numbers its next chunk objects from that epoch's base (a takeover); stores the
+    /// record (unmounted) last.
+    pub(crate) async fn recover_volume(
         &self,
         mut rec: VolumeRecord,
         keys: &[String],
+        epoch: Option<u64>,
         progress: &mut Progress<'_>,
     ) -> Result<VolumeId, VolumeError> {
         let id = rec.volume_id.clone();
@@ -109,6 +122,12 @@ impl Engine {
         let shipped = self
             .recover_shipped_wal(&id, keys, state.checkpoint)
             .await?;
+        let mut state = state;
+        if let Some(epoch) = epoch {
+            state.next_object_id = state.next_object_id.max(epoch_base(epoch));
+            let (meta, vol) = (self.meta.clone(), id.clone());
+            blocking(move || meta.put_volume_state(&vol, state)).await?;
+        }
         rec.mount = None;
         let meta = self.meta.clone();
         blocking(move || meta.put_volume(&rec)).await?;

@@ -264,7 +264,7 @@ fn a_taken_counter_fences_the_writer() {
         let counters = wal_counters(&backend, &id).await;
         assert_eq!(counters, vec![1], "the FUA write shipped one object");
 
-        let theirs = vblock::cluster::walobj::encode_fence(1, 2);
+        let theirs = vblock::cluster::walobj::encode_fence(1, 2, 0);
         assert!(backend
             .put_if_absent(&wal_object_key(&id, 2), theirs.clone())
             .await
@@ -569,5 +569,151 @@ fn a_landed_put_whose_answer_was_lost_is_not_a_fence() {
         assert_eq!(read_all(&vol).await[..3], [1, 2, 0]);
         drop(vol);
         e.close_all().await;
+    });
+}
+
+/// Writes generation `g` to every block in `blocks`, the last one with FUA.
+async fn write_gen(vol: &vblock::Volume, blocks: std::ops::Range<u64>, g: u64) {
+    let last = blocks.end - 1;
+    for b in blocks {
+        vol.write(b * 4096, Bytes::from(content(b, g)), b == last)
+            .await
+            .expect("write");
+    }
+}
+
+/// The zombie (issue test 3) at the engine level, two and then three owners on one backend:
+/// node B takes the volume over from A while A still runs. A's next flush fails and its volume
+/// fails; B serves every write A flushed; A's late writes and chunk uploads change nothing B
+/// or a later recovery reads; B's own flushed writes survive a takeover by C and the loss of
+/// every disk.
+#[test]
+fn a_takeover_fences_the_old_owner() {
+    common::run(Duration::from_secs(120), async {
+        let backend = common::memory_backend();
+        let (da, db, dc) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let a = open(da.path(), &backend).await;
+        let id = a
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let va = a.volume(&id).await.expect("open on A");
+        // Generations 1..=6 over all blocks (64 KiB chunks: several commit meanwhile).
+        for g in 1..=6 {
+            write_gen(&va, 0..BLOCKS, g).await;
+        }
+
+        let b = open(db.path(), &backend).await;
+        assert_eq!(b.take_over(&id, "b").await.expect("take over"), 1);
+        // A goes on: a write is taken locally, its flush is refused, the volume fails.
+        va.write(0, Bytes::from(content(0, 100)), false)
+            .await
+            .expect("a write before A knows");
+        assert!(va.flush().await.is_err(), "the old owner's flush");
+        assert!(va.failed().is_some(), "the old owner's volume fails");
+
+        let vb = b.volume(&id).await.expect("open on B");
+        assert_eq!(
+            read_all(&vb).await,
+            vec![6; BLOCKS as usize],
+            "B serves A's flushed writes"
+        );
+        write_gen(&vb, 0..BLOCKS / 2, 7).await;
+        // A's buffered data turns into chunks with A's ids; none of it reaches B's volume.
+        va.persist_buffer().await.ok();
+        drop(va);
+        a.simulate_crash().await;
+        let mut expected = vec![7; (BLOCKS / 2) as usize];
+        expected.extend(vec![6; (BLOCKS / 2) as usize]);
+        assert_eq!(read_all(&vb).await, expected);
+
+        // C takes over from B (epoch 2); B's flushed writes are there, B is fenced.
+        let c = open(dc.path(), &backend).await;
+        assert_eq!(c.take_over(&id, "c").await.expect("take over"), 2);
+        assert!(vb.flush().await.is_ok() || vb.failed().is_some());
+        vb.write(0, Bytes::from(content(0, 200)), true)
+            .await
+            .expect_err("B is fenced");
+        let vc = c.volume(&id).await.expect("open on C");
+        assert_eq!(read_all(&vc).await, expected);
+        write_gen(&vc, BLOCKS / 2..BLOCKS, 8).await;
+        expected[(BLOCKS / 2) as usize..].fill(8);
+        drop((vb, vc));
+        b.simulate_crash().await;
+        c.simulate_crash().await;
+
+        // Every disk lost: the backend alone gives C's volume.
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let e = open(fresh.path(), &backend).await;
+        e.recover_from_backend().await.expect("recover");
+        let v = e.volume(&id).await.expect("open recovered");
+        assert_eq!(read_all(&v).await, expected);
+        drop(v);
+        e.close_all().await;
+    });
+}
+
+/// Two nodes racing to take one volume over (issue test 4, engine level): each epoch has one
+/// winner (a loser of an epoch is told who won it). Takers that list at different times may
+/// win epochs 1 and 2: the higher one serves, the lower one may not write.
+#[test]
+fn racing_takeovers_have_one_writer() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let (da, db, dc) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let a = open(da.path(), &backend).await;
+        let id = a
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let va = a.volume(&id).await.expect("open");
+        write_gen(&va, 0..BLOCKS, 1).await;
+        drop(va);
+        a.simulate_crash().await;
+        let (b, c) = (
+            open(db.path(), &backend).await,
+            open(dc.path(), &backend).await,
+        );
+        let (rb, rc) = tokio::join!(b.take_over(&id, "b"), c.take_over(&id, "c"));
+        let mut won: Vec<(u64, &Engine)> = Vec::new();
+        for (r, e) in [(rb, &b), (rc, &c)] {
+            match r {
+                Ok(epoch) => won.push((epoch, e)),
+                Err(VolumeError::InUse(m)) => assert!(m.contains("epoch 1"), "{m}"),
+                Err(other) => panic!("takeover failed: {other}"),
+            }
+        }
+        won.sort_by_key(|(epoch, _)| *epoch);
+        let epochs: Vec<u64> = won.iter().map(|(e, _)| *e).collect();
+        assert!(epochs == [1] || epochs == [1, 2], "epochs won: {epochs:?}");
+        let (_, writer) = won.pop().expect("a winner");
+        let v = writer.volume(&id).await.expect("open on the writer");
+        assert_eq!(read_all(&v).await, vec![1; BLOCKS as usize]);
+        v.write(0, Bytes::from(content(0, 2)), true)
+            .await
+            .expect("the writer writes");
+        if let Some((_, fenced)) = won.pop() {
+            match fenced.volume(&id).await {
+                Err(VolumeError::Failed(m)) => assert!(m.contains("fence of epoch 2"), "{m}"),
+                Ok(v) => assert!(
+                    v.write(0, Bytes::from(content(0, 3)), true).await.is_err(),
+                    "the lower epoch writes"
+                ),
+                Err(other) => panic!("opening on the lower epoch: {other}"),
+            }
+        }
+        drop(v);
+        b.simulate_crash().await;
+        c.simulate_crash().await;
     });
 }

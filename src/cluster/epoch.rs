@@ -9,6 +9,21 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{epoch_key, epoch_prefix, Backend, BackendError};
 use crate::ids::VolumeId;
 
+/// Bits of a chunk object id or a sequence number below its epoch: epoch E's owner numbers its
+/// chunk objects and its records from `E << EPOCH_SHIFT`, so two owners of a volume never
+/// write the same object id or hand out the same seq (docs/design/cluster.md).
+pub const EPOCH_SHIFT: u32 = 40;
+
+/// The epoch a chunk object id (or a volume's next object id) belongs to.
+pub fn epoch_of(object_id: u64) -> u64 {
+    object_id >> EPOCH_SHIFT
+}
+
+/// The first chunk object id, and the floor of the sequence numbers, of `epoch`.
+pub fn epoch_base(epoch: u64) -> u64 {
+    epoch << EPOCH_SHIFT
+}
+
 /// The manifest format this build writes and reads.
 pub const EPOCH_MANIFEST_VERSION: u32 = 1;
 

@@ -23,7 +23,8 @@ pub const WAL_OBJECT_HEADER_LEN: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum WalObjectKind {
-    /// A batch of WAL records.
+    /// A batch of WAL records; without any, a mark: it confirms that its node still owned the
+    /// volume when the chunks holding every record through `after_seq` were stored.
     Batch = 1,
     /// No records: the epoch that stored it fenced this counter off from older epochs.
     Fence = 2,
@@ -39,8 +40,8 @@ pub struct WalObjectHeader {
     /// Its counter (the key's number).
     pub counter: u64,
     /// Every record with a seq up to this one is in an earlier object or in a chunk stored
-    /// before this object; the body holds every record after it through `last_seq` (0 for a
-    /// fence).
+    /// before this object; the body holds every record after it through `last_seq`. A fence:
+    /// the seq through which its node adopted the volume's records.
     pub after_seq: u64,
     /// Seq of the first record (0 for a fence).
     pub first_seq: u64,
@@ -138,13 +139,14 @@ impl WalObjectEncoder {
     }
 }
 
-/// A fence object of `epoch` at `counter`.
-pub fn encode_fence(epoch: u64, counter: u64) -> Bytes {
+/// A fence object of `epoch` at `counter`, stored by a node that adopted the volume's records
+/// through seq `after_seq` (what chunks and the shipped objects before it hold).
+pub fn encode_fence(epoch: u64, counter: u64, after_seq: u64) -> Bytes {
     let header = WalObjectHeader {
         kind: WalObjectKind::Fence,
         epoch,
         counter,
-        after_seq: 0,
+        after_seq,
         first_seq: 0,
         last_seq: 0,
         record_count: 0,
@@ -216,7 +218,7 @@ pub fn decode(
         records.first().map_or(0, |(r, _)| r.seq),
         records.last().map_or(0, |(r, _)| r.seq),
     );
-    if kind == WalObjectKind::Batch && (records.is_empty() || h.first_seq <= h.after_seq) {
+    if kind == WalObjectKind::Batch && !records.is_empty() && h.first_seq <= h.after_seq {
         return inconsistent(format!(
             "a batch of {} records from seq {} after seq {}",
             records.len(),
@@ -336,8 +338,11 @@ mod tests {
 
     #[test]
     fn a_fence_round_trips() {
-        let (h, records) = decode(&encode_fence(4, 43), 43).unwrap();
-        assert_eq!((h.kind, h.epoch, h.counter), (WalObjectKind::Fence, 4, 43));
+        let (h, records) = decode(&encode_fence(4, 43, 17), 43).unwrap();
+        assert_eq!(
+            (h.kind, h.epoch, h.counter, h.after_seq),
+            (WalObjectKind::Fence, 4, 43, 17)
+        );
         assert!(records.is_empty());
     }
 

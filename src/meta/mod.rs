@@ -306,6 +306,13 @@ impl MetaStore {
         }
     }
 
+    /// Stores `vol`'s engine state alone (synced).
+    pub fn put_volume_state(&self, vol: &VolumeId, state: VolumeState) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        batch.put(vol_key(PREFIX_STATE, vol), state.encode());
+        self.write_sync(batch)
+    }
+
     /// Accounting of every chunk of `vol`, by object id.
     pub fn chunk_stats(&self, vol: &VolumeId) -> Result<Vec<(u64, ChunkStats)>, MetaError> {
         let prefix = vol_key(PREFIX_CHUNK, vol);

@@ -36,9 +36,14 @@ pub(super) async fn remove_uncommitted_chunks(
         Some(last) if last > 0 => backend.list_after(&prefix, &chunk_key(id, last)).await?,
         _ => backend.list(&prefix).await?,
     };
+    // Only this epoch's ids: a later epoch's chunks belong to the node that took the volume
+    // over from this one.
+    let epoch_end = crate::cluster::epoch::epoch_base(
+        crate::cluster::epoch::epoch_of(next_object_id).saturating_add(1),
+    );
     let stale: Vec<u64> = crate::backend::chunk_ids(id, &keys)
         .into_iter()
-        .filter(|&o| o >= next_object_id)
+        .filter(|&o| o >= next_object_id && o < epoch_end)
         .collect();
     for &o in &stale {
         backend.delete(&chunk_key(id, o)).await?;

@@ -199,8 +199,11 @@ impl Volume {
         let chunk_bytes = config.chunk_bytes;
         // What the store already holds (its chain of shipped objects, FORMAT.md "Recovery"):
         // replayed records in it are not shipped again, and new records get higher seqs.
+        // The epoch this node owns the volume in (0 until a takeover): its object ids and seqs
+        // start at the epoch's base.
+        let epoch = crate::cluster::epoch::epoch_of(state.next_object_id);
         let chain = if config.ship_wal {
-            Some(open_chain(&backend, &id, state.checkpoint).await?)
+            Some(open_chain(&backend, &id, state.checkpoint, epoch).await?)
         } else {
             None
         };
@@ -251,10 +254,12 @@ impl Volume {
             .max(report.max_seq)
             .max(state.checkpoint)
             .max(chain.as_ref().map_or(0, |c| c.through))
+            .max(crate::cluster::epoch::epoch_base(epoch))
             + 1;
         let shipper = chain.map(|c| {
             ship::Shipper::new(
                 &id,
+                epoch,
                 &c,
                 state.checkpoint,
                 std::mem::take(&mut replayer.to_ship),
@@ -682,19 +687,21 @@ impl Volume {
 }
 
 /// The chain of `id`'s shipped WAL objects at open, with chunks holding every record through
-/// `checkpoint`; its orphans are deleted (their counters are reused).
+/// `checkpoint`, for the owner of `epoch`; its orphans are deleted (their counters are reused).
 ///
-/// Errors: backend errors; [`VolumeError::Failed`] when a fence object is listed (another node
-/// took the volume over: this one must not write).
+/// Errors: backend errors; [`VolumeError::Failed`] when a fence of a later epoch is listed
+/// (another node took the volume over: this one must not write).
 async fn open_chain(
     backend: &SharedBackend,
     id: &VolumeId,
     checkpoint: u64,
+    epoch: u64,
 ) -> Result<ship::Chain, VolumeError> {
     let chain = ship::Chain::load(backend, id, checkpoint).await?;
-    if let Some((counter, epoch)) = chain.fence {
+    if let Some((counter, fenced_by)) = chain.fence.filter(|(_, e)| *e > epoch) {
         return Err(VolumeError::Failed(format!(
-            "{} is a fence of epoch {epoch}: another node took the volume over",
+            "{} is a fence of epoch {fenced_by} (this node's is {epoch}): another node took the \
+             volume over",
             crate::backend::wal_object_key(id, counter)
         )));
     }

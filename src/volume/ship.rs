@@ -42,22 +42,27 @@ use super::{lock, Inner, VolumeError};
 pub const SHIP_AHEAD_BYTES: u64 = 8 << 20;
 
 /// A volume's shipped WAL objects as replay sees them (FORMAT.md, "Recovery"): those chunks
-/// cover, then the chain replay walks, then orphans past a break.
+/// cover, then the chain replay walks, then orphans past a break. A fence object (a takeover)
+/// holds a place in the chain and, after a break, restarts it: its node adopted every record
+/// before it.
 #[derive(Debug, Default)]
 pub(crate) struct Chain {
     /// Objects whose records chunks hold (last seq at or below `covered`), in counter order:
     /// counter and last seq. Replay skips them; they may be deleted in any order.
     pub covered: Vec<(u64, u64)>,
-    /// From the first object chunks do not cover: consecutive counters, each following what is
-    /// known before it (`after_seq`); counter and last seq.
+    /// From the first object chunks do not cover: consecutive counters (fences included),
+    /// each following what is known before it (`after_seq`); counter and last seq.
     pub chain: Vec<(u64, u64)>,
     /// Objects past a break in the chain (a missing counter, an unreadable header, an
-    /// `after_seq` beyond what is known): never part of the volume's history.
+    /// `after_seq` beyond what is known) and before any fence that restarts it: never part of
+    /// the volume's history.
     pub orphans: Vec<u64>,
     /// Chunks and the chain hold every record through this seq.
     pub through: u64,
-    /// A fence object listed: its counter and epoch.
+    /// The fence of the highest epoch listed: its counter and epoch.
     pub fence: Option<(u64, u64)>,
+    /// The highest counter kept (an object covered, in the chain, or a fence).
+    pub last_counter: u64,
 }
 
 impl Chain {
@@ -77,13 +82,9 @@ impl Chain {
             ..Self::default()
         };
         let mut broken = false;
-        // The counter of the chain's last object or fence.
+        // The counter the chain's next object must have, once it has begun.
         let mut prev: Option<u64> = None;
         for counter in wal_object_counters(volume, &keys) {
-            if broken {
-                c.orphans.push(counter);
-                continue;
-            }
             let key = wal_object_key(volume, counter);
             let head = match retry(&RetryPolicy::reads(), &key, || {
                 backend.get_range(&key, 0..WAL_OBJECT_HEADER_LEN as u64)
@@ -95,49 +96,69 @@ impl Chain {
                 Err(BackendError::NotFound(_) | BackendError::BadRange { .. }) => None,
                 Err(e) => return Err(e.into()),
             };
-            let header = head.map(|h| walobj::decode_header(&h, counter));
-            let h = match header {
-                None if c.chain.is_empty() => continue,
+            let h = match head.map(|h| walobj::decode_header(&h, counter)) {
                 Some(Ok(h)) => h,
-                None | Some(Err(_)) => {
-                    tracing::error!(volume = %volume, %key, "shipped WAL object unreadable: the objects from it on are not part of the volume's history");
-                    broken = true;
-                    c.orphans.push(counter);
+                None if c.chain.is_empty() && !broken => continue,
+                None => {
+                    c.orphan(&mut broken, &key, counter, "missing");
+                    continue;
+                }
+                Some(Err(_)) => {
+                    c.orphan(&mut broken, &key, counter, "unreadable header");
                     continue;
                 }
             };
             if h.kind == WalObjectKind::Fence {
-                c.fence = Some((counter, h.epoch));
-                if !c.chain.is_empty() {
+                if h.after_seq > c.through {
+                    let why = "a fence after records this walk does not have";
+                    c.orphan(&mut broken, &key, counter, why);
+                    continue;
+                }
+                if broken || !c.chain.is_empty() {
                     prev = Some(counter);
                 }
+                broken = false;
+                if c.fence.is_none_or(|(_, e)| h.epoch >= e) {
+                    c.fence = Some((counter, h.epoch));
+                }
+                c.last_counter = counter;
+                continue;
+            }
+            if broken {
+                c.orphans.push(counter);
                 continue;
             }
             if c.chain.is_empty() && h.last_seq <= covered {
                 c.covered.push((counter, h.last_seq));
+                c.last_counter = counter;
                 continue;
             }
-            let follows = prev.is_none_or(|p| counter == p + 1);
-            if !follows || h.after_seq > c.through {
-                tracing::error!(volume = %volume, %key, after_seq = h.after_seq, through = c.through, "shipped WAL objects break off here: the objects from it on are not part of the volume's history");
-                broken = true;
-                c.orphans.push(counter);
+            if prev.is_some_and(|p| counter != p + 1) || h.after_seq > c.through {
+                let why = "a counter or the records after_seq names are missing";
+                c.orphan(&mut broken, &key, counter, why);
                 continue;
             }
             c.chain.push((counter, h.last_seq));
             prev = Some(counter);
             c.through = c.through.max(h.last_seq);
+            c.last_counter = counter;
         }
         Ok(c)
     }
 
-    /// The counter the next object gets: after the last object kept (orphans are deleted
-    /// first and their counters reused).
+    /// Object `counter` (`key`) is not part of the history; the first such breaks the chain.
+    fn orphan(&mut self, broken: &mut bool, key: &str, counter: u64, why: &str) {
+        if !*broken {
+            tracing::error!(%key, why, "shipped WAL objects break off here: the objects from it on are not part of the volume's history, up to a fence");
+            *broken = true;
+        }
+        self.orphans.push(counter);
+    }
+
+    /// The counter the next object gets: after the last one kept (orphans after it are
+    /// deleted first and their counters reused).
     pub(crate) fn next_counter(&self) -> u64 {
-        self.chain
-            .last()
-            .or(self.covered.last())
-            .map_or(1, |(c, _)| c.saturating_add(1))
+        self.last_counter.saturating_add(1)
     }
 
     /// The chain's records above seq `after`, fetched and verified, in seq order. A body that
@@ -208,6 +229,9 @@ struct Queue {
     through: u64,
     /// The highest seq a flush waits for.
     wanted: u64,
+    /// A successful PUT confirmed every record through this seq: they were in the store
+    /// (objects or chunks) before a PUT that no takeover had fenced. Flushes wait for it.
+    confirmed: u64,
     /// Chunks hold every record through this seq (the map's checkpoint).
     covered: u64,
     /// Stored objects, oldest first (counter, last seq).
@@ -216,11 +240,14 @@ struct Queue {
     next_counter: u64,
 }
 
-/// One object to store: the records after `after` through `last_seq`, encoded.
+/// One object to store: the records after `after` through `last_seq`, encoded (none: a mark,
+/// which only confirms what chunks hold).
 struct Job {
-    after: u64,
     counter: u64,
     last_seq: u64,
+    /// What its successful PUT confirms: its records and what the store held when it was
+    /// taken.
+    confirms: u64,
     body: Bytes,
 }
 
@@ -239,6 +266,8 @@ struct Progress {
 
 /// One volume's WAL shipping state (in [`Inner`]); the task is [`shipper`].
 pub(super) struct Shipper {
+    /// The epoch this node owns the volume in; every object names it.
+    epoch: u64,
     queue: Mutex<Queue>,
     wake: Notify,
     /// Wakes the deletes of covered objects.
@@ -254,11 +283,13 @@ pub(super) struct Shipper {
 }
 
 impl Shipper {
-    /// A shipper that continues `chain` (what the store holds; its orphans deleted), with
+    /// A shipper of the owner of `epoch` that continues `chain` (what the store holds; its
+    /// orphans deleted), with
     /// `covered` the map's checkpoint and `replayed` the records the volume's open applied, in
     /// seq order: those the chain does not hold are queued.
     pub(super) fn new(
         volume: &VolumeId,
+        epoch: u64,
         chain: &Chain,
         covered: u64,
         replayed: Vec<(RecordHeader, Bytes)>,
@@ -270,6 +301,7 @@ impl Shipper {
             last_seq: through,
             through,
             wanted: 0,
+            confirmed: through,
             covered,
             stored: chain.covered.iter().chain(&chain.chain).copied().collect(),
             next_counter: chain.next_counter(),
@@ -279,6 +311,7 @@ impl Shipper {
         }
         let label = volume.to_string();
         Self {
+            epoch,
             queue: Mutex::new(q),
             wake: Notify::new(),
             delete_wake: Notify::new(),
@@ -310,7 +343,9 @@ impl Shipper {
     }
 
     /// Chunks now hold every record through `seq` (the flusher committed them): those records
-    /// leave the queue, and stored objects they cover are deleted.
+    /// leave the queue, and stored objects they cover are deleted. A flush waiting for them
+    /// still needs a PUT to confirm this node was not fenced before the chunks were stored (a
+    /// taker walks the chunks stored before its fence): the next object, or a mark.
     pub(super) fn cover(&self, seq: u64) {
         let queued = {
             let mut q = lock(&self.queue);
@@ -319,11 +354,6 @@ impl Shipper {
             q.bytes
         };
         self.unshipped.set(queued as f64);
-        self.progress.send_if_modified(|p| {
-            let grew = seq > p.through;
-            p.through = p.through.max(seq);
-            grew
-        });
         self.wake.notify_one();
         self.delete_wake.notify_one();
     }
@@ -434,15 +464,15 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
         match ship(inner, s, &job).await {
             Ok(true) => {
                 failures = 0;
-                let through = {
+                {
                     let mut q = lock(&s.queue);
                     q.next_counter = job.counter + 1;
                     q.stored.push_back((job.counter, job.last_seq));
                     q.through = q.through.max(job.last_seq);
-                    q.through
-                };
+                    q.confirmed = q.confirmed.max(job.confirms);
+                }
                 s.progress
-                    .send_modify(|p| p.through = p.through.max(through));
+                    .send_modify(|p| p.through = p.through.max(job.confirms));
                 s.delete_wake.notify_one();
             }
             Ok(false) => {
@@ -472,12 +502,13 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
 }
 
 /// The next object, when a flush waits or [`SHIP_AHEAD_BYTES`] are queued: the queue's oldest
-/// records, up to [`MAX_OBJECT_BYTES`].
+/// records, up to [`MAX_OBJECT_BYTES`]; a mark without records when a flush waits only for
+/// records chunks hold.
 fn take_job(s: &Shipper) -> Option<Job> {
     let (after, counter, records, left) = {
         let mut q = lock(&s.queue);
-        let due = q.wanted > q.through || q.bytes >= SHIP_AHEAD_BYTES;
-        if !due || q.records.is_empty() {
+        let due = q.wanted > q.confirmed || q.bytes >= SHIP_AHEAD_BYTES;
+        if !due {
             return None;
         }
         let mut taken = 0;
@@ -493,14 +524,15 @@ fn take_job(s: &Shipper) -> Option<Job> {
         (q.through, q.next_counter, records, q.bytes)
     };
     s.unshipped.set(left as f64);
-    let mut enc = WalObjectEncoder::new(0, counter, after);
+    let mut enc = WalObjectEncoder::new(s.epoch, counter, after);
     for (h, p) in &records {
         enc.push(h, p);
     }
+    let last_seq = records.last().map_or(0, |(h, _)| h.seq);
     Some(Job {
-        after,
         counter,
-        last_seq: records.last().map_or(after, |(h, _)| h.seq),
+        last_seq,
+        confirms: after.max(last_seq),
         body: enc.finish(),
     })
 }
@@ -527,7 +559,6 @@ async fn ship(inner: &Inner, s: &Shipper, job: &Job) -> Result<bool, VolumeError
     s.put_seconds.record(started.elapsed().as_secs_f64());
     s.objects.increment(1);
     s.bytes.increment(job.body.len() as u64);
-    debug_assert!(job.after < job.last_seq);
     Ok(true)
 }
 

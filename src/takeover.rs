@@ -1,0 +1,152 @@
+//! Taking a volume over from another node (docs/design/cluster.md, "Fence"): a new epoch, a
+//! fence in the shipped WAL, then the volume rebuilt from the backend alone, numbered in the
+//! new epoch. The node it was taken from can store nothing the new owner reads: its next
+//! shipped WAL object is refused (so it acknowledges no more flushes), its chunk ids and map
+//! checkpoints sort below the new epoch's.
+
+use std::time::Duration;
+
+use crate::backend::{volume_prefix, volume_record_key, wal_object_counters, wal_object_key};
+use crate::cluster::epoch::{take_epoch, EpochError, TakeOver};
+use crate::cluster::walobj::encode_fence;
+use crate::engine::{now_rfc3339, Engine};
+use crate::ids::VolumeId;
+use crate::records::VolumeRecord;
+use crate::recovery::Progress;
+use crate::retry::{retry, RetryPolicy};
+use crate::volume::VolumeError;
+
+impl From<EpochError> for VolumeError {
+    fn from(e: EpochError) -> Self {
+        match e {
+            EpochError::Backend(b) => VolumeError::Backend(b),
+            EpochError::Corrupt { key, reason } => VolumeError::Corrupt { what: key, reason },
+        }
+    }
+}
+
+impl Engine {
+    /// Takes volume `id` over for node `node` (`--node`) and returns the new epoch. In order:
+    ///
+    /// 1. The next epoch's manifest (`VOLUMEID/epoch/E`, conditional PUT): of racing takers one
+    ///    wins; the others get [`VolumeError::InUse`] naming the winner.
+    /// 2. A fence at the shipped WAL's next counter (conditional PUT, after the highest listed;
+    ///    again after a refusal). The old owner's next object is refused from then on, and
+    ///    since every flush it acknowledged was confirmed by an object stored before the fence
+    ///    (volume/ship.rs), everything it acknowledged is in the backend now.
+    /// 3. Read only now: the record copy, the newest map checkpoint, the chunks above it and
+    ///    the shipped WAL chain, installed here as by disaster recovery (any local state of the
+    ///    volume is replaced; its shipped records go into the local WAL).
+    /// 4. Chunk object ids from the epoch's base (`E << 40`; seqs too, at the open), and a map
+    ///    checkpoint under that id, stored before the volume opens: recovery from the backend
+    ///    starts from it, above every id the old owner can still write.
+    ///
+    /// The volume is closed here first if it is open (without a drain) and is left closed;
+    /// its next open serves it. Needs `VolumeConfig::ship_wal` (without shipped WAL, the old
+    /// owner's flushed writes that are only in its local WAL would be lost).
+    ///
+    /// Known gap (docs/design/cluster.md, "Constraints"): the old owner's deletes (garbage
+    /// collection, checkpoint pruning) are not fenced yet.
+    ///
+    /// Errors: [`VolumeError::InvalidArgument`] without WAL shipping; [`VolumeError::InUse`]
+    /// when another node took this epoch; [`VolumeError::VolumeNotFound`] without a record
+    /// copy in the backend; backend, metadata and WAL errors (the takeover may be retried: it
+    /// then takes the next epoch).
+    pub async fn take_over(&self, id: &VolumeId, node: &str) -> Result<u64, VolumeError> {
+        if !self.config.volume.ship_wal {
+            return Err(VolumeError::InvalidArgument(
+                "a takeover needs WAL shipping (--ship-wal)".into(),
+            ));
+        }
+        let mut epoch = 0;
+        let e = &mut epoch;
+        self.close_then(id, Duration::ZERO, || async move {
+            let _gc = self.gc.lock().await;
+            *e = self.take_over_closed(id, node).await?;
+            Ok(())
+        })
+        .await?;
+        Ok(epoch)
+    }
+
+    /// [`Engine::take_over`] of a volume that is closed here and stays so.
+    async fn take_over_closed(&self, id: &VolumeId, node: &str) -> Result<u64, VolumeError> {
+        let epoch = match take_epoch(&*self.backend, id, node, now_rfc3339()).await? {
+            TakeOver::Taken(m) => m.epoch,
+            TakeOver::Lost(m) => {
+                return Err(VolumeError::InUse(format!(
+                    "volume {id} was taken over by node {} (epoch {}) first",
+                    m.node, m.epoch
+                )))
+            }
+        };
+        let fence_at = self.fence(id, epoch).await?;
+        tracing::info!(volume = %id, epoch, node, fence = fence_at, "took the volume over; rebuilding it from the backend");
+        let rec: VolumeRecord = self
+            .stored_record(&volume_record_key(id), "volume")
+            .await?
+            .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
+        self.clear_local_wal(id)?;
+        let keys = self.backend.list(&volume_prefix(id)).await?;
+        let none = |_, _| {};
+        let mut progress = Progress::new(0, &none);
+        self.recover_volume(rec, &keys, Some(epoch), &mut progress)
+            .await?;
+        self.checkpoint_volume(id).await?;
+        Ok(epoch)
+    }
+
+    /// Stores epoch `epoch`'s fence at the shipped WAL's next counter (after the highest
+    /// listed), listing again after a refusal. Returns its counter.
+    async fn fence(&self, id: &VolumeId, epoch: u64) -> Result<u64, VolumeError> {
+        loop {
+            let keys = self
+                .backend
+                .list(&crate::backend::wal_object_prefix(id))
+                .await?;
+            let at = wal_object_counters(id, &keys)
+                .last()
+                .map_or(1, |c| c.saturating_add(1));
+            let key = wal_object_key(id, at);
+            let body = encode_fence(epoch, at, 0);
+            let stored = retry(&RetryPolicy::reads(), &key, || {
+                self.backend.put_if_absent(&key, body.clone())
+            })
+            .await?;
+            if stored || self.backend.get(&key).await? == body {
+                return Ok(at);
+            }
+        }
+    }
+
+    /// Empties volume `id`'s local WAL directory (records of an earlier ownership here are
+    /// stale; the backend's chain replaces them). The lock file stays.
+    fn clear_local_wal(&self, id: &VolumeId) -> Result<(), VolumeError> {
+        let dir = self.config.wal_dir.join(id.as_str());
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(VolumeError::Io {
+                    what: format!("listing {}", dir.display()),
+                    source,
+                })
+            }
+        };
+        for entry in entries {
+            let path = entry
+                .map_err(|source| VolumeError::Io {
+                    what: format!("listing {}", dir.display()),
+                    source,
+                })?
+                .path();
+            if path.file_name().is_some_and(|n| n != "LOCK") {
+                std::fs::remove_file(&path).map_err(|source| VolumeError::Io {
+                    what: format!("removing {}", path.display()),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
