@@ -38,6 +38,10 @@ pub struct EpochManifest {
     pub node: String,
     /// RFC 3339 time it was taken.
     pub time: String,
+    /// 16 random hex digits: a taker whose PUT was retried (its first attempt stored, the
+    /// answer lost) knows its own manifest from another node's.
+    #[serde(default)]
+    pub nonce: String,
 }
 
 /// Errors of the epoch layer.
@@ -122,6 +126,7 @@ pub async fn take_epoch(
         epoch,
         node: node.to_owned(),
         time,
+        nonce: format!("{:016x}", rand::random::<u64>()),
     };
     let body = Bytes::from(serde_json::to_vec(&m).map_err(|e| EpochError::Corrupt {
         key: epoch_key(volume, epoch),
@@ -133,7 +138,12 @@ pub async fn take_epoch(
     {
         Ok(TakeOver::Taken(m))
     } else {
-        Ok(TakeOver::Lost(read_epoch(backend, volume, epoch).await?))
+        let there = read_epoch(backend, volume, epoch).await?;
+        if there == m {
+            Ok(TakeOver::Taken(m))
+        } else {
+            Ok(TakeOver::Lost(there))
+        }
     }
 }
 
@@ -185,7 +195,7 @@ mod tests {
     async fn an_unknown_manifest_version_is_refused() {
         let b = MemoryBackend::new();
         let vol = VolumeId::generate();
-        let body = br#"{"version":2,"epoch":1,"node":"x","time":"t"}"#;
+        let body = br#"{"version":2,"epoch":1,"node":"x","time":"t","nonce":"0"}"#;
         b.put(&epoch_key(&vol, 1), Bytes::from_static(body))
             .await
             .unwrap();
