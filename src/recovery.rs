@@ -101,8 +101,8 @@ impl Engine {
 
     /// Rebuilds volume `rec` from the backend objects among `keys`: its map from the newest
     /// checkpoint, then the chunks above it, then its shipped WAL into the local WAL; with
-    /// `epoch`, numbers its next chunk objects from that epoch's base (a takeover); stores the
-    /// record (unmounted) last.
+    /// `epoch`, numbers its next chunk objects from that epoch's base and stores a map
+    /// checkpoint under it (a takeover); stores the record (unmounted) last.
     pub(crate) async fn recover_volume(
         &self,
         mut rec: VolumeRecord,
@@ -124,9 +124,12 @@ impl Engine {
             .await?;
         let mut state = state;
         if let Some(epoch) = epoch {
+            // The epoch's ids, and a checkpoint under its base, before the record makes the
+            // volume openable: recovery from the backend starts there from now on.
             state.next_object_id = state.next_object_id.max(epoch_base(epoch));
             let (meta, vol) = (self.meta.clone(), id.clone());
             blocking(move || meta.put_volume_state(&vol, state)).await?;
+            self.checkpoint_volume(&id).await?;
         }
         rec.mount = None;
         let meta = self.meta.clone();

@@ -86,13 +86,18 @@ impl Engine {
             .stored_record(&volume_record_key(id), "volume")
             .await?
             .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
+        // Local state of an earlier ownership is stale: without its record the volume does not
+        // open until the rebuild below has stored the new one, after the new checkpoint. Its
+        // map and chunk stats stay until the rebuild replaces them (emptied stats would let GC
+        // delete chunks the volume needs if the rebuild failed).
+        let (meta, vol) = (self.meta.clone(), id.clone());
+        crate::meta::blocking(move || meta.forget_volume_record(&vol)).await?;
         self.clear_local_wal(id)?;
         let keys = self.backend.list(&volume_prefix(id)).await?;
         let none = |_, _| {};
         let mut progress = Progress::new(0, &none);
         self.recover_volume(rec, &keys, Some(epoch), &mut progress)
             .await?;
-        self.checkpoint_volume(id).await?;
         Ok(epoch)
     }
 

@@ -320,10 +320,10 @@ fn covered_objects_are_deleted() {
         }
         assert_eq!(wal_counters(&backend, &id).await.len(), 6);
         vol.persist_buffer().await.expect("persist");
-        // The shipper deletes in the background once woken by the flusher's commit; the newest
-        // object stays (the counter's high-water mark for the next open).
+        // The shipper deletes in the background once a PUT (here a mark) confirmed the chunks'
+        // commit; the newest object stays (the counter's high-water mark for the next open).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while wal_counters(&backend, &id).await != vec![6] {
+        while wal_counters(&backend, &id).await.len() != 1 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "covered objects not deleted: {:?}",
@@ -331,6 +331,8 @@ fn covered_objects_are_deleted() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let newest = wal_counters(&backend, &id).await[0];
+        assert!(newest >= 6, "the newest object was deleted: {newest}");
         let expected = read_all(&vol).await;
         drop(vol);
         engine.simulate_crash().await;
@@ -343,7 +345,11 @@ fn covered_objects_are_deleted() {
         vol.write(0, Bytes::from(content(0, 99)), true)
             .await
             .expect("write");
-        assert_eq!(wal_counters(&backend, &id).await.last(), Some(&7));
+        assert_eq!(
+            wal_counters(&backend, &id).await.last(),
+            Some(&(newest + 1)),
+            "counters go on after the newest"
+        );
         drop(vol);
         e.close_all().await;
     });
@@ -403,8 +409,8 @@ fn replay_from_the_backend_stops_at_a_gap() {
             .await
             .expect("delete");
         assert_eq!(recovered(&backend, &id).await, vec![1, 0, 0, 0]);
-        // The recovered volume drops object 3 (past the break) and ships at counter 2: a
-        // flushed write survives the next loss.
+        // The recovered volume drops object 3 (past the break), fences after it (counters are
+        // never used twice) and ships on: a flushed write survives the next loss.
         {
             let dir = tempfile::tempdir().expect("tempdir");
             let e = open(dir.path(), &backend).await;
@@ -414,7 +420,12 @@ fn replay_from_the_backend_stops_at_a_gap() {
                 .await
                 .expect("write");
             // (Object 1 may be deleted already: chunks cover it once the volume drains.)
-            assert_eq!(wal_counters(&backend, &id).await.last(), Some(&2));
+            let counters = wal_counters(&backend, &id).await;
+            assert!(!counters.contains(&3), "the orphan stays: {counters:?}");
+            assert!(
+                counters.contains(&4) && counters.contains(&5),
+                "{counters:?}"
+            );
             drop(vol);
             e.simulate_crash().await;
         }
@@ -610,10 +621,9 @@ fn a_takeover_fences_the_old_owner() {
 
         let b = open(db.path(), &backend).await;
         assert_eq!(b.take_over(&id, "b").await.expect("take over"), 1);
-        // A goes on: a write is taken locally, its flush is refused, the volume fails.
-        va.write(0, Bytes::from(content(0, 100)), false)
-            .await
-            .expect("a write before A knows");
+        // A goes on: a write is taken locally unless A has already met the fence (a mark it
+        // stored to delete covered objects), its flush is refused, the volume fails.
+        let _ = va.write(0, Bytes::from(content(0, 100)), false).await;
         assert!(va.flush().await.is_err(), "the old owner's flush");
         assert!(va.failed().is_some(), "the old owner's volume fails");
 
@@ -715,5 +725,73 @@ fn racing_takeovers_have_one_writer() {
         drop(v);
         b.simulate_crash().await;
         c.simulate_crash().await;
+    });
+}
+
+/// A fenced owner deletes nothing: once its chunks hold what its shipped objects hold, it
+/// deletes those objects only after a PUT confirms it still owns the volume, and that PUT meets
+/// the fence (so it fails instead). The new owner's volume, which needs those objects, recovers
+/// whole from the backend.
+#[test]
+fn a_fenced_owner_deletes_nothing() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let (da, db) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let mut ca = config(da.path());
+        ca.volume.idle_flush = Duration::from_secs(3600);
+        ca.volume.chunk_bytes = 1 << 20;
+        let a = Engine::open(ca, backend.clone()).await.expect("engine");
+        let id = a
+            .create_volume(1 << 20, "ship")
+            .await
+            .expect("create")
+            .volume_id;
+        let va = a.volume(&id).await.expect("open on A");
+        for blk in 0..4 {
+            va.write(blk * 4096, Bytes::from(content(blk, 1)), true)
+                .await
+                .expect("write");
+        }
+        assert_eq!(wal_counters(&backend, &id).await, vec![1, 2, 3, 4]);
+
+        let b = open(db.path(), &backend).await;
+        b.take_over(&id, "b").await.expect("take over");
+        let vb = b.volume(&id).await.expect("open on B");
+        vb.write(10 * 4096, Bytes::from(content(10, 2)), true)
+            .await
+            .expect("write on B");
+
+        // A's buffer becomes chunks that hold objects 1..4: A may not delete them.
+        let _ = va.persist_buffer().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while va.failed().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "A never tried to confirm its deletes"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(va);
+        a.simulate_crash().await;
+        let counters = wal_counters(&backend, &id).await;
+        assert!(
+            (1..=4).all(|c| counters.contains(&c)),
+            "the fenced owner deleted objects: {counters:?}"
+        );
+        drop(vb);
+        b.simulate_crash().await;
+
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let e = open(fresh.path(), &backend).await;
+        e.recover_from_backend().await.expect("recover");
+        let v = e.volume(&id).await.expect("open");
+        let got = read_all(&v).await;
+        assert_eq!(&got[..4], &[1, 1, 1, 1]);
+        assert_eq!(got[10], 2);
+        drop(v);
+        e.close_all().await;
     });
 }

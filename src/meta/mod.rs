@@ -306,6 +306,14 @@ impl MetaStore {
         }
     }
 
+    /// Removes `vol`'s record alone (synced): the volume does not open, its map, state and
+    /// chunk stats stay (a takeover rebuilds them).
+    pub fn forget_volume_record(&self, vol: &VolumeId) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        batch.delete(vol_key(PREFIX_VOLUME, vol));
+        self.write_sync(batch)
+    }
+
     /// Stores `vol`'s engine state alone (synced).
     pub fn put_volume_state(&self, vol: &VolumeId, state: VolumeState) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();

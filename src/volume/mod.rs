@@ -687,10 +687,14 @@ impl Volume {
 }
 
 /// The chain of `id`'s shipped WAL objects at open, with chunks holding every record through
-/// `checkpoint`, for the owner of `epoch`; its orphans are deleted (their counters are reused).
+/// `checkpoint`, for the owner of `epoch`. With orphans (objects past a break), a fence of this
+/// epoch is stored after the highest listed counter first, so the chain goes on after it and
+/// no counter is used twice (a takeover may have fenced after the orphans); then they are
+/// deleted.
 ///
-/// Errors: backend errors; [`VolumeError::Failed`] when a fence of a later epoch is listed
-/// (another node took the volume over: this one must not write).
+/// Errors: backend errors; [`VolumeError::Failed`] when a fence of a later epoch is listed, or
+/// the fence after the orphans is refused (another node took the volume over: this one must
+/// not write).
 async fn open_chain(
     backend: &SharedBackend,
     id: &VolumeId,
@@ -705,8 +709,22 @@ async fn open_chain(
             crate::backend::wal_object_key(id, counter)
         )));
     }
+    let mut chain = chain;
     if !chain.orphans.is_empty() {
-        tracing::warn!(volume = %id, orphans = ?chain.orphans, "deleting shipped WAL objects past a break in the chain (not part of the volume's history)");
+        let at = chain.max_listed.saturating_add(1);
+        let key = crate::backend::wal_object_key(id, at);
+        let body = crate::cluster::walobj::encode_fence(epoch, at, 0);
+        let stored = crate::retry::retry(&crate::retry::RetryPolicy::reads(), &key, || {
+            backend.put_if_absent(&key, body.clone())
+        })
+        .await?;
+        if !stored && backend.get(&key).await? != body {
+            return Err(VolumeError::Failed(format!(
+                "{key} was stored by another node: the volume was taken over"
+            )));
+        }
+        chain.last_counter = at;
+        tracing::warn!(volume = %id, orphans = ?chain.orphans, fence = at, "deleting shipped WAL objects past a break in the chain (not part of the volume's history)");
         chain.delete_orphans(backend, id).await?;
     }
     Ok(chain)

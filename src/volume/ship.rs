@@ -63,6 +63,8 @@ pub(crate) struct Chain {
     pub fence: Option<(u64, u64)>,
     /// The highest counter kept (an object covered, in the chain, or a fence).
     pub last_counter: u64,
+    /// The highest counter listed (orphans included).
+    pub max_listed: u64,
 }
 
 impl Chain {
@@ -85,6 +87,7 @@ impl Chain {
         // The counter the chain's next object must have, once it has begun.
         let mut prev: Option<u64> = None;
         for counter in wal_object_counters(volume, &keys) {
+            c.max_listed = counter;
             let key = wal_object_key(volume, counter);
             let head = match retry(&RetryPolicy::reads(), &key, || {
                 backend.get_range(&key, 0..WAL_OBJECT_HEADER_LEN as u64)
@@ -155,8 +158,8 @@ impl Chain {
         self.orphans.push(counter);
     }
 
-    /// The counter the next object gets: after the last one kept (orphans after it are
-    /// deleted first and their counters reused).
+    /// The counter the next object gets: after the last one kept (with orphans after it,
+    /// the volume's open stores a fence after them first: counters are never reused).
     pub(crate) fn next_counter(&self) -> u64 {
         self.last_counter.saturating_add(1)
     }
@@ -202,7 +205,7 @@ impl Chain {
         Ok((out, None))
     }
 
-    /// Deletes the orphans (before the first PUT reuses their counters).
+    /// Deletes the orphans.
     ///
     /// Errors: backend errors after retries.
     pub(crate) async fn delete_orphans(
@@ -234,6 +237,11 @@ struct Queue {
     confirmed: u64,
     /// Chunks hold every record through this seq (the map's checkpoint).
     covered: u64,
+    /// What objects may be deleted through: chunks held every record through this seq before a
+    /// successful PUT confirmed that no takeover had fenced this node (a taker reads the chunks
+    /// stored before its fence, so it does not need these objects). A fenced node deletes
+    /// nothing more.
+    deletable: u64,
     /// Stored objects, oldest first (counter, last seq).
     stored: VecDeque<(u64, u64)>,
     /// The counter the next new object gets.
@@ -248,6 +256,8 @@ struct Job {
     /// What its successful PUT confirms: its records and what the store held when it was
     /// taken.
     confirms: u64,
+    /// The chunks' coverage when it was taken: objects through it may go once it is stored.
+    covered: u64,
     body: Bytes,
 }
 
@@ -303,6 +313,7 @@ impl Shipper {
             wanted: 0,
             confirmed: through,
             covered,
+            deletable: covered,
             stored: chain.covered.iter().chain(&chain.chain).copied().collect(),
             next_counter: chain.next_counter(),
         };
@@ -470,6 +481,7 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
                     q.stored.push_back((job.counter, job.last_seq));
                     q.through = q.through.max(job.last_seq);
                     q.confirmed = q.confirmed.max(job.confirms);
+                    q.deletable = q.deletable.max(job.covered);
                 }
                 s.progress
                     .send_modify(|p| p.through = p.through.max(job.confirms));
@@ -505,9 +517,14 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
 /// records, up to [`MAX_OBJECT_BYTES`]; a mark without records when a flush waits only for
 /// records chunks hold.
 fn take_job(s: &Shipper) -> Option<Job> {
-    let (after, counter, records, left) = {
+    let (after, counter, records, left, covered) = {
         let mut q = lock(&s.queue);
-        let due = q.wanted > q.confirmed || q.bytes >= SHIP_AHEAD_BYTES;
+        // Objects chunks hold wait for a PUT that confirms them deletable: a mark if nothing
+        // else goes.
+        let deletes_wait = q.covered > q.deletable
+            && q.stored.len() > 1
+            && q.stored.front().is_some_and(|(_, last)| *last <= q.covered);
+        let due = q.wanted > q.confirmed || q.bytes >= SHIP_AHEAD_BYTES || deletes_wait;
         if !due {
             return None;
         }
@@ -521,7 +538,7 @@ fn take_job(s: &Shipper) -> Option<Job> {
             records.extend(q.records.pop_front());
         }
         q.bytes -= taken;
-        (q.through, q.next_counter, records, q.bytes)
+        (q.through, q.next_counter, records, q.bytes, q.covered)
     };
     s.unshipped.set(left as f64);
     let mut enc = WalObjectEncoder::new(s.epoch, counter, after);
@@ -533,6 +550,7 @@ fn take_job(s: &Shipper) -> Option<Job> {
         counter,
         last_seq,
         confirms: after.max(last_seq),
+        covered,
         body: enc.finish(),
     })
 }
@@ -576,8 +594,8 @@ async fn delete_loop(inner: &Inner, s: &Shipper) {
     }
 }
 
-/// Deletes the stored objects whose records chunks cover, [`DELETE_CONCURRENCY`] at a time,
-/// but never the newest one: it keeps the counter's high-water mark for the next open. A
+/// Deletes the stored objects whose records chunks cover (confirmed by a later PUT:
+/// `deletable`), [`DELETE_CONCURRENCY`] at a time, but never the newest one: it keeps the counter's high-water mark for the next open. A
 /// failed delete is logged and tried again at the next wake.
 async fn delete_covered(inner: &Inner, s: &Shipper) {
     let covered: Vec<u64> = {
@@ -585,7 +603,7 @@ async fn delete_covered(inner: &Inner, s: &Shipper) {
         let n = q
             .stored
             .iter()
-            .take_while(|(_, last)| *last <= q.covered)
+            .take_while(|(_, last)| *last <= q.deletable)
             .count()
             .min(q.stored.len().saturating_sub(1));
         q.stored.drain(..n).map(|(counter, _)| counter).collect()
