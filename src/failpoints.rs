@@ -18,6 +18,10 @@ pub const NAMES: &[&str] = &[
     // Map commit (one RocksDB batch): just before / just after it.
     "map-commit-before",
     "map-commit-after",
+    // WAL shipping (--ship-wal): the local WAL synced, the object not yet PUT / the object
+    // stored, its flushes not yet answered.
+    "ship-before-put",
+    "ship-after-put",
 ];
 
 /// Aborts the process at crash point `name`.

@@ -248,6 +248,23 @@ fn check(d: &Daemon, vol: &str, r: &Record, it: usize, how: &str) -> u64 {
 
 #[test]
 fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
+    harness(&[], "VBLOCK_CRASH_ITERATIONS", 200, false);
+}
+
+/// The same with `--ship-wal`, and every third iteration the data directory's metadata and WAL
+/// are lost as well (the file backend's objects stay): the daemon recovers the volume from its
+/// chunks and shipped WAL objects, and still every flushed or FUA write is there. Crash points
+/// include shipping's (`ship-before-put`, `ship-after-put`). `VBLOCK_SHIP_CRASH_ITERATIONS`
+/// (default 60).
+#[test]
+fn with_wal_shipping_crashes_and_lost_disks_lose_no_durable_write() {
+    harness(&["--ship-wal"], "VBLOCK_SHIP_CRASH_ITERATIONS", 60, true);
+}
+
+/// The crash harness: `extra` daemon flags, iterations from `iterations_var` (else
+/// `default_iterations`); with `lose_disks`, every third iteration also deletes `DATA_DIR/meta`
+/// and `DATA_DIR/wal` before the restart.
+fn harness(extra: &[&str], iterations_var: &str, default_iterations: u64, lose_disks: bool) {
     let nats = Nats::start();
     // Small chunks and segments, so crash points in chunk upload, map commit, WAL rotation and
     // trim are reached within a few hundred writes. A small write buffer (about the least that
@@ -255,23 +272,25 @@ fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
     // outrun the flusher of a debug build (256 MiB of WAL filled a CI machine's disk), and
     // garbage collection runs often enough to delete dead chunks between kills (it also puts
     // kills inside collections).
-    let mut d = Daemon::start_with(
-        &nats.url(),
-        &[
-            "--chunk-size",
-            "256KiB",
-            "--wal-segment-size",
-            "1MiB",
-            "--buffer-size",
-            "66MiB",
-            "--gc-interval",
-            "50ms",
-        ],
-    );
-    // The export name of the mounted volume: its mount (and secret) outlives every kill.
-    let vol = d.export(&d.create_volume(1));
+    let mut args = vec![
+        "--chunk-size",
+        "256KiB",
+        "--wal-segment-size",
+        "1MiB",
+        "--buffer-size",
+        "66MiB",
+        "--gc-interval",
+        "50ms",
+    ];
+    args.extend_from_slice(extra);
+    let mut d = Daemon::start_with(&nats.url(), &args);
+    // The export name of the mounted volume: its mount (and secret) outlives every kill, but
+    // not a lost data directory (the recovered volume is mounted again).
+    let id = d.create_volume(1);
+    let mut vol = d.export(&id);
+    let mut disks_lost = 0u32;
     let env_num = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<u64>().ok());
-    let iterations = env_num("VBLOCK_CRASH_ITERATIONS").unwrap_or(200) as usize;
+    let iterations = env_num(iterations_var).unwrap_or(default_iterations) as usize;
     let seed = env_num("VBLOCK_CRASH_SEED").unwrap_or_else(rand::random);
     println!("seed {seed} (rerun with VBLOCK_CRASH_SEED={seed}), {iterations} iterations");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -341,18 +360,28 @@ fn crashes_anywhere_lose_no_durable_write_and_invent_no_data() {
             t.join().expect("client thread");
         }
         // Restart without crash points: the WAL replays, then every block is checked.
+        let lose = lose_disks && it % 3 == 2;
+        if lose {
+            for sub in ["meta", "wal"] {
+                std::fs::remove_dir_all(d.data_dir().join(sub)).expect("lose the disk");
+            }
+            disks_lost += 1;
+        }
         d.set_envs(&[]);
         d.start_again();
+        if lose {
+            vol = d.export(&id);
+        }
         let how = match (point, fired) {
             (Some(p), true) => format!("abort at {p}"),
             _ => "kill -9".to_string(),
-        };
+        } + if lose { ", disks lost" } else { "" };
         blocks_checked += check(&d, &vol, &record.lock().expect("lock"), it, &how);
         disk_peak = disk_peak.max(disk_bytes(&d.data_dir()));
     }
     let r = record.lock().expect("lock");
     println!(
-        "{iterations} iterations, 0 failures: {} writes acknowledged ({} FUA), {} flushes, {kills} kill -9, {blocks_checked} blocks checked",
+        "{iterations} iterations, 0 failures: {} writes acknowledged ({} FUA), {} flushes, {kills} kill -9, {disks_lost} disks lost, {blocks_checked} blocks checked",
         r.writes_acked, r.fua_writes, r.flushes
     );
     for (p, (armed, fired)) in &points {

@@ -560,6 +560,7 @@ fn take_job(s: &Shipper) -> Option<Job> {
 /// taken over).
 async fn ship(inner: &Inner, s: &Shipper, job: &Job) -> Result<bool, VolumeError> {
     inner.wal.sync().await?;
+    crate::crash_point!("ship-before-put");
     let key = wal_object_key(&inner.id, job.counter);
     let started = Instant::now();
     let stored = retry(&RetryPolicy::reads(), &key, || {
@@ -574,6 +575,7 @@ async fn ship(inner: &Inner, s: &Shipper, job: &Job) -> Result<bool, VolumeError
             return Ok(false);
         }
     }
+    crate::crash_point!("ship-after-put");
     s.put_seconds.record(started.elapsed().as_secs_f64());
     s.objects.increment(1);
     s.bytes.increment(job.body.len() as u64);
