@@ -122,12 +122,19 @@ struct Life {
     engine: Engine,
 }
 
-async fn boot(dir: &Path, sim: Arc<SimFs>) -> Life {
+/// A life on `sim`; with `shipped`, the volume ships its WAL to that backend (another
+/// machine's: power cuts do not touch it), else its objects are files on the simulator.
+async fn boot(dir: &Path, sim: Arc<SimFs>, shipped: &Option<SharedBackend>) -> Life {
     let fs = Fs::Sim(sim.clone());
     let mut config = common::small_config(dir);
     config.volume.fs = fs.clone();
-    let backend: SharedBackend =
-        Arc::new(FileBackend::with_fs(dir.join("objects"), fs).expect("file backend"));
+    let backend: SharedBackend = match shipped {
+        Some(b) => {
+            config.volume.ship_wal = true;
+            b.clone()
+        }
+        None => Arc::new(FileBackend::with_fs(dir.join("objects"), fs).expect("file backend")),
+    };
     let engine = Engine::open(config, backend).await.expect("engine opens");
     Life { sim, engine }
 }
@@ -136,10 +143,11 @@ fn new_sim(dir: &Path) -> Arc<SimFs> {
     SimFs::new(&[&dir.join("wal"), &dir.join("objects")]).expect("simulator")
 }
 
-fn run_case(ops: Vec<Op>) {
+fn run_case(ops: Vec<Op>, ship: bool) {
     common::run(Duration::from_secs(120), async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut life = boot(dir.path(), new_sim(dir.path())).await;
+        let shipped = ship.then(common::memory_backend);
+        let mut life = boot(dir.path(), new_sim(dir.path()), &shipped).await;
         let id: VolumeId = life
             .engine
             .create_volume(SIZE, "power")
@@ -176,7 +184,7 @@ fn run_case(ops: Vec<Op>) {
                     // lives on into the next process.
                     drop(vol);
                     life.engine.simulate_crash().await;
-                    life = boot(dir.path(), life.sim).await;
+                    life = boot(dir.path(), life.sim, &shipped).await;
                     vol = life.engine.volume(&id).await.expect("reopen after a crash");
                     let got = vol.read(0, SIZE).await.expect("read");
                     model.recovered(&got, &what);
@@ -188,7 +196,7 @@ fn run_case(ops: Vec<Op>) {
                     let report = life.sim.power_cut(seed).expect("power cut");
                     drop(vol);
                     life.engine.simulate_crash().await;
-                    life = boot(dir.path(), new_sim(dir.path())).await;
+                    life = boot(dir.path(), new_sim(dir.path()), &shipped).await;
                     vol = life
                         .engine
                         .volume(&id)
@@ -215,6 +223,18 @@ fn run_case(ops: Vec<Op>) {
 
 #[test]
 fn acknowledged_writes_survive_power_cuts() {
+    power_cuts(false);
+}
+
+/// With `--ship-wal`: the flush's PUT and the local `fdatasync` run together, so a power cut
+/// can take records from the local WAL that the backend holds; the next open takes them from
+/// the backend, and the volume is again a state since the last flush.
+#[test]
+fn with_wal_shipping_acknowledged_writes_survive_power_cuts() {
+    power_cuts(true);
+}
+
+fn power_cuts(ship: bool) {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -225,7 +245,7 @@ fn acknowledged_writes_survive_power_cuts() {
         ..ProptestConfig::default()
     });
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
-        run_case(ops);
+        run_case(ops, ship);
         Ok(())
     });
     eprintln!(
@@ -252,7 +272,7 @@ fn acknowledged_writes_survive_power_cuts() {
 fn a_failed_fdatasync_fails_the_volume_until_it_is_reopened() {
     common::run(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let life = boot(dir.path(), new_sim(dir.path())).await;
+        let life = boot(dir.path(), new_sim(dir.path()), &None).await;
         let id = life
             .engine
             .create_volume(SIZE, "fsyncgate")
@@ -298,7 +318,7 @@ fn a_failed_fdatasync_fails_the_volume_until_it_is_reopened() {
 
         drop(vol);
         life.engine.simulate_crash().await;
-        let life = boot(dir.path(), life.sim).await;
+        let life = boot(dir.path(), life.sim, &None).await;
         let vol = life.engine.volume(&id).await.expect("reopen");
         assert!(vol.failed().is_none(), "a reopen recovers");
         assert_eq!(vol.read(0, 4096).await.expect("read"), a);
@@ -317,7 +337,7 @@ fn a_failed_fdatasync_fails_the_volume_until_it_is_reopened() {
 fn a_failed_wal_sync_before_a_split_commit_fails_the_volume() {
     common::run(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let life = boot(dir.path(), new_sim(dir.path())).await;
+        let life = boot(dir.path(), new_sim(dir.path()), &None).await;
         let id = life
             .engine
             .create_volume(SIZE, "split")

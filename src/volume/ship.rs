@@ -3,10 +3,9 @@
 //! the node's disks.
 //!
 //! Every record the volume appends to its WAL is also queued here (shared payloads, no copy).
-//! One task per volume takes the whole queue, syncs the local WAL (so the store never holds a
-//! record the local WAL could lose), and stores it as one shipped WAL object
-//! (`VOLUMEID/wal/COUNTER`, [`crate::cluster::walobj`]) with a conditional PUT at the next
-//! counter. Flushes that arrive meanwhile share the next object. One PUT is in flight at a time,
+//! One task per volume takes the queue and, while the local WAL syncs, stores it as one shipped
+//! WAL object (`VOLUMEID/wal/COUNTER`, [`crate::cluster::walobj`]) with a conditional PUT at
+//! the next counter. Flushes that arrive meanwhile share the next object. One PUT is in flight at a time,
 //! so objects land in counter order. The queue is also shipped without a flush once it holds
 //! [`SHIP_AHEAD_BYTES`], which bounds what it holds.
 //!
@@ -555,18 +554,23 @@ fn take_job(s: &Shipper) -> Option<Job> {
     })
 }
 
-/// Syncs the local WAL (the store never holds a record the local WAL could lose), then stores
-/// `job` with a conditional PUT. `Ok(false)`: another object holds the counter (the volume was
-/// taken over).
+/// Stores `job` with a conditional PUT while the local WAL syncs (a flush is local and off the
+/// node; should a power cut take records from the local WAL that the store holds, the volume's
+/// next open takes them from the store). `Ok(false)`: another object holds the counter (the
+/// volume was taken over).
 async fn ship(inner: &Inner, s: &Shipper, job: &Job) -> Result<bool, VolumeError> {
-    inner.wal.sync().await?;
-    crate::crash_point!("ship-before-put");
     let key = wal_object_key(&inner.id, job.counter);
     let started = Instant::now();
-    let stored = retry(&RetryPolicy::reads(), &key, || {
-        inner.backend.put_if_absent(&key, job.body.clone())
-    })
-    .await?;
+    let put = async {
+        crate::crash_point!("ship-before-put");
+        retry(&RetryPolicy::reads(), &key, || {
+            inner.backend.put_if_absent(&key, job.body.clone())
+        })
+        .await
+    };
+    let (synced, stored) = tokio::join!(inner.wal.sync(), put);
+    synced?;
+    let stored = stored?;
     if !stored {
         // A PUT whose earlier attempt (this round's or a failed round's) landed is refused
         // too: the object is ours if it holds these bytes.
