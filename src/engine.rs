@@ -281,6 +281,15 @@ impl Engine {
         Ok(blocking(move || meta.list_volumes()).await?)
     }
 
+    /// The next chunk object id of volume `id` (its epoch is `next_object_id >> 40`: a
+    /// takeover numbers from the epoch's base).
+    pub async fn next_object_id(&self, id: &VolumeId) -> Result<u64, VolumeError> {
+        let (meta, vol) = (self.meta.clone(), id.clone());
+        Ok(blocking(move || meta.volume_state(&vol))
+            .await?
+            .next_object_id)
+    }
+
     /// Replaces a volume record durably, and its copy in the backend (best effort: a failure to
     /// update the copy is logged; the copy matters only for disaster recovery).
     pub async fn put_record(&self, rec: VolumeRecord) -> Result<(), VolumeError> {

@@ -187,3 +187,105 @@ fn a_kept_lease_reports_its_loss() {
         );
     });
 }
+
+/// `vblock serve --cluster` flags for node `node` on bucket `bucket` of `s3`.
+fn cluster_args(s3: &common::s3::S3Server, bucket: &str, node: &str) -> Vec<String> {
+    let mut args = s3.serve_args(bucket);
+    args.extend(
+        ["--cluster", "--node", node, "--lease-ttl", "2s"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    args
+}
+
+fn cluster_daemon(
+    nats: &Nats,
+    s3: &common::s3::S3Server,
+    bucket: &str,
+    node: &str,
+) -> common::daemon::Daemon {
+    let args = cluster_args(s3, bucket, node);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::daemon::Daemon::start_with_env(&nats.url(), &args, &common::s3::S3Server::env())
+}
+
+/// `vblock mount ID --node NODE` through `d`'s NATS; the URI.
+fn mount_via(d: &common::daemon::Daemon, id: &str, node: &str) -> String {
+    d.cli(&["mount", id, "--node", node, "--timeout", "30"])
+        .trim()
+        .to_owned()
+}
+
+/// Failover (issue tests 2 and 4 in small, with real daemons): two daemons in cluster mode on
+/// one s3s-fs bucket. A mount through node a makes a the owner; a mount through b while a is
+/// alive returns a's URI. After a is killed (-9) and its lease time has passed, a mount through
+/// b makes b the owner (a takeover: epoch, fence, rebuild from the bucket), and b serves every
+/// write a flushed. An unmount releases the lease: a can own the volume again.
+#[test]
+fn a_mount_fails_over_to_a_surviving_node() {
+    common::daemon::require("qemu-io");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let mut a = cluster_daemon(&nats, &s3, "vblock-cluster", "a");
+    let b = cluster_daemon(&nats, &s3, "vblock-cluster", "b");
+    let id = a.create_volume(1);
+
+    let uri_a = mount_via(&a, &id, "a");
+    assert!(
+        uri_a.contains(&format!(":{}/", a.nbd_port)),
+        "a mount through a is served by a: {uri_a}"
+    );
+    common::daemon::qemu_io(
+        &uri_a,
+        &["write -P 0xa1 0 1M", "write -P 0xb2 4M 64k", "flush"],
+    );
+    assert_eq!(
+        mount_via(&b, &id, "b"),
+        uri_a,
+        "a mount through b while a is alive answers a's URI"
+    );
+
+    // Flushed just before the kill: in a's WAL and shipped objects only (the flusher turns an
+    // idle buffer into chunks after 2 s).
+    common::daemon::qemu_io(&uri_a, &["write -P 0xd4 12M 256k", "flush"]);
+    a.kill9();
+    let started = Instant::now();
+    let uri_b = mount_via(&b, &id, "b");
+    let failover = started.elapsed();
+    assert!(
+        uri_b.contains(&format!(":{}/", b.nbd_port)),
+        "after a died, b owns the volume: {uri_b}"
+    );
+    assert!(
+        failover >= TTL,
+        "b took the volume over before a's lease time passed ({failover:?})"
+    );
+    println!("failover: kill -9 to a mount through b in {failover:?}");
+    let out = common::daemon::qemu_io_read_only(
+        &uri_b,
+        &[
+            "read -P 0xa1 0 1M",
+            "read -P 0xb2 4M 64k",
+            "read -P 0 1M 3M",
+            "read -P 0xd4 12M 256k",
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    common::daemon::qemu_io(&uri_b, &["write -P 0xc3 8M 4k", "flush"]);
+
+    // An unmount releases the lease: a, restarted, owns the volume again at once.
+    b.cli(&["unmount", &id, "--node", "b"]);
+    a.start_again();
+    let again = mount_via(&a, &id, "a");
+    assert!(again.contains(&format!(":{}/", a.nbd_port)), "{again}");
+    let out = common::daemon::qemu_io_read_only(
+        &again,
+        &[
+            "read -P 0xa1 0 1M",
+            "read -P 0xb2 4M 64k",
+            "read -P 0xc3 8M 4k",
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}

@@ -101,6 +101,17 @@ pub struct ServeArgs {
     /// Node name: also serve ebs.NODE.mount / ebs.NODE.unmount.
     #[arg(long, env = "VBLOCK_NODE")]
     pub node: Option<String>,
+    /// Cluster mode: many daemons on one bucket (docs/design/cluster.md). A mount makes the
+    /// answering node (or the one `ebs.NODE.mount` names) the volume's owner through a lease in
+    /// JetStream KV, taking the volume over from the backend when another node wrote it last;
+    /// while the owner is alive, mounts through other nodes return its URI. Needs --node, the
+    /// S3 backend and JetStream on the NATS server; turns --ship-wal on.
+    #[arg(long, env = "VBLOCK_CLUSTER")]
+    pub cluster: bool,
+    /// Cluster mode: a volume's owner that has not renewed its lease for this long may be
+    /// replaced (renewed every third of it).
+    #[arg(long, env = "VBLOCK_LEASE_TTL", default_value = "10s", value_parser = crate::humantime_duration)]
+    pub lease_ttl: Duration,
     /// NATS queue group shared by daemons that split the load.
     #[arg(long, env = "VBLOCK_QUEUE_GROUP", default_value = "vblock")]
     pub queue_group: String,
@@ -216,7 +227,7 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c.volume.chunk.frame_blocks = (a.frame_size / vblock::block::BLOCK_SIZE) as u32;
     c.volume.upload_concurrency = a.upload_concurrency.max(1);
     c.volume.wal_recovery = a.wal_recovery_mode;
-    c.volume.ship_wal = a.ship_wal;
+    c.volume.ship_wal = a.ship_wal || a.cluster;
     c.volume.compaction = vblock::volume::CompactionConfig {
         threshold_percent: a.compaction_threshold,
         rate_bytes_per_sec: a.compaction_rate.max(1),
@@ -337,6 +348,12 @@ fn ephemeral_data_dir(a: &mut ServeArgs) -> Result<Option<tempfile::TempDir>, Se
 /// Checks the flags the engine does not, raises the open-files limit, configures crash points
 /// (tests) and starts the metrics endpoint.
 fn prepare_process(a: &ServeArgs) -> Result<(), ServeError> {
+    if a.cluster && (a.node.is_none() || a.store.backend != BackendKind::S3) {
+        return Err(ServeError::Config(
+            "--cluster needs --node and --backend s3 (every node reads every volume's objects)"
+                .into(),
+        ));
+    }
     if a.frame_size % vblock::block::BLOCK_SIZE != 0
         || !(1..=u64::from(vblock::chunk::MAX_FRAME_BLOCKS))
             .contains(&(a.frame_size / vblock::block::BLOCK_SIZE))
@@ -484,6 +501,7 @@ async fn spawn_servers(
         nbd_advertise: advertise.clone(),
         nbd_tls: a.tls_required,
         open_exports: a.nbd_open_exports,
+        lease_ttl: a.cluster.then_some(a.lease_ttl),
     };
     tasks.spawn({
         let engine = engine.clone();

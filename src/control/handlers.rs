@@ -44,6 +44,8 @@ pub struct Control {
     pub(super) open_exports: bool,
     /// Serialises read-modify-write of volume records (the control plane is not a hot path).
     pub(super) lock: tokio::sync::Mutex<()>,
+    /// Cluster mode (`--cluster`): mounts go through volume leases.
+    pub(super) cluster: Option<Arc<super::cluster::ClusterMode>>,
 }
 
 fn body<T: Serialize>(v: &T) -> Vec<u8> {
@@ -209,7 +211,15 @@ impl Control {
             node: None,
             open_exports: false,
             lock: tokio::sync::Mutex::new(()),
+            cluster: None,
         }
+    }
+
+    /// Cluster mode (`--cluster`): a mount makes this node the volume's owner through its
+    /// lease, or answers the owner's URI (docs/design/cluster.md).
+    pub fn with_cluster(mut self, cluster: Option<Arc<super::cluster::ClusterMode>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Names this daemon's node (`--node`): mounts through `ebs.mount` record it.

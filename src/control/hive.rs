@@ -69,6 +69,29 @@ impl Control {
             );
         };
         let _g = self.lock.lock().await;
+        if let Some(cluster) = self.cluster.clone() {
+            // The URI this node answers: its mount's, if it has one, else the new one's.
+            let here = match self.engine.get_record(&id).await {
+                Ok(r) => r.and_then(|r| r.mount).unwrap_or_else(|| mount.clone()),
+                Err(e) => return fail(e.to_string(), true),
+            };
+            match self
+                .cluster_own(&cluster, &id, &self.uri(id.as_str(), &here))
+                .await
+            {
+                Ok(super::cluster::Owned::Here) => {}
+                Ok(super::cluster::Owned::There(uri)) => {
+                    return EbsMountResponse {
+                        uri,
+                        mounted: true,
+                        error: String::new(),
+                        retryable: false,
+                    }
+                }
+                Err(e @ VolumeError::VolumeNotFound(_)) => return fail(e.to_string(), false),
+                Err(e) => return fail(format!("cannot take {id} over: {e}"), true),
+            }
+        }
         let mut rec = match self.engine.get_record(&id).await {
             Ok(Some(r)) => r,
             Ok(None) => return fail(format!("volume {id} not found"), false),
@@ -164,7 +187,12 @@ impl Control {
             return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
         }
         match self.end_mount(&mut rec, true).await {
-            Ok(()) => resp(id.to_string(), false, String::new(), false),
+            Ok(()) => {
+                if let Some(cluster) = self.cluster.clone() {
+                    self.cluster_release(&cluster, &id).await;
+                }
+                resp(id.to_string(), false, String::new(), false)
+            }
             Err(e) => resp(
                 id.to_string(),
                 rec.mount.is_some(),

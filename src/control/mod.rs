@@ -2,6 +2,7 @@
 //! `../shared/nats-api.md`: EC2-shaped volume subjects and Hive's mount/unmount/delete.
 
 pub mod api;
+pub mod cluster;
 pub mod handlers;
 mod hive;
 
@@ -46,17 +47,18 @@ pub struct ControlConfig {
     pub nbd_tls: bool,
     /// Mount URIs name exports by the bare id (`--nbd-open-exports`).
     pub open_exports: bool,
+    /// Cluster mode (`--cluster`): the volume leases' time (`--lease-ttl`); needs `node` and
+    /// JetStream on the NATS server.
+    pub lease_ttl: Option<Duration>,
 }
+
+/// The JetStream KV bucket of the volume leases.
+pub const LEASE_BUCKET: &str = "vblock-leases";
 
 /// Serves the control plane until the process ends. Connects in the background and reconnects
 /// for ever, logging each disconnect and reconnect; NBD keeps serving meanwhile.
 pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
     let scheme = if config.nbd_tls { "nbds" } else { "nbd" };
-    let control = Arc::new(
-        Control::new(engine, format!("{scheme}://{}", config.nbd_advertise))
-            .with_node(config.node.clone())
-            .with_open_exports(config.open_exports),
-    );
     let options = |url: String| {
         async_nats::ConnectOptions::new()
             .name("vblock")
@@ -86,6 +88,27 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             }
         }
     };
+    let cluster = match (config.lease_ttl, &config.node) {
+        (Some(ttl), Some(node)) => loop {
+            match crate::cluster::lease::Leases::open(client.clone(), LEASE_BUCKET, ttl).await {
+                Ok(leases) => break Some(Arc::new(cluster::ClusterMode::new(leases, node))),
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster mode: the lease bucket is unreachable (is JetStream on?); retrying in 5 s");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        },
+        _ => None,
+    };
+    let control = Arc::new(
+        Control::new(engine, format!("{scheme}://{}", config.nbd_advertise))
+            .with_node(config.node.clone())
+            .with_open_exports(config.open_exports)
+            .with_cluster(cluster.clone()),
+    );
+    if let Some(cluster) = cluster {
+        tokio::spawn(control.clone().watch_leases(cluster));
+    }
     let mut subs = Vec::new();
     for s in SUBJECTS {
         match client.queue_subscribe(*s, config.queue_group.clone()).await {
