@@ -289,3 +289,65 @@ fn a_mount_fails_over_to_a_surviving_node() {
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+/// Sends `sig` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// The zombie (issue test 3): the owner a is paused (SIGSTOP) with a client connected; b takes
+/// the volume over after the lease time, writes and flushes; a resumes (SIGCONT): the client's
+/// write+flush through a fails, b's data is intact, and a daemon recovering the bucket on an
+/// empty data directory sees b's writes and none of a's late ones.
+#[test]
+fn a_paused_owner_resumes_fenced() {
+    use std::io::{Seek, SeekFrom, Write};
+    common::daemon::require("qemu-io");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let a = cluster_daemon(&nats, &s3, "vblock-zombie", "a");
+    let mut b = cluster_daemon(&nats, &s3, "vblock-zombie", "b");
+    let id = a.create_volume(1);
+    let uri_a = mount_via(&a, &id, "a");
+    common::daemon::qemu_io(&uri_a, &["write -P 0xa1 0 1M", "flush"]);
+    let export = uri_a.rsplit('/').next().expect("export").to_owned();
+    let mut client = common::daemon::nbd_client(a.nbd_port, &export, Duration::from_secs(30));
+
+    signal(a.pid(), "STOP");
+    let uri_b = mount_via(&b, &id, "b");
+    assert!(uri_b.contains(&format!(":{}/", b.nbd_port)), "{uri_b}");
+    common::daemon::qemu_io(&uri_b, &["write -P 0xc3 8M 64k", "flush"]);
+
+    signal(a.pid(), "CONT");
+    let late = client
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| client.write_all(&[0xee; 65536]))
+        .and_then(|()| client.flush());
+    assert!(late.is_err(), "the resumed old owner acknowledged a flush");
+    let out =
+        common::daemon::qemu_io_read_only(&uri_b, &["read -P 0xa1 0 1M", "read -P 0xc3 8M 64k"]);
+    assert!(!out.contains("failed"), "{out}");
+
+    // The bucket alone: b's writes, none of a's late ones.
+    b.stop();
+    drop(a);
+    let mut args = s3.serve_args("vblock-zombie");
+    args.push("--nbd-open-exports".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c =
+        common::daemon::Daemon::start_with_env(&nats.url(), &args, &common::s3::S3Server::env());
+    c.wait_for_log(
+        "recovered volumes from the backend",
+        Duration::from_secs(30),
+    );
+    let out = common::daemon::qemu_io_read_only(
+        &c.uri(&id),
+        &["read -P 0xa1 0 1M", "read -P 0xc3 8M 64k"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+}
