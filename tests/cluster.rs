@@ -221,7 +221,8 @@ fn mount_via(d: &common::daemon::Daemon, id: &str, node: &str) -> String {
 /// one s3s-fs bucket. A mount through node a makes a the owner; a mount through b while a is
 /// alive returns a's URI. After a is killed (-9) and its lease time has passed, a mount through
 /// b makes b the owner (a takeover: epoch, fence, rebuild from the bucket), and b serves every
-/// write a flushed. An unmount releases the lease: a can own the volume again.
+/// write a flushed. Unmount through a node that does not own the volume is refused; an
+/// unmount through the owner releases the lease at once.
 #[test]
 fn a_mount_fails_over_to_a_surviving_node() {
     common::daemon::require("qemu-io");
@@ -274,20 +275,32 @@ fn a_mount_fails_over_to_a_surviving_node() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
     common::daemon::qemu_io(&uri_b, &["write -P 0xc3 8M 4k", "flush"]);
 
-    // An unmount releases the lease: a, restarted, owns the volume again at once.
-    b.cli(&["unmount", &id, "--node", "b"]);
+    // Unmount through a node that does not own the volume is refused.
     a.start_again();
+    let refused = a.cli_refused(&["unmount", &id, "--node", "a"]);
+    assert!(refused.contains("owned by node b"), "{refused}");
+    // An unmount through the owner releases the lease: a owns the volume again at once
+    // (well within the lease time), and mounts through b now answer a's URI.
+    b.cli(&["unmount", &id, "--node", "b"]);
+    let started = Instant::now();
     let again = mount_via(&a, &id, "a");
+    assert!(
+        started.elapsed() < TTL,
+        "the released lease was waited out: {:?}",
+        started.elapsed()
+    );
     assert!(again.contains(&format!(":{}/", a.nbd_port)), "{again}");
+    assert_eq!(mount_via(&b, &id, "b"), again, "b answers a's current URI");
     let out = common::daemon::qemu_io_read_only(
         &again,
         &[
             "read -P 0xa1 0 1M",
             "read -P 0xb2 4M 64k",
             "read -P 0xc3 8M 4k",
+            "read -P 0xd4 12M 256k",
         ],
     );
-    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.contains("failed"), "{out}");
 }
 
 /// Sends `sig` (`STOP`, `CONT`) to process `pid`.

@@ -354,6 +354,12 @@ fn prepare_process(a: &ServeArgs) -> Result<(), ServeError> {
                 .into(),
         ));
     }
+    if a.cluster && a.lease_ttl < Duration::from_millis(300) {
+        return Err(ServeError::Config(format!(
+            "--lease-ttl {:?} is too short (at least 300ms; renewed every third of it)",
+            a.lease_ttl
+        )));
+    }
     if a.frame_size % vblock::block::BLOCK_SIZE != 0
         || !(1..=u64::from(vblock::chunk::MAX_FRAME_BLOCKS))
             .contains(&(a.frame_size / vblock::block::BLOCK_SIZE))

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::cluster::epoch::{epoch_of, highest_epoch};
 use crate::cluster::lease::{Claim, Kept, Leases, Owner};
 use crate::ids::VolumeId;
 use crate::volume::VolumeError;
@@ -45,8 +44,11 @@ pub(super) enum Owned {
 }
 
 impl Control {
-    /// Cluster mode, before a mount of `id` here that would answer `uri`: makes this node the
-    /// volume's owner (claim, takeover) or names the owner's URI.
+    /// Cluster mode, before a mount of `id` here that answers `uri`: makes this node the
+    /// volume's owner or names the owner's URI. Unless this process already keeps the volume's
+    /// lease, it claims the lease, keeps it at once (renewals run during the takeover), and
+    /// takes the volume over in a new epoch: only a kept lease proves that nobody wrote the
+    /// volume since this node did. On any failure the lease is released.
     pub(super) async fn cluster_own(
         &self,
         cluster: &ClusterMode,
@@ -65,27 +67,33 @@ impl Control {
             Claim::Won { revision, sent } => (revision, sent),
             Claim::Held(owner) => return Ok(Owned::There(owner.nbd_advertise)),
         };
-        // This node writes the volume only in the newest epoch: take it over unless it already
-        // is its writer (it created the volume, or took it over last and nobody since).
-        let highest = highest_epoch(&*self.engine.backend, id)
-            .await
-            .map_err(VolumeError::from)?;
-        let here = match self.engine.get_record(id).await? {
-            Some(_) => Some(epoch_of(self.engine.next_object_id(id).await?)),
-            None => None,
-        };
-        me.epoch = if here == Some(highest) {
-            highest
-        } else {
-            self.engine.take_over(id, &me.node).await?
-        };
         let kept = cluster.leases.keep(id, &me, revision, sent);
         cluster.kept.lock().await.insert(id.clone(), kept);
-        tracing::info!(volume = %id, epoch = me.epoch, "this node owns the volume");
+        let taken = match self.engine.take_over(id, &me.node).await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                self.cluster_release(cluster, id).await;
+                return Err(e);
+            }
+        };
+        let lost = cluster
+            .kept
+            .lock()
+            .await
+            .get(id)
+            .is_none_or(|k| k.is_lost());
+        if lost {
+            self.cluster_release(cluster, id).await;
+            return Err(VolumeError::Internal(format!(
+                "the lease of {id} was lost during its takeover; try again"
+            )));
+        }
+        tracing::info!(volume = %id, epoch = taken, "this node owns the volume");
         Ok(Owned::Here)
     }
 
-    /// Cluster mode, after an unmount of `id` here: stops renewing its lease and releases it.
+    /// Cluster mode: stops renewing `id`'s lease here and releases it (a mount ended, or a
+    /// mount failed after the claim).
     pub(super) async fn cluster_release(&self, cluster: &ClusterMode, id: &VolumeId) {
         let Some(kept) = cluster.kept.lock().await.remove(id) else {
             return;
@@ -97,8 +105,50 @@ impl Control {
         }
     }
 
-    /// Cluster mode: closes every volume whose lease was lost (another node may own it now),
-    /// forgetting its mount here. Runs until the process ends.
+    /// Cluster mode: why `id` may not be unmounted or deleted through this node: another node
+    /// holds its lease (owns it). `None` outside cluster mode, or when no other node does (a
+    /// failure to read the lease is a reason too).
+    pub(super) async fn cluster_elsewhere(&self, id: &VolumeId) -> Option<String> {
+        let cluster = self.cluster.clone()?;
+        if self.cluster_keeps(&cluster, id).await {
+            return None;
+        }
+        match cluster.leases.holder(id).await {
+            Ok(Some((owner, _))) if !owner.same_holder(&cluster.me) => Some(format!(
+                "volume {id} is owned by node {} (through ebs.{}.unmount)",
+                owner.node, owner.node
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!("cannot read the lease of {id}: {e}")),
+        }
+    }
+
+    /// Cluster mode: whether this process keeps `id`'s lease (it owns the volume).
+    pub(super) async fn cluster_keeps(&self, cluster: &ClusterMode, id: &VolumeId) -> bool {
+        cluster
+            .kept
+            .lock()
+            .await
+            .get(id)
+            .is_some_and(|k| !k.is_lost())
+    }
+
+    /// Cluster mode, at start: this process holds no lease, so no mount recorded here by an
+    /// earlier process may be served: each is forgotten (its clients reconnect through a new
+    /// mount, which claims the lease).
+    pub(super) async fn forget_mounts(&self) -> Result<(), VolumeError> {
+        let _g = self.lock.lock().await;
+        for mut rec in self.engine.list_records().await? {
+            if rec.mount.take().is_some() {
+                tracing::info!(volume = %rec.volume_id, "cluster mode: forgetting a mount of an earlier process (no lease held)");
+                self.engine.put_record(rec).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: closes every volume whose lease was lost (another node may own it now) at
+    /// once, then forgets its mount here. Runs until the process ends.
     pub(super) async fn watch_leases(self: Arc<Self>, cluster: Arc<ClusterMode>) {
         let every = (cluster.leases.ttl() / 10).max(std::time::Duration::from_millis(50));
         loop {
@@ -117,10 +167,18 @@ impl Control {
             };
             for id in lost {
                 tracing::error!(volume = %id, "the volume's lease was lost: closing it here (another node may own it now)");
+                // Closed at once, without the control lock a mount may hold for a while.
+                if let Err(e) = self.engine.close_volume_draining(&id, false).await {
+                    tracing::warn!(volume = %id, error = %e, "closing a volume whose lease was lost failed");
+                }
                 let _g = self.lock.lock().await;
+                // A mount may have claimed the lease again meanwhile.
+                if self.cluster_keeps(&cluster, &id).await {
+                    continue;
+                }
                 if let Ok(Some(mut rec)) = self.engine.get_record(&id).await {
                     if let Err(e) = self.end_mount(&mut rec, false).await {
-                        tracing::warn!(volume = %id, error = %e, "closing a volume whose lease was lost failed");
+                        tracing::warn!(volume = %id, error = %e, "forgetting the mount of a volume whose lease was lost failed");
                     }
                 }
             }

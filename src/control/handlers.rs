@@ -643,6 +643,9 @@ impl Control {
         let req: VolumeIdRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
         let _g = self.lock.lock().await;
+        if let Some(why) = self.cluster_elsewhere(&id).await {
+            return Err(ApiError::new("VolumeInUse", why));
+        }
         let rec = self.record(&id).await?;
         if !rec.attachments.is_empty() || rec.mount.is_some() {
             return Err(ApiError::new(

@@ -70,11 +70,15 @@ impl Control {
         };
         let _g = self.lock.lock().await;
         if let Some(cluster) = self.cluster.clone() {
-            // The URI this node answers: its mount's, if it has one, else the new one's.
-            let here = match self.engine.get_record(&id).await {
-                Ok(r) => r.and_then(|r| r.mount).unwrap_or_else(|| mount.clone()),
-                Err(e) => return fail(e.to_string(), true),
-            };
+            // The URI this node answers: its mount's while it owns the volume, else the new
+            // one's (a takeover forgets any older mount here).
+            let mut here = mount.clone();
+            if self.cluster_keeps(&cluster, &id).await {
+                match self.engine.get_record(&id).await {
+                    Ok(r) => here = r.and_then(|r| r.mount).unwrap_or(here),
+                    Err(e) => return fail(e.to_string(), true),
+                }
+            }
             match self
                 .cluster_own(&cluster, &id, &self.uri(id.as_str(), &here))
                 .await
@@ -101,12 +105,18 @@ impl Control {
             return mounted(id.as_str(), m);
         }
         // Open it now so WAL replay happens before the VM connects.
-        if let Err(e) = self.engine.volume(&id).await {
-            return fail(format!("cannot open {id}: {e}"), true);
-        }
-        rec.mount = Some(mount.clone());
-        if let Err(e) = self.engine.put_record(rec).await {
-            return fail(e.to_string(), true);
+        let opened = match self.engine.volume(&id).await {
+            Ok(_) => {
+                rec.mount = Some(mount.clone());
+                self.engine.put_record(rec).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = opened {
+            if let Some(cluster) = self.cluster.clone() {
+                self.cluster_release(&cluster, &id).await;
+            }
+            return fail(format!("cannot mount {id}: {e}"), true);
         }
         tracing::info!(volume = %id, device = %req.device_name, "volume mounted");
         mounted(id.as_str(), &mount)
@@ -127,7 +137,12 @@ impl Control {
             self.engine.put_record(rec.clone()).await?;
             tracing::info!(volume = %id, "volume unmounted");
         }
-        self.engine.close_volume_draining(&id, drain).await
+        let closed = self.engine.close_volume_draining(&id, drain).await;
+        // Cluster mode: a mount that ended releases the volume's lease (whatever ended it).
+        if let Some(cluster) = self.cluster.clone() {
+            self.cluster_release(&cluster, &id).await;
+        }
+        closed
     }
 
     /// `ebs.unmount` / `ebs.NODE.unmount` (`node`): ends the mount of a volume or snapshot and
@@ -167,6 +182,9 @@ impl Control {
             );
         };
         let _g = self.lock.lock().await;
+        if let Some(why) = self.cluster_elsewhere(&id).await {
+            return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
+        }
         let mut rec = match self.engine.get_record(&id).await {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -187,12 +205,7 @@ impl Control {
             return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
         }
         match self.end_mount(&mut rec, true).await {
-            Ok(()) => {
-                if let Some(cluster) = self.cluster.clone() {
-                    self.cluster_release(&cluster, &id).await;
-                }
-                resp(id.to_string(), false, String::new(), false)
-            }
+            Ok(()) => resp(id.to_string(), false, String::new(), false),
             Err(e) => resp(
                 id.to_string(),
                 rec.mount.is_some(),
@@ -222,6 +235,9 @@ impl Control {
             return fail(format!("invalid volume id {:?}", req.volume));
         };
         let _g = self.lock.lock().await;
+        if let Some(why) = self.cluster_elsewhere(&id).await {
+            return fail(format!("volume {id} is mounted: {why}"));
+        }
         match self.engine.get_record(&id).await {
             Ok(Some(r)) if r.mount.is_some() || !r.attachments.is_empty() => {
                 return fail(format!("volume {id} is mounted or attached"))

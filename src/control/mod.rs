@@ -107,6 +107,9 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             .with_cluster(cluster.clone()),
     );
     if let Some(cluster) = cluster {
+        if let Err(e) = control.forget_mounts().await {
+            tracing::error!(error = %e, "cluster mode: forgetting the mounts of an earlier process failed");
+        }
         tokio::spawn(control.clone().watch_leases(cluster));
     }
     let mut subs = Vec::new();
