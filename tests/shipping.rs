@@ -30,6 +30,28 @@ async fn open(dir: &std::path::Path, backend: &SharedBackend) -> Engine {
         .expect("engine opens")
 }
 
+/// A new 1 MiB volume on `engine`.
+async fn create(engine: &Engine) -> VolumeId {
+    engine
+        .create_volume(1 << 20, "ship")
+        .await
+        .expect("create")
+        .volume_id
+}
+
+/// Every local disk lost: a fresh engine on `backend` recovers from it alone; returns it (and
+/// its directory) with volume `id` open.
+async fn recovered(
+    backend: &SharedBackend,
+    id: &VolumeId,
+) -> (tempfile::TempDir, Engine, vblock::Volume) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = open(dir.path(), backend).await;
+    e.recover_from_backend().await.expect("recover");
+    let v = e.volume(id).await.expect("open the recovered volume");
+    (dir, e, v)
+}
+
 /// Block `b`'s content at generation `g` (0: never written, zeros).
 fn content(b: u64, g: u64) -> Vec<u8> {
     if g == 0 {
@@ -94,11 +116,7 @@ fn flushed_writes_survive_the_loss_of_every_local_disk() {
             let backend = common::memory_backend();
             let dir = tempfile::tempdir().expect("tempdir");
             let engine = open(dir.path(), &backend).await;
-            let id = engine
-                .create_volume(1 << 20, "ship")
-                .await
-                .expect("create")
-                .volume_id;
+            let id = create(&engine).await;
             let mut engine = Some(engine);
             let mut writes: Vec<(u64, u64)> = Vec::new();
             let mut flushed = 0;
@@ -200,11 +218,7 @@ fn a_flush_is_acknowledged_only_once_its_records_are_stored() {
         let mut c = config(dir.path());
         c.volume.idle_flush = Duration::from_secs(3600);
         let engine = Engine::open(c, backend.clone()).await.expect("engine");
-        let id = engine
-            .create_volume(1 << 20, "ship")
-            .await
-            .expect("create")
-            .volume_id;
+        let id = create(&engine).await;
         let vol = engine.volume(&id).await.expect("open");
 
         hooks.down.store(true, Ordering::SeqCst);
@@ -229,10 +243,7 @@ fn a_flush_is_acknowledged_only_once_its_records_are_stored() {
         drop(vol);
         engine.simulate_crash().await;
 
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let e = open(fresh.path(), &backend).await;
-        e.recover_from_backend().await.expect("recover");
-        let vol = e.volume(&id).await.expect("open");
+        let (_fresh, e, vol) = recovered(&backend, &id).await;
         assert_eq!(
             read_all(&vol).await[0],
             1,
@@ -252,11 +263,7 @@ fn a_taken_counter_fences_the_writer() {
         let backend = common::memory_backend();
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = open(dir.path(), &backend).await;
-        let id = engine
-            .create_volume(1 << 20, "ship")
-            .await
-            .expect("create")
-            .volume_id;
+        let id = create(&engine).await;
         let vol = engine.volume(&id).await.expect("open");
         vol.write(0, Bytes::from(content(0, 1)), true)
             .await
@@ -307,11 +314,7 @@ fn covered_objects_are_deleted() {
         c.volume.idle_flush = Duration::from_secs(3600);
         c.volume.chunk_bytes = 1 << 20;
         let engine = Engine::open(c, backend.clone()).await.expect("engine");
-        let id = engine
-            .create_volume(1 << 20, "ship")
-            .await
-            .expect("create")
-            .volume_id;
+        let id = create(&engine).await;
         let vol = engine.volume(&id).await.expect("open");
         for b in 0..BLOCKS {
             vol.write(b * 4096, Bytes::from(content(b, b + 1)), b % 8 == 7)
@@ -337,10 +340,7 @@ fn covered_objects_are_deleted() {
         drop(vol);
         engine.simulate_crash().await;
         drop(dir);
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let e = open(fresh.path(), &backend).await;
-        e.recover_from_backend().await.expect("recover");
-        let vol = e.volume(&id).await.expect("open");
+        let (_fresh, e, vol) = recovered(&backend, &id).await;
         assert_eq!(read_all(&vol).await, expected);
         vol.write(0, Bytes::from(content(0, 99)), true)
             .await
@@ -375,11 +375,7 @@ fn replay_from_the_backend_stops_at_a_gap() {
             c.volume.idle_flush = Duration::from_secs(3600);
             c.volume.chunk_bytes = 1 << 20;
             let engine = Engine::open(c, backend.clone()).await.expect("engine");
-            let id = engine
-                .create_volume(1 << 20, "ship")
-                .await
-                .expect("create")
-                .volume_id;
+            let id = create(&engine).await;
             let vol = engine.volume(&id).await.expect("open");
             for b in 0..3 {
                 vol.write(b * 4096, Bytes::from(content(b, b + 1)), true)
@@ -391,11 +387,8 @@ fn replay_from_the_backend_stops_at_a_gap() {
             engine.simulate_crash().await;
             id
         }
-        async fn recovered(backend: &SharedBackend, id: &VolumeId) -> Vec<u64> {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let e = open(dir.path(), backend).await;
-            e.recover_from_backend().await.expect("recover");
-            let vol = e.volume(id).await.expect("open");
+        async fn first_blocks(backend: &SharedBackend, id: &VolumeId) -> Vec<u64> {
+            let (_dir, e, vol) = recovered(backend, id).await;
             let got = read_all(&vol).await[..4].to_vec();
             drop(vol);
             e.close_all().await;
@@ -408,14 +401,11 @@ fn replay_from_the_backend_stops_at_a_gap() {
             .delete(&wal_object_key(&id, 2))
             .await
             .expect("delete");
-        assert_eq!(recovered(&backend, &id).await, vec![1, 0, 0, 0]);
+        assert_eq!(first_blocks(&backend, &id).await, vec![1, 0, 0, 0]);
         // The recovered volume drops object 3 (past the break), fences after it (counters are
         // never used twice) and ships on: a flushed write survives the next loss.
         {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let e = open(dir.path(), &backend).await;
-            e.recover_from_backend().await.expect("recover");
-            let vol = e.volume(&id).await.expect("open");
+            let (_dir, e, vol) = recovered(&backend, &id).await;
             vol.write(3 * 4096, Bytes::from(content(3, 9)), true)
                 .await
                 .expect("write");
@@ -429,7 +419,7 @@ fn replay_from_the_backend_stops_at_a_gap() {
             drop(vol);
             e.simulate_crash().await;
         }
-        assert_eq!(recovered(&backend, &id).await, vec![1, 0, 0, 9]);
+        assert_eq!(first_blocks(&backend, &id).await, vec![1, 0, 0, 9]);
 
         // Object 4 claims to follow seq 100: the records between are missing.
         let backend = common::memory_backend();
@@ -460,7 +450,7 @@ fn replay_from_the_backend_stops_at_a_gap() {
             .put_if_absent(&wal_object_key(&id, 4), enc.finish())
             .await
             .expect("put"));
-        assert_eq!(recovered(&backend, &id).await, vec![1, 2, 3, 0]);
+        assert_eq!(first_blocks(&backend, &id).await, vec![1, 2, 3, 0]);
     });
 }
 
@@ -477,11 +467,7 @@ fn an_open_takes_what_the_local_wal_lost_from_the_backend() {
         let engine = Engine::open(c.clone(), backend.clone())
             .await
             .expect("engine");
-        let id = engine
-            .create_volume(1 << 20, "ship")
-            .await
-            .expect("create")
-            .volume_id;
+        let id = create(&engine).await;
         let vol = engine.volume(&id).await.expect("open");
         for b in 0..3 {
             vol.write(b * 4096, Bytes::from(content(b, b + 1)), true)
@@ -508,10 +494,7 @@ fn an_open_takes_what_the_local_wal_lost_from_the_backend() {
         drop(vol);
         engine.simulate_crash().await;
         drop(dir);
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let e = open(fresh.path(), &backend).await;
-        e.recover_from_backend().await.expect("recover");
-        let vol = e.volume(&id).await.expect("open");
+        let (_fresh, e, vol) = recovered(&backend, &id).await;
         assert_eq!(read_all(&vol).await[..4], [7, 2, 3, 0]);
         drop(vol);
         e.close_all().await;
@@ -551,11 +534,7 @@ fn a_landed_put_whose_answer_was_lost_is_not_a_fence() {
         let backend: SharedBackend = hooked.clone();
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = open(dir.path(), &backend).await;
-        let id = engine
-            .create_volume(1 << 20, "ship")
-            .await
-            .expect("create")
-            .volume_id;
+        let id = create(&engine).await;
         let vol = engine.volume(&id).await.expect("open");
         hooked.hooks.lost.store(1, Ordering::SeqCst);
         vol.write(0, Bytes::from(content(0, 1)), false)
@@ -573,10 +552,7 @@ fn a_landed_put_whose_answer_was_lost_is_not_a_fence() {
         drop(vol);
         engine.simulate_crash().await;
         drop(dir);
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let e = open(fresh.path(), &backend).await;
-        e.recover_from_backend().await.expect("recover");
-        let vol = e.volume(&id).await.expect("open");
+        let (_fresh, e, vol) = recovered(&backend, &id).await;
         assert_eq!(read_all(&vol).await[..3], [1, 2, 0]);
         drop(vol);
         e.close_all().await;
@@ -608,11 +584,7 @@ fn a_takeover_fences_the_old_owner() {
             tempfile::tempdir().expect("tempdir"),
         );
         let a = open(da.path(), &backend).await;
-        let id = a
-            .create_volume(1 << 20, "ship")
-            .await
-            .expect("create")
-            .volume_id;
+        let id = create(&a).await;
         let va = a.volume(&id).await.expect("open on A");
         // Generations 1..=6 over all blocks (64 KiB chunks: several commit meanwhile).
         for g in 1..=6 {
@@ -658,10 +630,7 @@ fn a_takeover_fences_the_old_owner() {
         c.simulate_crash().await;
 
         // Every disk lost: the backend alone gives C's volume.
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let e = open(fresh.path(), &backend).await;
-        e.recover_from_backend().await.expect("recover");
-        let v = e.volume(&id).await.expect("open recovered");
+        let (_fresh, e, v) = recovered(&backend, &id).await;
         assert_eq!(read_all(&v).await, expected);
         drop(v);
         e.close_all().await;
@@ -681,11 +650,7 @@ fn racing_takeovers_have_one_writer() {
             tempfile::tempdir().expect("tempdir"),
         );
         let a = open(da.path(), &backend).await;
-        let id = a
-            .create_volume(1 << 20, "ship")
-            .await
-            .expect("create")
-            .volume_id;
+        let id = create(&a).await;
         let va = a.volume(&id).await.expect("open");
         write_gen(&va, 0..BLOCKS, 1).await;
         drop(va);
@@ -740,15 +705,18 @@ fn a_fenced_owner_deletes_nothing() {
             tempfile::tempdir().expect("tempdir"),
             tempfile::tempdir().expect("tempdir"),
         );
-        let mut ca = config(da.path());
-        ca.volume.idle_flush = Duration::from_secs(3600);
-        ca.volume.chunk_bytes = 1 << 20;
-        let a = Engine::open(ca, backend.clone()).await.expect("engine");
-        let id = a
-            .create_volume(1 << 20, "ship")
+        // No chunk on either node until asked: only A's own chunks could cover its objects
+        // (B, their owner now, may delete them once its chunks hold them).
+        let quiet = |dir: &std::path::Path| {
+            let mut c = config(dir);
+            c.volume.idle_flush = Duration::from_secs(3600);
+            c.volume.chunk_bytes = 1 << 20;
+            c
+        };
+        let a = Engine::open(quiet(da.path()), backend.clone())
             .await
-            .expect("create")
-            .volume_id;
+            .expect("engine");
+        let id = create(&a).await;
         let va = a.volume(&id).await.expect("open on A");
         for blk in 0..4 {
             va.write(blk * 4096, Bytes::from(content(blk, 1)), true)
@@ -757,7 +725,9 @@ fn a_fenced_owner_deletes_nothing() {
         }
         assert_eq!(wal_counters(&backend, &id).await, vec![1, 2, 3, 4]);
 
-        let b = open(db.path(), &backend).await;
+        let b = Engine::open(quiet(db.path()), backend.clone())
+            .await
+            .expect("engine");
         b.take_over(&id, "b").await.expect("take over");
         let vb = b.volume(&id).await.expect("open on B");
         vb.write(10 * 4096, Bytes::from(content(10, 2)), true)
@@ -784,10 +754,7 @@ fn a_fenced_owner_deletes_nothing() {
         drop(vb);
         b.simulate_crash().await;
 
-        let fresh = tempfile::tempdir().expect("tempdir");
-        let e = open(fresh.path(), &backend).await;
-        e.recover_from_backend().await.expect("recover");
-        let v = e.volume(&id).await.expect("open");
+        let (_fresh, e, v) = recovered(&backend, &id).await;
         let got = read_all(&v).await;
         assert_eq!(&got[..4], &[1, 1, 1, 1]);
         assert_eq!(got[10], 2);

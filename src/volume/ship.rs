@@ -265,8 +265,11 @@ struct Job {
 struct Progress {
     /// Every record through this seq is in the store.
     through: u64,
-    /// Shipping rounds that failed; a flush fails when it grows while it waits.
-    failures: u64,
+    /// Shipping rounds started (a PUT of one object, or its retry).
+    rounds: u64,
+    /// The number of the last round that failed: a flush fails when a round that started
+    /// after it was issued fails (its records were in it, or in an earlier round that failed).
+    failed_round: u64,
     /// The last failure's reason.
     error: Option<String>,
     /// The shipper has stopped (closed or fenced): waiting flushes fail.
@@ -370,12 +373,12 @@ impl Shipper {
 
     /// Waits until every record queued before the call is in the store (NBD_CMD_FLUSH, FUA).
     ///
-    /// Errors: [`VolumeError::Shipping`] when a shipping round fails meanwhile (a backend
-    /// outage beyond the retries; the records stay queued for the next round),
+    /// Errors: [`VolumeError::Shipping`] when a shipping round that started after the call
+    /// fails (a backend outage beyond the retries; the records stay queued for the next round),
     /// [`VolumeError::Closed`] once the shipper stopped.
     pub(super) async fn flush(&self) -> Result<(), VolumeError> {
         let mut rx = self.progress.subscribe();
-        let failures = rx.borrow().failures;
+        let started = rx.borrow().rounds;
         let target = {
             let mut q = lock(&self.queue);
             q.wanted = q.wanted.max(q.last_seq);
@@ -383,7 +386,7 @@ impl Shipper {
         };
         self.wake.notify_one();
         let p = rx
-            .wait_for(|p| p.through >= target || p.failures > failures || p.stopped)
+            .wait_for(|p| p.through >= target || p.failed_round > started || p.stopped)
             .await
             .map_err(|_| VolumeError::Closed)?
             .clone();
@@ -471,6 +474,11 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
             notified.await;
             continue;
         };
+        let mut round = 0;
+        s.progress.send_modify(|p| {
+            p.rounds += 1;
+            round = p.rounds;
+        });
         match ship(inner, s, &job).await {
             Ok(true) => {
                 failures = 0;
@@ -497,7 +505,7 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
             Err(e) => {
                 tracing::warn!(volume = %inner.id, counter = job.counter, error = %e, "WAL shipping failed; flushes waiting for it fail");
                 s.progress.send_modify(|p| {
-                    p.failures += 1;
+                    p.failed_round = round;
                     p.error = Some(e.to_string());
                 });
                 pending = Some(job);
