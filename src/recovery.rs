@@ -111,6 +111,7 @@ impl Engine {
         progress: &mut Progress<'_>,
     ) -> Result<VolumeId, VolumeError> {
         let id = rec.volume_id.clone();
+        let started = std::time::Instant::now();
         let mut ids = chunk_ids(&id, keys);
         ids.sort_unstable();
         let lookup = BlockLookup::new(self.meta.clone(), id.clone());
@@ -119,9 +120,11 @@ impl Engine {
         progress.done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
         ids.retain(|o| *o >= state.next_object_id);
         let state = self.apply_chunks(&lookup, state, ids, progress).await?;
+        let chunks_ms = started.elapsed().as_millis() as u64;
         let shipped = self
             .recover_shipped_wal(&id, keys, state.checkpoint)
             .await?;
+        let shipped_ms = started.elapsed().as_millis() as u64;
         let mut state = state;
         if let Some(epoch) = epoch {
             // The epoch's ids, and a checkpoint under its base, before the record makes the
@@ -134,7 +137,7 @@ impl Engine {
         rec.mount = None;
         let meta = self.meta.clone();
         blocking(move || meta.put_volume(&rec)).await?;
-        tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, shipped_wal_records = shipped, "volume recovered from the backend");
+        tracing::info!(volume = %id, next_object_id = state.next_object_id, max_seq = state.max_seq, shipped_wal_records = shipped, chunks_ms, shipped_ms, elapsed_ms = started.elapsed().as_millis() as u64, "volume recovered from the backend");
         Ok(id)
     }
 

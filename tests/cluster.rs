@@ -364,3 +364,117 @@ fn a_paused_owner_resumes_fenced() {
     );
     assert!(!out.contains("failed"), "{out}");
 }
+
+/// 4 KiB block `b` at generation `g`: both numbers, then a fill depending on both.
+fn gen_block(b: u64, g: u64) -> Vec<u8> {
+    let mut v = vec![((b * 31 + g) % 251) as u8 | 1; 4096];
+    v[0..8].copy_from_slice(&b.to_le_bytes());
+    v[8..16].copy_from_slice(&g.to_le_bytes());
+    v
+}
+
+/// Issue test 2: the owner is killed (-9) under a write+flush workload with per-block
+/// generations, at a random point, round after round, the two nodes taking turns. After each
+/// kill a mount through the survivor serves the volume; every flush-acknowledged generation
+/// reads back (or a later one), and no block holds data never written to it. Prints the
+/// failover time (kill to the first successful read) p50/p99. Rounds: `VBLOCK_FAILOVER_ROUNDS`
+/// (default 4; docs/BENCHMARKS.md, "Failover", runs 20).
+#[test]
+fn owners_killed_under_writes_lose_no_flushed_write() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    const BLOCKS: u64 = 64;
+    let rounds: usize = std::env::var("VBLOCK_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let seed: u64 = rand::random();
+    println!("failover test seed {seed}, {rounds} rounds");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let mut nodes = [
+        cluster_daemon(&nats, &s3, "vblock-failover", "a"),
+        cluster_daemon(&nats, &s3, "vblock-failover", "b"),
+    ];
+    let id = nodes[0].create_volume(1);
+    // Per block: the newest generation written, and the newest acknowledged by a flush.
+    let mut written = vec![0u64; BLOCKS as usize];
+    let mut flushed = vec![0u64; BLOCKS as usize];
+    let mut generation = 0u64;
+    let mut failovers = Vec::new();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    for round in 0..rounds {
+        let (owner, survivor) = (round % 2, 1 - round % 2);
+        let name = ["a", "b"][owner];
+        let uri = mount_via(&nodes[owner], &id, name);
+        assert!(
+            uri.contains(&format!(":{}/", nodes[owner].nbd_port)),
+            "round {round}: {uri}"
+        );
+        let export = uri.rsplit('/').next().expect("export").to_owned();
+        let mut c =
+            common::daemon::nbd_client(nodes[owner].nbd_port, &export, Duration::from_secs(30));
+        let writes = rand::Rng::gen_range(&mut rng, 20..200);
+        let mut pending: Vec<(u64, u64)> = Vec::new();
+        for _ in 0..writes {
+            let b = rand::Rng::gen_range(&mut rng, 0..BLOCKS);
+            generation += 1;
+            c.seek(SeekFrom::Start(b * 4096)).expect("seek");
+            c.write_all(&gen_block(b, generation)).expect("write");
+            written[b as usize] = generation;
+            pending.push((b, generation));
+            if rand::Rng::gen_bool(&mut rng, 0.2) {
+                c.flush().expect("flush");
+                for (b, g) in pending.drain(..) {
+                    flushed[b as usize] = flushed[b as usize].max(g);
+                }
+            }
+        }
+        nodes[owner].kill9();
+        let killed = Instant::now();
+        let next = ["a", "b"][survivor];
+        let uri = mount_via(&nodes[survivor], &id, next);
+        let export = uri.rsplit('/').next().expect("export").to_owned();
+        let mut c =
+            common::daemon::nbd_client(nodes[survivor].nbd_port, &export, Duration::from_secs(30));
+        let mut image = vec![0u8; (BLOCKS * 4096) as usize];
+        c.seek(SeekFrom::Start(0)).expect("seek");
+        let mounted = killed.elapsed();
+        c.read_exact(&mut image).expect("read after the failover");
+        failovers.push(killed.elapsed());
+        println!(
+            "round {round}: {writes} writes, failover {:?} (mount answered after {mounted:?})",
+            killed.elapsed()
+        );
+        for b in 0..BLOCKS {
+            let blk = &image[(b * 4096) as usize..((b + 1) * 4096) as usize];
+            let g = if blk.iter().all(|x| *x == 0) {
+                0
+            } else {
+                u64::from_le_bytes(blk[8..16].try_into().expect("8 bytes"))
+            };
+            assert!(
+                g == 0 || blk == gen_block(b, g).as_slice(),
+                "round {round}: block {b} holds data never written to it"
+            );
+            assert!(
+                g >= flushed[b as usize] && g <= written[b as usize],
+                "round {round}: block {b} reads generation {g}; flushed {}, written {}",
+                flushed[b as usize],
+                written[b as usize]
+            );
+            // What the survivor serves is the volume's history from here on.
+            written[b as usize] = g;
+            flushed[b as usize] = g;
+        }
+        drop(c);
+        nodes[owner].start_again();
+    }
+    failovers.sort();
+    let pct = |p: f64| failovers[((failovers.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "failover (kill -9 to the first read through the survivor, lease TTL {TTL:?}): p50 {:?}, p99 {:?}, over {} rounds",
+        pct(0.5),
+        pct(0.99),
+        failovers.len()
+    );
+}

@@ -40,6 +40,9 @@ use super::{lock, Inner, VolumeError};
 /// The queue is shipped without waiting for a flush once it holds this many bytes.
 pub const SHIP_AHEAD_BYTES: u64 = 8 << 20;
 
+/// Shipped objects (headers, or whole ones) read at once when a chain is loaded or replayed.
+const HEADER_READS: usize = 16;
+
 /// A volume's shipped WAL objects as replay sees them (FORMAT.md, "Recovery"): those chunks
 /// cover, then the chain replay walks, then orphans past a break. A fence object (a takeover)
 /// holds a place in the chain and, after a break, restarts it: its node adopted every record
@@ -85,14 +88,20 @@ impl Chain {
         let mut broken = false;
         // The counter the chain's next object must have, once it has begun.
         let mut prev: Option<u64> = None;
-        for counter in wal_object_counters(volume, &keys) {
-            c.max_listed = counter;
-            let key = wal_object_key(volume, counter);
-            let head = match retry(&RetryPolicy::reads(), &key, || {
-                backend.get_range(&key, 0..WAL_OBJECT_HEADER_LEN as u64)
+        // The headers, read HEADER_READS at a time, in counter order.
+        let mut heads = futures::stream::iter(wal_object_counters(volume, &keys))
+            .map(|counter| async move {
+                let key = wal_object_key(volume, counter);
+                let head = retry(&RetryPolicy::reads(), &key, || {
+                    backend.get_range(&key, 0..WAL_OBJECT_HEADER_LEN as u64)
+                })
+                .await;
+                (counter, key, head)
             })
-            .await
-            {
+            .buffered(HEADER_READS);
+        while let Some((counter, key, head)) = heads.next().await {
+            c.max_listed = counter;
+            let head = match head {
                 Ok(h) => Some(h),
                 // Deleted since the listing (covered), or short: not readable.
                 Err(BackendError::NotFound(_) | BackendError::BadRange { .. }) => None,
@@ -175,23 +184,33 @@ impl Chain {
         after: u64,
     ) -> Result<(Vec<(RecordHeader, Bytes)>, Option<VolumeError>), VolumeError> {
         let mut out = Vec::new();
-        for (counter, last) in &self.chain {
-            if *last <= after {
-                continue;
-            }
-            let key = wal_object_key(volume, *counter);
+        // The bodies, read HEADER_READS at a time, in counter order.
+        let wanted: Vec<u64> = self
+            .chain
+            .iter()
+            .filter(|(_, last)| *last > after)
+            .map(|(counter, _)| *counter)
+            .collect();
+        let mut bodies = futures::stream::iter(wanted)
+            .map(|counter| async move {
+                let key = wal_object_key(volume, counter);
+                let body = retry(&RetryPolicy::reads(), &key, || backend.get(&key)).await;
+                (counter, key, body)
+            })
+            .buffered(HEADER_READS);
+        while let Some((counter, key, body)) = bodies.next().await {
             let corrupt = |reason: String| {
                 Some(VolumeError::Corrupt {
                     what: format!("shipped WAL object {key}"),
                     reason,
                 })
             };
-            let body = match retry(&RetryPolicy::reads(), &key, || backend.get(&key)).await {
+            let body = match body {
                 Ok(b) => b,
                 Err(e @ BackendError::NotFound(_)) => return Ok((out, corrupt(e.to_string()))),
                 Err(e) => return Err(e.into()),
             };
-            let records = match walobj::decode(&body, *counter) {
+            let records = match walobj::decode(&body, counter) {
                 Ok((_, records)) => records,
                 Err(e) => return Ok((out, corrupt(e.to_string()))),
             };
