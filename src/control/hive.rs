@@ -137,6 +137,16 @@ impl Control {
             self.engine.put_record(rec.clone()).await?;
             tracing::info!(volume = %id, "volume unmounted");
         }
+        if self.cluster.is_some() && drain {
+            // Cluster mode: the next owner rebuilds the volume from the bucket alone, so what
+            // the drain might not turn into chunks in time goes there first.
+            let open = self.engine.open_volumes().await;
+            if let Some(v) = open.iter().find(|v| v.id() == &id) {
+                if let Err(e) = v.flush().await {
+                    tracing::warn!(volume = %id, error = %e, "shipping the WAL before the unmount failed; the drain into chunks goes on");
+                }
+            }
+        }
         let closed = self.engine.close_volume_draining(&id, drain).await;
         // Cluster mode: a mount that ended releases the volume's lease (whatever ended it).
         if let Some(cluster) = self.cluster.clone() {
