@@ -62,6 +62,22 @@ pub async fn put_retried(
     .await
 }
 
+/// Stores `body` under `key` only if no object is there (`Backend::put_if_absent`), retrying
+/// transient failures like [`put_retried`]. `Ok(true)` when it is stored, also when the object
+/// there holds exactly `body` (an earlier attempt landed but its answer was lost); `Ok(false)`
+/// when another writer's object holds the key.
+pub async fn put_if_absent_retried(
+    backend: &crate::backend::SharedBackend,
+    key: &str,
+    body: bytes::Bytes,
+) -> Result<bool, BackendError> {
+    let policy = RetryPolicy::reads();
+    if retry(&policy, key, || backend.put_if_absent(key, body.clone())).await? {
+        return Ok(true);
+    }
+    Ok(retry(&policy, key, || backend.get(key)).await? == body)
+}
+
 /// Deletes `key` from `backend`, retrying transient failures like [`put_retried`].
 pub async fn delete_retried(
     backend: &crate::backend::SharedBackend,

@@ -13,7 +13,7 @@ use crate::engine::{now_rfc3339, Engine};
 use crate::ids::VolumeId;
 use crate::records::VolumeRecord;
 use crate::recovery::Progress;
-use crate::retry::{retry, RetryPolicy};
+use crate::retry::put_if_absent_retried;
 use crate::volume::VolumeError;
 
 impl From<EpochError> for VolumeError {
@@ -113,12 +113,7 @@ impl Engine {
                 .last()
                 .map_or(1, |c| c.saturating_add(1));
             let key = wal_object_key(id, at);
-            let body = encode_fence(epoch, at, 0);
-            let stored = retry(&RetryPolicy::reads(), &key, || {
-                self.backend.put_if_absent(&key, body.clone())
-            })
-            .await?;
-            if stored || self.backend.get(&key).await? == body {
+            if put_if_absent_retried(&self.backend, &key, encode_fence(epoch, at, 0)).await? {
                 return Ok(at);
             }
         }

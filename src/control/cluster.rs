@@ -55,11 +55,8 @@ impl Control {
         id: &VolumeId,
         uri: &str,
     ) -> Result<Owned, VolumeError> {
-        {
-            let kept = cluster.kept.lock().await;
-            if kept.get(id).is_some_and(|k| !k.is_lost()) {
-                return Ok(Owned::Here);
-            }
+        if self.cluster_keeps(cluster, id).await {
+            return Ok(Owned::Here);
         }
         let mut me = cluster.me.clone();
         me.nbd_advertise = uri.to_owned();
@@ -76,13 +73,7 @@ impl Control {
                 return Err(e);
             }
         };
-        let lost = cluster
-            .kept
-            .lock()
-            .await
-            .get(id)
-            .is_none_or(|k| k.is_lost());
-        if lost {
+        if !self.cluster_keeps(cluster, id).await {
             self.cluster_release(cluster, id).await;
             return Err(VolumeError::Internal(format!(
                 "the lease of {id} was lost during its takeover; try again"

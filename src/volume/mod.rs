@@ -492,7 +492,12 @@ impl Volume {
             Payload::Data(b) => (RecordKind::Write, b.clone()),
             Payload::Zero => (RecordKind::Zero, Bytes::new()),
         };
-        if let Some(s) = &inner.shipper {
+        let shipped = inner.shipper.as_ref().map(|_| body.clone());
+        if let Err(e) = inner.wal.append(kind, seq, start, count as u32, body) {
+            inner.check_failed()?;
+            return Err(e.into());
+        }
+        if let (Some(s), Some(body)) = (&inner.shipper, shipped) {
             let header = RecordHeader {
                 kind,
                 flags: 0,
@@ -502,17 +507,7 @@ impl Volume {
                 block_count: count as u32,
                 payload_len: body.len() as u32,
             };
-            if let Err(e) = inner
-                .wal
-                .append(kind, seq, start, count as u32, body.clone())
-            {
-                inner.check_failed()?;
-                return Err(e.into());
-            }
             s.record(header, body);
-        } else if let Err(e) = inner.wal.append(kind, seq, start, count as u32, body) {
-            inner.check_failed()?;
-            return Err(e.into());
         }
         permits.forget();
         st.next_seq += 1;
@@ -714,11 +709,7 @@ async fn open_chain(
         let at = chain.max_listed.saturating_add(1);
         let key = crate::backend::wal_object_key(id, at);
         let body = crate::cluster::walobj::encode_fence(epoch, at, 0);
-        let stored = crate::retry::retry(&crate::retry::RetryPolicy::reads(), &key, || {
-            backend.put_if_absent(&key, body.clone())
-        })
-        .await?;
-        if !stored && backend.get(&key).await? != body {
+        if !crate::retry::put_if_absent_retried(backend, &key, body).await? {
             return Err(VolumeError::Failed(format!(
                 "{key} was stored by another node: the volume was taken over"
             )));
@@ -754,7 +745,7 @@ pub(crate) fn check_request(offset: u64, len: u64, size: u64) -> Result<(), Volu
 
 impl Inner {
     /// Waits until every record appended before the call is durable: in the local WAL, and
-    /// with WAL shipping also in the backend (the shipper syncs the WAL before each PUT).
+    /// with WAL shipping also in the backend (the shipper syncs the WAL beside each PUT).
     async fn sync(&self) -> Result<(), VolumeError> {
         let synced = match &self.shipper {
             Some(s) => s.flush().await,

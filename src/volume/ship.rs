@@ -5,8 +5,8 @@
 //! Every record the volume appends to its WAL is also queued here (shared payloads, no copy).
 //! One task per volume takes the queue and, while the local WAL syncs, stores it as one shipped
 //! WAL object (`VOLUMEID/wal/COUNTER`, [`crate::cluster::walobj`]) with a conditional PUT at
-//! the next counter. Flushes that arrive meanwhile share the next object. One PUT is in flight at a time,
-//! so objects land in counter order. The queue is also shipped without a flush once it holds
+//! the next counter. Flushes that arrive meanwhile share the next object. One PUT is in flight
+//! at a time, so objects land in counter order. The queue is also shipped without a flush once it holds
 //! [`SHIP_AHEAD_BYTES`], which bounds what it holds.
 //!
 //! Records the flusher's chunks cover (the map's checkpoint) leave the queue unshipped, and
@@ -32,7 +32,7 @@ use crate::backend::{
 };
 use crate::cluster::walobj::{self, WalObjectEncoder, WalObjectKind, WAL_OBJECT_HEADER_LEN};
 use crate::ids::VolumeId;
-use crate::retry::{delete_retried, retry, RetryPolicy};
+use crate::retry::{delete_retried, put_if_absent_retried, retry, RetryPolicy};
 use crate::wal::RecordHeader;
 
 use super::{lock, Inner, VolumeError};
@@ -315,9 +315,8 @@ pub(super) struct Shipper {
 
 impl Shipper {
     /// A shipper of the owner of `epoch` that continues `chain` (what the store holds; its
-    /// orphans deleted), with
-    /// `covered` the map's checkpoint and `replayed` the records the volume's open applied, in
-    /// seq order: those the chain does not hold are queued.
+    /// orphans deleted), with `covered` the map's checkpoint and `replayed` the records the
+    /// volume's open applied, in seq order: those the chain does not hold are queued.
     pub(super) fn new(
         volume: &VolumeId,
         epoch: u64,
@@ -590,21 +589,13 @@ async fn ship(inner: &Inner, s: &Shipper, job: &Job) -> Result<bool, VolumeError
     let started = Instant::now();
     let put = async {
         crate::crash_point!("ship-before-put");
-        retry(&RetryPolicy::reads(), &key, || {
-            inner.backend.put_if_absent(&key, job.body.clone())
-        })
-        .await
+        // An earlier attempt (this round's or a failed round's) that landed counts as stored.
+        put_if_absent_retried(&inner.backend, &key, job.body.clone()).await
     };
     let (synced, stored) = tokio::join!(inner.wal.sync(), put);
     synced?;
-    let stored = stored?;
-    if !stored {
-        // A PUT whose earlier attempt (this round's or a failed round's) landed is refused
-        // too: the object is ours if it holds these bytes.
-        let there = retry(&RetryPolicy::reads(), &key, || inner.backend.get(&key)).await?;
-        if there != job.body {
-            return Ok(false);
-        }
+    if !stored? {
+        return Ok(false);
     }
     crate::crash_point!("ship-after-put");
     s.put_seconds.record(started.elapsed().as_secs_f64());
