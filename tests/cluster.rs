@@ -277,7 +277,13 @@ fn a_mount_fails_over_to_a_surviving_node() {
 
     // Unmount through a node that does not own the volume is refused.
     a.start_again();
-    let refused = a.cli_refused(&["unmount", &id, "--node", "a"]);
+    // The restarted daemon's control plane may still be subscribing: asked again until it
+    // answers (bounded).
+    let mut refused = String::new();
+    common::daemon::wait_until(Duration::from_secs(30), || {
+        refused = a.cli_refused(&["unmount", &id, "--node", "a", "--timeout", "2"]);
+        !refused.contains("no vblock daemon answered")
+    });
     assert!(refused.contains("owned by node b"), "{refused}");
     // An unmount through the owner releases the lease: a owns the volume again at once
     // (well within the lease time), and mounts through b now answer a's URI.
