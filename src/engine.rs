@@ -63,7 +63,14 @@ pub struct Engine {
     pub(crate) snapshot_ends: std::sync::Mutex<crate::snapshot::SnapshotEnds>,
     /// Serialises snapshot mounts, unmounts and deletions (taken after `gc` when both are).
     pub(crate) snapshot_mounts: tokio::sync::Mutex<()>,
+    /// Cluster mode ([`Engine::set_cluster_gc`]): the volumes whose chunks this node may
+    /// delete.
+    pub(crate) gc_scope: std::sync::OnceLock<GcScope>,
 }
+
+/// Cluster mode: whether this node may delete chunk objects of a volume (it owns the volume:
+/// it keeps its lease). See [`Engine::set_cluster_gc`].
+pub type GcScope = std::sync::Arc<dyn Fn(&VolumeId) -> bool + Send + Sync>;
 
 /// What the periodic pass remembers between passes to pace map checkpoints (in memory: a
 /// restarted daemon starts without it, and its first pass frees whatever it may).
@@ -158,7 +165,20 @@ impl Engine {
             gc: tokio::sync::Mutex::new(Default::default()),
             snapshot_ends: Default::default(),
             snapshot_mounts: Default::default(),
+            gc_scope: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Cluster mode (docs/design/cluster.md, "Constraints"): garbage collection deletes chunk
+    /// objects only of volumes `scope` admits (those this node owns: a stale copy of another
+    /// node's volume says nothing about what that node's map uses), and first installs every
+    /// snapshot stored in the backend that this node does not have, and forgets completed ones
+    /// deleted there, so that the mark pass counts every node's snapshots (and, through the
+    /// snapshot maps kept while clones of them exist, every clone's shared chunks). Set once.
+    pub fn set_cluster_gc(&self, scope: GcScope) {
+        if self.gc_scope.set(scope).is_err() {
+            tracing::warn!("the cluster GC scope was set twice; the first one stays");
+        }
     }
 
     /// The metadata store (volume records).

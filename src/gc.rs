@@ -94,6 +94,12 @@ impl Engine {
         for (vol, id, st) in candidates {
             by_owner.entry(vol).or_default().push((id, st));
         }
+        if let Some(scope) = self.gc_scope.get() {
+            by_owner.retain(|vol, _| scope(vol));
+            if !by_owner.is_empty() {
+                self.sync_snapshots_from_backend().await?;
+            }
+        }
         let now = Instant::now();
         pacing.waiting_since.retain(|v, _| by_owner.contains_key(v));
         let mut live = HashSet::new();
@@ -188,6 +194,40 @@ impl Engine {
         metrics::counter!("vblock_gc_checkpoint_bytes_total").increment(report.checkpoint_bytes);
         metrics::gauge!("vblock_gc_waiting_objects").set(report.objects_waiting as f64);
         Ok(report)
+    }
+
+    /// Cluster mode, before a mark pass (under the GC lock): installs every snapshot whose
+    /// record copy is in the backend and not here, and forgets every completed one here whose
+    /// record copy is gone (deleted through another node; a completed snapshot's copy was
+    /// stored before it was marked completed). Pending and failed local snapshots stay.
+    async fn sync_snapshots_from_backend(&self) -> Result<(), VolumeError> {
+        let keys: HashSet<String> = self.backend.list("snap-").await?.into_iter().collect();
+        let local = self.list_snapshots().await?;
+        let known: HashSet<&crate::ids::SnapshotId> =
+            local.iter().map(|r| &r.snapshot_id).collect();
+        for key in keys.iter().filter(|k| k.ends_with("/snapshot.json")) {
+            let Some(id) = key
+                .strip_suffix("/snapshot.json")
+                .and_then(|id| crate::ids::SnapshotId::parse(id).ok())
+            else {
+                continue;
+            };
+            if !known.contains(&id) {
+                self.load_snapshot(&id).await?;
+            }
+        }
+        for rec in &local {
+            let stored = crate::backend::snapshot_record_key(&rec.snapshot_id);
+            if rec.state == crate::records::SnapshotStateName::Completed
+                && rec.mount.is_none()
+                && !keys.contains(&stored)
+            {
+                let (meta, id) = (self.meta.clone(), rec.snapshot_id.clone());
+                blocking(move || meta.delete_snapshot(&id)).await?;
+                tracing::info!(snapshot = %rec.snapshot_id, "forgot a snapshot deleted through another node");
+            }
+        }
+        Ok(())
     }
 
     /// Stores volume `vol`'s map, chunk stats and state in the backend as a map checkpoint

@@ -6,9 +6,7 @@
 
 use std::collections::HashSet;
 
-use crate::backend::{
-    checkpoint_prefix, chunk_ids, chunk_key, snapshot_map_key, wal_object_counters, BackendError,
-};
+use crate::backend::{checkpoint_prefix, chunk_ids, chunk_key, wal_object_counters, BackendError};
 use crate::chunk::FLAG_MORE_PARTS;
 use crate::cluster::epoch::epoch_base;
 use crate::engine::{max_extent_seq, Engine};
@@ -323,22 +321,7 @@ impl Engine {
             if self.get_snapshot(&rec.snapshot_id).await?.is_some() {
                 continue;
             }
-            let map_key = snapshot_map_key(&rec.snapshot_id);
-            let obj = MapObject::decode(&self.backend.get(&map_key).await?).map_err(|e| {
-                VolumeError::Corrupt {
-                    what: format!("snapshot map {map_key}"),
-                    reason: e.to_string(),
-                }
-            })?;
-            let meta = self.meta.clone();
-            let r = rec.clone();
-            blocking(move || {
-                let lookup =
-                    BlockLookup::snapshot(meta.clone(), &r.snapshot_id, r.volume_id.clone());
-                meta.install_map(&lookup, &obj.extents, None, vec![])?;
-                meta.put_snapshot(&r)
-            })
-            .await?;
+            self.install_stored_snapshot(&rec).await?;
             tracing::info!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "snapshot recovered from the backend");
         }
         Ok(())

@@ -123,6 +123,16 @@ impl Engine {
         vol: &VolumeId,
         description: &str,
     ) -> Result<SnapshotRecord, VolumeError> {
+        Ok(self.create_snapshot_tracked(vol, description).await?.0)
+    }
+
+    /// [`Engine::create_snapshot`], with the task that stores the snapshot in the backend: it
+    /// ends with the final record (`completed`, or `error`), also stored locally by then.
+    pub async fn create_snapshot_tracked(
+        &self,
+        vol: &VolumeId,
+        description: &str,
+    ) -> Result<(SnapshotRecord, tokio::task::JoinHandle<SnapshotRecord>), VolumeError> {
         // A close can end the instance under the snapshot (an unmount racing it): the next
         // instance, opened once the close is done, holds every write the closed one had.
         let mut attempt = 0;
@@ -135,8 +145,8 @@ impl Engine {
         };
         tracing::info!(snapshot = %rec.snapshot_id, volume = %vol, seq = rec.seq, "snapshot taken");
         let (meta, backend, r) = (self.meta.clone(), self.backend.clone(), rec.clone());
-        tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
-        Ok(rec)
+        let stored = tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
+        Ok((rec, stored))
     }
 
     /// Freezes `volume`'s map into a new snapshot record (the `pending` record, stored).
@@ -206,30 +216,104 @@ impl Engine {
     /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::IncorrectState`] for a pending
     /// snapshot, [`VolumeError::InUse`] for a mounted one; backend errors.
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), VolumeError> {
+        self.existing_snapshot(id).await?;
+        self.delete_snapshot_copies(id, true).await
+    }
+
+    /// Deletes snapshot `id` wherever this node has it: its local copy (if any; refused while
+    /// pending or mounted here), then, with `stored`, its record and map in the backend (cluster
+    /// mode keeps them while volumes cloned from it exist: they pin the chunks it shares with
+    /// them for every node's garbage collection). Frees the chunks only it used.
+    ///
+    /// Errors: [`VolumeError::IncorrectState`] for a pending snapshot, [`VolumeError::InUse`]
+    /// for one mounted here; backend and metadata errors.
+    pub async fn delete_snapshot_copies(
+        &self,
+        id: &SnapshotId,
+        stored: bool,
+    ) -> Result<(), VolumeError> {
         {
             let _gc = self.gc.lock().await;
             let _mounts = self.snapshot_mounts.lock().await;
-            let rec = self.existing_snapshot(id).await?;
-            if rec.state == SnapshotStateName::Pending {
-                return Err(VolumeError::IncorrectState(format!(
-                    "snapshot {id} is pending; delete it once it completes"
-                )));
+            let local = self.get_snapshot(id).await?;
+            if let Some(rec) = &local {
+                if rec.state == SnapshotStateName::Pending {
+                    return Err(VolumeError::IncorrectState(format!(
+                        "snapshot {id} is pending; delete it once it completes"
+                    )));
+                }
+                if rec.mount.is_some() {
+                    return Err(VolumeError::InUse(format!(
+                        "snapshot {id} is mounted (exported over NBD); unmount it first"
+                    )));
+                }
             }
-            if rec.mount.is_some() {
-                return Err(VolumeError::InUse(format!(
-                    "snapshot {id} is mounted (exported over NBD); unmount it first"
-                )));
+            if stored {
+                // The record copy goes first: a half-deleted snapshot is never recovered.
+                for key in [snapshot_record_key(id), snapshot_map_key(id)] {
+                    delete_retried(&self.backend, &key).await?;
+                }
             }
-            // The record copy goes first: a half-deleted snapshot is never recovered.
-            for key in [snapshot_record_key(id), snapshot_map_key(id)] {
-                delete_retried(&self.backend, &key).await?;
+            if local.is_some() {
+                let (meta, sid) = (self.meta.clone(), id.clone());
+                blocking(move || meta.delete_snapshot(&sid)).await?;
             }
-            let (meta, sid) = (self.meta.clone(), id.clone());
-            blocking(move || meta.delete_snapshot(&sid)).await?;
             self.end_snapshot_readers(id);
         }
         tracing::info!(snapshot = %id, "snapshot deleted");
         self.collect_garbage().await?;
+        Ok(())
+    }
+
+    /// Snapshot `id`'s local record, first installing it from the backend (its record copy
+    /// and map object) when this node does not have it (cluster mode: the snapshot was taken
+    /// on another node).
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`] when neither has it; a corrupt map object;
+    /// backend and metadata errors.
+    pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<SnapshotRecord, VolumeError> {
+        if let Some(rec) = self.get_snapshot(id).await? {
+            return Ok(rec);
+        }
+        let key = snapshot_record_key(id);
+        if !self.backend.list(&key).await?.contains(&key) {
+            return Err(VolumeError::SnapshotNotFound(id.clone()));
+        }
+        let rec = self
+            .stored_record::<SnapshotRecord>(&key, "snapshot")
+            .await?
+            .ok_or_else(|| VolumeError::Corrupt {
+                what: key.clone(),
+                reason: "the snapshot record does not decode".into(),
+            })?;
+        self.install_stored_snapshot(&rec).await?;
+        Ok(rec)
+    }
+
+    /// Installs snapshot `rec` (stored in the backend, not known here) from its map object.
+    pub(crate) async fn install_stored_snapshot(
+        &self,
+        rec: &SnapshotRecord,
+    ) -> Result<(), VolumeError> {
+        let map_key = snapshot_map_key(&rec.snapshot_id);
+        let obj = MapObject::decode(&self.backend.get(&map_key).await?).map_err(|e| {
+            VolumeError::Corrupt {
+                what: format!("snapshot map {map_key}"),
+                reason: e.to_string(),
+            }
+        })?;
+        let meta = self.meta.clone();
+        let r = SnapshotRecord {
+            mount: None,
+            ..rec.clone()
+        };
+        blocking(move || {
+            let lookup = BlockLookup::snapshot(meta.clone(), &r.snapshot_id, r.volume_id.clone());
+            meta.install_map(&lookup, &obj.extents, None, vec![])?;
+            meta.put_snapshot(&r)
+        })
+        .await?;
+        tracing::info!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "snapshot installed from the backend");
         Ok(())
     }
 
@@ -380,7 +464,11 @@ impl Engine {
 
 /// Copies a snapshot's frozen map and then its record to the backend and marks it `completed`
 /// (`error` after the retries run out).
-async fn publish_snapshot(meta: MetaStore, backend: SharedBackend, mut rec: SnapshotRecord) {
+async fn publish_snapshot(
+    meta: MetaStore,
+    backend: SharedBackend,
+    mut rec: SnapshotRecord,
+) -> SnapshotRecord {
     let id = rec.snapshot_id.clone();
     let result: Result<(), VolumeError> = async {
         let lookup = BlockLookup::snapshot(meta.clone(), &id, rec.volume_id.clone());
@@ -409,4 +497,5 @@ async fn publish_snapshot(meta: MetaStore, backend: SharedBackend, mut rec: Snap
     if let Err(e) = blocking(move || meta.put_snapshot(&r)).await {
         tracing::error!(snapshot = %id, error = %e, "snapshot record update failed");
     }
+    rec
 }

@@ -53,6 +53,17 @@ impl Engine {
     /// copy in the backend; backend, metadata and WAL errors (the takeover may be retried: it
     /// then takes the next epoch).
     pub async fn take_over(&self, id: &VolumeId, node: &str) -> Result<u64, VolumeError> {
+        self.take_over_with(id, node, None).await
+    }
+
+    /// [`Engine::take_over`] with the volume's record `record` when the caller has it (cluster
+    /// mode: the catalog's), instead of the record copy in the backend.
+    pub async fn take_over_with(
+        &self,
+        id: &VolumeId,
+        node: &str,
+        record: Option<VolumeRecord>,
+    ) -> Result<u64, VolumeError> {
         if !self.config.volume.ship_wal {
             return Err(VolumeError::InvalidArgument(
                 "a takeover needs WAL shipping (--ship-wal)".into(),
@@ -62,7 +73,7 @@ impl Engine {
         let e = &mut epoch;
         self.close_then(id, Duration::ZERO, || async move {
             let _gc = self.gc.lock().await;
-            *e = self.take_over_closed(id, node).await?;
+            *e = self.take_over_closed(id, node, record).await?;
             Ok(())
         })
         .await?;
@@ -70,7 +81,12 @@ impl Engine {
     }
 
     /// [`Engine::take_over`] of a volume that is closed here and stays so.
-    async fn take_over_closed(&self, id: &VolumeId, node: &str) -> Result<u64, VolumeError> {
+    async fn take_over_closed(
+        &self,
+        id: &VolumeId,
+        node: &str,
+        record: Option<VolumeRecord>,
+    ) -> Result<u64, VolumeError> {
         let epoch = match take_epoch(&*self.backend, id, node, now_rfc3339()).await? {
             TakeOver::Taken(m) => m.epoch,
             TakeOver::Lost(m) => {
@@ -82,10 +98,13 @@ impl Engine {
         };
         let fence_at = self.fence(id, epoch).await?;
         tracing::info!(volume = %id, epoch, node, fence = fence_at, "took the volume over; rebuilding it from the backend");
-        let rec: VolumeRecord = self
-            .stored_record(&volume_record_key(id), "volume")
-            .await?
-            .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?;
+        let rec: VolumeRecord = match record {
+            Some(rec) => rec,
+            None => self
+                .stored_record(&volume_record_key(id), "volume")
+                .await?
+                .ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))?,
+        };
         // Local state of an earlier ownership is stale: without its record the volume does not
         // open until the rebuild below has stored the new one, after the new checkpoint. Its
         // map and chunk stats stay until the rebuild replaces them (emptied stats would let GC

@@ -484,3 +484,171 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
         failovers.len()
     );
 }
+
+/// Sends `body` to node `node`'s copy of operation `op` (`vblock.NODE.OP`, cluster mode) and
+/// returns the JSON reply; asks again while the node has not subscribed yet (bounded).
+fn node_request(nats: &Nats, node: &str, op: &str, body: serde_json::Value) -> serde_json::Value {
+    let subject = format!("vblock.{node}.{op}");
+    let url = nats.url();
+    let mut reply = serde_json::Value::Null;
+    common::run(Duration::from_secs(120), async {
+        let client = async_nats::connect(url).await.expect("connect");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let request = async_nats::Request::new()
+                .payload(body.to_string().into())
+                .timeout(Some(Duration::from_secs(60)));
+            match client.send_request(subject.clone(), request).await {
+                Ok(msg) => {
+                    reply = serde_json::from_slice(&msg.payload)
+                        .unwrap_or_else(|e| panic!("{subject}: the reply is not JSON: {e}"));
+                    return;
+                }
+                Err(e)
+                    if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{subject}: {e}"),
+            }
+        }
+    });
+    reply
+}
+
+/// The EC2 error code of `reply` (panics when it is not an error).
+fn error_code(reply: &serde_json::Value) -> &str {
+    reply["Error"]["Code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error reply, got {reply}"))
+}
+
+/// One catalog (issue test 1): three daemons in cluster mode on one bucket, each request
+/// addressed to one node. A volume created through a is described through b and c; a snapshot
+/// through c of the volume a serves (forwarded to a) completes; a clone of it created and
+/// mounted through b reads the snapshot's data, not the writes after it. The snapshot is
+/// deleted through a, then the source volume through c, which has no copy of the snapshot or
+/// the clone: its garbage collection spares the chunks the clone shares only because the
+/// snapshot's map stays in the bucket while a clone of it exists. The clone still reads its
+/// data, also once it moved to c (a takeover from the bucket, reading every chunk afresh).
+#[test]
+fn one_catalog_serves_every_node() {
+    use serde_json::json;
+    common::daemon::require("qemu-io");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let a = cluster_daemon(&nats, &s3, "vblock-catalog", "a");
+    let b = cluster_daemon(&nats, &s3, "vblock-catalog", "b");
+    let c = cluster_daemon(&nats, &s3, "vblock-catalog", "c");
+
+    let created = node_request(
+        &nats,
+        "a",
+        "createvolume",
+        json!({"Size": 1, "ClientToken": "source-1"}),
+    );
+    let id = created["VolumeId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("createvolume: {created}"))
+        .to_owned();
+    for node in ["b", "c"] {
+        let d = node_request(&nats, node, "describevolumes", json!({"VolumeIds": [id]}));
+        assert_eq!(
+            d["Volumes"][0]["VolumeId"],
+            id.as_str(),
+            "through {node}: {d}"
+        );
+        assert_eq!(d["Volumes"][0]["Size"], 1, "through {node}: {d}");
+        assert_eq!(d["Volumes"][0]["State"], "available", "through {node}: {d}");
+    }
+    let again = node_request(
+        &nats,
+        "b",
+        "createvolume",
+        json!({"Size": 1, "ClientToken": "source-1"}),
+    );
+    assert_eq!(
+        again["VolumeId"],
+        id.as_str(),
+        "a ClientToken is idempotent across nodes: {again}"
+    );
+
+    let uri = mount_via(&a, &id, "a");
+    common::daemon::qemu_io(
+        &uri,
+        &["write -P 0x5a 0 1M", "write -P 0x6b 2M 64k", "flush"],
+    );
+    let d = node_request(&nats, "c", "describevolumes", json!({"VolumeIds": [id]}));
+    assert_eq!(d["Volumes"][0]["State"], "in-use", "{d}");
+
+    // Through c, which does not own the volume: taken by the owner a, from its newest map.
+    let snap = node_request(
+        &nats,
+        "c",
+        "createsnapshot",
+        json!({"VolumeId": id, "Description": "through b"}),
+    );
+    let snap_id = snap["SnapshotId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("createsnapshot: {snap}"))
+        .to_owned();
+    common::daemon::qemu_io(&uri, &["write -P 0x7c 0 64k", "flush"]);
+    let completed = common::daemon::wait_until(Duration::from_secs(30), || {
+        let d = node_request(
+            &nats,
+            "b",
+            "describesnapshots",
+            json!({"SnapshotIds": [snap_id]}),
+        );
+        d["Snapshots"][0]["State"] == "completed"
+    });
+    assert!(completed, "the snapshot did not complete in the catalog");
+
+    let clone = node_request(&nats, "b", "createvolume", json!({"SnapshotId": snap_id}));
+    let clone_id = clone["VolumeId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("createvolume from a snapshot: {clone}"))
+        .to_owned();
+    let clone_uri = mount_via(&b, &clone_id, "b");
+    let snapshot_data = [
+        "read -P 0x5a 0 1M",
+        "read -P 0x6b 2M 64k",
+        "read -P 0 1M 1M",
+    ];
+    let out = common::daemon::qemu_io_read_only(&clone_uri, &snapshot_data);
+    assert!(!out.contains("failed"), "the clone through b: {out}");
+
+    let deleted = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap_id}));
+    assert_eq!(deleted["Return"], true, "{deleted}");
+    let gone = node_request(
+        &nats,
+        "b",
+        "describesnapshots",
+        json!({"SnapshotIds": [snap_id]}),
+    );
+    assert_eq!(error_code(&gone), "InvalidSnapshot.NotFound");
+
+    a.cli(&["unmount", &id, "--node", "a"]);
+    let deleted = node_request(&nats, "c", "deletevolume", json!({"VolumeId": id}));
+    assert_eq!(deleted["Return"], true, "{deleted}");
+    let gone = node_request(&nats, "b", "describevolumes", json!({"VolumeIds": [id]}));
+    assert_eq!(error_code(&gone), "InvalidVolume.NotFound");
+
+    let out = common::daemon::qemu_io_read_only(&clone_uri, &snapshot_data);
+    assert!(
+        !out.contains("failed"),
+        "the clone after its source was deleted: {out}"
+    );
+    b.cli(&["unmount", &clone_id, "--node", "b"]);
+    let moved = mount_via(&c, &clone_id, "c");
+    assert!(moved.contains(&format!(":{}/", c.nbd_port)), "{moved}");
+    let out = common::daemon::qemu_io_read_only(&moved, &snapshot_data);
+    assert!(!out.contains("failed"), "the clone moved to c: {out}");
+    let all = node_request(&nats, "b", "describevolumes", json!({}));
+    let ids: Vec<&str> = all["Volumes"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|v| v["VolumeId"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [clone_id.as_str()], "{all}");
+}

@@ -101,20 +101,7 @@ impl Leases {
         bucket: &str,
         ttl: Duration,
     ) -> Result<Self, LeaseError> {
-        let js = async_nats::jetstream::new(client);
-        let kv = match js.get_key_value(bucket).await {
-            Ok(kv) => kv,
-            // Creating an existing bucket with the same settings succeeds, so two daemons
-            // starting together both get it.
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_owned(),
-                    history: 1,
-                    ..Default::default()
-                })
-                .await
-                .map_err(kv_err)?,
-        };
+        let kv = super::open_bucket(client, bucket).await.map_err(kv_err)?;
         Ok(Self { kv, ttl })
     }
 

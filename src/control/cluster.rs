@@ -1,46 +1,122 @@
-//! Cluster mode's mounts (`vblock serve --cluster`; docs/design/cluster.md): a volume is
-//! served by the node that holds its lease in JetStream KV. A mount claims the lease (waiting
-//! out the holder's TTL if it stopped renewing), takes the volume over in a new epoch when this
-//! node is not its current writer (`Engine::take_over`: fence, rebuild from the backend), and
-//! keeps the lease while mounted; the lease's value carries the mount URI, which a mount
-//! answered by any other node returns while the owner is alive. A lost lease closes the volume
-//! here; an unmount releases it.
+//! Cluster mode's control plane (`vblock serve --cluster`; docs/design/cluster.md): records
+//! live in the cluster's catalog (JetStream KV), and a volume is served by the node that holds
+//! its lease. A mount claims the lease (waiting out the holder's TTL if it stopped renewing),
+//! takes the volume over in a new epoch when this node is not its current writer
+//! (`Engine::take_over`: fence, rebuild from the backend), and keeps the lease while mounted;
+//! the lease's value carries the mount URI, which a mount answered by any other node returns
+//! while the owner is alive. A lost lease closes the volume here; an unmount releases it.
+//! Requests that need the volume's newest map (a snapshot) are forwarded to its owner on
+//! `vblock.NODE.OP`, the node-addressed copy of every `ebs.*` operation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::cluster::catalog::{Catalog, CatalogError};
 use crate::cluster::lease::{Claim, Kept, Leases, Owner};
+use crate::ids::SnapshotId;
 use crate::ids::VolumeId;
+use crate::records::{SnapshotRecord, VolumeRecord, VolumeStateName};
 use crate::volume::VolumeError;
 
-use super::handlers::Control;
+use super::api::ApiError;
+use super::handlers::{body, usable, Control};
+
+/// How long a request forwarded to a volume's owner may take (a snapshot flushes the
+/// volume's write buffer into chunks first).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Cluster mode's state in the control plane.
 pub struct ClusterMode {
     leases: Arc<Leases>,
+    /// Every volume and snapshot record of the cluster.
+    pub(super) catalog: Catalog,
+    /// The NATS connection: requests forwarded to other nodes.
+    client: async_nats::Client,
     /// This daemon process as a lease holder (node name, random instance).
-    me: Owner,
-    /// Leases this node keeps, by volume.
-    kept: tokio::sync::Mutex<HashMap<VolumeId, Kept>>,
+    pub(super) me: Owner,
+    /// Leases this node keeps, by volume (held only for map operations, never across an
+    /// await).
+    kept: std::sync::Mutex<HashMap<VolumeId, Kept>>,
 }
 
 impl ClusterMode {
-    /// Cluster mode for node `node` with `leases`.
-    pub fn new(leases: Leases, node: &str) -> Self {
+    /// Cluster mode for node `node` with `leases` and `catalog`, forwarding through `client`.
+    pub fn new(leases: Leases, catalog: Catalog, client: async_nats::Client, node: &str) -> Self {
         Self {
             leases: Arc::new(leases),
+            catalog,
+            client,
             me: Owner::new(node, 0, ""),
-            kept: tokio::sync::Mutex::new(HashMap::new()),
+            kept: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, Kept>> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether this process keeps `id`'s lease (it owns the volume).
+    pub fn keeps(&self, id: &VolumeId) -> bool {
+        self.kept().get(id).is_some_and(|k| !k.is_lost())
+    }
+
+    /// Stops renewing `id`'s lease here and releases it (a mount ended, a snapshot or delete
+    /// that claimed it is done, or a claim's takeover failed).
+    pub(super) async fn release(&self, id: &VolumeId) {
+        let Some(kept) = self.kept().remove(id) else {
+            return;
+        };
+        if let Some(revision) = kept.stop().await {
+            if let Err(e) = self.leases.release(id, revision).await {
+                tracing::warn!(volume = %id, error = %e, "releasing the lease failed; it expires after the TTL");
+            }
+        }
+    }
+
+    /// Sends `payload` to node `node`'s copy of operation `op` (`vblock.NODE.OP`, with header
+    /// `FORWARDED_HEADER`) and returns its reply body.
+    ///
+    /// Errors: `InternalError` when the node does not answer in time.
+    pub(super) async fn forward(
+        &self,
+        node: &str,
+        op: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ApiError> {
+        let subject = format!("vblock.{node}.{op}");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(super::handlers::FORWARDED_HEADER, self.me.node.as_str());
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::copy_from_slice(payload))
+            .headers(headers)
+            .timeout(Some(FORWARD_TIMEOUT));
+        match self.client.send_request(subject.clone(), request).await {
+            Ok(msg) => Ok(msg.payload.to_vec()),
+            Err(e) => Err(ApiError::internal(format!(
+                "forwarding to the owner node {node} ({subject}) failed: {e}"
+            ))),
         }
     }
 }
 
-/// What a cluster mount decided.
+/// What a cluster claim decided.
 pub(super) enum Owned {
-    /// This node owns the volume now (mount it here).
+    /// This node owns the volume now.
     Here,
-    /// Another node owns it: its mount URI.
-    There(String),
+    /// Another node owns it (its mount URI is `nbd_advertise`; empty while it holds the
+    /// volume for a snapshot or a delete, not a mount).
+    There(Owner),
+}
+
+/// A catalog error as an engine error: a lost compare-and-set is `IncorrectState` (try again).
+pub(super) fn catalog_err(e: CatalogError) -> VolumeError {
+    match e {
+        CatalogError::Changed(_) => VolumeError::IncorrectState(e.to_string()),
+        e => VolumeError::Internal(format!("catalog: {e}")),
+    }
 }
 
 impl Control {
@@ -49,32 +125,35 @@ impl Control {
     /// lease, it claims the lease, keeps it at once (renewals run during the takeover), and
     /// takes the volume over in a new epoch: only a kept lease proves that nobody wrote the
     /// volume since this node did. On any failure the lease is released.
+    /// `record`: the volume's catalog record (the takeover rebuilds it with this one). `uri`:
+    /// empty when the claim is for a snapshot or a delete, not a mount.
     pub(super) async fn cluster_own(
         &self,
         cluster: &ClusterMode,
         id: &VolumeId,
         uri: &str,
+        record: VolumeRecord,
     ) -> Result<Owned, VolumeError> {
-        if self.cluster_keeps(cluster, id).await {
+        if cluster.keeps(id) {
             return Ok(Owned::Here);
         }
         let mut me = cluster.me.clone();
         me.nbd_advertise = uri.to_owned();
         let (revision, sent) = match cluster.leases.claim(id, &me).await.map_err(lease_err)? {
             Claim::Won { revision, sent } => (revision, sent),
-            Claim::Held(owner) => return Ok(Owned::There(owner.nbd_advertise)),
+            Claim::Held(owner) => return Ok(Owned::There(owner)),
         };
         let kept = cluster.leases.keep(id, &me, revision, sent);
-        cluster.kept.lock().await.insert(id.clone(), kept);
-        let taken = match self.engine.take_over(id, &me.node).await {
+        cluster.kept().insert(id.clone(), kept);
+        let taken = match self.engine.take_over_with(id, &me.node, Some(record)).await {
             Ok(epoch) => epoch,
             Err(e) => {
-                self.cluster_release(cluster, id).await;
+                cluster.release(id).await;
                 return Err(e);
             }
         };
-        if !self.cluster_keeps(cluster, id).await {
-            self.cluster_release(cluster, id).await;
+        if !cluster.keeps(id) {
+            cluster.release(id).await;
             return Err(VolumeError::Internal(format!(
                 "the lease of {id} was lost during its takeover; try again"
             )));
@@ -83,29 +162,17 @@ impl Control {
         Ok(Owned::Here)
     }
 
-    /// Cluster mode: stops renewing `id`'s lease here and releases it (a mount ended, or a
-    /// mount failed after the claim).
-    pub(super) async fn cluster_release(&self, cluster: &ClusterMode, id: &VolumeId) {
-        let Some(kept) = cluster.kept.lock().await.remove(id) else {
-            return;
-        };
-        if let Some(revision) = kept.stop().await {
-            if let Err(e) = cluster.leases.release(id, revision).await {
-                tracing::warn!(volume = %id, error = %e, "releasing the lease failed; it expires after the TTL");
-            }
-        }
-    }
-
-    /// Cluster mode: why `id` may not be unmounted or deleted through this node: another node
-    /// holds its lease (owns it). `None` outside cluster mode, or when no other node does (a
-    /// failure to read the lease is a reason too).
+    /// Cluster mode: why `id` may not be unmounted or detached through this node: another
+    /// node holds its lease (owns it). `None` outside cluster mode, or when no other node does
+    /// (a lease left by an earlier process of this node is not another node's; a failure to
+    /// read the lease is a reason).
     pub(super) async fn cluster_elsewhere(&self, id: &VolumeId) -> Option<String> {
         let cluster = self.cluster.clone()?;
-        if self.cluster_keeps(&cluster, id).await {
+        if cluster.keeps(id) {
             return None;
         }
         match cluster.leases.holder(id).await {
-            Ok(Some((owner, _))) if !owner.same_holder(&cluster.me) => Some(format!(
+            Ok(Some((owner, _))) if owner.node != cluster.me.node => Some(format!(
                 "volume {id} is owned by node {} (through ebs.{}.unmount)",
                 owner.node, owner.node
             )),
@@ -114,20 +181,11 @@ impl Control {
         }
     }
 
-    /// Cluster mode: whether this process keeps `id`'s lease (it owns the volume).
-    pub(super) async fn cluster_keeps(&self, cluster: &ClusterMode, id: &VolumeId) -> bool {
-        cluster
-            .kept
-            .lock()
-            .await
-            .get(id)
-            .is_some_and(|k| !k.is_lost())
-    }
-
     /// Cluster mode, at start: this process holds no lease, so no mount recorded here by an
     /// earlier process may be served: each is forgotten (its clients reconnect through a new
     /// mount, which claims the lease).
-    pub(super) async fn forget_mounts(&self) -> Result<(), VolumeError> {
+    /// The catalog's mounts through this node are an earlier process's too, and go as well.
+    pub(super) async fn forget_mounts(&self, cluster: &ClusterMode) -> Result<(), VolumeError> {
         let _g = self.lock.lock().await;
         for mut rec in self.engine.list_records().await? {
             if rec.mount.take().is_some() {
@@ -135,7 +193,37 @@ impl Control {
                 self.engine.put_record(rec).await?;
             }
         }
+        for rec in cluster.catalog.volumes().await.map_err(catalog_err)? {
+            if rec
+                .mount
+                .as_ref()
+                .is_some_and(|m| m.node == cluster.me.node)
+            {
+                self.forget_catalog_mount(cluster, &rec.volume_id).await;
+            }
+        }
         Ok(())
+    }
+
+    /// Cluster mode: removes the catalog's mount of `id` if it is through this node (a mount
+    /// that ended here without an unmount: a lost lease, a restart). Best effort: a failure is
+    /// logged, and the next owner's mount replaces it anyway.
+    pub(super) async fn forget_catalog_mount(&self, cluster: &ClusterMode, id: &VolumeId) {
+        let result = async {
+            let Some((mut rec, revision)) = cluster.catalog.volume(id).await? else {
+                return Ok(());
+            };
+            if rec.mount.as_ref().is_some_and(|m| m.node == cluster.me.node) {
+                rec.mount = None;
+                cluster.catalog.put_volume(&rec, Some(revision)).await?;
+                tracing::info!(volume = %id, "cluster mode: forgot this node's mount in the catalog");
+            }
+            Ok::<_, CatalogError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(volume = %id, error = %e, "forgetting this node's mount in the catalog failed");
+        }
     }
 
     /// Cluster mode: closes every volume whose lease was lost (another node may own it now) at
@@ -145,7 +233,7 @@ impl Control {
         loop {
             tokio::time::sleep(every).await;
             let lost: Vec<VolumeId> = {
-                let mut kept = cluster.kept.lock().await;
+                let mut kept = cluster.kept();
                 let lost: Vec<VolumeId> = kept
                     .iter()
                     .filter(|(_, k)| k.is_lost())
@@ -164,16 +252,251 @@ impl Control {
                 }
                 let _g = self.lock.lock().await;
                 // A mount may have claimed the lease again meanwhile.
-                if self.cluster_keeps(&cluster, &id).await {
+                if cluster.keeps(&id) {
                     continue;
                 }
                 if let Ok(Some(mut rec)) = self.engine.get_record(&id).await {
-                    if let Err(e) = self.end_mount(&mut rec, false).await {
+                    if let Err(e) = self.end_mount(&mut rec, false, None).await {
                         tracing::warn!(volume = %id, error = %e, "forgetting the mount of a volume whose lease was lost failed");
                     }
                 }
+                self.forget_catalog_mount(&cluster, &id).await;
             }
         }
+    }
+}
+
+impl Control {
+    /// Cluster mode's `ebs.createvolume` of `rec` (prepared by the handler), a clone of
+    /// `snapshot` if given: the volume is created here (its record copy and, for a clone, its
+    /// first map checkpoint in the bucket) and its record added to the catalog.
+    ///
+    /// A clone's record goes into the catalog (`creating`) before it shares the snapshot's
+    /// chunks, and the snapshot is looked up after that: a snapshot delete removes the
+    /// snapshot's record first and then looks for clones, so one of the two always sees the
+    /// other, and the snapshot's map stays in the bucket for every node's garbage collection
+    /// while the clone exists.
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`] when the snapshot went meanwhile; engine and
+    /// catalog errors.
+    pub(super) async fn cluster_create(
+        &self,
+        cluster: &ClusterMode,
+        rec: &VolumeRecord,
+        snapshot: Option<&SnapshotRecord>,
+    ) -> Result<(), VolumeError> {
+        let id = rec.volume_id.clone();
+        let Some(s) = snapshot else {
+            self.engine.create_volume_from(rec.clone()).await?;
+            if let Err(e) = cluster.catalog.put_volume(rec, None).await {
+                if let Err(e) = self.engine.delete_volume(&id).await {
+                    tracing::warn!(volume = %id, error = %e, "removing a volume the catalog refused failed");
+                }
+                return Err(catalog_err(e));
+            }
+            return Ok(());
+        };
+        let creating = VolumeRecord {
+            state: VolumeStateName::Creating,
+            ..rec.clone()
+        };
+        let revision = cluster
+            .catalog
+            .put_volume(&creating, None)
+            .await
+            .map_err(catalog_err)?;
+        let made = async {
+            if cluster
+                .catalog
+                .snapshot(&s.snapshot_id)
+                .await
+                .map_err(catalog_err)?
+                .is_none()
+            {
+                return Err(VolumeError::SnapshotNotFound(s.snapshot_id.clone()));
+            }
+            self.engine.load_snapshot(&s.snapshot_id).await?;
+            self.engine
+                .create_volume_from_snapshot(rec.clone(), &s.snapshot_id)
+                .await?;
+            cluster
+                .catalog
+                .put_volume(rec, Some(revision))
+                .await
+                .map_err(catalog_err)
+        }
+        .await;
+        if let Err(e) = &made {
+            tracing::warn!(volume = %id, snapshot = %s.snapshot_id, error = %e, "creating a clone failed");
+            if let Err(e) = cluster.catalog.delete_volume(&id, revision).await {
+                tracing::warn!(volume = %id, error = %e, "removing the catalog record of a clone that failed failed");
+            }
+        }
+        made.map(|_| ())
+    }
+
+    /// Cluster mode's `ebs.createsnapshot` of volume `id`: taken by the volume's owner, from
+    /// its newest map. This node takes it when it owns the volume, or when nobody does (it
+    /// claims the lease and takes the volume over for the snapshot, and releases the lease once
+    /// the snapshot is stored in the bucket: until then only this node's garbage collection
+    /// knows the snapshot's references). Otherwise the request goes to the owner
+    /// (`vblock.NODE.createsnapshot`), unless it came from another node (`forwarded`).
+    pub(super) async fn cluster_snapshot(
+        &self,
+        cluster: &Arc<ClusterMode>,
+        id: &VolumeId,
+        description: &str,
+        payload: &[u8],
+        forwarded: bool,
+    ) -> Result<Vec<u8>, ApiError> {
+        let (vrec, _) = self.volume_at(id).await?;
+        usable(&vrec)?;
+        let claimed = !cluster.keeps(id);
+        if claimed {
+            if forwarded {
+                return Err(ApiError::new(
+                    "IncorrectState",
+                    format!(
+                        "node {} does not own volume {id} any more; try again",
+                        cluster.me.node
+                    ),
+                ));
+            }
+            let _g = self.lock.lock().await;
+            if let Owned::There(owner) = self.cluster_own(cluster, id, "", vrec).await? {
+                return cluster
+                    .forward(&owner.node, "createsnapshot", payload)
+                    .await;
+            }
+        }
+        let taken = self.engine.create_snapshot_tracked(id, description).await;
+        if claimed {
+            // The snapshot opened the volume; nobody mounted it.
+            if let Err(e) = self.engine.close_volume(id).await {
+                tracing::warn!(volume = %id, error = %e, "closing a volume after its snapshot failed");
+            }
+        }
+        let (rec, stored) = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                if claimed {
+                    cluster.release(id).await;
+                }
+                return Err(e.into());
+            }
+        };
+        let revision = match cluster.catalog.put_snapshot(&rec, None).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(snapshot = %rec.snapshot_id, error = %e, "adding the snapshot to the catalog failed");
+                None
+            }
+        };
+        let (cluster, vol, sid) = (cluster.clone(), id.clone(), rec.snapshot_id.clone());
+        tokio::spawn(async move {
+            match (stored.await, revision) {
+                (Ok(done), Some(revision)) => {
+                    if let Err(e) = cluster.catalog.put_snapshot(&done, Some(revision)).await {
+                        tracing::error!(snapshot = %sid, error = %e, "updating the snapshot's catalog record failed");
+                    }
+                }
+                (Err(e), _) => {
+                    tracing::error!(snapshot = %sid, error = %e, "storing the snapshot ended abnormally")
+                }
+                (Ok(_), None) => {}
+            }
+            if claimed {
+                cluster.release(&vol).await;
+            }
+        });
+        if revision.is_none() {
+            return Err(ApiError::internal(format!(
+                "snapshot {} was taken but the catalog did not take its record",
+                rec.snapshot_id
+            )));
+        }
+        Ok(body(&super::handlers::snapshot_to_api(&rec)))
+    }
+
+    /// Cluster mode's volume delete of `rec` (read from the catalog at `revision`, neither
+    /// attached nor mounted): this node claims the volume's lease and takes it over (fencing
+    /// any late writer; its chunk stats are then this node's), marks it `deleting` in the
+    /// catalog, deletes it as a single daemon does (garbage collection spares chunks any
+    /// snapshot or clone still uses), removes its catalog record and releases the lease.
+    ///
+    /// Errors: [`VolumeError::InUse`] when another node owns it; [`VolumeError::IncorrectState`]
+    /// when its record changed meanwhile; engine and catalog errors (a retry finds it
+    /// `deleting` and goes on).
+    pub(super) async fn cluster_delete(
+        &self,
+        cluster: &ClusterMode,
+        rec: VolumeRecord,
+        revision: u64,
+    ) -> Result<(), VolumeError> {
+        let id = rec.volume_id.clone();
+        if let Owned::There(owner) = self.cluster_own(cluster, &id, "", rec.clone()).await? {
+            return Err(VolumeError::InUse(format!(
+                "volume {id} is owned by node {}",
+                owner.node
+            )));
+        }
+        let deleted = async {
+            let deleting = VolumeRecord {
+                state: VolumeStateName::Deleting,
+                ..rec
+            };
+            let revision = cluster
+                .catalog
+                .put_volume(&deleting, Some(revision))
+                .await
+                .map_err(catalog_err)?;
+            self.engine.delete_volume(&id).await?;
+            cluster
+                .catalog
+                .delete_volume(&id, revision)
+                .await
+                .map_err(catalog_err)
+        }
+        .await;
+        cluster.release(&id).await;
+        deleted
+    }
+
+    /// Cluster mode's `ebs.deletesnapshot`, through any node: the catalog record goes first,
+    /// then (see [`Control::cluster_create`]) the record copy and map in the bucket unless a
+    /// volume cloned from it exists, and this node's local copy.
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`]; [`VolumeError::IncorrectState`] while
+    /// pending; [`VolumeError::InUse`] while mounted here; engine and catalog errors.
+    pub(super) async fn cluster_delete_snapshot(
+        &self,
+        cluster: &ClusterMode,
+        id: &SnapshotId,
+    ) -> Result<(), VolumeError> {
+        let (rec, revision) = self.snapshot_at(id).await?;
+        if rec.state == crate::records::SnapshotStateName::Pending {
+            return Err(VolumeError::IncorrectState(format!(
+                "snapshot {id} is pending; delete it once it completes"
+            )));
+        }
+        if let Some(local) = self.engine.get_snapshot(id).await? {
+            if local.mount.is_some() {
+                return Err(VolumeError::InUse(format!(
+                    "snapshot {id} is mounted (exported over NBD); unmount it first"
+                )));
+            }
+        }
+        cluster
+            .catalog
+            .delete_snapshot(id, revision)
+            .await
+            .map_err(catalog_err)?;
+        let cloned = self
+            .volume_records()
+            .await?
+            .iter()
+            .any(|v| v.snapshot_id == id.as_str());
+        self.engine.delete_snapshot_copies(id, !cloned).await
     }
 }
 

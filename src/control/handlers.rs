@@ -18,6 +18,10 @@ const MAX_SIZE_GIB: i64 = 16384;
 /// Instances a Multi-Attach volume can be attached to at once (EBS's limit).
 const MAX_MULTI_ATTACH: usize = 16;
 
+/// The NATS header on a request one node forwards to a volume's owner (cluster mode): its
+/// value is the forwarding node's name.
+pub const FORWARDED_HEADER: &str = "Vblock-Forwarded-By";
+
 /// What handling a request produced.
 #[derive(Debug)]
 pub struct Handled {
@@ -48,7 +52,7 @@ pub struct Control {
     pub(super) cluster: Option<Arc<super::cluster::ClusterMode>>,
 }
 
-fn body<T: Serialize>(v: &T) -> Vec<u8> {
+pub(super) fn body<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_else(|e| {
         format!(r#"{{"Error":{{"Code":"InternalError","Message":"{e}"}}}}"#).into_bytes()
     })
@@ -192,6 +196,16 @@ fn mount_attachment(r: &VolumeRecord, m: &records::Mount) -> VolumeAttachment {
     }
 }
 
+/// Refuses a volume that is being created or deleted (cluster mode's catalog shows both).
+pub(super) fn usable(r: &VolumeRecord) -> Result<(), VolumeError> {
+    match r.state {
+        VolumeStateName::Creating | VolumeStateName::Deleting | VolumeStateName::Deleted => Err(
+            VolumeError::IncorrectState(format!("volume {} is {}", r.volume_id, to_api(r).state)),
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn size_gib(size: i64) -> Result<u64, ApiError> {
     if !(1..=MAX_SIZE_GIB).contains(&size) {
         return Err(ApiError::invalid(format!(
@@ -202,6 +216,25 @@ fn size_gib(size: i64) -> Result<u64, ApiError> {
 }
 
 impl Control {
+    /// Deletes volume `id` unless it is attached or mounted (the caller holds `self.lock`):
+    /// `ebs.deletevolume` and Hive's `ebs.delete`. In cluster mode through any node that can
+    /// take the volume's lease (docs/design/cluster.md, "Catalog").
+    ///
+    /// Errors: [`VolumeError::VolumeNotFound`], [`VolumeError::InUse`] when attached, mounted
+    /// or owned by another node; engine and catalog errors.
+    pub(super) async fn delete_unused_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
+        let (rec, revision) = self.volume_at(id).await?;
+        if !rec.attachments.is_empty() || rec.mount.is_some() {
+            return Err(VolumeError::InUse(format!("{id} is attached or mounted")));
+        }
+        match &self.cluster {
+            Some(cluster) => self.cluster_delete(cluster, rec, revision).await?,
+            None => self.engine.delete_volume(id).await?,
+        }
+        tracing::info!(volume = %id, "volume deleted");
+        Ok(())
+    }
+
     /// A control plane for `engine`; mount URIs are `nbd_uri_base/VolumeId`, the base being
     /// `nbd://host:port` (or `nbds://host:port` when the NBD server requires TLS).
     pub fn new(engine: Arc<Engine>, nbd_uri_base: String) -> Self {
@@ -238,10 +271,19 @@ impl Control {
     /// Handles `subject` (the operation is the last subject token: `ebs.createvolume`,
     /// `ebs.NODE.mount`, ...) with JSON `payload`.
     pub async fn handle(&self, subject: &str, payload: &[u8]) -> Handled {
+        self.handle_request(subject, payload, false).await
+    }
+
+    /// [`Control::handle`]; `forwarded`: another node sent the request here (cluster mode,
+    /// header [`FORWARDED_HEADER`]) because this node owns the volume: it is not forwarded
+    /// again.
+    pub async fn handle_request(&self, subject: &str, payload: &[u8], forwarded: bool) -> Handled {
         let op = subject.rsplit('.').next().unwrap_or("");
-        // `ebs.NODE.mount` / `ebs.NODE.unmount` name the node.
+        // `ebs.NODE.mount` / `ebs.NODE.unmount` (and cluster mode's `vblock.NODE.OP`) name
+        // the node.
         let node = subject
             .strip_prefix("ebs.")
+            .or_else(|| subject.strip_prefix("vblock."))
             .and_then(|rest| rest.strip_suffix(op))
             .and_then(|rest| rest.strip_suffix('.'))
             .filter(|n| !n.is_empty());
@@ -264,7 +306,7 @@ impl Control {
             "detachvolume" => plain(self.detach_volume(payload).await),
             "deletevolume" => plain(self.delete_volume(payload).await),
             "modifyvolume" => plain(self.modify_volume(payload).await),
-            "createsnapshot" => plain(self.create_snapshot(payload).await),
+            "createsnapshot" => plain(self.create_snapshot(payload, forwarded).await),
             "describesnapshots" => plain(self.describe_snapshots(payload).await),
             "deletesnapshot" => plain(self.delete_snapshot(payload).await),
             "describevolumespace" => plain(self.describe_volume_space(payload).await),
@@ -299,10 +341,7 @@ impl Control {
     }
 
     async fn record(&self, id: &VolumeId) -> Result<VolumeRecord, ApiError> {
-        self.engine
-            .get_record(id)
-            .await?
-            .ok_or_else(|| ApiError::volume_not_found(id.as_str()))
+        Ok(self.volume_at(id).await?.0)
     }
 
     async fn create_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
@@ -334,7 +373,7 @@ impl Control {
         let _g = self.lock.lock().await;
         let token = req.client_token.clone().unwrap_or_default();
         if !token.is_empty() {
-            let existing = self.engine.list_records().await?;
+            let existing = self.volume_records().await?;
             if let Some(r) = existing.iter().find(|r| r.client_token == token) {
                 if r.size_bytes != gib * GIB {
                     return Err(ApiError::new(
@@ -384,15 +423,23 @@ impl Control {
             }
             rec.multi_attach_enabled = true;
         }
-        match &snapshot {
-            Some(s) => {
-                rec.snapshot_id = s.snapshot_id.to_string();
-                self.engine
-                    .create_volume_from_snapshot(rec.clone(), &s.snapshot_id)
-                    .await
+        if let Some(s) = &snapshot {
+            rec.snapshot_id = s.snapshot_id.to_string();
+        }
+        match &self.cluster {
+            Some(cluster) => {
+                self.cluster_create(cluster, &rec, snapshot.as_ref())
+                    .await?
             }
-            None => self.engine.create_volume_from(rec.clone()).await,
-        }?;
+            None => match &snapshot {
+                Some(s) => {
+                    self.engine
+                        .create_volume_from_snapshot(rec.clone(), &s.snapshot_id)
+                        .await?
+                }
+                None => self.engine.create_volume_from(rec.clone()).await?,
+            },
+        }
         tracing::info!(volume = %rec.volume_id, size_gib = gib, snapshot = %rec.snapshot_id, "volume created");
         Ok(body(&to_api(&rec)))
     }
@@ -416,7 +463,7 @@ impl Control {
                 }
                 out
             }
-            None => self.engine.list_records().await?,
+            None => self.volume_records().await?,
         };
         for f in req.filters.unwrap_or_default() {
             let keep = |r: &VolumeRecord| -> Result<bool, ApiError> {
@@ -457,7 +504,8 @@ impl Control {
         }
         let id = parse_volume_id(&req.volume_id)?;
         let _g = self.lock.lock().await;
-        let mut rec = self.record(&id).await?;
+        let (mut rec, revision) = self.volume_at(&id).await?;
+        usable(&rec)?;
         if rec
             .attachments
             .iter()
@@ -488,7 +536,7 @@ impl Control {
             delete_on_termination: false,
         };
         rec.attachments.push(a.clone());
-        self.engine.put_record(rec.clone()).await?;
+        self.store_volume(&rec, revision).await?;
         tracing::info!(volume = %id, instance = %a.instance_id, "volume attached");
         Ok(body(&attachment(&rec, &a, "attached")))
     }
@@ -497,7 +545,10 @@ impl Control {
         let req: DetachVolumeRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
         let _g = self.lock.lock().await;
-        let mut rec = self.record(&id).await?;
+        if let Some(why) = self.cluster_elsewhere(&id).await {
+            return Err(ApiError::new("VolumeInUse", why));
+        }
+        let (mut rec, revision) = self.volume_at(&id).await?;
         let named = |instance: &str, device: &str| {
             req.instance_id.as_ref().is_none_or(|i| i == instance)
                 && req.device.as_ref().is_none_or(|d| d == device)
@@ -509,7 +560,7 @@ impl Control {
         // The mount is the attachment without an instance id: detaching it unmounts the volume.
         if let (None, Some(m)) = (pos, rec.mount.clone()) {
             if named("", &m.device) {
-                self.end_mount(&mut rec, !req.force).await?;
+                self.end_mount(&mut rec, !req.force, Some(revision)).await?;
                 tracing::info!(volume = %id, device = %m.device, force = req.force, "volume detached");
                 return Ok(body(&VolumeAttachment {
                     state: "detached".into(),
@@ -534,26 +585,30 @@ impl Control {
             ));
         };
         let a = rec.attachments.remove(pos);
-        self.engine.put_record(rec.clone()).await?;
+        let revision = self.store_volume(&rec, revision).await?;
         tracing::info!(volume = %id, instance = %a.instance_id, force = req.force, "volume detached");
         if rec.attachments.is_empty() {
             // The last instance is gone: so are its export and its NBD clients (drained first
             // unless `Force`).
-            self.end_mount(&mut rec, !req.force).await?;
+            self.end_mount(&mut rec, !req.force, Some(revision)).await?;
         }
         Ok(body(&attachment(&rec, &a, "detached")))
     }
 
     async fn snapshot_record(&self, id: &SnapshotId) -> Result<SnapshotRecord, ApiError> {
-        self.engine
-            .get_snapshot(id)
-            .await?
-            .ok_or_else(|| ApiError::snapshot_not_found(id.as_str()))
+        Ok(self.snapshot_at(id).await?.0)
     }
 
-    async fn create_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+    /// `forwarded`: the request came from another node (`vblock.NODE.createsnapshot`), which
+    /// found this node owning the volume; it is not forwarded again.
+    async fn create_snapshot(&self, payload: &[u8], forwarded: bool) -> Result<Vec<u8>, ApiError> {
         let req: CreateSnapshotRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
+        if let Some(cluster) = &self.cluster {
+            return self
+                .cluster_snapshot(cluster, &id, &req.description, payload, forwarded)
+                .await;
+        }
         let rec = self.engine.create_snapshot(&id, &req.description).await?;
         // The snapshot opened the volume if it was not: only a mount keeps an instance open
         // (its write buffer, WAL writer and lock), so an unmounted volume is closed again.
@@ -583,7 +638,7 @@ impl Control {
                 }
                 out
             }
-            None => self.engine.list_snapshots().await?,
+            None => self.snapshot_records().await?,
         };
         let snapshots = recs
             .iter()
@@ -605,7 +660,10 @@ impl Control {
     async fn delete_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
         let req: SnapshotIdRequest = parse(payload)?;
         let id = parse_snapshot_id(&req.snapshot_id)?;
-        self.engine.delete_snapshot(&id).await?;
+        match &self.cluster {
+            Some(cluster) => self.cluster_delete_snapshot(cluster, &id).await?,
+            None => self.engine.delete_snapshot(&id).await?,
+        }
         Ok(body(&ReturnReply { ret: true }))
     }
 
@@ -617,8 +675,7 @@ impl Control {
                 .map(|s| parse_volume_id(s))
                 .collect::<Result<Vec<_>, _>>()?,
             None => self
-                .engine
-                .list_records()
+                .volume_records()
                 .await?
                 .into_iter()
                 .map(|r| r.volume_id)
@@ -643,18 +700,7 @@ impl Control {
         let req: VolumeIdRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
         let _g = self.lock.lock().await;
-        if let Some(why) = self.cluster_elsewhere(&id).await {
-            return Err(ApiError::new("VolumeInUse", why));
-        }
-        let rec = self.record(&id).await?;
-        if !rec.attachments.is_empty() || rec.mount.is_some() {
-            return Err(ApiError::new(
-                "VolumeInUse",
-                format!("{id} is attached or mounted"),
-            ));
-        }
-        self.engine.delete_volume(&id).await?;
-        tracing::info!(volume = %id, "volume deleted");
+        self.delete_unused_volume(&id).await?;
         Ok(body(&ReturnReply { ret: true }))
     }
 
@@ -663,7 +709,8 @@ impl Control {
         let id = parse_volume_id(&req.volume_id)?;
         let gib = size_gib(req.size)?;
         let _g = self.lock.lock().await;
-        let rec = self.record(&id).await?;
+        let (mut rec, revision) = self.volume_at(&id).await?;
+        usable(&rec)?;
         let original = rec.size_bytes.div_ceil(GIB);
         if gib * GIB < rec.size_bytes {
             return Err(ApiError::invalid(format!(
@@ -676,7 +723,15 @@ impl Control {
                 format!("{id} is mounted; unmount before resizing"),
             ));
         }
-        self.engine.resize_volume(&id, gib * GIB).await?;
+        if self.cluster.is_some() {
+            // No node serves it (it is not mounted): the catalog's size is the size the next
+            // owner opens it with.
+            Engine::check_size(gib * GIB)?;
+            rec.size_bytes = gib * GIB;
+            self.store_volume(&rec, revision).await?;
+        } else {
+            self.engine.resize_volume(&id, gib * GIB).await?;
+        }
         tracing::info!(volume = %id, from_gib = original, to_gib = gib, "volume resized");
         Ok(body(&ModifyVolumeReply {
             volume_modification: VolumeModification {

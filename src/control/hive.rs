@@ -50,6 +50,17 @@ impl Control {
             },
         };
         if let Ok(snap) = SnapshotId::parse(&req.name) {
+            if self.cluster.is_some() {
+                // Cluster mode: a snapshot of the catalog, taken on any node, is read from its
+                // map in the bucket.
+                if let Err(e) = self.snapshot_at(&snap).await {
+                    let retryable = !matches!(e, VolumeError::SnapshotNotFound(_));
+                    return fail(e.to_string(), retryable);
+                }
+                if let Err(e) = self.engine.load_snapshot(&snap).await {
+                    return fail(format!("cannot mount {snap}: {e}"), true);
+                }
+            }
             return match self.engine.mount_snapshot(&snap, mount.clone()).await {
                 Ok(SnapshotRecord { mount: Some(m), .. }) => {
                     if m == mount {
@@ -70,23 +81,40 @@ impl Control {
         };
         let _g = self.lock.lock().await;
         if let Some(cluster) = self.cluster.clone() {
+            let catalog = match self.volume_at(&id).await {
+                Ok((r, _)) => r,
+                Err(e @ VolumeError::VolumeNotFound(_)) => return fail(e.to_string(), false),
+                Err(e) => return fail(e.to_string(), true),
+            };
+            if let Err(e) = super::handlers::usable(&catalog) {
+                return fail(e.to_string(), true);
+            }
             // The URI this node answers: its mount's while it owns the volume, else the new
             // one's (a takeover forgets any older mount here).
             let mut here = mount.clone();
-            if self.cluster_keeps(&cluster, &id).await {
+            if cluster.keeps(&id) {
                 match self.engine.get_record(&id).await {
                     Ok(r) => here = r.and_then(|r| r.mount).unwrap_or(here),
                     Err(e) => return fail(e.to_string(), true),
                 }
             }
             match self
-                .cluster_own(&cluster, &id, &self.uri(id.as_str(), &here))
+                .cluster_own(&cluster, &id, &self.uri(id.as_str(), &here), catalog)
                 .await
             {
                 Ok(super::cluster::Owned::Here) => {}
-                Ok(super::cluster::Owned::There(uri)) => {
+                Ok(super::cluster::Owned::There(owner)) if owner.nbd_advertise.is_empty() => {
+                    return fail(
+                        format!(
+                            "volume {id} is busy on node {} (a snapshot or a delete); try again",
+                            owner.node
+                        ),
+                        true,
+                    )
+                }
+                Ok(super::cluster::Owned::There(owner)) => {
                     return EbsMountResponse {
-                        uri,
+                        uri: owner.nbd_advertise,
                         mounted: true,
                         error: String::new(),
                         retryable: false,
@@ -106,6 +134,13 @@ impl Control {
         }
         // Open it now so WAL replay happens before the VM connects.
         let opened = match self.engine.volume(&id).await {
+            Ok(_) if self.cluster.is_some() => match self.volume_at(&id).await {
+                Ok((mut rec, revision)) => {
+                    rec.mount = Some(mount.clone());
+                    self.store_volume(&rec, revision).await.map(|_| ())
+                }
+                Err(e) => Err(e),
+            },
             Ok(_) => {
                 rec.mount = Some(mount.clone());
                 self.engine.put_record(rec).await
@@ -114,7 +149,7 @@ impl Control {
         };
         if let Err(e) = opened {
             if let Some(cluster) = self.cluster.clone() {
-                self.cluster_release(&cluster, &id).await;
+                cluster.release(&id).await;
             }
             return fail(format!("cannot mount {id}: {e}"), true);
         }
@@ -126,16 +161,33 @@ impl Control {
     /// closes its instance if one is open: the export name stops working first, then the close
     /// answers the requests in flight and disconnects every client (`Volume::closed`).
     /// `drain`: turn the write buffer into chunks first (bounded); without it the buffer stays
-    /// in the WAL, replayed at the next open (EC2 `Force` on detach).
+    /// in the WAL, replayed at the next open (EC2 `Force` on detach). `revision`: the catalog
+    /// revision `rec` was read at ([`Control::volume_at`]); cluster mode with `None` (a lost
+    /// lease) ends only the local mount, leaving the catalog to the volume's new owner.
     pub(super) async fn end_mount(
         &self,
         rec: &mut VolumeRecord,
         drain: bool,
+        revision: Option<u64>,
     ) -> Result<(), VolumeError> {
         let id = rec.volume_id.clone();
         if rec.mount.take().is_some() {
-            self.engine.put_record(rec.clone()).await?;
+            match (&self.cluster, revision) {
+                (None, _) => self.engine.put_record(rec.clone()).await?,
+                (Some(_), Some(revision)) => {
+                    self.store_volume(rec, revision).await?;
+                }
+                (Some(_), None) => {}
+            }
             tracing::info!(volume = %id, "volume unmounted");
+        }
+        if self.cluster.is_some() {
+            // The local record's mount (its export name) goes whatever the catalog said.
+            if let Some(mut local) = self.engine.get_record(&id).await? {
+                if local.mount.take().is_some() {
+                    self.engine.put_record(local).await?;
+                }
+            }
         }
         if self.cluster.is_some() && drain {
             // Cluster mode: the next owner rebuilds the volume from the bucket alone, so what
@@ -150,7 +202,7 @@ impl Control {
         let closed = self.engine.close_volume_draining(&id, drain).await;
         // Cluster mode: a mount that ended releases the volume's lease (whatever ended it).
         if let Some(cluster) = self.cluster.clone() {
-            self.cluster_release(&cluster, &id).await;
+            cluster.release(&id).await;
         }
         closed
     }
@@ -195,15 +247,10 @@ impl Control {
         if let Some(why) = self.cluster_elsewhere(&id).await {
             return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
         }
-        let mut rec = match self.engine.get_record(&id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return resp(
-                    id.to_string(),
-                    false,
-                    format!("volume {id} not found"),
-                    true,
-                )
+        let (mut rec, revision) = match self.volume_at(&id).await {
+            Ok(r) => r,
+            Err(e @ VolumeError::VolumeNotFound(_)) => {
+                return resp(id.to_string(), false, e.to_string(), true)
             }
             Err(e) => return resp(id.to_string(), true, e.to_string(), false),
         };
@@ -214,7 +261,7 @@ impl Control {
         {
             return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
         }
-        match self.end_mount(&mut rec, true).await {
+        match self.end_mount(&mut rec, true, Some(revision)).await {
             Ok(()) => resp(id.to_string(), false, String::new(), false),
             Err(e) => resp(
                 id.to_string(),
@@ -245,26 +292,12 @@ impl Control {
             return fail(format!("invalid volume id {:?}", req.volume));
         };
         let _g = self.lock.lock().await;
-        if let Some(why) = self.cluster_elsewhere(&id).await {
-            return fail(format!("volume {id} is mounted: {why}"));
-        }
-        match self.engine.get_record(&id).await {
-            Ok(Some(r)) if r.mount.is_some() || !r.attachments.is_empty() => {
-                return fail(format!("volume {id} is mounted or attached"))
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => return fail(format!("volume {id} not found")),
-            Err(e) => return fail(e.to_string()),
-        }
-        match self.engine.delete_volume(&id).await {
-            Ok(()) => {
-                tracing::info!(volume = %id, "volume deleted");
-                EbsDeleteResponse {
-                    volume: id.to_string(),
-                    success: true,
-                    error: String::new(),
-                }
-            }
+        match self.delete_unused_volume(&id).await {
+            Ok(()) => EbsDeleteResponse {
+                volume: id.to_string(),
+                success: true,
+                error: String::new(),
+            },
             Err(e) => fail(e.to_string()),
         }
     }

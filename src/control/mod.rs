@@ -5,6 +5,7 @@ pub mod api;
 pub mod cluster;
 pub mod handlers;
 mod hive;
+mod records;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,9 @@ pub struct ControlConfig {
 /// The JetStream KV bucket of the volume leases.
 pub const LEASE_BUCKET: &str = "vblock-leases";
 
+/// The JetStream KV bucket of the cluster's catalog (volume and snapshot records).
+pub const CATALOG_BUCKET: &str = "vblock-catalog";
+
 /// Serves the control plane until the process ends. Connects in the background and reconnects
 /// for ever, logging each disconnect and reconnect; NBD keeps serving meanwhile.
 pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
@@ -90,10 +94,31 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
     };
     let cluster = match (config.lease_ttl, &config.node) {
         (Some(ttl), Some(node)) => loop {
-            match crate::cluster::lease::Leases::open(client.clone(), LEASE_BUCKET, ttl).await {
-                Ok(leases) => break Some(Arc::new(cluster::ClusterMode::new(leases, node))),
+            let opened = async {
+                let leases = crate::cluster::lease::Leases::open(client.clone(), LEASE_BUCKET, ttl)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let catalog =
+                    crate::cluster::catalog::Catalog::open(client.clone(), CATALOG_BUCKET)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                Ok::<_, String>(cluster::ClusterMode::new(
+                    leases,
+                    catalog,
+                    client.clone(),
+                    node,
+                ))
+            }
+            .await;
+            match opened {
+                Ok(mode) => {
+                    let mode = Arc::new(mode);
+                    let keeps = mode.clone();
+                    engine.set_cluster_gc(Arc::new(move |id| keeps.keeps(id)));
+                    break Some(mode);
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "cluster mode: the lease bucket is unreachable (is JetStream on?); retrying in 5 s");
+                    tracing::error!(error = %e, "cluster mode: the KV buckets are unreachable (is JetStream on?); retrying in 5 s");
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             }
@@ -107,7 +132,7 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             .with_cluster(cluster.clone()),
     );
     if let Some(cluster) = cluster {
-        if let Err(e) = control.forget_mounts().await {
+        if let Err(e) = control.forget_mounts(&cluster).await {
             tracing::error!(error = %e, "cluster mode: forgetting the mounts of an earlier process failed");
         }
         tokio::spawn(control.clone().watch_leases(cluster));
@@ -120,8 +145,22 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
         }
     }
     if let Some(node) = &config.node {
-        for op in ["mount", "unmount"] {
-            let subject = format!("ebs.{node}.{op}");
+        let mut subjects: Vec<String> = ["mount", "unmount"]
+            .iter()
+            .map(|op| format!("ebs.{node}.{op}"))
+            .collect();
+        if config.lease_ttl.is_some() {
+            // Cluster mode: every operation addressed to this node (requests other nodes
+            // forward to a volume's owner).
+            subjects.extend(
+                SUBJECTS
+                    .iter()
+                    .filter_map(|s| s.rsplit('.').next())
+                    .chain(["mount", "unmount"])
+                    .map(|op| format!("vblock.{node}.{op}")),
+            );
+        }
+        for subject in subjects {
             match client.subscribe(subject.clone()).await {
                 Ok(sub) => subs.push(sub),
                 Err(e) => tracing::error!(%subject, error = %e, "subscribe failed"),
@@ -134,7 +173,13 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
         let client = client.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let handled = control.handle(msg.subject.as_str(), &msg.payload).await;
+            let forwarded = msg
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(handlers::FORWARDED_HEADER).is_some());
+            let handled = control
+                .handle_request(msg.subject.as_str(), &msg.payload, forwarded)
+                .await;
             // The operation (last token) labels the metrics: node subjects `ebs.NODE.mount`
             // count as `mount`, and the label set stays bounded.
             let op = operation(msg.subject.as_str());

@@ -1,0 +1,107 @@
+//! Where the control plane reads and writes records: the daemon's own metadata, or in cluster
+//! mode the cluster's catalog (JetStream KV), with the local record (the owner's, which opens
+//! the volume) and the backend's record copy (disaster recovery) following it.
+
+use crate::ids::{SnapshotId, VolumeId};
+use crate::records::{SnapshotRecord, VolumeRecord};
+use crate::volume::VolumeError;
+
+use super::cluster::catalog_err;
+use super::handlers::Control;
+
+impl Control {
+    /// Volume `id`'s record and the catalog revision it was read at (0 outside cluster mode),
+    /// for [`Control::store_volume`].
+    ///
+    /// Errors: [`VolumeError::VolumeNotFound`]; metadata or catalog errors.
+    pub(super) async fn volume_at(
+        &self,
+        id: &VolumeId,
+    ) -> Result<(VolumeRecord, u64), VolumeError> {
+        let found = match &self.cluster {
+            Some(c) => c.catalog.volume(id).await.map_err(catalog_err)?,
+            None => self.engine.get_record(id).await?.map(|r| (r, 0)),
+        };
+        found.ok_or_else(|| VolumeError::VolumeNotFound(id.clone()))
+    }
+
+    /// Every volume record.
+    pub(super) async fn volume_records(&self) -> Result<Vec<VolumeRecord>, VolumeError> {
+        match &self.cluster {
+            Some(c) => c.catalog.volumes().await.map_err(catalog_err),
+            None => self.engine.list_records().await,
+        }
+    }
+
+    /// Replaces volume record `rec`, read at `revision` ([`Control::volume_at`]), and returns
+    /// the new revision. In cluster mode the catalog first (compare-and-set), then the local
+    /// record if this node has one, else only the backend's record copy (best effort).
+    ///
+    /// Errors: [`VolumeError::IncorrectState`] when the catalog record changed since it was
+    /// read; metadata and catalog errors.
+    pub(super) async fn store_volume(
+        &self,
+        rec: &VolumeRecord,
+        revision: u64,
+    ) -> Result<u64, VolumeError> {
+        let Some(cluster) = &self.cluster else {
+            self.engine.put_record(rec.clone()).await?;
+            return Ok(0);
+        };
+        let revision = cluster
+            .catalog
+            .put_volume(rec, Some(revision))
+            .await
+            .map_err(catalog_err)?;
+        self.follow_catalog(rec).await?;
+        Ok(revision)
+    }
+
+    /// Cluster mode: makes the local record (if this node has one) and the backend's record
+    /// copy say what catalog record `rec` says; the local record has the mount only while
+    /// this node owns the volume (its export name is checked against it).
+    pub(super) async fn follow_catalog(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
+        match self.engine.get_record(&rec.volume_id).await? {
+            Some(_) => {
+                let mount = match &self.cluster {
+                    Some(c) if !c.keeps(&rec.volume_id) => None,
+                    _ => rec.mount.clone(),
+                };
+                self.engine
+                    .put_record(VolumeRecord {
+                        mount,
+                        ..rec.clone()
+                    })
+                    .await
+            }
+            None => {
+                if let Err(e) = self.engine.publish_record(rec).await {
+                    tracing::warn!(volume = %rec.volume_id, error = %e, "could not update the volume record copy in the backend");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Snapshot `id`'s record and its catalog revision (0 outside cluster mode).
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`]; metadata or catalog errors.
+    pub(super) async fn snapshot_at(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<(SnapshotRecord, u64), VolumeError> {
+        let found = match &self.cluster {
+            Some(c) => c.catalog.snapshot(id).await.map_err(catalog_err)?,
+            None => self.engine.get_snapshot(id).await?.map(|r| (r, 0)),
+        };
+        found.ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))
+    }
+
+    /// Every snapshot record.
+    pub(super) async fn snapshot_records(&self) -> Result<Vec<SnapshotRecord>, VolumeError> {
+        match &self.cluster {
+            Some(c) => c.catalog.snapshots().await.map_err(catalog_err),
+            None => self.engine.list_snapshots().await,
+        }
+    }
+}
