@@ -96,7 +96,9 @@ impl Engine {
                 )))
             }
         };
+        crate::crash_point!("takeover-after-epoch");
         let fence_at = self.fence(id, epoch).await?;
+        crate::crash_point!("takeover-after-fence");
         tracing::info!(volume = %id, epoch, node, fence = fence_at, "took the volume over; rebuilding it from the backend");
         let rec: VolumeRecord = match record {
             Some(rec) => rec,

@@ -652,3 +652,125 @@ fn one_catalog_serves_every_node() {
         .unwrap_or_default();
     assert_eq!(ids, [clone_id.as_str()], "{all}");
 }
+
+/// Takeovers cut short (issue test 5): the owner is killed (-9) after a flush; the node that
+/// mounts the volume next aborts inside its takeover, once after storing its epoch manifest
+/// (before the fence) and once after the fence (before the rebuild); the node after it waits
+/// out the dead taker's lease, takes the volume over in a later epoch and serves every flushed
+/// write, and its own writes survive the next round.
+#[test]
+fn a_takeover_cut_short_leaves_the_volume_to_the_next_node() {
+    common::daemon::require("qemu-io");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let bucket = "vblock-takeover-crash";
+    let mut nodes = [
+        cluster_daemon(&nats, &s3, bucket, "a"),
+        cluster_daemon(&nats, &s3, bucket, "b"),
+        cluster_daemon(&nats, &s3, bucket, "c"),
+    ];
+    let id = nodes[0].create_volume(1);
+    let uri = mount_via(&nodes[0], &id, "a");
+    common::daemon::qemu_io(&uri, &["write -P 0x10 0 256k", "flush"]);
+    let mut expected = vec!["read -P 0x10 0 256k".to_owned()];
+    // (owner, the taker that crashes, the next taker) by index into `nodes`.
+    let rounds = [
+        (0, 1, 2, vblock::failpoints::TAKEOVER_NAMES[0]),
+        (2, 0, 1, vblock::failpoints::TAKEOVER_NAMES[1]),
+    ];
+    for (round, (owner, crashing, next, point)) in rounds.into_iter().enumerate() {
+        let names = ["a", "b", "c"];
+        nodes[owner].kill9();
+        nodes[crashing].kill9();
+        let spec = format!("{point}=return");
+        let mut envs = common::s3::S3Server::env().to_vec();
+        envs.push(("VBLOCK_FAILPOINTS", &spec));
+        nodes[crashing].set_envs(&envs);
+        nodes[crashing].start_again();
+        let refused = nodes[crashing].cli_refused(&[
+            "mount",
+            &id,
+            "--node",
+            names[crashing],
+            "--timeout",
+            "20",
+        ]);
+        let died = common::daemon::wait_until(Duration::from_secs(30), || {
+            nodes[crashing].exited().is_some()
+        });
+        assert!(died, "round {round}: {point} did not fire: {refused}");
+        assert!(
+            nodes[crashing]
+                .log()
+                .contains(&format!("fail point {point}: aborting")),
+            "round {round}: the taker died elsewhere:\n{}",
+            nodes[crashing].log()
+        );
+        nodes[crashing].kill9();
+        nodes[crashing].set_envs(&common::s3::S3Server::env());
+        nodes[crashing].start_again();
+
+        let uri = mount_via(&nodes[next], &id, names[next]);
+        assert!(
+            uri.contains(&format!(":{}/", nodes[next].nbd_port)),
+            "round {round}: {uri}"
+        );
+        let reads: Vec<&str> = expected.iter().map(String::as_str).collect();
+        let out = common::daemon::qemu_io_read_only(&uri, &reads);
+        assert!(
+            !out.contains("failed"),
+            "round {round}, after a takeover cut short at {point}: {out}"
+        );
+        let offset = (round + 1) * 1024;
+        let pattern = 0x20 + round;
+        common::daemon::qemu_io(
+            &uri,
+            &[&format!("write -P {pattern:#x} {offset}k 64k"), "flush"],
+        );
+        expected.push(format!("read -P {pattern:#x} {offset}k 64k"));
+        nodes[owner].start_again();
+    }
+}
+
+/// Racing mounts (issue test 4): three nodes mount one unowned volume at once; exactly one
+/// becomes its owner and every mount answers that node's URI, which serves the volume.
+#[test]
+fn racing_mounts_have_one_owner() {
+    common::daemon::require("qemu-io");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let nodes = [
+        cluster_daemon(&nats, &s3, "vblock-race", "a"),
+        cluster_daemon(&nats, &s3, "vblock-race", "b"),
+        cluster_daemon(&nats, &s3, "vblock-race", "c"),
+    ];
+    for round in 0..3 {
+        let id = nodes[0].create_volume(1);
+        let uris: Vec<String> = std::thread::scope(|s| {
+            let mounts: Vec<_> = nodes
+                .iter()
+                .zip(["a", "b", "c"])
+                .map(|(d, name)| {
+                    let id = id.clone();
+                    s.spawn(move || mount_via(d, &id, name))
+                })
+                .collect();
+            mounts
+                .into_iter()
+                .map(|m| m.join().expect("mount thread"))
+                .collect()
+        });
+        assert!(
+            uris.iter().all(|u| *u == uris[0]),
+            "round {round}: the mounts answered different owners: {uris:?}"
+        );
+        let owners: Vec<&common::daemon::Daemon> = nodes
+            .iter()
+            .filter(|d| uris[0].contains(&format!(":{}/", d.nbd_port)))
+            .collect();
+        assert_eq!(owners.len(), 1, "round {round}: {uris:?}");
+        common::daemon::qemu_io(&uris[0], &["write -P 0x3c 0 64k", "flush"]);
+        let out = common::daemon::qemu_io_read_only(&uris[0], &["read -P 0x3c 0 64k"]);
+        assert!(!out.contains("failed"), "round {round}: {out}");
+    }
+}
