@@ -156,6 +156,10 @@ impl Engine {
                 pacing.checkpoint_bytes.insert(vol.clone(), written);
                 report.checkpoints += 1;
                 report.checkpoint_bytes += written;
+                if self.gc_scope.get().is_some() && !self.still_the_writer(&vol).await {
+                    report.objects_waiting += chunks.len() as u64;
+                    continue;
+                }
             }
             for (id, st) in &chunks {
                 let key = chunk_key(&vol, *id);
@@ -194,6 +198,29 @@ impl Engine {
         metrics::counter!("vblock_gc_checkpoint_bytes_total").increment(report.checkpoint_bytes);
         metrics::gauge!("vblock_gc_waiting_objects").set(report.objects_waiting as f64);
         Ok(report)
+    }
+
+    /// Cluster mode, before deleting chunks of live volume `vol` (after its checkpoint): whether
+    /// a conditional PUT of its shipped WAL, started now, succeeds, proving that no takeover had
+    /// fenced this node before the checkpoint and the chunks that made these objects dead were
+    /// stored (a taker reads them all, so it needs none of the deleted objects). A volume that
+    /// is not open here (held only for a snapshot) waits for a later pass.
+    async fn still_the_writer(&self, vol: &VolumeId) -> bool {
+        let Some(v) = self
+            .open_volumes()
+            .await
+            .into_iter()
+            .find(|v| v.id() == vol)
+        else {
+            return false;
+        };
+        match v.confirm_writer().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(volume = %vol, error = %e, "not deleting chunks: this node could not prove it still writes the volume");
+                false
+            }
+        }
     }
 
     /// Cluster mode, before a mark pass (under the GC lock): installs every snapshot whose

@@ -762,3 +762,70 @@ fn a_fenced_owner_deletes_nothing() {
         e.close_all().await;
     });
 }
+
+/// Cluster mode's garbage collection is fenced: an owner deletes dead chunks only after a
+/// conditional PUT of its shipped WAL proves no takeover fenced it. A fenced owner's pass
+/// deletes nothing (its volume fails instead), and the new owner's recovery is whole.
+#[test]
+fn a_fenced_owner_collects_no_garbage() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let (da, db) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let quiet = |dir: &std::path::Path| {
+            let mut c = config(dir);
+            c.volume.idle_flush = Duration::from_secs(3600);
+            c
+        };
+        let a = Engine::open(quiet(da.path()), backend.clone())
+            .await
+            .expect("engine");
+        a.set_cluster_gc(Arc::new(|_| true));
+        let id = create(&a).await;
+        let va = a.volume(&id).await.expect("open on A");
+        // Two generations, each made a chunk: the first one's chunk is dead.
+        for g in 1..=2 {
+            for blk in 0..4 {
+                va.write(blk * 4096, Bytes::from(content(blk, g)), true)
+                    .await
+                    .expect("write");
+            }
+            va.persist_buffer().await.expect("chunk");
+        }
+        let chunks = |backend: SharedBackend| {
+            let prefix = vblock::backend::chunk_prefix(&id);
+            async move { backend.list(&prefix).await.expect("list") }
+        };
+        let before = chunks(backend.clone()).await;
+        assert_eq!(before.len(), 2, "{before:?}");
+
+        let b = Engine::open(quiet(db.path()), backend.clone())
+            .await
+            .expect("engine");
+        b.take_over(&id, "b").await.expect("take over");
+        let report = a.collect_garbage().await.expect("a pass on A");
+        assert_eq!(
+            report.objects_deleted, 0,
+            "the fenced owner collected garbage: {report:?}"
+        );
+        assert_eq!(chunks(backend.clone()).await, before);
+        assert!(va.failed().is_some(), "the fenced owner's volume goes on");
+        drop(va);
+        a.simulate_crash().await;
+
+        // The owner's pass deletes the dead chunk.
+        b.set_cluster_gc(Arc::new(|_| true));
+        let vb = b.volume(&id).await.expect("open on B");
+        let report = b.collect_garbage().await.expect("a pass on B");
+        assert_eq!(report.objects_deleted, 1, "{report:?}");
+        assert_eq!(read_all(&vb).await[..4], [2, 2, 2, 2]);
+        drop(vb);
+        b.simulate_crash().await;
+        let (_fresh, e, v) = recovered(&backend, &id).await;
+        assert_eq!(read_all(&v).await[..4], [2, 2, 2, 2]);
+        drop(v);
+        e.close_all().await;
+    });
+}

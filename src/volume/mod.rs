@@ -408,6 +408,23 @@ impl Volume {
         self.inner.sync().await
     }
 
+    /// With WAL shipping, waits for a conditional PUT of the shipped WAL that starts after the
+    /// call and succeeds: no takeover had fenced this node before now (cluster mode's garbage
+    /// collection deletes chunks only after one). Without shipping there is nothing to prove.
+    ///
+    /// Errors: [`VolumeError::Failed`] (a fenced volume fails), [`VolumeError::Shipping`],
+    /// [`VolumeError::Closed`].
+    pub async fn confirm_writer(&self) -> Result<(), VolumeError> {
+        self.inner.check_failed()?;
+        match &self.inner.shipper {
+            Some(s) => {
+                s.confirm().await?;
+                self.inner.check_failed()
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Discards the whole blocks inside `offset..offset + len`; they read as zeros afterwards.
     /// Partial blocks at the edges are left unchanged (NBD_CMD_TRIM is advisory).
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {

@@ -262,6 +262,8 @@ struct Queue {
     deletable: u64,
     /// Stored objects, oldest first (counter, last seq).
     stored: VecDeque<(u64, u64)>,
+    /// A round is due even with nothing to ship ([`Shipper::confirm`]): a mark.
+    forced: bool,
     /// The counter the next new object gets.
     next_counter: u64,
 }
@@ -289,6 +291,8 @@ struct Progress {
     /// The number of the last round that failed: a flush fails when a round that started
     /// after it was issued fails (its records were in it, or in an earlier round that failed).
     failed_round: u64,
+    /// The number of the last round that succeeded.
+    stored_round: u64,
     /// The last failure's reason.
     error: Option<String>,
     /// The shipper has stopped (closed or fenced): waiting flushes fail.
@@ -336,6 +340,7 @@ impl Shipper {
             deletable: covered,
             stored: chain.covered.iter().chain(&chain.chain).copied().collect(),
             next_counter: chain.next_counter(),
+            forced: false,
         };
         for (h, p) in replayed.into_iter().filter(|(h, _)| h.seq > through) {
             q.push(h, p);
@@ -409,6 +414,30 @@ impl Shipper {
             .map_err(|_| VolumeError::Closed)?
             .clone();
         if p.through >= target {
+            Ok(())
+        } else if p.stopped {
+            Err(VolumeError::Closed)
+        } else {
+            Err(VolumeError::Shipping(p.error.unwrap_or_default()))
+        }
+    }
+
+    /// Waits for a conditional PUT that starts after the call and succeeds (a mark when nothing
+    /// is queued): proof that no takeover had fenced this node before now. Garbage collection
+    /// in cluster mode deletes chunks only after one (docs/design/cluster.md, "Constraints").
+    ///
+    /// Errors: as [`Shipper::flush`]; a fenced node's volume fails instead.
+    pub(super) async fn confirm(&self) -> Result<(), VolumeError> {
+        let mut rx = self.progress.subscribe();
+        let started = rx.borrow().rounds;
+        lock(&self.queue).forced = true;
+        self.wake.notify_one();
+        let p = rx
+            .wait_for(|p| p.stored_round > started || p.failed_round > started || p.stopped)
+            .await
+            .map_err(|_| VolumeError::Closed)?
+            .clone();
+        if p.stored_round > started {
             Ok(())
         } else if p.stopped {
             Err(VolumeError::Closed)
@@ -508,8 +537,10 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
                     q.confirmed = q.confirmed.max(job.confirms);
                     q.deletable = q.deletable.max(job.covered);
                 }
-                s.progress
-                    .send_modify(|p| p.through = p.through.max(job.confirms));
+                s.progress.send_modify(|p| {
+                    p.through = p.through.max(job.confirms);
+                    p.stored_round = round;
+                });
                 s.delete_wake.notify_one();
             }
             Ok(false) => {
@@ -549,10 +580,11 @@ fn take_job(s: &Shipper) -> Option<Job> {
         let deletes_wait = q.covered > q.deletable
             && q.stored.len() > 1
             && q.stored.front().is_some_and(|(_, last)| *last <= q.covered);
-        let due = q.wanted > q.confirmed || q.bytes >= SHIP_AHEAD_BYTES || deletes_wait;
+        let due = q.wanted > q.confirmed || q.bytes >= SHIP_AHEAD_BYTES || deletes_wait || q.forced;
         if !due {
             return None;
         }
+        q.forced = false;
         let mut taken = 0;
         let mut records = Vec::new();
         while let Some((h, _)) = q.records.front() {
