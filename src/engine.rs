@@ -30,6 +30,10 @@ pub struct EngineConfig {
     pub frame_cache_bytes: u64,
     /// How long closing a volume may spend turning its buffer into chunks (default 30 s).
     pub close_drain_timeout: Duration,
+    /// Cluster mode (`--cluster`): garbage collection deletes nothing until
+    /// [`Engine::set_cluster_gc`] says which volumes this node owns, and snapshots store a
+    /// pending record copy in the backend when taken.
+    pub cluster: bool,
 }
 
 impl EngineConfig {
@@ -43,6 +47,7 @@ impl EngineConfig {
             meta_cache_bytes: 64 << 20,
             frame_cache_bytes: 256 << 20,
             close_drain_timeout: Duration::from_secs(30),
+            cluster: false,
         }
     }
 }
@@ -308,6 +313,13 @@ impl Engine {
         Ok(blocking(move || meta.volume_state(&vol))
             .await?
             .next_object_id)
+    }
+
+    /// Replaces this node's volume record only, not the backend's copy (cluster mode: a local
+    /// change another node's copy must not see, such as the end of a mount here).
+    pub async fn put_local_record(&self, rec: VolumeRecord) -> Result<(), VolumeError> {
+        let meta = self.meta.clone();
+        Ok(blocking(move || meta.put_volume(&rec)).await?)
     }
 
     /// Replaces a volume record durably, and its copy in the backend (best effort: a failure to

@@ -94,11 +94,17 @@ impl Engine {
         for (vol, id, st) in candidates {
             by_owner.entry(vol).or_default().push((id, st));
         }
-        if let Some(scope) = self.gc_scope.get() {
-            by_owner.retain(|vol, _| scope(vol));
-            if !by_owner.is_empty() {
-                self.sync_snapshots_from_backend().await?;
+        match self.gc_scope.get() {
+            Some(scope) => {
+                by_owner.retain(|vol, _| scope(vol));
+                if !by_owner.is_empty() {
+                    let frozen = self.sync_snapshots_from_backend().await?;
+                    by_owner.retain(|vol, _| !frozen.contains(vol));
+                }
             }
+            // Cluster mode before the control plane knows the leases: nothing is owned yet.
+            None if self.config.cluster => by_owner.clear(),
+            None => {}
         }
         let now = Instant::now();
         pacing.waiting_since.retain(|v, _| by_owner.contains_key(v));
@@ -227,7 +233,11 @@ impl Engine {
     /// record copy is in the backend and not here, and forgets every completed one here whose
     /// record copy is gone (deleted through another node; a completed snapshot's copy was
     /// stored before it was marked completed). Pending and failed local snapshots stay.
-    async fn sync_snapshots_from_backend(&self) -> Result<(), VolumeError> {
+    /// Returns the volumes with a snapshot pending on another node (its record copy says
+    /// `pending`, its map is not stored yet): their chunks wait, since only that node knows
+    /// what the snapshot uses. A record copy that does not decode is skipped (logged).
+    async fn sync_snapshots_from_backend(&self) -> Result<HashSet<VolumeId>, VolumeError> {
+        let mut frozen = HashSet::new();
         let keys: HashSet<String> = self.backend.list("snap-").await?.into_iter().collect();
         let local = self.list_snapshots().await?;
         let known: HashSet<&crate::ids::SnapshotId> =
@@ -239,8 +249,19 @@ impl Engine {
             else {
                 continue;
             };
-            if !known.contains(&id) {
-                self.load_snapshot(&id).await?;
+            if known.contains(&id) {
+                continue;
+            }
+            let Some(rec) = self
+                .stored_record::<crate::records::SnapshotRecord>(key, "snapshot")
+                .await?
+            else {
+                continue;
+            };
+            if rec.state == crate::records::SnapshotStateName::Pending {
+                frozen.insert(rec.volume_id);
+            } else {
+                self.install_stored_snapshot(&rec).await?;
             }
         }
         for rec in &local {
@@ -254,7 +275,7 @@ impl Engine {
                 tracing::info!(snapshot = %rec.snapshot_id, "forgot a snapshot deleted through another node");
             }
         }
-        Ok(())
+        Ok(frozen)
     }
 
     /// Stores volume `vol`'s map, chunk stats and state in the backend as a map checkpoint

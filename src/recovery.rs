@@ -318,7 +318,11 @@ impl Engine {
             else {
                 continue;
             };
-            if self.get_snapshot(&rec.snapshot_id).await?.is_some() {
+            // A pending copy (cluster mode, stored when taken) has no map yet: the snapshot
+            // was not completed.
+            if rec.state == crate::records::SnapshotStateName::Pending
+                || self.get_snapshot(&rec.snapshot_id).await?.is_some()
+            {
                 continue;
             }
             self.install_stored_snapshot(&rec).await?;

@@ -144,6 +144,19 @@ impl Engine {
             }
         };
         tracing::info!(snapshot = %rec.snapshot_id, volume = %vol, seq = rec.seq, "snapshot taken");
+        if self.config.cluster {
+            // Cluster mode: the pending record copy tells every node's garbage collection that
+            // the volume's chunks wait for this snapshot's map (src/gc.rs), should the volume
+            // move to another node before the map is stored.
+            let json =
+                serde_json::to_vec(&rec).map_err(|e| VolumeError::Internal(e.to_string()))?;
+            put_retried(
+                &self.backend,
+                &snapshot_record_key(&rec.snapshot_id),
+                json.into(),
+            )
+            .await?;
+        }
         let (meta, backend, r) = (self.meta.clone(), self.backend.clone(), rec.clone());
         let stored = tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
         Ok((rec, stored))
@@ -296,18 +309,17 @@ impl Engine {
         rec: &SnapshotRecord,
     ) -> Result<(), VolumeError> {
         let map_key = snapshot_map_key(&rec.snapshot_id);
-        let obj = MapObject::decode(&self.backend.get(&map_key).await?).map_err(|e| {
-            VolumeError::Corrupt {
-                what: format!("snapshot map {map_key}"),
-                reason: e.to_string(),
-            }
-        })?;
+        let body = self.backend.get(&map_key).await?;
         let meta = self.meta.clone();
         let r = SnapshotRecord {
             mount: None,
             ..rec.clone()
         };
         blocking(move || {
+            let obj = MapObject::decode(&body).map_err(|e| crate::meta::MetaError::Corrupt {
+                key: map_key,
+                reason: e.to_string(),
+            })?;
             let lookup = BlockLookup::snapshot(meta.clone(), &r.snapshot_id, r.volume_id.clone());
             meta.install_map(&lookup, &obj.extents, None, vec![])?;
             meta.put_snapshot(&r)

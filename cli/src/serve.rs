@@ -228,6 +228,7 @@ fn engine_config(a: &ServeArgs) -> EngineConfig {
     c.volume.upload_concurrency = a.upload_concurrency.max(1);
     c.volume.wal_recovery = a.wal_recovery_mode;
     c.volume.ship_wal = a.ship_wal || a.cluster;
+    c.cluster = a.cluster;
     c.volume.compaction = vblock::volume::CompactionConfig {
         threshold_percent: a.compaction_threshold,
         rate_bytes_per_sec: a.compaction_rate.max(1),

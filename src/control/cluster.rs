@@ -35,9 +35,49 @@ pub struct ClusterMode {
     client: async_nats::Client,
     /// This daemon process as a lease holder (node name, random instance).
     pub(super) me: Owner,
-    /// Leases this node keeps, by volume (held only for map operations, never across an
-    /// await).
-    kept: std::sync::Mutex<HashMap<VolumeId, Kept>>,
+    /// Leases this node keeps, by volume, and what for (the mutex is held only for map
+    /// operations, never across an await).
+    kept: std::sync::Mutex<HashMap<VolumeId, Held>>,
+}
+
+/// What a lease is kept for: the lease is released when nothing holds it any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    /// The volume is mounted here.
+    Mount,
+    /// A snapshot taken here is not yet stored in the bucket (until then only this node's
+    /// garbage collection knows its references).
+    Snapshot,
+    /// The volume is being deleted here.
+    Delete,
+}
+
+/// A kept lease and its holders.
+struct Held {
+    kept: Kept,
+    mount: bool,
+    snapshots: u32,
+    delete: bool,
+}
+
+impl Held {
+    fn add(&mut self, purpose: Purpose) {
+        match purpose {
+            Purpose::Mount => self.mount = true,
+            Purpose::Snapshot => self.snapshots += 1,
+            Purpose::Delete => self.delete = true,
+        }
+    }
+
+    /// Drops one `purpose` hold; whether any hold is left.
+    fn drop_hold(&mut self, purpose: Purpose) -> bool {
+        match purpose {
+            Purpose::Mount => self.mount = false,
+            Purpose::Snapshot => self.snapshots = self.snapshots.saturating_sub(1),
+            Purpose::Delete => self.delete = false,
+        }
+        self.mount || self.snapshots > 0 || self.delete
+    }
 }
 
 impl ClusterMode {
@@ -52,7 +92,7 @@ impl ClusterMode {
         }
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, Kept>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, Held>> {
         self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -60,16 +100,34 @@ impl ClusterMode {
 
     /// Whether this process keeps `id`'s lease (it owns the volume).
     pub fn keeps(&self, id: &VolumeId) -> bool {
-        self.kept().get(id).is_some_and(|k| !k.is_lost())
+        self.kept().get(id).is_some_and(|h| !h.kept.is_lost())
     }
 
-    /// Stops renewing `id`'s lease here and releases it (a mount ended, a snapshot or delete
-    /// that claimed it is done, or a claim's takeover failed).
-    pub(super) async fn release(&self, id: &VolumeId) {
-        let Some(kept) = self.kept().remove(id) else {
+    /// Whether this process keeps `id`'s lease for a mount.
+    pub fn mounted_here(&self, id: &VolumeId) -> bool {
+        self.kept()
+            .get(id)
+            .is_some_and(|h| h.mount && !h.kept.is_lost())
+    }
+
+    /// Drops this node's `purpose` hold on `id`'s lease (a mount ended, a snapshot is stored,
+    /// a delete is done, or a claim's takeover failed); once nothing holds it, stops renewing
+    /// it and releases it.
+    pub(super) async fn release(&self, id: &VolumeId, purpose: Purpose) {
+        let held = {
+            let mut kept = self.kept();
+            let Some(h) = kept.get_mut(id) else {
+                return;
+            };
+            if h.drop_hold(purpose) {
+                return;
+            }
+            kept.remove(id)
+        };
+        let Some(held) = held else {
             return;
         };
-        if let Some(revision) = kept.stop().await {
+        if let Some(revision) = held.kept.stop().await {
             if let Err(e) = self.leases.release(id, revision).await {
                 tracing::warn!(volume = %id, error = %e, "releasing the lease failed; it expires after the TTL");
             }
@@ -126,16 +184,31 @@ impl Control {
     /// takes the volume over in a new epoch: only a kept lease proves that nobody wrote the
     /// volume since this node did. On any failure the lease is released.
     /// `record`: the volume's catalog record (the takeover rebuilds it with this one). `uri`:
-    /// empty when the claim is for a snapshot or a delete, not a mount.
+    /// empty when the claim is for a snapshot or a delete, not a mount. `Here` adds a
+    /// `purpose` hold, which the caller drops with [`ClusterMode::release`].
+    ///
+    /// Errors: [`VolumeError::IncorrectState`] (try again) for a mount while this node keeps
+    /// the lease for a snapshot or a delete only (other nodes would be given no URI); claim
+    /// and takeover errors.
     pub(super) async fn cluster_own(
         &self,
         cluster: &ClusterMode,
         id: &VolumeId,
         uri: &str,
         record: VolumeRecord,
+        purpose: Purpose,
     ) -> Result<Owned, VolumeError> {
-        if cluster.keeps(id) {
-            return Ok(Owned::Here);
+        {
+            let mut kept = cluster.kept();
+            if let Some(h) = kept.get_mut(id).filter(|h| !h.kept.is_lost()) {
+                if purpose == Purpose::Mount && !h.mount {
+                    return Err(VolumeError::IncorrectState(format!(
+                        "volume {id} is busy here (a snapshot or a delete); try again"
+                    )));
+                }
+                h.add(purpose);
+                return Ok(Owned::Here);
+            }
         }
         let mut me = cluster.me.clone();
         me.nbd_advertise = uri.to_owned();
@@ -143,17 +216,23 @@ impl Control {
             Claim::Won { revision, sent } => (revision, sent),
             Claim::Held(owner) => return Ok(Owned::There(owner)),
         };
-        let kept = cluster.leases.keep(id, &me, revision, sent);
-        cluster.kept().insert(id.clone(), kept);
+        let mut held = Held {
+            kept: cluster.leases.keep(id, &me, revision, sent),
+            mount: false,
+            snapshots: 0,
+            delete: false,
+        };
+        held.add(purpose);
+        cluster.kept().insert(id.clone(), held);
         let taken = match self.engine.take_over_with(id, &me.node, Some(record)).await {
             Ok(epoch) => epoch,
             Err(e) => {
-                cluster.release(id).await;
+                cluster.release(id, purpose).await;
                 return Err(e);
             }
         };
         if !cluster.keeps(id) {
-            cluster.release(id).await;
+            cluster.release(id, purpose).await;
             return Err(VolumeError::Internal(format!(
                 "the lease of {id} was lost during its takeover; try again"
             )));
@@ -190,7 +269,7 @@ impl Control {
         for mut rec in self.engine.list_records().await? {
             if rec.mount.take().is_some() {
                 tracing::info!(volume = %rec.volume_id, "cluster mode: forgetting a mount of an earlier process (no lease held)");
-                self.engine.put_record(rec).await?;
+                self.engine.put_local_record(rec).await?;
             }
         }
         for rec in cluster.catalog.volumes().await.map_err(catalog_err)? {
@@ -236,7 +315,7 @@ impl Control {
                 let mut kept = cluster.kept();
                 let lost: Vec<VolumeId> = kept
                     .iter()
-                    .filter(|(_, k)| k.is_lost())
+                    .filter(|(_, h)| h.kept.is_lost())
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in &lost {
@@ -351,26 +430,30 @@ impl Control {
     ) -> Result<Vec<u8>, ApiError> {
         let (vrec, _) = self.volume_at(id).await?;
         usable(&vrec)?;
-        let claimed = !cluster.keeps(id);
-        if claimed {
-            if forwarded {
-                return Err(ApiError::new(
-                    "IncorrectState",
-                    format!(
-                        "node {} does not own volume {id} any more; try again",
-                        cluster.me.node
-                    ),
-                ));
-            }
-            let _g = self.lock.lock().await;
-            if let Owned::There(owner) = self.cluster_own(cluster, id, "", vrec).await? {
+        if forwarded && !cluster.keeps(id) {
+            return Err(ApiError::new(
+                "IncorrectState",
+                format!(
+                    "node {} does not own volume {id} any more; try again",
+                    cluster.me.node
+                ),
+            ));
+        }
+        {
+            let g = self.lock.lock().await;
+            if let Owned::There(owner) = self
+                .cluster_own(cluster, id, "", vrec, Purpose::Snapshot)
+                .await?
+            {
+                drop(g);
                 return cluster
                     .forward(&owner.node, "createsnapshot", payload)
                     .await;
             }
         }
+        // This node holds the lease for the snapshot until it is stored in the bucket.
         let taken = self.engine.create_snapshot_tracked(id, description).await;
-        if claimed {
+        if !cluster.mounted_here(id) {
             // The snapshot opened the volume; nobody mounted it.
             if let Err(e) = self.engine.close_volume(id).await {
                 tracing::warn!(volume = %id, error = %e, "closing a volume after its snapshot failed");
@@ -379,9 +462,7 @@ impl Control {
         let (rec, stored) = match taken {
             Ok(t) => t,
             Err(e) => {
-                if claimed {
-                    cluster.release(id).await;
-                }
+                cluster.release(id, Purpose::Snapshot).await;
                 return Err(e.into());
             }
         };
@@ -405,9 +486,7 @@ impl Control {
                 }
                 (Ok(_), None) => {}
             }
-            if claimed {
-                cluster.release(&vol).await;
-            }
+            cluster.release(&vol, Purpose::Snapshot).await;
         });
         if revision.is_none() {
             return Err(ApiError::internal(format!(
@@ -434,7 +513,10 @@ impl Control {
         revision: u64,
     ) -> Result<(), VolumeError> {
         let id = rec.volume_id.clone();
-        if let Owned::There(owner) = self.cluster_own(cluster, &id, "", rec.clone()).await? {
+        if let Owned::There(owner) = self
+            .cluster_own(cluster, &id, "", rec.clone(), Purpose::Delete)
+            .await?
+        {
             return Err(VolumeError::InUse(format!(
                 "volume {id} is owned by node {}",
                 owner.node
@@ -458,7 +540,7 @@ impl Control {
                 .map_err(catalog_err)
         }
         .await;
-        cluster.release(&id).await;
+        cluster.release(&id, Purpose::Delete).await;
         deleted
     }
 

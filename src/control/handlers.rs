@@ -224,6 +224,9 @@ impl Control {
     /// or owned by another node; engine and catalog errors.
     pub(super) async fn delete_unused_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
         let (rec, revision) = self.volume_at(id).await?;
+        if rec.state == VolumeStateName::Creating {
+            usable(&rec)?;
+        }
         if !rec.attachments.is_empty() || rec.mount.is_some() {
             return Err(VolumeError::InUse(format!("{id} is attached or mounted")));
         }

@@ -80,6 +80,7 @@ impl Control {
             );
         };
         let _g = self.lock.lock().await;
+        let was_mounted = self.cluster.as_ref().is_some_and(|c| c.mounted_here(&id));
         if let Some(cluster) = self.cluster.clone() {
             let catalog = match self.volume_at(&id).await {
                 Ok((r, _)) => r,
@@ -99,7 +100,13 @@ impl Control {
                 }
             }
             match self
-                .cluster_own(&cluster, &id, &self.uri(id.as_str(), &here), catalog)
+                .cluster_own(
+                    &cluster,
+                    &id,
+                    &self.uri(id.as_str(), &here),
+                    catalog,
+                    super::cluster::Purpose::Mount,
+                )
                 .await
             {
                 Ok(super::cluster::Owned::Here) => {}
@@ -126,8 +133,16 @@ impl Control {
         }
         let mut rec = match self.engine.get_record(&id).await {
             Ok(Some(r)) => r,
-            Ok(None) => return fail(format!("volume {id} not found"), false),
-            Err(e) => return fail(e.to_string(), true),
+            found => {
+                // The mount hold this request added goes (an earlier mount's stays).
+                if let Some(cluster) = self.cluster.as_ref().filter(|_| !was_mounted) {
+                    cluster.release(&id, super::cluster::Purpose::Mount).await;
+                }
+                return match found {
+                    Err(e) => fail(e.to_string(), true),
+                    _ => fail(format!("volume {id} not found"), false),
+                };
+            }
         };
         if let Some(m) = &rec.mount {
             return mounted(id.as_str(), m);
@@ -149,7 +164,7 @@ impl Control {
         };
         if let Err(e) = opened {
             if let Some(cluster) = self.cluster.clone() {
-                cluster.release(&id).await;
+                cluster.release(&id, super::cluster::Purpose::Mount).await;
             }
             return fail(format!("cannot mount {id}: {e}"), true);
         }
@@ -185,7 +200,7 @@ impl Control {
             // The local record's mount (its export name) goes whatever the catalog said.
             if let Some(mut local) = self.engine.get_record(&id).await? {
                 if local.mount.take().is_some() {
-                    self.engine.put_record(local).await?;
+                    self.engine.put_local_record(local).await?;
                 }
             }
         }
@@ -202,7 +217,7 @@ impl Control {
         let closed = self.engine.close_volume_draining(&id, drain).await;
         // Cluster mode: a mount that ended releases the volume's lease (whatever ended it).
         if let Some(cluster) = self.cluster.clone() {
-            cluster.release(&id).await;
+            cluster.release(&id, super::cluster::Purpose::Mount).await;
         }
         closed
     }

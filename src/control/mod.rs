@@ -156,7 +156,6 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
                 SUBJECTS
                     .iter()
                     .filter_map(|s| s.rsplit('.').next())
-                    .chain(["mount", "unmount"])
                     .map(|op| format!("vblock.{node}.{op}")),
             );
         }
