@@ -619,6 +619,16 @@ fn one_catalog_serves_every_node() {
     let out = common::daemon::qemu_io_read_only(&clone_uri, &snapshot_data);
     assert!(!out.contains("failed"), "the clone through b: {out}");
 
+    // A snapshot is exported through one node at a time, and not deleted while exported.
+    let snap_uri = mount_via(&c, &snap_id, "c");
+    let out = common::daemon::qemu_io_read_only(&snap_uri, &["read -P 0x5a 0 1M"]);
+    assert!(!out.contains("failed"), "the snapshot through c: {out}");
+    let refused = a.cli_refused(&["mount", &snap_id, "--node", "a", "--timeout", "10"]);
+    assert!(refused.contains("mounted through node c"), "{refused}");
+    let refused = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap_id}));
+    assert_eq!(error_code(&refused), "VolumeInUse", "{refused}");
+    c.cli(&["unmount", &snap_id, "--node", "c"]);
+
     let deleted = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap_id}));
     assert_eq!(deleted["Return"], true, "{deleted}");
     let gone = node_request(

@@ -281,6 +281,8 @@ impl Control {
                 self.forget_catalog_mount(cluster, &rec.volume_id).await;
             }
         }
+        // Snapshot mounts need no lease: their exports survive the restart, and so do their
+        // catalog records.
         Ok(())
     }
 
@@ -561,6 +563,12 @@ impl Control {
                 "snapshot {id} is pending; delete it once it completes"
             )));
         }
+        if let Some(m) = &rec.mount {
+            return Err(VolumeError::InUse(format!(
+                "snapshot {id} is mounted through node {} (exported over NBD); unmount it first",
+                m.node
+            )));
+        }
         if let Some(local) = self.engine.get_snapshot(id).await? {
             if local.mount.is_some() {
                 return Err(VolumeError::InUse(format!(
@@ -579,6 +587,60 @@ impl Control {
             .iter()
             .any(|v| v.snapshot_id == id.as_str());
         self.engine.delete_snapshot_copies(id, !cloned).await
+    }
+}
+
+impl Control {
+    /// Cluster mode: records snapshot `id`'s mount through this node in the catalog (`Some`),
+    /// or removes this node's mount (`None`). A mount through another node is left alone.
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`]; [`VolumeError::IncorrectState`] when the
+    /// record changed meanwhile; catalog errors.
+    pub(super) async fn catalog_snapshot_mount(
+        &self,
+        cluster: &ClusterMode,
+        id: &SnapshotId,
+        mount: Option<&crate::records::Mount>,
+    ) -> Result<(), VolumeError> {
+        let (mut rec, revision) = self.snapshot_at(id).await?;
+        let here = rec.mount.as_ref().is_none_or(|m| m.node == cluster.me.node);
+        if !here || rec.mount.as_ref() == mount {
+            return Ok(());
+        }
+        rec.mount = mount.cloned();
+        cluster
+            .catalog
+            .put_snapshot(&rec, Some(revision))
+            .await
+            .map_err(catalog_err)?;
+        Ok(())
+    }
+
+    /// Cluster mode's unmount of snapshot `id` (`node`: only if mounted through it): refused
+    /// while the catalog has it mounted through another node; ends this node's export (if it
+    /// has one) and the catalog's mount.
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`], [`VolumeError::InUse`]; engine and catalog
+    /// errors.
+    pub(super) async fn cluster_unmount_snapshot(
+        &self,
+        cluster: &ClusterMode,
+        id: &SnapshotId,
+        node: Option<&str>,
+    ) -> Result<(), VolumeError> {
+        let (rec, _) = self.snapshot_at(id).await?;
+        if let Some(m) = rec.mount.as_ref().filter(|m| m.node != cluster.me.node) {
+            return Err(VolumeError::InUse(format!(
+                "snapshot {id} is mounted through node {}",
+                m.node
+            )));
+        }
+        if self.engine.get_snapshot(id).await?.is_some()
+            && self.engine.unmount_snapshot(id, node).await?
+        {
+            tracing::info!(snapshot = %id, "snapshot unmounted");
+        }
+        self.catalog_snapshot_mount(cluster, id, None).await
     }
 }
 

@@ -50,12 +50,25 @@ impl Control {
             },
         };
         if let Ok(snap) = SnapshotId::parse(&req.name) {
-            if self.cluster.is_some() {
+            if let Some(cluster) = &self.cluster {
                 // Cluster mode: a snapshot of the catalog, taken on any node, is read from its
-                // map in the bucket.
-                if let Err(e) = self.snapshot_at(&snap).await {
-                    let retryable = !matches!(e, VolumeError::SnapshotNotFound(_));
-                    return fail(e.to_string(), retryable);
+                // map in the bucket; it is exported through one node at a time.
+                match self.snapshot_at(&snap).await {
+                    Ok((rec, _)) => {
+                        if let Some(m) = rec.mount.filter(|m| m.node != cluster.me.node) {
+                            return fail(
+                                format!(
+                                    "VolumeInUse: snapshot {snap} is mounted through node {}",
+                                    m.node
+                                ),
+                                false,
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        let retryable = !matches!(e, VolumeError::SnapshotNotFound(_));
+                        return fail(e.to_string(), retryable);
+                    }
                 }
                 if let Err(e) = self.engine.load_snapshot(&snap).await {
                     return fail(format!("cannot mount {snap}: {e}"), true);
@@ -63,6 +76,15 @@ impl Control {
             }
             return match self.engine.mount_snapshot(&snap, mount.clone()).await {
                 Ok(SnapshotRecord { mount: Some(m), .. }) => {
+                    if let Some(cluster) = &self.cluster {
+                        if let Err(e) = self.catalog_snapshot_mount(cluster, &snap, Some(&m)).await
+                        {
+                            if let Err(e) = self.engine.unmount_snapshot(&snap, None).await {
+                                tracing::warn!(snapshot = %snap, error = %e, "unmounting a snapshot the catalog refused failed");
+                            }
+                            return fail(format!("cannot mount {snap}: {e}"), true);
+                        }
+                    }
                     if m == mount {
                         tracing::info!(snapshot = %snap, device = %req.device_name, "snapshot mounted");
                     }
@@ -238,6 +260,18 @@ impl Control {
         };
         if let Ok(snap) = SnapshotId::parse(&req.name) {
             let name = snap.to_string();
+            if let Some(cluster) = &self.cluster {
+                return match self.cluster_unmount_snapshot(cluster, &snap, node).await {
+                    Ok(()) => resp(name, false, String::new(), false),
+                    Err(e @ VolumeError::SnapshotNotFound(_)) => {
+                        resp(name, false, e.to_string(), true)
+                    }
+                    Err(VolumeError::InUse(m)) => {
+                        resp(name, true, format!("VolumeInUse: {m}"), false)
+                    }
+                    Err(e) => resp(name, true, format!("cannot unmount {snap}: {e}"), false),
+                };
+            }
             return match self.engine.unmount_snapshot(&snap, node).await {
                 Ok(was) => {
                     if was {
