@@ -592,10 +592,11 @@ impl Control {
 
 impl Control {
     /// Cluster mode: records snapshot `id`'s mount through this node in the catalog (`Some`),
-    /// or removes this node's mount (`None`). A mount through another node is left alone.
+    /// or removes this node's mount (`None`; a mount through another node is left alone).
     ///
-    /// Errors: [`VolumeError::SnapshotNotFound`]; [`VolumeError::IncorrectState`] when the
-    /// record changed meanwhile; catalog errors.
+    /// Errors: [`VolumeError::InUse`] when recording a mount while another node's is recorded
+    /// (the caller ends its export); [`VolumeError::SnapshotNotFound`];
+    /// [`VolumeError::IncorrectState`] when the record changed meanwhile; catalog errors.
     pub(super) async fn catalog_snapshot_mount(
         &self,
         cluster: &ClusterMode,
@@ -603,8 +604,16 @@ impl Control {
         mount: Option<&crate::records::Mount>,
     ) -> Result<(), VolumeError> {
         let (mut rec, revision) = self.snapshot_at(id).await?;
-        let here = rec.mount.as_ref().is_none_or(|m| m.node == cluster.me.node);
-        if !here || rec.mount.as_ref() == mount {
+        if let Some(m) = rec.mount.as_ref().filter(|m| m.node != cluster.me.node) {
+            return match mount {
+                Some(_) => Err(VolumeError::InUse(format!(
+                    "snapshot {id} is mounted through node {}",
+                    m.node
+                ))),
+                None => Ok(()),
+            };
+        }
+        if rec.mount.as_ref() == mount {
             return Ok(());
         }
         rec.mount = mount.cloned();

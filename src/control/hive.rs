@@ -79,10 +79,14 @@ impl Control {
                     if let Some(cluster) = &self.cluster {
                         if let Err(e) = self.catalog_snapshot_mount(cluster, &snap, Some(&m)).await
                         {
-                            if let Err(e) = self.engine.unmount_snapshot(&snap, None).await {
-                                tracing::warn!(snapshot = %snap, error = %e, "unmounting a snapshot the catalog refused failed");
+                            // The export this request started ends (an earlier one stays).
+                            if m == mount {
+                                if let Err(e) = self.engine.unmount_snapshot(&snap, None).await {
+                                    tracing::warn!(snapshot = %snap, error = %e, "unmounting a snapshot the catalog refused failed");
+                                }
                             }
-                            return fail(format!("cannot mount {snap}: {e}"), true);
+                            let retryable = !matches!(e, VolumeError::InUse(_));
+                            return fail(format!("cannot mount {snap}: {e}"), retryable);
                         }
                     }
                     if m == mount {
