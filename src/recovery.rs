@@ -326,7 +326,6 @@ impl Engine {
                 continue;
             }
             self.install_stored_snapshot(&rec).await?;
-            tracing::info!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "snapshot recovered from the backend");
         }
         Ok(())
     }

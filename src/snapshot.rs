@@ -148,14 +148,7 @@ impl Engine {
             // Cluster mode: the pending record copy tells every node's garbage collection that
             // the volume's chunks wait for this snapshot's map (src/gc.rs), should the volume
             // move to another node before the map is stored.
-            let json =
-                serde_json::to_vec(&rec).map_err(|e| VolumeError::Internal(e.to_string()))?;
-            put_retried(
-                &self.backend,
-                &snapshot_record_key(&rec.snapshot_id),
-                json.into(),
-            )
-            .await?;
+            store_snapshot_record(&self.backend, &rec).await?;
         }
         let (meta, backend, r) = (self.meta.clone(), self.backend.clone(), rec.clone());
         let stored = tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
@@ -289,15 +282,17 @@ impl Engine {
             return Ok(rec);
         }
         let key = snapshot_record_key(id);
-        if !self.backend.list(&key).await?.contains(&key) {
-            return Err(VolumeError::SnapshotNotFound(id.clone()));
-        }
-        let rec = self
-            .stored_record::<SnapshotRecord>(&key, "snapshot")
-            .await?
-            .ok_or_else(|| VolumeError::Corrupt {
+        let body = match self.backend.get(&key).await {
+            Ok(b) => b,
+            Err(crate::backend::BackendError::NotFound(_)) => {
+                return Err(VolumeError::SnapshotNotFound(id.clone()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let rec: SnapshotRecord =
+            serde_json::from_slice(&body).map_err(|e| VolumeError::Corrupt {
                 what: key.clone(),
-                reason: "the snapshot record does not decode".into(),
+                reason: e.to_string(),
             })?;
         self.install_stored_snapshot(&rec).await?;
         Ok(rec)
@@ -474,6 +469,17 @@ impl Engine {
     }
 }
 
+/// Stores snapshot record `rec`'s copy (`SNAPID/snapshot.json`) in the backend (bounded
+/// retries).
+async fn store_snapshot_record(
+    backend: &SharedBackend,
+    rec: &SnapshotRecord,
+) -> Result<(), VolumeError> {
+    let json = serde_json::to_vec(rec).map_err(|e| VolumeError::Internal(e.to_string()))?;
+    put_retried(backend, &snapshot_record_key(&rec.snapshot_id), json.into()).await?;
+    Ok(())
+}
+
 /// Copies a snapshot's frozen map and then its record to the backend and marks it `completed`
 /// (`error` after the retries run out).
 async fn publish_snapshot(
@@ -492,10 +498,7 @@ async fn publish_snapshot(
         put_retried(&backend, &key, body).await?;
         rec.progress = 100;
         rec.state = SnapshotStateName::Completed;
-        let key = snapshot_record_key(&id);
-        let json = serde_json::to_vec(&rec).map_err(|e| VolumeError::Internal(e.to_string()))?;
-        let body = Bytes::from(json);
-        put_retried(&backend, &key, body).await?;
+        store_snapshot_record(&backend, &rec).await?;
         Ok(())
     }
     .await;

@@ -31,6 +31,13 @@ async fn open(dir: &std::path::Path, backend: &SharedBackend) -> Engine {
 }
 
 /// A new 1 MiB volume on `engine`.
+/// [`config`] without idle flushes: chunks are made only when a test asks.
+fn quiet_config(dir: &std::path::Path) -> vblock::EngineConfig {
+    let mut c = config(dir);
+    c.volume.idle_flush = Duration::from_secs(3600);
+    c
+}
+
 async fn create(engine: &Engine) -> VolumeId {
     engine
         .create_volume(1 << 20, "ship")
@@ -708,8 +715,7 @@ fn a_fenced_owner_deletes_nothing() {
         // No chunk on either node until asked: only A's own chunks could cover its objects
         // (B, their owner now, may delete them once its chunks hold them).
         let quiet = |dir: &std::path::Path| {
-            let mut c = config(dir);
-            c.volume.idle_flush = Duration::from_secs(3600);
+            let mut c = quiet_config(dir);
             c.volume.chunk_bytes = 1 << 20;
             c
         };
@@ -774,12 +780,7 @@ fn a_fenced_owner_collects_no_garbage() {
             tempfile::tempdir().expect("tempdir"),
             tempfile::tempdir().expect("tempdir"),
         );
-        let quiet = |dir: &std::path::Path| {
-            let mut c = config(dir);
-            c.volume.idle_flush = Duration::from_secs(3600);
-            c
-        };
-        let a = Engine::open(quiet(da.path()), backend.clone())
+        let a = Engine::open(quiet_config(da.path()), backend.clone())
             .await
             .expect("engine");
         a.set_cluster_gc(Arc::new(|_| true));
@@ -801,7 +802,7 @@ fn a_fenced_owner_collects_no_garbage() {
         let before = chunks(backend.clone()).await;
         assert_eq!(before.len(), 2, "{before:?}");
 
-        let b = Engine::open(quiet(db.path()), backend.clone())
+        let b = Engine::open(quiet_config(db.path()), backend.clone())
             .await
             .expect("engine");
         b.take_over(&id, "b").await.expect("take over");

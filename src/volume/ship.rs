@@ -400,7 +400,7 @@ impl Shipper {
     /// fails (a backend outage beyond the retries; the records stay queued for the next round),
     /// [`VolumeError::Closed`] once the shipper stopped.
     pub(super) async fn flush(&self) -> Result<(), VolumeError> {
-        let mut rx = self.progress.subscribe();
+        let rx = self.progress.subscribe();
         let started = rx.borrow().rounds;
         let target = {
             let mut q = lock(&self.queue);
@@ -408,18 +408,7 @@ impl Shipper {
             q.last_seq
         };
         self.wake.notify_one();
-        let p = rx
-            .wait_for(|p| p.through >= target || p.failed_round > started || p.stopped)
-            .await
-            .map_err(|_| VolumeError::Closed)?
-            .clone();
-        if p.through >= target {
-            Ok(())
-        } else if p.stopped {
-            Err(VolumeError::Closed)
-        } else {
-            Err(VolumeError::Shipping(p.error.unwrap_or_default()))
-        }
+        wait_for_round(rx, started, |p| p.through >= target).await
     }
 
     /// Waits for a conditional PUT that starts after the call and succeeds (a mark when nothing
@@ -428,22 +417,11 @@ impl Shipper {
     ///
     /// Errors: as [`Shipper::flush`]; a fenced node's volume fails instead.
     pub(super) async fn confirm(&self) -> Result<(), VolumeError> {
-        let mut rx = self.progress.subscribe();
+        let rx = self.progress.subscribe();
         let started = rx.borrow().rounds;
         lock(&self.queue).forced = true;
         self.wake.notify_one();
-        let p = rx
-            .wait_for(|p| p.stored_round > started || p.failed_round > started || p.stopped)
-            .await
-            .map_err(|_| VolumeError::Closed)?
-            .clone();
-        if p.stored_round > started {
-            Ok(())
-        } else if p.stopped {
-            Err(VolumeError::Closed)
-        } else {
-            Err(VolumeError::Shipping(p.error.unwrap_or_default()))
-        }
+        wait_for_round(rx, started, |p| p.stored_round > started).await
     }
 
     /// Asks the task to stop after its current round.
@@ -451,6 +429,28 @@ impl Shipper {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_one();
         self.delete_wake.notify_one();
+    }
+}
+
+/// Waits on `rx` until `done`, a round that started after round `started` fails, or the
+/// shipper stops: `Ok` when done, else [`VolumeError::Shipping`] with the failure or
+/// [`VolumeError::Closed`].
+async fn wait_for_round(
+    mut rx: watch::Receiver<Progress>,
+    started: u64,
+    done: impl Fn(&Progress) -> bool,
+) -> Result<(), VolumeError> {
+    let p = rx
+        .wait_for(|p| done(p) || p.failed_round > started || p.stopped)
+        .await
+        .map_err(|_| VolumeError::Closed)?
+        .clone();
+    if done(&p) {
+        Ok(())
+    } else if p.stopped {
+        Err(VolumeError::Closed)
+    } else {
+        Err(VolumeError::Shipping(p.error.unwrap_or_default()))
     }
 }
 
