@@ -36,6 +36,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The client port in the ports file nats-server writes into `dir` once it listens
+/// (`{"nats":["nats://127.0.0.1:PORT"]}`), if it has.
+fn listened_port(dir: &Path) -> Option<u16> {
+    let file = std::fs::read_dir(dir).ok()?.flatten().next()?.path();
+    let ports: serde_json::Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+    ports["nats"][0].as_str()?.rsplit(':').next()?.parse().ok()
+}
+
 /// Polls `cond` every 10 ms until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -228,49 +236,61 @@ fn serve_command(
 /// A `nats-server` on a free loopback port, stopped on drop.
 pub struct Nats {
     child: Option<Child>,
-    /// Port.
+    /// Port: chosen by nats-server at the first start (`-p -1`), kept across restarts.
     pub port: u16,
-    /// JetStream's store directory (`-js -sd DIR`), kept across restarts.
-    jetstream: Option<tempfile::TempDir>,
+    /// Holds the ports file (`--ports_file_dir`) and JetStream's store (`-js -sd DIR/js`).
+    dir: tempfile::TempDir,
+    jetstream: bool,
 }
 
 impl Nats {
     /// Starts it and waits until it accepts connections.
     pub fn start() -> Self {
-        require("nats-server");
-        let port = free_port();
-        let mut n = Self {
-            child: None,
-            port,
-            jetstream: None,
-        };
-        n.spawn();
-        n
+        Self::start_on(false)
     }
 
     /// [`Nats::start`] with JetStream on (`-js`), its store in a temporary directory.
     pub fn start_jetstream() -> Self {
+        Self::start_on(true)
+    }
+
+    fn start_on(jetstream: bool) -> Self {
         require("nats-server");
-        let port = free_port();
         let mut n = Self {
             child: None,
-            port,
-            jetstream: Some(tempfile::tempdir().expect("tempdir")),
+            port: 0,
+            dir: tempfile::tempdir().expect("tempdir"),
+            jetstream,
         };
         n.spawn();
         n
     }
 
+    /// Starts nats-server and waits until it listens. The first start lets it choose a free
+    /// port and reads it from its ports file (a port picked here could be taken by another
+    /// test's server before this one binds it); a restart binds the same port again.
     fn spawn(&mut self) {
+        let ports_file = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_file);
+        std::fs::create_dir_all(&ports_file).expect("ports file dir");
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
         let mut args = vec![
             "-a".to_owned(),
             "127.0.0.1".to_owned(),
             "-p".to_owned(),
-            self.port.to_string(),
+            port,
         ];
-        if let Some(dir) = &self.jetstream {
+        args.extend([
+            "--ports_file_dir".to_owned(),
+            ports_file.display().to_string(),
+        ]);
+        if self.jetstream {
             args.extend(["-js".to_owned(), "-sd".to_owned()]);
-            args.push(dir.path().display().to_string());
+            args.push(self.dir.path().join("js").display().to_string());
         }
         let child = Command::new("nats-server")
             .args(&args)
@@ -279,10 +299,18 @@ impl Nats {
             .spawn()
             .expect("spawn nats-server");
         self.child = Some(child);
-        assert!(
-            wait_until(Duration::from_secs(10), || port_open(self.port)),
-            "nats-server did not start"
-        );
+        let mut listening = None;
+        let started = wait_until(Duration::from_secs(10), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("nats-server exited at start: {status}");
+            }
+            listening = listened_port(&ports_file);
+            listening.is_some()
+        });
+        assert!(started, "nats-server did not start");
+        if let Some(port) = listening {
+            self.port = port;
+        }
     }
 
     /// `nats://127.0.0.1:PORT`.
