@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use crate::backend::{checkpoint_prefix, chunk_ids, chunk_key, wal_object_counters, BackendError};
-use crate::chunk::FLAG_MORE_PARTS;
+use crate::chunk::{self, FLAG_MORE_PARTS};
 use crate::cluster::epoch::epoch_base;
 use crate::engine::{max_extent_seq, Engine};
 use crate::ids::VolumeId;
@@ -231,7 +231,7 @@ impl Engine {
                     .iter()
                     .map(|e| MapExtent::from_chunk(id.number(), object_id, e))
                     .collect(),
-                stored_bytes: 0,
+                stored_bytes: chunk::indexed_len(&header, &index),
             };
             group.push((commit, header.max_seq));
             if header.flags & FLAG_MORE_PARTS != 0 {

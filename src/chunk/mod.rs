@@ -493,6 +493,17 @@ pub fn decode_index(
     Ok((header, index))
 }
 
+/// Bytes of a chunk object that its header and `index` account for: the end of its last frame,
+/// or of its index when it stores no frame. This writer places the frames right after the index
+/// and one after another, so that is the object's length, known from a ranged read of the
+/// index alone (disaster recovery counts a chunk's stored bytes with it).
+pub fn indexed_len(header: &ChunkHeader, index: &[ChunkExtent]) -> u64 {
+    index
+        .iter()
+        .map(|e| u64::from(e.frame_offset) + u64::from(e.frame_len))
+        .fold(header.index_len(), u64::max)
+}
+
 /// Verifies a frame's CRC and decodes it (zstd or raw) to exactly `blocks * 4096` bytes.
 /// CPU-bound: call from a blocking thread.
 ///
@@ -691,6 +702,16 @@ mod tests {
             }
         }
         assert_eq!(rebuilt, data);
+        assert_eq!(indexed_len(&h, &index), obj.len() as u64, "frames and all");
+        let zeros = [InputExtent {
+            start_block: 0,
+            block_count: 8,
+            seq: 1,
+            data: None,
+        }];
+        let (obj, index) = build(9, 78, &zeros, SIXTEEN_BLOCK_FRAMES, Vec::new()).unwrap();
+        let (h, _) = decode_index(&obj, obj.len() as u64).unwrap();
+        assert_eq!(indexed_len(&h, &index), obj.len() as u64, "no frame");
     }
 
     #[test]
