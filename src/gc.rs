@@ -203,6 +203,7 @@ impl Engine {
         metrics::counter!("vblock_gc_checkpoints_total").increment(report.checkpoints);
         metrics::counter!("vblock_gc_checkpoint_bytes_total").increment(report.checkpoint_bytes);
         metrics::gauge!("vblock_gc_waiting_objects").set(report.objects_waiting as f64);
+        metrics::counter!("vblock_gc_passes_total").increment(1);
         Ok(report)
     }
 

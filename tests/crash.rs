@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::daemon::{wait_until, Daemon, Nats};
+use common::metrics;
 use rand::{Rng, SeedableRng};
 
 const CLIENTS: u64 = 4;
@@ -377,6 +378,21 @@ fn harness(extra: &[&str], iterations_var: &str, default_iterations: u64, lose_d
             _ => "kill -9".to_string(),
         } + if lose { ", disks lost" } else { "" };
         blocks_checked += check(&d, &vol, &record.lock().expect("lock"), it, &how);
+        // The disk is measured once a garbage-collection pass started after the check has
+        // completed: what the crashes left dead is gone then, while a leak stays.
+        let passes = || {
+            metrics::value(
+                &metrics::scrape(d.metrics_port),
+                "vblock_gc_passes_total",
+                &[],
+            )
+        };
+        let after = passes() + 2.0;
+        assert!(
+            wait_until(Duration::from_secs(30), || passes() >= after),
+            "iteration {it}: no garbage collection pass completed; log:\n{}",
+            d.log()
+        );
         disk_peak = disk_peak.max(disk_bytes(&d.data_dir()));
     }
     let r = record.lock().expect("lock");
