@@ -273,9 +273,12 @@ impl Engine {
 
     /// Snapshot `id`'s local record, first installing it from the backend (its record copy
     /// and map object) when this node does not have it (cluster mode: the snapshot was taken
-    /// on another node).
+    /// on another node). Only a completed copy is installed: a pending one is still being
+    /// stored by the node that took it, and a local record installed pending would stay
+    /// pending here (unmountable, undeletable).
     ///
-    /// Errors: [`VolumeError::SnapshotNotFound`] when neither has it; a corrupt map object;
+    /// Errors: [`VolumeError::SnapshotNotFound`] when neither has it;
+    /// [`VolumeError::IncorrectState`] while the copy is not completed; a corrupt map object;
     /// backend and metadata errors.
     pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<SnapshotRecord, VolumeError> {
         if let Some(rec) = self.get_snapshot(id).await? {
@@ -294,6 +297,12 @@ impl Engine {
                 what: key.clone(),
                 reason: e.to_string(),
             })?;
+        if rec.state != SnapshotStateName::Completed {
+            return Err(VolumeError::IncorrectState(format!(
+                "snapshot {id} is not completed ({:?}) on the node that took it; try again once it is",
+                rec.state
+            )));
+        }
         self.install_stored_snapshot(&rec).await?;
         Ok(rec)
     }

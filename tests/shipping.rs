@@ -830,3 +830,85 @@ fn a_fenced_owner_collects_no_garbage() {
         e.close_all().await;
     });
 }
+
+/// Holds the second PUT of a snapshot's record copy (the one that marks it completed, after
+/// its map is stored) until `open`; `held` says when one waits.
+struct HoldCompletion {
+    puts: AtomicU64,
+    held: tokio::sync::watch::Sender<bool>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl common::Hooks for Arc<HoldCompletion> {
+    async fn before_put(&self, key: &str) {
+        if key.ends_with("/snapshot.json") && self.puts.fetch_add(1, Ordering::SeqCst) >= 1 {
+            self.held.send_replace(true);
+            let mut open = self.open.subscribe();
+            let _ = open.wait_for(|o| *o).await;
+        }
+    }
+}
+
+/// Cluster mode: a snapshot whose copy another node is still storing (map stored, record copy
+/// still `pending`) is not installed by this node (its local record would stay pending here
+/// for good: unmountable, undeletable); once the copy is marked completed, it is installed
+/// completed.
+#[test]
+fn a_snapshot_still_being_stored_is_not_installed_elsewhere() {
+    use vblock::records::SnapshotStateName;
+    common::run(Duration::from_secs(60), async {
+        let hooks = Arc::new(HoldCompletion {
+            puts: 0.into(),
+            held: tokio::sync::watch::channel(false).0,
+            open: tokio::sync::watch::channel(false).0,
+        });
+        let backend: SharedBackend = common::HookedBackend::new(hooks.clone());
+        let (da, db) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let cluster = |dir: &std::path::Path| {
+            let mut c = quiet_config(dir);
+            c.cluster = true;
+            c
+        };
+        let a = Engine::open(cluster(da.path()), backend.clone())
+            .await
+            .expect("engine");
+        let id = create(&a).await;
+        let va = a.volume(&id).await.expect("open on A");
+        write_gen(&va, 0..4, 1).await;
+        va.persist_buffer().await.expect("chunk");
+        let (rec, stored) = a
+            .create_snapshot_tracked(&id, "held")
+            .await
+            .expect("snapshot");
+        let sid = rec.snapshot_id;
+        let mut held = hooks.held.subscribe();
+        held.wait_for(|h| *h).await.expect("the completing PUT");
+
+        let b = Engine::open(cluster(db.path()), backend.clone())
+            .await
+            .expect("engine");
+        match b.load_snapshot(&sid).await {
+            Err(VolumeError::IncorrectState(_)) => {}
+            other => panic!("a pending copy was installed: {other:?}"),
+        }
+        assert!(b.get_snapshot(&sid).await.expect("get").is_none());
+
+        hooks.open.send_replace(true);
+        assert_eq!(
+            stored.await.expect("stored").state,
+            SnapshotStateName::Completed
+        );
+        let got = b
+            .load_snapshot(&sid)
+            .await
+            .expect("installed once completed");
+        assert_eq!(got.state, SnapshotStateName::Completed);
+        drop(va);
+        a.close_all().await;
+        b.close_all().await;
+    });
+}
