@@ -742,10 +742,24 @@ fn a_takeover_cut_short_leaves_the_volume_to_the_next_node() {
     }
 }
 
-/// Racing mounts (issue test 4): three nodes mount one unowned volume at once; exactly one
-/// becomes its owner and every mount answers that node's URI, which serves the volume.
+/// The ids of every volume, described through `node`.
+fn volume_ids(nats: &Nats, node: &str) -> Vec<String> {
+    let d = node_request(nats, node, "describevolumes", serde_json::json!({}));
+    d["Volumes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("describevolumes: {d}"))
+        .iter()
+        .map(|v| v["VolumeId"].as_str().expect("VolumeId").to_owned())
+        .collect()
+}
+
+/// Racing requests (issue test 4): three nodes get one createvolume (one ClientToken) at once
+/// and make one volume; they mount the unowned volume at once: exactly one becomes its owner
+/// and every mount answers that node's URI, which serves the volume. Deleting the volume frees
+/// its token; a token reused with another size is refused through any node.
 #[test]
-fn racing_mounts_have_one_owner() {
+fn racing_requests_have_one_winner() {
+    use serde_json::json;
     common::daemon::require("qemu-io");
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
@@ -754,8 +768,43 @@ fn racing_mounts_have_one_owner() {
         cluster_daemon(&nats, &s3, "vblock-race", "b"),
         cluster_daemon(&nats, &s3, "vblock-race", "c"),
     ];
+    let (mut id, mut last_uri) = (String::new(), String::new());
     for round in 0..3 {
-        let id = nodes[0].create_volume(1);
+        let token = format!("race-{round}");
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let creates: Vec<_> = ["a", "b", "c"]
+                .into_iter()
+                .map(|node| {
+                    let (nats, token) = (&nats, token.clone());
+                    s.spawn(move || {
+                        let r = node_request(
+                            nats,
+                            node,
+                            "createvolume",
+                            json!({"Size": 1, "ClientToken": token}),
+                        );
+                        r["VolumeId"]
+                            .as_str()
+                            .unwrap_or_else(|| panic!("createvolume through {node}: {r}"))
+                            .to_owned()
+                    })
+                })
+                .collect();
+            creates
+                .into_iter()
+                .map(|c| c.join().expect("create thread"))
+                .collect()
+        });
+        assert!(
+            ids.iter().all(|i| *i == ids[0]),
+            "round {round}: one ClientToken made several volumes: {ids:?}"
+        );
+        assert_eq!(
+            volume_ids(&nats, "b").len(),
+            round + 1,
+            "round {round}: volumes made by racing creates"
+        );
+        id = ids[0].clone();
         let uris: Vec<String> = std::thread::scope(|s| {
             let mounts: Vec<_> = nodes
                 .iter()
@@ -782,5 +831,32 @@ fn racing_mounts_have_one_owner() {
         common::daemon::qemu_io(&uris[0], &["write -P 0x3c 0 64k", "flush"]);
         let out = common::daemon::qemu_io_read_only(&uris[0], &["read -P 0x3c 0 64k"]);
         assert!(!out.contains("failed"), "round {round}: {out}");
+        last_uri = uris[0].clone();
     }
+    let other_size = node_request(
+        &nats,
+        "c",
+        "createvolume",
+        json!({"Size": 2, "ClientToken": "race-2"}),
+    );
+    assert_eq!(error_code(&other_size), "IdempotentParameterMismatch");
+    let owner = ["a", "b", "c"]
+        .into_iter()
+        .zip(&nodes)
+        .find(|(_, d)| last_uri.contains(&format!(":{}/", d.nbd_port)))
+        .expect("an owner");
+    owner.1.cli(&["unmount", &id, "--node", owner.0]);
+    let deleted = node_request(&nats, "b", "deletevolume", json!({"VolumeId": id}));
+    assert!(deleted.get("Error").is_none(), "deletevolume: {deleted}");
+    let again = node_request(
+        &nats,
+        "c",
+        "createvolume",
+        json!({"Size": 2, "ClientToken": "race-2"}),
+    );
+    let new_id = again["VolumeId"].as_str().unwrap_or_default();
+    assert!(
+        !new_id.is_empty() && new_id != id,
+        "a deleted volume's ClientToken makes a new volume: {again}"
+    );
 }

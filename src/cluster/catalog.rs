@@ -63,6 +63,60 @@ impl Catalog {
         format!("snapshot.{id}")
     }
 
+    /// `token.HEX`: EC2 `ClientToken` `token`, its bytes in lowercase hex (KV keys take only
+    /// `[-/_=.a-zA-Z0-9]`; a token is up to 64 ASCII characters).
+    fn token_key(token: &str) -> String {
+        let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("token.{hex}")
+    }
+
+    /// Claims EC2 `ClientToken` `token` for new volume `rec` (key `token.HEX`, created only if
+    /// absent), so that one volume is created per token whichever nodes its retries reach
+    /// (EC2 CreateVolume, "Ensuring idempotency"). Returns `None` when this call claimed it,
+    /// else the record the token was claimed for.
+    ///
+    /// Errors: [`CatalogError::Changed`] when claims and releases keep racing (8 rounds);
+    /// [`CatalogError::Corrupt`]; [`CatalogError::Kv`].
+    pub async fn claim_token(
+        &self,
+        token: &str,
+        rec: &VolumeRecord,
+    ) -> Result<Option<VolumeRecord>, CatalogError> {
+        let key = Self::token_key(token);
+        for _ in 0..8 {
+            match self.put(&key, rec, None).await {
+                Ok(_) => return Ok(None),
+                Err(CatalogError::Changed(_)) => {
+                    // Released between the create and the read: claim again.
+                    if let Some((claimed, _)) = self.get(&key).await? {
+                        return Ok(Some(claimed));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(CatalogError::Changed(key))
+    }
+
+    /// Releases ClientToken `token` if it is claimed for volume `volume` (deleted, or never
+    /// made it into the catalog): a new request with the token then creates a new volume. A
+    /// claim for another volume stays.
+    ///
+    /// Errors: [`CatalogError::Corrupt`]; [`CatalogError::Kv`].
+    pub async fn release_token(&self, token: &str, volume: &VolumeId) -> Result<(), CatalogError> {
+        let key = Self::token_key(token);
+        match self.get::<VolumeRecord>(&key).await? {
+            Some((rec, revision)) if rec.volume_id == *volume => {
+                match self.delete(&key, revision).await {
+                    // Released (and perhaps claimed anew) by another request meanwhile.
+                    Err(CatalogError::Changed(_)) => Ok(()),
+                    r => r,
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Volume `id`'s record and its revision (for [`Catalog::put_volume`]), if it exists.
     pub async fn volume(&self, id: &VolumeId) -> Result<Option<(VolumeRecord, u64)>, CatalogError> {
         self.get(&Self::volume_key(id)).await
@@ -119,6 +173,26 @@ impl Catalog {
     ) -> Result<u64, CatalogError> {
         self.put(&Self::snapshot_key(&rec.snapshot_id), rec, revision)
             .await
+    }
+
+    /// Records the outcome of storing snapshot `done` (its `state` and `progress`) over the
+    /// catalog's record as it is now, so that a change made while it was being stored (a
+    /// mount) stays; re-read and written again when another write lands in between. Nothing
+    /// to do when the record is gone.
+    ///
+    /// Errors: [`CatalogError::Changed`] after 8 lost races in a row; KV errors.
+    pub async fn finish_snapshot(&self, done: &SnapshotRecord) -> Result<(), CatalogError> {
+        for _ in 0..8 {
+            let Some((mut rec, revision)) = self.snapshot(&done.snapshot_id).await? else {
+                return Ok(());
+            };
+            (rec.state, rec.progress) = (done.state, done.progress);
+            match self.put_snapshot(&rec, Some(revision)).await {
+                Err(CatalogError::Changed(_)) => continue,
+                r => return r.map(|_| ()),
+            }
+        }
+        Err(CatalogError::Changed(Self::snapshot_key(&done.snapshot_id)))
     }
 
     /// Removes snapshot `id`'s record, read at `revision`.

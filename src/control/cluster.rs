@@ -170,6 +170,10 @@ pub(super) enum Owned {
 }
 
 /// A catalog error as an engine error: a lost compare-and-set is `IncorrectState` (try again).
+/// How long after its creation time a ClientToken claim may lack its volume in the catalog
+/// before it counts as abandoned: creation puts the record in the catalog within one request.
+const ABANDONED_CLAIM: Duration = Duration::from_secs(120);
+
 pub(super) fn catalog_err(e: CatalogError) -> VolumeError {
     match e {
         CatalogError::Changed(_) => VolumeError::IncorrectState(e.to_string()),
@@ -416,6 +420,64 @@ impl Control {
         made.map(|_| ())
     }
 
+    /// Cluster mode: claims new volume `rec`'s ClientToken for it ([`Catalog::claim_token`]).
+    /// `None`: claimed; create it. `Some(volume)`: an earlier request with the token created
+    /// (or is creating) `volume`, the answer instead (`creating` until the catalog has it). A
+    /// claim whose volume is not in the catalog [`ABANDONED_CLAIM`] after its creation time
+    /// (its node failed mid-create, or mid-delete) is released and the token claimed anew.
+    ///
+    /// Errors: `IdempotentParameterMismatch` when the earlier request asked for another size;
+    /// catalog errors.
+    pub(super) async fn claim_client_token(
+        &self,
+        cluster: &ClusterMode,
+        rec: &VolumeRecord,
+    ) -> Result<Option<VolumeRecord>, ApiError> {
+        for _ in 0..2 {
+            let Some(earlier) = cluster
+                .catalog
+                .claim_token(&rec.client_token, rec)
+                .await
+                .map_err(catalog_err)?
+            else {
+                return Ok(None);
+            };
+            if earlier.size_bytes != rec.size_bytes {
+                return Err(ApiError::new(
+                    "IdempotentParameterMismatch",
+                    "ClientToken reused with different parameters",
+                ));
+            }
+            if let Some((current, _)) = cluster
+                .catalog
+                .volume(&earlier.volume_id)
+                .await
+                .map_err(catalog_err)?
+            {
+                return Ok(Some(current));
+            }
+            let age = humantime::parse_rfc3339(&earlier.create_time)
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|age| age < ABANDONED_CLAIM) {
+                return Ok(Some(VolumeRecord {
+                    state: VolumeStateName::Creating,
+                    ..earlier
+                }));
+            }
+            tracing::warn!(volume = %earlier.volume_id, created = %earlier.create_time, "a ClientToken's volume never reached the catalog; releasing the token");
+            cluster
+                .catalog
+                .release_token(&rec.client_token, &earlier.volume_id)
+                .await
+                .map_err(catalog_err)?;
+        }
+        Err(ApiError::new(
+            "IncorrectState",
+            "requests with this ClientToken are racing; try again",
+        ))
+    }
+
     /// Cluster mode's `ebs.createsnapshot` of volume `id`: taken by the volume's owner, from
     /// its newest map. This node takes it when it owns the volume, or when nobody does (it
     /// claims the lease and takes the volume over for the snapshot, and releases the lease once
@@ -430,8 +492,6 @@ impl Control {
         payload: &[u8],
         forwarded: bool,
     ) -> Result<Vec<u8>, ApiError> {
-        let (vrec, _) = self.volume_at(id).await?;
-        usable(&vrec)?;
         if forwarded && !cluster.keeps(id) {
             return Err(ApiError::new(
                 "IncorrectState",
@@ -443,6 +503,9 @@ impl Control {
         }
         {
             let g = self.lock.lock().await;
+            // Read under the lock: a delete through this node waits for it.
+            let (vrec, _) = self.volume_at(id).await?;
+            usable(&vrec)?;
             if let Owned::There(owner) = self
                 .cluster_own(cluster, id, "", vrec, Purpose::Snapshot)
                 .await?
@@ -478,8 +541,8 @@ impl Control {
         let (cluster, vol, sid) = (cluster.clone(), id.clone(), rec.snapshot_id.clone());
         tokio::spawn(async move {
             match (stored.await, revision) {
-                (Ok(done), Some(revision)) => {
-                    if let Err(e) = cluster.catalog.put_snapshot(&done, Some(revision)).await {
+                (Ok(done), Some(_)) => {
+                    if let Err(e) = cluster.catalog.finish_snapshot(&done).await {
                         tracing::error!(snapshot = %sid, error = %e, "updating the snapshot's catalog record failed");
                     }
                 }
@@ -539,7 +602,18 @@ impl Control {
                 .catalog
                 .delete_volume(&id, revision)
                 .await
-                .map_err(catalog_err)
+                .map_err(catalog_err)?;
+            if !deleting.client_token.is_empty() {
+                if let Err(e) = cluster
+                    .catalog
+                    .release_token(&deleting.client_token, &id)
+                    .await
+                {
+                    // Released later, as abandoned, by the next request with the token.
+                    tracing::warn!(volume = %id, error = %e, "releasing the deleted volume's ClientToken failed");
+                }
+            }
+            Ok(())
         }
         .await;
         cluster.release(&id, Purpose::Delete).await;

@@ -431,8 +431,24 @@ impl Control {
         }
         match &self.cluster {
             Some(cluster) => {
-                self.cluster_create(cluster, &rec, snapshot.as_ref())
-                    .await?
+                let token = !rec.client_token.is_empty();
+                if token {
+                    if let Some(earlier) = self.claim_client_token(cluster, &rec).await? {
+                        return Ok(body(&to_api(&earlier)));
+                    }
+                }
+                if let Err(e) = self.cluster_create(cluster, &rec, snapshot.as_ref()).await {
+                    if token {
+                        if let Err(e) = cluster
+                            .catalog
+                            .release_token(&rec.client_token, &rec.volume_id)
+                            .await
+                        {
+                            tracing::warn!(volume = %rec.volume_id, error = %e, "releasing the ClientToken of a volume not created failed");
+                        }
+                    }
+                    return Err(e.into());
+                }
             }
             None => match &snapshot {
                 Some(s) => {
