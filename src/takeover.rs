@@ -69,15 +69,25 @@ impl Engine {
                 "a takeover needs WAL shipping (--ship-wal)".into(),
             ));
         }
+        let started = std::time::Instant::now();
         let mut epoch = 0;
         let e = &mut epoch;
-        self.close_then(id, Duration::ZERO, || async move {
-            let _gc = self.gc.lock().await;
-            *e = self.take_over_closed(id, node, record).await?;
-            Ok(())
-        })
-        .await?;
-        Ok(epoch)
+        let taken = self
+            .close_then(id, Duration::ZERO, || async move {
+                let _gc = self.gc.lock().await;
+                *e = self.take_over_closed(id, node, record).await?;
+                Ok(())
+            })
+            .await;
+        let result = match &taken {
+            Ok(()) => "ok",
+            Err(VolumeError::InUse(_)) => "lost",
+            Err(_) => "error",
+        };
+        metrics::counter!("vblock_takeovers_total", "result" => result).increment(1);
+        metrics::histogram!("vblock_takeover_duration_seconds", "result" => result)
+            .record(started.elapsed().as_secs_f64());
+        taken.map(|()| epoch)
     }
 
     /// [`Engine::take_over`] of a volume that is closed here and stays so.

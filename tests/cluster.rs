@@ -348,6 +348,35 @@ fn a_paused_owner_resumes_fenced() {
         .and_then(|_| client.write_all(&[0xee; 65536]))
         .and_then(|()| client.flush());
     assert!(late.is_err(), "the resumed old owner acknowledged a flush");
+    // The new owner counts its takeover and keeps the lease; the old one counts what told it
+    // (the lease taken, or a conditional PUT refused), each refusal as it logged it.
+    let b_metrics = common::metrics::scrape(b.metrics_port);
+    assert_eq!(
+        common::metrics::value(&b_metrics, "vblock_takeovers_total", &[("result", "ok")]),
+        1.0
+    );
+    assert_eq!(
+        common::metrics::value(&b_metrics, "vblock_leases_kept", &[]),
+        1.0
+    );
+    let mut told = (0.0, 0.0);
+    let noticed = common::daemon::wait_until(Duration::from_secs(10), || {
+        let m = common::metrics::scrape(a.metrics_port);
+        told = (
+            common::metrics::value(&m, "vblock_leases_lost_total", &[]),
+            common::metrics::value(&m, "vblock_fence_refusals_total", &[]),
+        );
+        told.0 >= 1.0
+    });
+    assert!(
+        noticed,
+        "the old owner's lease loss was not counted: {told:?}"
+    );
+    assert_eq!(
+        told.1,
+        a.log().matches("is another writer's").count() as f64,
+        "fence refusals counted as logged"
+    );
     let out =
         common::daemon::qemu_io_read_only(&uri_b, &["read -P 0xa1 0 1M", "read -P 0xc3 8M 64k"]);
     assert!(!out.contains("failed"), "{out}");

@@ -286,6 +286,23 @@ fn trusted(m: &std::sync::Mutex<Instant>) -> std::sync::MutexGuard<'_, Instant> 
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// `vblock_leases_kept`, counted up while one lease's renewal task lives.
+struct KeptGauge(metrics::Gauge);
+
+impl KeptGauge {
+    fn new() -> Self {
+        let g = metrics::gauge!("vblock_leases_kept");
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for KeptGauge {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 impl Drop for Kept {
     fn drop(&mut self) {
         self.task.abort();
@@ -307,6 +324,11 @@ impl Leases {
             let every = leases.ttl / 3;
             let mut revision = revision;
             let mut renewed = sent;
+            // Counted while this task lives (also when aborted: the guard is dropped then).
+            let _kept = KeptGauge::new();
+            let renewals = |result: &'static str| {
+                metrics::counter!("vblock_lease_renewals_total", "result" => result).increment(1)
+            };
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(every) => {}
@@ -321,15 +343,18 @@ impl Leases {
                     .unwrap_or_else(|_| Err(LeaseError::Kv("renewal timed out".into())));
                 match renewal {
                     Ok(r) => {
+                        renewals("ok");
                         revision = r;
                         renewed = sending;
                         *trusted(&until) = sending + give_up;
                     }
                     Err(LeaseError::Lost(_)) => {
+                        renewals("lost");
                         tracing::error!(volume = %id, "lease taken by another node");
                         break;
                     }
                     Err(e) => {
+                        renewals("failed");
                         tracing::warn!(volume = %id, error = %e, "lease renewal failed; retrying");
                         if renewed.elapsed() >= give_up {
                             tracing::error!(volume = %id, "lease not renewed for 2/3 of its time: given up");

@@ -330,6 +330,7 @@ impl Control {
                 lost
             };
             for id in lost {
+                metrics::counter!("vblock_leases_lost_total").increment(1);
                 tracing::error!(volume = %id, "the volume's lease was lost: closing it here (another node may own it now)");
                 // Closed at once, without the control lock a mount may hold for a while.
                 if let Err(e) = self.engine.close_volume_draining(&id, false).await {

@@ -727,6 +727,8 @@ async fn open_chain(
         let key = crate::backend::wal_object_key(id, at);
         let body = crate::cluster::walobj::encode_fence(epoch, at, 0);
         if !crate::retry::put_if_absent_retried(backend, &key, body).await? {
+            metrics::counter!("vblock_fence_refusals_total", "volume" => id.to_string())
+                .increment(1);
             return Err(VolumeError::Failed(format!(
                 "{key} was stored by another node: the volume was taken over"
             )));

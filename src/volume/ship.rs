@@ -544,6 +544,8 @@ async fn ship_loop(inner: &Inner, s: &Shipper) {
                 s.delete_wake.notify_one();
             }
             Ok(false) => {
+                metrics::counter!("vblock_fence_refusals_total", "volume" => inner.id.to_string())
+                    .increment(1);
                 let reason = format!(
                     "shipped WAL object {} is another writer's: the volume was taken over",
                     wal_object_key(&inner.id, job.counter)
