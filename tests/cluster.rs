@@ -569,7 +569,7 @@ fn one_catalog_serves_every_node() {
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
     let a = cluster_daemon(&nats, &s3, "vblock-catalog", "a");
     let b = cluster_daemon(&nats, &s3, "vblock-catalog", "b");
-    let c = cluster_daemon(&nats, &s3, "vblock-catalog", "c");
+    let mut c = cluster_daemon(&nats, &s3, "vblock-catalog", "c");
 
     let created = node_request(
         &nats,
@@ -656,10 +656,25 @@ fn one_catalog_serves_every_node() {
     assert!(refused.contains("mounted through node c"), "{refused}");
     let refused = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap_id}));
     assert_eq!(error_code(&refused), "VolumeInUse", "{refused}");
-    c.cli(&["unmount", &snap_id, "--node", "c"]);
+    // An unmount through any node ends the export (forwarded to c when another answers).
+    a.cli(&["unmount", &snap_id]);
+    let snap_uri = mount_via(&a, &snap_id, "a");
+    let out = common::daemon::qemu_io_read_only(&snap_uri, &["read -P 0x5a 0 1M"]);
+    assert!(!out.contains("failed"), "the snapshot through a: {out}");
+    a.cli(&["unmount", &snap_id, "--node", "a"]);
+    // The node a snapshot is exported through dies: an unmount through another node removes
+    // its mount from the catalog, and the node, back, ends its export.
+    mount_via(&c, &snap_id, "c");
+    c.kill9();
+    b.cli(&["unmount", &snap_id]);
 
     let deleted = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap_id}));
     assert_eq!(deleted["Return"], true, "{deleted}");
+    c.start_again();
+    c.wait_for_log(
+        "ending a snapshot mount the catalog no longer records",
+        Duration::from_secs(30),
+    );
     let gone = node_request(
         &nats,
         "b",

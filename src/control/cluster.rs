@@ -144,19 +144,32 @@ impl ClusterMode {
         op: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, ApiError> {
-        let subject = format!("vblock.{node}.{op}");
+        self.forward_to(node, op, payload).await.map_err(|e| {
+            ApiError::internal(format!(
+                "forwarding to the owner node {node} (vblock.{node}.{op}) failed: {e}"
+            ))
+        })
+    }
+
+    /// [`ClusterMode::forward`], with NATS's error: `NoResponders` means no daemon of that
+    /// name is serving.
+    async fn forward_to(
+        &self,
+        node: &str,
+        op: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, async_nats::RequestError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(super::handlers::FORWARDED_HEADER, self.me.node.as_str());
         let request = async_nats::Request::new()
             .payload(bytes::Bytes::copy_from_slice(payload))
             .headers(headers)
             .timeout(Some(FORWARD_TIMEOUT));
-        match self.client.send_request(subject.clone(), request).await {
-            Ok(msg) => Ok(msg.payload.to_vec()),
-            Err(e) => Err(ApiError::internal(format!(
-                "forwarding to the owner node {node} ({subject}) failed: {e}"
-            ))),
-        }
+        let msg = self
+            .client
+            .send_request(format!("vblock.{node}.{op}"), request)
+            .await?;
+        Ok(msg.payload.to_vec())
     }
 }
 
@@ -285,8 +298,26 @@ impl Control {
                 self.forget_catalog_mount(cluster, &rec.volume_id).await;
             }
         }
-        // Snapshot mounts need no lease: their exports survive the restart, and so do their
-        // catalog records.
+        // Snapshot mounts need no lease: their exports survive the restart while the catalog
+        // still records them through this node. One ended meanwhile (unmounted through
+        // another node while this one was down) ends here too.
+        for rec in self.engine.list_snapshots().await? {
+            let Some(m) = &rec.mount else { continue };
+            let id = &rec.snapshot_id;
+            let recorded = match cluster.catalog.snapshot(id).await {
+                Ok(r) => r
+                    .and_then(|(r, _)| r.mount)
+                    .is_some_and(|c| c.node == m.node),
+                Err(e) => {
+                    tracing::warn!(snapshot = %id, error = %e, "cannot check a snapshot mount in the catalog; keeping it");
+                    continue;
+                }
+            };
+            if !recorded {
+                tracing::info!(snapshot = %id, "cluster mode: ending a snapshot mount the catalog no longer records");
+                self.engine.unmount_snapshot(id, None).await?;
+            }
+        }
         Ok(())
     }
 
@@ -711,13 +742,20 @@ impl Control {
         cluster: &ClusterMode,
         id: &SnapshotId,
         node: Option<&str>,
+        request: (&[u8], bool),
     ) -> Result<(), VolumeError> {
-        let (rec, _) = self.snapshot_at(id).await?;
+        let (rec, revision) = self.snapshot_at(id).await?;
         if let Some(m) = rec.mount.as_ref().filter(|m| m.node != cluster.me.node) {
-            return Err(VolumeError::InUse(format!(
-                "snapshot {id} is mounted through node {}",
-                m.node
-            )));
+            let (payload, forwarded) = request;
+            if forwarded || node.is_some_and(|n| n != m.node) {
+                return Err(VolumeError::InUse(format!(
+                    "snapshot {id} is mounted through node {}",
+                    m.node
+                )));
+            }
+            return self
+                .unmount_snapshot_elsewhere(cluster, (rec, revision), payload)
+                .await;
         }
         if self.engine.get_snapshot(id).await?.is_some()
             && self.engine.unmount_snapshot(id, node).await?
@@ -725,6 +763,56 @@ impl Control {
             tracing::info!(snapshot = %id, "snapshot unmounted");
         }
         self.catalog_snapshot_mount(cluster, id, None).await
+    }
+}
+
+impl Control {
+    /// Unmount of snapshot `rec` (read at `revision`), mounted through another node: forwarded
+    /// to that node (`vblock.NODE.unmount`), which ends its export and the catalog's mount. When
+    /// no daemon of that name serves (it is down, or gone for good), the catalog's mount is
+    /// removed here; should that node come back, it ends its export at its start (see
+    /// [`Control::forget_mounts`]).
+    ///
+    /// Errors: the node's refusal ([`VolumeError::InUse`] or as it said);
+    /// [`VolumeError::IncorrectState`] when the record changed meanwhile; catalog errors.
+    async fn unmount_snapshot_elsewhere(
+        &self,
+        cluster: &ClusterMode,
+        (mut rec, revision): (SnapshotRecord, u64),
+        payload: &[u8],
+    ) -> Result<(), VolumeError> {
+        let id = rec.snapshot_id.clone();
+        let node = rec
+            .mount
+            .as_ref()
+            .map(|m| m.node.clone())
+            .unwrap_or_default();
+        match cluster.forward_to(&node, "unmount", payload).await {
+            Ok(reply) => {
+                let r: super::api::EbsUnmountResponse =
+                    serde_json::from_slice(&reply).map_err(|e| {
+                        VolumeError::Internal(format!("node {node}'s unmount reply: {e}"))
+                    })?;
+                match r.error.as_str() {
+                    "" => Ok(()),
+                    _ if r.not_found => Err(VolumeError::SnapshotNotFound(id)),
+                    e => Err(VolumeError::InUse(format!("node {node}: {e}"))),
+                }
+            }
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                tracing::warn!(snapshot = %id, %node, "the node a snapshot is mounted through does not answer; removing its mount from the catalog");
+                rec.mount = None;
+                cluster
+                    .catalog
+                    .put_snapshot(&rec, Some(revision))
+                    .await
+                    .map_err(catalog_err)?;
+                Ok(())
+            }
+            Err(e) => Err(VolumeError::Internal(format!(
+                "forwarding the unmount of {id} to node {node} failed: {e}"
+            ))),
+        }
     }
 }
 

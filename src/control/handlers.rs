@@ -323,7 +323,7 @@ impl Control {
                 }
             }
             "unmount" => {
-                let r = self.unmount(node, payload).await;
+                let r = self.unmount(node, payload, forwarded).await;
                 let b = body(&r);
                 Handled {
                     reply: b.clone(),

@@ -250,7 +250,12 @@ impl Control {
 
     /// `ebs.unmount` / `ebs.NODE.unmount` (`node`): ends the mount of a volume or snapshot and
     /// disconnects its clients. Unmounting what is not mounted succeeds.
-    pub(super) async fn unmount(&self, node: Option<&str>, payload: &[u8]) -> EbsUnmountResponse {
+    pub(super) async fn unmount(
+        &self,
+        node: Option<&str>,
+        payload: &[u8],
+        forwarded: bool,
+    ) -> EbsUnmountResponse {
         let resp =
             |volume: String, mounted: bool, error: String, not_found: bool| EbsUnmountResponse {
                 volume,
@@ -265,7 +270,10 @@ impl Control {
         if let Ok(snap) = SnapshotId::parse(&req.name) {
             let name = snap.to_string();
             if let Some(cluster) = &self.cluster {
-                return match self.cluster_unmount_snapshot(cluster, &snap, node).await {
+                return match self
+                    .cluster_unmount_snapshot(cluster, &snap, node, (payload, forwarded))
+                    .await
+                {
                     Ok(()) => resp(name, false, String::new(), false),
                     Err(e @ VolumeError::SnapshotNotFound(_)) => {
                         resp(name, false, e.to_string(), true)
