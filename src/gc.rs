@@ -28,6 +28,7 @@ use crate::meta::{
     blocking, decode_stats_entry, vol_key, vol_u64_key, ChunkStats, MetaError, MetaStore,
     PREFIX_CHUNK,
 };
+use crate::records::SnapshotStateName;
 use crate::retry::{delete_retried, put_retried};
 use crate::volume::VolumeError;
 
@@ -97,10 +98,10 @@ impl Engine {
         match self.gc_scope.get() {
             Some(scope) => {
                 by_owner.retain(|vol, _| scope(vol));
-                if !by_owner.is_empty() {
-                    let frozen = self.sync_snapshots_from_backend().await?;
-                    by_owner.retain(|vol, _| !frozen.contains(vol));
-                }
+                // Every pass, with garbage or not: it also settles snapshots abandoned by a
+                // volume's earlier owner (one LIST of the snapshots' keys).
+                let frozen = self.sync_snapshots_from_backend().await?;
+                by_owner.retain(|vol, _| !frozen.contains(vol));
             }
             // Cluster mode before the control plane knows the leases: nothing is owned yet.
             None if self.config.cluster => by_owner.clear(),
@@ -230,13 +231,16 @@ impl Engine {
         }
     }
 
-    /// Cluster mode, before a mark pass (under the GC lock): installs every snapshot whose
-    /// record copy is in the backend and not here, and forgets every completed one here whose
-    /// record copy is gone (deleted through another node; a completed snapshot's copy was
+    /// Cluster mode, before a mark pass (under the GC lock): installs every completed snapshot
+    /// whose record copy is in the backend and not here, and forgets every completed one here
+    /// whose record copy is gone (deleted through another node; a completed snapshot's copy was
     /// stored before it was marked completed). Pending and failed local snapshots stay.
     /// Returns the volumes with a snapshot pending on another node (its record copy says
     /// `pending`, its map is not stored yet): their chunks wait, since only that node knows
-    /// what the snapshot uses. A record copy that does not decode is skipped (logged).
+    /// what the snapshot uses. A pending copy of a volume whose lease this node keeps is
+    /// abandoned ([`Engine::abandon_snapshot`]): the node that took it lost the lease, and
+    /// unless it wins the snapshot's outcome first, the snapshot ends `error`. A record copy
+    /// that does not decode is skipped (logged).
     async fn sync_snapshots_from_backend(&self) -> Result<HashSet<VolumeId>, VolumeError> {
         let mut frozen = HashSet::new();
         let keys: HashSet<String> = self.backend.list("snap-").await?.into_iter().collect();
@@ -259,15 +263,27 @@ impl Engine {
             else {
                 continue;
             };
-            if rec.state == crate::records::SnapshotStateName::Pending {
-                frozen.insert(rec.volume_id);
-            } else {
-                self.install_stored_snapshot(&rec).await?;
+            match rec.state {
+                // Taken by another node that has not stored it yet. Should this node keep the
+                // volume's lease, that node lost it: the snapshot is abandoned unless it won
+                // its outcome first (then its record copy says completed soon).
+                SnapshotStateName::Pending => {
+                    let owned = self
+                        .gc_scope
+                        .get()
+                        .is_some_and(|scope| scope(&rec.volume_id));
+                    if !owned || self.abandon_snapshot(&rec).await? != SnapshotStateName::Error {
+                        frozen.insert(rec.volume_id);
+                    }
+                }
+                SnapshotStateName::Completed => self.install_stored_snapshot(&rec).await?,
+                // Never stored: nothing to install.
+                SnapshotStateName::Error => {}
             }
         }
         for rec in &local {
             let stored = crate::backend::snapshot_record_key(&rec.snapshot_id);
-            if rec.state == crate::records::SnapshotStateName::Completed
+            if rec.state == SnapshotStateName::Completed
                 && rec.mount.is_none()
                 && !keys.contains(&stored)
             {

@@ -11,7 +11,9 @@
 
 use bytes::Bytes;
 
-use crate::backend::{checkpoint_key, snapshot_map_key, snapshot_record_key, SharedBackend};
+use crate::backend::{
+    checkpoint_key, snapshot_map_key, snapshot_outcome_key, snapshot_record_key, SharedBackend,
+};
 use crate::block::BlockRange;
 use crate::cache::FrameCache;
 use crate::engine::{now_rfc3339, Engine};
@@ -20,7 +22,7 @@ use crate::lookup::{BlockLookup, MapExtent};
 use crate::mapobj::MapObject;
 use crate::meta::{blocking, MetaStore, VolumeState};
 use crate::records::{SnapshotRecord, SnapshotStateName, VolumeRecord};
-use crate::retry::{delete_retried, put_retried, RetryPolicy};
+use crate::retry::{delete_retried, put_if_absent_retried, put_retried, RetryPolicy};
 use crate::volume::read::{read_bytes, read_map, status};
 use crate::volume::{StatusExtent, VolumeError};
 
@@ -148,11 +150,82 @@ impl Engine {
             // Cluster mode: the pending record copy tells every node's garbage collection that
             // the volume's chunks wait for this snapshot's map (src/gc.rs), should the volume
             // move to another node before the map is stored.
-            store_snapshot_record(&self.backend, &rec).await?;
+            if let Err(e) = store_snapshot_record(&self.backend, &rec).await {
+                // Not taken after all: its frozen map would pin chunks here for good.
+                let (meta, id) = (self.meta.clone(), rec.snapshot_id.clone());
+                if let Err(e) = blocking(move || meta.delete_snapshot(&id)).await {
+                    tracing::warn!(snapshot = %rec.snapshot_id, error = %e, "removing a snapshot whose record copy failed failed");
+                }
+                return Err(e);
+            }
         }
-        let (meta, backend, r) = (self.meta.clone(), self.backend.clone(), rec.clone());
-        let stored = tokio::spawn(async move { publish_snapshot(meta, backend, r).await });
-        Ok((rec, stored))
+        Ok((rec.clone(), self.publish(rec)))
+    }
+
+    /// Starts storing snapshot `rec` (pending, its map frozen here) in the backend.
+    fn publish(&self, rec: SnapshotRecord) -> tokio::task::JoinHandle<SnapshotRecord> {
+        let (meta, backend, cluster) =
+            (self.meta.clone(), self.backend.clone(), self.config.cluster);
+        tokio::spawn(async move { publish_snapshot(meta, backend, rec, cluster).await })
+    }
+
+    /// Stores again every snapshot left `pending` here (the process that took it ended before
+    /// its map was in the backend; its map is frozen in the metadata): call once at start.
+    /// Returns the tasks, each ending with the final record as [`Engine::create_snapshot_tracked`]'s.
+    ///
+    /// Errors: metadata errors.
+    pub async fn resume_pending_snapshots(
+        &self,
+    ) -> Result<Vec<tokio::task::JoinHandle<SnapshotRecord>>, VolumeError> {
+        let mut resumed = Vec::new();
+        for rec in self.list_snapshots().await? {
+            if rec.state == SnapshotStateName::Pending {
+                tracing::info!(snapshot = %rec.snapshot_id, "storing a snapshot an earlier process left pending");
+                resumed.push(self.publish(rec));
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// The record copy of snapshot `id` in the backend, if there is one that decodes (an
+    /// undecodable one is logged and counts as none).
+    ///
+    /// Errors: backend errors other than a missing object.
+    pub async fn stored_snapshot(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<Option<SnapshotRecord>, VolumeError> {
+        let key = snapshot_record_key(id);
+        match self.backend.get(&key).await {
+            Ok(body) => Ok(serde_json::from_slice(&body)
+                .map_err(|e| tracing::warn!(%key, error = %e, "an unreadable snapshot record copy"))
+                .ok()),
+            Err(crate::backend::BackendError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Cluster mode: settles snapshot `rec` (a `pending` record copy, taken by another node
+    /// whose lease on the volume this node now keeps) as `error`, unless the node that took it
+    /// settled it `completed` first ([`settle_snapshot`]). Returns the outcome; the record
+    /// copy says `error` once that is it.
+    ///
+    /// Errors: backend errors.
+    pub(crate) async fn abandon_snapshot(
+        &self,
+        rec: &SnapshotRecord,
+    ) -> Result<SnapshotStateName, VolumeError> {
+        let outcome =
+            settle_snapshot(&self.backend, &rec.snapshot_id, SnapshotStateName::Error).await?;
+        if outcome == SnapshotStateName::Error {
+            let failed = SnapshotRecord {
+                state: SnapshotStateName::Error,
+                ..rec.clone()
+            };
+            store_snapshot_record(&self.backend, &failed).await?;
+            tracing::warn!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "a snapshot the volume's earlier owner never stored is marked error");
+        }
+        Ok(outcome)
     }
 
     /// Freezes `volume`'s map into a new snapshot record (the `pending` record, stored).
@@ -256,7 +329,11 @@ impl Engine {
             }
             if stored {
                 // The record copy goes first: a half-deleted snapshot is never recovered.
-                for key in [snapshot_record_key(id), snapshot_map_key(id)] {
+                for key in [
+                    snapshot_record_key(id),
+                    snapshot_map_key(id),
+                    snapshot_outcome_key(id),
+                ] {
                     delete_retried(&self.backend, &key).await?;
                 }
             }
@@ -480,6 +557,28 @@ impl Engine {
 
 /// Stores snapshot record `rec`'s copy (`SNAPID/snapshot.json`) in the backend (bounded
 /// retries).
+/// Cluster mode: proposes outcome `proposed` (`completed` or `error`) for snapshot `id` with
+/// a conditional PUT of `SNAPID/outcome`; returns the outcome that stands (the proposal, or
+/// the one stored first).
+///
+/// Errors: backend errors.
+async fn settle_snapshot(
+    backend: &SharedBackend,
+    id: &SnapshotId,
+    proposed: SnapshotStateName,
+) -> Result<SnapshotStateName, VolumeError> {
+    let key = snapshot_outcome_key(id);
+    let body = serde_json::to_vec(&proposed).map_err(|e| VolumeError::Internal(e.to_string()))?;
+    if put_if_absent_retried(backend, &key, body.into()).await? {
+        return Ok(proposed);
+    }
+    let stored = backend.get(&key).await?;
+    serde_json::from_slice(&stored).map_err(|e| VolumeError::Corrupt {
+        what: key,
+        reason: e.to_string(),
+    })
+}
+
 async fn store_snapshot_record(
     backend: &SharedBackend,
     rec: &SnapshotRecord,
@@ -491,10 +590,14 @@ async fn store_snapshot_record(
 
 /// Copies a snapshot's frozen map and then its record to the backend and marks it `completed`
 /// (`error` after the retries run out).
+/// In cluster mode (`settle`), the snapshot is `completed` only if it wins its outcome
+/// ([`settle_snapshot`]) after the map is stored; a snapshot the volume's next owner abandoned
+/// first ends `error`.
 async fn publish_snapshot(
     meta: MetaStore,
     backend: SharedBackend,
     mut rec: SnapshotRecord,
+    settle: bool,
 ) -> SnapshotRecord {
     let id = rec.snapshot_id.clone();
     let result: Result<(), VolumeError> = async {
@@ -505,8 +608,13 @@ async fn publish_snapshot(
         let key = snapshot_map_key(&id);
         let body = Bytes::from(body);
         put_retried(&backend, &key, body).await?;
-        rec.progress = 100;
         rec.state = SnapshotStateName::Completed;
+        if settle {
+            rec.state = settle_snapshot(&backend, &id, SnapshotStateName::Completed).await?;
+        }
+        if rec.state == SnapshotStateName::Completed {
+            rec.progress = 100;
+        }
         store_snapshot_record(&backend, &rec).await?;
         Ok(())
     }
@@ -514,8 +622,10 @@ async fn publish_snapshot(
     if let Err(e) = &result {
         tracing::error!(snapshot = %id, error = %e, "snapshot could not be stored in the backend");
         rec.state = SnapshotStateName::Error;
-    } else {
+    } else if rec.state == SnapshotStateName::Completed {
         tracing::info!(snapshot = %id, "snapshot completed");
+    } else {
+        tracing::error!(snapshot = %id, "snapshot abandoned by the volume's next owner before it was stored");
     }
     let r = rec.clone();
     if let Err(e) = blocking(move || meta.put_snapshot(&r)).await {

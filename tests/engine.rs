@@ -1024,6 +1024,74 @@ fn a_volume_recovered_from_the_backend_counts_its_stored_bytes() {
     });
 }
 
+/// A snapshot whose map was not yet stored when the process ended stays `pending` in the
+/// metadata (its map frozen there); the next process stores it
+/// ([`Engine::resume_pending_snapshots`]): it completes, its record copy and map are in the
+/// backend, and it reads what the volume held when it was taken.
+#[test]
+fn a_snapshot_left_pending_by_a_crash_is_stored_at_the_next_start() {
+    use vblock::records::SnapshotStateName;
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hooks = common::HoldPuts::new(|key| key.starts_with("snap-") && key.ends_with("/map"));
+        let hooked = common::HookedBackend::new(hooks.clone());
+        let backend: vblock::backend::SharedBackend = hooked.clone();
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(1 << 20, "pending")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        vol.write(0, block(0x5a), true).await.expect("write");
+        let (rec, stored) = engine
+            .create_snapshot_tracked(&id, "cut short")
+            .await
+            .expect("snapshot");
+        hooks.until_held().await;
+        // The process ends with the map PUT in flight.
+        stored.abort();
+        assert!(stored.await.is_err(), "the store task ran to its end");
+        vol.write(0, block(0x6b), true).await.expect("write after");
+        drop(vol);
+        engine.simulate_crash().await;
+        hooks.open();
+
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let pending = engine.get_snapshot(&rec.snapshot_id).await.expect("get");
+        assert_eq!(pending.map(|r| r.state), Some(SnapshotStateName::Pending));
+        let resumed = engine.resume_pending_snapshots().await.expect("resume");
+        assert_eq!(resumed.len(), 1);
+        for task in resumed {
+            let done = task.await.expect("stored");
+            assert_eq!(done.state, SnapshotStateName::Completed, "{done:?}");
+        }
+        let copy = engine
+            .stored_snapshot(&rec.snapshot_id)
+            .await
+            .expect("get")
+            .expect("record copy");
+        assert_eq!(copy.state, SnapshotStateName::Completed);
+        let data = engine
+            .snapshot_volume(&rec.snapshot_id)
+            .await
+            .expect("open the snapshot")
+            .read(0, 4096)
+            .await
+            .expect("read the snapshot");
+        assert!(
+            data == block(0x5a),
+            "the snapshot holds what was written before it"
+        );
+        assert!(engine
+            .resume_pending_snapshots()
+            .await
+            .expect("again")
+            .is_empty());
+        engine.close_all().await;
+    });
+}
+
 /// Chunk PUTs that take a few milliseconds, so that closing a volume drains for a while.
 struct SlowChunkPuts;
 

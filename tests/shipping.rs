@@ -912,3 +912,66 @@ fn a_snapshot_still_being_stored_is_not_installed_elsewhere() {
         b.close_all().await;
     });
 }
+
+/// Cluster mode: the owner that took a snapshot loses the volume before its map is stored.
+/// The next owner's garbage collection finds the pending record copy and abandons the
+/// snapshot (`error`, the outcome object won), and stops waiting for it; the first owner's
+/// late map changes nothing: its snapshot ends `error` too, and no node installs it.
+#[test]
+fn a_snapshot_abandoned_by_a_lost_owner_ends_in_error() {
+    use vblock::records::SnapshotStateName;
+    common::run(Duration::from_secs(60), async {
+        let hooks = common::HoldPuts::new(|key| key.starts_with("snap-") && key.ends_with("/map"));
+        let backend: SharedBackend = common::HookedBackend::new(hooks.clone());
+        let (da, db) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let cluster = |dir: &std::path::Path| {
+            let mut c = quiet_config(dir);
+            c.cluster = true;
+            c
+        };
+        let a = Engine::open(cluster(da.path()), backend.clone())
+            .await
+            .expect("engine");
+        let id = create(&a).await;
+        let va = a.volume(&id).await.expect("open on A");
+        write_gen(&va, 0..4, 1).await;
+        va.persist_buffer().await.expect("chunk");
+        let (rec, stored) = a
+            .create_snapshot_tracked(&id, "lost")
+            .await
+            .expect("snapshot");
+        let sid = rec.snapshot_id;
+        hooks.until_held().await;
+
+        let b = Engine::open(cluster(db.path()), backend.clone())
+            .await
+            .expect("engine");
+        b.take_over(&id, "b").await.expect("take over");
+        b.set_cluster_gc(Arc::new(|_| true));
+        b.collect_garbage().await.expect("a pass on B");
+        let copy = b
+            .stored_snapshot(&sid)
+            .await
+            .expect("get")
+            .expect("record copy");
+        assert_eq!(copy.state, SnapshotStateName::Error, "{copy:?}");
+
+        hooks.open();
+        let done = stored.await.expect("stored");
+        assert_eq!(done.state, SnapshotStateName::Error, "{done:?}");
+        let copy = b.stored_snapshot(&sid).await.expect("get").expect("copy");
+        assert_eq!(copy.state, SnapshotStateName::Error);
+        assert!(matches!(
+            b.load_snapshot(&sid).await,
+            Err(VolumeError::IncorrectState(_))
+        ));
+        b.collect_garbage().await.expect("another pass on B");
+        assert!(b.get_snapshot(&sid).await.expect("get").is_none());
+        drop(va);
+        a.close_all().await;
+        b.close_all().await;
+    });
+}

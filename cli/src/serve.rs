@@ -285,6 +285,8 @@ pub async fn run(mut a: ServeArgs) -> Result<(), ServeError> {
     let engine = open_engine(&a).await?;
     start_memory_target(&a, &engine);
     recover_into_empty_data_dir(&engine).await?;
+    // Stored in the background; their records say pending until then.
+    drop(engine.resume_pending_snapshots().await?);
     let mut tasks = tokio::task::JoinSet::new();
     let (nbd_addr, advertise) = spawn_servers(&a, &engine, &mut tasks).await?;
     spawn_gc(&a, &engine, &mut tasks);

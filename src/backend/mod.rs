@@ -168,6 +168,13 @@ pub fn snapshot_map_key(snapshot: &SnapshotId) -> String {
     format!("{snapshot}/map")
 }
 
+/// Key of a snapshot's outcome (`SNAPID/outcome`, cluster mode: `completed` or `error`, written
+/// once with [`Backend::put_if_absent`]): the node finishing the snapshot and a node abandoning
+/// it (the volume's next owner) race for it, and exactly one wins.
+pub fn snapshot_outcome_key(snapshot: &SnapshotId) -> String {
+    format!("{snapshot}/outcome")
+}
+
 /// Prefix of a volume's epoch manifests (`VOLUMEID/epoch/`; docs/design/cluster.md).
 pub fn epoch_prefix(volume: &VolumeId) -> String {
     format!("{volume}/epoch/")

@@ -3,10 +3,10 @@
 //! the volume) and the backend's record copy (disaster recovery) following it.
 
 use crate::ids::{SnapshotId, VolumeId};
-use crate::records::{SnapshotRecord, VolumeRecord};
+use crate::records::{SnapshotRecord, SnapshotStateName, VolumeRecord};
 use crate::volume::VolumeError;
 
-use super::cluster::catalog_err;
+use super::cluster::{catalog_err, ClusterMode};
 use super::handlers::Control;
 
 impl Control {
@@ -91,7 +91,15 @@ impl Control {
         id: &SnapshotId,
     ) -> Result<(SnapshotRecord, u64), VolumeError> {
         let found = match &self.cluster {
-            Some(c) => c.catalog.snapshot(id).await.map_err(catalog_err)?,
+            Some(c) => {
+                let found = c.catalog.snapshot(id).await.map_err(catalog_err)?;
+                match found {
+                    Some((rec, _)) if self.settle_in_catalog(c, &rec).await?.is_some() => {
+                        c.catalog.snapshot(id).await.map_err(catalog_err)?
+                    }
+                    found => found,
+                }
+            }
             None => self.engine.get_snapshot(id).await?.map(|r| (r, 0)),
         };
         found.ok_or_else(|| VolumeError::SnapshotNotFound(id.clone()))
@@ -100,8 +108,43 @@ impl Control {
     /// Every snapshot record.
     pub(super) async fn snapshot_records(&self) -> Result<Vec<SnapshotRecord>, VolumeError> {
         match &self.cluster {
-            Some(c) => c.catalog.snapshots().await.map_err(catalog_err),
+            Some(c) => {
+                let mut recs = c.catalog.snapshots().await.map_err(catalog_err)?;
+                for rec in &mut recs {
+                    if let Some(copy) = self.settle_in_catalog(c, rec).await? {
+                        (rec.state, rec.progress) = (copy.state, copy.progress);
+                    }
+                }
+                Ok(recs)
+            }
             None => self.engine.list_snapshots().await,
+        }
+    }
+
+    /// Cluster mode: a `pending` catalog record `rec` whose record copy in the bucket is no
+    /// longer pending (the node that took it stored it but never updated the catalog: it
+    /// died, or restarted and stored it then; or the volume's next owner abandoned it) is
+    /// updated from the copy. Returns the copy when it did.
+    ///
+    /// Errors: backend and catalog errors.
+    async fn settle_in_catalog(
+        &self,
+        cluster: &ClusterMode,
+        rec: &SnapshotRecord,
+    ) -> Result<Option<SnapshotRecord>, VolumeError> {
+        if rec.state != SnapshotStateName::Pending {
+            return Ok(None);
+        }
+        match self.engine.stored_snapshot(&rec.snapshot_id).await? {
+            Some(copy) if copy.state != SnapshotStateName::Pending => {
+                cluster
+                    .catalog
+                    .finish_snapshot(&copy)
+                    .await
+                    .map_err(catalog_err)?;
+                Ok(Some(copy))
+            }
+            _ => Ok(None),
         }
     }
 }

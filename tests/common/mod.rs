@@ -78,6 +78,43 @@ pub trait Hooks: Send + Sync {
     }
 }
 
+/// Holds every PUT of a key `matches` admits until [`HoldPuts::open`].
+pub struct HoldPuts {
+    matches: fn(&str) -> bool,
+    held: tokio::sync::watch::Sender<bool>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl HoldPuts {
+    pub fn new(matches: fn(&str) -> bool) -> Arc<Self> {
+        Arc::new(Self {
+            matches,
+            held: tokio::sync::watch::channel(false).0,
+            open: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Resolves once a PUT is held.
+    pub async fn until_held(&self) {
+        let _ = self.held.subscribe().wait_for(|h| *h).await;
+    }
+
+    /// Lets every held PUT, and every later one, go on.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+#[async_trait::async_trait]
+impl Hooks for Arc<HoldPuts> {
+    async fn before_put(&self, key: &str) {
+        if (self.matches)(key) {
+            self.held.send_replace(true);
+            let _ = self.open.subscribe().wait_for(|o| *o).await;
+        }
+    }
+}
+
 /// A real memory backend with [`Hooks`] around its calls.
 pub struct HookedBackend<H> {
     pub inner: vblock::backend::memory::MemoryBackend,
