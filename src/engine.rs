@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::{checkpoint_prefix, volume_record_key, SharedBackend};
+use crate::backend::{checkpoint_prefix, volume_prefix, volume_record_key, SharedBackend};
 use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 use crate::cache::{frame_cache, FrameCache};
 use crate::ids::VolumeId;
@@ -12,7 +12,7 @@ use crate::instances::Instances;
 use crate::lookup::MapExtent;
 use crate::meta::{blocking, ChunkStats, MetaStore};
 use crate::records::{VolumeRecord, VolumeStateName};
-use crate::retry::put_retried;
+use crate::retry::{delete_retried, put_retried};
 use crate::volume::{Volume, VolumeConfig, VolumeError};
 
 /// Engine settings.
@@ -514,6 +514,22 @@ impl Engine {
         let meta = self.meta.clone();
         let id = id.clone();
         blocking(move || meta.delete_volume(&id)).await?;
+        Ok(())
+    }
+
+    /// Removes every backend object under volume `id`'s prefix, a volume never made available
+    /// (a clone whose creating node failed: nothing else references its objects), and this
+    /// node's copy of it, if any.
+    ///
+    /// Errors: backend and metadata errors (a retry deletes what is left).
+    pub async fn purge_unfinished_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
+        if self.get_record(id).await?.is_some() {
+            return self.delete_volume(id).await;
+        }
+        let _gc = self.gc.lock().await;
+        for key in self.backend.list(&volume_prefix(id)).await? {
+            delete_retried(&self.backend, &key).await?;
+        }
         Ok(())
     }
 

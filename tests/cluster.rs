@@ -546,17 +546,18 @@ fn node_request(nats: &Nats, node: &str, op: &str, body: serde_json::Value) -> s
     reply
 }
 
-/// Sets the `state` of catalog record `key` (KV bucket `vblock-catalog`) behind the daemons'
-/// backs, as a node that died mid-request leaves it.
-fn set_catalog_state(nats: &Nats, key: &str, state: &str) {
+/// Rewrites catalog record `key` (KV bucket `vblock-catalog`) behind the daemons' backs, as a
+/// node that died mid-request leaves it: `edit` changes its JSON, stored under `to` (another
+/// key makes a new record from it).
+fn edit_catalog(nats: &Nats, key: &str, to: &str, edit: impl FnOnce(&mut serde_json::Value)) {
     let url = nats.url();
     common::run(Duration::from_secs(30), async {
         let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("nats"));
         let kv = js.get_key_value("vblock-catalog").await.expect("catalog");
         let entry = kv.entry(key).await.expect("get").expect("the record");
         let mut rec: serde_json::Value = serde_json::from_slice(&entry.value).expect("json");
-        rec["state"] = state.into();
-        kv.put(key, serde_json::to_vec(&rec).expect("json").into())
+        edit(&mut rec);
+        kv.put(to, serde_json::to_vec(&rec).expect("json").into())
             .await
             .expect("put");
     });
@@ -651,7 +652,8 @@ fn one_catalog_serves_every_node() {
     assert!(completed, "the snapshot did not complete in the catalog");
     // A catalog record left pending (its node died after storing the snapshot, before the
     // catalog write) is settled from the bucket's record copy when read.
-    set_catalog_state(&nats, &format!("snapshot.{snap_id}"), "pending");
+    let key = format!("snapshot.{snap_id}");
+    edit_catalog(&nats, &key, &key, |r| r["state"] = "pending".into());
     let d = node_request(
         &nats,
         "a",
@@ -733,6 +735,34 @@ fn one_catalog_serves_every_node() {
         .map(|v| v.iter().filter_map(|v| v["VolumeId"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(ids, [clone_id.as_str()], "{all}");
+
+    // A clone left `creating` by a node that failed: refused while it may still be created,
+    // deleted once abandoned (10 minutes after its creation time).
+    for (created, deletes) in [
+        (vblock::engine::now_rfc3339(), false),
+        ("2026-01-01T00:00:00Z".to_owned(), true),
+    ] {
+        let stuck = vblock::VolumeId::generate().to_string();
+        edit_catalog(
+            &nats,
+            &format!("volume.{clone_id}"),
+            &format!("volume.{stuck}"),
+            |r| {
+                r["volume_id"] = stuck.clone().into();
+                r["state"] = "creating".into();
+                r["create_time"] = created.clone().into();
+                r["mount"] = serde_json::Value::Null;
+            },
+        );
+        let deleted = node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}));
+        if deletes {
+            assert_eq!(deleted["Return"], true, "{deleted}");
+            let gone = node_request(&nats, "b", "describevolumes", json!({"VolumeIds": [stuck]}));
+            assert_eq!(error_code(&gone), "InvalidVolume.NotFound");
+        } else {
+            assert_eq!(error_code(&deleted), "IncorrectState", "{deleted}");
+        }
+    }
 }
 
 /// Takeovers cut short (issue test 5): the owner is killed (-9) after a flush; the node that

@@ -187,6 +187,19 @@ pub(super) enum Owned {
 /// before it counts as abandoned: creation puts the record in the catalog within one request.
 const ABANDONED_CLAIM: Duration = Duration::from_secs(120);
 
+/// How long a clone may stay `creating` in the catalog before it counts as abandoned (its
+/// node failed mid-create) and a delete removes it: a clone copies one snapshot map.
+pub(super) const ABANDONED_CREATE: Duration = Duration::from_secs(600);
+
+/// Whether RFC 3339 time `created` is more than `after` ago (an unreadable time counts as
+/// long ago: nothing else would ever end the wait).
+pub(super) fn abandoned(created: &str, after: Duration) -> bool {
+    humantime::parse_rfc3339(created)
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_none_or(|age| age >= after)
+}
+
 pub(super) fn catalog_err(e: CatalogError) -> VolumeError {
     match e {
         CatalogError::Changed(_) => VolumeError::IncorrectState(e.to_string()),
@@ -445,11 +458,45 @@ impl Control {
         .await;
         if let Err(e) = &made {
             tracing::warn!(volume = %id, snapshot = %s.snapshot_id, error = %e, "creating a clone failed");
+            if let Err(e) = self.engine.purge_unfinished_volume(&id).await {
+                tracing::warn!(volume = %id, error = %e, "removing a clone that failed failed");
+            }
             if let Err(e) = cluster.catalog.delete_volume(&id, revision).await {
                 tracing::warn!(volume = %id, error = %e, "removing the catalog record of a clone that failed failed");
             }
         }
         made.map(|_| ())
+    }
+
+    /// Cluster mode's delete of clone `rec` (read at `revision`), left `creating` for longer
+    /// than [`ABANDONED_CREATE`] (its node failed mid-create): its catalog record goes, then
+    /// its objects in the bucket (nothing references them: it was never available) and its
+    /// ClientToken.
+    ///
+    /// Errors: [`VolumeError::IncorrectState`] when the record changed meanwhile; catalog
+    /// and backend errors.
+    pub(super) async fn delete_abandoned_clone(
+        &self,
+        cluster: &ClusterMode,
+        rec: &VolumeRecord,
+        revision: u64,
+    ) -> Result<(), VolumeError> {
+        let id = &rec.volume_id;
+        tracing::warn!(volume = %id, created = %rec.create_time, "deleting a clone its node never finished creating");
+        cluster
+            .catalog
+            .delete_volume(id, revision)
+            .await
+            .map_err(catalog_err)?;
+        self.engine.purge_unfinished_volume(id).await?;
+        if !rec.client_token.is_empty() {
+            cluster
+                .catalog
+                .release_token(&rec.client_token, id)
+                .await
+                .map_err(catalog_err)?;
+        }
+        Ok(())
     }
 
     /// Cluster mode: claims new volume `rec`'s ClientToken for it ([`Catalog::claim_token`]).
@@ -488,10 +535,7 @@ impl Control {
             {
                 return Ok(Some(current));
             }
-            let age = humantime::parse_rfc3339(&earlier.create_time)
-                .ok()
-                .and_then(|t| t.elapsed().ok());
-            if age.is_some_and(|age| age < ABANDONED_CLAIM) {
+            if !abandoned(&earlier.create_time, ABANDONED_CLAIM) {
                 return Ok(Some(VolumeRecord {
                     state: VolumeStateName::Creating,
                     ..earlier

@@ -225,6 +225,11 @@ impl Control {
     pub(super) async fn delete_unused_volume(&self, id: &VolumeId) -> Result<(), VolumeError> {
         let (rec, revision) = self.volume_at(id).await?;
         if rec.state == VolumeStateName::Creating {
+            if let Some(cluster) = &self.cluster {
+                if super::cluster::abandoned(&rec.create_time, super::cluster::ABANDONED_CREATE) {
+                    return self.delete_abandoned_clone(cluster, &rec, revision).await;
+                }
+            }
             usable(&rec)?;
         }
         if !rec.attachments.is_empty() || rec.mount.is_some() {
