@@ -97,7 +97,16 @@ impl Engine {
         }
         match self.gc_scope.get() {
             Some(scope) => {
-                by_owner.retain(|vol, _| scope(vol));
+                let mut admitted = BTreeMap::new();
+                for (vol, chunks) in std::mem::take(&mut by_owner) {
+                    // A volume deleted through this node is this node's to finish (its lease
+                    // went with it): its chunk stats stay here while snapshots or clones
+                    // share its chunks, and no other node has them.
+                    if scope(&vol) || self.get_record(&vol).await?.is_none() {
+                        admitted.insert(vol, chunks);
+                    }
+                }
+                by_owner = admitted;
                 // Every pass, with garbage or not: it also settles snapshots abandoned by a
                 // volume's earlier owner (one LIST of the snapshots' keys).
                 let frozen = self.sync_snapshots_from_backend().await?;

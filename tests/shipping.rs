@@ -975,3 +975,53 @@ fn a_snapshot_abandoned_by_a_lost_owner_ends_in_error() {
         b.close_all().await;
     });
 }
+
+/// Cluster mode: a volume deleted through this node while a snapshot shares one of its chunks
+/// keeps that chunk's stats here after its lease is gone; once the snapshot is deleted, this
+/// node's garbage collection deletes the chunk (it leaked: GC only looked at volumes whose
+/// lease the node keeps).
+#[test]
+fn a_deleted_volumes_shared_chunk_goes_with_its_last_snapshot() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = quiet_config(dir.path());
+        config.cluster = true;
+        let a = Engine::open(config, backend.clone()).await.expect("engine");
+        let leased = Arc::new(AtomicBool::new(true));
+        let l = leased.clone();
+        a.set_cluster_gc(Arc::new(move |_| l.load(Ordering::SeqCst)));
+        let id = create(&a).await;
+        let va = a.volume(&id).await.expect("open");
+        write_gen(&va, 0..4, 1).await;
+        va.persist_buffer().await.expect("chunk");
+        let (snap, stored) = a
+            .create_snapshot_tracked(&id, "shares")
+            .await
+            .expect("snapshot");
+        write_gen(&va, 0..4, 2).await;
+        va.persist_buffer().await.expect("chunk");
+        drop(va);
+        let chunks = || {
+            let (backend, prefix) = (backend.clone(), vblock::backend::chunk_prefix(&id));
+            async move { backend.list(&prefix).await.expect("list") }
+        };
+        // The snapshot completes (its map in the backend) before the delete.
+        assert_eq!(
+            stored.await.expect("stored").state,
+            vblock::records::SnapshotStateName::Completed
+        );
+        a.delete_volume(&id).await.expect("delete the volume");
+        assert_eq!(chunks().await.len(), 1, "the snapshot's chunk stays");
+        leased.store(false, Ordering::SeqCst);
+        a.delete_snapshot(&snap.snapshot_id)
+            .await
+            .expect("delete the snapshot");
+        assert_eq!(
+            chunks().await,
+            Vec::<String>::new(),
+            "the shared chunk leaked"
+        );
+        a.close_all().await;
+    });
+}
