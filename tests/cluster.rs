@@ -752,6 +752,7 @@ fn one_catalog_serves_every_node() {
                 r["state"] = "creating".into();
                 r["create_time"] = created.clone().into();
                 r["mount"] = serde_json::Value::Null;
+            r["snapshot_id"] = "".into();
             },
         );
         let deleted = node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}));
@@ -763,6 +764,23 @@ fn one_catalog_serves_every_node() {
             assert_eq!(error_code(&deleted), "IncorrectState", "{deleted}");
         }
     }
+
+    // The snapshot's copies in the bucket (s3s-fs keeps an object as a file; keys under the
+    // default prefix `vblock/`) stay while its clone exists, and go with the clone.
+    let snapshot_copy = s3
+        .dir
+        .path()
+        .join("vblock-catalog/vblock")
+        .join(&snap_id)
+        .join("snapshot.json");
+    assert!(snapshot_copy.exists(), "{}", snapshot_copy.display());
+    c.cli(&["unmount", &clone_id, "--node", "c"]);
+    let deleted = node_request(&nats, "b", "deletevolume", json!({"VolumeId": clone_id}));
+    assert_eq!(deleted["Return"], true, "{deleted}");
+    assert!(
+        !snapshot_copy.exists(),
+        "a deleted snapshot's copy outlived its last clone"
+    );
 }
 
 /// Takeovers cut short (issue test 5): the owner is killed (-9) after a flush; the node that

@@ -689,6 +689,15 @@ impl Control {
                     tracing::warn!(volume = %id, error = %e, "releasing the deleted volume's ClientToken failed");
                 }
             }
+            // The last clone of a deleted snapshot takes the snapshot's pinned copies along.
+            if let Ok(sid) = SnapshotId::parse(&deleting.snapshot_id) {
+                let deleted = cluster.catalog.snapshot(&sid).await.map(|s| s.is_none());
+                if matches!(deleted, Ok(true)) {
+                    if let Err(e) = self.delete_snapshot_copies_unless_cloned(&sid).await {
+                        tracing::warn!(volume = %id, snapshot = %sid, error = %e, "deleting a deleted snapshot's copies after its last clone failed (a deletesnapshot of it finishes it)");
+                    }
+                }
+            }
             Ok(())
         }
         .await;
@@ -707,7 +716,23 @@ impl Control {
         cluster: &ClusterMode,
         id: &SnapshotId,
     ) -> Result<(), VolumeError> {
-        let (rec, revision) = self.snapshot_at(id).await?;
+        let (rec, revision) = match self.snapshot_at(id).await {
+            // An earlier delete removed the catalog record but not the bucket copies (a
+            // backend error): a retry finishes it.
+            Err(VolumeError::SnapshotNotFound(_)) => {
+                let orphan = self
+                    .engine
+                    .stored_snapshot(id)
+                    .await?
+                    .is_some_and(|c| c.state != crate::records::SnapshotStateName::Pending);
+                if orphan && self.delete_snapshot_copies_unless_cloned(id).await? {
+                    tracing::info!(snapshot = %id, "finished the delete of a snapshot left in the bucket");
+                    return Ok(());
+                }
+                return Err(VolumeError::SnapshotNotFound(id.clone()));
+            }
+            r => r?,
+        };
         if rec.state == crate::records::SnapshotStateName::Pending {
             return Err(VolumeError::IncorrectState(format!(
                 "snapshot {id} is pending; delete it once it completes"
@@ -731,12 +756,26 @@ impl Control {
             .delete_snapshot(id, revision)
             .await
             .map_err(catalog_err)?;
+        self.delete_snapshot_copies_unless_cloned(id).await?;
+        Ok(())
+    }
+
+    /// Deletes snapshot `id`'s local copy, and its bucket copies unless a catalog volume was
+    /// cloned from it (they pin the chunks the clone shares). Returns whether the bucket
+    /// copies went.
+    ///
+    /// Errors: engine and catalog errors.
+    async fn delete_snapshot_copies_unless_cloned(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<bool, VolumeError> {
         let cloned = self
             .volume_records()
             .await?
             .iter()
             .any(|v| v.snapshot_id == id.as_str());
-        self.engine.delete_snapshot_copies(id, !cloned).await
+        self.engine.delete_snapshot_copies(id, !cloned).await?;
+        Ok(!cloned)
     }
 }
 
