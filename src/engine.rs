@@ -71,6 +71,11 @@ pub struct Engine {
     /// Cluster mode ([`Engine::set_cluster_gc`]): the volumes whose chunks this node may
     /// delete.
     pub(crate) gc_scope: std::sync::OnceLock<GcScope>,
+    /// Cluster mode: volumes deleted by this process, whose remaining chunk stats (chunks
+    /// snapshots or clones share) its GC goes on collecting after their lease went. Not
+    /// persisted: stats without a record may also be a takeover cut short, which are not this
+    /// node's to collect.
+    pub(crate) deleted_here: std::sync::Mutex<std::collections::HashSet<VolumeId>>,
 }
 
 /// Cluster mode: whether this node may delete chunk objects of a volume (it owns the volume:
@@ -171,6 +176,7 @@ impl Engine {
             snapshot_ends: Default::default(),
             snapshot_mounts: Default::default(),
             gc_scope: std::sync::OnceLock::new(),
+            deleted_here: Default::default(),
         })
     }
 
@@ -481,6 +487,12 @@ impl Engine {
         {
             let _gc = self.gc.lock().await;
             self.delete_volume_locked(id).await?;
+            if self.config.cluster {
+                self.deleted_here
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(id.clone());
+            }
         }
         self.collect_garbage().await?;
         Ok(())

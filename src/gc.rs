@@ -97,16 +97,15 @@ impl Engine {
         }
         match self.gc_scope.get() {
             Some(scope) => {
-                let mut admitted = BTreeMap::new();
-                for (vol, chunks) in std::mem::take(&mut by_owner) {
-                    // A volume deleted through this node is this node's to finish (its lease
-                    // went with it): its chunk stats stay here while snapshots or clones
-                    // share its chunks, and no other node has them.
-                    if scope(&vol) || self.get_record(&vol).await?.is_none() {
-                        admitted.insert(vol, chunks);
-                    }
-                }
-                by_owner = admitted;
+                // A volume deleted by this process is its to finish (its lease went with
+                // it): its chunk stats stay here while snapshots or clones share its chunks,
+                // and no other node has them.
+                let deleted = self
+                    .deleted_here
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                by_owner.retain(|vol, _| scope(vol) || deleted.contains(vol));
                 // Every pass, with garbage or not: it also settles snapshots abandoned by a
                 // volume's earlier owner (one LIST of the snapshots' keys).
                 let frozen = self.sync_snapshots_from_backend().await?;
@@ -281,7 +280,19 @@ impl Engine {
                         .gc_scope
                         .get()
                         .is_some_and(|scope| scope(&rec.volume_id));
-                    if !owned || self.abandon_snapshot(&rec).await? != SnapshotStateName::Error {
+                    // Settled either way (error, or completed and installed from its map). A
+                    // backend error is retried; an unreadable outcome is logged and keeps the
+                    // volume's chunks rather than failing every pass.
+                    let settled = owned
+                        && match self.abandon_snapshot(&rec).await {
+                            Ok(_) => true,
+                            Err(e @ VolumeError::Corrupt { .. }) => {
+                                tracing::error!(snapshot = %rec.snapshot_id, error = %e, "cannot settle an abandoned snapshot; its volume's garbage waits");
+                                false
+                            }
+                            Err(e) => return Err(e),
+                        };
+                    if !settled {
                         frozen.insert(rec.volume_id);
                     }
                 }

@@ -318,9 +318,9 @@ impl Engine {
             else {
                 continue;
             };
-            // A pending copy (cluster mode, stored when taken) has no map yet: the snapshot
-            // was not completed.
-            if rec.state == crate::records::SnapshotStateName::Pending
+            // Only a completed copy has a map: a pending one (cluster mode, stored when taken)
+            // or an error one (abandoned) was never completed.
+            if rec.state != crate::records::SnapshotStateName::Completed
                 || self.get_snapshot(&rec.snapshot_id).await?.is_some()
             {
                 continue;

@@ -179,10 +179,25 @@ impl Engine {
     ) -> Result<Vec<tokio::task::JoinHandle<SnapshotRecord>>, VolumeError> {
         let mut resumed = Vec::new();
         for rec in self.list_snapshots().await? {
-            if rec.state == SnapshotStateName::Pending {
-                tracing::info!(snapshot = %rec.snapshot_id, "storing a snapshot an earlier process left pending");
-                resumed.push(self.publish(rec));
+            if rec.state != SnapshotStateName::Pending {
+                continue;
             }
+            // Cluster mode: only a snapshot whose pending record copy was stored is known to
+            // other nodes' GC (which spared its chunks); one taken just before the crash was
+            // never announced, nor answered: it goes.
+            if self.config.cluster
+                && self
+                    .stored_snapshot(&rec.snapshot_id)
+                    .await?
+                    .is_none_or(|c| c.state != SnapshotStateName::Pending)
+            {
+                tracing::info!(snapshot = %rec.snapshot_id, "dropping a snapshot an earlier process left pending and never announced, or settled since");
+                let (meta, id) = (self.meta.clone(), rec.snapshot_id.clone());
+                blocking(move || meta.delete_snapshot(&id)).await?;
+                continue;
+            }
+            tracing::info!(snapshot = %rec.snapshot_id, "storing a snapshot an earlier process left pending");
+            resumed.push(self.publish(rec));
         }
         Ok(resumed)
     }
@@ -207,8 +222,8 @@ impl Engine {
 
     /// Cluster mode: settles snapshot `rec` (a `pending` record copy, taken by another node
     /// whose lease on the volume this node now keeps) as `error`, unless the node that took it
-    /// settled it `completed` first ([`settle_snapshot`]). Returns the outcome; the record
-    /// copy says `error` once that is it.
+    /// settled it `completed` first ([`settle_snapshot`]: its map is stored then, and this
+    /// node installs it). Returns the outcome; the record copy says it.
     ///
     /// Errors: backend errors.
     pub(crate) async fn abandon_snapshot(
@@ -217,7 +232,17 @@ impl Engine {
     ) -> Result<SnapshotStateName, VolumeError> {
         let outcome =
             settle_snapshot(&self.backend, &rec.snapshot_id, SnapshotStateName::Error).await?;
-        if outcome == SnapshotStateName::Error {
+        if outcome == SnapshotStateName::Completed {
+            // Its taker won after storing the map, but its completed record copy never
+            // landed: completed here from the map.
+            let done = SnapshotRecord {
+                state: SnapshotStateName::Completed,
+                progress: 100,
+                ..rec.clone()
+            };
+            self.install_stored_snapshot(&done).await?;
+            store_snapshot_record(&self.backend, &done).await?;
+        } else if outcome == SnapshotStateName::Error {
             let failed = SnapshotRecord {
                 state: SnapshotStateName::Error,
                 ..rec.clone()
@@ -329,11 +354,9 @@ impl Engine {
             }
             if stored {
                 // The record copy goes first: a half-deleted snapshot is never recovered.
-                for key in [
-                    snapshot_record_key(id),
-                    snapshot_map_key(id),
-                    snapshot_outcome_key(id),
-                ] {
+                // The outcome object (cluster mode) stays: it keeps a late taker from
+                // completing the deleted snapshot again.
+                for key in [snapshot_record_key(id), snapshot_map_key(id)] {
                     delete_retried(&self.backend, &key).await?;
                 }
             }
@@ -459,6 +482,12 @@ impl Engine {
         if rec.state == SnapshotStateName::Pending {
             return Err(VolumeError::IncorrectState(format!(
                 "snapshot {id} is pending; mount it once it completes"
+            )));
+        }
+        if rec.state == SnapshotStateName::Error && self.config.cluster {
+            // Its chunks are not pinned in the bucket: the volume's owner may delete them.
+            return Err(VolumeError::IncorrectState(format!(
+                "snapshot {id} failed (state error); it cannot be mounted"
             )));
         }
         rec.mount = Some(mount);

@@ -973,6 +973,11 @@ fn a_snapshot_abandoned_by_a_lost_owner_ends_in_error() {
         drop(va);
         a.close_all().await;
         b.close_all().await;
+        // Disaster recovery from the bucket skips the failed snapshot.
+        let (_fresh, e, v) = recovered(&backend, &id).await;
+        assert!(e.get_snapshot(&sid).await.expect("get").is_none());
+        drop(v);
+        e.close_all().await;
     });
 }
 

@@ -191,13 +191,14 @@ const ABANDONED_CLAIM: Duration = Duration::from_secs(120);
 /// node failed mid-create) and a delete removes it: a clone copies one snapshot map.
 pub(super) const ABANDONED_CREATE: Duration = Duration::from_secs(600);
 
-/// Whether RFC 3339 time `created` is more than `after` ago (an unreadable time counts as
-/// long ago: nothing else would ever end the wait).
+/// Whether RFC 3339 time `created` (another node's clock) is more than `after` ago. A time in
+/// the future (clock skew) counts as now; an unreadable one as long ago (nothing else would
+/// ever end the wait).
 pub(super) fn abandoned(created: &str, after: Duration) -> bool {
-    humantime::parse_rfc3339(created)
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_none_or(|age| age >= after)
+    match humantime::parse_rfc3339(created) {
+        Ok(t) => t.elapsed().is_ok_and(|age| age >= after),
+        Err(_) => true,
+    }
 }
 
 pub(super) fn catalog_err(e: CatalogError) -> VolumeError {
@@ -457,6 +458,12 @@ impl Control {
         }
         .await;
         if let Err(e) = &made {
+            // A catalog write whose answer was lost may have landed: the clone is made then.
+            if let Ok(Some((r, _))) = cluster.catalog.volume(&id).await {
+                if r.state != VolumeStateName::Creating {
+                    return Ok(());
+                }
+            }
             tracing::warn!(volume = %id, snapshot = %s.snapshot_id, error = %e, "creating a clone failed");
             if let Err(e) = self.engine.purge_unfinished_volume(&id).await {
                 tracing::warn!(volume = %id, error = %e, "removing a clone that failed failed");
