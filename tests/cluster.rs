@@ -548,12 +548,16 @@ fn node_request(nats: &Nats, node: &str, op: &str, body: serde_json::Value) -> s
 
 /// Rewrites catalog record `key` (KV bucket `vblock-catalog`) behind the daemons' backs, as a
 /// node that died mid-request leaves it: `edit` changes its JSON, stored under `to` (another
-/// key makes a new record from it).
+/// key makes a new record from it; `""` deletes `key` instead).
 fn edit_catalog(nats: &Nats, key: &str, to: &str, edit: impl FnOnce(&mut serde_json::Value)) {
     let url = nats.url();
     common::run(Duration::from_secs(30), async {
         let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("nats"));
         let kv = js.get_key_value("vblock-catalog").await.expect("catalog");
+        if to.is_empty() {
+            kv.delete(key).await.expect("delete");
+            return;
+        }
         let entry = kv.entry(key).await.expect("get").expect("the record");
         let mut rec: serde_json::Value = serde_json::from_slice(&entry.value).expect("json");
         edit(&mut rec);
@@ -752,7 +756,7 @@ fn one_catalog_serves_every_node() {
                 r["state"] = "creating".into();
                 r["create_time"] = created.clone().into();
                 r["mount"] = serde_json::Value::Null;
-            r["snapshot_id"] = "".into();
+                r["snapshot_id"] = "".into();
             },
         );
         let deleted = node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}));
@@ -781,6 +785,36 @@ fn one_catalog_serves_every_node() {
         !snapshot_copy.exists(),
         "a deleted snapshot's copy outlived its last clone"
     );
+
+    // A snapshot delete cut short after the catalog record went (the bucket copies stayed) is
+    // finished by a retry; the next one answers not found.
+    let vol = node_request(&nats, "a", "createvolume", json!({"Size": 1}));
+    let vol = vol["VolumeId"].as_str().expect("VolumeId").to_owned();
+    let snap = node_request(&nats, "b", "createsnapshot", json!({"VolumeId": vol}));
+    let snap = snap["SnapshotId"].as_str().expect("SnapshotId").to_owned();
+    let stored = common::daemon::wait_until(Duration::from_secs(30), || {
+        let d = node_request(
+            &nats,
+            "c",
+            "describesnapshots",
+            json!({"SnapshotIds": [snap]}),
+        );
+        d["Snapshots"][0]["State"] == "completed"
+    });
+    assert!(stored, "the snapshot did not complete");
+    edit_catalog(&nats, &format!("snapshot.{snap}"), "", |_| {});
+    let copy = s3
+        .dir
+        .path()
+        .join("vblock-catalog/vblock")
+        .join(&snap)
+        .join("snapshot.json");
+    assert!(copy.exists(), "{}", copy.display());
+    let deleted = node_request(&nats, "c", "deletesnapshot", json!({"SnapshotId": snap}));
+    assert_eq!(deleted["Return"], true, "{deleted}");
+    assert!(!copy.exists(), "the retry left the snapshot's copy");
+    let again = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap}));
+    assert_eq!(error_code(&again), "InvalidSnapshot.NotFound", "{again}");
 }
 
 /// Takeovers cut short (issue test 5): the owner is killed (-9) after a flush; the node that

@@ -1030,3 +1030,39 @@ fn a_deleted_volumes_shared_chunk_goes_with_its_last_snapshot() {
         a.close_all().await;
     });
 }
+
+/// A snapshot of a volume just taken over, before any write, is taken at once: the new
+/// epoch numbers writes from its base, which no write has reached yet (the snapshot waited
+/// for the map's checkpoint to reach it, forever).
+#[test]
+fn a_snapshot_right_after_a_takeover_is_taken() {
+    common::run(Duration::from_secs(60), async {
+        let backend = common::memory_backend();
+        let (da, db) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let a = open(da.path(), &backend).await;
+        let id = create(&a).await;
+        let va = a.volume(&id).await.expect("open on A");
+        write_gen(&va, 0..4, 1).await;
+        drop(va);
+        a.simulate_crash().await;
+        let b = open(db.path(), &backend).await;
+        b.take_over(&id, "b").await.expect("take over");
+        let snap = tokio::time::timeout(Duration::from_secs(10), b.create_snapshot(&id, "at once"))
+            .await
+            .expect("the snapshot waited for a write")
+            .expect("snapshot");
+        let data = b
+            .snapshot_volume(&snap.snapshot_id)
+            .await
+            .expect("open the snapshot")
+            .read(0, 4 * 4096)
+            .await
+            .expect("read");
+        let expected: Vec<u8> = (0..4).flat_map(|blk| content(blk, 1)).collect();
+        assert!(data == expected, "the snapshot holds every flushed write");
+        b.close_all().await;
+    });
+}

@@ -588,9 +588,13 @@ impl Volume {
                 // not its last), or the map would hold part of a later write without earlier
                 // ones. A split in progress keeps its memtable frozen; with none frozen, a
                 // `max_seq` above the checkpoint is history (a recovered checkpoint).
-                let between_memtables =
-                    state.max_seq <= state.checkpoint || lock(&inner.state).buf.frozen().is_empty();
-                if state.checkpoint >= target && between_memtables {
+                let drained = lock(&inner.state).buf.frozen().is_empty();
+                let between_memtables = state.max_seq <= state.checkpoint || drained;
+                // Every write up to `target` is in the map once the checkpoint reached it, or
+                // once what was frozen above is committed: after a takeover no write may have
+                // been given a seq yet, and `target` (below the epoch's first seq) is never
+                // reached.
+                if (state.checkpoint >= target || drained) && between_memtables {
                     return Ok(blocking(move || f(state)).await?);
                 }
             }
