@@ -831,6 +831,41 @@ fn a_fenced_owner_collects_no_garbage() {
     });
 }
 
+/// [`quiet_config`] in cluster mode.
+fn cluster_config(dir: &std::path::Path) -> vblock::EngineConfig {
+    let mut c = quiet_config(dir);
+    c.cluster = true;
+    c
+}
+
+/// Node A in cluster mode on `backend`: a volume with one generation in a chunk, and a
+/// snapshot of it being stored (the task storing it). Returns A's directory, A, the volume,
+/// its open instance, the snapshot and that task.
+async fn snapshot_on_a(
+    backend: &SharedBackend,
+) -> (
+    tempfile::TempDir,
+    Engine,
+    VolumeId,
+    vblock::Volume,
+    vblock::SnapshotId,
+    tokio::task::JoinHandle<vblock::records::SnapshotRecord>,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Engine::open(cluster_config(dir.path()), backend.clone())
+        .await
+        .expect("engine");
+    let id = create(&a).await;
+    let va = a.volume(&id).await.expect("open on A");
+    write_gen(&va, 0..4, 1).await;
+    va.persist_buffer().await.expect("chunk");
+    let (rec, stored) = a
+        .create_snapshot_tracked(&id, "on a")
+        .await
+        .expect("snapshot");
+    (dir, a, id, va, rec.snapshot_id, stored)
+}
+
 /// Holds the second PUT of a snapshot's record copy (the one that marks it completed, after
 /// its map is stored) until `open`; `held` says when one waits.
 struct HoldCompletion {
@@ -864,31 +899,12 @@ fn a_snapshot_still_being_stored_is_not_installed_elsewhere() {
             open: tokio::sync::watch::channel(false).0,
         });
         let backend: SharedBackend = common::HookedBackend::new(hooks.clone());
-        let (da, db) = (
-            tempfile::tempdir().expect("tempdir"),
-            tempfile::tempdir().expect("tempdir"),
-        );
-        let cluster = |dir: &std::path::Path| {
-            let mut c = quiet_config(dir);
-            c.cluster = true;
-            c
-        };
-        let a = Engine::open(cluster(da.path()), backend.clone())
-            .await
-            .expect("engine");
-        let id = create(&a).await;
-        let va = a.volume(&id).await.expect("open on A");
-        write_gen(&va, 0..4, 1).await;
-        va.persist_buffer().await.expect("chunk");
-        let (rec, stored) = a
-            .create_snapshot_tracked(&id, "held")
-            .await
-            .expect("snapshot");
-        let sid = rec.snapshot_id;
+        let (_da, a, _id, va, sid, stored) = snapshot_on_a(&backend).await;
+        let db = tempfile::tempdir().expect("tempdir");
         let mut held = hooks.held.subscribe();
         held.wait_for(|h| *h).await.expect("the completing PUT");
 
-        let b = Engine::open(cluster(db.path()), backend.clone())
+        let b = Engine::open(cluster_config(db.path()), backend.clone())
             .await
             .expect("engine");
         match b.load_snapshot(&sid).await {
@@ -923,30 +939,11 @@ fn a_snapshot_abandoned_by_a_lost_owner_ends_in_error() {
     common::run(Duration::from_secs(60), async {
         let hooks = common::HoldPuts::new(|key| key.starts_with("snap-") && key.ends_with("/map"));
         let backend: SharedBackend = common::HookedBackend::new(hooks.clone());
-        let (da, db) = (
-            tempfile::tempdir().expect("tempdir"),
-            tempfile::tempdir().expect("tempdir"),
-        );
-        let cluster = |dir: &std::path::Path| {
-            let mut c = quiet_config(dir);
-            c.cluster = true;
-            c
-        };
-        let a = Engine::open(cluster(da.path()), backend.clone())
-            .await
-            .expect("engine");
-        let id = create(&a).await;
-        let va = a.volume(&id).await.expect("open on A");
-        write_gen(&va, 0..4, 1).await;
-        va.persist_buffer().await.expect("chunk");
-        let (rec, stored) = a
-            .create_snapshot_tracked(&id, "lost")
-            .await
-            .expect("snapshot");
-        let sid = rec.snapshot_id;
+        let (_da, a, id, va, sid, stored) = snapshot_on_a(&backend).await;
+        let db = tempfile::tempdir().expect("tempdir");
         hooks.until_held().await;
 
-        let b = Engine::open(cluster(db.path()), backend.clone())
+        let b = Engine::open(cluster_config(db.path()), backend.clone())
             .await
             .expect("engine");
         b.take_over(&id, "b").await.expect("take over");
@@ -990,9 +987,9 @@ fn a_deleted_volumes_shared_chunk_goes_with_its_last_snapshot() {
     common::run(Duration::from_secs(60), async {
         let backend = common::memory_backend();
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = quiet_config(dir.path());
-        config.cluster = true;
-        let a = Engine::open(config, backend.clone()).await.expect("engine");
+        let a = Engine::open(cluster_config(dir.path()), backend.clone())
+            .await
+            .expect("engine");
         let leased = Arc::new(AtomicBool::new(true));
         let l = leased.clone();
         a.set_cluster_gc(Arc::new(move |_| l.load(Ordering::SeqCst)));

@@ -813,12 +813,7 @@ impl Control {
             return Ok(());
         }
         rec.mount = mount.cloned();
-        cluster
-            .catalog
-            .put_snapshot(&rec, Some(revision))
-            .await
-            .map_err(catalog_err)?;
-        Ok(())
+        put_snapshot_at(cluster, &rec, revision).await
     }
 
     /// Cluster mode's unmount of snapshot `id` (`node`: only if mounted through it): refused
@@ -892,18 +887,29 @@ impl Control {
             Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
                 tracing::warn!(snapshot = %id, %node, "the node a snapshot is mounted through does not answer; removing its mount from the catalog");
                 rec.mount = None;
-                cluster
-                    .catalog
-                    .put_snapshot(&rec, Some(revision))
-                    .await
-                    .map_err(catalog_err)?;
-                Ok(())
+                put_snapshot_at(cluster, &rec, revision).await
             }
             Err(e) => Err(VolumeError::Internal(format!(
                 "forwarding the unmount of {id} to node {node} failed: {e}"
             ))),
         }
     }
+}
+
+/// Stores snapshot record `rec` in the catalog over the one read at `revision`.
+///
+/// Errors: [`VolumeError::IncorrectState`] when it changed meanwhile; catalog errors.
+async fn put_snapshot_at(
+    cluster: &ClusterMode,
+    rec: &SnapshotRecord,
+    revision: u64,
+) -> Result<(), VolumeError> {
+    cluster
+        .catalog
+        .put_snapshot(rec, Some(revision))
+        .await
+        .map_err(catalog_err)?;
+    Ok(())
 }
 
 fn lease_err(e: crate::cluster::lease::LeaseError) -> VolumeError {
