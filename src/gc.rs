@@ -279,7 +279,12 @@ impl Engine {
                     let owned = self
                         .gc_scope
                         .get()
-                        .is_some_and(|scope| scope(&rec.volume_id));
+                        .is_some_and(|scope| scope(&rec.volume_id))
+                        || self
+                            .deleted_here
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .contains(&rec.volume_id);
                     // Settled either way (error, or completed and installed from its map). A
                     // backend error is retried; an unreadable outcome is logged and keeps the
                     // volume's chunks rather than failing every pass.

@@ -240,8 +240,9 @@ impl Engine {
                 progress: 100,
                 ..rec.clone()
             };
-            self.install_stored_snapshot(&done).await?;
+            // The copy first: once installed here, the snapshot is known and not seen again.
             store_snapshot_record(&self.backend, &done).await?;
+            self.install_stored_snapshot(&done).await?;
         } else if outcome == SnapshotStateName::Error {
             let failed = SnapshotRecord {
                 state: SnapshotStateName::Error,
@@ -641,9 +642,13 @@ async fn publish_snapshot(
         if settle {
             rec.state = settle_snapshot(&backend, &id, SnapshotStateName::Completed).await?;
         }
-        if rec.state == SnapshotStateName::Completed {
-            rec.progress = 100;
+        if rec.state != SnapshotStateName::Completed {
+            // Abandoned by the volume's next owner, which stored the error copy (and the
+            // snapshot may be deleted since): the map is nobody's.
+            delete_retried(&backend, &snapshot_map_key(&id)).await?;
+            return Ok(());
         }
+        rec.progress = 100;
         store_snapshot_record(&backend, &rec).await?;
         Ok(())
     }

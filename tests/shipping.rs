@@ -959,6 +959,13 @@ fn a_snapshot_abandoned_by_a_lost_owner_ends_in_error() {
         hooks.open();
         let done = stored.await.expect("stored");
         assert_eq!(done.state, SnapshotStateName::Error, "{done:?}");
+        assert!(
+            backend
+                .get(&vblock::backend::snapshot_map_key(&sid))
+                .await
+                .is_err(),
+            "the abandoned snapshot's late map stays in the bucket"
+        );
         let copy = b.stored_snapshot(&sid).await.expect("get").expect("copy");
         assert_eq!(copy.state, SnapshotStateName::Error);
         assert!(matches!(

@@ -458,11 +458,15 @@ impl Control {
         }
         .await;
         if let Err(e) = &made {
-            // A catalog write whose answer was lost may have landed: the clone is made then.
-            if let Ok(Some((r, _))) = cluster.catalog.volume(&id).await {
-                if r.state != VolumeStateName::Creating {
-                    return Ok(());
+            // A catalog write whose answer was lost may have landed: the clone is made then;
+            // while that is unknown, its objects stay.
+            match cluster.catalog.volume(&id).await {
+                Ok(Some((r, _))) if r.state != VolumeStateName::Creating => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(volume = %id, error = %e, "cannot tell whether a failed clone was recorded; keeping its objects");
+                    return made.map(|_| ());
                 }
+                _ => {}
             }
             tracing::warn!(volume = %id, snapshot = %s.snapshot_id, error = %e, "creating a clone failed");
             if let Err(e) = self.engine.purge_unfinished_volume(&id).await {
