@@ -96,16 +96,8 @@ impl Engine {
             by_owner.entry(vol).or_default().push((id, st));
         }
         match self.gc_scope.get() {
-            Some(scope) => {
-                // A volume deleted by this process is its to finish (its lease went with
-                // it): its chunk stats stay here while snapshots or clones share its chunks,
-                // and no other node has them.
-                let deleted = self
-                    .deleted_here
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                by_owner.retain(|vol, _| scope(vol) || deleted.contains(vol));
+            Some(_) => {
+                by_owner.retain(|vol, _| self.collects(vol));
                 // Every pass, with garbage or not: it also settles snapshots abandoned by a
                 // volume's earlier owner (one LIST of the snapshots' keys).
                 let frozen = self.sync_snapshots_from_backend().await?;
@@ -216,6 +208,19 @@ impl Engine {
         Ok(report)
     }
 
+    /// Cluster mode: whether volume `vol`'s chunks are this node's to collect: it keeps the
+    /// volume's lease ([`Engine::set_cluster_gc`]), or this process deleted the volume (its
+    /// lease went with it; its chunk stats stay here while snapshots or clones share its
+    /// chunks, and no other node has them).
+    fn collects(&self, vol: &VolumeId) -> bool {
+        self.gc_scope.get().is_some_and(|scope| scope(vol))
+            || self
+                .deleted_here
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(vol)
+    }
+
     /// Cluster mode, before deleting chunks of live volume `vol` (after its checkpoint): whether
     /// a conditional PUT of its shipped WAL, started now, succeeds, proving that no takeover had
     /// fenced this node before the checkpoint and the chunks that made these objects dead were
@@ -276,15 +281,7 @@ impl Engine {
                 // volume's lease, that node lost it: the snapshot is abandoned unless it won
                 // its outcome first (then its record copy says completed soon).
                 SnapshotStateName::Pending => {
-                    let owned = self
-                        .gc_scope
-                        .get()
-                        .is_some_and(|scope| scope(&rec.volume_id))
-                        || self
-                            .deleted_here
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .contains(&rec.volume_id);
+                    let owned = self.collects(&rec.volume_id);
                     // Settled either way (error, or completed and installed from its map). A
                     // backend error is retried; an unreadable outcome is logged and keeps the
                     // volume's chunks rather than failing every pass.
