@@ -3,8 +3,9 @@
 //! `put` writes `KEY.tmp-RANDOM`, `fsync`s it, renames it over `KEY` and `fsync`s the directory
 //! (a directory it had to create is `fsync`ed into its parent first), so an object is either
 //! wholly present or absent after a crash or a power loss; the daemon deletes the
-//! temporary files of interrupted puts at start ([`remove_leftover_temp_files`]). All file I/O
-//! runs on tokio's blocking pool.
+//! temporary files of interrupted puts at start ([`remove_leftover_temp_files`]). Chunk objects
+//! (built at 4 KiB-aligned addresses) are written with direct I/O, not through the page cache
+//! ([`write_new`]). All file I/O runs on tokio's blocking pool.
 //!
 //! Ranged reads keep up to [`OPEN_FILES`] objects open (with their length): a 4 KiB random read
 //! used to spend more time in `open`/`fstat`/`close` than in `pread`. `put` and `delete` drop a
@@ -18,7 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{check_key, check_range, Backend, BackendError};
-use crate::fs::Fs;
+use crate::fs::{Fs, FsFile, DIRECT_ALIGN};
 
 /// Objects kept open for ranged reads (file descriptors).
 pub const OPEN_FILES: usize = 128;
@@ -101,7 +102,7 @@ fn store(
     let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
     let result = (|| {
         let f = fs.create(&tmp)?;
-        f.write_all_at(data, 0)?;
+        write_new(fs, &f, &tmp, data)?;
         f.sync_all()?;
         let placed = place(&tmp, path)?;
         fs.sync_dir(&dir)?;
@@ -111,6 +112,29 @@ fn store(
         let _ = fs.remove_file(&tmp);
     }
     result
+}
+
+/// Writes `data` at offset 0 of `file`, the new file at `path`. When `data` starts at a
+/// [`DIRECT_ALIGN`]-aligned address (chunk objects are built that way) its whole 4 KiB blocks go
+/// through direct I/O: from the object's buffer to the device, with no page-cache pages to
+/// allocate, fill and write back (sequential writes spent ~30% of their CPU there). The last
+/// partial block, and everything where direct I/O is unavailable (tmpfs) or refused, goes
+/// through the page cache. Either way, `fsync` makes it durable.
+fn write_new(fs: &Fs, file: &FsFile, path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let bulk = if (data.as_ptr() as usize) % DIRECT_ALIGN == 0 {
+        data.len() / DIRECT_ALIGN * DIRECT_ALIGN
+    } else {
+        0
+    };
+    let mut done = 0;
+    if bulk > 0 {
+        if let Ok(direct) = fs.open_direct(path) {
+            if direct.write_all_at(&data[..bulk], 0).is_ok() {
+                done = bulk;
+            }
+        }
+    }
+    file.write_all_at(&data[done..], done as u64)
 }
 
 fn io_err(key: &str, e: std::io::Error) -> BackendError {
@@ -282,6 +306,31 @@ mod tests {
     async fn contract() {
         let dir = tempfile::tempdir().unwrap();
         super::super::contract::check(&super::FileBackend::new(dir.path()).unwrap()).await;
+    }
+
+    /// An object at an aligned address (as chunk objects are built) is written through direct
+    /// I/O in whole blocks and the page cache for the rest; every byte comes back, and a power
+    /// cut after the put returns keeps all of it.
+    #[tokio::test]
+    async fn an_aligned_object_is_stored_whole() {
+        use crate::backend::Backend;
+        use crate::fs::{AlignedBuf, Fs, SimFs, DIRECT_ALIGN};
+        for len in [DIRECT_ALIGN, 3 * DIRECT_ALIGN + 100, 1 << 20, 100] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("objects");
+            let sim = SimFs::new(&[&root]).unwrap();
+            let b = super::FileBackend::with_fs(&root, Fs::Sim(sim.clone())).unwrap();
+            let mut buf = AlignedBuf::default();
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+            buf.extend_from_slice(&data);
+            let aligned = bytes::Bytes::from_owner(buf);
+            assert_eq!(aligned.as_ptr() as usize % DIRECT_ALIGN, 0);
+            b.put("v/c/1", aligned).await.unwrap();
+            assert_eq!(&b.get("v/c/1").await.unwrap()[..], &data[..], "len {len}");
+            sim.power_cut(len as u64).unwrap();
+            let after = std::fs::read(root.join("v/c/1")).unwrap();
+            assert_eq!(after, data, "len {len}: the put was durable");
+        }
     }
 
     /// Of racing conditional puts (each on its own blocking thread, two backends on one

@@ -90,6 +90,23 @@ mod tests {
         assert!(pool.is_empty());
     }
 
+    /// `chunk::build` returns a slice of its buffer (the object starts at an aligned address
+    /// inside it): the whole allocation still comes back.
+    #[test]
+    fn a_sliced_object_gives_back_its_whole_buffer() {
+        let pool = ObjectBuffers::new(2);
+        let mut v = pool.take();
+        v.extend_from_slice(&[7u8; 9000]);
+        let (ptr, cap) = (v.as_ptr(), v.capacity());
+        let object = Bytes::from(v).slice(1000..);
+        pool.give(object);
+        assert_eq!(pool.len(), 1);
+        let again = pool.take();
+        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), ptr, "the same allocation");
+        assert_eq!(again.capacity(), cap);
+    }
+
     #[test]
     fn a_shared_object_is_not_taken_and_the_pool_is_bounded() {
         let pool = ObjectBuffers::new(1);

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::fs::{Fs, FsFile};
+use crate::fs::{AlignedBuf, Fs, FsFile};
 
 use super::record::{encode_segment_header, WAL_PAGE};
 use super::{fsync_dir, segment_path, WalError};
@@ -50,10 +50,8 @@ pub(super) fn prepare_segment(
     let io = |e| WalError::io(&path, e);
     let file = fs.create(&path).map_err(io)?;
     let len = len.div_ceil(WAL_PAGE as u64) * WAL_PAGE as u64;
-    // A page-aligned buffer for direct I/O, found inside a larger Vec (no unsafe allocation).
-    let storage = vec![0u8; ZERO_FILL_CHUNK + WAL_PAGE];
-    let skip = storage.as_ptr().align_offset(WAL_PAGE).min(WAL_PAGE);
-    let zeros = &storage[skip..skip + ZERO_FILL_CHUNK];
+    let storage = AlignedBuf::zeroed(ZERO_FILL_CHUNK);
+    let zeros = storage.as_slice();
     let filled = match fs.open_direct(&path) {
         Ok(d) => fill_zeros(&d, zeros, len).or_else(|_| fill_zeros(&file, zeros, len)),
         Err(_) => fill_zeros(&file, zeros, len),
@@ -67,6 +65,9 @@ pub(super) fn prepare_segment(
 
 /// Writes zeros over bytes `0..len` of `file`, `zeros.len()` bytes per call.
 pub(super) fn fill_zeros(file: &FsFile, zeros: &[u8], len: u64) -> std::io::Result<()> {
+    if zeros.is_empty() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
     let mut at = 0u64;
     while at < len {
         let n = (len - at).min(zeros.len() as u64) as usize;
