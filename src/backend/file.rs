@@ -5,7 +5,7 @@
 //! wholly present or absent after a crash or a power loss; the daemon deletes the
 //! temporary files of interrupted puts at start ([`remove_leftover_temp_files`]). Chunk objects
 //! (built at 4 KiB-aligned addresses) are written with direct I/O, not through the page cache
-//! ([`write_new`]). All file I/O runs on tokio's blocking pool.
+//! (`write_new`). All file I/O runs on tokio's blocking pool.
 //!
 //! Ranged reads keep up to [`OPEN_FILES`] objects open (with their length): a 4 KiB random read
 //! used to spend more time in `open`/`fstat`/`close` than in `pread`. `put` and `delete` drop a
