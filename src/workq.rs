@@ -130,11 +130,15 @@ mod tests {
             assert_eq!(r.expect("task").expect("job"), i as u64 * 2);
         }
         assert_eq!(done.load(Ordering::SeqCst), 500);
-        assert_eq!(
-            q.lock().workers,
-            0,
-            "workers retire when the queue is empty"
-        );
+        // A worker retires just after it delivers its last result: wait (bounded) for that.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while q.lock().workers != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "workers retire when the queue is empty"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

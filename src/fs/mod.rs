@@ -97,12 +97,20 @@ impl AlignedBuf {
         self.len += pad;
     }
 
-    /// Makes room for `more` bytes after the contents.
-    fn reserve(&mut self, more: usize) {
+    /// Bytes it can hold without moving.
+    pub fn capacity(&self) -> usize {
+        self.storage.len().saturating_sub(self.skip)
+    }
+
+    /// Makes room for `more` bytes after the contents (at least doubling when it moves, so
+    /// appends cost amortised O(1)).
+    pub fn reserve(&mut self, more: usize) {
         if self.skip + self.len + more <= self.storage.len() {
             return;
         }
-        let cap = (self.len + more).next_power_of_two().max(DIRECT_ALIGN);
+        let cap = (self.len + more)
+            .max(2 * self.capacity())
+            .next_multiple_of(DIRECT_ALIGN);
         let mut storage = vec![0u8; cap + DIRECT_ALIGN];
         let skip = storage
             .as_ptr()
