@@ -139,6 +139,11 @@ fn describe() {
         "Chunk objects uploaded and committed."
     );
     describe_counter!(
+        "vblock_chunks_uncompressed_total",
+        "Chunk objects stored with every frame raw because the flusher was behind the writers \
+         (write buffer more than half full)."
+    );
+    describe_counter!(
         "vblock_chunk_upload_bytes_total",
         Unit::Bytes,
         "Stored (compressed) bytes of uploaded chunk objects."
@@ -147,6 +152,11 @@ fn describe() {
         "vblock_chunk_upload_duration_seconds",
         Unit::Seconds,
         "Chunk PUT latency, retries included."
+    );
+    describe_histogram!(
+        "vblock_map_commit_duration_seconds",
+        Unit::Seconds,
+        "Map commit latency (one synced RocksDB batch per chunk object), retries included."
     );
     describe_histogram!(
         "vblock_backend_get_duration_seconds",
@@ -356,6 +366,8 @@ async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) -> Dura
         counter!("vblock_chunks_uploaded_total", "volume" => v.clone()).absolute(load(&s.chunks));
         counter!("vblock_chunk_upload_bytes_total", "volume" => v.clone())
             .absolute(load(&s.chunk_bytes));
+        counter!("vblock_chunks_uncompressed_total", "volume" => v.clone())
+            .absolute(load(&s.uncompressed_chunks));
         counter!("vblock_cache_hits_total", "volume" => v.clone()).absolute(load(&s.frame_hits));
         counter!("vblock_cache_misses_total", "volume" => v.clone())
             .absolute(load(&s.frame_fetches));

@@ -172,6 +172,10 @@ pub struct ChunkOptions {
     pub frame_blocks: u32,
     /// zstd level (default 1).
     pub zstd_level: i32,
+    /// Whether frames are tried with zstd at all (default true). The flusher turns it off
+    /// while it is behind the writers: every frame is then stored raw
+    /// (docs/design/compression-that-yields.md).
+    pub compress: bool,
 }
 
 impl Default for ChunkOptions {
@@ -179,6 +183,7 @@ impl Default for ChunkOptions {
         Self {
             frame_blocks: 4,
             zstd_level: 1,
+            compress: true,
         }
     }
 }
@@ -316,7 +321,7 @@ impl<'a> Framer<'a> {
         raw: &'a [u8],
         incompressible: &mut bool,
     ) -> Result<(), ChunkError> {
-        let compressed = if *incompressible || !self.probe.should_try() {
+        let compressed = if *incompressible || !self.opts.compress || !self.probe.should_try() {
             None
         } else {
             let c = compress(raw, self.opts.zstd_level)?;
@@ -642,6 +647,7 @@ mod tests {
     const SIXTEEN_BLOCK_FRAMES: ChunkOptions = ChunkOptions {
         frame_blocks: 16,
         zstd_level: 1,
+        compress: true,
     };
     use super::*;
     use proptest::prelude::*;
@@ -1056,7 +1062,7 @@ mod tests {
                 });
                 at += kinds.len() as u64;
             }
-            let opts = ChunkOptions { frame_blocks, zstd_level: 1 };
+            let opts = ChunkOptions { frame_blocks, zstd_level: 1, compress: true };
             let (obj, index) = build(1, 2, &input, opts, vec![0xEE; 100]).unwrap();
             let (h, decoded) = decode_index(&obj, obj.len() as u64).unwrap();
             prop_assert_eq!(&decoded, &index);

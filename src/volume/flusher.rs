@@ -453,7 +453,17 @@ async fn upload_chunk(
     input: Arc<Vec<chunk::InputExtent>>,
     flags: u16,
 ) -> Option<Uploaded> {
-    let opts = inner.config.chunk;
+    let mut opts = inner.config.chunk;
+    // Compression that yields (docs/design/compression-that-yields.md): with the write buffer
+    // more than half full the flusher is behind the writers, who wait for its room; zstd, the
+    // largest cost of a chunk build, would hold them back further. Frames are stored raw then.
+    if opts.compress && inner.flusher_behind() {
+        opts.compress = false;
+        inner
+            .stats
+            .uncompressed_chunks
+            .fetch_add(1, Ordering::Relaxed);
+    }
     let tag = inner.id.tag();
     let buf = inner.object_buffers.take();
     let built = crate::background::run(move || {
@@ -537,6 +547,7 @@ async fn commit_chunk(
         max_seq: state.max_seq.max(max_seq),
     };
     let _commits = inner.commit_lock.lock().await;
+    let started = Instant::now();
     crate::crash_point!("map-commit-before");
     retry_until_stopped(inner, "map commit", "", true, || {
         let (lookup, c) = (inner.lookup.clone(), commit.clone());
@@ -548,6 +559,7 @@ async fn commit_chunk(
     })
     .await?;
     crate::crash_point!("map-commit-after");
+    inner.commit_seconds.record(started.elapsed());
     *lock(&inner.committed) = next;
     inner.stats.chunks.fetch_add(1, Ordering::Relaxed);
     inner

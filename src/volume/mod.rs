@@ -65,6 +65,8 @@ pub struct VolumeStats {
     pub compacted_chunks: AtomicU64,
     /// Live bytes (logical, 4096 per block) compaction rewrote.
     pub compacted_bytes: AtomicU64,
+    /// Chunk objects built with every frame raw because the flusher was behind the writers.
+    pub uncompressed_chunks: AtomicU64,
 }
 
 struct BufState {
@@ -119,6 +121,9 @@ struct Inner {
     upload_seconds: metrics::Histogram,
     /// `vblock_backend_get_duration_seconds{volume,backend}`: one ranged GET of a frame.
     get_seconds: metrics::Histogram,
+    /// `vblock_map_commit_duration_seconds{volume}`: one map commit (a synced RocksDB batch;
+    /// retries included).
+    commit_seconds: metrics::Histogram,
     /// Runs the blocking part of reads (map lookups, local frame reads, decompression).
     reads: Arc<WorkQueue>,
     /// WAL shipping (`VolumeConfig::ship_wal`), and its task.
@@ -303,6 +308,10 @@ impl Volume {
             ship_task: Mutex::new(None),
             upload_seconds: metrics::histogram!(
                 "vblock_chunk_upload_duration_seconds",
+                "volume" => id_label.clone()
+            ),
+            commit_seconds: metrics::histogram!(
+                "vblock_map_commit_duration_seconds",
                 "volume" => id_label.clone()
             ),
             get_seconds: metrics::histogram!(
@@ -767,6 +776,12 @@ pub(crate) fn check_request(offset: u64, len: u64, size: u64) -> Result<(), Volu
 }
 
 impl Inner {
+    /// True while the write buffer is more than half full: data arrives faster than the flusher
+    /// turns it into chunks (writers wait once it is full). A closing volume counts as behind.
+    fn flusher_behind(&self) -> bool {
+        (self.permits.available_permits() as u64) * BLOCK_SIZE < self.config.buffer_bytes / 2
+    }
+
     /// Waits until every record appended before the call is durable: in the local WAL, and
     /// with WAL shipping also in the backend (the shipper syncs the WAL beside each PUT).
     async fn sync(&self) -> Result<(), VolumeError> {
