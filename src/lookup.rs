@@ -439,40 +439,13 @@ impl BlockLookup {
     /// Must not run concurrently with another commit of the same volume (the flusher is the
     /// only writer). Blocking (RocksDB): call from a blocking thread.
     pub fn commit_chunk(&self, commit: &ChunkCommit, state: VolumeState) -> Result<(), MetaError> {
-        self.commit_chunks(std::slice::from_ref(commit), state)
-    }
-
-    /// Commits several chunks in one synced `WriteBatch` (one `fsync` for the group, as
-    /// [`BlockLookup::commit_chunk`] for each in turn would leave the map). Their extents must
-    /// not overlap one another (each is overlaid on the map as it was before the group);
-    /// overlapping ones are refused with [`MetaError::Corrupt`] before anything is written.
-    pub fn commit_chunks(
-        &self,
-        commits: &[ChunkCommit],
-        state: VolumeState,
-    ) -> Result<(), MetaError> {
-        let mut extents: Vec<MapExtent> = commits
-            .iter()
-            .flat_map(|c| c.extents.iter().copied())
-            .collect();
-        if commits.len() > 1 {
-            extents.sort_unstable_by_key(|e| e.start);
-            if extents.windows(2).any(|w| w[0].end() > w[1].start) {
-                return Err(MetaError::Corrupt {
-                    key: format!("M{}", self.volume),
-                    reason: "a group commit of chunks whose extents overlap".into(),
-                });
-            }
-        }
-        let olds = self.touched(&extents)?;
-        let winners = winners(&olds, &extents);
+        let olds = self.touched(&commit.extents)?;
+        let winners = winners(&olds, &commit.extents);
         let (mut changes, live_delta) = self.cut(&olds, &winners);
-        let mut new_live: HashMap<u64, u64> = HashMap::new();
+        let mut new_live = 0u64;
         for w in winners.values() {
             changes.push((w.start, Some(w.encode(self.owner))));
-            if let Target::Data(f) = w.target {
-                *new_live.entry(f.object_id).or_default() += w.data_blocks();
-            }
+            new_live += w.data_blocks();
         }
         // In key order (descending blocks): RocksDB's memtable inserts a batch's keys with a
         // splice kept from the previous insert, cheap when each key follows the last.
@@ -486,7 +459,7 @@ impl BlockLookup {
         }
         let stats_key = |id| vol_u64_key(PREFIX_CHUNK, &self.volume, id);
         for (id, delta) in live_delta {
-            if commits.iter().any(|c| c.object_id == id) {
+            if id == commit.object_id {
                 continue;
             }
             if let Some(v) = self.meta.db().get(stats_key(id))? {
@@ -498,14 +471,12 @@ impl BlockLookup {
                 batch.put(stats_key(id), s.encode());
             }
         }
-        for commit in commits {
-            let stats = ChunkStats {
-                data_blocks: commit.extents.iter().map(MapExtent::data_blocks).sum(),
-                live_blocks: new_live.get(&commit.object_id).copied().unwrap_or(0),
-                stored_bytes: commit.stored_bytes,
-            };
-            batch.put(stats_key(commit.object_id), stats.encode());
-        }
+        let stats = ChunkStats {
+            data_blocks: commit.extents.iter().map(MapExtent::data_blocks).sum(),
+            live_blocks: new_live,
+            stored_bytes: commit.stored_bytes,
+        };
+        batch.put(stats_key(commit.object_id), stats.encode());
         batch.put(vol_key(PREFIX_STATE, &self.volume), state.encode());
         self.meta.write_sync(batch)
     }
@@ -730,69 +701,6 @@ mod tests {
         // Clipped lookup in the middle of an extent.
         let mid = l.lookup(9, 10).unwrap();
         assert_eq!((mid[0].start, mid[0].count), (9, 1));
-    }
-
-    /// A group commit of chunks with disjoint extents leaves the map and the chunk accounting
-    /// as committing them one by one does; a group whose extents overlap is refused whole.
-    #[test]
-    fn a_group_commit_equals_commits_in_turn() {
-        let group = |base: u64| {
-            vec![
-                ChunkCommit {
-                    object_id: base + 1,
-                    extents: vec![data(4, 4, 5, base + 1), data(30, 2, 5, base + 1)],
-                    stored_bytes: 100,
-                },
-                ChunkCommit {
-                    object_id: base + 2,
-                    extents: vec![data(0, 2, 6, base + 2), data(10, 10, 6, base + 2)],
-                    stored_bytes: 200,
-                },
-            ]
-        };
-        let (_d1, meta1, one_by_one) = setup();
-        let (_d2, meta2, grouped) = setup();
-        for l in [&one_by_one, &grouped] {
-            commit(l, 1, vec![data(0, 40, 1, 1)]);
-        }
-        for c in group(1) {
-            one_by_one.commit_chunk(&c, VolumeState::default()).unwrap();
-        }
-        grouped
-            .commit_chunks(&group(1), VolumeState::default())
-            .unwrap();
-        assert_eq!(grouped.all().unwrap(), one_by_one.all().unwrap());
-        let stats = |m: &MetaStore, l: &BlockLookup| -> Vec<_> {
-            m.chunk_stats(&l.volume)
-                .unwrap()
-                .into_iter()
-                .map(|(id, s)| (id, s.data_blocks, s.live_blocks, s.stored_bytes))
-                .collect()
-        };
-        let want = stats(&meta1, &one_by_one);
-        assert_eq!(stats(&meta2, &grouped), want);
-        assert_eq!(
-            want.iter().map(|s| s.2).collect::<Vec<_>>(),
-            [40 - 18, 6, 12],
-            "live blocks of objects 1, 2, 3"
-        );
-        let overlapping = vec![
-            ChunkCommit {
-                object_id: 4,
-                extents: vec![data(0, 8, 7, 4)],
-                stored_bytes: 1,
-            },
-            ChunkCommit {
-                object_id: 5,
-                extents: vec![data(7, 2, 8, 5)],
-                stored_bytes: 1,
-            },
-        ];
-        let before = grouped.all().unwrap();
-        assert!(grouped
-            .commit_chunks(&overlapping, VolumeState::default())
-            .is_err());
-        assert_eq!(grouped.all().unwrap(), before, "nothing written");
     }
 
     /// Every range is one forward seek, then steps to lower blocks: each lookup must give

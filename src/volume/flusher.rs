@@ -257,95 +257,21 @@ impl Flusher {
         ControlFlow::Continue(())
     }
 
-    /// The oldest chunk's task ended with `done`: commits it, with the chunks behind it that
-    /// are uploaded too and touch none of its blocks (one synced map batch for the group; after
-    /// a WAL sync when the group holds the first part of a split memtable), and after a
-    /// memtable's last chunk drops the memtable and trims the WAL. A failed task is retried up
-    /// to [`CHUNK_ATTEMPTS`] times, then the volume fails. `Break`: the flusher stops (asked
-    /// to, or failed).
+    /// The oldest chunk's task ended with `done`: commits it (after a WAL sync for the first
+    /// part of a split memtable), and after a memtable's last chunk drops the memtable and
+    /// trims the WAL. A failed task is retried up to [`CHUNK_ATTEMPTS`] times, then the volume
+    /// fails. `Break`: the flusher stops (asked to, or failed).
     async fn finish_oldest(
         &mut self,
         done: Result<Option<Uploaded>, tokio::task::JoinError>,
     ) -> ControlFlow<()> {
         let inner = self.inner.clone();
-        let Some(job) = self.in_flight.pop_front() else {
+        let Some(mut job) = self.in_flight.pop_front() else {
             return ControlFlow::Continue(());
         };
-        let mut group = match self.settle(job, done) {
-            Ok(ready) => vec![ready],
-            Err(flow) => return flow,
-        };
-        // Group commit: each synced map batch cost ~7.6 ms under a sustained sequential write,
-        // one chunk at a time, and was the flusher's serial step; chunks that finished
-        // meanwhile share the next one's fsync (docs/design/map-group-commit.md).
-        while group.len() < MAX_COMMIT_GROUP {
-            let Some(next) = self.in_flight.front_mut() else {
-                break;
-            };
-            if !next.task.is_finished()
-                || group
-                    .iter()
-                    .any(|(j, _)| inputs_overlap(&j.input, &next.input))
-            {
-                break;
-            }
-            let done = (&mut next.task).await;
-            let Some(job) = self.in_flight.pop_front() else {
-                break;
-            };
-            match self.settle(job, done) {
-                Ok(ready) => group.push(ready),
-                // Retried: it waits at the front for a later commit.
-                Err(ControlFlow::Continue(())) => break,
-                Err(flow) => return flow,
-            }
-        }
-        if group.iter().any(|(j, _)| j.first_of_split) && !sync_wal_for_split(&inner).await {
-            return ControlFlow::Break(());
-        }
-        let mut checkpoint = self.state.checkpoint;
-        let mut max_seq = 0;
-        for (job, _) in &group {
-            if job.last {
-                checkpoint = checkpoint.max(job.mem.max_seq());
-            }
-            max_seq = max_seq.max(job.mem.max_seq());
-        }
-        let (jobs, uploads): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        let Some(next) = commit_chunks(&inner, uploads, self.state, checkpoint, max_seq).await
-        else {
-            return ControlFlow::Break(());
-        };
-        self.state = next;
-        let mut memtables_done = false;
-        for job in jobs.iter().filter(|j| j.last) {
-            lock(&inner.state).buf.drop_committed(&job.mem);
-            self.scheduled -= 1;
-            inner.release(job.mem.charged);
-            memtables_done = true;
-        }
-        if memtables_done {
-            inner.wal.trim(next.checkpoint);
-            if let Some(s) = &inner.shipper {
-                s.cover(next.checkpoint);
-            }
-            inner.flushed.notify_waiters();
-        }
-        ControlFlow::Continue(())
-    }
-
-    /// What the ended task of `job` (taken from the front) means: `Ok` with its upload, ready to
-    /// commit; or `Err` with what the flusher does next: `Continue` once a retry is scheduled
-    /// (the job is at the front again), `Break` when it stops.
-    fn settle(
-        &mut self,
-        mut job: InFlight,
-        done: Result<Option<Uploaded>, tokio::task::JoinError>,
-    ) -> Result<(InFlight, Uploaded), ControlFlow<()>> {
-        let inner = &self.inner;
-        match done {
-            Ok(Some(u)) => Ok((job, u)),
-            _ if inner.stop.load(Ordering::SeqCst) => Err(ControlFlow::Break(())),
+        let uploaded = match done {
+            Ok(Some(u)) => u,
+            _ if inner.stop.load(Ordering::SeqCst) => return ControlFlow::Break(()),
             // The build failed or panicked, or the backend refused the PUT for good (logged):
             // try again, then give up loudly; the data stays in the WAL either way.
             failed => {
@@ -355,36 +281,43 @@ impl Flusher {
                 if job.attempts < CHUNK_ATTEMPTS {
                     job.attempts += 1;
                     inner.stats.flush_retries.fetch_add(1, Ordering::Relaxed);
-                    job.task = spawn_upload(inner, job.object_id, job.input.clone(), job.last);
+                    job.task = spawn_upload(&inner, job.object_id, job.input.clone(), job.last);
                     self.in_flight.push_front(job);
-                    return Err(ControlFlow::Continue(()));
+                    return ControlFlow::Continue(());
                 }
                 inner.fail(format!(
                     "chunk {} of the write buffer failed {} times",
                     job.object_id, job.attempts
                 ));
-                Err(ControlFlow::Break(()))
+                return ControlFlow::Break(());
             }
+        };
+        if job.first_of_split && !sync_wal_for_split(&inner).await {
+            return ControlFlow::Break(());
         }
-    }
-}
-
-/// Most chunks one map commit takes (64 MiB at the default 4 MiB chunks).
-const MAX_COMMIT_GROUP: usize = 16;
-
-/// True when a block is in both `a` and `b` (chunk inputs: sorted by block, non-overlapping).
-fn inputs_overlap(a: &[chunk::InputExtent], b: &[chunk::InputExtent]) -> bool {
-    let (mut i, mut j) = (0, 0);
-    while let (Some(x), Some(y)) = (a.get(i), b.get(j)) {
-        if x.start_block + x.block_count <= y.start_block {
-            i += 1;
-        } else if y.start_block + y.block_count <= x.start_block {
-            j += 1;
+        let checkpoint = if job.last {
+            job.mem.max_seq()
         } else {
-            return true;
+            self.state.checkpoint
+        };
+        let max_seq = job.mem.max_seq();
+        let Some(next) = commit_chunk(&inner, uploaded, self.state, checkpoint, max_seq).await
+        else {
+            return ControlFlow::Break(());
+        };
+        self.state = next;
+        if job.last {
+            lock(&inner.state).buf.drop_committed(&job.mem);
+            self.scheduled -= 1;
+            inner.release(job.mem.charged);
+            inner.wal.trim(next.checkpoint);
+            if let Some(s) = &inner.shipper {
+                s.cover(next.checkpoint);
+            }
+            inner.flushed.notify_waiters();
         }
+        ControlFlow::Continue(())
     }
-    false
 }
 
 /// Runs `op` until it succeeds, backing off between failures (logged as `what` with `key`, at
@@ -448,8 +381,7 @@ async fn compact(
     let Some(up) = upload_chunk(inner, object_id, Arc::new(picked), 0).await else {
         return (None, cfg.check_interval);
     };
-    let Some(next) = commit_chunks(inner, vec![up], state, state.checkpoint, state.max_seq).await
-    else {
+    let Some(next) = commit_chunk(inner, up, state, state.checkpoint, state.max_seq).await else {
         return (None, cfg.check_interval);
     };
     inner.stats.compacted_chunks.fetch_add(1, Ordering::Relaxed);
@@ -593,43 +525,34 @@ async fn upload_chunk(
 }
 
 /// Commits an uploaded chunk to the map (retrying metadata failures); `None` if asked to stop.
-async fn commit_chunks(
+async fn commit_chunk(
     inner: &Inner,
-    uploads: Vec<Uploaded>,
+    up: Uploaded,
     state: VolumeState,
     checkpoint: u64,
     max_seq: u64,
 ) -> Option<VolumeState> {
-    let commits: Arc<Vec<ChunkCommit>> = Arc::new(
-        uploads
+    let commit = Arc::new(ChunkCommit {
+        object_id: up.object_id,
+        extents: up
+            .index
             .iter()
-            .map(|up| ChunkCommit {
-                object_id: up.object_id,
-                extents: up
-                    .index
-                    .iter()
-                    .map(|e| MapExtent::from_chunk(inner.id.number(), up.object_id, e))
-                    .collect(),
-                stored_bytes: up.stored_bytes,
-            })
+            .map(|e| MapExtent::from_chunk(inner.id.number(), up.object_id, e))
             .collect(),
-    );
+        stored_bytes: up.stored_bytes,
+    });
     let next = VolumeState {
         checkpoint: state.checkpoint.max(checkpoint),
-        next_object_id: uploads
-            .iter()
-            .map(|u| u.object_id + 1)
-            .max()
-            .unwrap_or(state.next_object_id),
+        next_object_id: up.object_id + 1,
         max_seq: state.max_seq.max(max_seq),
     };
     let _commits = inner.commit_lock.lock().await;
     let started = Instant::now();
     crate::crash_point!("map-commit-before");
     retry_until_stopped(inner, "map commit", "", true, || {
-        let (lookup, c) = (inner.lookup.clone(), commits.clone());
+        let (lookup, c) = (inner.lookup.clone(), commit.clone());
         async move {
-            crate::background::run(move || lookup.commit_chunks(&c, next))
+            crate::background::run(move || lookup.commit_chunk(&c, next))
                 .await
                 .map_err(|e| MetaError::Task(e.to_string()))?
         }
@@ -638,13 +561,10 @@ async fn commit_chunks(
     crate::crash_point!("map-commit-after");
     inner.commit_seconds.record(started.elapsed());
     *lock(&inner.committed) = next;
+    inner.stats.chunks.fetch_add(1, Ordering::Relaxed);
     inner
         .stats
-        .chunks
-        .fetch_add(uploads.len() as u64, Ordering::Relaxed);
-    inner.stats.chunk_bytes.fetch_add(
-        uploads.iter().map(|u| u.stored_bytes).sum(),
-        Ordering::Relaxed,
-    );
+        .chunk_bytes
+        .fetch_add(up.stored_bytes, Ordering::Relaxed);
     Some(next)
 }
