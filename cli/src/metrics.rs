@@ -141,7 +141,7 @@ fn describe() {
     describe_counter!(
         "vblock_chunks_uncompressed_total",
         "Chunk objects stored with every frame raw because the flusher was behind the writers \
-         (write buffer more than half full)."
+         (write buffer more than half full, an upload slot free)."
     );
     describe_counter!(
         "vblock_chunk_upload_bytes_total",

@@ -455,9 +455,11 @@ async fn upload_chunk(
 ) -> Option<Uploaded> {
     let mut opts = inner.config.chunk;
     // Compression that yields (docs/design/compression-that-yields.md): with the write buffer
-    // more than half full the flusher is behind the writers, who wait for its room; zstd, the
-    // largest cost of a chunk build, would hold them back further. Frames are stored raw then.
-    if opts.compress && inner.flusher_behind() {
+    // more than half full the flusher is behind the writers, who wait for its room; if an
+    // upload slot is free, the builds are what it waits for, and zstd, their largest cost,
+    // would hold the writers back further: frames are stored raw then. With every slot busy
+    // (a slow backend) the chunk waits for a slot anyway, and fewer bytes to upload help.
+    if opts.compress && inner.flusher_behind() && inner.upload_slots.available_permits() > 0 {
         opts.compress = false;
         inner
             .stats

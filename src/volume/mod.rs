@@ -777,7 +777,7 @@ pub(crate) fn check_request(offset: u64, len: u64, size: u64) -> Result<(), Volu
 
 impl Inner {
     /// True while the write buffer is more than half full: data arrives faster than the flusher
-    /// turns it into chunks (writers wait once it is full). A closing volume counts as behind.
+    /// turns it into chunks (writers wait once it is full).
     fn flusher_behind(&self) -> bool {
         (self.permits.available_permits() as u64) * BLOCK_SIZE < self.config.buffer_bytes / 2
     }

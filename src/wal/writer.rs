@@ -514,8 +514,10 @@ impl Writer {
             }
             None => self.batch.write_at(&self.file, page_at, &self.tail),
         };
-        if self.aligned.capacity() > 2 * MAX_BATCH_BYTES {
-            // After an outsized batch (one 32 MiB write): do not keep its buffer.
+        if self.aligned.capacity() > 4 * MAX_BATCH_BYTES {
+            // After an outsized batch (a 32 MiB write): do not keep its buffer. (Ordinary
+            // batches, up to 8 MiB and one record, grow it to 18 MiB at most: kept, so its pages
+            // stay mapped.)
             self.aligned = AlignedBuf::default();
         }
         match written {
