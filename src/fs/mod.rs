@@ -390,14 +390,20 @@ pub(crate) fn walk(dir: &Path, visit: &mut dyn FnMut(&Path, bool)) -> std::io::R
 mod tests {
     use super::*;
 
+    /// A temporary directory, its root `r` (not created) and a simulator over that root.
+    fn sim_under_temp_root() -> (tempfile::TempDir, PathBuf, Arc<SimFs>, Fs) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("r");
+        let sim = SimFs::new(&[&root]).expect("sim");
+        let fs = Fs::Sim(sim.clone());
+        (dir, root, sim, fs)
+    }
+
     /// Synced data and synced directory entries survive every cut; unsynced ones may not.
     #[test]
     fn synced_changes_survive_every_cut() {
         for seed in 0..64 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let root = dir.path().join("r");
-            let sim = SimFs::new(&[&root]).expect("sim");
-            let fs = Fs::Sim(sim.clone());
+            let (_dir, root, sim, fs) = sim_under_temp_root();
             fs.create_dir_all(&root.join("a")).expect("mkdir");
             let f = fs.create_new(&root.join("a/x")).expect("create");
             f.write_all_at(&[1u8; 1024], 0).expect("write");
@@ -431,10 +437,7 @@ mod tests {
     fn an_unsynced_mkdir_can_lose_its_files() {
         let mut lost = 0;
         for seed in 0..32 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let root = dir.path().join("r");
-            let sim = SimFs::new(&[&root]).expect("sim");
-            let fs = Fs::Sim(sim.clone());
+            let (_dir, root, sim, fs) = sim_under_temp_root();
             let sub = root.join("d");
             sim.mkdir(&sub).expect("mkdir without a parent sync");
             let f = fs.create_new(&sub.join("x")).expect("create");
@@ -483,10 +486,7 @@ mod tests {
         b.extend_from_slice(&[5; 2 * DIRECT_ALIGN]);
         let mut lost = 0;
         for seed in 0..32 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let root = dir.path().join("r");
-            let sim = SimFs::new(&[&root]).expect("sim");
-            let fs = Fs::Sim(sim.clone());
+            let (_dir, root, sim, fs) = sim_under_temp_root();
             fs.create_dir_all(&root).expect("mkdir");
             let path = root.join("x");
             let f = fs.create_new(&path).expect("create");
