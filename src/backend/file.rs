@@ -3,9 +3,9 @@
 //! `put` writes `KEY.tmp-RANDOM`, `fsync`s it, renames it over `KEY` and `fsync`s the directory
 //! (a directory it had to create is `fsync`ed into its parent first), so an object is either
 //! wholly present or absent after a crash or a power loss; the daemon deletes the
-//! temporary files of interrupted puts at start ([`remove_leftover_temp_files`]). Chunk objects
-//! (built at 4 KiB-aligned addresses) are written with direct I/O, not through the page cache
-//! (`write_new`). All file I/O runs on tokio's blocking pool.
+//! temporary files of interrupted puts at start ([`remove_leftover_temp_files`]).
+//! `put_uncached` writes an object built at a 4 KiB-aligned address (chunk objects) with direct
+//! I/O, not through the page cache (`write_new`). All file I/O runs on tokio's blocking pool.
 //!
 //! Ranged reads keep up to [`OPEN_FILES`] objects open (with their length): a 4 KiB random read
 //! used to spend more time in `open`/`fstat`/`close` than in `pread`. `put` and `delete` drop a
@@ -82,6 +82,22 @@ impl FileBackend {
         Ok(Bytes::from(buf))
     }
 
+    /// `put` (`direct`: `put_uncached`).
+    async fn replace(&self, key: &str, data: Bytes, direct: bool) -> Result<(), BackendError> {
+        let path = self.path(key)?;
+        self.open.remove(key);
+        let k = key.to_owned();
+        let fs = self.fs.clone();
+        blocking(key, move || {
+            store(&fs, &path, &data, direct, |tmp, path| {
+                fs.rename(tmp, path).map(|()| true)
+            })
+            .map(|_| ())
+            .map_err(|e| io_err(&k, e))
+        })
+        .await
+    }
+
     fn path(&self, key: &str) -> Result<PathBuf, BackendError> {
         check_key(key)?;
         Ok(self.root.join(key))
@@ -95,6 +111,7 @@ fn store(
     fs: &Fs,
     path: &Path,
     data: &[u8],
+    direct: bool,
     place: impl FnOnce(&Path, &Path) -> std::io::Result<bool>,
 ) -> std::io::Result<bool> {
     let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
@@ -102,7 +119,7 @@ fn store(
     let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
     let result = (|| {
         let f = fs.create(&tmp)?;
-        write_new(fs, &f, &tmp, data)?;
+        write_new(fs, &f, &tmp, data, direct)?;
         f.sync_all()?;
         let placed = place(&tmp, path)?;
         fs.sync_dir(&dir)?;
@@ -114,14 +131,20 @@ fn store(
     result
 }
 
-/// Writes `data` at offset 0 of `file`, the new file at `path`. When `data` starts at a
-/// [`DIRECT_ALIGN`]-aligned address (chunk objects are built that way) its whole 4 KiB blocks go
-/// through direct I/O: from the object's buffer to the device, with no page-cache pages to
-/// allocate, fill and write back (sequential writes spent ~30% of their CPU there). The last
-/// partial block, and everything where direct I/O is unavailable (tmpfs) or refused, goes
-/// through the page cache. Either way, `fsync` makes it durable.
-fn write_new(fs: &Fs, file: &FsFile, path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let bulk = if (data.as_ptr() as usize) % DIRECT_ALIGN == 0 {
+/// Writes `data` at offset 0 of `file`, the new file at `path`. With `direct` (`put_uncached`)
+/// and `data` at a [`DIRECT_ALIGN`]-aligned address (chunk objects are built that way) its whole
+/// 4 KiB blocks go through direct I/O: from the object's buffer to the device, with no page-cache
+/// pages to allocate, fill and write back (sustained sequential writes spent ~30% of their CPU
+/// there). The last partial block, and everything where direct I/O is unavailable (tmpfs) or
+/// refused, goes through the page cache. Either way, `fsync` makes it durable.
+fn write_new(
+    fs: &Fs,
+    file: &FsFile,
+    path: &Path,
+    data: &[u8],
+    direct: bool,
+) -> std::io::Result<()> {
+    let bulk = if direct && (data.as_ptr() as usize) % DIRECT_ALIGN == 0 {
         data.len() / DIRECT_ALIGN * DIRECT_ALIGN
     } else {
         0
@@ -168,18 +191,11 @@ async fn blocking<T: Send + 'static>(
 #[async_trait]
 impl Backend for FileBackend {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        let path = self.path(key)?;
-        self.open.remove(key);
-        let k = key.to_owned();
-        let fs = self.fs.clone();
-        blocking(key, move || {
-            store(&fs, &path, &data, |tmp, path| {
-                fs.rename(tmp, path).map(|()| true)
-            })
-            .map(|_| ())
-            .map_err(|e| io_err(&k, e))
-        })
-        .await
+        self.replace(key, data, false).await
+    }
+
+    async fn put_uncached(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.replace(key, data, true).await
     }
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, BackendError> {
@@ -189,7 +205,7 @@ impl Backend for FileBackend {
         blocking(key, move || {
             // Placed or not, the directory is synced: the caller acts on the object there (its
             // own or the winner's), which must then survive a power cut.
-            store(&fs, &path, &data, |tmp, path| {
+            store(&fs, &path, &data, false, |tmp, path| {
                 match fs.rename_noreplace(tmp, path) {
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
                     Err(e) => Err(e),
@@ -308,9 +324,9 @@ mod tests {
         super::super::contract::check(&super::FileBackend::new(dir.path()).unwrap()).await;
     }
 
-    /// An object at an aligned address (as chunk objects are built) is written through direct
-    /// I/O in whole blocks and the page cache for the rest; every byte comes back, and a power
-    /// cut after the put returns keeps all of it.
+    /// An object at an aligned address (as chunk objects are built) put uncached is written
+    /// through direct I/O in whole blocks and the page cache for the rest; every byte comes back,
+    /// and a power cut after the put returns keeps all of it.
     #[tokio::test]
     async fn an_aligned_object_is_stored_whole() {
         use crate::backend::Backend;
@@ -325,7 +341,7 @@ mod tests {
             buf.extend_from_slice(&data);
             let aligned = bytes::Bytes::from_owner(buf);
             assert_eq!(aligned.as_ptr() as usize % DIRECT_ALIGN, 0);
-            b.put("v/c/1", aligned).await.unwrap();
+            b.put_uncached("v/c/1", aligned).await.unwrap();
             assert_eq!(&b.get("v/c/1").await.unwrap()[..], &data[..], "len {len}");
             sim.power_cut(len as u64).unwrap();
             let after = std::fs::read(root.join("v/c/1")).unwrap();

@@ -67,6 +67,13 @@ impl BackendError {
 pub trait Backend: Send + Sync + 'static {
     /// Stores `data` under `key`, replacing any object there.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    /// [`Backend::put`], with a hint that the object will not be read again soon (bulk data,
+    /// read in large frames if at all): a backend with a local cache may bypass it. The file
+    /// backend writes such an object with direct I/O instead of through the page cache
+    /// (docs/design/direct-io.md). Same guarantees as `put`.
+    async fn put_uncached(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.put(key, data).await
+    }
     /// Stores `data` under `key` only if no object is there: `Ok(true)` when stored, `Ok(false)`
     /// when one already was (nothing changed). Of concurrent calls for one key, from any number
     /// of processes, at most one stores, on a store whose conditional PUT is atomic (AWS S3's
