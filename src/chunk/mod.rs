@@ -250,7 +250,7 @@ pub fn build_flagged(
     let mut out = buf;
     out.clear();
     out.reserve(total + DIRECT_ALIGN);
-    let skip = out.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    let skip = crate::fs::aligned_skip(&out);
     out.resize(skip, 0);
     encode_header_and_index(&header, &index, &mut out);
     for f in &frames {

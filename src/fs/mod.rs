@@ -32,6 +32,13 @@ pub use sim::{CutReport, SimFs, SECTOR};
 /// multiple of every logical block size disks report (512 B, 4 KiB).
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// How many bytes into `buf`'s allocation its first [`DIRECT_ALIGN`]-aligned address lies (at
+/// most `DIRECT_ALIGN`; a buffer with `DIRECT_ALIGN` spare bytes of capacity holds its aligned
+/// part from there). Only the allocation's address matters, not `buf`'s length.
+pub fn aligned_skip(buf: &[u8]) -> usize {
+    buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN)
+}
+
 /// A growable byte buffer whose contents start at a [`DIRECT_ALIGN`]-aligned address, as
 /// `O_DIRECT` requires of the memory it writes from. It is a zeroed `Vec` with `DIRECT_ALIGN`
 /// spare bytes, used from its first aligned byte (no unsafe allocation). Kept and reused across
@@ -112,10 +119,7 @@ impl AlignedBuf {
             .max(2 * self.capacity())
             .next_multiple_of(DIRECT_ALIGN);
         let mut storage = vec![0u8; cap + DIRECT_ALIGN];
-        let skip = storage
-            .as_ptr()
-            .align_offset(DIRECT_ALIGN)
-            .min(DIRECT_ALIGN);
+        let skip = aligned_skip(&storage);
         storage[skip..skip + self.len].copy_from_slice(self.as_slice());
         self.storage = storage;
         self.skip = skip;

@@ -100,7 +100,7 @@ fn spawn_upload(
 /// chunks of scattered blocks stay in the page cache, where random reads of them find them
 /// (from the disk they ran ~30% slower; docs/design/direct-io.md). A chunk of zeros only holds
 /// no data: uncached.
-fn multi_block_frames(index: &[chunk::ChunkExtent]) -> bool {
+fn in_block_runs(index: &[chunk::ChunkExtent]) -> bool {
     let (mut runs, mut blocks, mut run_end) = (0u64, 0u64, None);
     for e in index.iter().filter(|e| e.kind == chunk::ExtentKind::Data) {
         if run_end != Some(e.start_block) {
@@ -504,7 +504,7 @@ async fn upload_chunk(
     };
     let key = chunk_key(&inner.id, object_id);
     let stored_bytes = object.len() as u64;
-    let uncached = multi_block_frames(&index);
+    let uncached = in_block_runs(&index);
     let _slot = inner.upload_slots.acquire().await.ok()?;
     let started = Instant::now();
     // Transient errors (outages, throttling, a full disk) are retried until they pass; errors
@@ -617,21 +617,15 @@ mod tests {
     #[test]
     fn only_chunks_of_block_runs_bypass_the_cache() {
         use chunk::ExtentKind::{Data, Zero};
-        assert!(multi_block_frames(&[
-            extent(0, 4, Data),
-            extent(4, 4, Data)
-        ]));
+        assert!(in_block_runs(&[extent(0, 4, Data), extent(4, 4, Data)]));
         let one_block_frames: Vec<_> = (0..8).map(|b| extent(b, 1, Data)).collect();
-        assert!(multi_block_frames(&one_block_frames), "--frame-size 4KiB");
-        assert!(!multi_block_frames(&[
-            extent(0, 1, Data),
-            extent(9, 1, Data)
-        ]));
-        assert!(!multi_block_frames(&[
+        assert!(in_block_runs(&one_block_frames), "--frame-size 4KiB");
+        assert!(!in_block_runs(&[extent(0, 1, Data), extent(9, 1, Data)]));
+        assert!(!in_block_runs(&[
             extent(0, 1, Data),
             extent(1, 1000, Zero),
             extent(1001, 1, Data)
         ]));
-        assert!(multi_block_frames(&[extent(0, 1000, Zero)]));
+        assert!(in_block_runs(&[extent(0, 1000, Zero)]));
     }
 }

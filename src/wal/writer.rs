@@ -5,7 +5,8 @@
 //! new records after it, the end is padded with zeros), so the kernel never reads a page before
 //! writing it, and so they can go through direct I/O: each batch is copied into one aligned
 //! buffer and written straight to the device, bypassing the page cache (where the file system
-//! has no direct I/O, the same pages go through the page cache; docs/design/direct-io.md). Once a volume syncs, the next segment is prepared on a helper thread: written with
+//! has no direct I/O, the same pages go through the page cache; docs/design/direct-io.md).
+//! Once a volume syncs, the next segment is prepared on a helper thread: written with
 //! zeros (direct I/O where the filesystem has it) and synced, then renamed into place when the
 //! writer moves on. A record appended and `fdatasync`ed into such a segment overwrites allocated
 //! blocks, so the sync commits no metadata, where an append also commits the file's new size and
