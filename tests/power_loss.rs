@@ -330,6 +330,74 @@ fn a_failed_fdatasync_fails_the_volume_until_it_is_reopened() {
     });
 }
 
+/// A WAL disk slower than the writers (here one that stopped answering) holds writes back once
+/// the WAL writer's backlog is full (`vblock::wal::MAX_UNWRITTEN_BYTES`), though the write
+/// buffer has room: the backlog holds payloads the flusher may already have moved into chunks,
+/// so without that bound memory grows with every write the disk is behind. Once the disk
+/// answers again every write completes and reads back.
+#[test]
+fn a_slow_wal_disk_holds_writers_back_at_the_backlog_bound() {
+    use vblock::wal::MAX_UNWRITTEN_BYTES;
+    const MIB: u64 = 1 << 20;
+    // More than the backlog holds, less than the write buffer.
+    const WRITES: u64 = 48;
+    const _: () = assert!(WRITES * MIB > MAX_UNWRITTEN_BYTES);
+    common::run(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let life = boot(dir.path(), new_sim(dir.path()), &None).await;
+        let id = life
+            .engine
+            .create_volume(WRITES * MIB, "slow-wal")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = life.engine.volume(&id).await.expect("open");
+        assert!(
+            common::small_config(dir.path()).volume.buffer_bytes > WRITES * MIB,
+            "the write buffer alone would take every write"
+        );
+        life.sim.hold_writes(Some(&dir.path().join("wal")));
+        let done = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn({
+            let (vol, done) = (vol.clone(), done.clone());
+            async move {
+                for i in 0..WRITES {
+                    let data = Bytes::from(vec![i as u8 + 1; MIB as usize]);
+                    vol.write(i * MIB, data, false).await.expect("write");
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        let stats = vol.wal_stats();
+        // Bounded by the test's time limit: the writer is held back, or (the defect) done.
+        while stats.backlog_waits.load(Ordering::SeqCst) == 0
+            && done.load(Ordering::SeqCst) < WRITES
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let unwritten = stats.unwritten_bytes.load(Ordering::SeqCst);
+        assert!(
+            done.load(Ordering::SeqCst) < WRITES,
+            "every write was taken while the WAL disk took none ({unwritten} bytes unwritten)"
+        );
+        assert!(
+            unwritten <= MAX_UNWRITTEN_BYTES,
+            "{unwritten} bytes wait unwritten"
+        );
+
+        life.sim.hold_writes(None);
+        writer.await.expect("writer task");
+        assert_eq!(done.load(Ordering::SeqCst), WRITES);
+        vol.flush().await.expect("flush");
+        for i in 0..WRITES {
+            let got = vol.read(i * MIB, 4096).await.expect("read");
+            assert!(got.iter().all(|&b| b == i as u8 + 1), "MiB {i}");
+        }
+        drop(vol);
+        life.engine.close_all().await;
+    });
+}
+
 /// A failed WAL `fdatasync` met by the flusher itself (the sync before a split memtable's first
 /// commit) fails the volume instead of retrying for ever: a caller waiting for the buffer to
 /// drain gets `VolumeError::Failed`, not a hang.

@@ -122,7 +122,11 @@ fn describe() {
     describe_gauge!(
         "vblock_wal_unwritten_bytes",
         Unit::Bytes,
-        "Records appended but not yet written to a segment (grows while the WAL disk is full)."
+        "Records appended but not yet written to a segment: the WAL writer's backlog (at most 32 MiB; writers wait for room, or fail while the WAL disk is full)."
+    );
+    describe_counter!(
+        "vblock_wal_backlog_waits_total",
+        "Writes that waited for room in the WAL writer's backlog (32 MiB): the WAL disk was slower than the writers."
     );
     describe_gauge!(
         "vblock_buffer_bytes",
@@ -363,6 +367,8 @@ async fn sample_once(engine: &Engine, buffer_capacity: u64, space: bool) -> Dura
             .set(load(&w.unwritten_bytes) as f64);
         counter!("vblock_wal_fsyncs_total", "volume" => v.clone()).absolute(load(&w.fsyncs));
         counter!("vblock_wal_bytes_total", "volume" => v.clone()).absolute(load(&w.bytes));
+        counter!("vblock_wal_backlog_waits_total", "volume" => v.clone())
+            .absolute(load(&w.backlog_waits));
         counter!("vblock_chunks_uploaded_total", "volume" => v.clone()).absolute(load(&s.chunks));
         counter!("vblock_chunk_upload_bytes_total", "volume" => v.clone())
             .absolute(load(&s.chunk_bytes));

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::{walk, FsFile};
 
@@ -59,6 +59,26 @@ pub(super) struct SimState {
     /// Every `fsync`/`fdatasync` of a file below this directory fails with `EIO` (a failing
     /// disk) while set.
     fail_syncs: Option<PathBuf>,
+    /// Writes to files below this directory wait while set (a disk that stopped answering).
+    hold_writes: Option<PathBuf>,
+}
+
+impl SimState {
+    /// The current name of file `id`, if it has one.
+    fn path_of(&self, id: u64) -> Option<PathBuf> {
+        self.names
+            .iter()
+            .find(|(_, i)| **i == id)
+            .map(|(p, _)| p.clone())
+    }
+
+    /// True while writes to file `id` wait ([`SimFs::hold_writes`]).
+    fn held(&self, id: u64) -> bool {
+        match &self.hold_writes {
+            Some(under) if !self.off => self.path_of(id).is_some_and(|p| p.starts_with(under)),
+            _ => false,
+        }
+    }
 }
 
 /// What a power cut did.
@@ -87,6 +107,8 @@ pub const SECTOR: usize = 512;
 pub struct SimFs {
     roots: Vec<PathBuf>,
     state: Mutex<SimState>,
+    /// Signalled when [`SimFs::hold_writes`] changes.
+    released: Condvar,
     /// [`super::Fs::create_dir_all`]'s directories known durable, for this simulator's life.
     pub(super) synced_dirs: Mutex<HashSet<PathBuf>>,
 }
@@ -124,6 +146,7 @@ impl SimFs {
         Ok(Arc::new(Self {
             roots: roots.iter().map(|r| r.to_path_buf()).collect(),
             state: Mutex::new(state),
+            released: Condvar::new(),
             synced_dirs: Mutex::default(),
         }))
     }
@@ -274,6 +297,9 @@ impl SimFs {
         op: impl FnOnce() -> std::io::Result<(T, Change)>,
     ) -> std::io::Result<T> {
         let mut s = self.lock();
+        while s.held(id) {
+            s = self.released.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
         if s.off {
             return Err(off_error());
         }
@@ -293,11 +319,7 @@ impl SimFs {
         if s.off {
             return Err(off_error());
         }
-        let path = s
-            .names
-            .iter()
-            .find(|(_, i)| **i == id)
-            .map(|(p, _)| p.clone());
+        let path = s.path_of(id);
         if let (Some(failing), Some(path)) = (&s.fail_syncs, &path) {
             if path.starts_with(failing) {
                 // Linux marks the pages it could not write clean and may drop them: what a
@@ -326,6 +348,14 @@ impl SimFs {
         self.lock().fail_syncs = under.map(Path::to_path_buf);
     }
 
+    /// While `under` is set, every write to a file below it waits (the writing thread blocks)
+    /// until it is cleared or the power is cut: a disk that stopped answering, or one so slow
+    /// that everything queues in front of it. `None` lets the waiting writes go on.
+    pub fn hold_writes(&self, under: Option<&Path>) {
+        self.lock().hold_writes = under.map(Path::to_path_buf);
+        self.released.notify_all();
+    }
+
     /// Cuts the power: from now on every change through this simulator fails (whatever still
     /// runs of the old process is on a dead machine), and the files below the roots are
     /// rewritten as the cut left them, chosen by `seed`: a prefix of the pending directory
@@ -339,6 +369,8 @@ impl SimFs {
     pub fn power_cut(&self, seed: u64) -> std::io::Result<CutReport> {
         let mut s = self.lock();
         s.off = true;
+        // Held writers wake up to a machine that is off.
+        self.released.notify_all();
         let mut rng = SplitMix(seed);
         let mut report = CutReport {
             dir_changes: s.pending.len(),

@@ -497,7 +497,8 @@ impl Volume {
         Ok(())
     }
 
-    /// Sequences one write: permits, WAL record, memtable insert — in that order.
+    /// Sequences one write: permits, room in the WAL's backlog, WAL record, memtable insert — in
+    /// that order.
     async fn commit(&self, start: u64, count: u64, payload: Payload) -> Result<(), VolumeError> {
         let inner = &self.inner;
         let cost = match payload {
@@ -509,6 +510,13 @@ impl Volume {
             inner.check_failed()?;
             return Err(VolumeError::Closed);
         };
+        // The write buffer does not bound the WAL's backlog: the flusher may move data into
+        // chunks before its records are written (a WAL disk slower than the backend).
+        let payload_len = match &payload {
+            Payload::Data(b) => b.len(),
+            Payload::Zero => 0,
+        };
+        inner.wal.reserve(payload_len).await;
         let mut st = lock(&inner.state);
         if st.closed {
             return Err(VolumeError::Closed);

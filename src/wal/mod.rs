@@ -217,24 +217,44 @@ pub struct WalStats {
     pub disk_bytes: AtomicU64,
     /// Bytes appended but not yet written to a segment file (gauge): the writer's backlog.
     pub unwritten_bytes: AtomicU64,
+    /// Appends that waited for room in the backlog ([`Wal::reserve`]): the WAL's disk was
+    /// slower than the writers.
+    pub backlog_waits: AtomicU64,
 }
 
-/// While segment writes fail (disk full, I/O errors), appends are refused with the write's
-/// error once this many bytes wait unwritten, so a full WAL disk cannot grow memory without
-/// bound; below it writes go on (the buffer holds them, the flusher may still move them into
-/// chunks) and only syncs report the error.
+/// The most bytes of records that wait to be written to a segment (the writer's backlog), so
+/// that the WAL cannot grow memory without bound when records come faster than its disk takes
+/// them: the flusher may already have moved their data into chunks and released it from the
+/// write buffer, which then bounds nothing. While the writer is healthy, [`Wal::reserve`] makes
+/// appenders wait for room; while segment writes fail (disk full, I/O errors), appends past it
+/// are refused with the write's error, and below it writes go on (the buffer holds them, the
+/// flusher may still move them into chunks) and only syncs report the error.
 pub const MAX_UNWRITTEN_BYTES: u64 = 32 << 20;
 
 /// The writer's last segment-write failure, cleared by the next successful write; or its fatal
-/// failure (a failed `fdatasync`), which nothing clears.
+/// failure (a failed `fdatasync`), which nothing clears; whether it still runs, and its
+/// progress signal.
 #[derive(Debug, Default)]
 pub(crate) struct WriteHealth {
     failing: std::sync::atomic::AtomicBool,
     fatal: std::sync::atomic::AtomicBool,
     error: Mutex<Option<WalError>>,
+    /// The writer thread has ended: nothing appended from now on is written.
+    stopped: std::sync::atomic::AtomicBool,
+    /// Woken by the writer after each round (records written, or the health changed) and when
+    /// it ends: [`Wal::reserve`] waits on it.
+    pub(crate) progress: tokio::sync::Notify,
 }
 
 impl WriteHealth {
+    pub(crate) fn set_stopped(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn set(&self, e: Option<WalError>) {
         if self.is_fatal() {
             return;
@@ -375,6 +395,36 @@ impl Wal {
             },
             report,
         ))
+    }
+
+    /// Waits until a record with a `payload_len`-byte payload fits in the writer's backlog:
+    /// until at most [`MAX_UNWRITTEN_BYTES`] would wait unwritten with it, or nothing waits (a
+    /// larger record goes alone). Returns at once while segment writes fail, after a failed
+    /// `fdatasync` or once the WAL is shut down ([`Wal::append`] then answers with the error). Call before [`Wal::append`];
+    /// the bound is soft (appenders that reserved at the same moment may each add their
+    /// record). Counts each wait in [`WalStats::backlog_waits`].
+    pub async fn reserve(&self, payload_len: usize) {
+        let len = (record::RECORD_HEADER_LEN + payload_len) as u64;
+        let mut waited = false;
+        loop {
+            let progress = self.health.progress.notified();
+            tokio::pin!(progress);
+            // Registered before the check: a round that ends in between still wakes it.
+            progress.as_mut().enable();
+            let unwritten = self.stats.unwritten_bytes.load(Ordering::Relaxed);
+            if unwritten == 0
+                || unwritten + len <= MAX_UNWRITTEN_BYTES
+                || self.health.is_failing()
+                || self.health.is_stopped()
+            {
+                return;
+            }
+            if !waited {
+                waited = true;
+                self.stats.backlog_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            progress.await;
+        }
     }
 
     /// Queues a record of `kind` (a [`RecordKind::Write`] of `block_count` blocks whose data is

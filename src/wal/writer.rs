@@ -334,7 +334,17 @@ impl Writer {
         })
     }
 
+    /// The writer thread: takes commands until a stop (or every handle is gone), then says so
+    /// to appenders waiting for room ([`super::Wal::reserve`]).
     pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        self.rounds(rx);
+        // Stopped first, then woken: a waiter that registered after the last round's wake-up
+        // sees the flag, or gets this one.
+        self.health.set_stopped();
+        self.health.progress.notify_waiters();
+    }
+
+    fn rounds(&mut self, rx: Receiver<Command>) {
         let mut round = Round::default();
         // Sync waiters in the previous group: the group size the load sustains.
         let mut last_group = 0usize;
@@ -405,6 +415,8 @@ impl Writer {
             if let Some(seq) = round.trim_to.take() {
                 self.trim(seq);
             }
+            // Records written, or the health changed: appenders waiting for room look again.
+            self.health.progress.notify_waiters();
             if round.stop.is_some() {
                 return;
             }
