@@ -188,13 +188,24 @@ fn a_kept_lease_reports_its_loss() {
     });
 }
 
+/// The cluster test daemons' `--abandon-after` (default 10 min).
+const ABANDON_AFTER: &str = "3s";
+
 /// `vblock serve --cluster` flags for node `node` on bucket `bucket` of `s3`.
 fn cluster_args(s3: &common::s3::S3Server, bucket: &str, node: &str) -> Vec<String> {
     let mut args = s3.serve_args(bucket);
     args.extend(
-        ["--cluster", "--node", node, "--lease-ttl", "2s"]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "--cluster",
+            "--node",
+            node,
+            "--lease-ttl",
+            "2s",
+            "--abandon-after",
+            ABANDON_AFTER,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     args
 }
@@ -740,34 +751,76 @@ fn one_catalog_serves_every_node() {
         .unwrap_or_default();
     assert_eq!(ids, [clone_id.as_str()], "{all}");
 
-    // A clone left `creating` by a node that failed: refused while it may still be created,
-    // deleted once abandoned (10 minutes after its creation time).
-    for (created, deletes) in [
-        (vblock::engine::now_rfc3339(), false),
-        ("2026-01-01T00:00:00Z".to_owned(), true),
-    ] {
-        let stuck = vblock::VolumeId::generate().to_string();
-        edit_catalog(
-            &nats,
-            &format!("volume.{clone_id}"),
-            &format!("volume.{stuck}"),
-            |r| {
-                r["volume_id"] = stuck.clone().into();
-                r["state"] = "creating".into();
-                r["create_time"] = created.clone().into();
-                r["mount"] = serde_json::Value::Null;
-                r["snapshot_id"] = "".into();
-            },
-        );
-        let deleted = node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}));
-        if deletes {
-            assert_eq!(deleted["Return"], true, "{deleted}");
-            let gone = node_request(&nats, "b", "describevolumes", json!({"VolumeIds": [stuck]}));
-            assert_eq!(error_code(&gone), "InvalidVolume.NotFound");
-        } else {
-            assert_eq!(error_code(&deleted), "IncorrectState", "{deleted}");
-        }
-    }
+    // A clone left `creating` by a node that failed, stamped by a clock far behind (its
+    // creation time says long ago): refused while it may still be created, whatever that time
+    // says, and deleted once the node asked has seen it unchanged for --abandon-after on its
+    // own clock.
+    let stuck = vblock::VolumeId::generate().to_string();
+    edit_catalog(
+        &nats,
+        &format!("volume.{clone_id}"),
+        &format!("volume.{stuck}"),
+        |r| {
+            r["volume_id"] = stuck.clone().into();
+            r["state"] = "creating".into();
+            r["create_time"] = "2026-01-01T00:00:00Z".into();
+            r["mount"] = serde_json::Value::Null;
+            r["snapshot_id"] = "".into();
+        },
+    );
+    let deleted = node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}));
+    assert_eq!(error_code(&deleted), "IncorrectState", "{deleted}");
+    assert!(
+        common::daemon::wait_until(Duration::from_secs(60), || {
+            node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}))["Return"] == true
+        }),
+        "an abandoned clone is never deleted"
+    );
+    let gone = node_request(&nats, "b", "describevolumes", json!({"VolumeIds": [stuck]}));
+    assert_eq!(error_code(&gone), "InvalidVolume.NotFound");
+
+    // The same for a ClientToken claim whose volume never reached the catalog: the token's
+    // volume is `creating` until the node asked has seen the claim unchanged for
+    // --abandon-after, then the claim is released and a retry makes a new volume.
+    let orphan = vblock::VolumeId::generate().to_string();
+    let token = "skewed-clock";
+    let token_key: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+    edit_catalog(
+        &nats,
+        &format!("volume.{clone_id}"),
+        &format!("token.{token_key}"),
+        |r| {
+            r["volume_id"] = orphan.clone().into();
+            r["state"] = "creating".into();
+            r["create_time"] = "2026-01-01T00:00:00Z".into();
+            r["size_bytes"] = (1u64 << 30).into();
+            r["client_token"] = token.into();
+        },
+    );
+    let first = node_request(
+        &nats,
+        "c",
+        "createvolume",
+        json!({"Size": 1, "ClientToken": token}),
+    );
+    assert_eq!(first["VolumeId"], orphan.as_str(), "{first}");
+    assert_eq!(first["State"], "creating", "{first}");
+    let mut made = serde_json::Value::Null;
+    assert!(
+        common::daemon::wait_until(Duration::from_secs(60), || {
+            made = node_request(
+                &nats,
+                "c",
+                "createvolume",
+                json!({"Size": 1, "ClientToken": token}),
+            );
+            made["VolumeId"] != orphan.as_str()
+        }),
+        "an abandoned ClientToken claim is never released: {made}"
+    );
+    let made = made["VolumeId"].as_str().expect("VolumeId").to_owned();
+    let deleted = node_request(&nats, "c", "deletevolume", json!({"VolumeId": made}));
+    assert_eq!(deleted["Return"], true, "{deleted}");
 
     // The snapshot's copies in the bucket (s3s-fs keeps an object as a file; keys under the
     // default prefix `vblock/`) stay while its clone exists, and go with the clone.

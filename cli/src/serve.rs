@@ -112,6 +112,12 @@ pub struct ServeArgs {
     /// replaced (renewed every third of it).
     #[arg(long, env = "VBLOCK_LEASE_TTL", default_value = "10s", value_parser = crate::humantime_duration)]
     pub lease_ttl: Duration,
+    /// Cluster mode: a ClientToken claim whose volume never reached the catalog, or a clone
+    /// left `creating`, counts as abandoned by its node (which failed mid-create) once this
+    /// node has seen it unchanged for this long, on its own clock: a retry with the token then
+    /// creates a new volume, and a delete removes the clone.
+    #[arg(long, env = "VBLOCK_ABANDON_AFTER", default_value = "10m", value_parser = crate::humantime_duration)]
+    pub abandon_after: Duration,
     /// NATS queue group shared by daemons that split the load.
     #[arg(long, env = "VBLOCK_QUEUE_GROUP", default_value = "vblock")]
     pub queue_group: String,
@@ -511,6 +517,7 @@ async fn spawn_servers(
         nbd_tls: a.tls_required,
         open_exports: a.nbd_open_exports,
         lease_ttl: a.cluster.then_some(a.lease_ttl),
+        abandon_after: a.abandon_after,
     };
     tasks.spawn({
         let engine = engine.clone();

@@ -73,7 +73,7 @@ impl Catalog {
     /// Claims EC2 `ClientToken` `token` for new volume `rec` (key `token.HEX`, created only if
     /// absent), so that one volume is created per token whichever nodes its retries reach
     /// (EC2 CreateVolume, "Ensuring idempotency"). Returns `None` when this call claimed it,
-    /// else the record the token was claimed for.
+    /// else the record the token was claimed for and the claim's revision.
     ///
     /// Errors: [`CatalogError::Changed`] when claims and releases keep racing (8 rounds);
     /// [`CatalogError::Corrupt`]; [`CatalogError::Kv`].
@@ -81,14 +81,14 @@ impl Catalog {
         &self,
         token: &str,
         rec: &VolumeRecord,
-    ) -> Result<Option<VolumeRecord>, CatalogError> {
+    ) -> Result<Option<(VolumeRecord, u64)>, CatalogError> {
         let key = Self::token_key(token);
         for _ in 0..8 {
             match self.put(&key, rec, None).await {
                 Ok(_) => return Ok(None),
                 Err(CatalogError::Changed(_)) => {
                     // Released between the create and the read: claim again.
-                    if let Some((claimed, _)) = self.get(&key).await? {
+                    if let Some(claimed) = self.get(&key).await? {
                         return Ok(Some(claimed));
                     }
                 }

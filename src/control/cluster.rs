@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cluster::catalog::{Catalog, CatalogError};
 use crate::cluster::lease::{Claim, Kept, Leases, Owner};
@@ -38,6 +38,12 @@ pub struct ClusterMode {
     /// Leases this node keeps, by volume, and what for (the mutex is held only for map
     /// operations, never across an await).
     kept: std::sync::Mutex<HashMap<VolumeId, Held>>,
+    /// How long a half-made catalog entry must stay unchanged before it counts as abandoned
+    /// (`--abandon-after`; [`ClusterMode::abandoned`]).
+    abandon_after: Duration,
+    /// Half-made catalog entries this node has looked at: their revision then, and when it
+    /// first saw that revision (this node's monotonic clock).
+    seen: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 /// What a lease is kept for: the lease is released when nothing holds it any more.
@@ -81,15 +87,53 @@ impl Held {
 }
 
 impl ClusterMode {
-    /// Cluster mode for node `node` with `leases` and `catalog`, forwarding through `client`.
-    pub fn new(leases: Leases, catalog: Catalog, client: async_nats::Client, node: &str) -> Self {
+    /// Cluster mode for node `node` with `leases` and `catalog`, forwarding through `client`;
+    /// half-made catalog entries count as abandoned after `abandon_after`.
+    pub fn new(
+        leases: Leases,
+        catalog: Catalog,
+        client: async_nats::Client,
+        node: &str,
+        abandon_after: Duration,
+    ) -> Self {
         Self {
             leases: Arc::new(leases),
             catalog,
             client,
             me: Owner::new(node, 0, ""),
             kept: std::sync::Mutex::new(HashMap::new()),
+            abandon_after,
+            seen: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether half-made catalog entry `key` (a ClientToken claim without its volume, a clone
+    /// left `creating`) at `revision` counts as abandoned by the node that made it: this node
+    /// has seen it at that revision for at least `--abandon-after`, on its own monotonic
+    /// clock. The first look starts the wait; a new revision starts it again. No other node's
+    /// clock is trusted: the record's creation time comes from its creator's, which may be
+    /// off by more than the wait (the lease rule: docs/design/cluster.md, "Leases").
+    pub(super) fn abandoned(&self, key: &str, revision: u64) -> bool {
+        let now = Instant::now();
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match seen.get(key) {
+            Some(&(r, first)) if r == revision => now.duration_since(first) >= self.abandon_after,
+            _ => {
+                seen.insert(key.to_owned(), (revision, now));
+                false
+            }
+        }
+    }
+
+    /// Forgets half-made entry `key` (released or deleted).
+    pub(super) fn forget(&self, key: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
     }
 
     fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, Held>> {
@@ -182,25 +226,17 @@ pub(super) enum Owned {
     There(Owner),
 }
 
-/// A catalog error as an engine error: a lost compare-and-set is `IncorrectState` (try again).
-/// How long after its creation time a ClientToken claim may lack its volume in the catalog
-/// before it counts as abandoned: creation puts the record in the catalog within one request.
-const ABANDONED_CLAIM: Duration = Duration::from_secs(120);
-
-/// How long a clone may stay `creating` in the catalog before it counts as abandoned (its
-/// node failed mid-create) and a delete removes it: a clone copies one snapshot map.
-pub(super) const ABANDONED_CREATE: Duration = Duration::from_secs(600);
-
-/// Whether RFC 3339 time `created` (another node's clock) is more than `after` ago. A time in
-/// the future (clock skew) counts as now; an unreadable one as long ago (nothing else would
-/// ever end the wait).
-pub(super) fn abandoned(created: &str, after: Duration) -> bool {
-    match humantime::parse_rfc3339(created) {
-        Ok(t) => t.elapsed().is_ok_and(|age| age >= after),
-        Err(_) => true,
-    }
+/// Key of ClientToken `token`'s claim in [`ClusterMode::abandoned`]'s table.
+pub(super) fn claim_key(token: &str) -> String {
+    format!("token/{token}")
 }
 
+/// Key of clone `id` left `creating` in [`ClusterMode::abandoned`]'s table.
+pub(super) fn creating_key(id: &VolumeId) -> String {
+    format!("creating/{id}")
+}
+
+/// A catalog error as an engine error: a lost compare-and-set is `IncorrectState` (try again).
 pub(super) fn catalog_err(e: CatalogError) -> VolumeError {
     match e {
         CatalogError::Changed(_) => VolumeError::IncorrectState(e.to_string()),
@@ -480,9 +516,9 @@ impl Control {
     }
 
     /// Cluster mode's delete of clone `rec` (read at `revision`), left `creating` for longer
-    /// than [`ABANDONED_CREATE`] (its node failed mid-create): its catalog record goes, then
-    /// its objects in the bucket (nothing references them: it was never available) and its
-    /// ClientToken.
+    /// than `--abandon-after` ([`ClusterMode::abandoned`]: its node failed mid-create): its
+    /// catalog record goes, then its objects in the bucket (nothing references them: it was
+    /// never available) and its ClientToken.
     ///
     /// Errors: [`VolumeError::IncorrectState`] when the record changed meanwhile; catalog
     /// and backend errors.
@@ -499,6 +535,7 @@ impl Control {
             .delete_volume(id, revision)
             .await
             .map_err(catalog_err)?;
+        cluster.forget(&creating_key(id));
         self.engine.purge_unfinished_volume(id).await?;
         if !rec.client_token.is_empty() {
             cluster
@@ -513,8 +550,9 @@ impl Control {
     /// Cluster mode: claims new volume `rec`'s ClientToken for it ([`Catalog::claim_token`]).
     /// `None`: claimed; create it. `Some(volume)`: an earlier request with the token created
     /// (or is creating) `volume`, the answer instead (`creating` until the catalog has it). A
-    /// claim whose volume is not in the catalog [`ABANDONED_CLAIM`] after its creation time
-    /// (its node failed mid-create, or mid-delete) is released and the token claimed anew.
+    /// claim whose volume is not in the catalog and that has stayed so for `--abandon-after`
+    /// ([`ClusterMode::abandoned`]: its node failed mid-create, or mid-delete) is released and
+    /// the token claimed anew.
     ///
     /// Errors: `IdempotentParameterMismatch` when the earlier request asked for another size;
     /// catalog errors.
@@ -524,7 +562,7 @@ impl Control {
         rec: &VolumeRecord,
     ) -> Result<Option<VolumeRecord>, ApiError> {
         for _ in 0..2 {
-            let Some(earlier) = cluster
+            let Some((earlier, revision)) = cluster
                 .catalog
                 .claim_token(&rec.client_token, rec)
                 .await
@@ -546,7 +584,8 @@ impl Control {
             {
                 return Ok(Some(current));
             }
-            if !abandoned(&earlier.create_time, ABANDONED_CLAIM) {
+            let key = claim_key(&rec.client_token);
+            if !cluster.abandoned(&key, revision) {
                 return Ok(Some(VolumeRecord {
                     state: VolumeStateName::Creating,
                     ..earlier
@@ -558,6 +597,7 @@ impl Control {
                 .release_token(&rec.client_token, &earlier.volume_id)
                 .await
                 .map_err(catalog_err)?;
+            cluster.forget(&key);
         }
         Err(ApiError::new(
             "IncorrectState",

@@ -226,7 +226,7 @@ impl Control {
         let (rec, revision) = self.volume_at(id).await?;
         if rec.state == VolumeStateName::Creating {
             if let Some(cluster) = &self.cluster {
-                if super::cluster::abandoned(&rec.create_time, super::cluster::ABANDONED_CREATE) {
+                if cluster.abandoned(&super::cluster::creating_key(id), revision) {
                     return self.delete_abandoned_clone(cluster, &rec, revision).await;
                 }
             }

@@ -51,6 +51,10 @@ pub struct ControlConfig {
     /// Cluster mode (`--cluster`): the volume leases' time (`--lease-ttl`); needs `node` and
     /// JetStream on the NATS server.
     pub lease_ttl: Option<Duration>,
+    /// Cluster mode: how long a half-made catalog entry (a ClientToken claim without its
+    /// volume, a clone left `creating`) must stay unchanged, as this node sees it, before it
+    /// counts as abandoned by its node (`--abandon-after`, default 10 min).
+    pub abandon_after: Duration,
 }
 
 /// The JetStream KV bucket of the volume leases.
@@ -107,6 +111,7 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
                     catalog,
                     client.clone(),
                     node,
+                    config.abandon_after,
                 ))
             }
             .await;
