@@ -553,12 +553,6 @@ fn write_buffer_is_bounded() {
         println!("peak buffered bytes writing 400 MiB through an 80 MiB buffer: {peak}");
         assert!(peak <= 80 << 20, "buffer grew to {peak}");
         assert!(vol.stats().chunks.load(Ordering::Relaxed) > 0);
-        // Writers that outrun the flusher fill the buffer: chunks built meanwhile skip zstd
-        // (docs/design/compression-that-yields.md), even for data this compressible.
-        assert!(
-            vol.stats().uncompressed_chunks.load(Ordering::Relaxed) > 0,
-            "no chunk was stored raw while the buffer was full"
-        );
         assert_eq!(
             vol.read(399 << 20, 4096).await.expect("read"),
             Bytes::from(vec![7u8; 4096])

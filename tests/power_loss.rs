@@ -398,6 +398,52 @@ fn a_slow_wal_disk_holds_writers_back_at_the_backlog_bound() {
     });
 }
 
+/// Compression that yields (docs/design/compression-that-yields.md): writers that outrun the
+/// flusher (here its disk stopped answering for a while) fill the write buffer, and the chunks
+/// built while it is more than half full are stored raw, even for data this compressible.
+#[test]
+fn chunks_built_behind_the_writers_are_stored_raw() {
+    const MIB: u64 = 1 << 20;
+    common::run(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let life = boot(dir.path(), new_sim(dir.path()), &None).await;
+        let id = life
+            .engine
+            .create_volume(256 * MIB, "behind")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = life.engine.volume(&id).await.expect("open");
+        let buffer = common::small_config(dir.path()).volume.buffer_bytes;
+        life.sim.hold_writes(Some(&dir.path().join("objects")));
+        let writer = tokio::spawn({
+            let vol = vol.clone();
+            async move {
+                for i in 0..buffer / MIB + 40 {
+                    let data = Bytes::from(vec![7u8; MIB as usize]);
+                    vol.write(i * MIB, data, false).await.expect("write");
+                }
+            }
+        });
+        // Bounded by the test's time limit.
+        while vol.buffered_bytes() < buffer * 3 / 4 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        life.sim.hold_writes(None);
+        writer.await.expect("writer task");
+        let raw = vol.stats().uncompressed_chunks.load(Ordering::SeqCst);
+        let chunks = vol.stats().chunks.load(Ordering::SeqCst);
+        println!("{raw} of {chunks} chunks stored raw");
+        assert!(raw > 0, "no chunk was stored raw while the buffer was full");
+        assert_eq!(
+            vol.read(3 * MIB, 4096).await.expect("read"),
+            Bytes::from(vec![7u8; 4096])
+        );
+        drop(vol);
+        life.engine.close_all().await;
+    });
+}
+
 /// A failed WAL `fdatasync` met by the flusher itself (the sync before a split memtable's first
 /// commit) fails the volume instead of retrying for ever: a caller waiting for the buffer to
 /// drain gets `VolumeError::Failed`, not a hang.
