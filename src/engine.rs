@@ -71,9 +71,10 @@ pub struct Engine {
     /// Cluster mode ([`Engine::set_cluster_gc`]): the volumes whose chunks this node may
     /// delete.
     pub(crate) gc_scope: std::sync::OnceLock<GcScope>,
-    /// Cluster mode: volumes deleted by this process, whose remaining chunk stats (chunks
-    /// snapshots or clones share) its GC goes on collecting after their lease went. Not
-    /// persisted: stats without a record may also be a takeover cut short, which are not this
+    /// Cluster mode: volumes deleted by this node, whose remaining chunk stats (chunks
+    /// snapshots or clones share) its GC goes on collecting after their lease went. Persisted
+    /// as an explicit mark written with the delete (`MetaStore::delete_volume`), loaded at
+    /// open: stats without a record alone may also be a takeover cut short, which are not this
     /// node's to collect.
     pub(crate) deleted_here: std::sync::Mutex<std::collections::HashSet<VolumeId>>,
 }
@@ -166,6 +167,8 @@ impl Engine {
         let meta = blocking(move || MetaStore::open(&dir, cache_bytes)).await?;
         let m = meta.clone();
         blocking(move || upgrade_legacy_mounts(&m)).await?;
+        let m = meta.clone();
+        let deleted_here = blocking(move || m.deleted_here()).await?;
         Ok(Self {
             cache: frame_cache(config.frame_cache_bytes),
             config,
@@ -176,7 +179,7 @@ impl Engine {
             snapshot_ends: Default::default(),
             snapshot_mounts: Default::default(),
             gc_scope: std::sync::OnceLock::new(),
-            deleted_here: Default::default(),
+            deleted_here: std::sync::Mutex::new(deleted_here.into_iter().collect()),
         })
     }
 
@@ -523,9 +526,9 @@ impl Engine {
                 });
             }
         }
-        let meta = self.meta.clone();
+        let (meta, mark) = (self.meta.clone(), self.config.cluster);
         let id = id.clone();
-        blocking(move || meta.delete_volume(&id)).await?;
+        blocking(move || meta.delete_volume(&id, mark)).await?;
         Ok(())
     }
 

@@ -869,13 +869,30 @@ mod tests {
         assert_eq!(shape, vec![(0, 5, 3), (5, 2, 10), (7, 3, 3)]);
     }
 
+    /// A volume deleted with a mark is listed by `deleted_here` while chunk stats of it are
+    /// left; once garbage collection has forgotten the last one, the mark goes too.
+    #[test]
+    fn a_deleted_here_mark_lasts_while_chunk_stats_do() {
+        let (_d, meta, l) = setup();
+        commit(&l, 1, vec![data(0, 4, 1, 1)]);
+        meta.delete_volume(&l.volume, true).unwrap();
+        assert_eq!(meta.deleted_here().unwrap(), vec![l.volume.clone()]);
+        meta.forget_chunks(&[(l.volume.clone(), 1)]).unwrap();
+        assert!(meta.deleted_here().unwrap().is_empty());
+        let mark = crate::meta::vol_key(crate::meta::PREFIX_DELETED_HERE, &l.volume);
+        assert!(
+            meta.db().get(mark).unwrap().is_none(),
+            "the mark is removed"
+        );
+    }
+
     #[test]
     fn volumes_do_not_see_each_other() {
         let (_d, meta, l) = setup();
         let other = map_of(&meta, "vol-0000000000000000b");
         commit(&l, 1, vec![data(0, 4, 1, 1)]);
         assert!(other.lookup(0, u64::MAX).unwrap().is_empty());
-        meta.delete_volume(&l.volume).unwrap();
+        meta.delete_volume(&l.volume, false).unwrap();
         assert!(l.lookup(0, u64::MAX).unwrap().is_empty());
     }
 

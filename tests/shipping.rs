@@ -986,9 +986,9 @@ fn a_snapshot_abandoned_by_a_lost_owner_ends_in_error() {
 }
 
 /// Cluster mode: a volume deleted through this node while a snapshot shares one of its chunks
-/// keeps that chunk's stats here after its lease is gone; once the snapshot is deleted, this
-/// node's garbage collection deletes the chunk (it leaked: GC only looked at volumes whose
-/// lease the node keeps).
+/// keeps that chunk's stats here after its lease is gone; once the snapshot is deleted, even
+/// after a restart, this node's garbage collection deletes the chunk (it leaked: GC only looked
+/// at volumes whose lease the node keeps, and then forgot the deletes at a restart).
 #[test]
 fn a_deleted_volumes_shared_chunk_goes_with_its_last_snapshot() {
     common::run(Duration::from_secs(60), async {
@@ -1022,7 +1022,15 @@ fn a_deleted_volumes_shared_chunk_goes_with_its_last_snapshot() {
         );
         a.delete_volume(&id).await.expect("delete the volume");
         assert_eq!(chunks().await.len(), 1, "the snapshot's chunk stays");
+        // A restart in between: the node still knows the volume was deleted here.
+        a.close_all().await;
+        drop(a);
+        let a = Engine::open(cluster_config(dir.path()), backend.clone())
+            .await
+            .expect("engine reopens");
         leased.store(false, Ordering::SeqCst);
+        let l = leased.clone();
+        a.set_cluster_gc(Arc::new(move |_| l.load(Ordering::SeqCst)));
         a.delete_snapshot(&snap.snapshot_id)
             .await
             .expect("delete the snapshot");

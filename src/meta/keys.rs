@@ -9,6 +9,8 @@ pub(crate) const PREFIX_MAP: u8 = b'M';
 pub(crate) const PREFIX_CHUNK: u8 = b'c';
 pub(crate) const PREFIX_SNAPSHOT: u8 = b'n';
 pub(crate) const PREFIX_SNAP_MAP: u8 = b'P';
+/// Cluster mode: a volume this node deleted, whose chunk stats it keeps (`d` VOL, no value).
+pub(crate) const PREFIX_DELETED_HERE: u8 = b'd';
 /// `prefix` + an id's ASCII bytes (VolumeId or SnapshotId).
 pub(crate) fn id_key(prefix: u8, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len() + 8);

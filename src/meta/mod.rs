@@ -337,9 +337,14 @@ impl MetaStore {
 
     /// Removes `vol`'s record, state and map in one synced batch. Its chunk stats stay, with no
     /// live blocks: the objects belong to garbage collection now, which deletes each once no
-    /// snapshot or clone map references it.
-    pub fn delete_volume(&self, vol: &VolumeId) -> Result<(), MetaError> {
+    /// snapshot or clone map references it. With `mark` (cluster mode) the same batch records
+    /// that this node deleted it ([`MetaStore::deleted_here`]): only this node has those
+    /// stats, so only its garbage collection can ever delete the objects, across restarts too.
+    pub fn delete_volume(&self, vol: &VolumeId, mark: bool) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
+        if mark {
+            batch.put(vol_key(PREFIX_DELETED_HERE, vol), []);
+        }
         batch.delete(vol_key(PREFIX_VOLUME, vol));
         batch.delete(vol_key(PREFIX_STATE, vol));
         delete_prefix(&mut batch, &vol_key(PREFIX_MAP, vol));
@@ -348,6 +353,39 @@ impl MetaStore {
             batch.put(vol_u64_key(PREFIX_CHUNK, vol, id), st.encode());
         }
         self.write_sync(batch)
+    }
+
+    /// Volumes deleted here with a mark ([`MetaStore::delete_volume`]) that still have chunk
+    /// stats; the marks of those without any are removed (synced).
+    pub fn deleted_here(&self) -> Result<Vec<VolumeId>, MetaError> {
+        let mut marked = Vec::new();
+        for item in self.db.prefix_iterator([PREFIX_DELETED_HERE]) {
+            let (k, _) = item?;
+            if k.first() != Some(&PREFIX_DELETED_HERE) {
+                break;
+            }
+            let id = std::str::from_utf8(&k[1..])
+                .ok()
+                .and_then(|s| s.parse::<VolumeId>().ok())
+                .ok_or_else(|| MetaError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "not a VolumeId".into(),
+                })?;
+            marked.push(id);
+        }
+        let mut out = Vec::new();
+        let mut batch = WriteBatch::default();
+        for id in marked {
+            if self.chunk_stats(&id)?.is_empty() {
+                batch.delete(vol_key(PREFIX_DELETED_HERE, &id));
+            } else {
+                out.push(id);
+            }
+        }
+        if !batch.is_empty() {
+            self.write_sync(batch)?;
+        }
+        Ok(out)
     }
 
     /// Stores a snapshot record durably.
