@@ -71,12 +71,6 @@ pub struct Engine {
     /// Cluster mode ([`Engine::set_cluster_gc`]): the volumes whose chunks this node may
     /// delete.
     pub(crate) gc_scope: std::sync::OnceLock<GcScope>,
-    /// Cluster mode: volumes deleted by this node, whose remaining chunk stats (chunks
-    /// snapshots or clones share) its GC goes on collecting after their lease went. Persisted
-    /// as an explicit mark written with the delete (`MetaStore::delete_volume`), loaded at
-    /// open: stats without a record alone may also be a takeover cut short, which are not this
-    /// node's to collect.
-    pub(crate) deleted_here: std::sync::Mutex<std::collections::HashSet<VolumeId>>,
 }
 
 /// Cluster mode: whether this node may delete chunk objects of a volume (it owns the volume:
@@ -167,8 +161,6 @@ impl Engine {
         let meta = blocking(move || MetaStore::open(&dir, cache_bytes)).await?;
         let m = meta.clone();
         blocking(move || upgrade_legacy_mounts(&m)).await?;
-        let m = meta.clone();
-        let deleted_here = blocking(move || m.deleted_here()).await?;
         Ok(Self {
             cache: frame_cache(config.frame_cache_bytes),
             config,
@@ -179,7 +171,6 @@ impl Engine {
             snapshot_ends: Default::default(),
             snapshot_mounts: Default::default(),
             gc_scope: std::sync::OnceLock::new(),
-            deleted_here: std::sync::Mutex::new(deleted_here.into_iter().collect()),
         })
     }
 
@@ -490,12 +481,6 @@ impl Engine {
         {
             let _gc = self.gc.lock().await;
             self.delete_volume_locked(id).await?;
-            if self.config.cluster {
-                self.deleted_here
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(id.clone());
-            }
         }
         self.collect_garbage().await?;
         Ok(())

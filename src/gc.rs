@@ -209,16 +209,12 @@ impl Engine {
     }
 
     /// Cluster mode: whether volume `vol`'s chunks are this node's to collect: it keeps the
-    /// volume's lease ([`Engine::set_cluster_gc`]), or this process deleted the volume (its
+    /// volume's lease ([`Engine::set_cluster_gc`]), or this node deleted the volume (its
     /// lease went with it; its chunk stats stay here while snapshots or clones share its
-    /// chunks, and no other node has them).
+    /// chunks, and no other node has them: [`MetaStore::deleted_here`], kept across restarts).
+    /// Stats without a record alone do not count: a takeover cut short leaves those too.
     fn collects(&self, vol: &VolumeId) -> bool {
-        self.gc_scope.get().is_some_and(|scope| scope(vol))
-            || self
-                .deleted_here
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(vol)
+        self.gc_scope.get().is_some_and(|scope| scope(vol)) || self.meta.deleted_here(vol)
     }
 
     /// Cluster mode, before deleting chunks of live volume `vol` (after its checkpoint): whether

@@ -869,21 +869,38 @@ mod tests {
         assert_eq!(shape, vec![(0, 5, 3), (5, 2, 10), (7, 3, 3)]);
     }
 
-    /// A volume deleted with a mark is listed by `deleted_here` while chunk stats of it are
-    /// left; once garbage collection has forgotten the last one, the mark goes too.
+    /// A volume deleted with a mark is `deleted_here` while chunk stats of it are left; once
+    /// garbage collection has forgotten the last one, the next open removes the mark; a record
+    /// of the volume here again ends it at once.
     #[test]
     fn a_deleted_here_mark_lasts_while_chunk_stats_do() {
         let (_d, meta, l) = setup();
         commit(&l, 1, vec![data(0, 4, 1, 1)]);
-        meta.delete_volume(&l.volume, true).unwrap();
-        assert_eq!(meta.deleted_here().unwrap(), vec![l.volume.clone()]);
-        meta.forget_chunks(&[(l.volume.clone(), 1)]).unwrap();
-        assert!(meta.deleted_here().unwrap().is_empty());
         let mark = crate::meta::vol_key(crate::meta::PREFIX_DELETED_HERE, &l.volume);
+        meta.delete_volume(&l.volume, true).unwrap();
+        assert!(meta.deleted_here(&l.volume));
+        meta.load_deleted_here().unwrap();
+        assert!(meta.deleted_here(&l.volume), "kept while a chunk is left");
+        meta.forget_chunks(&[(l.volume.clone(), 1)]).unwrap();
+        meta.load_deleted_here().unwrap();
+        assert!(!meta.deleted_here(&l.volume));
         assert!(
-            meta.db().get(mark).unwrap().is_none(),
+            meta.db().get(&mark).unwrap().is_none(),
             "the mark is removed"
         );
+
+        // A record of the volume here again (a takeover of a volume whose delete failed in the
+        // catalog) ends the mark, in memory and stored.
+        commit(&l, 2, vec![data(0, 4, 1, 2)]);
+        meta.delete_volume(&l.volume, true).unwrap();
+        let rec: crate::records::VolumeRecord = serde_json::from_value(serde_json::json!({
+            "volume_id": l.volume.as_str(), "size_bytes": 1 << 20,
+            "create_time": "2026-12-04T00:00:00Z", "state": "available"
+        }))
+        .unwrap();
+        meta.put_volume(&rec).unwrap();
+        assert!(!meta.deleted_here(&l.volume));
+        assert!(meta.db().get(&mark).unwrap().is_none());
     }
 
     #[test]

@@ -369,6 +369,12 @@ fn prepare_process(a: &ServeArgs) -> Result<(), ServeError> {
             a.lease_ttl
         )));
     }
+    if a.cluster && a.abandon_after < Duration::from_secs(1) {
+        return Err(ServeError::Config(format!(
+            "--abandon-after {:?} is too short (at least 1s: a live node's create must not look abandoned)",
+            a.abandon_after
+        )));
+    }
     if a.frame_size % vblock::block::BLOCK_SIZE != 0
         || !(1..=u64::from(vblock::chunk::MAX_FRAME_BLOCKS))
             .contains(&(a.frame_size / vblock::block::BLOCK_SIZE))

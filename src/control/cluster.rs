@@ -41,10 +41,24 @@ pub struct ClusterMode {
     /// How long a half-made catalog entry must stay unchanged before it counts as abandoned
     /// (`--abandon-after`; [`ClusterMode::abandoned`]).
     abandon_after: Duration,
-    /// Half-made catalog entries this node has looked at: their revision then, and when it
-    /// first saw that revision (this node's monotonic clock).
-    seen: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
+    /// Half-made catalog entries this node has looked at ([`ClusterMode::abandoned`]).
+    seen: std::sync::Mutex<HashMap<String, Seen>>,
 }
+
+/// A half-made catalog entry as this node saw it: its revision and creation time (together they
+/// tell a new record from the old one, even in a catalog bucket made anew, whose revisions start
+/// again), when this node first saw it so and when it last looked (this node's monotonic
+/// clock).
+struct Seen {
+    revision: u64,
+    created: String,
+    first: Instant,
+    last: Instant,
+}
+
+/// Entries of [`ClusterMode::abandoned`]'s table not looked at for this long are forgotten
+/// (their next look starts the wait again: the safe direction), so the table stays small.
+const SEEN_FORGOTTEN_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// What a lease is kept for: the lease is released when nothing holds it any more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,16 +127,26 @@ impl ClusterMode {
     /// clock. The first look starts the wait; a new revision starts it again. No other node's
     /// clock is trusted: the record's creation time comes from its creator's, which may be
     /// off by more than the wait (the lease rule: docs/design/cluster.md, "Leases").
-    pub(super) fn abandoned(&self, key: &str, revision: u64) -> bool {
+    pub(super) fn abandoned(&self, key: &str, revision: u64, created: &str) -> bool {
         let now = Instant::now();
         let mut seen = self
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match seen.get(key) {
-            Some(&(r, first)) if r == revision => now.duration_since(first) >= self.abandon_after,
+        seen.retain(|_, s| now.duration_since(s.last) < SEEN_FORGOTTEN_AFTER);
+        match seen.get_mut(key) {
+            Some(s) if s.revision == revision && s.created == created => {
+                s.last = now;
+                now.duration_since(s.first) >= self.abandon_after
+            }
             _ => {
-                seen.insert(key.to_owned(), (revision, now));
+                let s = Seen {
+                    revision,
+                    created: created.to_owned(),
+                    first: now,
+                    last: now,
+                };
+                seen.insert(key.to_owned(), s);
                 false
             }
         }
@@ -582,10 +606,11 @@ impl Control {
                 .await
                 .map_err(catalog_err)?
             {
+                cluster.forget(&claim_key(&rec.client_token));
                 return Ok(Some(current));
             }
             let key = claim_key(&rec.client_token);
-            if !cluster.abandoned(&key, revision) {
+            if !cluster.abandoned(&key, revision, &earlier.create_time) {
                 return Ok(Some(VolumeRecord {
                     state: VolumeStateName::Creating,
                     ..earlier

@@ -226,7 +226,8 @@ impl Control {
         let (rec, revision) = self.volume_at(id).await?;
         if rec.state == VolumeStateName::Creating {
             if let Some(cluster) = &self.cluster {
-                if cluster.abandoned(&super::cluster::creating_key(id), revision) {
+                let key = super::cluster::creating_key(id);
+                if cluster.abandoned(&key, revision, &rec.create_time) {
                     return self.delete_abandoned_clone(cluster, &rec, revision).await;
                 }
             }

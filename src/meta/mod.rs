@@ -146,6 +146,8 @@ pub struct MetaStore {
     db: Arc<DB>,
     /// The block cache (shared with RocksDB) and its capacity in bytes.
     cache: Arc<std::sync::Mutex<(Cache, u64)>>,
+    /// The volumes with a `d` mark ([`MetaStore::deleted_here`]), as stored.
+    deleted_here: Arc<std::sync::Mutex<std::collections::HashSet<VolumeId>>>,
 }
 
 impl MetaStore {
@@ -184,10 +186,13 @@ impl MetaStore {
             }
         })?;
         upgrade_layout(&db)?;
-        Ok(Self {
+        let meta = Self {
             db: Arc::new(db),
             cache: Arc::new(std::sync::Mutex::new((cache, cache_bytes as u64))),
-        })
+            deleted_here: Arc::default(),
+        };
+        meta.load_deleted_here()?;
+        Ok(meta)
     }
 
     /// The block cache's capacity in bytes: the `cache_bytes` it was opened with unless
@@ -244,7 +249,17 @@ impl MetaStore {
         })?;
         let mut batch = WriteBatch::default();
         batch.put(vol_key(PREFIX_VOLUME, &rec.volume_id), value);
-        self.write_sync(batch)
+        // A volume with a record here is not one this node deleted (a takeover of a volume a
+        // failed delete left in the catalog).
+        let marked = self.deleted_here(&rec.volume_id);
+        if marked {
+            batch.delete(vol_key(PREFIX_DELETED_HERE, &rec.volume_id));
+        }
+        self.write_sync(batch)?;
+        if marked {
+            self.marks().remove(&rec.volume_id);
+        }
+        Ok(())
     }
 
     /// The key and value of `rec` (to put in a larger batch).
@@ -341,6 +356,14 @@ impl MetaStore {
     /// that this node deleted it ([`MetaStore::deleted_here`]): only this node has those
     /// stats, so only its garbage collection can ever delete the objects, across restarts too.
     pub fn delete_volume(&self, vol: &VolumeId, mark: bool) -> Result<(), MetaError> {
+        self.delete_volume_batch(vol, mark)?;
+        if mark {
+            self.marks().insert(vol.clone());
+        }
+        Ok(())
+    }
+
+    fn delete_volume_batch(&self, vol: &VolumeId, mark: bool) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
         if mark {
             batch.put(vol_key(PREFIX_DELETED_HERE, vol), []);
@@ -355,37 +378,53 @@ impl MetaStore {
         self.write_sync(batch)
     }
 
-    /// Volumes deleted here with a mark ([`MetaStore::delete_volume`]) that still have chunk
-    /// stats; the marks of those without any are removed (synced).
-    pub fn deleted_here(&self) -> Result<Vec<VolumeId>, MetaError> {
+    /// Cluster mode: whether this node deleted volume `vol` ([`MetaStore::delete_volume`] with
+    /// a mark) and has not had a record of it since: its garbage collection then collects the
+    /// volume's chunks that are left (those snapshots or clones shared) without its lease.
+    pub fn deleted_here(&self, vol: &VolumeId) -> bool {
+        self.marks().contains(vol)
+    }
+
+    fn marks(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<VolumeId>> {
+        self.deleted_here
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Loads the `d` marks of volumes that still have chunk stats; removes (synced) those of
+    /// volumes without any, and any mark whose key is not a VolumeId (logged).
+    pub(crate) fn load_deleted_here(&self) -> Result<(), MetaError> {
         let mut marked = Vec::new();
         for item in self.db.prefix_iterator([PREFIX_DELETED_HERE]) {
             let (k, _) = item?;
             if k.first() != Some(&PREFIX_DELETED_HERE) {
                 break;
             }
-            let id = std::str::from_utf8(&k[1..])
+            match std::str::from_utf8(&k[1..])
                 .ok()
                 .and_then(|s| s.parse::<VolumeId>().ok())
-                .ok_or_else(|| MetaError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: "not a VolumeId".into(),
-                })?;
-            marked.push(id);
+            {
+                Some(id) => marked.push(id),
+                None => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&k), "removing a deleted-here mark that names no volume");
+                    self.db.delete(&k)?;
+                }
+            }
         }
-        let mut out = Vec::new();
+        let mut kept = std::collections::HashSet::new();
         let mut batch = WriteBatch::default();
         for id in marked {
             if self.chunk_stats(&id)?.is_empty() {
                 batch.delete(vol_key(PREFIX_DELETED_HERE, &id));
             } else {
-                out.push(id);
+                kept.insert(id);
             }
         }
         if !batch.is_empty() {
             self.write_sync(batch)?;
         }
-        Ok(out)
+        *self.marks() = kept;
+        Ok(())
     }
 
     /// Stores a snapshot record durably.

@@ -517,6 +517,8 @@ impl Volume {
             Payload::Zero => 0,
         };
         inner.wal.reserve(payload_len).await;
+        // The volume may have failed while this write waited.
+        inner.check_failed()?;
         let mut st = lock(&inner.state);
         if st.closed {
             return Err(VolumeError::Closed);

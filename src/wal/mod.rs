@@ -329,6 +329,9 @@ pub struct Wal {
     stats: Arc<WalStats>,
     durable: Arc<Mutex<DurablePosition>>,
     health: Arc<WriteHealth>,
+    /// [`Wal::reserve`]'s queue: appenders get room in the order they asked (tokio's mutex is
+    /// fair), so a record that needs the backlog empty is not passed by smaller ones for ever.
+    reserve_turn: tokio::sync::Mutex<()>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -391,6 +394,7 @@ impl Wal {
                 stats,
                 durable,
                 health,
+                reserve_turn: tokio::sync::Mutex::new(()),
                 thread: Mutex::new(Some(thread)),
             },
             report,
@@ -400,11 +404,13 @@ impl Wal {
     /// Waits until a record with a `payload_len`-byte payload fits in the writer's backlog:
     /// until at most [`MAX_UNWRITTEN_BYTES`] would wait unwritten with it, or nothing waits (a
     /// larger record goes alone). Returns at once while segment writes fail, after a failed
-    /// `fdatasync` or once the WAL is shut down ([`Wal::append`] then answers with the error). Call before [`Wal::append`];
-    /// the bound is soft (appenders that reserved at the same moment may each add their
-    /// record). Counts each wait in [`WalStats::backlog_waits`].
+    /// `fdatasync` or once the WAL is shut down ([`Wal::append`] then answers with the error).
+    /// Appenders get room in the order they asked. Call before [`Wal::append`]; the bound is
+    /// soft (an appender that got room may append after the next one looked). Counts each
+    /// wait in [`WalStats::backlog_waits`].
     pub async fn reserve(&self, payload_len: usize) {
         let len = (record::RECORD_HEADER_LEN + payload_len) as u64;
+        let _turn = self.reserve_turn.lock().await;
         let mut waited = false;
         loop {
             let progress = self.health.progress.notified();

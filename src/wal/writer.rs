@@ -221,6 +221,17 @@ struct Spare {
     thread: std::thread::JoinHandle<Result<FsFile, WalError>>,
 }
 
+/// Says the writer stopped when dropped: stopped first, then woken, so a waiter that
+/// registered after the last round's wake-up sees the flag, or gets this one.
+struct Stopped(Arc<WriteHealth>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.set_stopped();
+        self.0.progress.notify_waiters();
+    }
+}
+
 pub(crate) struct Writer {
     /// The WAL directory's lock file, held (open) while this writer runs.
     _lock: std::fs::File,
@@ -337,11 +348,9 @@ impl Writer {
     /// The writer thread: takes commands until a stop (or every handle is gone), then says so
     /// to appenders waiting for room ([`super::Wal::reserve`]).
     pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        // Also if `rounds` panics: appenders waiting for room would wait for ever.
+        let _stopped = Stopped(self.health.clone());
         self.rounds(rx);
-        // Stopped first, then woken: a waiter that registered after the last round's wake-up
-        // sees the flag, or gets this one.
-        self.health.set_stopped();
-        self.health.progress.notify_waiters();
     }
 
     fn rounds(&mut self, rx: Receiver<Command>) {
