@@ -231,6 +231,23 @@ pub struct WalStats {
 /// flusher may still move them into chunks) and only syncs report the error.
 pub const MAX_UNWRITTEN_BYTES: u64 = 32 << 20;
 
+/// One appender queued in [`Wal::reserve`] (counted until dropped: also when the caller gives
+/// up waiting).
+struct Queued<'a>(&'a AtomicU64);
+
+impl<'a> Queued<'a> {
+    fn join(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The writer's last segment-write failure, cleared by the next successful write; or its fatal
 /// failure (a failed `fdatasync`), which nothing clears; whether it still runs, and its
 /// progress signal.
@@ -332,6 +349,8 @@ pub struct Wal {
     /// [`Wal::reserve`]'s queue: appenders get room in the order they asked (tokio's mutex is
     /// fair), so a record that needs the backlog empty is not passed by smaller ones for ever.
     reserve_turn: tokio::sync::Mutex<()>,
+    /// Appenders queued in [`Wal::reserve`]: while any are, new ones queue behind them.
+    reserve_queued: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -395,6 +414,7 @@ impl Wal {
                 durable,
                 health,
                 reserve_turn: tokio::sync::Mutex::new(()),
+                reserve_queued: AtomicU64::new(0),
                 thread: Mutex::new(Some(thread)),
             },
             report,
@@ -405,11 +425,20 @@ impl Wal {
     /// until at most [`MAX_UNWRITTEN_BYTES`] would wait unwritten with it, or nothing waits (a
     /// larger record goes alone). Returns at once while segment writes fail, after a failed
     /// `fdatasync` or once the WAL is shut down ([`Wal::append`] then answers with the error).
-    /// Appenders get room in the order they asked. Call before [`Wal::append`]; the bound is
+    /// Appenders that wait get room in the order they asked, and while any waits a new one
+    /// queues behind it. Call before [`Wal::append`]; the bound is
     /// soft (an appender that got room may append after the next one looked). Counts each
     /// wait in [`WalStats::backlog_waits`].
     pub async fn reserve(&self, payload_len: usize) {
         let len = (record::RECORD_HEADER_LEN + payload_len) as u64;
+        let fits = |unwritten: u64| unwritten == 0 || unwritten + len <= MAX_UNWRITTEN_BYTES;
+        // Room and nobody queued (the usual case): no queue to join.
+        if self.reserve_queued.load(Ordering::SeqCst) == 0
+            && fits(self.stats.unwritten_bytes.load(Ordering::Relaxed))
+        {
+            return;
+        }
+        let _queued = Queued::join(&self.reserve_queued);
         let _turn = self.reserve_turn.lock().await;
         let mut waited = false;
         loop {
@@ -417,9 +446,7 @@ impl Wal {
             tokio::pin!(progress);
             // Registered before the check: a round that ends in between still wakes it.
             progress.as_mut().enable();
-            let unwritten = self.stats.unwritten_bytes.load(Ordering::Relaxed);
-            if unwritten == 0
-                || unwritten + len <= MAX_UNWRITTEN_BYTES
+            if fits(self.stats.unwritten_bytes.load(Ordering::Relaxed))
                 || self.health.is_failing()
                 || self.health.is_stopped()
             {
