@@ -642,6 +642,27 @@ fn one_catalog_serves_every_node() {
     );
     let d = node_request(&nats, "c", "describevolumes", json!({"VolumeIds": [id]}));
     assert_eq!(d["Volumes"][0]["State"], "in-use", "{d}");
+    // Its space through c and b, which never held it: described by the owner a, from its map
+    // (the writes counted once they are in chunks), by id and in a listing.
+    let mut space = serde_json::Value::Null;
+    let described = common::daemon::wait_until(Duration::from_secs(30), || {
+        space = node_request(
+            &nats,
+            "c",
+            "describevolumespace",
+            json!({"VolumeIds": [id]}),
+        );
+        space["VolumeSpaces"][0]["AllocatedBytes"] == (1 << 20) + (64 << 10)
+    });
+    assert!(described, "describevolumespace through c: {space}");
+    let all = node_request(&nats, "b", "describevolumespace", json!({}));
+    let listed = all["VolumeSpaces"]
+        .as_array()
+        .is_some_and(|v| v.iter().any(|s| s["VolumeId"] == id.as_str()));
+    assert!(
+        listed,
+        "describevolumespace of every volume through b: {all}"
+    );
 
     // Through c, which does not own the volume: taken by the owner a, from its newest map.
     let snap = node_request(

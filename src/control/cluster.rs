@@ -28,7 +28,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Cluster mode's state in the control plane.
 pub struct ClusterMode {
-    leases: Arc<Leases>,
+    pub(super) leases: Arc<Leases>,
     /// Every volume and snapshot record of the cluster.
     pub(super) catalog: Catalog,
     /// The NATS connection: requests forwarded to other nodes.

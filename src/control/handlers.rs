@@ -318,7 +318,7 @@ impl Control {
             "createsnapshot" => plain(self.create_snapshot(payload, forwarded).await),
             "describesnapshots" => plain(self.describe_snapshots(payload).await),
             "deletesnapshot" => plain(self.delete_snapshot(payload).await),
-            "describevolumespace" => plain(self.describe_volume_space(payload).await),
+            "describevolumespace" => plain(self.describe_volume_space(payload, forwarded).await),
             "mount" => {
                 let r = self.mount(node, payload).await;
                 let b = body(&r);
@@ -692,8 +692,18 @@ impl Control {
         Ok(body(&ReturnReply { ret: true }))
     }
 
-    async fn describe_volume_space(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+    /// `ebs.describevolumespace`. In cluster mode each volume is described by the node that
+    /// holds its lease (its map is the current one; `vblock.NODE.describevolumespace`) unless
+    /// the request was forwarded; a volume nobody holds, from this node's copy of its map. Asked
+    /// for every volume, the volumes no node can describe that way (unheld, and never held
+    /// here) are left out (logged); asked for one by id, that is `InvalidVolume.NotFound`.
+    async fn describe_volume_space(
+        &self,
+        payload: &[u8],
+        forwarded: bool,
+    ) -> Result<Vec<u8>, ApiError> {
         let req: DescribeVolumeSpaceRequest = parse(payload)?;
+        let listing = req.volume_ids.is_none();
         let ids = match req.volume_ids {
             Some(ids) => ids
                 .iter()
@@ -708,7 +718,19 @@ impl Control {
         };
         let mut volume_spaces = Vec::new();
         for id in ids {
-            let s = self.engine.volume_space(&id).await?;
+            if !forwarded {
+                if let Some(space) = self.owner_volume_space(&id).await? {
+                    volume_spaces.push(space);
+                    continue;
+                }
+            }
+            let s = match self.engine.volume_space(&id).await {
+                Err(VolumeError::VolumeNotFound(_)) if listing && self.cluster.is_some() => {
+                    tracing::info!(volume = %id, "describevolumespace: no node holds the volume and this node has no copy of its map; left out");
+                    continue;
+                }
+                other => other?,
+            };
             volume_spaces.push(VolumeSpace {
                 volume_id: id.to_string(),
                 size_bytes: s.size_bytes,
@@ -719,6 +741,44 @@ impl Control {
             });
         }
         Ok(body(&DescribeVolumeSpaceReply { volume_spaces }))
+    }
+
+    /// Cluster mode: volume `id`'s space as the node holding its lease describes it, when that
+    /// is another node (`None`: outside cluster mode, held here or by nobody).
+    ///
+    /// Errors: the owner's error reply or a reply that does not parse; `InternalError` when
+    /// the owner does not answer.
+    async fn owner_volume_space(&self, id: &VolumeId) -> Result<Option<VolumeSpace>, ApiError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let owner = match cluster.leases.holder(id).await {
+            Ok(Some((owner, _))) if owner.node != cluster.me.node => owner,
+            Ok(_) => return Ok(None),
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "cannot read the lease of {id}: {e}"
+                )))
+            }
+        };
+        let request = DescribeVolumeSpaceRequest {
+            volume_ids: Some(vec![id.to_string()]),
+        };
+        let payload = serde_json::to_vec(&request)
+            .map_err(|e| ApiError::internal(format!("encoding a request: {e}")))?;
+        let reply = cluster
+            .forward(&owner.node, "describevolumespace", &payload)
+            .await?;
+        if let Ok(err) = serde_json::from_slice::<ErrorReply>(&reply) {
+            return Err(err.error);
+        }
+        let reply: DescribeVolumeSpaceReply = serde_json::from_slice(&reply).map_err(|e| {
+            ApiError::internal(format!(
+                "node {}'s describevolumespace reply: {e}",
+                owner.node
+            ))
+        })?;
+        Ok(reply.volume_spaces.into_iter().next())
     }
 
     async fn delete_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
