@@ -28,7 +28,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Cluster mode's state in the control plane.
 pub struct ClusterMode {
-    pub(super) leases: Arc<Leases>,
+    leases: Arc<Leases>,
     /// Every volume and snapshot record of the cluster.
     pub(super) catalog: Catalog,
     /// The NATS connection: requests forwarded to other nodes.
@@ -150,6 +150,22 @@ impl ClusterMode {
                 false
             }
         }
+    }
+
+    /// The holder of volume `id`'s lease when that is another node (a lease left by an earlier
+    /// process of this node is not another node's).
+    ///
+    /// Errors: the lease cannot be read.
+    pub(super) async fn held_elsewhere(
+        &self,
+        id: &VolumeId,
+    ) -> Result<Option<Owner>, crate::cluster::lease::LeaseError> {
+        Ok(self
+            .leases
+            .holder(id)
+            .await?
+            .map(|(owner, _)| owner)
+            .filter(|owner| owner.node != self.me.node))
     }
 
     /// Forgets half-made entry `key` (released or deleted).
@@ -341,12 +357,12 @@ impl Control {
         if cluster.keeps(id) {
             return None;
         }
-        match cluster.leases.holder(id).await {
-            Ok(Some((owner, _))) if owner.node != cluster.me.node => Some(format!(
+        match cluster.held_elsewhere(id).await {
+            Ok(Some(owner)) => Some(format!(
                 "volume {id} is owned by node {} (through ebs.{}.unmount)",
                 owner.node, owner.node
             )),
-            Ok(_) => None,
+            Ok(None) => None,
             Err(e) => Some(format!("cannot read the lease of {id}: {e}")),
         }
     }
@@ -585,6 +601,7 @@ impl Control {
         cluster: &ClusterMode,
         rec: &VolumeRecord,
     ) -> Result<Option<VolumeRecord>, ApiError> {
+        let key = claim_key(&rec.client_token);
         for _ in 0..2 {
             let Some((earlier, revision)) = cluster
                 .catalog
@@ -606,10 +623,9 @@ impl Control {
                 .await
                 .map_err(catalog_err)?
             {
-                cluster.forget(&claim_key(&rec.client_token));
+                cluster.forget(&key);
                 return Ok(Some(current));
             }
-            let key = claim_key(&rec.client_token);
             if !cluster.abandoned(&key, revision, &earlier.create_time) {
                 return Ok(Some(VolumeRecord {
                     state: VolumeStateName::Creating,

@@ -752,9 +752,9 @@ impl Control {
         let Some(cluster) = &self.cluster else {
             return Ok(None);
         };
-        let owner = match cluster.leases.holder(id).await {
-            Ok(Some((owner, _))) if owner.node != cluster.me.node => owner,
-            Ok(_) => return Ok(None),
+        let owner = match cluster.held_elsewhere(id).await {
+            Ok(Some(owner)) => owner,
+            Ok(None) => return Ok(None),
             Err(e) => {
                 return Err(ApiError::internal(format!(
                     "cannot read the lease of {id}: {e}"

@@ -356,14 +356,6 @@ impl MetaStore {
     /// that this node deleted it ([`MetaStore::deleted_here`]): only this node has those
     /// stats, so only its garbage collection can ever delete the objects, across restarts too.
     pub fn delete_volume(&self, vol: &VolumeId, mark: bool) -> Result<(), MetaError> {
-        self.delete_volume_batch(vol, mark)?;
-        if mark {
-            self.marks().insert(vol.clone());
-        }
-        Ok(())
-    }
-
-    fn delete_volume_batch(&self, vol: &VolumeId, mark: bool) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
         if mark {
             batch.put(vol_key(PREFIX_DELETED_HERE, vol), []);
@@ -375,7 +367,11 @@ impl MetaStore {
             st.live_blocks = 0;
             batch.put(vol_u64_key(PREFIX_CHUNK, vol, id), st.encode());
         }
-        self.write_sync(batch)
+        self.write_sync(batch)?;
+        if mark {
+            self.marks().insert(vol.clone());
+        }
+        Ok(())
     }
 
     /// Cluster mode: whether this node deleted volume `vol` ([`MetaStore::delete_volume`] with
@@ -395,6 +391,7 @@ impl MetaStore {
     /// volumes without any, and any mark whose key is not a VolumeId (logged).
     pub(crate) fn load_deleted_here(&self) -> Result<(), MetaError> {
         let mut marked = Vec::new();
+        let mut batch = WriteBatch::default();
         for item in self.db.prefix_iterator([PREFIX_DELETED_HERE]) {
             let (k, _) = item?;
             if k.first() != Some(&PREFIX_DELETED_HERE) {
@@ -407,12 +404,11 @@ impl MetaStore {
                 Some(id) => marked.push(id),
                 None => {
                     tracing::warn!(key = %String::from_utf8_lossy(&k), "removing a deleted-here mark that names no volume");
-                    self.db.delete(&k)?;
+                    batch.delete(&k);
                 }
             }
         }
         let mut kept = std::collections::HashSet::new();
-        let mut batch = WriteBatch::default();
         for id in marked {
             if self.chunk_stats(&id)?.is_empty() {
                 batch.delete(vol_key(PREFIX_DELETED_HERE, &id));

@@ -426,9 +426,9 @@ impl Wal {
     /// larger record goes alone). Returns at once while segment writes fail, after a failed
     /// `fdatasync` or once the WAL is shut down ([`Wal::append`] then answers with the error).
     /// Appenders that wait get room in the order they asked, and while any waits a new one
-    /// queues behind it. Call before [`Wal::append`]; the bound is
-    /// soft (an appender that got room may append after the next one looked). Counts each
-    /// wait in [`WalStats::backlog_waits`].
+    /// queues behind it. Call before [`Wal::append`]; the bound is soft (an appender that got
+    /// room may append after the next one looked). Counts each wait in
+    /// [`WalStats::backlog_waits`].
     pub async fn reserve(&self, payload_len: usize) {
         let len = (record::RECORD_HEADER_LEN + payload_len) as u64;
         let fits = |unwritten: u64| unwritten == 0 || unwritten + len <= MAX_UNWRITTEN_BYTES;
