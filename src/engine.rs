@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::backend::{checkpoint_prefix, volume_prefix, volume_record_key, SharedBackend};
 use crate::block::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 use crate::cache::{frame_cache, FrameCache};
+use crate::cluster::lease::Tenure;
 use crate::ids::VolumeId;
 use crate::instances::Instances;
 use crate::lookup::MapExtent;
@@ -71,7 +72,14 @@ pub struct Engine {
     /// Cluster mode ([`Engine::set_cluster_gc`]): the volumes whose chunks this node may
     /// delete.
     pub(crate) gc_scope: std::sync::OnceLock<GcScope>,
+    /// Cluster mode ([`Engine::set_cluster_tenure`]): the lease each volume is opened under.
+    tenure_of: std::sync::OnceLock<TenureOf>,
 }
+
+/// Cluster mode: the tenure of this node's lease on a volume, `None` when it keeps none. See
+/// [`Engine::set_cluster_tenure`].
+pub type TenureOf =
+    std::sync::Arc<dyn Fn(&VolumeId) -> Option<crate::cluster::lease::Tenure> + Send + Sync>;
 
 /// Cluster mode: whether this node may delete chunk objects of a volume (it owns the volume:
 /// it keeps its lease). See [`Engine::set_cluster_gc`].
@@ -171,6 +179,7 @@ impl Engine {
             snapshot_ends: Default::default(),
             snapshot_mounts: Default::default(),
             gc_scope: std::sync::OnceLock::new(),
+            tenure_of: std::sync::OnceLock::new(),
         })
     }
 
@@ -183,6 +192,15 @@ impl Engine {
     pub fn set_cluster_gc(&self, scope: GcScope) {
         if self.gc_scope.set(scope).is_err() {
             tracing::warn!("the cluster GC scope was set twice; the first one stays");
+        }
+    }
+
+    /// Cluster mode: each volume opened from now on serves I/O (NBD reads, writes, flushes)
+    /// only while the lease `tenure_of` gives for it at the open holds; a volume opened while
+    /// this node keeps no lease on it serves none. Set once.
+    pub fn set_cluster_tenure(&self, tenure_of: TenureOf) {
+        if self.tenure_of.set(tenure_of).is_err() {
+            tracing::warn!("the cluster tenure was set twice; the first one stays");
         }
     }
 
@@ -376,6 +394,7 @@ impl Engine {
         let (meta, backend, cache) = (self.meta.clone(), self.backend.clone(), self.cache.clone());
         let (vid, wal_dir) = (id.clone(), self.config.wal_dir.join(id.as_str()));
         let config = self.config.volume.clone();
+        let tenure_of = self.tenure_of.get().cloned();
         let open = async move {
             let rec = read_record(meta.clone(), vid.clone())
                 .await?
@@ -385,7 +404,11 @@ impl Engine {
                     "volume {vid} may not be opened now"
                 )));
             }
-            Volume::open(meta, backend, cache, vid, rec.size_bytes, wal_dir, config).await
+            // Asked under the volume's busy slot: after any takeover that precedes this open.
+            let tenure = tenure_of.map(|f| f(&vid).unwrap_or_else(Tenure::ended));
+            Volume::open(meta, backend, cache, vid, rec.size_bytes, wal_dir, config)
+                .await
+                .map(|v| v.serving_under(tenure))
         };
         self.instances
             .get_or_open(id, self.close_wait(), open)

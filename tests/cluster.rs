@@ -331,9 +331,10 @@ fn signal(pid: u32, sig: &str) {
 }
 
 /// The zombie (issue test 3): the owner a is paused (SIGSTOP) with a client connected; b takes
-/// the volume over after the lease time, writes and flushes; a resumes (SIGCONT): the client's
-/// write+flush through a fails, b's data is intact, and a daemon recovering the bucket on an
-/// empty data directory sees b's writes and none of a's late ones.
+/// the volume over after the lease time, writes and flushes; a resumes (SIGCONT): a read the
+/// client sent while a was paused is refused (it would be stale), the client's write+flush
+/// through a fails, b's data is intact, and a daemon recovering the bucket on an empty data
+/// directory sees b's writes and none of a's late ones.
 #[test]
 fn a_paused_owner_resumes_fenced() {
     use std::io::{Seek, SeekFrom, Write};
@@ -347,13 +348,43 @@ fn a_paused_owner_resumes_fenced() {
     common::daemon::qemu_io(&uri_a, &["write -P 0xa1 0 1M", "flush"]);
     let export = uri_a.rsplit('/').next().expect("export").to_owned();
     let mut client = common::daemon::nbd_client(a.nbd_port, &export, Duration::from_secs(30));
+    let (_reader, mut read_socket) =
+        common::daemon::nbd_client_and_socket(a.nbd_port, &export, Duration::from_secs(30));
 
     signal(a.pid(), "STOP");
     let uri_b = mount_via(&b, &id, "b");
     assert!(uri_b.contains(&format!(":{}/", b.nbd_port)), "{uri_b}");
     common::daemon::qemu_io(&uri_b, &["write -P 0xc3 8M 64k", "flush"]);
 
+    // NBD_CMD_READ of b's new data, queued in a's socket before a runs again: a must not
+    // answer it from its stale copy (the NBD proto.md request and simple reply layouts).
+    let mut request = Vec::with_capacity(28);
+    request.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    request.extend_from_slice(&0u16.to_be_bytes()); // flags
+    request.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+    request.extend_from_slice(&7u64.to_be_bytes()); // handle
+    request.extend_from_slice(&(8u64 << 20).to_be_bytes());
+    request.extend_from_slice(&65536u32.to_be_bytes());
+    read_socket.write_all(&request).expect("send the read");
     signal(a.pid(), "CONT");
+    let mut reply = [0u8; 16];
+    match std::io::Read::read_exact(&mut read_socket, &mut reply) {
+        // The connection closed: refused as well.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => panic!("the read's reply: {e}"),
+        Ok(()) => {
+            assert_eq!(
+                reply[..4],
+                0x6744_6698u32.to_be_bytes(),
+                "simple reply magic"
+            );
+            let error = u32::from_be_bytes(reply[4..8].try_into().expect("4 bytes"));
+            assert_eq!(
+                error, 108,
+                "the resumed old owner answered a read (error {error}); NBD_ESHUTDOWN expected"
+            );
+        }
+    }
     let late = client
         .seek(SeekFrom::Start(0))
         .and_then(|_| client.write_all(&[0xee; 65536]))

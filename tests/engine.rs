@@ -477,6 +477,44 @@ fn block_status_reports_data_and_holes() {
     });
 }
 
+/// Cluster mode: a volume opened while this node keeps no lease on it (lost, released, or
+/// never claimed) serves no reads, block status, writes, trims or flushes: another node may own
+/// it, and what this node holds may be stale. Each is refused with `LeaseLost`.
+#[test]
+fn a_volume_opened_without_a_kept_lease_serves_no_io() {
+    common::run(Duration::from_secs(30), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let id = engine
+            .create_volume(1 << 20, "lease")
+            .await
+            .expect("create")
+            .volume_id;
+        let vol = engine.volume(&id).await.expect("open");
+        vol.write(0, block(7), true).await.expect("write");
+        drop(vol);
+        engine.close_volume(&id).await.expect("close");
+
+        engine.set_cluster_tenure(std::sync::Arc::new(|_: &VolumeId| None));
+        let vol = engine.volume(&id).await.expect("open");
+        let lost = |r: Result<(), VolumeError>, what: &str| {
+            assert!(
+                matches!(r, Err(VolumeError::LeaseLost(ref v)) if *v == id),
+                "{what}: {r:?}"
+            );
+        };
+        lost(vol.read(0, 4096).await.map(|_| ()), "read");
+        lost(vol.block_status(0, 4096).await.map(|_| ()), "block status");
+        lost(vol.write(4096, block(8), false).await, "write");
+        lost(vol.write_zeroes(0, 8192, false).await, "write zeroes");
+        lost(vol.trim(0, 4096).await, "trim");
+        lost(vol.flush().await, "flush");
+        drop(vol);
+        engine.close_all().await;
+    });
+}
+
 #[test]
 fn out_of_range_and_oversized_requests_are_typed_errors() {
     common::run(Duration::from_secs(30), async {

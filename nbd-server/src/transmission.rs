@@ -70,7 +70,7 @@ pub fn errno(e: &VolumeError) -> u32 {
         | VolumeError::InUse(_) => NBD_EINVAL,
         VolumeError::ReadOnly => NBD_EPERM,
         VolumeError::Wal(w) if w.is_no_space() => NBD_ENOSPC,
-        VolumeError::Closed => NBD_ESHUTDOWN,
+        VolumeError::Closed | VolumeError::LeaseLost(_) => NBD_ESHUTDOWN,
         // A volume or snapshot deleted under its client: the device is gone.
         VolumeError::VolumeNotFound(_) | VolumeError::SnapshotNotFound(_) => NBD_EIO,
         VolumeError::Wal(_)

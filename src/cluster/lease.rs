@@ -239,33 +239,63 @@ impl Leases {
 /// A lease kept by a task that renews it every TTL/3 ([`Leases::keep`]); dropping it stops the
 /// renewals (the lease then expires, or is released by its owner first).
 pub struct Kept {
-    lost: tokio::sync::watch::Receiver<bool>,
-    /// Until when the lease can be trusted: 2/3 of the TTL after the last successful renewal
-    /// was *sent* (a claimer's clock starts no earlier than that).
-    trusted_until: Arc<std::sync::Mutex<Instant>>,
+    tenure: Tenure,
     stop: Arc<tokio::sync::Notify>,
     /// Ends with the last revision written, or `None` once the lease was lost.
     task: tokio::task::JoinHandle<Option<u64>>,
 }
 
-impl Kept {
+/// Whether a kept lease still holds ([`Kept::tenure`]): what a volume asks before it serves
+/// I/O. Cheap to clone and to ask (one atomic read of the lost flag, one uncontended lock).
+#[derive(Clone)]
+pub struct Tenure {
+    lost: tokio::sync::watch::Receiver<bool>,
+    /// Until when the lease can be trusted: 2/3 of the TTL after the last successful renewal
+    /// was *sent* (a claimer's clock starts no earlier than that).
+    trusted_until: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl Tenure {
+    /// A tenure that never held: every [`Tenure::is_lost`] is true (a volume opened in
+    /// cluster mode while this node keeps no lease on it).
+    pub fn ended() -> Self {
+        let (_, lost) = tokio::sync::watch::channel(true);
+        Self {
+            lost,
+            trusted_until: Arc::new(std::sync::Mutex::new(Instant::now())),
+        }
+    }
+
     /// True once the lease is lost: another node changed it, or no renewal sent in the last two
     /// thirds of the TTL has succeeded (after the TTL a claimer may take it over). Judged at the
     /// call, not only by the renewal task, which may not have run yet after a pause. A lost
-    /// lease stays lost: its owner stops writing the volume and claims it again if it still
+    /// lease stays lost: its owner stops serving the volume and claims it again if it still
     /// should.
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow() || Instant::now() >= *trusted(&self.trusted_until)
     }
+}
+
+impl Kept {
+    /// [`Tenure::is_lost`] of this lease.
+    pub fn is_lost(&self) -> bool {
+        self.tenure.is_lost()
+    }
+
+    /// A handle on this lease's validity for the volume it guards; it stays valid after the
+    /// `Kept` is dropped (and reports the lease lost once its trusted time has passed).
+    pub fn tenure(&self) -> Tenure {
+        self.tenure.clone()
+    }
 
     /// Resolves once the lease is lost ([`Kept::is_lost`]).
     pub async fn lost(&self) {
-        let mut rx = self.lost.clone();
+        let mut rx = self.tenure.lost.clone();
         loop {
             if self.is_lost() {
                 return;
             }
-            let until = *trusted(&self.trusted_until);
+            let until = *trusted(&self.tenure.trusted_until);
             tokio::select! {
                 _ = rx.wait_for(|lost| *lost) => return,
                 () = tokio::time::sleep_until(until.into()) => {}
@@ -278,7 +308,8 @@ impl Kept {
     pub async fn stop(mut self) -> Option<u64> {
         self.stop.notify_one();
         let last = (&mut self.task).await.ok().flatten();
-        last.filter(|_| !self.is_lost())
+        // Stopping marks the tenure lost: whether the lease still held is a matter of time.
+        last.filter(|_| Instant::now() < *trusted(&self.tenure.trusted_until))
     }
 }
 
@@ -332,7 +363,11 @@ impl Leases {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(every) => {}
-                    () = stopped.notified() => return Some(revision),
+                    () = stopped.notified() => {
+                        // Released next: a volume it guards serves nothing from now on.
+                        tx.send_replace(true);
+                        return Some(revision);
+                    }
                 }
                 // A renewal may not outlast the time the lease can still be trusted (a NATS
                 // request waits for a reconnect otherwise).
@@ -367,8 +402,10 @@ impl Leases {
             None
         });
         Kept {
-            lost,
-            trusted_until,
+            tenure: Tenure {
+                lost,
+                trusted_until,
+            },
             stop,
             task,
         }

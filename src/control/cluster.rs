@@ -187,6 +187,11 @@ impl ClusterMode {
         self.kept().get(id).is_some_and(|h| !h.kept.is_lost())
     }
 
+    /// The tenure of the lease this process keeps on `id`, if it keeps one (lost or not).
+    pub fn tenure(&self, id: &VolumeId) -> Option<crate::cluster::lease::Tenure> {
+        self.kept().get(id).map(|h| h.kept.tenure())
+    }
+
     /// Whether this process keeps `id`'s lease for a mount.
     pub fn mounted_here(&self, id: &VolumeId) -> bool {
         self.kept()

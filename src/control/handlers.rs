@@ -87,6 +87,7 @@ impl From<VolumeError> for ApiError {
             | VolumeError::Backend(_)
             | VolumeError::Chunk { .. }
             | VolumeError::Closed
+            | VolumeError::LeaseLost(_)
             | VolumeError::Failed(_)
             | VolumeError::Corrupt { .. }
             | VolumeError::Io { .. }

@@ -120,6 +120,8 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
                     let mode = Arc::new(mode);
                     let keeps = mode.clone();
                     engine.set_cluster_gc(Arc::new(move |id| keeps.keeps(id)));
+                    let held = mode.clone();
+                    engine.set_cluster_tenure(Arc::new(move |id| held.tenure(id)));
                     break Some(mode);
                 }
                 Err(e) => {

@@ -48,6 +48,11 @@ pub enum VolumeError {
     /// The volume is closed.
     #[error("volume is closed")]
     Closed,
+    /// Cluster mode: this node no longer keeps the volume's lease (another node may own it
+    /// now), so it serves no more reads, writes or flushes of it; the volume is closed here
+    /// next. Clients mount the volume again (NBD maps it to `NBD_ESHUTDOWN`).
+    #[error("this node no longer holds the lease of volume {0}: another node may own it; mount it again")]
+    LeaseLost(VolumeId),
     /// The volume failed and takes no more writes or flushes until it is reopened: its WAL could
     /// not be synced (the page cache can no longer be trusted), or its flusher hit a permanent
     /// error (the data stays in the WAL). Reads go on.

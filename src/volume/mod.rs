@@ -32,6 +32,7 @@ use crate::block::{is_aligned, BlockRange, BLOCK_SIZE};
 use crate::buffer::{BufExtent, Payload, WriteBuffer};
 use crate::cache::FrameCache;
 use crate::chunk;
+use crate::cluster::lease::Tenure;
 use crate::ids::VolumeId;
 use crate::lookup::BlockLookup;
 use crate::meta::{blocking, MetaError, MetaStore, VolumeState};
@@ -89,6 +90,8 @@ struct Inner {
     lookup: BlockLookup,
     /// Held across every map commit: a snapshot freezes the map between two commits.
     commit_lock: tokio::sync::Mutex<()>,
+    /// Cluster mode: the lease this node serves the volume under ([`Volume::serving_under`]).
+    tenure: std::sync::OnceLock<Tenure>,
     /// The state of the last map commit.
     committed: Mutex<VolumeState>,
     backend: SharedBackend,
@@ -276,6 +279,7 @@ impl Volume {
             lookup: BlockLookup::new(meta.clone(), id.clone()),
             meta,
             commit_lock: tokio::sync::Mutex::new(()),
+            tenure: std::sync::OnceLock::new(),
             committed: Mutex::new(state),
             id,
             size,
@@ -337,6 +341,16 @@ impl Volume {
             *lock(&inner.ship_task) = Some(handle);
         }
         Ok(Self { inner })
+    }
+
+    /// Cluster mode: serves NBD I/O (reads, block status, writes, trims, flushes) only while
+    /// `tenure` holds ([`VolumeError::LeaseLost`] after); `None` serves always. Set once, at
+    /// the open ([`crate::engine::Engine::set_cluster_tenure`]).
+    pub(crate) fn serving_under(self, tenure: Option<Tenure>) -> Self {
+        if let Some(t) = tenure {
+            let _ = self.inner.tenure.set(t);
+        }
+        self
     }
 
     /// Volume id.
@@ -411,8 +425,10 @@ impl Volume {
     /// Makes every write that completed before this call durable (NBD_CMD_FLUSH).
     ///
     /// Errors: [`VolumeError::Failed`] once the volume failed, [`VolumeError::Wal`]; with WAL
-    /// shipping [`VolumeError::Shipping`] (the backend did not take the records).
+    /// shipping [`VolumeError::Shipping`] (the backend did not take the records);
+    /// [`VolumeError::LeaseLost`].
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.inner.check_tenure()?;
         self.inner.check_failed()?;
         self.inner.sync().await
     }
@@ -505,6 +521,7 @@ impl Volume {
             Payload::Data(_) => count,
             Payload::Zero => 1,
         };
+        inner.check_tenure()?;
         inner.check_failed()?;
         let Ok(permits) = inner.permits.acquire_many(cost as u32).await else {
             inner.check_failed()?;
@@ -826,6 +843,16 @@ impl Inner {
             return Some(reason);
         }
         self.wal.failed().then(|| "WAL fdatasync failed".to_owned())
+    }
+
+    /// Cluster mode: [`VolumeError::LeaseLost`] once this node no longer keeps the lease it
+    /// opened the volume under (judged now, on this node's clock: a node that resumes after a
+    /// pause refuses before its lease watcher has run).
+    fn check_tenure(&self) -> Result<(), VolumeError> {
+        match self.tenure.get() {
+            Some(t) if t.is_lost() => Err(VolumeError::LeaseLost(self.id.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// [`VolumeError::Failed`] once the volume failed. The first caller to see a WAL failure

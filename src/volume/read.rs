@@ -36,9 +36,12 @@ impl Volume {
     ///
     /// Errors: [`VolumeError::OutOfRange`], [`VolumeError::TooLarge`] above 32 MiB,
     /// [`VolumeError::Backend`] / [`VolumeError::Chunk`] when chunk data cannot be fetched or
-    /// verified (NBD maps both to `NBD_EIO`).
+    /// verified (NBD maps both to `NBD_EIO`); [`VolumeError::LeaseLost`] (cluster mode).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
-        read_bytes(offset, len, self.inner.size, |r| self.read_blocks(r)).await
+        let data = read_bytes(offset, len, self.inner.size, |r| self.read_blocks(r)).await?;
+        // Judged after the read: the data was current while the lease held.
+        self.inner.check_tenure()?;
+        Ok(data)
     }
 
     /// Allocation status of `offset..offset + len` in runs (NBD `base:allocation`): stored data
@@ -48,7 +51,9 @@ impl Volume {
         offset: u64,
         len: u64,
     ) -> Result<Vec<StatusExtent>, VolumeError> {
-        status(offset, len, self.inner.size, |r| self.resolve(r)).await
+        let runs = status(offset, len, self.inner.size, |r| self.resolve(r)).await?;
+        self.inner.check_tenure()?;
+        Ok(runs)
     }
 
     /// The newest buffered extents in `r` (clipped, in block order) and the block ranges the
