@@ -78,8 +78,7 @@ pub struct Engine {
 
 /// Cluster mode: the tenure of this node's lease on a volume, `None` when it keeps none. See
 /// [`Engine::set_cluster_tenure`].
-pub type TenureOf =
-    std::sync::Arc<dyn Fn(&VolumeId) -> Option<crate::cluster::lease::Tenure> + Send + Sync>;
+pub type TenureOf = std::sync::Arc<dyn Fn(&VolumeId) -> Option<Tenure> + Send + Sync>;
 
 /// Cluster mode: whether this node may delete chunk objects of a volume (it owns the volume:
 /// it keeps its lease). See [`Engine::set_cluster_gc`].
@@ -195,9 +194,10 @@ impl Engine {
         }
     }
 
-    /// Cluster mode: each volume opened from now on serves I/O (NBD reads, writes, flushes)
-    /// only while the lease `tenure_of` gives for it at the open holds; a volume opened while
-    /// this node keeps no lease on it serves none. Set once.
+    /// Cluster mode: a volume opens only under the lease `tenure_of` gives for it (one this
+    /// node keeps and has not lost), and serves I/O (NBD reads, writes, flushes) only while
+    /// that lease holds. Until this is set, no volume opens: a restarted daemon serves nothing
+    /// before its control plane knows which leases it keeps. Set once.
     pub fn set_cluster_tenure(&self, tenure_of: TenureOf) {
         if self.tenure_of.set(tenure_of).is_err() {
             tracing::warn!("the cluster tenure was set twice; the first one stays");
@@ -385,7 +385,9 @@ impl Engine {
     /// (and closes what it opened) or the open sees the unmount. An instance already open is
     /// returned as it is.
     ///
-    /// Errors: as [`Engine::volume`]; [`VolumeError::IncorrectState`] when `admit` refuses.
+    /// Errors: as [`Engine::volume`]; [`VolumeError::IncorrectState`] when `admit` refuses,
+    /// or in cluster mode when this node keeps no lease on the volume
+    /// ([`Engine::set_cluster_tenure`]).
     pub async fn volume_if(
         &self,
         id: &VolumeId,
@@ -394,7 +396,7 @@ impl Engine {
         let (meta, backend, cache) = (self.meta.clone(), self.backend.clone(), self.cache.clone());
         let (vid, wal_dir) = (id.clone(), self.config.wal_dir.join(id.as_str()));
         let config = self.config.volume.clone();
-        let tenure_of = self.tenure_of.get().cloned();
+        let (cluster, tenure_of) = (self.config.cluster, self.tenure_of.get().cloned());
         let open = async move {
             let rec = read_record(meta.clone(), vid.clone())
                 .await?
@@ -405,7 +407,18 @@ impl Engine {
                 )));
             }
             // Asked under the volume's busy slot: after any takeover that precedes this open.
-            let tenure = tenure_of.map(|f| f(&vid).unwrap_or_else(Tenure::ended));
+            let tenure = match cluster {
+                false => None,
+                true => {
+                    let held = tenure_of.and_then(|f| f(&vid)).filter(|t| !t.is_lost());
+                    if held.is_none() {
+                        return Err(VolumeError::IncorrectState(format!(
+                            "volume {vid} is not owned by this node (cluster mode: no lease kept here); mount it through this node to own it"
+                        )));
+                    }
+                    held
+                }
+            };
             Volume::open(meta, backend, cache, vid, rec.size_bytes, wal_dir, config)
                 .await
                 .map(|v| v.serving_under(tenure))

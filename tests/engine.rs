@@ -477,27 +477,63 @@ fn block_status_reports_data_and_holes() {
     });
 }
 
-/// Cluster mode: a volume opened while this node keeps no lease on it (lost, released, or
-/// never claimed) serves no reads, block status, writes, trims or flushes: another node may own
-/// it, and what this node holds may be stale. Each is refused with `LeaseLost`.
+/// Cluster mode: a volume opens only under a lease this node keeps (none before the control
+/// plane says which: a restarted daemon), and serves no reads, block status, writes, trims or
+/// flushes once that lease is lost: another node may own it, and what this node holds may be
+/// stale. Each is refused with `LeaseLost`.
 #[test]
-fn a_volume_opened_without_a_kept_lease_serves_no_io() {
+fn a_volume_serves_io_only_under_a_kept_lease() {
+    use vblock::cluster::lease::Tenure;
     common::run(Duration::from_secs(30), async {
         let dir = tempfile::tempdir().expect("tempdir");
         let backend = common::memory_backend();
-        let engine = common::open_engine(dir.path(), &backend).await;
+        let mut config = common::small_config(dir.path());
+        config.cluster = true;
+        let engine = vblock::Engine::open(config, backend.clone())
+            .await
+            .expect("engine");
         let id = engine
             .create_volume(1 << 20, "lease")
             .await
             .expect("create")
             .volume_id;
-        let vol = engine.volume(&id).await.expect("open");
+        let refused = |r: Result<vblock::Volume, VolumeError>, what: &str| {
+            assert!(
+                matches!(r, Err(VolumeError::IncorrectState(ref m)) if m.contains("no lease")),
+                "{what}: {:?}",
+                r.map(|_| ())
+            );
+        };
+        refused(
+            engine.volume(&id).await,
+            "opened before the leases are known",
+        );
+
+        // A lease that holds for now, then one that lapsed.
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(None::<Tenure>));
+        let keep = |t: Tenure| *kept.lock().expect("lock") = Some(t);
+        let given = kept.clone();
+        engine.set_cluster_tenure(std::sync::Arc::new(move |_: &VolumeId| {
+            given.lock().expect("lock").clone()
+        }));
+        refused(engine.volume(&id).await, "opened without a lease kept");
+        keep(Tenure::until(
+            std::time::Instant::now() + Duration::from_secs(3600),
+        ));
+        let vol = engine.volume(&id).await.expect("open under a lease");
         vol.write(0, block(7), true).await.expect("write");
+        assert_eq!(vol.read(0, 4096).await.expect("read"), block(7));
         drop(vol);
         engine.close_volume(&id).await.expect("close");
 
-        engine.set_cluster_tenure(std::sync::Arc::new(|_: &VolumeId| None));
-        let vol = engine.volume(&id).await.expect("open");
+        keep(Tenure::until(std::time::Instant::now()));
+        refused(engine.volume(&id).await, "opened under a lapsed lease");
+        // An instance opened under a lease that lapses afterwards.
+        let soon = std::time::Instant::now() + Duration::from_millis(200);
+        keep(Tenure::until(soon));
+        let vol = engine.volume(&id).await.expect("open under a lease");
+        vol.write(4096, block(8), false).await.expect("write");
+        tokio::time::sleep_until(soon.into()).await;
         let lost = |r: Result<(), VolumeError>, what: &str| {
             assert!(
                 matches!(r, Err(VolumeError::LeaseLost(ref v)) if *v == id),

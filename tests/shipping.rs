@@ -831,11 +831,17 @@ fn a_fenced_owner_collects_no_garbage() {
     });
 }
 
-/// [`quiet_config`] in cluster mode.
-fn cluster_config(dir: &std::path::Path) -> vblock::EngineConfig {
+/// An engine in cluster mode on `dir` and `backend` ([`quiet_config`]) that keeps every
+/// volume's lease for the test's length.
+async fn cluster_engine(dir: &std::path::Path, backend: &SharedBackend) -> Engine {
     let mut c = quiet_config(dir);
     c.cluster = true;
-    c
+    let e = Engine::open(c, backend.clone()).await.expect("engine");
+    let until = std::time::Instant::now() + Duration::from_secs(3600);
+    e.set_cluster_tenure(Arc::new(move |_| {
+        Some(vblock::cluster::lease::Tenure::until(until))
+    }));
+    e
 }
 
 /// Node A in cluster mode on `backend`: a volume with one generation in a chunk, and a
@@ -852,9 +858,7 @@ async fn snapshot_on_a(
     tokio::task::JoinHandle<vblock::records::SnapshotRecord>,
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Engine::open(cluster_config(dir.path()), backend.clone())
-        .await
-        .expect("engine");
+    let a = cluster_engine(dir.path(), backend).await;
     let id = create(&a).await;
     let va = a.volume(&id).await.expect("open on A");
     write_gen(&va, 0..4, 1).await;
@@ -904,9 +908,7 @@ fn a_snapshot_still_being_stored_is_not_installed_elsewhere() {
         let mut held = hooks.held.subscribe();
         held.wait_for(|h| *h).await.expect("the completing PUT");
 
-        let b = Engine::open(cluster_config(db.path()), backend.clone())
-            .await
-            .expect("engine");
+        let b = cluster_engine(db.path(), &backend).await;
         match b.load_snapshot(&sid).await {
             Err(VolumeError::IncorrectState(_)) => {}
             other => panic!("a pending copy was installed: {other:?}"),
@@ -943,9 +945,7 @@ fn a_snapshot_abandoned_by_a_lost_owner_ends_in_error() {
         let db = tempfile::tempdir().expect("tempdir");
         hooks.until_held().await;
 
-        let b = Engine::open(cluster_config(db.path()), backend.clone())
-            .await
-            .expect("engine");
+        let b = cluster_engine(db.path(), &backend).await;
         b.take_over(&id, "b").await.expect("take over");
         b.set_cluster_gc(Arc::new(|_| true));
         b.collect_garbage().await.expect("a pass on B");
@@ -994,9 +994,7 @@ fn a_deleted_volumes_shared_chunk_goes_with_its_last_snapshot() {
     common::run(Duration::from_secs(60), async {
         let backend = common::memory_backend();
         let dir = tempfile::tempdir().expect("tempdir");
-        let a = Engine::open(cluster_config(dir.path()), backend.clone())
-            .await
-            .expect("engine");
+        let a = cluster_engine(dir.path(), &backend).await;
         let leased = Arc::new(AtomicBool::new(true));
         let l = leased.clone();
         a.set_cluster_gc(Arc::new(move |_| l.load(Ordering::SeqCst)));
@@ -1025,9 +1023,7 @@ fn a_deleted_volumes_shared_chunk_goes_with_its_last_snapshot() {
         // A restart in between: the node still knows the volume was deleted here.
         a.close_all().await;
         drop(a);
-        let a = Engine::open(cluster_config(dir.path()), backend.clone())
-            .await
-            .expect("engine reopens");
+        let a = cluster_engine(dir.path(), &backend).await;
         leased.store(false, Ordering::SeqCst);
         let l = leased.clone();
         a.set_cluster_gc(Arc::new(move |_| l.load(Ordering::SeqCst)));

@@ -256,13 +256,13 @@ pub struct Tenure {
 }
 
 impl Tenure {
-    /// A tenure that never held: every [`Tenure::is_lost`] is true (a volume opened in
-    /// cluster mode while this node keeps no lease on it).
-    pub fn ended() -> Self {
-        let (_, lost) = tokio::sync::watch::channel(true);
+    /// A tenure trusted until `deadline` and never renewed: a lease kept by other means (an
+    /// engine driven without a control plane, as in tests).
+    pub fn until(deadline: Instant) -> Self {
+        let (_, lost) = tokio::sync::watch::channel(false);
         Self {
             lost,
-            trusted_until: Arc::new(std::sync::Mutex::new(Instant::now())),
+            trusted_until: Arc::new(std::sync::Mutex::new(deadline)),
         }
     }
 
