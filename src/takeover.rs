@@ -21,6 +21,7 @@ impl From<EpochError> for VolumeError {
         match e {
             EpochError::Backend(b) => VolumeError::Backend(b),
             EpochError::Corrupt { key, reason } => VolumeError::Corrupt { what: key, reason },
+            e @ EpochError::ConditionIgnored { .. } => VolumeError::Internal(e.to_string()),
         }
     }
 }

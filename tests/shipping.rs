@@ -308,6 +308,37 @@ fn a_taken_counter_fences_the_writer() {
     });
 }
 
+/// A store that does not honour conditional PUTs is refused for cluster mode (it could fence
+/// nobody); the memory and file backends pass the probe, and it leaves no object behind.
+#[test]
+fn a_store_that_ignores_conditional_puts_cannot_fence() {
+    use vblock::backend::Backend;
+    use vblock::cluster::epoch::{check_conditional_put, EpochError};
+    struct Ignores;
+    impl common::Hooks for Ignores {
+        fn ignore_condition(&self) -> bool {
+            true
+        }
+    }
+    common::run(Duration::from_secs(30), async {
+        let memory = common::memory_backend();
+        check_conditional_put(&*memory, "a").await.expect("memory");
+        assert_eq!(memory.list("").await.expect("list"), Vec::<String>::new());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = vblock::backend::file::FileBackend::new(dir.path()).expect("file backend");
+        check_conditional_put(&file, "a").await.expect("file");
+        assert_eq!(file.list("").await.expect("list"), Vec::<String>::new());
+
+        let ignores = common::HookedBackend::new(Ignores);
+        match check_conditional_put(&*ignores, "a").await {
+            Err(EpochError::ConditionIgnored { key, stored: 2 }) => {
+                assert!(key.starts_with("cluster-probe/a/"), "{key}")
+            }
+            other => panic!("a store that ignores If-None-Match passed: {other:?}"),
+        }
+    });
+}
+
 /// Once chunks hold a shipped object's records, the object is deleted, but for the newest one
 /// (the counter's high-water mark); the volume still recovers from the backend, and ships on
 /// at the next counter.

@@ -416,6 +416,12 @@ async fn open_engine(a: &ServeArgs) -> Result<Arc<Engine>, ServeError> {
         .validate()
         .map_err(|e| ServeError::Config(format!("--buffer-size / --chunk-size: {e}")))?;
     let backend = backend(&a.store, &a.data_dir).await?;
+    if let (true, Some(node)) = (a.cluster, &a.node) {
+        vblock::cluster::epoch::check_conditional_put(&*backend, node)
+            .await
+            .map_err(|e| ServeError::Backend(format!("--cluster: {e}")))?;
+        tracing::info!("cluster mode: the object store honours conditional PUTs");
+    }
     let engine = Arc::new(Engine::open(config, backend).await?);
     if matches!(a.store.backend, BackendKind::File) {
         // The data directory is ours now (RocksDB's lock): puts a crash interrupted left

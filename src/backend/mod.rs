@@ -187,6 +187,16 @@ pub fn epoch_prefix(volume: &VolumeId) -> String {
     format!("{volume}/epoch/")
 }
 
+/// Key of the probe object a cluster node stores and deletes at start
+/// (`cluster-probe/NODE/NANOS`, NANOS the wall clock in nanoseconds since the Unix epoch;
+/// [`crate::cluster::epoch::check_conditional_put`]).
+pub fn probe_key(node: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("cluster-probe/{node}/{nanos}")
+}
+
 /// Key of a volume's epoch manifest `epoch` (`VOLUMEID/epoch/EPOCH`, 16 lowercase hex digits;
 /// the largest is the volume's writer; FORMAT.md, "Epoch manifest").
 pub fn epoch_key(volume: &VolumeId, epoch: u64) -> String {

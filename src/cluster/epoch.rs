@@ -58,6 +58,43 @@ pub enum EpochError {
         /// Why.
         reason: String,
     },
+    /// The store does not honour conditional PUTs (`If-None-Match: *`): it cannot fence
+    /// ([`check_conditional_put`]).
+    #[error("the object store does not honour conditional PUTs (If-None-Match: *): of two on new key {key}, it stored {stored} (1 expected); cluster mode's fencing needs a store that refuses the second (AWS S3 does)")]
+    ConditionIgnored {
+        /// The probe object's key.
+        key: String,
+        /// How many of the two PUTs it stored.
+        stored: u32,
+    },
+}
+
+/// Checks that `backend` refuses a conditional PUT over an existing object, the primitive
+/// every fence of cluster mode rests on (S3 `PutObject` with `If-None-Match: *`; a store that
+/// ignores the header stores every epoch manifest and WAL object a stale owner writes). Stores
+/// probe object `cluster-probe/NODE/NANOS` ([`crate::backend::probe_key`]) with
+/// [`Backend::put_if_absent`] twice, expects the second refused, and deletes it. This shows
+/// the condition is honoured, not that racing PUTs are atomic (docs/design/cluster.md).
+///
+/// Errors: [`EpochError::ConditionIgnored`]; [`EpochError::Backend`] when the store fails.
+pub async fn check_conditional_put(backend: &dyn Backend, node: &str) -> Result<(), EpochError> {
+    let key = crate::backend::probe_key(node);
+    let first = backend
+        .put_if_absent(&key, Bytes::from_static(b"1"))
+        .await?;
+    let second = backend
+        .put_if_absent(&key, Bytes::from_static(b"2"))
+        .await?;
+    backend.delete(&key).await?;
+    match (first, second) {
+        (true, false) => Ok(()),
+        // Both stored; or the first refused on a key nobody else writes (a store that refuses
+        // every conditional PUT cannot take an epoch either).
+        _ => Err(EpochError::ConditionIgnored {
+            key,
+            stored: u32::from(first) + u32::from(second),
+        }),
+    }
 }
 
 /// The outcome of [`take_epoch`].
