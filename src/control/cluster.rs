@@ -262,6 +262,16 @@ impl ClusterMode {
     }
 }
 
+/// Where a request about one volume is answered ([`Control::who_answers`]).
+pub(super) enum Answer {
+    /// By this node.
+    Here,
+    /// By node `.0`, which owns the volume (forward it on `vblock.NODE.OP`).
+    Owner(String),
+    /// By nobody now: why (answered as `VolumeInUse`).
+    Refused(String),
+}
+
 /// What a cluster claim decided.
 pub(super) enum Owned {
     /// This node owns the volume now.
@@ -353,22 +363,26 @@ impl Control {
         Ok(Owned::Here)
     }
 
-    /// Cluster mode: why `id` may not be unmounted or detached through this node: another
-    /// node holds its lease (owns it). `None` outside cluster mode, or when no other node does
-    /// (a lease left by an earlier process of this node is not another node's; a failure to
-    /// read the lease is a reason).
-    pub(super) async fn cluster_elsewhere(&self, id: &VolumeId) -> Option<String> {
-        let cluster = self.cluster.clone()?;
+    /// Where an unmount or detach of volume `id` is answered: here (outside cluster mode, or
+    /// when no other node holds its lease: a lease left by an earlier process of this node is
+    /// not another node's), by the owner node (the request is forwarded to it), or nowhere
+    /// (the lease cannot be read, or the request was forwarded here and this node does not own
+    /// the volume: it is not forwarded again).
+    pub(super) async fn who_answers(&self, id: &VolumeId, forwarded: bool) -> Answer {
+        let Some(cluster) = self.cluster.clone() else {
+            return Answer::Here;
+        };
         if cluster.keeps(id) {
-            return None;
+            return Answer::Here;
         }
         match cluster.held_elsewhere(id).await {
-            Ok(Some(owner)) => Some(format!(
-                "volume {id} is owned by node {} (through ebs.{}.unmount)",
-                owner.node, owner.node
+            Ok(Some(owner)) if forwarded => Answer::Refused(format!(
+                "volume {id} is owned by node {}, not this one (the request was forwarded here); try again",
+                owner.node
             )),
-            Ok(None) => None,
-            Err(e) => Some(format!("cannot read the lease of {id}: {e}")),
+            Ok(Some(owner)) => Answer::Owner(owner.node),
+            Ok(None) => Answer::Here,
+            Err(e) => Answer::Refused(format!("cannot read the lease of {id}: {e}")),
         }
     }
 

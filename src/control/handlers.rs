@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::api::*;
+use super::cluster::Answer;
 use crate::engine::{now_rfc3339, Engine};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::records::{self, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeStateName};
@@ -313,7 +314,7 @@ impl Control {
             "createvolume" => plain(self.create_volume(payload).await),
             "describevolumes" => plain(self.describe_volumes(payload).await),
             "attachvolume" => plain(self.attach_volume(payload).await),
-            "detachvolume" => plain(self.detach_volume(payload).await),
+            "detachvolume" => plain(self.detach_volume(payload, forwarded).await),
             "deletevolume" => plain(self.delete_volume(payload).await),
             "modifyvolume" => plain(self.modify_volume(payload).await),
             "createsnapshot" => plain(self.create_snapshot(payload, forwarded).await),
@@ -334,7 +335,8 @@ impl Control {
                 let b = body(&r);
                 Handled {
                     reply: b.clone(),
-                    broadcast: Some(("ebs.unmount.response".into(), b)),
+                    // A forwarded unmount is broadcast by the node it was sent to.
+                    broadcast: (!forwarded).then(|| ("ebs.unmount.response".into(), b)),
                     result: hive_result(&r.error),
                 }
             }
@@ -567,12 +569,22 @@ impl Control {
         Ok(body(&attachment(&rec, &a, "attached")))
     }
 
-    async fn detach_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
+    /// `detachvolume` (EC2 `DetachVolume`). Cluster mode: a volume owned by another node is
+    /// detached there (forwarded on `vblock.NODE.detachvolume` unless `forwarded`).
+    async fn detach_volume(&self, payload: &[u8], forwarded: bool) -> Result<Vec<u8>, ApiError> {
         let req: DetachVolumeRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
-        let _g = self.lock.lock().await;
-        if let Some(why) = self.cluster_elsewhere(&id).await {
-            return Err(ApiError::new("VolumeInUse", why));
+        let g = self.lock.lock().await;
+        match self.who_answers(&id, forwarded).await {
+            Answer::Here => {}
+            Answer::Refused(why) => return Err(ApiError::new("VolumeInUse", why)),
+            Answer::Owner(owner) => {
+                drop(g);
+                let cluster = self.cluster.as_ref().ok_or_else(|| {
+                    ApiError::internal("a forward outside cluster mode".to_owned())
+                })?;
+                return cluster.forward(&owner, "detachvolume", payload).await;
+            }
         }
         let (mut rec, revision) = self.volume_at(&id).await?;
         let named = |instance: &str, device: &str| {

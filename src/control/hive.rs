@@ -7,6 +7,7 @@ use crate::records::{self, Mount, SnapshotRecord, VolumeRecord};
 use crate::volume::VolumeError;
 
 use super::api::*;
+use super::cluster::Answer;
 use super::handlers::{parse, Control};
 
 impl Control {
@@ -248,8 +249,37 @@ impl Control {
         closed
     }
 
+    /// Cluster mode: the unmount of volume `id`, owned by node `owner`, sent to it
+    /// (`vblock.OWNER.unmount`); its answer, or `VolumeInUse` when it does not answer.
+    async fn unmount_at_owner(
+        &self,
+        owner: &str,
+        id: &VolumeId,
+        payload: &[u8],
+    ) -> EbsUnmountResponse {
+        let refused = |why: String| EbsUnmountResponse {
+            volume: id.to_string(),
+            mounted: true,
+            error: format!("VolumeInUse: {why}"),
+            not_found: false,
+        };
+        let Some(cluster) = &self.cluster else {
+            return refused("not in cluster mode".into());
+        };
+        match cluster.forward(owner, "unmount", payload).await {
+            Ok(reply) => serde_json::from_slice(&reply).unwrap_or_else(|e| {
+                refused(format!("node {owner}'s unmount reply does not parse: {e}"))
+            }),
+            Err(e) => refused(format!(
+                "volume {id} is owned by node {owner}, which does not answer ({}); a mount through a live node takes it over once its lease expires",
+                e.message
+            )),
+        }
+    }
+
     /// `ebs.unmount` / `ebs.NODE.unmount` (`node`): ends the mount of a volume or snapshot and
-    /// disconnects its clients. Unmounting what is not mounted succeeds.
+    /// disconnects its clients. Unmounting what is not mounted succeeds. Cluster mode: a
+    /// volume owned by another node is unmounted there (the request is forwarded to it).
     pub(super) async fn unmount(
         &self,
         node: Option<&str>,
@@ -304,9 +334,16 @@ impl Control {
                 true,
             );
         };
-        let _g = self.lock.lock().await;
-        if let Some(why) = self.cluster_elsewhere(&id).await {
-            return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
+        let g = self.lock.lock().await;
+        match self.who_answers(&id, forwarded).await {
+            Answer::Here => {}
+            Answer::Refused(why) => {
+                return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false)
+            }
+            Answer::Owner(owner) => {
+                drop(g);
+                return self.unmount_at_owner(&owner, &id, payload).await;
+            }
         }
         let (mut rec, revision) = match self.volume_at(&id).await {
             Ok(r) => r,
