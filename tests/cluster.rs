@@ -289,7 +289,11 @@ fn a_mount_fails_over_to_a_surviving_node() {
     // An unmount through a node that does not own the volume goes to the owner, b, which ends
     // its mount and releases the lease: a owns the volume again at once (well within the lease
     // time), and mounts through b now answer a's URI.
+    // (An unmount that names a node, ebs.a.unmount, still ends only a mount through a.)
     a.start_again();
+    node_request(&nats, "a", "describevolumes", serde_json::json!({}));
+    let refused = a.cli_refused(&["unmount", &id, "--node", "a", "--timeout", "10"]);
+    assert!(refused.contains("mounted on node \"b\""), "{refused}");
     let r = node_request(&nats, "a", "unmount", serde_json::json!({ "Name": id }));
     assert_eq!(r["Error"], "", "an unmount through a, sent on to b: {r}");
     assert_eq!(r["Mounted"], false, "{r}");

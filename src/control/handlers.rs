@@ -331,7 +331,10 @@ impl Control {
                 }
             }
             "unmount" => {
-                let r = self.unmount(node, payload, forwarded).await;
+                // `vblock.NODE.unmount` routes the request to NODE (a forward, or a caller
+                // picking a node); only `ebs.NODE.unmount` says which node's mount it ends.
+                let named = node.filter(|_| subject.starts_with("ebs."));
+                let r = self.unmount(named, payload, forwarded).await;
                 let b = body(&r);
                 Handled {
                     reply: b.clone(),

@@ -278,8 +278,9 @@ impl Control {
     }
 
     /// `ebs.unmount` / `ebs.NODE.unmount` (`node`): ends the mount of a volume or snapshot and
-    /// disconnects its clients. Unmounting what is not mounted succeeds. Cluster mode: a
-    /// volume owned by another node is unmounted there (the request is forwarded to it).
+    /// disconnects its clients. Unmounting what is not mounted succeeds; one mounted through
+    /// another node than `node` is refused. Cluster mode: a volume owned by another node is
+    /// unmounted there (the request is forwarded to it).
     pub(super) async fn unmount(
         &self,
         node: Option<&str>,
@@ -335,16 +336,6 @@ impl Control {
             );
         };
         let g = self.lock.lock().await;
-        match self.who_answers(&id, forwarded).await {
-            Answer::Here => {}
-            Answer::Refused(why) => {
-                return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false)
-            }
-            Answer::Owner(owner) => {
-                drop(g);
-                return self.unmount_at_owner(&owner, &id, payload).await;
-            }
-        }
         let (mut rec, revision) = match self.volume_at(&id).await {
             Ok(r) => r,
             Err(e @ VolumeError::VolumeNotFound(_)) => {
@@ -358,6 +349,16 @@ impl Control {
             .and_then(|m| m.other_node(id.as_str(), node))
         {
             return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false);
+        }
+        match self.who_answers(&id, forwarded).await {
+            Answer::Here => {}
+            Answer::Refused(why) => {
+                return resp(id.to_string(), true, format!("VolumeInUse: {why}"), false)
+            }
+            Answer::Owner(owner) => {
+                drop(g);
+                return self.unmount_at_owner(&owner, &id, payload).await;
+            }
         }
         match self.end_mount(&mut rec, true, Some(revision)).await {
             Ok(()) => resp(id.to_string(), false, String::new(), false),
