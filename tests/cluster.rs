@@ -240,7 +240,7 @@ fn a_mount_fails_over_to_a_surviving_node() {
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
     let mut a = cluster_daemon(&nats, &s3, "vblock-cluster", "a");
-    let b = cluster_daemon(&nats, &s3, "vblock-cluster", "b");
+    let mut b = cluster_daemon(&nats, &s3, "vblock-cluster", "b");
     let id = a.create_volume(1);
 
     let uri_a = mount_via(&a, &id, "a");
@@ -336,6 +336,38 @@ fn a_mount_fails_over_to_a_surviving_node() {
         "the detached volume's lease was waited out: {:?}",
         started.elapsed()
     );
+
+    // The owner dies with the volume mounted: an unmount through a survivor takes the volume
+    // over once the lease time has passed and ends the mount there, releasing the lease.
+    b.kill9();
+    let started = Instant::now();
+    let r = node_request(&nats, "a", "unmount", serde_json::json!({ "Name": id }));
+    assert_eq!(r["Error"], "", "an unmount of a dead owner's mount: {r}");
+    assert!(started.elapsed() >= TTL, "{:?}", started.elapsed());
+    let started = Instant::now();
+    let again = mount_via(&a, &id, "a");
+    assert!(started.elapsed() < TTL, "{:?}", started.elapsed());
+    let out = common::daemon::qemu_io_read_only(&again, &["read -P 0xa1 0 1M"]);
+    assert!(!out.contains("failed"), "{out}");
+    // The same for a detach.
+    b.start_again();
+    a.kill9();
+    let started = Instant::now();
+    let r = node_request(
+        &nats,
+        "b",
+        "detachvolume",
+        serde_json::json!({ "VolumeId": id }),
+    );
+    assert_eq!(
+        r["State"], "detached",
+        "a detach of a dead owner's mount: {r}"
+    );
+    assert!(started.elapsed() >= TTL, "{:?}", started.elapsed());
+    let started = Instant::now();
+    let on_b = mount_via(&b, &id, "b");
+    assert!(on_b.contains(&format!(":{}/", b.nbd_port)), "{on_b}");
+    assert!(started.elapsed() < TTL, "{:?}", started.elapsed());
 }
 
 /// Sends `sig` (`STOP`, `CONT`) to process `pid`.

@@ -70,6 +70,9 @@ pub(super) enum Purpose {
     Snapshot,
     /// The volume is being deleted here.
     Delete,
+    /// The mount of an owner that does not answer is being ended here (an unmount or detach
+    /// through this node).
+    EndMount,
 }
 
 /// A kept lease and its holders.
@@ -78,6 +81,7 @@ struct Held {
     mount: bool,
     snapshots: u32,
     delete: bool,
+    ending: bool,
 }
 
 impl Held {
@@ -86,6 +90,7 @@ impl Held {
             Purpose::Mount => self.mount = true,
             Purpose::Snapshot => self.snapshots += 1,
             Purpose::Delete => self.delete = true,
+            Purpose::EndMount => self.ending = true,
         }
     }
 
@@ -95,8 +100,9 @@ impl Held {
             Purpose::Mount => self.mount = false,
             Purpose::Snapshot => self.snapshots = self.snapshots.saturating_sub(1),
             Purpose::Delete => self.delete = false,
+            Purpose::EndMount => self.ending = false,
         }
-        self.mount || self.snapshots > 0 || self.delete
+        self.mount || self.snapshots > 0 || self.delete || self.ending
     }
 }
 
@@ -242,7 +248,7 @@ impl ClusterMode {
 
     /// [`ClusterMode::forward`], with NATS's error: `NoResponders` means no daemon of that
     /// name is serving.
-    async fn forward_to(
+    pub(super) async fn forward_to(
         &self,
         node: &str,
         op: &str,
@@ -343,6 +349,7 @@ impl Control {
             mount: false,
             snapshots: 0,
             delete: false,
+            ending: false,
         };
         held.add(purpose);
         cluster.kept().insert(id.clone(), held);
@@ -383,6 +390,36 @@ impl Control {
             Ok(Some(owner)) => Answer::Owner(owner.node),
             Ok(None) => Answer::Here,
             Err(e) => Answer::Refused(format!("cannot read the lease of {id}: {e}")),
+        }
+    }
+
+    /// Cluster mode: takes volume `id` over from its owner when no daemon of the owner's name
+    /// answers, once its lease has expired (claimed as a mount claims it: the TTL waited out
+    /// on this node's clock; a takeover fences the old owner), so that an unmount or detach
+    /// can end its mount here. Holds the lease for [`Purpose::EndMount`]; the caller drops
+    /// that hold with [`ClusterMode::release`].
+    ///
+    /// Errors (why, answered as `VolumeInUse`): the owner still renews its lease; the record,
+    /// claim or takeover failed.
+    pub(super) async fn own_from_silent_owner(
+        &self,
+        cluster: &ClusterMode,
+        id: &VolumeId,
+        owner: &str,
+    ) -> Result<(), String> {
+        let _g = self.lock.lock().await;
+        let (rec, _) = self.volume_at(id).await.map_err(|e| e.to_string())?;
+        tracing::warn!(volume = %id, node = owner, "the owner node does not answer: taking the volume over once its lease expires, to end its mount here");
+        match self
+            .cluster_own(cluster, id, "", rec, Purpose::EndMount)
+            .await
+        {
+            Ok(Owned::Here) => Ok(()),
+            Ok(Owned::There(o)) => Err(format!(
+                "volume {id} is owned by node {}, which renews its lease but does not answer; try again",
+                o.node
+            )),
+            Err(e) => Err(format!("volume {id}: {e}")),
         }
     }
 

@@ -7,7 +7,7 @@ use crate::records::{self, Mount, SnapshotRecord, VolumeRecord};
 use crate::volume::VolumeError;
 
 use super::api::*;
-use super::cluster::Answer;
+use super::cluster::{Answer, Purpose};
 use super::handlers::{parse, Control};
 
 impl Control {
@@ -250,12 +250,15 @@ impl Control {
     }
 
     /// Cluster mode: the unmount of volume `id`, owned by node `owner`, sent to it
-    /// (`vblock.OWNER.unmount`); its answer, or `VolumeInUse` when it does not answer.
+    /// (`vblock.OWNER.unmount`) and its answer. When no daemon of that name serves, this node
+    /// takes the volume over once the owner's lease has expired
+    /// ([`Control::own_from_silent_owner`]) and ends the mount itself; `VolumeInUse` when
+    /// that cannot be done, or the owner's node does not answer in time.
     async fn unmount_at_owner(
         &self,
         owner: &str,
         id: &VolumeId,
-        payload: &[u8],
+        (node, payload): (Option<&str>, &[u8]),
     ) -> EbsUnmountResponse {
         let refused = |why: String| EbsUnmountResponse {
             volume: id.to_string(),
@@ -263,16 +266,24 @@ impl Control {
             error: format!("VolumeInUse: {why}"),
             not_found: false,
         };
-        let Some(cluster) = &self.cluster else {
+        let Some(cluster) = self.cluster.clone() else {
             return refused("not in cluster mode".into());
         };
-        match cluster.forward(owner, "unmount", payload).await {
+        match cluster.forward_to(owner, "unmount", payload).await {
             Ok(reply) => serde_json::from_slice(&reply).unwrap_or_else(|e| {
                 refused(format!("node {owner}'s unmount reply does not parse: {e}"))
             }),
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                if let Err(why) = self.own_from_silent_owner(&cluster, id, owner).await {
+                    return refused(why);
+                }
+                // Owned here now; as forwarded, so that a lease lost meanwhile is not chased.
+                let r = Box::pin(self.unmount(node, payload, true)).await;
+                cluster.release(id, Purpose::EndMount).await;
+                r
+            }
             Err(e) => refused(format!(
-                "volume {id} is owned by node {owner}, which does not answer ({}); a mount through a live node takes it over once its lease expires",
-                e.message
+                "volume {id} is owned by node {owner}, which does not answer: {e}"
             )),
         }
     }
@@ -357,7 +368,7 @@ impl Control {
             }
             Answer::Owner(owner) => {
                 drop(g);
-                return self.unmount_at_owner(&owner, &id, payload).await;
+                return self.unmount_at_owner(&owner, &id, (node, payload)).await;
             }
         }
         match self.end_mount(&mut rec, true, Some(revision)).await {
