@@ -340,6 +340,9 @@ fn a_mount_fails_over_to_a_surviving_node() {
     // The owner dies with the volume mounted: an unmount through a survivor takes the volume
     // over once the lease time has passed and ends the mount there, releasing the lease.
     b.kill9();
+    // A listing of every volume's space leaves out the one whose owner does not answer.
+    let all = node_request(&nats, "a", "describevolumespace", serde_json::json!({}));
+    assert!(all["VolumeSpaces"].is_array(), "{all}");
     let started = Instant::now();
     let r = node_request(&nats, "a", "unmount", serde_json::json!({ "Name": id }));
     assert_eq!(r["Error"], "", "an unmount of a dead owner's mount: {r}");

@@ -727,8 +727,9 @@ impl Control {
     /// `ebs.describevolumespace`. In cluster mode each volume is described by the node that
     /// holds its lease (its map is the current one; `vblock.NODE.describevolumespace`) unless
     /// the request was forwarded; a volume nobody holds, from this node's copy of its map. Asked
-    /// for every volume, the volumes no node can describe that way (unheld, and never held
-    /// here) are left out (logged); asked for one by id, that is `InvalidVolume.NotFound`.
+    /// for every volume, the volumes no node can describe that way (unheld and never held
+    /// here, or held by a node that does not answer) are left out (logged); asked for one by
+    /// id, that is `InvalidVolume.NotFound` (unheld) or the owner's error.
     async fn describe_volume_space(
         &self,
         payload: &[u8],
@@ -751,9 +752,19 @@ impl Control {
         let mut volume_spaces = Vec::new();
         for id in ids {
             if !forwarded {
-                if let Some(space) = self.owner_volume_space(&id).await? {
-                    volume_spaces.push(space);
-                    continue;
+                match self.owner_volume_space(&id).await {
+                    Ok(Some(space)) => {
+                        volume_spaces.push(space);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    // One owner that does not answer (a dead node whose lease has not been
+                    // taken over) does not fail the listing of every volume.
+                    Err(e) if listing => {
+                        tracing::warn!(volume = %id, error = %e.message, "describevolumespace: the volume's owner did not describe it; left out");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             let s = match self.engine.volume_space(&id).await {
