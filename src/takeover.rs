@@ -46,8 +46,8 @@ impl Engine {
     /// its next open serves it. Needs `VolumeConfig::ship_wal` (without shipped WAL, the old
     /// owner's flushed writes that are only in its local WAL would be lost).
     ///
-    /// Known gap (docs/design/cluster.md, "Constraints"): the old owner's deletes (garbage
-    /// collection, checkpoint pruning) are not fenced yet.
+    /// Known gap (docs/design/cluster.md, "Constraints"): the old owner's checkpoint pruning is
+    /// not fenced (its garbage collection is: it confirms its writer first).
     ///
     /// Errors: [`VolumeError::InvalidArgument`] without WAL shipping; [`VolumeError::InUse`]
     /// when another node took this epoch; [`VolumeError::VolumeNotFound`] without a record
