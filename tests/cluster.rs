@@ -936,9 +936,32 @@ fn one_catalog_serves_every_node() {
         .join(&snap_id)
         .join("snapshot.json");
     assert!(snapshot_copy.exists(), "{}", snapshot_copy.display());
+    // A second clone of it left `creating` by a node that failed pins them too, until it is
+    // deleted as abandoned.
+    let stuck = vblock::VolumeId::generate().to_string();
+    edit_catalog(
+        &nats,
+        &format!("volume.{clone_id}"),
+        &format!("volume.{stuck}"),
+        |r| {
+            r["volume_id"] = stuck.clone().into();
+            r["state"] = "creating".into();
+            r["mount"] = serde_json::Value::Null;
+        },
+    );
     c.cli(&["unmount", &clone_id, "--node", "c"]);
     let deleted = node_request(&nats, "b", "deletevolume", json!({"VolumeId": clone_id}));
     assert_eq!(deleted["Return"], true, "{deleted}");
+    assert!(
+        snapshot_copy.exists(),
+        "a clone being created lost its snapshot"
+    );
+    assert!(
+        common::daemon::wait_until(Duration::from_secs(60), || {
+            node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}))["Return"] == true
+        }),
+        "an abandoned clone is never deleted"
+    );
     assert!(
         !snapshot_copy.exists(),
         "a deleted snapshot's copy outlived its last clone"

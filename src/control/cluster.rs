@@ -604,8 +604,11 @@ impl Control {
             if let Err(e) = self.engine.purge_unfinished_volume(&id).await {
                 tracing::warn!(volume = %id, error = %e, "removing a clone that failed failed");
             }
-            if let Err(e) = cluster.catalog.delete_volume(&id, revision).await {
-                tracing::warn!(volume = %id, error = %e, "removing the catalog record of a clone that failed failed");
+            match cluster.catalog.delete_volume(&id, revision).await {
+                Ok(()) => self.clone_gone(cluster, &id, s.snapshot_id.as_str()).await,
+                Err(e) => {
+                    tracing::warn!(volume = %id, error = %e, "removing the catalog record of a clone that failed failed")
+                }
             }
         }
         made.map(|_| ())
@@ -633,6 +636,7 @@ impl Control {
             .map_err(catalog_err)?;
         cluster.forget(&creating_key(id));
         self.engine.purge_unfinished_volume(id).await?;
+        self.clone_gone(cluster, id, &rec.snapshot_id).await;
         if !rec.client_token.is_empty() {
             cluster
                 .catalog
@@ -837,15 +841,7 @@ impl Control {
                     tracing::warn!(volume = %id, error = %e, "releasing the deleted volume's ClientToken failed");
                 }
             }
-            // The last clone of a deleted snapshot takes the snapshot's pinned copies along.
-            if let Ok(sid) = SnapshotId::parse(&deleting.snapshot_id) {
-                let deleted = cluster.catalog.snapshot(&sid).await.map(|s| s.is_none());
-                if matches!(deleted, Ok(true)) {
-                    if let Err(e) = self.delete_snapshot_copies_unless_cloned(&sid).await {
-                        tracing::warn!(volume = %id, snapshot = %sid, error = %e, "deleting a deleted snapshot's copies after its last clone failed (a deletesnapshot of it finishes it)");
-                    }
-                }
-            }
+            self.clone_gone(cluster, &id, &deleting.snapshot_id).await;
             Ok(())
         }
         .await;
@@ -906,6 +902,22 @@ impl Control {
             .map_err(catalog_err)?;
         self.delete_snapshot_copies_unless_cloned(id).await?;
         Ok(())
+    }
+
+    /// After clone `vol` of snapshot `snapshot_id` left the catalog (deleted, failed or
+    /// abandoned; `""`: not a clone): when the snapshot was deleted meanwhile, its bucket
+    /// copies go too unless another clone still pins them. Best effort (logged): a
+    /// deletesnapshot of the snapshot finishes it.
+    async fn clone_gone(&self, cluster: &ClusterMode, vol: &VolumeId, snapshot_id: &str) {
+        let Ok(sid) = SnapshotId::parse(snapshot_id) else {
+            return;
+        };
+        let deleted = cluster.catalog.snapshot(&sid).await.map(|s| s.is_none());
+        if matches!(deleted, Ok(true)) {
+            if let Err(e) = self.delete_snapshot_copies_unless_cloned(&sid).await {
+                tracing::warn!(volume = %vol, snapshot = %sid, error = %e, "deleting a deleted snapshot's copies after its last clone failed (a deletesnapshot of it finishes it)");
+            }
+        }
     }
 
     /// Deletes snapshot `id`'s local copy, and its bucket copies unless a catalog volume was
