@@ -73,26 +73,36 @@ pub enum EpochError {
 /// every fence of cluster mode rests on (S3 `PutObject` with `If-None-Match: *`; a store that
 /// ignores the header stores every epoch manifest and WAL object a stale owner writes). Stores
 /// probe object `cluster-probe/NODE/NANOS` ([`crate::backend::probe_key`]) with
-/// [`Backend::put_if_absent`] twice, expects the second refused, and deletes it. This shows
-/// the condition is honoured, not that racing PUTs are atomic (docs/design/cluster.md).
+/// [`Backend::put_if_absent`] twice, with different bodies, expects the second refused, and
+/// deletes it (also when a step fails). A PUT answered "exists" counts as stored when the
+/// object holds its body (a retry that found its own attempt, or a store that overwrote). This shows the
+/// condition is honoured, not that racing PUTs are atomic (docs/design/cluster.md).
 ///
 /// Errors: [`EpochError::ConditionIgnored`]; [`EpochError::Backend`] when the store fails.
 pub async fn check_conditional_put(backend: &dyn Backend, node: &str) -> Result<(), EpochError> {
     let key = crate::backend::probe_key(node);
-    let first = backend
-        .put_if_absent(&key, Bytes::from_static(b"1"))
-        .await?;
-    let second = backend
-        .put_if_absent(&key, Bytes::from_static(b"2"))
-        .await?;
-    backend.delete(&key).await?;
-    match (first, second) {
+    let (first, second) = (
+        Bytes::from(format!("{key} 1")),
+        Bytes::from(format!("{key} 2")),
+    );
+    let probed = async {
+        let stored_first =
+            backend.put_if_absent(&key, first.clone()).await? || backend.get(&key).await? == first;
+        let stored_second = backend.put_if_absent(&key, second.clone()).await?
+            || backend.get(&key).await? == second;
+        Ok::<_, EpochError>((stored_first, stored_second))
+    }
+    .await;
+    let deleted = backend.delete(&key).await;
+    let (stored_first, stored_second) = probed?;
+    deleted?;
+    match (stored_first, stored_second) {
         (true, false) => Ok(()),
         // Both stored; or the first refused on a key nobody else writes (a store that refuses
         // every conditional PUT cannot take an epoch either).
         _ => Err(EpochError::ConditionIgnored {
             key,
-            stored: u32::from(first) + u32::from(second),
+            stored: u32::from(stored_first) + u32::from(stored_second),
         }),
     }
 }

@@ -81,7 +81,8 @@ struct Held {
     mount: bool,
     snapshots: u32,
     delete: bool,
-    ending: bool,
+    /// Unmounts or detaches ending a silent owner's mount here.
+    ending: u32,
 }
 
 impl Held {
@@ -90,7 +91,7 @@ impl Held {
             Purpose::Mount => self.mount = true,
             Purpose::Snapshot => self.snapshots += 1,
             Purpose::Delete => self.delete = true,
-            Purpose::EndMount => self.ending = true,
+            Purpose::EndMount => self.ending += 1,
         }
     }
 
@@ -100,9 +101,9 @@ impl Held {
             Purpose::Mount => self.mount = false,
             Purpose::Snapshot => self.snapshots = self.snapshots.saturating_sub(1),
             Purpose::Delete => self.delete = false,
-            Purpose::EndMount => self.ending = false,
+            Purpose::EndMount => self.ending = self.ending.saturating_sub(1),
         }
-        self.mount || self.snapshots > 0 || self.delete || self.ending
+        self.mount || self.snapshots > 0 || self.delete || self.ending > 0
     }
 }
 
@@ -349,7 +350,7 @@ impl Control {
             mount: false,
             snapshots: 0,
             delete: false,
-            ending: false,
+            ending: 0,
         };
         held.add(purpose);
         cluster.kept().insert(id.clone(), held);
@@ -415,8 +416,12 @@ impl Control {
             .await
         {
             Ok(Owned::Here) => Ok(()),
+            Ok(Owned::There(o)) if o.node == owner => Err(format!(
+                "volume {id} is owned by node {owner}, which renews its lease but does not answer; try again"
+            )),
+            // Another node took it over first (a retry of this request that went elsewhere).
             Ok(Owned::There(o)) => Err(format!(
-                "volume {id} is owned by node {}, which renews its lease but does not answer; try again",
+                "volume {id} is being taken over by node {}; try again",
                 o.node
             )),
             Err(e) => Err(format!("volume {id}: {e}")),

@@ -534,7 +534,8 @@ impl Volume {
             Payload::Zero => 0,
         };
         inner.wal.reserve(payload_len).await;
-        // The volume may have failed while this write waited.
+        // The volume may have failed, or its lease lapsed, while this write waited.
+        inner.check_tenure()?;
         inner.check_failed()?;
         let mut st = lock(&inner.state);
         if st.closed {
