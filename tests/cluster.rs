@@ -1090,15 +1090,17 @@ fn volume_ids(nats: &Nats, node: &str) -> Vec<String> {
 
 /// Racing requests (issue test 4): three nodes get one createvolume (one ClientToken) at once
 /// and make one volume; they mount the unowned volume at once: exactly one becomes its owner
-/// and every mount answers that node's URI, which serves the volume. Deleting the volume frees
-/// its token; a token reused with another size is refused through any node.
+/// and every mount answers that node's URI, which serves the volume. Then the owner is killed
+/// and the two survivors race to take the volume over: exactly one takeover succeeds and both
+/// answer its URI. Deleting the volume frees its token; a token reused with another size is
+/// refused through any node.
 #[test]
 fn racing_requests_have_one_winner() {
     use serde_json::json;
     common::daemon::require("qemu-io");
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
-    let nodes = [
+    let mut nodes = [
         cluster_daemon(&nats, &s3, "vblock-race", "a"),
         cluster_daemon(&nats, &s3, "vblock-race", "b"),
         cluster_daemon(&nats, &s3, "vblock-race", "c"),
@@ -1168,9 +1170,60 @@ fn racing_requests_have_one_winner() {
         assert!(!out.contains("failed"), "round {round}: {out}");
         last_uri = uris[0].clone();
     }
+
+    // The owner dies; the survivors race to take its volume over (a stale lease).
+    let owns = |d: &common::daemon::Daemon, uri: &str| uri.contains(&format!(":{}/", d.nbd_port));
+    let dead = nodes
+        .iter()
+        .position(|d| owns(d, &last_uri))
+        .expect("an owner");
+    nodes[dead].kill9();
+    let names = ["a", "b", "c"];
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != dead).collect();
+    let takeovers = |nodes: &[common::daemon::Daemon]| -> f64 {
+        survivors
+            .iter()
+            .map(|&i| {
+                let m = common::metrics::scrape(nodes[i].metrics_port);
+                common::metrics::value(&m, "vblock_takeovers_total", &[("result", "ok")])
+            })
+            .sum()
+    };
+    let before = takeovers(&nodes);
+    let uris: Vec<String> = std::thread::scope(|s| {
+        let mounts: Vec<_> = survivors
+            .iter()
+            .map(|&i| {
+                let (d, name, id) = (&nodes[i], names[i], id.clone());
+                s.spawn(move || mount_via(d, &id, name))
+            })
+            .collect();
+        mounts
+            .into_iter()
+            .map(|m| m.join().expect("mount thread"))
+            .collect()
+    });
+    assert!(
+        uris.iter().all(|u| *u == uris[0]),
+        "racing takeovers answered different owners: {uris:?}"
+    );
+    assert_eq!(
+        survivors
+            .iter()
+            .filter(|&&i| owns(&nodes[i], &uris[0]))
+            .count(),
+        1,
+        "{uris:?}"
+    );
+    assert_eq!(takeovers(&nodes) - before, 1.0, "takeovers that succeeded");
+    let out = common::daemon::qemu_io_read_only(&uris[0], &["read -P 0x3c 0 64k"]);
+    assert!(!out.contains("failed"), "after the racing takeovers: {out}");
+    last_uri = uris[0].clone();
+
+    let (one, other) = (names[survivors[0]], names[survivors[1]]);
     let other_size = node_request(
         &nats,
-        "c",
+        one,
         "createvolume",
         json!({"Size": 2, "ClientToken": "race-2"}),
     );
@@ -1181,11 +1234,11 @@ fn racing_requests_have_one_winner() {
         .find(|(_, d)| last_uri.contains(&format!(":{}/", d.nbd_port)))
         .expect("an owner");
     owner.1.cli(&["unmount", &id, "--node", owner.0]);
-    let deleted = node_request(&nats, "b", "deletevolume", json!({"VolumeId": id}));
+    let deleted = node_request(&nats, other, "deletevolume", json!({"VolumeId": id}));
     assert!(deleted.get("Error").is_none(), "deletevolume: {deleted}");
     let again = node_request(
         &nats,
-        "c",
+        one,
         "createvolume",
         json!({"Size": 2, "ClientToken": "race-2"}),
     );
