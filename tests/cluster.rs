@@ -1129,6 +1129,21 @@ fn volume_ids(nats: &Nats, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// Mounts volume `id` through each of `via` (a daemon, its node name) at once; the URIs they
+/// answered, in that order.
+fn mount_at_once(via: &[(&common::daemon::Daemon, &str)], id: &str) -> Vec<String> {
+    std::thread::scope(|s| {
+        let mounts: Vec<_> = via
+            .iter()
+            .map(|&(d, name)| s.spawn(move || mount_via(d, id, name)))
+            .collect();
+        mounts
+            .into_iter()
+            .map(|m| m.join().expect("mount thread"))
+            .collect()
+    })
+}
+
 /// Racing requests (issue test 4): three nodes get one createvolume (one ClientToken) at once
 /// and make one volume; they mount the unowned volume at once: exactly one becomes its owner
 /// and every mount answers that node's URI, which serves the volume. Then the owner is killed
@@ -1183,20 +1198,8 @@ fn racing_requests_have_one_winner() {
             "round {round}: volumes made by racing creates"
         );
         id = ids[0].clone();
-        let uris: Vec<String> = std::thread::scope(|s| {
-            let mounts: Vec<_> = nodes
-                .iter()
-                .zip(["a", "b", "c"])
-                .map(|(d, name)| {
-                    let id = id.clone();
-                    s.spawn(move || mount_via(d, &id, name))
-                })
-                .collect();
-            mounts
-                .into_iter()
-                .map(|m| m.join().expect("mount thread"))
-                .collect()
-        });
+        let via: Vec<_> = nodes.iter().zip(["a", "b", "c"]).collect();
+        let uris = mount_at_once(&via, &id);
         assert!(
             uris.iter().all(|u| *u == uris[0]),
             "round {round}: the mounts answered different owners: {uris:?}"
@@ -1231,19 +1234,8 @@ fn racing_requests_have_one_winner() {
             .sum()
     };
     let before = takeovers(&nodes);
-    let uris: Vec<String> = std::thread::scope(|s| {
-        let mounts: Vec<_> = survivors
-            .iter()
-            .map(|&i| {
-                let (d, name, id) = (&nodes[i], names[i], id.clone());
-                s.spawn(move || mount_via(d, &id, name))
-            })
-            .collect();
-        mounts
-            .into_iter()
-            .map(|m| m.join().expect("mount thread"))
-            .collect()
-    });
+    let via: Vec<_> = survivors.iter().map(|&i| (&nodes[i], names[i])).collect();
+    let uris = mount_at_once(&via, &id);
     assert!(
         uris.iter().all(|u| *u == uris[0]),
         "racing takeovers answered different owners: {uris:?}"
