@@ -318,16 +318,7 @@ fn a_mount_fails_over_to_a_surviving_node() {
     assert!(!out.contains("failed"), "{out}");
     // A detach of the mount through b goes to the owner, a: its mount ends and the lease is
     // released, so b owns the volume at once.
-    let r = node_request(
-        &nats,
-        "b",
-        "detachvolume",
-        serde_json::json!({ "VolumeId": id }),
-    );
-    assert_eq!(
-        r["State"], "detached",
-        "a detach through b, sent on to a: {r}"
-    );
+    detach_via(&nats, "b", &id);
     let started = Instant::now();
     let on_b = mount_via(&b, &id, "b");
     assert!(on_b.contains(&format!(":{}/", b.nbd_port)), "{on_b}");
@@ -356,16 +347,7 @@ fn a_mount_fails_over_to_a_surviving_node() {
     b.start_again();
     a.kill9();
     let started = Instant::now();
-    let r = node_request(
-        &nats,
-        "b",
-        "detachvolume",
-        serde_json::json!({ "VolumeId": id }),
-    );
-    assert_eq!(
-        r["State"], "detached",
-        "a detach of a dead owner's mount: {r}"
-    );
+    detach_via(&nats, "b", &id);
     assert!(started.elapsed() >= TTL, "{:?}", started.elapsed());
     let started = Instant::now();
     let on_b = mount_via(&b, &id, "b");
@@ -374,6 +356,18 @@ fn a_mount_fails_over_to_a_surviving_node() {
 }
 
 /// Sends `sig` (`STOP`, `CONT`) to process `pid`.
+/// Detaches volume `id`'s mount through node `node` (`vblock.NODE.detachvolume`); requires
+/// `detached`.
+fn detach_via(nats: &Nats, node: &str, id: &str) {
+    let r = node_request(
+        nats,
+        node,
+        "detachvolume",
+        serde_json::json!({ "VolumeId": id }),
+    );
+    assert_eq!(r["State"], "detached", "a detach through {node}: {r}");
+}
+
 fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
@@ -704,6 +698,41 @@ fn edit_catalog(nats: &Nats, key: &str, to: &str, edit: impl FnOnce(&mut serde_j
 }
 
 /// The EC2 error code of `reply` (panics when it is not an error).
+/// A new volume left `creating` as by a node that failed mid-clone: a copy of catalog record
+/// `volume.TEMPLATE` under a new VolumeId, unmounted, changed further by `also`. Returns its id.
+fn stuck_clone(nats: &Nats, template: &str, also: impl FnOnce(&mut serde_json::Value)) -> String {
+    let stuck = vblock::VolumeId::generate().to_string();
+    edit_catalog(
+        nats,
+        &format!("volume.{template}"),
+        &format!("volume.{stuck}"),
+        |r| {
+            r["volume_id"] = stuck.clone().into();
+            r["state"] = "creating".into();
+            r["mount"] = serde_json::Value::Null;
+            also(r);
+        },
+    );
+    stuck
+}
+
+/// Deletes volume `id` through node a once a has seen it `creating` unchanged for
+/// `--abandon-after` (asked again until then, bounded).
+fn delete_once_abandoned(nats: &Nats, id: &str) {
+    assert!(
+        common::daemon::wait_until(Duration::from_secs(60), || {
+            node_request(
+                nats,
+                "a",
+                "deletevolume",
+                serde_json::json!({"VolumeId": id}),
+            )["Return"]
+                == true
+        }),
+        "an abandoned clone is never deleted"
+    );
+}
+
 fn error_code(reply: &serde_json::Value) -> &str {
     reply["Error"]["Code"]
         .as_str()
@@ -901,27 +930,13 @@ fn one_catalog_serves_every_node() {
     // creation time says long ago): refused while it may still be created, whatever that time
     // says, and deleted once the node asked has seen it unchanged for --abandon-after on its
     // own clock.
-    let stuck = vblock::VolumeId::generate().to_string();
-    edit_catalog(
-        &nats,
-        &format!("volume.{clone_id}"),
-        &format!("volume.{stuck}"),
-        |r| {
-            r["volume_id"] = stuck.clone().into();
-            r["state"] = "creating".into();
-            r["create_time"] = "2026-01-01T00:00:00Z".into();
-            r["mount"] = serde_json::Value::Null;
-            r["snapshot_id"] = "".into();
-        },
-    );
+    let stuck = stuck_clone(&nats, &clone_id, |r| {
+        r["create_time"] = "2026-01-01T00:00:00Z".into();
+        r["snapshot_id"] = "".into();
+    });
     let deleted = node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}));
     assert_eq!(error_code(&deleted), "IncorrectState", "{deleted}");
-    assert!(
-        common::daemon::wait_until(Duration::from_secs(60), || {
-            node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}))["Return"] == true
-        }),
-        "an abandoned clone is never deleted"
-    );
+    delete_once_abandoned(&nats, &stuck);
     let gone = node_request(&nats, "b", "describevolumes", json!({"VolumeIds": [stuck]}));
     assert_eq!(error_code(&gone), "InvalidVolume.NotFound");
 
@@ -979,17 +994,7 @@ fn one_catalog_serves_every_node() {
     assert!(snapshot_copy.exists(), "{}", snapshot_copy.display());
     // A second clone of it left `creating` by a node that failed pins them too, until it is
     // deleted as abandoned.
-    let stuck = vblock::VolumeId::generate().to_string();
-    edit_catalog(
-        &nats,
-        &format!("volume.{clone_id}"),
-        &format!("volume.{stuck}"),
-        |r| {
-            r["volume_id"] = stuck.clone().into();
-            r["state"] = "creating".into();
-            r["mount"] = serde_json::Value::Null;
-        },
-    );
+    let stuck = stuck_clone(&nats, &clone_id, |_| {});
     c.cli(&["unmount", &clone_id, "--node", "c"]);
     let deleted = node_request(&nats, "b", "deletevolume", json!({"VolumeId": clone_id}));
     assert_eq!(deleted["Return"], true, "{deleted}");
@@ -997,12 +1002,7 @@ fn one_catalog_serves_every_node() {
         snapshot_copy.exists(),
         "a clone being created lost its snapshot"
     );
-    assert!(
-        common::daemon::wait_until(Duration::from_secs(60), || {
-            node_request(&nats, "a", "deletevolume", json!({"VolumeId": stuck}))["Return"] == true
-        }),
-        "an abandoned clone is never deleted"
-    );
+    delete_once_abandoned(&nats, &stuck);
     assert!(
         !snapshot_copy.exists(),
         "a deleted snapshot's copy outlived its last clone"
