@@ -410,13 +410,13 @@ impl Engine {
             let tenure = match cluster {
                 false => None,
                 true => {
-                    let held = tenure_of.and_then(|f| f(&vid)).filter(|t| !t.is_lost());
-                    if held.is_none() {
+                    let Some(held) = tenure_of.and_then(|f| f(&vid)).filter(|t| !t.is_lost())
+                    else {
                         return Err(VolumeError::IncorrectState(format!(
                             "volume {vid} is not owned by this node (cluster mode: no lease kept here); mount it through this node to own it"
                         )));
-                    }
-                    held
+                    };
+                    Some(held)
                 }
             };
             Volume::open(meta, backend, cache, vid, rec.size_bytes, wal_dir, config)

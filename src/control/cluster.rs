@@ -249,7 +249,7 @@ impl ClusterMode {
 
     /// [`ClusterMode::forward`], with NATS's error: `NoResponders` means no daemon of that
     /// name is serving.
-    pub(super) async fn forward_to(
+    async fn forward_to(
         &self,
         node: &str,
         op: &str,
@@ -277,6 +277,21 @@ pub(super) enum Answer {
     Owner(String),
     /// By nobody now: why (answered as `VolumeInUse`).
     Refused(String),
+}
+
+/// What sending a request about one volume to its owner came to ([`Control::send_to_owner`]).
+pub(super) enum AtOwner {
+    /// The owner's reply.
+    Reply(Vec<u8>),
+    /// No daemon of the owner's name serves: this node took the volume over and holds its
+    /// lease for [`Purpose::EndMount`]. The caller answers the request itself, as forwarded
+    /// (so that a lease lost meanwhile is not chased), then drops that hold.
+    TakenOver,
+    /// No daemon of the owner's name serves and the volume could not be taken over: why
+    /// (answered as `VolumeInUse`).
+    InUse(String),
+    /// The owner did not answer in time, or NATS failed.
+    Unreachable(async_nats::RequestError),
 }
 
 /// What a cluster claim decided.
@@ -394,15 +409,36 @@ impl Control {
         }
     }
 
-    /// Cluster mode: takes volume `id` over from its owner when no daemon of the owner's name
-    /// answers, once its lease has expired (claimed as a mount claims it: the TTL waited out
-    /// on this node's clock; a takeover fences the old owner), so that an unmount or detach
-    /// can end its mount here. Holds the lease for [`Purpose::EndMount`]; the caller drops
-    /// that hold with [`ClusterMode::release`].
+    /// Cluster mode: sends `op` (an unmount or detach) of volume `id` to its owner `owner`
+    /// (`vblock.OWNER.OP`). When no daemon of that name serves (it died), takes the volume over
+    /// once its lease has expired, so that the request can end the mount here.
+    pub(super) async fn send_to_owner(
+        &self,
+        cluster: &ClusterMode,
+        owner: &str,
+        id: &VolumeId,
+        (op, payload): (&str, &[u8]),
+    ) -> AtOwner {
+        match cluster.forward_to(owner, op, payload).await {
+            Ok(reply) => AtOwner::Reply(reply),
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                match self.own_from_silent_owner(cluster, id, owner).await {
+                    Ok(()) => AtOwner::TakenOver,
+                    Err(why) => AtOwner::InUse(why),
+                }
+            }
+            Err(e) => AtOwner::Unreachable(e),
+        }
+    }
+
+    /// Takes volume `id` over from its owner when no daemon of the owner's name answers, once
+    /// its lease has expired (claimed as a mount claims it: the TTL waited out on this node's
+    /// clock; a takeover fences the old owner). Holds the lease for [`Purpose::EndMount`]; the
+    /// caller drops that hold with [`ClusterMode::release`].
     ///
     /// Errors (why, answered as `VolumeInUse`): the owner still renews its lease; the record,
     /// claim or takeover failed.
-    pub(super) async fn own_from_silent_owner(
+    async fn own_from_silent_owner(
         &self,
         cluster: &ClusterMode,
         id: &VolumeId,

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::api::*;
-use super::cluster::{Answer, Purpose};
+use super::cluster::{Answer, AtOwner, Purpose};
 use crate::engine::{now_rfc3339, Engine};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::records::{self, SnapshotRecord, SnapshotStateName, VolumeRecord, VolumeStateName};
@@ -586,20 +586,18 @@ impl Control {
                 let cluster = self.cluster.clone().ok_or_else(|| {
                     ApiError::internal("a forward outside cluster mode".to_owned())
                 })?;
-                return match cluster.forward_to(&owner, "detachvolume", payload).await {
-                    Ok(reply) => Ok(reply),
-                    // No daemon of the owner's name serves: once its lease has expired this
-                    // node takes the volume over and detaches it itself.
-                    Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
-                        self.own_from_silent_owner(&cluster, &id, &owner)
-                            .await
-                            .map_err(|why| ApiError::new("VolumeInUse", why))?;
-                        // As forwarded, so that a lease lost meanwhile is not chased.
+                return match self
+                    .send_to_owner(&cluster, &owner, &id, ("detachvolume", payload))
+                    .await
+                {
+                    AtOwner::Reply(reply) => Ok(reply),
+                    AtOwner::TakenOver => {
                         let r = Box::pin(self.detach_volume(payload, true)).await;
                         cluster.release(&id, Purpose::EndMount).await;
                         r
                     }
-                    Err(e) => Err(ApiError::internal(format!(
+                    AtOwner::InUse(why) => Err(ApiError::new("VolumeInUse", why)),
+                    AtOwner::Unreachable(e) => Err(ApiError::internal(format!(
                         "forwarding to the owner node {owner} (vblock.{owner}.detachvolume) failed: {e}"
                     ))),
                 };

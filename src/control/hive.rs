@@ -7,7 +7,7 @@ use crate::records::{self, Mount, SnapshotRecord, VolumeRecord};
 use crate::volume::VolumeError;
 
 use super::api::*;
-use super::cluster::{Answer, Purpose};
+use super::cluster::{Answer, AtOwner, Purpose};
 use super::handlers::{parse, Control};
 
 impl Control {
@@ -269,20 +269,20 @@ impl Control {
         let Some(cluster) = self.cluster.clone() else {
             return refused("not in cluster mode".into());
         };
-        match cluster.forward_to(owner, "unmount", payload).await {
-            Ok(reply) => serde_json::from_slice(&reply).unwrap_or_else(|e| {
+        match self
+            .send_to_owner(&cluster, owner, id, ("unmount", payload))
+            .await
+        {
+            AtOwner::Reply(reply) => serde_json::from_slice(&reply).unwrap_or_else(|e| {
                 refused(format!("node {owner}'s unmount reply does not parse: {e}"))
             }),
-            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
-                if let Err(why) = self.own_from_silent_owner(&cluster, id, owner).await {
-                    return refused(why);
-                }
-                // Owned here now; as forwarded, so that a lease lost meanwhile is not chased.
+            AtOwner::TakenOver => {
                 let r = Box::pin(self.unmount(node, payload, true)).await;
                 cluster.release(id, Purpose::EndMount).await;
                 r
             }
-            Err(e) => refused(format!(
+            AtOwner::InUse(why) => refused(why),
+            AtOwner::Unreachable(e) => refused(format!(
                 "volume {id} is owned by node {owner}, which does not answer: {e}"
             )),
         }
