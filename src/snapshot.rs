@@ -12,7 +12,8 @@
 use bytes::Bytes;
 
 use crate::backend::{
-    checkpoint_key, snapshot_map_key, snapshot_outcome_key, snapshot_record_key, SharedBackend,
+    checkpoint_key, snapshot_deleted_key, snapshot_map_key, snapshot_outcome_key, snapshot_pin_key,
+    snapshot_pins_prefix, snapshot_record_key, BackendError, SharedBackend,
 };
 use crate::block::BlockRange;
 use crate::cache::FrameCache;
@@ -370,6 +371,71 @@ impl Engine {
         tracing::info!(snapshot = %id, "snapshot deleted");
         self.collect_garbage().await?;
         Ok(())
+    }
+
+    /// Cluster mode: pins snapshot `id` for clone `volume` (stores `SNAPID/clones/VOLUMEID`)
+    /// before the clone shares its chunks, then checks that no delete of the snapshot has begun
+    /// (`SNAPID/deleted`). A delete stores that marker before it lists the pins, and the store
+    /// is linearizable (S3's read-after-write): either the delete lists this pin and keeps the
+    /// snapshot's record copy and map, or this check finds the marker (FORMAT.md, "Clone
+    /// pins"). The catalog (JetStream KV) is not trusted with this: a lost or stale record there
+    /// would let the snapshot's map go while a clone shares its chunks.
+    ///
+    /// Errors: [`VolumeError::SnapshotNotFound`] when a delete has begun (the pin is removed
+    /// again); backend errors.
+    pub async fn pin_snapshot(
+        &self,
+        id: &SnapshotId,
+        volume: &VolumeId,
+    ) -> Result<(), VolumeError> {
+        put_retried(&self.backend, &snapshot_pin_key(id, volume), Bytes::new()).await?;
+        if self.snapshot_delete_begun(id).await? {
+            self.unpin_snapshot(id, volume).await?;
+            return Err(VolumeError::SnapshotNotFound(id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: removes clone `volume`'s pin on snapshot `id` (once the clone's objects
+    /// are gone, or it was never made). Missing is not an error.
+    ///
+    /// Errors: backend errors.
+    pub async fn unpin_snapshot(
+        &self,
+        id: &SnapshotId,
+        volume: &VolumeId,
+    ) -> Result<(), VolumeError> {
+        Ok(delete_retried(&self.backend, &snapshot_pin_key(id, volume)).await?)
+    }
+
+    /// Cluster mode, deleting snapshot `id`: stores its delete marker (`SNAPID/deleted`; from
+    /// then on [`Engine::pin_snapshot`] refuses it), then lists its clone pins. Returns whether
+    /// a clone pins it (its record copy and map must stay). Called again when a clone goes, it
+    /// tells whether the last pin went.
+    ///
+    /// Errors: backend errors.
+    pub async fn mark_snapshot_deleted(&self, id: &SnapshotId) -> Result<bool, VolumeError> {
+        put_retried(&self.backend, &snapshot_deleted_key(id), Bytes::new()).await?;
+        let prefix = snapshot_pins_prefix(id);
+        let pins = crate::retry::retry(&RetryPolicy::reads(), &prefix, || {
+            self.backend.list(&prefix)
+        })
+        .await?;
+        Ok(!pins.is_empty())
+    }
+
+    /// Cluster mode: whether a delete of snapshot `id` has begun (its delete marker is stored).
+    ///
+    /// Errors: backend errors.
+    pub async fn snapshot_delete_begun(&self, id: &SnapshotId) -> Result<bool, VolumeError> {
+        let marker = snapshot_deleted_key(id);
+        match crate::retry::retry(&RetryPolicy::reads(), &marker, || self.backend.get(&marker))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(BackendError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Snapshot `id`'s local record, first installing it from the backend (its record copy

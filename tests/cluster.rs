@@ -743,9 +743,10 @@ fn error_code(reply: &serde_json::Value) -> &str {
 /// addressed to one node. A volume created through a is described through b and c; a snapshot
 /// through c of the volume a serves (forwarded to a) completes; a clone of it created and
 /// mounted through b reads the snapshot's data, not the writes after it. The snapshot is
-/// deleted through a, then the source volume through c, which has no copy of the snapshot or
-/// the clone: its garbage collection spares the chunks the clone shares only because the
-/// snapshot's map stays in the bucket while a clone of it exists. The clone still reads its
+/// deleted through a while the catalog has lost the clone's record (its pin in the bucket
+/// keeps the snapshot's map), then the source volume through c, which has no copy of the
+/// snapshot or the clone: its garbage collection spares the chunks the clone shares only
+/// because the snapshot's map stays in the bucket while a clone pins it. The clone still reads its
 /// data, also once it moved to c (a takeover from the bucket, reading every chunk afresh).
 #[test]
 fn one_catalog_serves_every_node() {
@@ -888,8 +889,16 @@ fn one_catalog_serves_every_node() {
     c.kill9();
     b.cli(&["unmount", &snap_id]);
 
+    // The catalog lost the clone's record (JetStream lost a write, or a listing is stale)
+    // while the snapshot is deleted: its pin in the bucket still keeps the snapshot's map.
+    let clone_key = format!("volume.{clone_id}");
+    let hidden = format!("hidden.{clone_id}");
+    edit_catalog(&nats, &clone_key, &hidden, |_| {});
+    edit_catalog(&nats, &clone_key, "", |_| {});
     let deleted = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap_id}));
     assert_eq!(deleted["Return"], true, "{deleted}");
+    edit_catalog(&nats, &hidden, &clone_key, |_| {});
+    edit_catalog(&nats, &hidden, "", |_| {});
     c.start_again();
     c.wait_for_log(
         "ending a snapshot mount the catalog no longer records",
@@ -992,9 +1001,12 @@ fn one_catalog_serves_every_node() {
         .join(&snap_id)
         .join("snapshot.json");
     assert!(snapshot_copy.exists(), "{}", snapshot_copy.display());
-    // A second clone of it left `creating` by a node that failed pins them too, until it is
-    // deleted as abandoned.
+    // A second clone of it left `creating` by a node that failed after storing its pin pins
+    // them too, until it is deleted as abandoned.
     let stuck = stuck_clone(&nats, &clone_id, |_| {});
+    let pin = snapshot_copy.with_file_name("clones").join(&stuck);
+    std::fs::create_dir_all(pin.parent().expect("clones/")).expect("mkdir");
+    std::fs::write(&pin, b"").expect("the stuck clone's pin");
     c.cli(&["unmount", &clone_id, "--node", "c"]);
     let deleted = node_request(&nats, "b", "deletevolume", json!({"VolumeId": clone_id}));
     assert_eq!(deleted["Return"], true, "{deleted}");

@@ -1200,6 +1200,38 @@ fn a_snapshot_left_pending_by_a_crash_is_stored_at_the_next_start() {
     });
 }
 
+/// Clone pins (cluster mode; FORMAT.md "Clone pins"): a snapshot delete that lists a pin keeps
+/// the snapshot's copies, and once its delete marker is stored a new pin is refused and not
+/// left behind, so a clone and a delete always see each other.
+#[test]
+fn a_clone_pin_and_a_snapshot_delete_see_each_other() {
+    common::run(Duration::from_secs(30), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = common::memory_backend();
+        let engine = common::open_engine(dir.path(), &backend).await;
+        let snap = vblock::SnapshotId::generate();
+        let (early, late) = (VolumeId::generate(), VolumeId::generate());
+        assert!(!engine.snapshot_delete_begun(&snap).await.expect("marker"));
+        engine.pin_snapshot(&snap, &early).await.expect("pin");
+        assert!(
+            engine.mark_snapshot_deleted(&snap).await.expect("mark"),
+            "a delete did not see a clone's pin"
+        );
+        assert!(engine.snapshot_delete_begun(&snap).await.expect("marker"));
+        let refused = engine.pin_snapshot(&snap, &late).await;
+        assert!(
+            matches!(refused, Err(VolumeError::SnapshotNotFound(_))),
+            "a clone after the delete marker: {refused:?}"
+        );
+        engine.unpin_snapshot(&snap, &early).await.expect("unpin");
+        assert!(
+            !engine.mark_snapshot_deleted(&snap).await.expect("mark"),
+            "a pin outlived its clone, or a refused clone left one"
+        );
+        engine.close_all().await;
+    });
+}
+
 /// Chunk PUTs that take a few milliseconds, so that closing a volume drains for a while.
 struct SlowChunkPuts;
 

@@ -182,6 +182,26 @@ pub fn snapshot_outcome_key(snapshot: &SnapshotId) -> String {
     format!("{snapshot}/outcome")
 }
 
+/// Prefix of a snapshot's clone pins (`SNAPID/clones/`, cluster mode): one object per volume
+/// cloned from it ([`snapshot_pin_key`]).
+pub fn snapshot_pins_prefix(snapshot: &SnapshotId) -> String {
+    format!("{snapshot}/clones/")
+}
+
+/// Key of clone `volume`'s pin on `snapshot` (`SNAPID/clones/VOLUMEID`, cluster mode, empty):
+/// stored before the clone shares the snapshot's chunks, deleted once the clone is gone. While
+/// one is listed, a delete of the snapshot keeps its record copy and map (FORMAT.md, "Clone
+/// pins").
+pub fn snapshot_pin_key(snapshot: &SnapshotId, volume: &VolumeId) -> String {
+    format!("{snapshot}/clones/{volume}")
+}
+
+/// Key of a snapshot's delete marker (`SNAPID/deleted`, cluster mode, empty): stored by a
+/// delete before it lists the pins; a clone started after it finds it and fails.
+pub fn snapshot_deleted_key(snapshot: &SnapshotId) -> String {
+    format!("{snapshot}/deleted")
+}
+
 /// Prefix of a volume's epoch manifests (`VOLUMEID/epoch/`; docs/design/cluster.md).
 pub fn epoch_prefix(volume: &VolumeId) -> String {
     format!("{volume}/epoch/")

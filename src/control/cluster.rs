@@ -575,11 +575,11 @@ impl Control {
     /// `snapshot` if given: the volume is created here (its record copy and, for a clone, its
     /// first map checkpoint in the bucket) and its record added to the catalog.
     ///
-    /// A clone's record goes into the catalog (`creating`) before it shares the snapshot's
-    /// chunks, and the snapshot is looked up after that: a snapshot delete removes the
-    /// snapshot's record first and then looks for clones, so one of the two always sees the
-    /// other, and the snapshot's map stays in the bucket for every node's garbage collection
-    /// while the clone exists.
+    /// A clone's record goes into the catalog (`creating`), then its pin on the snapshot into
+    /// the bucket ([`Engine::pin_snapshot`]), before it shares the snapshot's chunks: a
+    /// snapshot delete marks the snapshot deleted in the bucket before it lists the pins, so
+    /// one of the two always sees the other, and the snapshot's map stays in the bucket for
+    /// every node's garbage collection while the clone exists, whatever the catalog says.
     ///
     /// Errors: [`VolumeError::SnapshotNotFound`] when the snapshot went meanwhile; engine and
     /// catalog errors.
@@ -610,6 +610,7 @@ impl Control {
             .await
             .map_err(catalog_err)?;
         let made = async {
+            self.engine.pin_snapshot(&s.snapshot_id, &id).await?;
             if cluster
                 .catalog
                 .snapshot(&s.snapshot_id)
@@ -646,7 +647,7 @@ impl Control {
                 tracing::warn!(volume = %id, error = %e, "removing a clone that failed failed");
             }
             match cluster.catalog.delete_volume(&id, revision).await {
-                Ok(()) => self.clone_gone(cluster, &id, s.snapshot_id.as_str()).await,
+                Ok(()) => self.clone_gone(&id, s.snapshot_id.as_str()).await,
                 Err(e) => {
                     tracing::warn!(volume = %id, error = %e, "removing the catalog record of a clone that failed failed")
                 }
@@ -677,7 +678,7 @@ impl Control {
             .map_err(catalog_err)?;
         cluster.forget(&creating_key(id));
         self.engine.purge_unfinished_volume(id).await?;
-        self.clone_gone(cluster, id, &rec.snapshot_id).await;
+        self.clone_gone(id, &rec.snapshot_id).await;
         if !rec.client_token.is_empty() {
             cluster
                 .catalog
@@ -882,7 +883,7 @@ impl Control {
                     tracing::warn!(volume = %id, error = %e, "releasing the deleted volume's ClientToken failed");
                 }
             }
-            self.clone_gone(cluster, &id, &deleting.snapshot_id).await;
+            self.clone_gone(&id, &deleting.snapshot_id).await;
             Ok(())
         }
         .await;
@@ -892,7 +893,7 @@ impl Control {
 
     /// Cluster mode's `ebs.deletesnapshot`, through any node: the catalog record goes first,
     /// then (see [`Control::cluster_create`]) the record copy and map in the bucket unless a
-    /// volume cloned from it exists, and this node's local copy.
+    /// clone pins it (`SNAPID/clones/`), and this node's local copy.
     ///
     /// Errors: [`VolumeError::SnapshotNotFound`]; [`VolumeError::IncorrectState`] while
     /// pending; [`VolumeError::InUse`] while mounted here; engine and catalog errors.
@@ -945,36 +946,36 @@ impl Control {
         Ok(())
     }
 
-    /// After clone `vol` of snapshot `snapshot_id` left the catalog (deleted, failed or
-    /// abandoned; `""`: not a clone): when the snapshot was deleted meanwhile, its bucket
-    /// copies go too unless another clone still pins them. Best effort (logged): a
-    /// deletesnapshot of the snapshot finishes it.
-    async fn clone_gone(&self, cluster: &ClusterMode, vol: &VolumeId, snapshot_id: &str) {
+    /// After clone `vol` of snapshot `snapshot_id` and its objects are gone (deleted, failed
+    /// or abandoned; `""`: not a clone): its pin on the snapshot goes, and when a delete of the
+    /// snapshot has begun, the snapshot's bucket copies too unless another clone still pins
+    /// them. Best effort (logged): a pin left behind keeps the copies, and a deletesnapshot of
+    /// the snapshot finishes it.
+    async fn clone_gone(&self, vol: &VolumeId, snapshot_id: &str) {
         let Ok(sid) = SnapshotId::parse(snapshot_id) else {
             return;
         };
-        let deleted = cluster.catalog.snapshot(&sid).await.map(|s| s.is_none());
-        if matches!(deleted, Ok(true)) {
+        if let Err(e) = self.engine.unpin_snapshot(&sid, vol).await {
+            tracing::warn!(volume = %vol, snapshot = %sid, error = %e, "removing a gone clone's pin on its snapshot failed (the snapshot's copies stay in the bucket)");
+            return;
+        }
+        if matches!(self.engine.snapshot_delete_begun(&sid).await, Ok(true)) {
             if let Err(e) = self.delete_snapshot_copies_unless_cloned(&sid).await {
                 tracing::warn!(volume = %vol, snapshot = %sid, error = %e, "deleting a deleted snapshot's copies after its last clone failed (a deletesnapshot of it finishes it)");
             }
         }
     }
 
-    /// Deletes snapshot `id`'s local copy, and its bucket copies unless a catalog volume was
-    /// cloned from it (they pin the chunks the clone shares). Returns whether the bucket
-    /// copies went.
+    /// Deletes snapshot `id`'s local copy, and its bucket copies unless a clone pins it
+    /// ([`Engine::mark_snapshot_deleted`]: the copies hold the map that keeps the chunks a
+    /// clone shares). Returns whether the bucket copies went.
     ///
-    /// Errors: engine and catalog errors.
+    /// Errors: engine and backend errors.
     async fn delete_snapshot_copies_unless_cloned(
         &self,
         id: &SnapshotId,
     ) -> Result<bool, VolumeError> {
-        let cloned = self
-            .volume_records()
-            .await?
-            .iter()
-            .any(|v| v.snapshot_id == id.as_str());
+        let cloned = self.engine.mark_snapshot_deleted(id).await?;
         self.engine.delete_snapshot_copies(id, !cloned).await?;
         Ok(!cloned)
     }
