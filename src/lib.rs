@@ -36,5 +36,6 @@ pub mod workq;
 
 pub use engine::{Engine, EngineConfig};
 pub use ids::{SnapshotId, VolumeId};
+pub use recovery::OnDamage;
 pub use snapshot::SnapshotVolume;
 pub use volume::{StatusExtent, Volume, VolumeConfig, VolumeError};

@@ -42,6 +42,47 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// What a rebuild of a volume from the backend does when it finds the bucket damaged: a chunk
+/// object that is there but short, fails verification or belongs elsewhere (puts are atomic,
+/// so no crash leaves one), or shipped WAL objects past a break in their chain (one PUT is in
+/// flight at a time, so no crash leaves one either). The chunks and records after the damage
+/// may hold acknowledged writes; applying only what comes before it gives a prefix of the
+/// volume's writes that may lack some of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDamage {
+    /// Fail with [`VolumeError::Corrupt`] before changing anything in the backend: a takeover
+    /// that is to serve the volume (the objects stay for an operator).
+    Refuse,
+    /// Rebuild the prefix before the damage: disaster recovery (FORMAT.md, "Recovery"), and a
+    /// takeover that is to delete the volume.
+    KeepPrefix,
+}
+
+/// What ended [`Engine::apply_chunks`]'s walk of a volume's chunks.
+enum ChunkWalk {
+    /// Every chunk listed was applied.
+    Whole,
+    /// A chunk id is missing (a PUT that never finished: a crash of its owner, which had not
+    /// committed it, so its records are still in the shipped WAL if they were flushed), or a
+    /// memtable's last parts.
+    Missing(String),
+    /// A chunk is there but short, fails verification or belongs elsewhere: puts are atomic,
+    /// so the bucket was damaged, and the chunks after it may hold acknowledged writes.
+    Damaged(String),
+}
+
+/// The error of a takeover that finds the bucket damaged (`why`): it stops before it writes
+/// anything or deletes anything, so the objects stay for an operator (docs/OPERATIONS.md,
+/// "When a volume or the daemon refuses to open"); the volume serves nowhere meanwhile.
+fn refused_takeover(id: &VolumeId, why: &str) -> VolumeError {
+    metrics::counter!("vblock_takeovers_refused_damaged_total").increment(1);
+    tracing::error!(volume = %id, why, "takeover refused: the bucket holds writes of this volume that cannot be applied in order; nothing was changed");
+    VolumeError::Corrupt {
+        what: format!("volume {id} in the backend"),
+        reason: format!("{why}; the takeover is refused (docs/OPERATIONS.md, \"When a volume or the daemon refuses to open\")"),
+    }
+}
+
 impl Engine {
     /// Disaster recovery: rebuilds every volume found in the backend (`VOLUMEID/volume.json`)
     /// that the metadata DB does not know, from its newest map checkpoint and its chunk objects'
@@ -76,7 +117,11 @@ impl Engine {
             if self.get_record(&rec.volume_id).await?.is_some() {
                 continue;
             }
-            recovered.push(self.recover_volume(rec, &keys, None, &mut progress).await?);
+            let damage = OnDamage::KeepPrefix;
+            let id = self
+                .recover_volume(rec, &keys, None, damage, &mut progress)
+                .await?;
+            recovered.push(id);
         }
         self.recover_snapshots(&keys).await?;
         Ok(recovered)
@@ -100,12 +145,15 @@ impl Engine {
     /// Rebuilds volume `rec` from the backend objects among `keys`: its map from the newest
     /// checkpoint, then the chunks above it, then its shipped WAL into the local WAL; with
     /// `epoch`, numbers its next chunk objects from that epoch's base and stores a map
-    /// checkpoint under it (a takeover); stores the record (unmounted) last.
+    /// checkpoint under it (a takeover); stores the record (unmounted) last. `damage`: what a
+    /// damaged bucket (a chunk that is there but unreadable, shipped WAL objects past a break)
+    /// does to the rebuild.
     pub(crate) async fn recover_volume(
         &self,
         mut rec: VolumeRecord,
         keys: &[String],
         epoch: Option<u64>,
+        damage: OnDamage,
         progress: &mut Progress<'_>,
     ) -> Result<VolumeId, VolumeError> {
         let id = rec.volume_id.clone();
@@ -117,10 +165,14 @@ impl Engine {
         // Chunks the checkpoint covers count as read; reported with the next one.
         progress.done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
         ids.retain(|o| *o >= state.next_object_id);
-        let state = self.apply_chunks(&lookup, state, ids, progress).await?;
+        let (state, stop) = self.apply_chunks(&lookup, state, ids, progress).await?;
+        let strict = damage == OnDamage::Refuse;
+        if let (true, ChunkWalk::Damaged(why)) = (strict, &stop) {
+            return Err(refused_takeover(&id, why));
+        }
         let chunks_ms = started.elapsed().as_millis() as u64;
         let shipped = self
-            .recover_shipped_wal(&id, keys, state.checkpoint)
+            .recover_shipped_wal(&id, keys, state.checkpoint, strict)
             .await?;
         let shipped_ms = started.elapsed().as_millis() as u64;
         let mut state = state;
@@ -186,21 +238,22 @@ impl Engine {
     /// id order — the order they were committed in — while the ids are contiguous: a chunk
     /// whose PUT never finished ends the walk, so no later chunk lands on top of the hole. A
     /// memtable split into several chunks is applied whole or not at all. The volume then holds
-    /// a prefix of its writes. Returns the state after the last chunk applied.
+    /// a prefix of its writes. Returns the state after the last chunk applied and what ended
+    /// the walk.
     async fn apply_chunks(
         &self,
         lookup: &BlockLookup,
         mut state: VolumeState,
         ids: Vec<u64>,
         progress: &mut Progress<'_>,
-    ) -> Result<VolumeState, VolumeError> {
+    ) -> Result<(VolumeState, ChunkWalk), VolumeError> {
         let id = lookup.volume().clone();
         let mut group: Vec<(ChunkCommit, u64)> = Vec::new();
-        let mut stopped = None;
+        let mut stopped = ChunkWalk::Whole;
         for (expected, object_id) in (state.next_object_id.max(1)..).zip(ids) {
             progress.advance(1);
             if object_id != expected {
-                stopped = Some(format!("chunk {expected:#x} is missing"));
+                stopped = ChunkWalk::Missing(format!("chunk {expected:#x} is missing"));
                 break;
             }
             let okey = chunk_key(&id, object_id);
@@ -210,19 +263,20 @@ impl Engine {
                 // comes after it is then deleted at the next open); any other backend error (an
                 // outage, denied access, expired credentials) fails the recovery, which is
                 // tried again at the next start.
+                Err(e @ VolumeError::Backend(BackendError::NotFound(_))) => {
+                    stopped = ChunkWalk::Missing(format!("{okey} is gone: {e}"));
+                    break;
+                }
                 Err(e @ VolumeError::Chunk { .. })
-                | Err(
-                    e @ VolumeError::Backend(
-                        BackendError::NotFound(_) | BackendError::BadRange { .. },
-                    ),
-                ) => {
-                    stopped = Some(format!("{okey} is unreadable: {e}"));
+                | Err(e @ VolumeError::Backend(BackendError::BadRange { .. })) => {
+                    stopped = ChunkWalk::Damaged(format!("{okey} is unreadable: {e}"));
                     break;
                 }
                 Err(e) => return Err(e),
             };
             if header.volume_tag != id.tag() || header.object_id != object_id {
-                stopped = Some(format!("{okey} belongs to another volume or object"));
+                let why = format!("{okey} belongs to another volume or object");
+                stopped = ChunkWalk::Damaged(why);
                 break;
             }
             let commit = ChunkCommit {
@@ -247,13 +301,14 @@ impl Engine {
                 blocking(move || l.commit_chunk(&commit, s)).await?;
             }
         }
-        if !group.is_empty() && stopped.is_none() {
-            stopped = Some("the last memtable's chunks are not all there".to_owned());
+        if !group.is_empty() && matches!(stopped, ChunkWalk::Whole) {
+            let why = "the last memtable's chunks are not all there".to_owned();
+            stopped = ChunkWalk::Missing(why);
         }
-        if let Some(why) = stopped {
-            tracing::error!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes; they are deleted when it opens)");
+        if let ChunkWalk::Missing(why) | ChunkWalk::Damaged(why) = &stopped {
+            tracing::error!(volume = %id, next_object_id = state.next_object_id, %why, "recovery stops at a gap in the chunks: later chunks are not applied (the volume holds a prefix of its writes)");
         }
-        Ok(state)
+        Ok((state, stopped))
     }
 
     /// Replays volume `id`'s shipped WAL objects (if `keys` lists any) after seq `covered`
@@ -262,18 +317,32 @@ impl Engine {
     /// holds a prefix of its writes. Records the local WAL already holds are not written
     /// again. Returns the records written.
     ///
+    /// With `strict` (a takeover), objects past a break in the chain or one that does not
+    /// verify are damage, not a prefix: [`VolumeError::Corrupt`] before anything is written.
+    ///
     /// Errors: backend errors other than a missing object, WAL errors.
     async fn recover_shipped_wal(
         &self,
         id: &VolumeId,
         keys: &[String],
         covered: u64,
+        strict: bool,
     ) -> Result<u64, VolumeError> {
         if wal_object_counters(id, keys).is_empty() {
             return Ok(0);
         }
         let chain = Chain::load(&self.backend, id, covered).await?;
+        if strict && !chain.orphans.is_empty() {
+            let why = format!(
+                "shipped WAL objects {:?} lie past a break in the chain after seq {covered}",
+                chain.orphans
+            );
+            return Err(refused_takeover(id, &why));
+        }
         let (records, broken) = chain.records_after(&self.backend, id, covered).await?;
+        if let (true, Some(e)) = (strict, &broken) {
+            return Err(refused_takeover(id, &e.to_string()));
+        }
         if let Some(e) = broken {
             tracing::error!(volume = %id, error = %e, "replay of the shipped WAL stops here: later objects are not applied (the volume holds a prefix of its writes)");
         }

@@ -12,7 +12,7 @@ use crate::cluster::walobj::encode_fence;
 use crate::engine::{now_rfc3339, Engine};
 use crate::ids::VolumeId;
 use crate::records::VolumeRecord;
-use crate::recovery::Progress;
+use crate::recovery::{OnDamage, Progress};
 use crate::retry::put_if_absent_retried;
 use crate::volume::VolumeError;
 
@@ -54,16 +54,19 @@ impl Engine {
     /// copy in the backend; backend, metadata and WAL errors (the takeover may be retried: it
     /// then takes the next epoch).
     pub async fn take_over(&self, id: &VolumeId, node: &str) -> Result<u64, VolumeError> {
-        self.take_over_with(id, node, None).await
+        self.take_over_with(id, node, None, OnDamage::Refuse).await
     }
 
     /// [`Engine::take_over`] with the volume's record `record` when the caller has it (cluster
-    /// mode: the catalog's), instead of the record copy in the backend.
+    /// mode: the catalog's), instead of the record copy in the backend, and `damage` telling
+    /// what a damaged bucket does to the rebuild ([`OnDamage::Refuse`]: the takeover fails
+    /// with [`VolumeError::Corrupt`] and the backend keeps every object of the volume).
     pub async fn take_over_with(
         &self,
         id: &VolumeId,
         node: &str,
         record: Option<VolumeRecord>,
+        damage: OnDamage,
     ) -> Result<u64, VolumeError> {
         if !self.config.volume.ship_wal {
             return Err(VolumeError::InvalidArgument(
@@ -76,7 +79,7 @@ impl Engine {
         let taken = self
             .close_then(id, Duration::ZERO, || async move {
                 let _gc = self.gc.lock().await;
-                *e = self.take_over_closed(id, node, record).await?;
+                *e = self.take_over_closed(id, node, record, damage).await?;
                 Ok(())
             })
             .await;
@@ -97,6 +100,7 @@ impl Engine {
         id: &VolumeId,
         node: &str,
         record: Option<VolumeRecord>,
+        damage: OnDamage,
     ) -> Result<u64, VolumeError> {
         let epoch = match take_epoch(&*self.backend, id, node, now_rfc3339()).await? {
             TakeOver::Taken(m) => m.epoch,
@@ -128,7 +132,7 @@ impl Engine {
         let keys = self.backend.list(&volume_prefix(id)).await?;
         let none = |_, _| {};
         let mut progress = Progress::new(0, &none);
-        self.recover_volume(rec, &keys, Some(epoch), &mut progress)
+        self.recover_volume(rec, &keys, Some(epoch), damage, &mut progress)
             .await?;
         Ok(epoch)
     }

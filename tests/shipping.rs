@@ -683,6 +683,100 @@ fn a_takeover_fences_the_old_owner() {
     });
 }
 
+/// A takeover that finds the bucket damaged refuses, and changes nothing there (issue 30): a
+/// chunk that is there but does not verify (no crash leaves one: puts are atomic), or a chunk
+/// gone with shipped WAL objects past the break it leaves (one PUT is in flight at a time, so
+/// no crash leaves that either). Serving the prefix before the damage would lose the
+/// acknowledged writes after it, and the volume's next open would delete what lies past the
+/// break. A takeover for a delete goes on.
+#[test]
+fn a_takeover_refuses_a_damaged_volume() {
+    use vblock::backend::{checkpoint_prefix, chunk_ids, chunk_key};
+    common::run(Duration::from_secs(120), async {
+        /// Generations 1..=6 over every block, all in chunks (A flushed each), and with `more`
+        /// generation 7 of the first blocks, flushed and only shipped; then A is lost. Returns
+        /// the volume and its first chunk above its newest map checkpoint, if any (more follow
+        /// it).
+        async fn lost_owner(backend: &SharedBackend, more: bool) -> (VolumeId, u64) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let a = open(dir.path(), backend).await;
+            let id = create(&a).await;
+            let va = a.volume(&id).await.expect("open on A");
+            for g in 1..=6 {
+                write_gen(&va, 0..BLOCKS, g).await;
+            }
+            va.persist_buffer().await.expect("persist");
+            if more {
+                write_gen(&va, 0..4, 7).await;
+            }
+            drop(va);
+            a.simulate_crash().await;
+            let keys = backend.list(&format!("{id}/")).await.expect("list");
+            let checkpoint = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&checkpoint_prefix(&id)))
+                .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+                .max()
+                .unwrap_or(1);
+            let above: Vec<u64> = chunk_ids(&id, &keys)
+                .into_iter()
+                .filter(|o| *o >= checkpoint)
+                .collect();
+            assert!(above.len() >= 2, "chunks above the checkpoint: {above:?}");
+            (id, above[0])
+        }
+        async fn refused(backend: &SharedBackend, id: &VolumeId, what: &str) {
+            let before = backend.list(&format!("{id}/")).await.expect("list");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let b = open(dir.path(), backend).await;
+            for _ in 0..2 {
+                let taken = b.take_over(id, "b").await;
+                assert!(
+                    matches!(taken, Err(VolumeError::Corrupt { .. })),
+                    "{what}: {taken:?}"
+                );
+            }
+            let after = backend.list(&format!("{id}/")).await.expect("list");
+            let lost: Vec<&String> = before.iter().filter(|k| !after.contains(k)).collect();
+            assert!(lost.is_empty(), "{what}: the takeover deleted {lost:?}");
+            assert!(b.volume(id).await.is_err(), "{what}: the volume opens");
+            // A takeover to delete the volume goes on past the damage.
+            let damage = vblock::OnDamage::KeepPrefix;
+            b.take_over_with(id, "b", None, damage)
+                .await
+                .expect("a takeover for a delete");
+            b.delete_volume(id).await.expect("delete");
+            b.close_all().await;
+        }
+
+        // A chunk that does not verify, and no shipped WAL left to tell by.
+        let backend = common::memory_backend();
+        let (id, first) = lost_owner(&backend, false).await;
+        for c in wal_counters(&backend, &id).await {
+            backend
+                .delete(&wal_object_key(&id, c))
+                .await
+                .expect("delete");
+        }
+        let key = chunk_key(&id, first);
+        let len = backend.get(&key).await.expect("get").len();
+        backend
+            .put(&key, Bytes::from(vec![0xa5; len]))
+            .await
+            .expect("put");
+        refused(&backend, &id, "a corrupt chunk").await;
+
+        // A chunk gone, and shipped objects after the records it held.
+        let backend = common::memory_backend();
+        let (id, first) = lost_owner(&backend, true).await;
+        backend
+            .delete(&chunk_key(&id, first))
+            .await
+            .expect("delete");
+        refused(&backend, &id, "a missing chunk").await;
+    });
+}
+
 /// Two nodes racing to take one volume over (issue test 4, engine level): each epoch has one
 /// winner (a loser of an epoch is told who won it). Takers that list at different times may
 /// win epochs 1 and 2: the higher one serves, the lower one may not write.

@@ -17,6 +17,7 @@ use crate::cluster::lease::{Claim, Kept, Leases, Owner};
 use crate::ids::SnapshotId;
 use crate::ids::VolumeId;
 use crate::records::{SnapshotRecord, VolumeRecord, VolumeStateName};
+use crate::recovery::OnDamage;
 use crate::volume::VolumeError;
 
 use super::api::ApiError;
@@ -369,7 +370,16 @@ impl Control {
         };
         held.add(purpose);
         cluster.kept().insert(id.clone(), held);
-        let taken = match self.engine.take_over_with(id, &me.node, Some(record)).await {
+        // A delete goes on past damage (it removes the volume anyway); serving does not.
+        let damage = match purpose {
+            Purpose::Delete => OnDamage::KeepPrefix,
+            _ => OnDamage::Refuse,
+        };
+        let taken = self
+            .engine
+            .take_over_with(id, &me.node, Some(record), damage)
+            .await;
+        let taken = match taken {
             Ok(epoch) => epoch,
             Err(e) => {
                 cluster.release(id, purpose).await;
