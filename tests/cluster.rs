@@ -188,6 +188,58 @@ fn a_kept_lease_reports_its_loss() {
     });
 }
 
+/// A kept lease's NBD address changes at once when its holder asks (a mount ended while a
+/// snapshot still holds the lease: other nodes must give no URI), and the renewals after keep
+/// the new one; asked of a lease that was lost, it fails.
+#[test]
+fn a_kept_lease_advertises_what_its_holder_serves() {
+    let nats = Nats::start_jetstream();
+    run(async {
+        let (a, b) = (leases(&nats).await, leases(&nats).await);
+        let me = owner("a");
+        let id = VolumeId::generate();
+        let (revision, sent) = win(&a, &id, &me).await;
+        let kept = a.keep(&id, &me, revision, sent);
+        let seen = |l: Arc<Leases>| {
+            let id = id.clone();
+            async move {
+                let (o, revision) = l.holder(&id).await.expect("holder").expect("held");
+                (o.nbd_advertise, revision)
+            }
+        };
+        assert_eq!(seen(b.clone()).await.0, "a:10809");
+        kept.advertise("").await.expect("advertise none");
+        let (uri, cleared_at) = seen(b.clone()).await;
+        assert_eq!(uri, "", "an ended mount's URI stayed in the lease");
+        // Renewals (every TTL/3) go on with it.
+        let renewed = tokio::time::timeout(TTL, async {
+            loop {
+                let (uri, revision) = seen(b.clone()).await;
+                if revision > cleared_at {
+                    return uri;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("no renewal within the TTL");
+        assert_eq!(renewed, "", "a renewal brought the old URI back");
+        kept.advertise("a:10900").await.expect("advertise");
+        assert_eq!(seen(b.clone()).await.0, "a:10900");
+        assert!(!kept.is_lost());
+
+        // Lost (another node wrote the key): asking fails.
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+        let kv = js.get_key_value("vblock-leases").await.expect("bucket");
+        let other = serde_json::to_vec(&owner("z")).expect("json");
+        kv.put(format!("owner.{id}"), other.into())
+            .await
+            .expect("put");
+        assert!(kept.advertise("").await.is_err(), "a lost lease advertised");
+        assert!(kept.is_lost());
+    });
+}
+
 /// The cluster test daemons' `--abandon-after` (default 10 min).
 const ABANDON_AFTER: &str = "3s";
 

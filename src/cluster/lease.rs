@@ -241,6 +241,9 @@ impl Leases {
 pub struct Kept {
     tenure: Tenure,
     stop: Arc<tokio::sync::Notify>,
+    /// Asks the renewal task to renew at once with another `nbd_advertise`
+    /// ([`Kept::advertise`]).
+    advertise: tokio::sync::mpsc::Sender<Advertise>,
     /// Ends with the last revision written, or `None` once the lease was lost.
     task: tokio::task::JoinHandle<Option<u64>>,
 }
@@ -303,6 +306,30 @@ impl Kept {
         }
     }
 
+    /// Renews the lease at once with `nbd_advertise` as the holder's NBD address (empty: no
+    /// mount here, so other nodes give no URI), and keeps renewing it so. The future holds no
+    /// borrow of the `Kept`.
+    ///
+    /// Errors: [`LeaseError::Lost`] when the lease is lost (or its renewals ended);
+    /// [`LeaseError::Kv`] when the renewal failed (the lease is still kept, with the address
+    /// it had; the next renewal tries the new one again).
+    pub fn advertise(
+        &self,
+        nbd_advertise: &str,
+    ) -> impl std::future::Future<Output = Result<(), LeaseError>> + Send + 'static {
+        let (sender, nbd_advertise) = (self.advertise.clone(), nbd_advertise.to_owned());
+        async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let asked = Advertise {
+                nbd_advertise,
+                reply,
+            };
+            let ended = || LeaseError::Kv("the lease's renewals have ended".into());
+            sender.send(asked).await.map_err(|_| ended())?;
+            answer.await.map_err(|_| ended())?
+        }
+    }
+
     /// Stops renewing (after a renewal in flight, if any) and returns the revision last
     /// written, for [`Leases::release`]; `None` if the lease was lost.
     pub async fn stop(mut self) -> Option<u64> {
@@ -311,6 +338,12 @@ impl Kept {
         // Stopping marks the tenure lost: whether the lease still held is a matter of time.
         last.filter(|_| Instant::now() < *trusted(&self.tenure.trusted_until))
     }
+}
+
+/// A request to [`Kept`]'s renewal task: renew now with this address, and say how it went.
+struct Advertise {
+    nbd_advertise: String,
+    reply: tokio::sync::oneshot::Sender<Result<(), LeaseError>>,
 }
 
 fn trusted(m: &std::sync::Mutex<Instant>) -> std::sync::MutexGuard<'_, Instant> {
@@ -349,7 +382,9 @@ impl Leases {
         let give_up = self.ttl * 2 / 3;
         let trusted_until = Arc::new(std::sync::Mutex::new(sent + give_up));
         let stop = Arc::new(tokio::sync::Notify::new());
-        let (leases, id, me, until) = (self.clone(), id.clone(), me.clone(), trusted_until.clone());
+        let (advertise, mut asked) = tokio::sync::mpsc::channel::<Advertise>(1);
+        let (leases, id, until) = (self.clone(), id.clone(), trusted_until.clone());
+        let mut me = me.clone();
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             let every = leases.ttl / 3;
@@ -360,32 +395,46 @@ impl Leases {
             let renewals = |result: &'static str| {
                 metrics::counter!("vblock_lease_renewals_total", "result" => result).increment(1)
             };
+            let mut next = tokio::time::Instant::now() + every;
             loop {
+                let mut reply = None;
+                let mut holder = me.clone();
                 tokio::select! {
-                    () = tokio::time::sleep(every) => {}
+                    () = tokio::time::sleep_until(next) => {}
                     () = stopped.notified() => {
                         // Released next: a volume it guards serves nothing from now on.
                         tx.send_replace(true);
                         return Some(revision);
+                    }
+                    Some(a) = asked.recv() => {
+                        holder.nbd_advertise = a.nbd_advertise;
+                        reply = Some(a.reply);
                     }
                 }
                 // A renewal may not outlast the time the lease can still be trusted (a NATS
                 // request waits for a reconnect otherwise).
                 let left = give_up.saturating_sub(renewed.elapsed());
                 let sending = Instant::now();
-                let renewal = tokio::time::timeout(left, leases.renew(&id, &me, revision))
+                let renewal = tokio::time::timeout(left, leases.renew(&id, &holder, revision))
                     .await
                     .unwrap_or_else(|_| Err(LeaseError::Kv("renewal timed out".into())));
-                match renewal {
+                let answer = match renewal {
                     Ok(r) => {
                         renewals("ok");
                         revision = r;
                         renewed = sending;
                         *trusted(&until) = sending + give_up;
+                        me = holder;
+                        next = tokio::time::Instant::now() + every;
+                        Ok(())
                     }
                     Err(LeaseError::Lost(_)) => {
                         renewals("lost");
                         tracing::error!(volume = %id, "lease taken by another node");
+                        tx.send_replace(true);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(LeaseError::Lost(id.clone())));
+                        }
                         break;
                     }
                     Err(e) => {
@@ -393,9 +442,18 @@ impl Leases {
                         tracing::warn!(volume = %id, error = %e, "lease renewal failed; retrying");
                         if renewed.elapsed() >= give_up {
                             tracing::error!(volume = %id, "lease not renewed for 2/3 of its time: given up");
+                            tx.send_replace(true);
+                            if let Some(reply) = reply {
+                                let _ = reply.send(Err(LeaseError::Lost(id.clone())));
+                            }
                             break;
                         }
+                        next = tokio::time::Instant::now() + every;
+                        Err(e)
                     }
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
                 }
             }
             tx.send_replace(true);
@@ -407,6 +465,7 @@ impl Leases {
                 trusted_until,
             },
             stop,
+            advertise,
             task,
         }
     }

@@ -209,7 +209,8 @@ impl ClusterMode {
 
     /// Drops this node's `purpose` hold on `id`'s lease (a mount ended, a snapshot is stored,
     /// a delete is done, or a claim's takeover failed); once nothing holds it, stops renewing
-    /// it and releases it.
+    /// it and releases it. A mount that ends while something else holds the lease takes its
+    /// URI out of the lease first, so other nodes give none.
     pub(super) async fn release(&self, id: &VolumeId, purpose: Purpose) {
         let held = {
             let mut kept = self.kept();
@@ -217,12 +218,20 @@ impl ClusterMode {
                 return;
             };
             if h.drop_hold(purpose) {
+                Err((purpose == Purpose::Mount).then(|| h.kept.advertise("")))
+            } else {
+                Ok(kept.remove(id))
+            }
+        };
+        let held = match held {
+            Ok(Some(held)) => held,
+            Ok(None) | Err(None) => return,
+            Err(Some(cleared)) => {
+                if let Err(e) = cleared.await {
+                    tracing::warn!(volume = %id, error = %e, "taking an ended mount's URI out of the lease failed");
+                }
                 return;
             }
-            kept.remove(id)
-        };
-        let Some(held) = held else {
-            return;
         };
         if let Some(revision) = held.kept.stop().await {
             if let Err(e) = self.leases.release(id, revision).await {
@@ -332,9 +341,12 @@ impl Control {
     /// empty when the claim is for a snapshot or a delete, not a mount. `Here` adds a
     /// `purpose` hold, which the caller drops with [`ClusterMode::release`].
     ///
-    /// Errors: [`VolumeError::IncorrectState`] (try again) for a mount while this node keeps
-    /// the lease for a snapshot or a delete only (other nodes would be given no URI); claim
-    /// and takeover errors.
+    /// A mount on a lease this node keeps for something else (a snapshot) renews it at once
+    /// with `uri`, so other nodes give it.
+    ///
+    /// Errors: [`VolumeError::IncorrectState`] (try again) for a mount while this node deletes
+    /// the volume, or when the lease could not take the mount's URI; claim and takeover
+    /// errors.
     pub(super) async fn cluster_own(
         &self,
         cluster: &ClusterMode,
@@ -343,17 +355,36 @@ impl Control {
         record: VolumeRecord,
         purpose: Purpose,
     ) -> Result<Owned, VolumeError> {
-        {
+        let kept_here = {
             let mut kept = cluster.kept();
-            if let Some(h) = kept.get_mut(id).filter(|h| !h.kept.is_lost()) {
-                if purpose == Purpose::Mount && !h.mount {
+            match kept.get_mut(id).filter(|h| !h.kept.is_lost()) {
+                Some(h) if purpose == Purpose::Mount && h.delete => {
                     return Err(VolumeError::IncorrectState(format!(
-                        "volume {id} is busy here (a snapshot or a delete); try again"
+                        "volume {id} is being deleted here"
                     )));
                 }
-                h.add(purpose);
-                return Ok(Owned::Here);
+                Some(h) => {
+                    // Kept for a snapshot or an ended mount: the lease gets this mount's URI
+                    // (the hold added first keeps the lease meanwhile).
+                    let advertised =
+                        (purpose == Purpose::Mount && !h.mount).then(|| h.kept.advertise(uri));
+                    h.add(purpose);
+                    Some(advertised)
+                }
+                None => None,
             }
+        };
+        if let Some(advertised) = kept_here {
+            if let Some(Err(e)) = match advertised {
+                Some(a) => Some(a.await),
+                None => None,
+            } {
+                cluster.release(id, purpose).await;
+                return Err(VolumeError::IncorrectState(format!(
+                    "volume {id}: its lease could not take this mount's URI ({e}); try again"
+                )));
+            }
+            return Ok(Owned::Here);
         }
         let mut me = cluster.me.clone();
         me.nbd_advertise = uri.to_owned();
