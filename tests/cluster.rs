@@ -591,8 +591,9 @@ fn gen_block(b: u64, g: u64) -> Vec<u8> {
 }
 
 /// Issue test 2: the owner is killed (-9) under a write+flush workload with per-block
-/// generations, at a random point, round after round, the two nodes taking turns. After each
-/// kill a mount through the survivor serves the volume; every flush-acknowledged generation
+/// generations, at a random moment while the client writes and flushes (so inside a request,
+/// a WAL append or a shipped-WAL PUT), round after round, the two nodes taking turns. After
+/// each kill a mount through the survivor serves the volume; every flush-acknowledged generation
 /// reads back (or a later one), and no block holds data never written to it. Prints the
 /// failover time (kill to the first successful read) p50/p99. Rounds: `VBLOCK_FAILOVER_ROUNDS`
 /// (default 4; docs/BENCHMARKS.md, "Failover", runs 20).
@@ -630,24 +631,47 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
         let export = uri.rsplit('/').next().expect("export").to_owned();
         let mut c =
             common::daemon::nbd_client(nodes[owner].nbd_port, &export, Duration::from_secs(30));
-        let writes = rand::Rng::gen_range(&mut rng, 20..200);
-        let mut pending: Vec<(u64, u64)> = Vec::new();
-        for _ in 0..writes {
+        // The kill comes from another thread after a random time, whatever the client is
+        // doing then; the client writes and flushes until a request fails.
+        let (pid, after) = (
+            nodes[owner].pid(),
+            Duration::from_millis(rand::Rng::gen_range(&mut rng, 20..600)),
+        );
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(after);
+            signal(pid, "KILL");
+            Instant::now()
+        });
+        let (mut writes, mut pending, give_up) = (0, Vec::new(), Instant::now() + TTL * 10);
+        while Instant::now() < give_up {
             let b = rand::Rng::gen_range(&mut rng, 0..BLOCKS);
             generation += 1;
-            c.seek(SeekFrom::Start(b * 4096)).expect("seek");
-            c.write_all(&gen_block(b, generation)).expect("write");
+            // Written from the moment it is sent: a request the kill cut short may have
+            // landed.
             written[b as usize] = generation;
+            let sent = c
+                .seek(SeekFrom::Start(b * 4096))
+                .and_then(|_| c.write_all(&gen_block(b, generation)));
+            if sent.is_err() {
+                break;
+            }
+            writes += 1;
             pending.push((b, generation));
             if rand::Rng::gen_bool(&mut rng, 0.2) {
-                c.flush().expect("flush");
+                if c.flush().is_err() {
+                    break;
+                }
                 for (b, g) in pending.drain(..) {
                     flushed[b as usize] = flushed[b as usize].max(g);
                 }
             }
         }
+        let killed = killer.join().expect("the killer thread");
+        assert!(
+            Instant::now() < give_up,
+            "round {round}: the client went on after the kill"
+        );
         nodes[owner].kill9();
-        let killed = Instant::now();
         let next = ["a", "b"][survivor];
         let uri = mount_via(&nodes[survivor], &id, next);
         let export = uri.rsplit('/').next().expect("export").to_owned();
