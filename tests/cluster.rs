@@ -590,17 +590,120 @@ fn gen_block(b: u64, g: u64) -> Vec<u8> {
     v
 }
 
+/// Per-block generations written through NBD to a volume of [`Generations::BLOCKS`] blocks
+/// while its owner is killed: what each block may read back afterwards.
+struct Generations {
+    /// Per block: the newest generation sent (a write the kill cut short may have landed).
+    written: Vec<u64>,
+    /// Per block: the newest generation a flush acknowledged.
+    flushed: Vec<u64>,
+    generation: u64,
+    rng: rand::rngs::StdRng,
+}
+
+impl Generations {
+    const BLOCKS: u64 = 64;
+
+    fn new(seed: u64) -> Self {
+        Self {
+            written: vec![0; Self::BLOCKS as usize],
+            flushed: vec![0; Self::BLOCKS as usize],
+            generation: 0,
+            rng: rand::SeedableRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Writes random blocks (a flush after about one in five) through export `uri` of
+    /// daemon `d` until a request fails, while another thread kills `d` (-9) 20–600 ms in:
+    /// the kill lands inside a write or a flush (a WAL append, a shipped-WAL PUT). Returns
+    /// the writes acknowledged and when the kill was sent.
+    fn write_until_killed(&mut self, d: &common::daemon::Daemon, uri: &str) -> (u64, Instant) {
+        use std::io::{Seek, SeekFrom, Write};
+        let export = uri.rsplit('/').next().expect("export");
+        let mut c = common::daemon::nbd_client(d.nbd_port, export, Duration::from_secs(30));
+        let (pid, after) = (
+            d.pid(),
+            Duration::from_millis(rand::Rng::gen_range(&mut self.rng, 20..600)),
+        );
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(after);
+            signal(pid, "KILL");
+            Instant::now()
+        });
+        let (mut writes, mut pending, give_up) = (0, Vec::new(), Instant::now() + TTL * 10);
+        while Instant::now() < give_up {
+            let b = rand::Rng::gen_range(&mut self.rng, 0..Self::BLOCKS);
+            self.generation += 1;
+            let g = self.generation;
+            self.written[b as usize] = g;
+            let sent = c
+                .seek(SeekFrom::Start(b * 4096))
+                .and_then(|_| c.write_all(&gen_block(b, g)));
+            if sent.is_err() {
+                break;
+            }
+            writes += 1;
+            pending.push((b, g));
+            if rand::Rng::gen_bool(&mut self.rng, 0.2) {
+                if c.flush().is_err() {
+                    break;
+                }
+                for (b, g) in pending.drain(..) {
+                    self.flushed[b as usize] = self.flushed[b as usize].max(g);
+                }
+            }
+        }
+        let killed = killer.join().expect("the killer thread");
+        assert!(
+            Instant::now() < give_up,
+            "the client went on after the kill"
+        );
+        (writes, killed)
+    }
+
+    /// Reads the whole volume through export `uri` of daemon `d` and checks it (`what` names
+    /// the round): every block holds a generation written to it, at or after the newest one a
+    /// flush acknowledged, or zeros if none was. What it holds is the volume's history from
+    /// here on.
+    fn read_back(&mut self, d: &common::daemon::Daemon, uri: &str, what: &str) {
+        use std::io::{Read, Seek, SeekFrom};
+        let export = uri.rsplit('/').next().expect("export");
+        let mut c = common::daemon::nbd_client(d.nbd_port, export, Duration::from_secs(30));
+        let mut image = vec![0u8; (Self::BLOCKS * 4096) as usize];
+        c.seek(SeekFrom::Start(0)).expect("seek");
+        c.read_exact(&mut image)
+            .unwrap_or_else(|e| panic!("{what}: read: {e}"));
+        for b in 0..Self::BLOCKS {
+            let blk = &image[(b * 4096) as usize..((b + 1) * 4096) as usize];
+            let g = if blk.iter().all(|x| *x == 0) {
+                0
+            } else {
+                u64::from_le_bytes(blk[8..16].try_into().expect("8 bytes"))
+            };
+            assert!(
+                g == 0 || blk == gen_block(b, g).as_slice(),
+                "{what}: block {b} holds data never written to it"
+            );
+            let (flushed, written) = (self.flushed[b as usize], self.written[b as usize]);
+            assert!(
+                g >= flushed && g <= written,
+                "{what}: block {b} reads generation {g}; flushed {flushed}, written {written}"
+            );
+            self.written[b as usize] = g;
+            self.flushed[b as usize] = g;
+        }
+    }
+}
+
 /// Issue test 2: the owner is killed (-9) under a write+flush workload with per-block
 /// generations, at a random moment while the client writes and flushes (so inside a request,
 /// a WAL append or a shipped-WAL PUT), round after round, the two nodes taking turns. After
-/// each kill a mount through the survivor serves the volume; every flush-acknowledged generation
-/// reads back (or a later one), and no block holds data never written to it. Prints the
-/// failover time (kill to the first successful read) p50/p99. Rounds: `VBLOCK_FAILOVER_ROUNDS`
-/// (default 4; docs/BENCHMARKS.md, "Failover", runs 20).
+/// each kill a mount through the survivor serves the volume; every flush-acknowledged
+/// generation reads back (or a later one), and no block holds data never written to it. Prints
+/// the failover time (kill to the first successful read) p50/p99. Rounds:
+/// `VBLOCK_FAILOVER_ROUNDS` (default 4; docs/BENCHMARKS.md, "Failover", runs 20).
 #[test]
 fn owners_killed_under_writes_lose_no_flushed_write() {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    const BLOCKS: u64 = 64;
     let rounds: usize = std::env::var("VBLOCK_FAILOVER_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -614,100 +717,25 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
         cluster_daemon(&nats, &s3, "vblock-failover", "b"),
     ];
     let id = nodes[0].create_volume(1);
-    // Per block: the newest generation written, and the newest acknowledged by a flush.
-    let mut written = vec![0u64; BLOCKS as usize];
-    let mut flushed = vec![0u64; BLOCKS as usize];
-    let mut generation = 0u64;
+    let mut volume = Generations::new(seed);
     let mut failovers = Vec::new();
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     for round in 0..rounds {
         let (owner, survivor) = (round % 2, 1 - round % 2);
-        let name = ["a", "b"][owner];
-        let uri = mount_via(&nodes[owner], &id, name);
+        let uri = mount_via(&nodes[owner], &id, ["a", "b"][owner]);
         assert!(
             uri.contains(&format!(":{}/", nodes[owner].nbd_port)),
             "round {round}: {uri}"
         );
-        let export = uri.rsplit('/').next().expect("export").to_owned();
-        let mut c =
-            common::daemon::nbd_client(nodes[owner].nbd_port, &export, Duration::from_secs(30));
-        // The kill comes from another thread after a random time, whatever the client is
-        // doing then; the client writes and flushes until a request fails.
-        let (pid, after) = (
-            nodes[owner].pid(),
-            Duration::from_millis(rand::Rng::gen_range(&mut rng, 20..600)),
-        );
-        let killer = std::thread::spawn(move || {
-            std::thread::sleep(after);
-            signal(pid, "KILL");
-            Instant::now()
-        });
-        let (mut writes, mut pending, give_up) = (0, Vec::new(), Instant::now() + TTL * 10);
-        while Instant::now() < give_up {
-            let b = rand::Rng::gen_range(&mut rng, 0..BLOCKS);
-            generation += 1;
-            // Written from the moment it is sent: a request the kill cut short may have
-            // landed.
-            written[b as usize] = generation;
-            let sent = c
-                .seek(SeekFrom::Start(b * 4096))
-                .and_then(|_| c.write_all(&gen_block(b, generation)));
-            if sent.is_err() {
-                break;
-            }
-            writes += 1;
-            pending.push((b, generation));
-            if rand::Rng::gen_bool(&mut rng, 0.2) {
-                if c.flush().is_err() {
-                    break;
-                }
-                for (b, g) in pending.drain(..) {
-                    flushed[b as usize] = flushed[b as usize].max(g);
-                }
-            }
-        }
-        let killed = killer.join().expect("the killer thread");
-        assert!(
-            Instant::now() < give_up,
-            "round {round}: the client went on after the kill"
-        );
+        let (writes, killed) = volume.write_until_killed(&nodes[owner], &uri);
         nodes[owner].kill9();
-        let next = ["a", "b"][survivor];
-        let uri = mount_via(&nodes[survivor], &id, next);
-        let export = uri.rsplit('/').next().expect("export").to_owned();
-        let mut c =
-            common::daemon::nbd_client(nodes[survivor].nbd_port, &export, Duration::from_secs(30));
-        let mut image = vec![0u8; (BLOCKS * 4096) as usize];
-        c.seek(SeekFrom::Start(0)).expect("seek");
+        let uri = mount_via(&nodes[survivor], &id, ["a", "b"][survivor]);
         let mounted = killed.elapsed();
-        c.read_exact(&mut image).expect("read after the failover");
+        volume.read_back(&nodes[survivor], &uri, &format!("round {round}"));
         failovers.push(killed.elapsed());
         println!(
             "round {round}: {writes} writes, failover {:?} (mount answered after {mounted:?})",
             killed.elapsed()
         );
-        for b in 0..BLOCKS {
-            let blk = &image[(b * 4096) as usize..((b + 1) * 4096) as usize];
-            let g = if blk.iter().all(|x| *x == 0) {
-                0
-            } else {
-                u64::from_le_bytes(blk[8..16].try_into().expect("8 bytes"))
-            };
-            assert!(
-                g == 0 || blk == gen_block(b, g).as_slice(),
-                "round {round}: block {b} holds data never written to it"
-            );
-            assert!(
-                g >= flushed[b as usize] && g <= written[b as usize],
-                "round {round}: block {b} reads generation {g}; flushed {}, written {}",
-                flushed[b as usize],
-                written[b as usize]
-            );
-            // What the survivor serves is the volume's history from here on.
-            written[b as usize] = g;
-            flushed[b as usize] = g;
-        }
-        drop(c);
         nodes[owner].start_again();
     }
     failovers.sort();
@@ -718,6 +746,42 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
         pct(0.99),
         failovers.len()
     );
+}
+
+/// Issue test 6 with `--cluster` daemons: every node's local disk is lost. The owner of a
+/// volume is killed (-9) inside its write+flush stream, and so is the other node; neither
+/// comes back. A new node on an empty data directory, with only the bucket and the catalog,
+/// serves the volume on its first mount: every flush-acknowledged generation, and nothing
+/// never written (a prefix of the writes). A second volume, unmounted before the loss, reads
+/// back whole.
+#[test]
+fn every_local_disk_lost_loses_no_flushed_write() {
+    let seed: u64 = rand::random();
+    println!("disk loss test seed {seed}");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let mut a = cluster_daemon(&nats, &s3, "vblock-disks", "a");
+    let mut b = cluster_daemon(&nats, &s3, "vblock-disks", "b");
+    let quiet = b.create_volume(1);
+    let uri = mount_via(&b, &quiet, "b");
+    common::daemon::qemu_io(&uri, &["write -P 0x3c 0 256k", "flush"]);
+    b.cli(&["unmount", &quiet, "--node", "b"]);
+
+    let id = a.create_volume(1);
+    let mut volume = Generations::new(seed);
+    let uri = mount_via(&a, &id, "a");
+    let (writes, _) = volume.write_until_killed(&a, &uri);
+    a.kill9();
+    b.kill9();
+    println!("{writes} writes acknowledged before the kill");
+
+    let c = cluster_daemon(&nats, &s3, "vblock-disks", "c");
+    let uri = mount_via(&c, &id, "c");
+    volume.read_back(&c, &uri, "after every disk was lost");
+    let uri = mount_via(&c, &quiet, "c");
+    let out =
+        common::daemon::qemu_io_read_only(&uri, &["read -P 0x3c 0 256k", "read -P 0 256k 256k"]);
+    assert!(!out.contains("failed"), "the unmounted volume: {out}");
 }
 
 /// Sends `body` to node `node`'s copy of operation `op` (`vblock.NODE.OP`, cluster mode) and
