@@ -535,9 +535,21 @@ impl Engine {
     async fn delete_volume_data(&self, id: &VolumeId) -> Result<(), VolumeError> {
         // The record copy goes first: a volume half deleted is never recovered.
         self.backend.delete(&volume_record_key(id)).await?;
-        for key in self.backend.list(&checkpoint_prefix(id)).await? {
-            self.backend.delete(&key).await?;
+        // Then everything but the chunks (which garbage collection deletes once no snapshot
+        // or clone uses them): map checkpoints, and in cluster mode shipped WAL objects and
+        // fences, epoch manifests and a damage marker.
+        for prefix in [
+            checkpoint_prefix(id),
+            crate::backend::wal_object_prefix(id),
+            crate::backend::epoch_prefix(id),
+        ] {
+            for key in self.backend.list(&prefix).await? {
+                self.backend.delete(&key).await?;
+            }
         }
+        self.backend
+            .delete(&crate::backend::volume_damaged_key(id))
+            .await?;
         let wal = self.config.wal_dir.join(id.as_str());
         if let Err(source) = std::fs::remove_dir_all(&wal) {
             if source.kind() != std::io::ErrorKind::NotFound {

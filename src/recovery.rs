@@ -6,7 +6,9 @@
 
 use std::collections::HashSet;
 
-use crate::backend::{checkpoint_prefix, chunk_ids, chunk_key, wal_object_counters, BackendError};
+use crate::backend::{
+    checkpoint_prefix, chunk_ids, chunk_key, volume_damaged_key, wal_object_counters, BackendError,
+};
 use crate::chunk::{self, FLAG_MORE_PARTS};
 use crate::cluster::epoch::epoch_base;
 use crate::engine::{max_extent_seq, Engine};
@@ -50,8 +52,10 @@ impl<'a> Progress<'a> {
 /// volume's writes that may lack some of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnDamage {
-    /// Fail with [`VolumeError::Corrupt`] before changing anything in the backend: a takeover
-    /// that is to serve the volume (the objects stay for an operator).
+    /// Fail with [`VolumeError::Corrupt`] before deleting or writing anything of the volume's
+    /// data (the takeover's epoch manifest and fence are stored by then, so an old owner is
+    /// fenced): a takeover that is to serve the volume. The objects, and this node's local
+    /// WAL of the volume, stay for an operator. Also while `VOLUMEID/damaged` is there.
     Refuse,
     /// Rebuild the prefix before the damage: disaster recovery (FORMAT.md, "Recovery"), and a
     /// takeover that is to delete the volume.
@@ -71,12 +75,13 @@ enum ChunkWalk {
     Damaged(String),
 }
 
-/// The error of a takeover that finds the bucket damaged (`why`): it stops before it writes
-/// anything or deletes anything, so the objects stay for an operator (docs/OPERATIONS.md,
-/// "When a volume or the daemon refuses to open"); the volume serves nowhere meanwhile.
+/// The error of a takeover that finds the bucket damaged (`why`): it stops before it deletes
+/// anything or writes any of the volume's data, so the objects stay for an operator
+/// (docs/OPERATIONS.md, "When a volume or the daemon refuses to open"); the volume serves
+/// nowhere meanwhile.
 fn refused_takeover(id: &VolumeId, why: &str) -> VolumeError {
     metrics::counter!("vblock_takeovers_refused_damaged_total").increment(1);
-    tracing::error!(volume = %id, why, "takeover refused: the bucket holds writes of this volume that cannot be applied in order; nothing was changed");
+    tracing::error!(volume = %id, why, "takeover refused: the bucket holds writes of this volume that cannot be applied in order; nothing was deleted");
     VolumeError::Corrupt {
         what: format!("volume {id} in the backend"),
         reason: format!("{why}; the takeover is refused (docs/OPERATIONS.md, \"When a volume or the daemon refuses to open\")"),
@@ -158,6 +163,12 @@ impl Engine {
     ) -> Result<VolumeId, VolumeError> {
         let id = rec.volume_id.clone();
         let started = std::time::Instant::now();
+        let strict = damage == OnDamage::Refuse;
+        let marker = volume_damaged_key(&id);
+        if strict && keys.contains(&marker) {
+            let why = format!("{marker}: a takeover for a delete found the bucket damaged");
+            return Err(refused_takeover(&id, &why));
+        }
         let mut ids = chunk_ids(&id, keys);
         ids.sort_unstable();
         let lookup = BlockLookup::new(self.meta.clone(), id.clone());
@@ -166,14 +177,21 @@ impl Engine {
         progress.done += ids.iter().filter(|o| **o < state.next_object_id).count() as u64;
         ids.retain(|o| *o >= state.next_object_id);
         let (state, stop) = self.apply_chunks(&lookup, state, ids, progress).await?;
-        let strict = damage == OnDamage::Refuse;
-        if let (true, ChunkWalk::Damaged(why)) = (strict, &stop) {
-            return Err(refused_takeover(&id, why));
-        }
+        let chunk_damage = match stop {
+            ChunkWalk::Damaged(why) if strict => return Err(refused_takeover(&id, &why)),
+            ChunkWalk::Damaged(why) => Some(why),
+            _ => None,
+        };
         let chunks_ms = started.elapsed().as_millis() as u64;
-        let shipped = self
-            .recover_shipped_wal(&id, keys, state.checkpoint, strict)
+        let (shipped, wal_damage) = self
+            .recover_shipped_wal(&id, keys, state.checkpoint, strict, epoch.is_some())
             .await?;
+        if let (Some(_), Some(why)) = (epoch, chunk_damage.or(wal_damage)) {
+            // A takeover for a delete went on past damage. Should the delete not happen after
+            // all, its checkpoint below would hide the damage from the next takeover.
+            tracing::error!(volume = %id, why, "a takeover for a delete found the bucket damaged; marking it");
+            crate::retry::put_retried(&self.backend, &marker, why.into_bytes().into()).await?;
+        }
         let shipped_ms = started.elapsed().as_millis() as u64;
         let mut state = state;
         if let Some(epoch) = epoch {
@@ -317,8 +335,11 @@ impl Engine {
     /// holds a prefix of its writes. Records the local WAL already holds are not written
     /// again. Returns the records written.
     ///
-    /// With `strict` (a takeover), objects past a break in the chain or one that does not
-    /// verify are damage, not a prefix: [`VolumeError::Corrupt`] before anything is written.
+    /// Damage (objects past a break in the chain that no open dropped, a body that does not
+    /// verify) is returned with the records written; with `strict` (a takeover to serve) it
+    /// is [`VolumeError::Corrupt`] instead, before anything is written. With `replace_local`
+    /// (a takeover) the local WAL directory is emptied first, once no damage was found: its
+    /// records are of an earlier ownership here.
     ///
     /// Errors: backend errors other than a missing object, WAL errors.
     async fn recover_shipped_wal(
@@ -327,27 +348,32 @@ impl Engine {
         keys: &[String],
         covered: u64,
         strict: bool,
-    ) -> Result<u64, VolumeError> {
-        if wal_object_counters(id, keys).is_empty() {
-            return Ok(0);
+        replace_local: bool,
+    ) -> Result<(u64, Option<String>), VolumeError> {
+        let (mut records, mut damage) = (Vec::new(), None);
+        if !wal_object_counters(id, keys).is_empty() {
+            let chain = Chain::load(&self.backend, id, covered).await?;
+            if chain.damaged {
+                damage = Some(format!(
+                    "shipped WAL objects {:?} lie past a break in the chain after seq {covered}",
+                    chain.orphans
+                ));
+            }
+            let broken;
+            (records, broken) = chain.records_after(&self.backend, id, covered).await?;
+            if let Some(e) = broken {
+                tracing::error!(volume = %id, error = %e, "replay of the shipped WAL stops here: later objects are not applied (the volume holds a prefix of its writes)");
+                damage = damage.or(Some(e.to_string()));
+            }
         }
-        let chain = Chain::load(&self.backend, id, covered).await?;
-        if strict && !chain.orphans.is_empty() {
-            let why = format!(
-                "shipped WAL objects {:?} lie past a break in the chain after seq {covered}",
-                chain.orphans
-            );
-            return Err(refused_takeover(id, &why));
+        if let (true, Some(why)) = (strict, &damage) {
+            return Err(refused_takeover(id, why));
         }
-        let (records, broken) = chain.records_after(&self.backend, id, covered).await?;
-        if let (true, Some(e)) = (strict, &broken) {
-            return Err(refused_takeover(id, &e.to_string()));
-        }
-        if let Some(e) = broken {
-            tracing::error!(volume = %id, error = %e, "replay of the shipped WAL stops here: later objects are not applied (the volume holds a prefix of its writes)");
+        if replace_local {
+            self.clear_local_wal(id)?;
         }
         if records.is_empty() {
-            return Ok(0);
+            return Ok((0, damage));
         }
         let config = &self.config.volume;
         let wal_config = config.wal_config(self.config.wal_dir.join(id.as_str()), id.to_string());
@@ -371,7 +397,7 @@ impl Engine {
         tokio::task::spawn_blocking(move || wal.shutdown(true))
             .await
             .map_err(|e| VolumeError::task("WAL shutdown", e))?;
-        Ok(written)
+        Ok((written, damage))
     }
 
     /// Recovers every snapshot whose record copy (`SNAPID/snapshot.json`) is among `keys` and

@@ -126,9 +126,10 @@ impl Engine {
         // open until the rebuild below has stored the new one, after the new checkpoint. Its
         // map and chunk stats stay until the rebuild replaces them (emptied stats would let GC
         // delete chunks the volume needs if the rebuild failed).
+        // Its local WAL goes only once the rebuild found no damage (recover_volume): records
+        // there may be the last good copy of what a damaged bucket lost.
         let (meta, vol) = (self.meta.clone(), id.clone());
         crate::meta::blocking(move || meta.forget_volume_record(&vol)).await?;
-        self.clear_local_wal(id)?;
         let keys = self.backend.list(&volume_prefix(id)).await?;
         let none = |_, _| {};
         let mut progress = Progress::new(0, &none);
@@ -157,7 +158,7 @@ impl Engine {
 
     /// Empties volume `id`'s local WAL directory (records of an earlier ownership here are
     /// stale; the backend's chain replaces them). The lock file stays.
-    fn clear_local_wal(&self, id: &VolumeId) -> Result<(), VolumeError> {
+    pub(crate) fn clear_local_wal(&self, id: &VolumeId) -> Result<(), VolumeError> {
         let dir = self.config.wal_dir.join(id.as_str());
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,

@@ -729,6 +729,11 @@ fn a_takeover_refuses_a_damaged_volume() {
             let before = backend.list(&format!("{id}/")).await.expect("list");
             let dir = tempfile::tempdir().expect("tempdir");
             let b = open(dir.path(), backend).await;
+            // What this node's WAL holds of the volume (an earlier ownership here) stays: it
+            // may be the last good copy.
+            let local = config(dir.path()).wal_dir.join(id.as_str());
+            std::fs::create_dir_all(&local).expect("mkdir");
+            std::fs::write(local.join("earlier.wal"), b"records").expect("write");
             for _ in 0..2 {
                 let taken = b.take_over(id, "b").await;
                 assert!(
@@ -740,12 +745,27 @@ fn a_takeover_refuses_a_damaged_volume() {
             let lost: Vec<&String> = before.iter().filter(|k| !after.contains(k)).collect();
             assert!(lost.is_empty(), "{what}: the takeover deleted {lost:?}");
             assert!(b.volume(id).await.is_err(), "{what}: the volume opens");
-            // A takeover to delete the volume goes on past the damage.
+            assert!(
+                local.join("earlier.wal").exists(),
+                "{what}: a refused takeover emptied the local WAL"
+            );
+            // A takeover to delete the volume goes on past the damage, and marks the volume:
+            // should the delete not follow, a takeover to serve it is still refused.
             let damage = vblock::OnDamage::KeepPrefix;
             b.take_over_with(id, "b", None, damage)
                 .await
                 .expect("a takeover for a delete");
+            let taken = b.take_over(id, "b").await;
+            assert!(
+                matches!(taken, Err(VolumeError::Corrupt { .. })),
+                "{what}, after a takeover for a delete: {taken:?}"
+            );
             b.delete_volume(id).await.expect("delete");
+            let left = backend.list(&format!("{id}/")).await.expect("list");
+            assert!(
+                left.iter().all(|k| k.contains("/chunks/")),
+                "{what}: a delete left {left:?}"
+            );
             b.close_all().await;
         }
 
@@ -774,6 +794,48 @@ fn a_takeover_refuses_a_damaged_volume() {
             .await
             .expect("delete");
         refused(&backend, &id, "a missing chunk").await;
+
+        // Orphans an open dropped (its fence stored, then a crash before it deleted them) are
+        // not damage: the takeover serves the volume as that open left it.
+        let backend = common::memory_backend();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = Engine::open(quiet_config(dir.path()), backend.clone())
+            .await
+            .expect("engine");
+        let id = create(&a).await;
+        let va = a.volume(&id).await.expect("open");
+        for b in 0..3 {
+            va.write(b * 4096, Bytes::from(content(b, b + 1)), true)
+                .await
+                .expect("write");
+        }
+        assert_eq!(wal_counters(&backend, &id).await, vec![1, 2, 3]);
+        drop(va);
+        a.simulate_crash().await;
+        let orphan = backend.get(&wal_object_key(&id, 3)).await.expect("get");
+        backend
+            .delete(&wal_object_key(&id, 2))
+            .await
+            .expect("delete");
+        let (_dir, e, v) = recovered(&backend, &id).await;
+        drop(v);
+        e.simulate_crash().await;
+        let counters = wal_counters(&backend, &id).await;
+        assert!(
+            !counters.contains(&3) && counters.contains(&4),
+            "{counters:?}"
+        );
+        backend
+            .put(&wal_object_key(&id, 3), orphan)
+            .await
+            .expect("put the orphan back");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = open(dir.path(), &backend).await;
+        b.take_over(&id, "b").await.expect("take over");
+        let vb = b.volume(&id).await.expect("open on B");
+        assert_eq!(read_all(&vb).await[..4], [1, 0, 0, 0]);
+        drop(vb);
+        b.close_all().await;
     });
 }
 

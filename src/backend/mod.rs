@@ -252,6 +252,13 @@ pub fn wal_object_counters<'a>(
     counters
 }
 
+/// Key of a volume's damage marker (`VOLUMEID/damaged`, cluster mode; the text says what was
+/// found): stored by a takeover for a delete that found the bucket damaged and went on with the
+/// prefix before it. A takeover to serve the volume refuses while it is there.
+pub fn volume_damaged_key(volume: &VolumeId) -> String {
+    format!("{volume}/damaged")
+}
+
 /// Prefix of every object of `volume`.
 pub fn volume_prefix(volume: &VolumeId) -> String {
     format!("{volume}/")

@@ -28,6 +28,17 @@ pub enum WalObjectKind {
     Batch = 1,
     /// No records: the epoch that stored it fenced this counter off from older epochs.
     Fence = 2,
+    /// A fence its epoch's owner stored at an open, after objects past a break in the chain
+    /// (orphans), which it then deletes: those objects are not part of the volume's history.
+    /// A takeover that finds orphans before any other fence refuses the volume as damaged.
+    DropFence = 3,
+}
+
+impl WalObjectKind {
+    /// Whether it is a fence (of either kind): no records, it holds its counter for its epoch.
+    pub fn is_fence(self) -> bool {
+        matches!(self, Self::Fence | Self::DropFence)
+    }
 }
 
 /// A decoded object header.
@@ -142,8 +153,18 @@ impl WalObjectEncoder {
 /// A fence object of `epoch` at `counter`, stored by a node that adopted the volume's records
 /// through seq `after_seq` (what chunks and the shipped objects before it hold).
 pub fn encode_fence(epoch: u64, counter: u64, after_seq: u64) -> Bytes {
+    fence_of(WalObjectKind::Fence, epoch, counter, after_seq)
+}
+
+/// A [`WalObjectKind::DropFence`] of `epoch` at `counter`: stored by the volume's owner at an
+/// open, after the orphans it is about to delete.
+pub fn encode_drop_fence(epoch: u64, counter: u64) -> Bytes {
+    fence_of(WalObjectKind::DropFence, epoch, counter, 0)
+}
+
+fn fence_of(kind: WalObjectKind, epoch: u64, counter: u64, after_seq: u64) -> Bytes {
     let header = WalObjectHeader {
-        kind: WalObjectKind::Fence,
+        kind,
         epoch,
         counter,
         after_seq,
@@ -191,7 +212,7 @@ pub fn decode(
         )));
     }
     let inconsistent = |m: String| Err(WalObjectError::Inconsistent(m));
-    if kind == WalObjectKind::Fence && (h.record_count != 0 || !body.is_empty()) {
+    if kind.is_fence() && (h.record_count != 0 || !body.is_empty()) {
         return inconsistent("a fence with records".into());
     }
     let mut records =
@@ -270,6 +291,7 @@ fn decode_header_len(b: &[u8], counter: u64) -> Result<(WalObjectHeader, u64), W
     let kind = match u16_at(b, 6) {
         1 => WalObjectKind::Batch,
         2 => WalObjectKind::Fence,
+        3 => WalObjectKind::DropFence,
         k => return bad(format!("kind {k}")),
     };
     let h = WalObjectHeader {
@@ -344,6 +366,12 @@ mod tests {
             (WalObjectKind::Fence, 4, 43, 17)
         );
         assert!(records.is_empty());
+        let (h, records) = decode(&encode_drop_fence(5, 44), 44).unwrap();
+        assert_eq!(
+            (h.kind, h.epoch, h.counter, h.after_seq),
+            (WalObjectKind::DropFence, 5, 44, 0)
+        );
+        assert!(h.kind.is_fence() && records.is_empty());
     }
 
     /// Every flipped byte, every truncation and a wrong key are refused: nothing of a damaged

@@ -685,7 +685,10 @@ impl Control {
             }
             tracing::warn!(volume = %id, snapshot = %s.snapshot_id, error = %e, "creating a clone failed");
             if let Err(e) = self.engine.purge_unfinished_volume(&id).await {
-                tracing::warn!(volume = %id, error = %e, "removing a clone that failed failed");
+                // Its objects may still reference the snapshot's chunks: the record and the
+                // pin stay, and the clone is deleted as abandoned later.
+                tracing::warn!(volume = %id, error = %e, "removing a clone that failed failed; it stays `creating` until deleted as abandoned");
+                return made.map(|_| ());
             }
             match cluster.catalog.delete_volume(&id, revision).await {
                 Ok(()) => self.clone_gone(&id, s.snapshot_id.as_str()).await,
@@ -1009,14 +1012,20 @@ impl Control {
 
     /// Deletes snapshot `id`'s local copy, and its bucket copies unless a clone pins it
     /// ([`Engine::mark_snapshot_deleted`]: the copies hold the map that keeps the chunks a
-    /// clone shares). Returns whether the bucket copies went.
+    /// clone shares) or the catalog lists a clone of it (a second guard: clones made before
+    /// pins existed have none). Returns whether the bucket copies went.
     ///
-    /// Errors: engine and backend errors.
+    /// Errors: engine, backend and catalog errors.
     async fn delete_snapshot_copies_unless_cloned(
         &self,
         id: &SnapshotId,
     ) -> Result<bool, VolumeError> {
-        let cloned = self.engine.mark_snapshot_deleted(id).await?;
+        let cloned = self.engine.mark_snapshot_deleted(id).await?
+            || self
+                .volume_records()
+                .await?
+                .iter()
+                .any(|v| v.snapshot_id == id.as_str());
         self.engine.delete_snapshot_copies(id, !cloned).await?;
         Ok(!cloned)
     }

@@ -766,7 +766,7 @@ async fn open_chain(
     if !chain.orphans.is_empty() {
         let at = chain.max_listed.saturating_add(1);
         let key = crate::backend::wal_object_key(id, at);
-        let body = crate::cluster::walobj::encode_fence(epoch, at, 0);
+        let body = crate::cluster::walobj::encode_drop_fence(epoch, at);
         if !crate::retry::put_if_absent_retried(backend, &key, body).await? {
             metrics::counter!("vblock_fence_refusals_total", "volume" => id.to_string())
                 .increment(1);

@@ -59,6 +59,10 @@ pub(crate) struct Chain {
     /// `after_seq` beyond what is known) and before any fence that restarts it: never part of
     /// the volume's history.
     pub orphans: Vec<u64>,
+    /// Some break was not dropped by its owner (no [`WalObjectKind::DropFence`] ends it): the
+    /// objects past it may hold acknowledged writes that this walk does not have. One PUT is
+    /// in flight at a time, so no crash leaves a break: the bucket was damaged.
+    pub damaged: bool,
     /// Chunks and the chain hold every record through this seq.
     pub through: u64,
     /// The fence of the highest epoch listed: its counter and epoch.
@@ -119,7 +123,7 @@ impl Chain {
                     continue;
                 }
             };
-            if h.kind == WalObjectKind::Fence {
+            if h.kind.is_fence() {
                 if h.after_seq > c.through {
                     let why = "a fence after records this walk does not have";
                     c.orphan(&mut broken, &key, counter, why);
@@ -127,6 +131,9 @@ impl Chain {
                 }
                 if broken || !c.chain.is_empty() {
                     prev = Some(counter);
+                }
+                if broken && h.kind != WalObjectKind::DropFence {
+                    c.damaged = true;
                 }
                 broken = false;
                 if c.fence.is_none_or(|(_, e)| h.epoch >= e) {
@@ -154,6 +161,7 @@ impl Chain {
             c.through = c.through.max(h.last_seq);
             c.last_counter = counter;
         }
+        c.damaged |= broken;
         Ok(c)
     }
 
