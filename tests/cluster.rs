@@ -240,6 +240,38 @@ fn a_kept_lease_advertises_what_its_holder_serves() {
     });
 }
 
+/// A claim waiting out a silent owner's lease, and the takeover after it, hold up no request
+/// for another volume on that node (a node that dies hands all its volumes to the survivors
+/// at once): a mount of another volume through b answers while b still waits for the lease
+/// of the volume whose owner a is paused.
+#[test]
+fn a_takeover_holds_up_no_other_volume() {
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let a = cluster_daemon(&nats, &s3, "vblock-locks", "a");
+    let b = cluster_daemon(&nats, &s3, "vblock-locks", "b");
+    let (held, other) = (a.create_volume(1), b.create_volume(1));
+    mount_via(&a, &held, "a");
+    signal(a.pid(), "STOP");
+    let (other_done, held_done) = std::thread::scope(|s| {
+        let taking = s.spawn(|| {
+            let uri = mount_via(&b, &held, "b");
+            assert!(uri.contains(&format!(":{}/", b.nbd_port)), "{uri}");
+            Instant::now()
+        });
+        b.wait_for_log("watching a held lease", Duration::from_secs(30));
+        let uri = mount_via(&b, &other, "b");
+        assert!(uri.contains(&format!(":{}/", b.nbd_port)), "{uri}");
+        let other_done = Instant::now();
+        (other_done, taking.join().expect("the takeover's mount"))
+    });
+    signal(a.pid(), "CONT");
+    assert!(
+        other_done < held_done,
+        "a mount of another volume waited for the takeover"
+    );
+}
+
 /// The cluster test daemons' `--abandon-after` (default 10 min).
 const ABANDON_AFTER: &str = "3s";
 

@@ -162,6 +162,7 @@ impl Leases {
                 if fresh {
                     return Ok(Claim::Held(owner));
                 }
+                tracing::info!(volume = %id, holder = %owner.node, "watching a held lease: it is claimed once it has not changed for the TTL");
                 if let Some(now) = self.watch(id, revision).await? {
                     match now {
                         Some((owner, _)) => return Ok(Claim::Held(owner)),

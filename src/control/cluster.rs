@@ -485,7 +485,7 @@ impl Control {
         id: &VolumeId,
         owner: &str,
     ) -> Result<(), String> {
-        let _g = self.lock.lock().await;
+        let _g = self.lock.lock(id.as_str()).await;
         let (rec, _) = self.volume_at(id).await.map_err(|e| e.to_string())?;
         tracing::warn!(volume = %id, node = owner, "the owner node does not answer: taking the volume over once its lease expires, to end its mount here");
         match self
@@ -509,8 +509,8 @@ impl Control {
     /// earlier process may be served: each is forgotten (its clients reconnect through a new
     /// mount, which claims the lease).
     /// The catalog's mounts through this node are an earlier process's too, and go as well.
+    /// Runs before the control plane subscribes: no request changes a record meanwhile.
     pub(super) async fn forget_mounts(&self, cluster: &ClusterMode) -> Result<(), VolumeError> {
-        let _g = self.lock.lock().await;
         for mut rec in self.engine.list_records().await? {
             if rec.mount.take().is_some() {
                 tracing::info!(volume = %rec.volume_id, "cluster mode: forgetting a mount of an earlier process (no lease held)");
@@ -591,11 +591,11 @@ impl Control {
             for id in lost {
                 metrics::counter!("vblock_leases_lost_total").increment(1);
                 tracing::error!(volume = %id, "the volume's lease was lost: closing it here (another node may own it now)");
-                // Closed at once, without the control lock a mount may hold for a while.
+                // Closed at once, without the volume's control lock, which a mount may hold for a while.
                 if let Err(e) = self.engine.close_volume_draining(&id, false).await {
                     tracing::warn!(volume = %id, error = %e, "closing a volume whose lease was lost failed");
                 }
-                let _g = self.lock.lock().await;
+                let _g = self.lock.lock(id.as_str()).await;
                 // A mount may have claimed the lease again meanwhile.
                 if cluster.keeps(&id) {
                     continue;
@@ -816,7 +816,7 @@ impl Control {
             ));
         }
         {
-            let g = self.lock.lock().await;
+            let g = self.lock.lock(id.as_str()).await;
             // Read under the lock: a delete through this node waits for it.
             let (vrec, _) = self.volume_at(id).await?;
             usable(&vrec)?;

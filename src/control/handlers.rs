@@ -1,6 +1,7 @@
 //! One handler per `ebs.*` subject, over the engine. Transport-free: [`Control::handle`] maps a
 //! subject and body to a reply body (and, for Hive's mount/unmount, a broadcast).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -47,10 +48,34 @@ pub struct Control {
     pub(super) node: Option<String>,
     /// Export names are bare ids (`--nbd-open-exports`), without the mount's secret.
     pub(super) open_exports: bool,
-    /// Serialises read-modify-write of volume records (the control plane is not a hot path).
-    pub(super) lock: tokio::sync::Mutex<()>,
+    /// Serialises the read-modify-write of one volume's records, and its lease claims and
+    /// takeovers on this node ([`Locks`]).
+    pub(super) lock: Locks,
     /// Cluster mode (`--cluster`): mounts go through volume leases.
     pub(super) cluster: Option<Arc<super::cluster::ClusterMode>>,
+}
+
+/// Locks by name: a VolumeId (the read-modify-write of that volume's records, its lease
+/// claims and takeovers on this node) or `token/TOKEN` (creates with that ClientToken).
+/// Requests for other volumes go on meanwhile: a takeover can take seconds, and a node that
+/// dies hands all its volumes to the survivors at once.
+#[derive(Default)]
+pub(super) struct Locks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    /// Waits for lock `name` and holds it until the guard is dropped.
+    pub(super) async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Locks nobody holds or waits for (only this table refers to them) go.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(name.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
 }
 
 pub(super) fn body<T: Serialize>(v: &T) -> Vec<u8> {
@@ -218,7 +243,7 @@ fn size_gib(size: i64) -> Result<u64, ApiError> {
 }
 
 impl Control {
-    /// Deletes volume `id` unless it is attached or mounted (the caller holds `self.lock`):
+    /// Deletes volume `id` unless it is attached or mounted (the caller holds its `self.lock`):
     /// `ebs.deletevolume` and Hive's `ebs.delete`. In cluster mode through any node that can
     /// take the volume's lease (docs/design/cluster.md, "Catalog").
     ///
@@ -254,7 +279,7 @@ impl Control {
             nbd_uri_base,
             node: None,
             open_exports: false,
-            lock: tokio::sync::Mutex::new(()),
+            lock: Locks::default(),
             cluster: None,
         }
     }
@@ -385,8 +410,12 @@ impl Control {
                 ));
             }
         }
-        let _g = self.lock.lock().await;
         let token = req.client_token.clone().unwrap_or_default();
+        // Retries with one ClientToken wait for each other (a new volume has no other lock).
+        let _g = match token.as_str() {
+            "" => None,
+            t => Some(self.lock.lock(&format!("token/{t}")).await),
+        };
         if !token.is_empty() {
             let existing = self.volume_records().await?;
             if let Some(r) = existing.iter().find(|r| r.client_token == token) {
@@ -534,7 +563,7 @@ impl Control {
             return Err(ApiError::missing("InstanceId and Device must not be empty"));
         }
         let id = parse_volume_id(&req.volume_id)?;
-        let _g = self.lock.lock().await;
+        let _g = self.lock.lock(id.as_str()).await;
         let (mut rec, revision) = self.volume_at(&id).await?;
         usable(&rec)?;
         if rec
@@ -577,7 +606,7 @@ impl Control {
     async fn detach_volume(&self, payload: &[u8], forwarded: bool) -> Result<Vec<u8>, ApiError> {
         let req: DetachVolumeRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
-        let g = self.lock.lock().await;
+        let g = self.lock.lock(id.as_str()).await;
         match self.who_answers(&id, forwarded).await {
             Answer::Here => {}
             Answer::Refused(why) => return Err(ApiError::new("VolumeInUse", why)),
@@ -668,7 +697,7 @@ impl Control {
         // The snapshot opened the volume if it was not: only a mount keeps an instance open
         // (its write buffer, WAL writer and lock), so an unmounted volume is closed again.
         // The snapshot is taken whatever happens here.
-        let _g = self.lock.lock().await;
+        let _g = self.lock.lock(id.as_str()).await;
         if let Ok(Some(VolumeRecord { mount: None, .. })) = self.engine.get_record(&id).await {
             if let Err(e) = self.engine.close_volume(&id).await {
                 tracing::warn!(volume = %id, error = %e, "closing an unmounted volume after its snapshot failed");
@@ -825,7 +854,7 @@ impl Control {
     async fn delete_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
         let req: VolumeIdRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
-        let _g = self.lock.lock().await;
+        let _g = self.lock.lock(id.as_str()).await;
         self.delete_unused_volume(&id).await?;
         Ok(body(&ReturnReply { ret: true }))
     }
@@ -834,7 +863,7 @@ impl Control {
         let req: ModifyVolumeRequest = parse(payload)?;
         let id = parse_volume_id(&req.volume_id)?;
         let gib = size_gib(req.size)?;
-        let _g = self.lock.lock().await;
+        let _g = self.lock.lock(id.as_str()).await;
         let (mut rec, revision) = self.volume_at(&id).await?;
         usable(&rec)?;
         let original = rec.size_bytes.div_ceil(GIB);

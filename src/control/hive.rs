@@ -106,7 +106,7 @@ impl Control {
                 false,
             );
         };
-        let _g = self.lock.lock().await;
+        let _g = self.lock.lock(id.as_str()).await;
         let was_mounted = self.cluster.as_ref().is_some_and(|c| c.mounted_here(&id));
         if let Some(cluster) = self.cluster.clone() {
             let catalog = match self.volume_at(&id).await {
@@ -199,7 +199,7 @@ impl Control {
         mounted(id.as_str(), &mount)
     }
 
-    /// Ends the mount of `rec`'s volume if it has one (the caller holds `self.lock`), then
+    /// Ends the mount of `rec`'s volume if it has one (the caller holds its `self.lock`), then
     /// closes its instance if one is open: the export name stops working first, then the close
     /// answers the requests in flight and disconnects every client (`Volume::closed`).
     /// `drain`: turn the write buffer into chunks first (bounded); without it the buffer stays
@@ -346,7 +346,7 @@ impl Control {
                 true,
             );
         };
-        let g = self.lock.lock().await;
+        let g = self.lock.lock(id.as_str()).await;
         let (mut rec, revision) = match self.volume_at(&id).await {
             Ok(r) => r,
             Err(e @ VolumeError::VolumeNotFound(_)) => {
@@ -401,7 +401,7 @@ impl Control {
         let Ok(id) = VolumeId::parse(&req.volume) else {
             return fail(format!("invalid volume id {:?}", req.volume));
         };
-        let _g = self.lock.lock().await;
+        let _g = self.lock.lock(id.as_str()).await;
         match self.delete_unused_volume(&id).await {
             Ok(()) => EbsDeleteResponse {
                 volume: id.to_string(),
