@@ -323,6 +323,16 @@ impl Engine {
         Ok(self.write_checkpoint(vol, false).await?.unwrap_or(0))
     }
 
+    /// Cluster mode, a volume closed after a drained unmount while this node keeps its lease:
+    /// a map checkpoint (under the GC lock; nothing while a split memtable is half committed),
+    /// so the next owner's takeover reads it and no chunk index. Returns its size in bytes.
+    ///
+    /// Errors: metadata and backend errors.
+    pub async fn checkpoint_at_rest(&self, vol: &VolumeId) -> Result<Option<u64>, VolumeError> {
+        let _gc = self.gc.lock().await;
+        self.write_checkpoint(vol, true).await
+    }
+
     /// [`Engine::checkpoint_volume`]; with `whole_memtables`, nothing (`None`) while a split
     /// memtable is half committed.
     async fn write_checkpoint(

@@ -1085,6 +1085,29 @@ fn one_catalog_serves_every_node() {
     assert_eq!(error_code(&gone), "InvalidSnapshot.NotFound");
 
     a.cli(&["unmount", &id, "--node", "a"]);
+    // The drained unmount stored a map checkpoint above every chunk: the next owner reads it
+    // and no chunk index.
+    let ids = |dir: &str| -> Vec<u64> {
+        let path = s3
+            .dir
+            .path()
+            .join("vblock-catalog/vblock")
+            .join(&id)
+            .join(dir);
+        std::fs::read_dir(&path)
+            .map(|d| {
+                d.filter_map(|e| {
+                    u64::from_str_radix(&e.ok()?.file_name().to_string_lossy(), 16).ok()
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (checkpoint, chunks) = (ids("map").into_iter().max(), ids("chunks"));
+    assert!(
+        !chunks.is_empty() && chunks.iter().all(|c| Some(*c) < checkpoint),
+        "checkpoint {checkpoint:?}, chunks {chunks:?}"
+    );
     let deleted = node_request(&nats, "c", "deletevolume", json!({"VolumeId": id}));
     assert_eq!(deleted["Return"], true, "{deleted}");
     let gone = node_request(&nats, "b", "describevolumes", json!({"VolumeIds": [id]}));

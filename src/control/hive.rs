@@ -244,6 +244,18 @@ impl Control {
         let closed = self.engine.close_volume_draining(&id, drain).await;
         // Cluster mode: a mount that ended releases the volume's lease (whatever ended it).
         if let Some(cluster) = self.cluster.clone() {
+            // After a drain, a checkpoint of the map: the next mount, anywhere, rebuilds the
+            // volume from it rather than from every chunk written since the last one.
+            if drain && closed.is_ok() && cluster.keeps(&id) {
+                match self.engine.checkpoint_at_rest(&id).await {
+                    Ok(bytes) => {
+                        tracing::info!(volume = %id, bytes, "map checkpoint stored at the unmount")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %id, error = %e, "storing a map checkpoint at the unmount failed (the next owner reads the chunks instead)")
+                    }
+                }
+            }
             cluster.release(&id, super::cluster::Purpose::Mount).await;
         }
         closed
