@@ -240,19 +240,37 @@ fn a_kept_lease_advertises_what_its_holder_serves() {
     });
 }
 
-/// A claim waiting out a silent owner's lease, and the takeover after it, hold up no request
-/// for another volume on that node (a node that dies hands all its volumes to the survivors
-/// at once): a mount of another volume through b answers while b still waits for the lease
-/// of the volume whose owner a is paused.
+/// A hung owner, and a claim waiting out its lease with the takeover after it, hold up no
+/// request for another volume (a node that dies hands all its volumes to the survivors at
+/// once). While the owner a of two volumes is paused, a listing of every volume's space
+/// through b answers within one describe timeout (not one per volume), leaving a's volumes
+/// out; and a mount of another volume through b answers while b still waits for the lease of
+/// one of a's volumes.
 #[test]
 fn a_takeover_holds_up_no_other_volume() {
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
     let a = cluster_daemon(&nats, &s3, "vblock-locks", "a");
     let b = cluster_daemon(&nats, &s3, "vblock-locks", "b");
-    let (held, other) = (a.create_volume(1), b.create_volume(1));
+    let (held, also_held) = (a.create_volume(1), a.create_volume(1));
+    // Created through b: b has a copy of its map, and describes it.
+    let other = node_request(&nats, "b", "createvolume", serde_json::json!({"Size": 1}));
+    let other = other["VolumeId"].as_str().expect("VolumeId").to_owned();
     mount_via(&a, &held, "a");
+    mount_via(&a, &also_held, "a");
     signal(a.pid(), "STOP");
+    let asked = Instant::now();
+    let all = node_request(&nats, "b", "describevolumespace", serde_json::json!({}));
+    let listed: Vec<&str> = all["VolumeSpaces"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|s| s["VolumeId"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(listed, [other.as_str()], "{all}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "a listing waited {:?} for a paused owner",
+        asked.elapsed()
+    );
     let (other_done, held_done) = std::thread::scope(|s| {
         let taking = s.spawn(|| {
             let uri = mount_via(&b, &held, "b");

@@ -27,6 +27,10 @@ use super::handlers::{body, usable, Control};
 /// volume's write buffer into chunks first).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a `describevolumespace` forwarded to a volume's owner may take (the owner reads
+/// its map's stats: a hung owner must not hold a listing for [`FORWARD_TIMEOUT`]).
+pub(super) const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Cluster mode's state in the control plane.
 pub struct ClusterMode {
     leases: Arc<Leases>,
@@ -250,11 +254,25 @@ impl ClusterMode {
         op: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, ApiError> {
-        self.forward_to(node, op, payload).await.map_err(|e| {
-            ApiError::internal(format!(
-                "forwarding to the owner node {node} (vblock.{node}.{op}) failed: {e}"
-            ))
-        })
+        self.forward_within(node, op, payload, FORWARD_TIMEOUT)
+            .await
+    }
+
+    /// [`ClusterMode::forward`], answered within `timeout`.
+    pub(super) async fn forward_within(
+        &self,
+        node: &str,
+        op: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ApiError> {
+        self.forward_to(node, op, payload, timeout)
+            .await
+            .map_err(|e| {
+                ApiError::internal(format!(
+                    "forwarding to the owner node {node} (vblock.{node}.{op}) failed: {e}"
+                ))
+            })
     }
 
     /// [`ClusterMode::forward`], with NATS's error: `NoResponders` means no daemon of that
@@ -264,13 +282,14 @@ impl ClusterMode {
         node: &str,
         op: &str,
         payload: &[u8],
+        timeout: Duration,
     ) -> Result<Vec<u8>, async_nats::RequestError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(super::handlers::FORWARDED_HEADER, self.me.node.as_str());
         let request = async_nats::Request::new()
             .payload(bytes::Bytes::copy_from_slice(payload))
             .headers(headers)
-            .timeout(Some(FORWARD_TIMEOUT));
+            .timeout(Some(timeout));
         let msg = self
             .client
             .send_request(format!("vblock.{node}.{op}"), request)
@@ -460,7 +479,10 @@ impl Control {
         id: &VolumeId,
         (op, payload): (&str, &[u8]),
     ) -> AtOwner {
-        match cluster.forward_to(owner, op, payload).await {
+        match cluster
+            .forward_to(owner, op, payload, FORWARD_TIMEOUT)
+            .await
+        {
             Ok(reply) => AtOwner::Reply(reply),
             Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
                 match self.own_from_silent_owner(cluster, id, owner).await {
@@ -1117,7 +1139,10 @@ impl Control {
             .as_ref()
             .map(|m| m.node.clone())
             .unwrap_or_default();
-        match cluster.forward_to(&node, "unmount", payload).await {
+        match cluster
+            .forward_to(&node, "unmount", payload, FORWARD_TIMEOUT)
+            .await
+        {
             Ok(reply) => {
                 let r: super::api::EbsUnmountResponse =
                     serde_json::from_slice(&reply).map_err(|e| {

@@ -752,16 +752,20 @@ impl Control {
     }
 
     /// `ebs.describevolumespace`. In cluster mode each volume is described by the node that
-    /// holds its lease (its map is the current one; `vblock.NODE.describevolumespace`) unless
-    /// the request was forwarded; a volume nobody holds, from this node's copy of its map. Asked
-    /// for every volume, the volumes no node can describe that way (unheld and never held
-    /// here, or held by a node that does not answer) are left out (logged); asked for one by
-    /// id, that is `InvalidVolume.NotFound` (unheld) or the owner's error.
+    /// holds its lease (its map is the current one; `vblock.NODE.describevolumespace`, one
+    /// request per node with all of its volumes, every node asked at once, each answering
+    /// within [`DESCRIBE_TIMEOUT`](super::cluster::DESCRIBE_TIMEOUT)) unless the request was
+    /// forwarded; a volume nobody holds, from this node's copy of its map. Asked for every
+    /// volume, the volumes no node can describe that way (unheld and never held here, or held
+    /// by a node that does not answer) are left out (logged); asked for some by id, that is
+    /// `InvalidVolume.NotFound` (unheld) or the owner's error. Volumes come in the order asked
+    /// (a listing: the catalog's).
     async fn describe_volume_space(
         &self,
         payload: &[u8],
         forwarded: bool,
     ) -> Result<Vec<u8>, ApiError> {
+        use futures::StreamExt;
         let req: DescribeVolumeSpaceRequest = parse(payload)?;
         let listing = req.volume_ids.is_none();
         let ids = match req.volume_ids {
@@ -776,24 +780,58 @@ impl Control {
                 .map(|r| r.volume_id)
                 .collect(),
         };
+        let order: HashMap<String, usize> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.to_string(), i))
+            .collect();
         let mut volume_spaces = Vec::new();
-        for id in ids {
-            if !forwarded {
-                match self.owner_volume_space(&id).await {
-                    Ok(Some(space)) => {
-                        volume_spaces.push(space);
-                        continue;
+        let mut here = Vec::new();
+        match (&self.cluster, forwarded) {
+            (Some(cluster), false) => {
+                // Who holds each lease (16 reads at a time), then one request per owner.
+                let holders: Vec<_> = futures::stream::iter(ids)
+                    .map(|id| async move {
+                        let holder = cluster.held_elsewhere(&id).await;
+                        (id, holder)
+                    })
+                    .buffered(16)
+                    .collect()
+                    .await;
+                let mut by_owner: HashMap<String, Vec<VolumeId>> = HashMap::new();
+                for (id, holder) in holders {
+                    match holder {
+                        Ok(Some(owner)) => by_owner.entry(owner.node).or_default().push(id),
+                        Ok(None) => here.push(id),
+                        Err(e) if listing => {
+                            tracing::warn!(volume = %id, error = %e, "describevolumespace: cannot read the volume's lease; left out");
+                        }
+                        Err(e) => {
+                            return Err(ApiError::internal(format!(
+                                "cannot read the lease of {id}: {e}"
+                            )))
+                        }
                     }
-                    Ok(None) => {}
-                    // One owner that does not answer (a dead node whose lease has not been
-                    // taken over) does not fail the listing of every volume.
-                    Err(e) if listing => {
-                        tracing::warn!(volume = %id, error = %e.message, "describevolumespace: the volume's owner did not describe it; left out");
-                        continue;
+                }
+                let asked = by_owner.into_iter().map(|(node, ids)| async move {
+                    let spaces = self.spaces_at(cluster, &node, &ids).await;
+                    (node, ids, spaces)
+                });
+                for (node, ids, spaces) in futures::future::join_all(asked).await {
+                    match spaces {
+                        Ok(spaces) => volume_spaces.extend(spaces),
+                        // One owner that does not answer (a dead node whose lease has not
+                        // been taken over) does not fail the listing of every volume.
+                        Err(e) if listing => {
+                            tracing::warn!(node, volumes = ?ids, error = %e.message, "describevolumespace: the volumes' owner did not describe them; left out");
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
             }
+            _ => here = ids,
+        }
+        for id in here {
             let s = match self.engine.volume_space(&id).await {
                 Err(VolumeError::VolumeNotFound(_)) if listing && self.cluster.is_some() => {
                     tracing::info!(volume = %id, "describevolumespace: no node holds the volume and this node has no copy of its map; left out");
@@ -810,45 +848,37 @@ impl Control {
                 compression_ratio: (s.compression_ratio * 100.0).round() / 100.0,
             });
         }
+        volume_spaces.sort_by_key(|v| order.get(&v.volume_id).copied());
         Ok(body(&DescribeVolumeSpaceReply { volume_spaces }))
     }
 
-    /// Cluster mode: volume `id`'s space as the node holding its lease describes it, when that
-    /// is another node (`None`: outside cluster mode, held here or by nobody).
+    /// Cluster mode: the space of volumes `ids` as node `node`, which holds their leases,
+    /// describes them (one forwarded `describevolumespace`).
     ///
     /// Errors: the owner's error reply or a reply that does not parse; `InternalError` when
-    /// the owner does not answer.
-    async fn owner_volume_space(&self, id: &VolumeId) -> Result<Option<VolumeSpace>, ApiError> {
-        let Some(cluster) = &self.cluster else {
-            return Ok(None);
-        };
-        let owner = match cluster.held_elsewhere(id).await {
-            Ok(Some(owner)) => owner,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                return Err(ApiError::internal(format!(
-                    "cannot read the lease of {id}: {e}"
-                )))
-            }
-        };
+    /// the owner does not answer within [`DESCRIBE_TIMEOUT`](super::cluster::DESCRIBE_TIMEOUT).
+    async fn spaces_at(
+        &self,
+        cluster: &super::cluster::ClusterMode,
+        node: &str,
+        ids: &[VolumeId],
+    ) -> Result<Vec<VolumeSpace>, ApiError> {
         let request = DescribeVolumeSpaceRequest {
-            volume_ids: Some(vec![id.to_string()]),
+            volume_ids: Some(ids.iter().map(ToString::to_string).collect()),
         };
         let payload = serde_json::to_vec(&request)
             .map_err(|e| ApiError::internal(format!("encoding a request: {e}")))?;
+        let timeout = super::cluster::DESCRIBE_TIMEOUT;
         let reply = cluster
-            .forward(&owner.node, "describevolumespace", &payload)
+            .forward_within(node, "describevolumespace", &payload, timeout)
             .await?;
         if let Ok(err) = serde_json::from_slice::<ErrorReply>(&reply) {
             return Err(err.error);
         }
         let reply: DescribeVolumeSpaceReply = serde_json::from_slice(&reply).map_err(|e| {
-            ApiError::internal(format!(
-                "node {}'s describevolumespace reply: {e}",
-                owner.node
-            ))
+            ApiError::internal(format!("node {node}'s describevolumespace reply: {e}"))
         })?;
-        Ok(reply.volume_spaces.into_iter().next())
+        Ok(reply.volume_spaces)
     }
 
     async fn delete_volume(&self, payload: &[u8]) -> Result<Vec<u8>, ApiError> {
