@@ -136,12 +136,24 @@ impl Engine {
         vol: &VolumeId,
         description: &str,
     ) -> Result<(SnapshotRecord, tokio::task::JoinHandle<SnapshotRecord>), VolumeError> {
+        self.create_snapshot_as(vol, SnapshotId::generate(), description)
+            .await
+    }
+
+    /// [`Engine::create_snapshot_tracked`] under SnapshotId `sid`, chosen by the caller
+    /// (cluster mode records the snapshot in the catalog before it is taken).
+    pub async fn create_snapshot_as(
+        &self,
+        vol: &VolumeId,
+        sid: SnapshotId,
+        description: &str,
+    ) -> Result<(SnapshotRecord, tokio::task::JoinHandle<SnapshotRecord>), VolumeError> {
         // A close can end the instance under the snapshot (an unmount racing it): the next
         // instance, opened once the close is done, holds every write the closed one had.
         let mut attempt = 0;
         let rec = loop {
             let volume = self.volume(vol).await?;
-            match self.capture_snapshot(&volume, description).await {
+            match self.capture_snapshot(&volume, &sid, description).await {
                 Err(VolumeError::Closed) if attempt < 3 => attempt += 1,
                 r => break r?,
             }
@@ -260,10 +272,11 @@ impl Engine {
     async fn capture_snapshot(
         &self,
         volume: &crate::Volume,
+        sid: &SnapshotId,
         description: &str,
     ) -> Result<SnapshotRecord, VolumeError> {
         let rec = SnapshotRecord {
-            snapshot_id: SnapshotId::generate(),
+            snapshot_id: sid.clone(),
             volume_id: volume.id().clone(),
             volume_size_bytes: volume.size(),
             state: SnapshotStateName::Pending,

@@ -1044,6 +1044,30 @@ fn one_catalog_serves_every_node() {
     assert_eq!(d["Snapshots"][0]["State"], "completed", "{d}");
     let d = node_request(&nats, "b", "describesnapshots", json!({}));
     assert_eq!(d["Snapshots"][0]["State"], "completed", "{d}");
+    // A record whose node died after writing it to the catalog and before taking the
+    // snapshot (no copy in the bucket): pending, then `error` once the node asked has seen it
+    // so for --abandon-after, and deletable.
+    let never = vblock::SnapshotId::generate().to_string();
+    edit_catalog(&nats, &key, &format!("snapshot.{never}"), |r| {
+        r["snapshot_id"] = never.clone().into();
+        r["state"] = "pending".into();
+    });
+    let describe = || {
+        node_request(
+            &nats,
+            "a",
+            "describesnapshots",
+            json!({"SnapshotIds": [never]}),
+        )["Snapshots"][0]["State"]
+            .clone()
+    };
+    assert_eq!(describe(), "pending");
+    assert!(
+        common::daemon::wait_until(Duration::from_secs(60), || describe() == "error"),
+        "a snapshot never taken stays pending"
+    );
+    let deleted = node_request(&nats, "c", "deletesnapshot", json!({"SnapshotId": never}));
+    assert_eq!(deleted["Return"], true, "{deleted}");
 
     let clone = node_request(&nats, "b", "createvolume", json!({"SnapshotId": snap_id}));
     let clone_id = clone["VolumeId"]

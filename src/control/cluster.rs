@@ -837,13 +837,13 @@ impl Control {
                 ),
             ));
         }
-        {
+        let vrec = {
             let g = self.lock.lock(id.as_str()).await;
             // Read under the lock: a delete through this node waits for it.
             let (vrec, _) = self.volume_at(id).await?;
             usable(&vrec)?;
             if let Owned::There(owner) = self
-                .cluster_own(cluster, id, "", vrec, Purpose::Snapshot)
+                .cluster_own(cluster, id, "", vrec.clone(), Purpose::Snapshot)
                 .await?
             {
                 drop(g);
@@ -851,9 +851,36 @@ impl Control {
                     .forward(&owner.node, "createsnapshot", payload)
                     .await;
             }
-        }
-        // This node holds the lease for the snapshot until it is stored in the bucket.
-        let taken = self.engine.create_snapshot_tracked(id, description).await;
+            vrec
+        };
+        // This node holds the lease for the snapshot until it is stored in the bucket. The
+        // catalog's record goes first (pending), then the snapshot is taken under its id: no
+        // snapshot exists that the catalog cannot show or delete. A record this node leaves
+        // behind (it died in between) has no copy in the bucket, and is settled `error` once
+        // abandoned (Control::settle_in_catalog).
+        let pending = SnapshotRecord {
+            snapshot_id: SnapshotId::generate(),
+            volume_id: id.clone(),
+            volume_size_bytes: vrec.size_bytes,
+            state: crate::records::SnapshotStateName::Pending,
+            start_time: crate::engine::now_rfc3339(),
+            progress: 0,
+            description: description.to_owned(),
+            seq: 0,
+            mount: None,
+        };
+        let sid = pending.snapshot_id.clone();
+        let revision = match cluster.catalog.put_snapshot(&pending, None).await {
+            Ok(r) => r,
+            Err(e) => {
+                cluster.release(id, Purpose::Snapshot).await;
+                return Err(catalog_err(e).into());
+            }
+        };
+        let taken = self
+            .engine
+            .create_snapshot_as(id, sid.clone(), description)
+            .await;
         if !cluster.mounted_here(id) {
             // The snapshot opened the volume; nobody mounted it.
             if let Err(e) = self.engine.close_volume(id).await {
@@ -863,38 +890,31 @@ impl Control {
         let (rec, stored) = match taken {
             Ok(t) => t,
             Err(e) => {
+                if let Err(e) = cluster.catalog.delete_snapshot(&sid, revision).await {
+                    tracing::warn!(snapshot = %sid, error = %e, "removing the catalog record of a snapshot not taken failed (it is settled `error` once abandoned)");
+                }
                 cluster.release(id, Purpose::Snapshot).await;
                 return Err(e.into());
             }
         };
-        let revision = match cluster.catalog.put_snapshot(&rec, None).await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!(snapshot = %rec.snapshot_id, error = %e, "adding the snapshot to the catalog failed");
-                None
-            }
-        };
-        let (cluster, vol, sid) = (cluster.clone(), id.clone(), rec.snapshot_id.clone());
+        if let Err(e) = cluster.catalog.put_snapshot(&rec, Some(revision)).await {
+            // The state follows when the snapshot is stored (finish_snapshot, below).
+            tracing::warn!(snapshot = %sid, error = %e, "recording the taken snapshot in the catalog failed");
+        }
+        let (cluster, vol) = (cluster.clone(), id.clone());
         tokio::spawn(async move {
-            match (stored.await, revision) {
-                (Ok(done), Some(_)) => {
+            match stored.await {
+                Ok(done) => {
                     if let Err(e) = cluster.catalog.finish_snapshot(&done).await {
                         tracing::error!(snapshot = %sid, error = %e, "updating the snapshot's catalog record failed");
                     }
                 }
-                (Err(e), _) => {
+                Err(e) => {
                     tracing::error!(snapshot = %sid, error = %e, "storing the snapshot ended abnormally")
                 }
-                (Ok(_), None) => {}
             }
             cluster.release(&vol, Purpose::Snapshot).await;
         });
-        if revision.is_none() {
-            return Err(ApiError::internal(format!(
-                "snapshot {} was taken but the catalog did not take its record",
-                rec.snapshot_id
-            )));
-        }
         Ok(body(&super::handlers::snapshot_to_api(&rec)))
     }
 

@@ -124,7 +124,9 @@ impl Control {
     /// Cluster mode: a `pending` catalog record `rec` whose record copy in the bucket is no
     /// longer pending (the node that took it stored it but never updated the catalog: it
     /// died, or restarted and stored it then; or the volume's next owner abandoned it) is
-    /// updated from the copy. Returns the copy when it did.
+    /// updated from the copy; one with no copy at all that this node has seen so for
+    /// `--abandon-after` (its node died between the catalog write and taking it) becomes
+    /// `error`. Returns the record settled, if any.
     ///
     /// Errors: backend and catalog errors.
     async fn settle_in_catalog(
@@ -135,6 +137,7 @@ impl Control {
         if rec.state != SnapshotStateName::Pending {
             return Ok(None);
         }
+        let key = format!("snapshot/{}", rec.snapshot_id);
         match self.engine.stored_snapshot(&rec.snapshot_id).await? {
             Some(copy) if copy.state != SnapshotStateName::Pending => {
                 cluster
@@ -142,9 +145,31 @@ impl Control {
                     .finish_snapshot(&copy)
                     .await
                     .map_err(catalog_err)?;
+                cluster.forget(&key);
                 Ok(Some(copy))
             }
-            _ => Ok(None),
+            Some(_) => {
+                cluster.forget(&key);
+                Ok(None)
+            }
+            // Recorded, never taken: its node died before it stored the pending copy (which
+            // it does right after taking it). Once this node has seen it so for
+            // --abandon-after, it ends `error` (deletable).
+            None if cluster.abandoned(&key, 0, &rec.start_time) => {
+                tracing::warn!(snapshot = %rec.snapshot_id, "a snapshot recorded but never taken by its node; settling it as error");
+                let failed = SnapshotRecord {
+                    state: SnapshotStateName::Error,
+                    ..rec.clone()
+                };
+                cluster
+                    .catalog
+                    .finish_snapshot(&failed)
+                    .await
+                    .map_err(catalog_err)?;
+                cluster.forget(&key);
+                Ok(Some(failed))
+            }
+            None => Ok(None),
         }
     }
 }
