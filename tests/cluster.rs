@@ -23,7 +23,7 @@ fn owner(node: &str) -> Owner {
 async fn leases(nats: &Nats) -> Arc<Leases> {
     let client = async_nats::connect(nats.url()).await.expect("connect");
     Arc::new(
-        Leases::open(client, "vblock-leases", TTL)
+        Leases::open(client, "vblock-leases", TTL, 1)
             .await
             .expect("KV bucket"),
     )
@@ -185,6 +185,21 @@ fn a_kept_lease_reports_its_loss() {
             sent.elapsed() >= TTL * 2 / 3,
             "reported lost while it could be trusted"
         );
+    });
+}
+
+/// `--kv-replicas` reaches JetStream: a bucket created with 3 copies is refused by a single
+/// server (it cannot keep them), with 1 it is made.
+#[test]
+fn kv_buckets_are_created_with_the_replicas_asked() {
+    let nats = Nats::start_jetstream();
+    run(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let refused = Leases::open(client.clone(), "vblock-replicas", TTL, 3).await;
+        assert!(refused.is_err(), "a single server kept 3 copies");
+        Leases::open(client, "vblock-replicas", TTL, 1)
+            .await
+            .expect("one copy");
     });
 }
 

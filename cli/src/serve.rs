@@ -112,6 +112,12 @@ pub struct ServeArgs {
     /// replaced (renewed every third of it).
     #[arg(long, env = "VBLOCK_LEASE_TTL", default_value = "10s", value_parser = crate::humantime_duration)]
     pub lease_ttl: Duration,
+    /// Cluster mode: copies JetStream keeps of the catalog's and the leases' KV buckets, when
+    /// the first node creates them (1 to 5, at most the NATS cluster's servers; an existing
+    /// bucket keeps its setting). 3 on a NATS cluster of three servers keeps the catalog and
+    /// the leases through the loss of one.
+    #[arg(long, env = "VBLOCK_KV_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub kv_replicas: u8,
     /// Cluster mode: a ClientToken claim whose volume never reached the catalog, or a clone
     /// left `creating`, counts as abandoned by its node (which failed mid-create) once this
     /// node has seen it unchanged for this long, on its own clock: a retry with the token then
@@ -529,6 +535,7 @@ async fn spawn_servers(
         nbd_tls: a.tls_required,
         open_exports: a.nbd_open_exports,
         lease_ttl: a.cluster.then_some(a.lease_ttl),
+        kv_replicas: usize::from(a.kv_replicas),
         abandon_after: a.abandon_after,
     };
     tasks.spawn({

@@ -46,12 +46,20 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// The catalog in KV bucket `bucket` (created, one value per key, if missing).
+    /// The catalog in KV bucket `bucket` (created, one value per key and `replicas` copies, if
+    /// missing).
     ///
-    /// Errors: [`CatalogError::Kv`] when JetStream is off or unreachable.
-    pub async fn open(client: async_nats::Client, bucket: &str) -> Result<Self, CatalogError> {
+    /// Errors: [`CatalogError::Kv`] when JetStream is off or unreachable, or cannot keep
+    /// `replicas` copies.
+    pub async fn open(
+        client: async_nats::Client,
+        bucket: &str,
+        replicas: usize,
+    ) -> Result<Self, CatalogError> {
         Ok(Self {
-            kv: super::open_bucket(client, bucket).await.map_err(kv_err)?,
+            kv: super::open_bucket(client, bucket, replicas)
+                .await
+                .map_err(kv_err)?,
         })
     }
 

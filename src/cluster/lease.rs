@@ -92,16 +92,20 @@ pub struct Leases {
 }
 
 impl Leases {
-    /// The leases in KV bucket `bucket` (created, with one value per key, if missing) with lease
-    /// time `ttl`.
+    /// The leases in KV bucket `bucket` (created, with one value per key and `replicas`
+    /// copies, if missing) with lease time `ttl`.
     ///
-    /// Errors: [`LeaseError::Kv`] when JetStream is off or unreachable.
+    /// Errors: [`LeaseError::Kv`] when JetStream is off or unreachable, or cannot keep
+    /// `replicas` copies.
     pub async fn open(
         client: async_nats::Client,
         bucket: &str,
         ttl: Duration,
+        replicas: usize,
     ) -> Result<Self, LeaseError> {
-        let kv = super::open_bucket(client, bucket).await.map_err(kv_err)?;
+        let kv = super::open_bucket(client, bucket, replicas)
+            .await
+            .map_err(kv_err)?;
         Ok(Self { kv, ttl })
     }
 

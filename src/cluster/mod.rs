@@ -6,11 +6,13 @@ pub mod epoch;
 pub mod lease;
 pub mod walobj;
 
-/// JetStream KV bucket `bucket`, created with one value per key if it does not exist (the
-/// catalog's and the leases' buckets).
+/// JetStream KV bucket `bucket`, created with one value per key and `replicas` copies (on as
+/// many servers of a NATS cluster; 1 to 5) if it does not exist (the catalog's and the leases'
+/// buckets). An existing bucket keeps its settings.
 pub(crate) async fn open_bucket(
     client: async_nats::Client,
     bucket: &str,
+    replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, async_nats::jetstream::context::CreateKeyValueError> {
     let js = async_nats::jetstream::new(client);
     match js.get_key_value(bucket).await {
@@ -21,6 +23,7 @@ pub(crate) async fn open_bucket(
             js.create_key_value(async_nats::jetstream::kv::Config {
                 bucket: bucket.to_owned(),
                 history: 1,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await

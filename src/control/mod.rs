@@ -51,6 +51,10 @@ pub struct ControlConfig {
     /// Cluster mode (`--cluster`): the volume leases' time (`--lease-ttl`); needs `node` and
     /// JetStream on the NATS server.
     pub lease_ttl: Option<Duration>,
+    /// Cluster mode: copies of the catalog's and the leases' KV buckets when this node creates
+    /// them (`--kv-replicas`: 3 on a NATS cluster of 3 or more servers keeps them through the
+    /// loss of one).
+    pub kv_replicas: usize,
     /// Cluster mode: how long a half-made catalog entry (a ClientToken claim without its
     /// volume, a clone left `creating`) must stay unchanged, as this node sees it, before it
     /// counts as abandoned by its node (`--abandon-after`, default 10 min).
@@ -99,13 +103,22 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
     let cluster = match (config.lease_ttl, &config.node) {
         (Some(ttl), Some(node)) => loop {
             let opened = async {
-                let leases = crate::cluster::lease::Leases::open(client.clone(), LEASE_BUCKET, ttl)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let catalog =
-                    crate::cluster::catalog::Catalog::open(client.clone(), CATALOG_BUCKET)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let replicas = config.kv_replicas;
+                let leases = crate::cluster::lease::Leases::open(
+                    client.clone(),
+                    LEASE_BUCKET,
+                    ttl,
+                    replicas,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let catalog = crate::cluster::catalog::Catalog::open(
+                    client.clone(),
+                    CATALOG_BUCKET,
+                    replicas,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 Ok::<_, String>(cluster::ClusterMode::new(
                     leases,
                     catalog,
