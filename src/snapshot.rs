@@ -422,19 +422,46 @@ impl Engine {
     }
 
     /// Cluster mode, deleting snapshot `id`: stores its delete marker (`SNAPID/deleted`; from
-    /// then on [`Engine::pin_snapshot`] refuses it), then lists its clone pins. Returns whether
-    /// a clone pins it (its record copy and map must stay). Called again when a clone goes, it
-    /// tells whether the last pin went.
+    /// then on [`Engine::pin_snapshot`] refuses it), then lists its clone pins. Returns the
+    /// pins' names (each a clone's VolumeId as stored): while any is left, the snapshot's
+    /// record copy and map must stay. Called again when a clone goes, it tells whether the
+    /// last pin went.
     ///
     /// Errors: backend errors.
-    pub async fn mark_snapshot_deleted(&self, id: &SnapshotId) -> Result<bool, VolumeError> {
+    pub async fn mark_snapshot_deleted(&self, id: &SnapshotId) -> Result<Vec<String>, VolumeError> {
         put_retried(&self.backend, &snapshot_deleted_key(id), Bytes::new()).await?;
         let prefix = snapshot_pins_prefix(id);
         let pins = crate::retry::retry(&RetryPolicy::reads(), &prefix, || {
             self.backend.list(&prefix)
         })
         .await?;
-        Ok(!pins.is_empty())
+        Ok(pins
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Cluster mode: removes pin `name` (as [`Engine::mark_snapshot_deleted`] lists it) on
+    /// snapshot `id`, one whose clone is gone.
+    ///
+    /// Errors: backend errors.
+    pub async fn remove_pin(&self, id: &SnapshotId, name: &str) -> Result<(), VolumeError> {
+        let key = format!("{}{name}", snapshot_pins_prefix(id));
+        Ok(delete_retried(&self.backend, &key).await?)
+    }
+
+    /// Whether volume `id`'s record copy (`VOLUMEID/volume.json`) is in the backend: the
+    /// volume exists, or is being deleted or created.
+    ///
+    /// Errors: backend errors.
+    pub async fn volume_copy_exists(&self, id: &VolumeId) -> Result<bool, VolumeError> {
+        let key = crate::backend::volume_record_key(id);
+        match crate::retry::retry(&RetryPolicy::reads(), &key, || self.backend.get(&key)).await {
+            Ok(_) => Ok(true),
+            Err(BackendError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Cluster mode: whether a delete of snapshot `id` has begun (its delete marker is stored).

@@ -1296,9 +1296,27 @@ fn one_catalog_serves_every_node() {
         .join(&snap)
         .join("snapshot.json");
     assert!(copy.exists(), "{}", copy.display());
-    let deleted = node_request(&nats, "c", "deletesnapshot", json!({"SnapshotId": snap}));
-    assert_eq!(deleted["Return"], true, "{deleted}");
-    assert!(!copy.exists(), "the retry left the snapshot's copy");
+    // It also has a pin its clone's node left behind (the clone and its record copy are gone):
+    // it keeps the copies until the node asked has seen it so for --abandon-after.
+    let pin = copy
+        .with_file_name("clones")
+        .join(vblock::VolumeId::generate().to_string());
+    std::fs::create_dir_all(pin.parent().expect("clones/")).expect("mkdir");
+    std::fs::write(&pin, b"").expect("a pin left behind");
+    let first = node_request(&nats, "c", "deletesnapshot", json!({"SnapshotId": snap}));
+    assert_eq!(error_code(&first), "InvalidSnapshot.NotFound", "{first}");
+    assert!(copy.exists(), "a pin was judged at first sight");
+    let finished = common::daemon::wait_until(Duration::from_secs(60), || {
+        node_request(&nats, "c", "deletesnapshot", json!({"SnapshotId": snap}))["Return"] == true
+    });
+    assert!(
+        finished,
+        "a pin left behind keeps a deleted snapshot for good"
+    );
+    assert!(
+        !copy.exists() && !pin.exists(),
+        "the retry left the snapshot's copy"
+    );
     let again = node_request(&nats, "a", "deletesnapshot", json!({"SnapshotId": snap}));
     assert_eq!(error_code(&again), "InvalidSnapshot.NotFound", "{again}");
 }

@@ -1058,16 +1058,41 @@ impl Control {
     /// pins existed have none). Returns whether the bucket copies went.
     ///
     /// Errors: engine, backend and catalog errors.
+    ///
+    /// A pin whose clone is gone (no catalog record, no record copy in the bucket: its node
+    /// failed between removing the clone and its pin) is removed once this node has seen it
+    /// so for `--abandon-after`; until then it keeps the copies.
     async fn delete_snapshot_copies_unless_cloned(
         &self,
         id: &SnapshotId,
     ) -> Result<bool, VolumeError> {
-        let cloned = self.engine.mark_snapshot_deleted(id).await?
-            || self
-                .volume_records()
-                .await?
-                .iter()
-                .any(|v| v.snapshot_id == id.as_str());
+        let pins = self.engine.mark_snapshot_deleted(id).await?;
+        let clones: std::collections::HashSet<String> = self
+            .volume_records()
+            .await?
+            .into_iter()
+            .filter(|v| v.snapshot_id == id.as_str())
+            .map(|v| v.volume_id.to_string())
+            .collect();
+        let mut cloned = !clones.is_empty();
+        for pin in pins.iter().filter(|p| !clones.contains(*p)) {
+            let gone = match (VolumeId::parse(pin), &self.cluster) {
+                (Ok(vol), Some(cluster)) => {
+                    !self.engine.volume_copy_exists(&vol).await?
+                        && cluster.abandoned(&format!("pin/{id}/{pin}"), 0, "")
+                }
+                _ => false,
+            };
+            if !gone {
+                cloned = true;
+                continue;
+            }
+            tracing::warn!(snapshot = %id, clone = %pin, "removing a pin whose clone is gone");
+            self.engine.remove_pin(id, pin).await?;
+            if let Some(cluster) = &self.cluster {
+                cluster.forget(&format!("pin/{id}/{pin}"));
+            }
+        }
         self.engine.delete_snapshot_copies(id, !cloned).await?;
         Ok(!cloned)
     }
