@@ -1112,6 +1112,21 @@ fn one_catalog_serves_every_node() {
     let out = common::daemon::qemu_io_read_only(&snap_uri, &["read -P 0x5a 0 1M"]);
     assert!(!out.contains("failed"), "the snapshot through a: {out}");
     a.cli(&["unmount", &snap_id, "--node", "a"]);
+    // A node that is alive but did not answer when another removed its mount from the catalog
+    // (an unmount through another node does so when no daemon of its name answers) ends its
+    // export within a lease time.
+    let snap_uri = mount_via(&b, &snap_id, "b");
+    let key = format!("snapshot.{snap_id}");
+    edit_catalog(&nats, &key, &key, |r| r["mount"] = serde_json::Value::Null);
+    b.wait_for_log(
+        "ending a snapshot mount the catalog no longer records",
+        Duration::from_secs(30),
+    );
+    let out = common::daemon::qemu_io_output(&snap_uri, &["read -P 0x5a 0 64k"]);
+    assert!(
+        !out.status.success() || String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "an export the catalog no longer records still serves"
+    );
     // The node a snapshot is exported through dies: an unmount through another node removes
     // its mount from the catalog, and the node, back, ends its export.
     mount_via(&c, &snap_id, "c");

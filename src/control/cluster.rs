@@ -551,9 +551,30 @@ impl Control {
         // Snapshot mounts need no lease: their exports survive the restart while the catalog
         // still records them through this node. One ended meanwhile (unmounted through
         // another node while this one was down) ends here too.
+        self.end_unrecorded_snapshot_exports(cluster).await
+    }
+
+    /// Cluster mode: ends every snapshot export of this node that the catalog does not record
+    /// through it: another node removed the mount from the catalog when this one did not
+    /// answer (down, or off NATS for a moment). At start, and every `--lease-ttl` after
+    /// ([`Control::watch_leases`]). Each snapshot is checked under its lock, which its mounts
+    /// and unmounts through this node hold (a mount records itself here first, then in the
+    /// catalog). A catalog that cannot be read keeps the export.
+    ///
+    /// Errors: metadata errors.
+    async fn end_unrecorded_snapshot_exports(
+        &self,
+        cluster: &ClusterMode,
+    ) -> Result<(), VolumeError> {
         for rec in self.engine.list_snapshots().await? {
-            let Some(m) = &rec.mount else { continue };
+            if rec.mount.is_none() {
+                continue;
+            }
             let id = &rec.snapshot_id;
+            let _g = self.lock.lock(id.as_str()).await;
+            let Some(m) = self.engine.get_snapshot(id).await?.and_then(|r| r.mount) else {
+                continue;
+            };
             let recorded = match cluster.catalog.snapshot(id).await {
                 Ok(r) => r
                     .and_then(|(r, _)| r.mount)
@@ -593,11 +614,20 @@ impl Control {
     }
 
     /// Cluster mode: closes every volume whose lease was lost (another node may own it now) at
-    /// once, then forgets its mount here. Runs until the process ends.
+    /// once, then forgets its mount here; every `--lease-ttl`, ends the snapshot exports the
+    /// catalog no longer records ([`Control::end_unrecorded_snapshot_exports`]). Runs until
+    /// the process ends.
     pub(super) async fn watch_leases(self: Arc<Self>, cluster: Arc<ClusterMode>) {
         let every = (cluster.leases.ttl() / 10).max(std::time::Duration::from_millis(50));
+        let mut exports_checked = Instant::now();
         loop {
             tokio::time::sleep(every).await;
+            if exports_checked.elapsed() >= cluster.leases.ttl() {
+                exports_checked = Instant::now();
+                if let Err(e) = self.end_unrecorded_snapshot_exports(&cluster).await {
+                    tracing::warn!(error = %e, "checking this node's snapshot exports against the catalog failed");
+                }
+            }
             let lost: Vec<VolumeId> = {
                 let mut kept = cluster.kept();
                 let lost: Vec<VolumeId> = kept
@@ -1141,6 +1171,7 @@ impl Control {
         node: Option<&str>,
         request: (&[u8], bool),
     ) -> Result<(), VolumeError> {
+        let _g = self.lock.lock(id.as_str()).await;
         let (rec, revision) = self.snapshot_at(id).await?;
         if let Some(m) = rec.mount.as_ref().filter(|m| m.node != cluster.me.node) {
             let (payload, forwarded) = request;

@@ -51,6 +51,9 @@ impl Control {
             },
         };
         if let Ok(snap) = SnapshotId::parse(&req.name) {
+            // A mount records itself here, then in the catalog: the check of this node's
+            // exports against the catalog waits for it.
+            let _g = self.lock.lock(snap.as_str()).await;
             if let Some(cluster) = &self.cluster {
                 // Cluster mode: a snapshot of the catalog, taken on any node, is read from its
                 // map in the bucket; it is exported through one node at a time.
