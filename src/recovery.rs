@@ -132,6 +132,38 @@ impl Engine {
         Ok(recovered)
     }
 
+    /// Every volume record copy (`VOLUMEID/volume.json`) and snapshot record copy
+    /// (`SNAPID/snapshot.json`) in the backend, but for snapshots whose delete has begun
+    /// (cluster mode keeps a deleted snapshot's copies while clones pin it). Unreadable copies
+    /// are skipped (logged). Lists the whole backend: for rebuilding a lost catalog.
+    ///
+    /// Errors: backend errors.
+    pub async fn stored_records(
+        &self,
+    ) -> Result<(Vec<VolumeRecord>, Vec<SnapshotRecord>), VolumeError> {
+        let keys = self.backend.list("").await?;
+        let mut volumes = Vec::new();
+        for key in keys.iter().filter(|k| k.ends_with("/volume.json")) {
+            volumes.extend(self.stored_record::<VolumeRecord>(key, "volume").await?);
+        }
+        let mut snapshots = Vec::new();
+        for key in keys
+            .iter()
+            .filter(|k| k.starts_with("snap-") && k.ends_with("/snapshot.json"))
+        {
+            if let Some(rec) = self
+                .stored_record::<SnapshotRecord>(key, "snapshot")
+                .await?
+            {
+                let deleted = crate::backend::snapshot_deleted_key(&rec.snapshot_id);
+                if !keys.contains(&deleted) {
+                    snapshots.push(rec);
+                }
+            }
+        }
+        Ok((volumes, snapshots))
+    }
+
     /// The record copy stored under `key` (a `kind` record's JSON: volume or snapshot); `None`,
     /// logged, when it does not decode: recovery skips it rather than fail on one bad record.
     pub(crate) async fn stored_record<T: serde::de::DeserializeOwned>(

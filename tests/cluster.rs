@@ -305,6 +305,52 @@ fn a_takeover_holds_up_no_other_volume() {
     );
 }
 
+/// The NATS server's store is lost (one KV replica): the daemon, started again, finds the
+/// catalog empty and fills it from the bucket's record copies; the volume and its snapshot
+/// are described as before, and the volume mounts (a fresh lease, a takeover) with its data.
+#[test]
+fn a_lost_catalog_is_filled_from_the_bucket() {
+    use serde_json::json;
+    common::daemon::require("qemu-io");
+    let mut nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let mut a = cluster_daemon(&nats, &s3, "vblock-lost-kv", "a");
+    let id = a.create_volume(1);
+    let uri = mount_via(&a, &id, "a");
+    common::daemon::qemu_io(&uri, &["write -P 0x4d 0 128k", "flush"]);
+    let snap = node_request(&nats, "a", "createsnapshot", json!({"VolumeId": id}));
+    let snap = snap["SnapshotId"].as_str().expect("SnapshotId").to_owned();
+    let state = |nats: &Nats| {
+        node_request(
+            nats,
+            "a",
+            "describesnapshots",
+            json!({"SnapshotIds": [snap]}),
+        )["Snapshots"][0]["State"]
+            .clone()
+    };
+    assert!(
+        common::daemon::wait_until(Duration::from_secs(30), || state(&nats) == "completed"),
+        "the snapshot did not complete"
+    );
+    a.kill9();
+    nats.restart_empty();
+    a.start_again();
+    a.wait_for_log(
+        "filling the catalog from the bucket's record copies",
+        Duration::from_secs(30),
+    );
+    let d = node_request(&nats, "a", "describevolumes", json!({"VolumeIds": [id]}));
+    assert_eq!(d["Volumes"][0]["State"], "available", "{d}");
+    assert_eq!(state(&nats), "completed");
+    let uri = mount_via(&a, &id, "a");
+    let out = common::daemon::qemu_io_read_only(&uri, &["read -P 0x4d 0 128k"]);
+    assert!(
+        !out.contains("failed"),
+        "after the catalog was filled: {out}"
+    );
+}
+
 /// The cluster test daemons' `--abandon-after` (default 10 min).
 const ABANDON_AFTER: &str = "3s";
 

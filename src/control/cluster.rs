@@ -592,6 +592,44 @@ impl Control {
         Ok(())
     }
 
+    /// Cluster mode, at start: an empty catalog (no volume, no snapshot) over a bucket that
+    /// holds record copies was lost (the NATS server's store, with one KV replica) or is new
+    /// on an old bucket: it is filled from the copies ([`Engine::stored_records`]: volumes
+    /// unmounted, snapshots as stored; ClientTokens are not restored). Records another node
+    /// adds meanwhile win. Runs before the control plane subscribes.
+    ///
+    /// Errors: catalog and backend errors (the start goes on; logged by the caller).
+    pub(super) async fn fill_empty_catalog(
+        &self,
+        cluster: &ClusterMode,
+    ) -> Result<(), VolumeError> {
+        let catalog = &cluster.catalog;
+        if !catalog.volumes().await.map_err(catalog_err)?.is_empty()
+            || !catalog.snapshots().await.map_err(catalog_err)?.is_empty()
+        {
+            return Ok(());
+        }
+        let (volumes, snapshots) = self.engine.stored_records().await?;
+        if volumes.is_empty() && snapshots.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(volumes = volumes.len(), snapshots = snapshots.len(), "the catalog is empty but the bucket holds records: filling the catalog from the bucket's record copies");
+        for mut rec in volumes {
+            rec.mount = None;
+            match catalog.put_volume(&rec, None).await {
+                Ok(_) | Err(CatalogError::Changed(_)) => {}
+                Err(e) => return Err(catalog_err(e)),
+            }
+        }
+        for rec in snapshots {
+            match catalog.put_snapshot(&rec, None).await {
+                Ok(_) | Err(CatalogError::Changed(_)) => {}
+                Err(e) => return Err(catalog_err(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Cluster mode: removes the catalog's mount of `id` if it is through this node (a mount
     /// that ended here without an unmount: a lost lease, a restart). Best effort: a failure is
     /// logged, and the next owner's mount replaces it anyway.

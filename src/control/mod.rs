@@ -152,6 +152,9 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             .with_cluster(cluster.clone()),
     );
     if let Some(cluster) = cluster {
+        if let Err(e) = control.fill_empty_catalog(&cluster).await {
+            tracing::error!(error = %e, "cluster mode: filling the empty catalog from the bucket failed");
+        }
         if let Err(e) = control.forget_mounts(&cluster).await {
             tracing::error!(error = %e, "cluster mode: forgetting the mounts of an earlier process failed");
         }

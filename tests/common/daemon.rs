@@ -328,6 +328,13 @@ impl Nats {
         self.stop();
         self.spawn();
     }
+
+    /// Starts it again on the same port with an empty JetStream store (its disk lost).
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path().join("js"));
+        self.spawn();
+    }
 }
 
 impl Drop for Nats {
