@@ -626,12 +626,9 @@ impl Control {
                         r
                     }
                     AtOwner::InUse(why) => Err(ApiError::new("VolumeInUse", why)),
-                    // As an unmount answers: the volume is in use by a node that does not
-                    // answer now (a retry may find it, or find its lease expired).
-                    AtOwner::Unreachable(e) => Err(ApiError::new(
-                        "VolumeInUse",
-                        format!("volume {id} is owned by node {owner}, which does not answer: {e}"),
-                    )),
+                    AtOwner::Unreachable(e) => Err(ApiError::internal(format!(
+                        "forwarding to the owner node {owner} (vblock.{owner}.detachvolume) failed: {e}"
+                    ))),
                 };
             }
         }
