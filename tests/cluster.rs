@@ -265,8 +265,9 @@ fn a_kept_lease_advertises_what_its_holder_serves() {
 fn a_takeover_holds_up_no_other_volume() {
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
-    let a = cluster_daemon(&nats, &s3, "vblock-locks", "a");
-    let b = cluster_daemon(&nats, &s3, "vblock-locks", "b");
+    // A longer lease time than the other tests': the margin the other volume's mount has.
+    let a = cluster_daemon_ttl(&nats, &s3, "vblock-locks", "a", "6s");
+    let b = cluster_daemon_ttl(&nats, &s3, "vblock-locks", "b", "6s");
     let (held, also_held) = (a.create_volume(1), a.create_volume(1));
     // Created through b: b has a copy of its map, and describes it.
     let other = node_request(&nats, "b", "createvolume", serde_json::json!({"Size": 1}));
@@ -354,8 +355,8 @@ fn a_lost_catalog_is_filled_from_the_bucket() {
 /// The cluster test daemons' `--abandon-after` (default 10 min).
 const ABANDON_AFTER: &str = "3s";
 
-/// `vblock serve --cluster` flags for node `node` on bucket `bucket` of `s3`.
-fn cluster_args(s3: &common::s3::S3Server, bucket: &str, node: &str) -> Vec<String> {
+/// `vblock serve --cluster` flags for node `node` on bucket `bucket` of `s3`, lease time `ttl`.
+fn cluster_args(s3: &common::s3::S3Server, bucket: &str, node: &str, ttl: &str) -> Vec<String> {
     let mut args = s3.serve_args(bucket);
     args.extend(
         [
@@ -363,7 +364,7 @@ fn cluster_args(s3: &common::s3::S3Server, bucket: &str, node: &str) -> Vec<Stri
             "--node",
             node,
             "--lease-ttl",
-            "2s",
+            ttl,
             "--abandon-after",
             ABANDON_AFTER,
         ]
@@ -379,7 +380,18 @@ fn cluster_daemon(
     bucket: &str,
     node: &str,
 ) -> common::daemon::Daemon {
-    let args = cluster_args(s3, bucket, node);
+    cluster_daemon_ttl(nats, s3, bucket, node, "2s")
+}
+
+/// [`cluster_daemon`] with `--lease-ttl ttl`.
+fn cluster_daemon_ttl(
+    nats: &Nats,
+    s3: &common::s3::S3Server,
+    bucket: &str,
+    node: &str,
+    ttl: &str,
+) -> common::daemon::Daemon {
+    let args = cluster_args(s3, bucket, node, ttl);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     common::daemon::Daemon::start_with_env(&nats.url(), &args, &common::s3::S3Server::env())
 }
@@ -725,23 +737,30 @@ impl Generations {
     }
 
     /// Writes random blocks (a flush after about one in five) through export `uri` of
-    /// daemon `d` until a request fails, while another thread kills `d` (-9) 20–600 ms in:
-    /// the kill lands inside a write or a flush (a WAL append, a shipped-WAL PUT). Returns
-    /// the writes acknowledged and when the kill was sent.
-    fn write_until_killed(&mut self, d: &common::daemon::Daemon, uri: &str) -> (u64, Instant) {
+    /// daemon `d` until a request fails, while another thread kills `d` (-9) `kill_in`
+    /// milliseconds in (drawn from the range): the kill lands inside a write or a flush (a
+    /// WAL append, a shipped-WAL PUT). Returns the writes and flushes acknowledged, and when
+    /// the kill was sent.
+    fn write_until_killed(
+        &mut self,
+        d: &common::daemon::Daemon,
+        uri: &str,
+        kill_in: std::ops::Range<u64>,
+    ) -> (u64, u64, Instant) {
         use std::io::{Seek, SeekFrom, Write};
         let export = uri.rsplit('/').next().expect("export");
         let mut c = common::daemon::nbd_client(d.nbd_port, export, Duration::from_secs(30));
         let (pid, after) = (
             d.pid(),
-            Duration::from_millis(rand::Rng::gen_range(&mut self.rng, 20..600)),
+            Duration::from_millis(rand::Rng::gen_range(&mut self.rng, kill_in)),
         );
         let killer = std::thread::spawn(move || {
             std::thread::sleep(after);
             signal(pid, "KILL");
             Instant::now()
         });
-        let (mut writes, mut pending, give_up) = (0, Vec::new(), Instant::now() + TTL * 10);
+        let (mut writes, mut flushes, mut pending) = (0, 0, Vec::new());
+        let give_up = Instant::now() + TTL * 10;
         while Instant::now() < give_up {
             let b = rand::Rng::gen_range(&mut self.rng, 0..Self::BLOCKS);
             self.generation += 1;
@@ -759,6 +778,7 @@ impl Generations {
                 if c.flush().is_err() {
                     break;
                 }
+                flushes += 1;
                 for (b, g) in pending.drain(..) {
                     self.flushed[b as usize] = self.flushed[b as usize].max(g);
                 }
@@ -769,7 +789,7 @@ impl Generations {
             Instant::now() < give_up,
             "the client went on after the kill"
         );
-        (writes, killed)
+        (writes, flushes, killed)
     }
 
     /// Reads the whole volume through export `uri` of daemon `d` and checks it (`what` names
@@ -829,7 +849,7 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
     ];
     let id = nodes[0].create_volume(1);
     let mut volume = Generations::new(seed);
-    let mut failovers = Vec::new();
+    let (mut failovers, mut flushed) = (Vec::new(), 0);
     for round in 0..rounds {
         let (owner, survivor) = (round % 2, 1 - round % 2);
         let uri = mount_via(&nodes[owner], &id, ["a", "b"][owner]);
@@ -837,7 +857,8 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
             uri.contains(&format!(":{}/", nodes[owner].nbd_port)),
             "round {round}: {uri}"
         );
-        let (writes, killed) = volume.write_until_killed(&nodes[owner], &uri);
+        let (writes, flushes, killed) = volume.write_until_killed(&nodes[owner], &uri, 20..600);
+        flushed += flushes;
         nodes[owner].kill9();
         let uri = mount_via(&nodes[survivor], &id, ["a", "b"][survivor]);
         let mounted = killed.elapsed();
@@ -849,6 +870,7 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
         );
         nodes[owner].start_again();
     }
+    assert!(flushed > 0, "no round acknowledged a flush before its kill");
     failovers.sort();
     let pct = |p: f64| failovers[((failovers.len() - 1) as f64 * p).round() as usize];
     println!(
@@ -863,7 +885,7 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
 /// volume is killed (-9) inside its write+flush stream, and so is the other node; neither
 /// comes back. A new node on an empty data directory, with only the bucket and the catalog,
 /// serves the volume on its first mount: every flush-acknowledged generation, and nothing
-/// never written (a prefix of the writes). A second volume, unmounted before the loss, reads
+/// never written. A second volume, unmounted before the loss, reads
 /// back whole.
 #[test]
 fn every_local_disk_lost_loses_no_flushed_write() {
@@ -881,10 +903,11 @@ fn every_local_disk_lost_loses_no_flushed_write() {
     let id = a.create_volume(1);
     let mut volume = Generations::new(seed);
     let uri = mount_via(&a, &id, "a");
-    let (writes, _) = volume.write_until_killed(&a, &uri);
+    let (writes, flushes, _) = volume.write_until_killed(&a, &uri, 300..800);
     a.kill9();
     b.kill9();
-    println!("{writes} writes acknowledged before the kill");
+    println!("{writes} writes and {flushes} flushes acknowledged before the kill");
+    assert!(flushes > 0, "no flush was acknowledged before the kill");
 
     let c = cluster_daemon(&nats, &s3, "vblock-disks", "c");
     let uri = mount_via(&c, &id, "c");

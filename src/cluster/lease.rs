@@ -316,8 +316,8 @@ impl Kept {
     /// borrow of the `Kept`.
     ///
     /// Errors: [`LeaseError::Lost`] when the lease is lost (or its renewals ended);
-    /// [`LeaseError::Kv`] when the renewal failed (the lease is still kept, with the address
-    /// it had; the next renewal tries the new one again).
+    /// [`LeaseError::Kv`] when the renewal failed (the lease is still kept; the next renewal,
+    /// soon after a failure, writes the new address).
     pub fn advertise(
         &self,
         nbd_advertise: &str,
@@ -412,7 +412,9 @@ impl Leases {
                         return Some(revision);
                     }
                     Some(a) = asked.recv() => {
-                        holder.nbd_advertise = a.nbd_advertise;
+                        // Kept whatever this renewal does: the next one writes it too.
+                        me.nbd_advertise = a.nbd_advertise;
+                        holder = me.clone();
                         reply = Some(a.reply);
                     }
                 }
@@ -429,7 +431,6 @@ impl Leases {
                         revision = r;
                         renewed = sending;
                         *trusted(&until) = sending + give_up;
-                        me = holder;
                         next = tokio::time::Instant::now() + every;
                         Ok(())
                     }
@@ -453,7 +454,9 @@ impl Leases {
                             }
                             break;
                         }
-                        next = tokio::time::Instant::now() + every;
+                        // Tried again soon: the lease can be trusted for 2/3 of the TTL after
+                        // the last renewal, and one failure must not use that up.
+                        next = tokio::time::Instant::now() + every / 4;
                         Err(e)
                     }
                 };

@@ -833,7 +833,10 @@ impl Control {
         }
         for id in here {
             let s = match self.engine.volume_space(&id).await {
-                Err(VolumeError::VolumeNotFound(_)) if listing && self.cluster.is_some() => {
+                // Forwarded: the asking node tells which asked volume is missing.
+                Err(VolumeError::VolumeNotFound(_))
+                    if (listing || forwarded) && self.cluster.is_some() =>
+                {
                     tracing::info!(volume = %id, "describevolumespace: no node holds the volume and this node has no copy of its map; left out");
                     continue;
                 }
@@ -849,6 +852,20 @@ impl Control {
             });
         }
         volume_spaces.sort_by_key(|v| order.get(&v.volume_id).copied());
+        if !listing && !forwarded {
+            // Asked by id: each must be there (an owner leaves out one it no longer has).
+            let described: std::collections::HashSet<&str> =
+                volume_spaces.iter().map(|v| v.volume_id.as_str()).collect();
+            let mut asked: Vec<(&String, &usize)> = order.iter().collect();
+            asked.sort_by_key(|(_, i)| **i);
+            if let Some((id, _)) = asked
+                .iter()
+                .find(|(id, _)| !described.contains(id.as_str()))
+            {
+                let id = parse_volume_id(id)?;
+                return Err(VolumeError::VolumeNotFound(id).into());
+            }
+        }
         Ok(body(&DescribeVolumeSpaceReply { volume_spaces }))
     }
 
@@ -868,7 +885,9 @@ impl Control {
         };
         let payload = serde_json::to_vec(&request)
             .map_err(|e| ApiError::internal(format!("encoding a request: {e}")))?;
-        let timeout = super::cluster::DESCRIBE_TIMEOUT;
+        // Its volumes are described one after another there.
+        let timeout = super::cluster::DESCRIBE_TIMEOUT
+            + std::time::Duration::from_millis(100) * ids.len() as u32;
         let reply = cluster
             .forward_within(node, "describevolumespace", &payload, timeout)
             .await?;

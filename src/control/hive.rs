@@ -10,6 +10,10 @@ use super::api::*;
 use super::cluster::{Answer, AtOwner, Purpose};
 use super::handlers::{parse, Control};
 
+/// How long a drained unmount in cluster mode waits to store a map checkpoint (for the GC
+/// lock, then the PUT) before it goes on without one.
+const UNMOUNT_CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Control {
     /// The mount URI of `id` mounted with `mount`.
     fn uri(&self, id: &str, mount: &Mount) -> String {
@@ -249,13 +253,23 @@ impl Control {
         if let Some(cluster) = self.cluster.clone() {
             // After a drain, a checkpoint of the map: the next mount, anywhere, rebuilds the
             // volume from it rather than from every chunk written since the last one.
+            // Bounded: it waits for the GC lock, which a takeover's rebuild on this node holds.
             if drain && closed.is_ok() && cluster.keeps(&id) {
-                match self.engine.checkpoint_at_rest(&id).await {
-                    Ok(bytes) => {
+                let stored = tokio::time::timeout(
+                    UNMOUNT_CHECKPOINT_WAIT,
+                    self.engine.checkpoint_at_rest(&id),
+                )
+                .await;
+                match stored {
+                    Ok(Ok(Some(bytes))) => {
                         tracing::info!(volume = %id, bytes, "map checkpoint stored at the unmount")
                     }
-                    Err(e) => {
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
                         tracing::warn!(volume = %id, error = %e, "storing a map checkpoint at the unmount failed (the next owner reads the chunks instead)")
+                    }
+                    Err(_) => {
+                        tracing::warn!(volume = %id, "no map checkpoint at the unmount: the GC lock stayed busy (the next owner reads the chunks instead)")
                     }
                 }
             }

@@ -153,21 +153,28 @@ impl Control {
                 Ok(None)
             }
             // Recorded, never taken: its node died before it stored the pending copy (which
-            // it does right after taking it). Once this node has seen it so for
-            // --abandon-after, it ends `error` (deletable).
+            // it does right after taking it), or is slow. Once this node has seen it so for
+            // --abandon-after, the snapshot's outcome decides, as for one whose volume moved:
+            // `error` unless its node stored it and won the outcome first.
             None if cluster.abandoned(&key, 0, &rec.start_time) => {
-                tracing::warn!(snapshot = %rec.snapshot_id, "a snapshot recorded but never taken by its node; settling it as error");
-                let failed = SnapshotRecord {
-                    state: SnapshotStateName::Error,
+                tracing::warn!(snapshot = %rec.snapshot_id, "a snapshot recorded but not taken by its node; settling its outcome");
+                let state = self.engine.abandon_snapshot(rec).await?;
+                let settled = SnapshotRecord {
+                    state,
+                    progress: if state == SnapshotStateName::Completed {
+                        100
+                    } else {
+                        rec.progress
+                    },
                     ..rec.clone()
                 };
                 cluster
                     .catalog
-                    .finish_snapshot(&failed)
+                    .finish_snapshot(&settled)
                     .await
                     .map_err(catalog_err)?;
                 cluster.forget(&key);
-                Ok(Some(failed))
+                Ok(Some(settled))
             }
             None => Ok(None),
         }
