@@ -203,6 +203,57 @@ fn kv_buckets_are_created_with_the_replicas_asked() {
     });
 }
 
+/// A NATS restart across a renewal does not lose the lease: the renewal due during the
+/// outage waits for the reconnect, within the time the lease can still be trusted, and the
+/// lease is kept. (A renewal that fails at once, such as a JetStream error, is tried again
+/// after TTL/12; no real fault here makes one.)
+#[test]
+fn a_nats_restart_across_a_renewal_keeps_the_lease() {
+    let mut nats = Nats::start_jetstream();
+    let ttl = Duration::from_secs(6);
+    let lease = async |nats: &Nats| {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        Arc::new(
+            Leases::open(client, "vblock-leases", ttl, 1)
+                .await
+                .expect("KV bucket"),
+        )
+    };
+    common::run(Duration::from_secs(60), async {
+        let (a, b) = (lease(&nats).await, lease(&nats).await);
+        let me = owner("a");
+        let id = VolumeId::generate();
+        let (revision, sent) = win(&a, &id, &me).await;
+        let kept = a.keep(&id, &me, revision, sent);
+        let renewed_after = async |b: &Leases, revision: u64| loop {
+            if let Ok(Some((_, r))) = b.holder(&id).await {
+                if r > revision {
+                    return r;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let first = tokio::time::timeout(ttl, renewed_after(&b, revision))
+            .await
+            .expect("the first renewal");
+        let renewed = Instant::now();
+        // The next renewal is due TTL/3 after this one: NATS is down from just before it to
+        // well after it.
+        tokio::time::sleep((ttl / 3).saturating_sub(Duration::from_millis(300))).await;
+        nats.stop();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        nats.restart();
+        tokio::time::timeout(ttl, renewed_after(&b, first))
+            .await
+            .expect("no renewal after the outage");
+        assert!(
+            !kept.is_lost(),
+            "the lease was given up {:?} after its last renewal",
+            renewed.elapsed()
+        );
+    });
+}
+
 /// A kept lease's NBD address changes at once when its holder asks (a mount ended while a
 /// snapshot still holds the lease: other nodes must give no URI), and the renewals after keep
 /// the new one; asked of a lease that was lost, it fails.
