@@ -83,6 +83,9 @@ pub(super) enum Purpose {
 /// A kept lease and its holders.
 struct Held {
     kept: Kept,
+    /// This claim of the lease among this process's claims (a hold taken under one claim is
+    /// not dropped from a later one: [`ClusterMode::release_claim`]).
+    claim: u64,
     mount: bool,
     snapshots: u32,
     delete: bool,
@@ -216,9 +219,24 @@ impl ClusterMode {
     /// it and releases it. A mount that ends while something else holds the lease takes its
     /// URI out of the lease first, so other nodes give none.
     pub(super) async fn release(&self, id: &VolumeId, purpose: Purpose) {
+        self.release_claim(id, purpose, None).await;
+    }
+
+    /// The claim under which this process keeps `id`'s lease now, if it does.
+    pub(super) fn claim_of(&self, id: &VolumeId) -> Option<u64> {
+        self.kept().get(id).map(|h| h.claim)
+    }
+
+    /// [`ClusterMode::release`] of a hold taken under claim `claim` ([`ClusterMode::claim_of`]):
+    /// nothing when the lease was lost and claimed again since (a task that outlived its claim,
+    /// such as storing a snapshot, must not drop the next claim's holds).
+    pub(super) async fn release_claim(&self, id: &VolumeId, purpose: Purpose, claim: Option<u64>) {
         let held = {
             let mut kept = self.kept();
-            let Some(h) = kept.get_mut(id) else {
+            let Some(h) = kept
+                .get_mut(id)
+                .filter(|h| claim.is_none_or(|c| c == h.claim))
+            else {
                 return;
             };
             if h.drop_hold(purpose) {
@@ -411,8 +429,10 @@ impl Control {
             Claim::Won { revision, sent } => (revision, sent),
             Claim::Held(owner) => return Ok(Owned::There(owner)),
         };
+        static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut held = Held {
             kept: cluster.leases.keep(id, &me, revision, sent),
+            claim: CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             mount: false,
             snapshots: 0,
             delete: false,
@@ -921,6 +941,9 @@ impl Control {
             }
             vrec
         };
+        // The hold just taken is this claim's: the task storing the snapshot drops it from
+        // this claim only.
+        let claim = cluster.claim_of(id);
         // This node holds the lease for the snapshot until it is stored in the bucket. The
         // catalog's record goes first (pending), then the snapshot is taken under its id: no
         // snapshot exists that the catalog cannot show or delete. A record this node leaves
@@ -941,7 +964,7 @@ impl Control {
         let revision = match cluster.catalog.put_snapshot(&pending, None).await {
             Ok(r) => r,
             Err(e) => {
-                cluster.release(id, Purpose::Snapshot).await;
+                cluster.release_claim(id, Purpose::Snapshot, claim).await;
                 return Err(catalog_err(e).into());
             }
         };
@@ -961,7 +984,7 @@ impl Control {
                 if let Err(e) = cluster.catalog.delete_snapshot(&sid, revision).await {
                     tracing::warn!(snapshot = %sid, error = %e, "removing the catalog record of a snapshot not taken failed (it is settled `error` once abandoned)");
                 }
-                cluster.release(id, Purpose::Snapshot).await;
+                cluster.release_claim(id, Purpose::Snapshot, claim).await;
                 return Err(e.into());
             }
         };
@@ -981,7 +1004,7 @@ impl Control {
                     tracing::error!(snapshot = %sid, error = %e, "storing the snapshot ended abnormally")
                 }
             }
-            cluster.release(&vol, Purpose::Snapshot).await;
+            cluster.release_claim(&vol, Purpose::Snapshot, claim).await;
         });
         Ok(body(&super::handlers::snapshot_to_api(&rec)))
     }
