@@ -45,6 +45,17 @@ async fn win(l: &Leases, id: &VolumeId, me: &Owner) -> (u64, Instant) {
     }
 }
 
+/// Another node writes volume `id`'s lease key behind its holder's back (as a takeover after
+/// a KV fault would): the holder's lease is lost.
+async fn overwrite_lease(nats: &Nats, id: &VolumeId) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let kv = js.get_key_value("vblock-leases").await.expect("bucket");
+    let other = serde_json::to_vec(&owner("z")).expect("json");
+    kv.put(format!("owner.{id}"), other.into())
+        .await
+        .expect("put");
+}
+
 /// Whether `claim` reports `holder` as the lease's.
 fn held_by(claim: &Claim, holder: &Owner) -> bool {
     matches!(claim, Claim::Held(o) if o.same_holder(holder))
@@ -162,12 +173,7 @@ fn a_kept_lease_reports_its_loss() {
         let (revision, sent) = win(&a, &id, &me).await;
         let kept = a.keep(&id, &me, revision, sent);
         // Another node writes the key (as a takeover after a KV fault would): lost.
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
-        let kv = js.get_key_value("vblock-leases").await.expect("bucket");
-        let other = serde_json::to_vec(&owner("z")).expect("json");
-        kv.put(format!("owner.{id}"), other.into())
-            .await
-            .expect("put");
+        overwrite_lease(&nats, &id).await;
         tokio::time::timeout(TTL, kept.lost())
             .await
             .expect("the overwritten lease was not reported lost");
@@ -295,12 +301,7 @@ fn a_kept_lease_advertises_what_its_holder_serves() {
         assert!(!kept.is_lost());
 
         // Lost (another node wrote the key): asking fails.
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
-        let kv = js.get_key_value("vblock-leases").await.expect("bucket");
-        let other = serde_json::to_vec(&owner("z")).expect("json");
-        kv.put(format!("owner.{id}"), other.into())
-            .await
-            .expect("put");
+        overwrite_lease(&nats, &id).await;
         assert!(kept.advertise("").await.is_err(), "a lost lease advertised");
         assert!(kept.is_lost());
     });
@@ -363,13 +364,7 @@ fn a_takeover_holds_up_no_other_volume() {
 #[test]
 fn a_lost_catalog_is_filled_from_the_bucket() {
     use serde_json::json;
-    common::daemon::require("qemu-io");
-    let mut nats = Nats::start_jetstream();
-    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
-    let mut a = cluster_daemon(&nats, &s3, "vblock-lost-kv", "a");
-    let id = a.create_volume(1);
-    let uri = mount_via(&a, &id, "a");
-    common::daemon::qemu_io(&uri, &["write -P 0x4d 0 128k", "flush"]);
+    let (mut nats, _s3, mut a, id) = one_node_with_data("vblock-lost-kv", "write -P 0x4d 0 128k");
     let snap = node_request(&nats, "a", "createsnapshot", json!({"VolumeId": id}));
     let snap = snap["SnapshotId"].as_str().expect("SnapshotId").to_owned();
     let state = |nats: &Nats| {
@@ -445,6 +440,22 @@ fn cluster_daemon_ttl(
     let args = cluster_args(s3, bucket, node, ttl);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     common::daemon::Daemon::start_with_env(&nats.url(), &args, &common::s3::S3Server::env())
+}
+
+/// NATS with JetStream, s3s-fs, and cluster node `a` on bucket `bucket` with a new 1 GiB
+/// volume mounted through it, written by qemu-io command `write` and flushed.
+fn one_node_with_data(
+    bucket: &str,
+    write: &str,
+) -> (Nats, common::s3::S3Server, common::daemon::Daemon, String) {
+    common::daemon::require("qemu-io");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let a = cluster_daemon(&nats, &s3, bucket, "a");
+    let id = a.create_volume(1);
+    let uri = mount_via(&a, &id, "a");
+    common::daemon::qemu_io(&uri, &[write, "flush"]);
+    (nats, s3, a, id)
 }
 
 /// `vblock mount ID --node NODE` through `d`'s NATS; the URI.
@@ -722,13 +733,8 @@ fn a_paused_owner_resumes_fenced() {
 /// flushed data.
 #[test]
 fn a_restarted_node_serves_nothing_before_it_knows_its_leases() {
-    common::daemon::require("qemu-io");
-    let mut nats = Nats::start_jetstream();
-    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
-    let mut a = cluster_daemon(&nats, &s3, "vblock-restart", "a");
-    let id = a.create_volume(1);
+    let (mut nats, _s3, mut a, id) = one_node_with_data("vblock-restart", "write -P 0x7e 0 64k");
     let uri = mount_via(&a, &id, "a");
-    common::daemon::qemu_io(&uri, &["write -P 0x7e 0 64k", "flush"]);
     a.kill9();
     nats.stop();
     a.start_again();
