@@ -374,29 +374,72 @@ impl Engine {
             Ok((allocated, meta.chunk_stats(&v)?))
         })
         .await?;
-        let mut space = VolumeSpace {
-            size_bytes: rec.size_bytes,
-            allocated_bytes: allocated_blocks * BLOCK_SIZE,
-            compression_ratio: 1.0,
-            ..VolumeSpace::default()
-        };
-        let mut logical = 0u64;
-        for (_, s) in &stats {
-            space.stored_bytes += s.stored_bytes;
-            logical += s.data_blocks * BLOCK_SIZE;
-            if s.data_blocks > 0 {
-                let dead = s.data_blocks.saturating_sub(s.live_blocks);
-                space.dead_bytes += (u128::from(s.stored_bytes) * u128::from(dead)
-                    / u128::from(s.data_blocks)) as u64;
-            } else {
-                space.dead_bytes += s.stored_bytes;
-            }
-        }
-        if space.stored_bytes > 0 {
-            space.compression_ratio = logical as f64 / space.stored_bytes as f64;
-        }
-        Ok(space)
+        Ok(space_of(
+            rec.size_bytes,
+            allocated_blocks,
+            stats.iter().map(|(_, s)| s),
+        ))
     }
+
+    /// Cluster mode: the space accounting of volume `vol` (`size_bytes` long) as its newest
+    /// map checkpoint in the backend has it (writes since that checkpoint are not counted);
+    /// `None` without one. For a volume no node holds and this node has no copy of.
+    ///
+    /// Errors: backend errors; a corrupt checkpoint.
+    pub async fn stored_volume_space(
+        &self,
+        vol: &VolumeId,
+        size_bytes: u64,
+    ) -> Result<Option<VolumeSpace>, VolumeError> {
+        let Some(key) = self.backend.list(&checkpoint_prefix(vol)).await?.pop() else {
+            return Ok(None);
+        };
+        let body = self.backend.get(&key).await?;
+        let decoded = tokio::task::spawn_blocking(move || crate::mapobj::MapObject::decode(&body))
+            .await
+            .map_err(|e| VolumeError::task("map checkpoint decode", e))?;
+        let obj = decoded.map_err(|e| VolumeError::Corrupt {
+            what: format!("map checkpoint {key}"),
+            reason: e.to_string(),
+        })?;
+        let allocated = obj.extents.iter().map(|e| e.data_blocks()).sum();
+        Ok(Some(space_of(
+            size_bytes,
+            allocated,
+            obj.objects.iter().map(|(_, s)| s),
+        )))
+    }
+}
+
+/// The space accounting of a volume of `size_bytes` with `allocated_blocks` blocks of data in
+/// its map and chunks of `stats`.
+fn space_of<'a>(
+    size_bytes: u64,
+    allocated_blocks: u64,
+    stats: impl Iterator<Item = &'a ChunkStats>,
+) -> VolumeSpace {
+    let mut space = VolumeSpace {
+        size_bytes,
+        allocated_bytes: allocated_blocks * BLOCK_SIZE,
+        compression_ratio: 1.0,
+        ..VolumeSpace::default()
+    };
+    let mut logical = 0u64;
+    for s in stats {
+        space.stored_bytes += s.stored_bytes;
+        logical += s.data_blocks * BLOCK_SIZE;
+        if s.data_blocks > 0 {
+            let dead = s.data_blocks.saturating_sub(s.live_blocks);
+            space.dead_bytes +=
+                (u128::from(s.stored_bytes) * u128::from(dead) / u128::from(s.data_blocks)) as u64;
+        } else {
+            space.dead_bytes += s.stored_bytes;
+        }
+    }
+    if space.stored_bytes > 0 {
+        space.compression_ratio = logical as f64 / space.stored_bytes as f64;
+    }
+    space
 }
 
 impl MetaStore {

@@ -96,7 +96,7 @@ impl MapExtent {
         }
     }
 
-    fn data_blocks(&self) -> u64 {
+    pub(crate) fn data_blocks(&self) -> u64 {
         match self.target {
             Target::Data(_) => self.count,
             Target::Zero => 0,

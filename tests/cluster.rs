@@ -777,6 +777,8 @@ struct Generations {
     written: Vec<u64>,
     /// Per block: the newest generation a flush acknowledged.
     flushed: Vec<u64>,
+    /// The writes sent since the last read-back, in order: (block, generation).
+    sent: Vec<(u64, u64)>,
     generation: u64,
     rng: rand::rngs::StdRng,
 }
@@ -788,6 +790,7 @@ impl Generations {
         Self {
             written: vec![0; Self::BLOCKS as usize],
             flushed: vec![0; Self::BLOCKS as usize],
+            sent: Vec::new(),
             generation: 0,
             rng: rand::SeedableRng::seed_from_u64(seed),
         }
@@ -796,25 +799,28 @@ impl Generations {
     /// Writes random blocks (a flush after about one in five) through export `uri` of
     /// daemon `d` until a request fails, while another thread kills `d` (-9) `kill_in`
     /// milliseconds in (drawn from the range): the kill lands inside a write or a flush (a
-    /// WAL append, a shipped-WAL PUT). Returns the writes and flushes acknowledged, and when
-    /// the kill was sent.
+    /// WAL append, a shipped-WAL PUT). Without `kill_in`, `d` dies by itself (an armed crash
+    /// point). Returns the writes and flushes acknowledged, and when the kill was sent (or the
+    /// request failed).
     fn write_until_killed(
         &mut self,
         d: &common::daemon::Daemon,
         uri: &str,
-        kill_in: std::ops::Range<u64>,
+        kill_in: Option<std::ops::Range<u64>>,
     ) -> (u64, u64, Instant) {
         use std::io::{Seek, SeekFrom, Write};
         let export = uri.rsplit('/').next().expect("export");
         let mut c = common::daemon::nbd_client(d.nbd_port, export, Duration::from_secs(30));
-        let (pid, after) = (
-            d.pid(),
-            Duration::from_millis(rand::Rng::gen_range(&mut self.rng, kill_in)),
-        );
-        let killer = std::thread::spawn(move || {
-            std::thread::sleep(after);
-            signal(pid, "KILL");
-            Instant::now()
+        let killer = kill_in.map(|range| {
+            let (pid, after) = (
+                d.pid(),
+                Duration::from_millis(rand::Rng::gen_range(&mut self.rng, range)),
+            );
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                signal(pid, "KILL");
+                Instant::now()
+            })
         });
         let (mut writes, mut flushes, mut pending) = (0, 0, Vec::new());
         let give_up = Instant::now() + TTL * 10;
@@ -823,6 +829,7 @@ impl Generations {
             self.generation += 1;
             let g = self.generation;
             self.written[b as usize] = g;
+            self.sent.push((b, g));
             let sent = c
                 .seek(SeekFrom::Start(b * 4096))
                 .and_then(|_| c.write_all(&gen_block(b, g)));
@@ -841,7 +848,10 @@ impl Generations {
                 }
             }
         }
-        let killed = killer.join().expect("the killer thread");
+        let killed = match killer {
+            Some(k) => k.join().expect("the killer thread"),
+            None => Instant::now(),
+        };
         assert!(
             Instant::now() < give_up,
             "the client went on after the kill"
@@ -851,8 +861,9 @@ impl Generations {
 
     /// Reads the whole volume through export `uri` of daemon `d` and checks it (`what` names
     /// the round): every block holds a generation written to it, at or after the newest one a
-    /// flush acknowledged, or zeros if none was. What it holds is the volume's history from
-    /// here on.
+    /// flush acknowledged, or zeros if none was; and the volume holds a prefix of the writes
+    /// sent since the last read-back (every write up to the newest one it holds, and none
+    /// after). What it holds is the volume's history from here on.
     fn read_back(&mut self, d: &common::daemon::Daemon, uri: &str, what: &str) {
         use std::io::{Read, Seek, SeekFrom};
         let export = uri.rsplit('/').next().expect("export");
@@ -877,9 +888,26 @@ impl Generations {
                 g >= flushed && g <= written,
                 "{what}: block {b} reads generation {g}; flushed {flushed}, written {written}"
             );
-            self.written[b as usize] = g;
-            self.flushed[b as usize] = g;
         }
+        let held = |b: u64| {
+            let blk = &image[(b * 4096) as usize..(b * 4096 + 16) as usize];
+            u64::from_le_bytes(blk[8..16].try_into().expect("8 bytes"))
+        };
+        // The newest write it holds: every write sent before it is there too (or overwritten
+        // by a later one it holds).
+        let cut = (0..Self::BLOCKS).map(held).max().unwrap_or(0);
+        for &(b, g) in self.sent.iter().filter(|(_, g)| *g <= cut) {
+            assert!(
+                held(b) >= g,
+                "{what}: not a prefix: block {b} lost generation {g} (holds {}), though generation {cut} is there",
+                held(b)
+            );
+        }
+        for b in 0..Self::BLOCKS {
+            self.written[b as usize] = held(b);
+            self.flushed[b as usize] = held(b);
+        }
+        self.sent.clear();
     }
 }
 
@@ -914,7 +942,8 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
             uri.contains(&format!(":{}/", nodes[owner].nbd_port)),
             "round {round}: {uri}"
         );
-        let (writes, flushes, killed) = volume.write_until_killed(&nodes[owner], &uri, 20..600);
+        let (writes, flushes, killed) =
+            volume.write_until_killed(&nodes[owner], &uri, Some(20..600));
         flushed += flushes;
         nodes[owner].kill9();
         let uri = mount_via(&nodes[survivor], &id, ["a", "b"][survivor]);
@@ -936,6 +965,56 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
         pct(0.99),
         failovers.len()
     );
+}
+
+/// Issue test 5, inside WAL shipping: the owner dies at a crash point of its shipped-WAL PUT
+/// (`ship-before-put`: the local WAL synced, the object not yet stored; `ship-after-put`: the
+/// object stored, its flushes not yet answered), after a few flushes went through, and the
+/// other node takes the volume over: every flushed generation reads back, as a prefix of the
+/// writes. The two nodes take turns.
+#[test]
+fn owners_crashed_inside_wal_shipping_lose_no_flushed_write() {
+    let seed: u64 = rand::random();
+    println!("shipping crash test seed {seed}");
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let bucket = "vblock-ship-crash";
+    let mut nodes = [
+        cluster_daemon(&nats, &s3, bucket, "a"),
+        cluster_daemon(&nats, &s3, bucket, "b"),
+    ];
+    let id = nodes[0].create_volume(1);
+    let mut volume = Generations::new(seed);
+    for (round, point) in ["ship-before-put", "ship-after-put"]
+        .into_iter()
+        .enumerate()
+    {
+        let (owner, next) = (round % 2, 1 - round % 2);
+        let names = ["a", "b"];
+        let spec = format!("{point}=4*off->return");
+        let mut envs = common::s3::S3Server::env().to_vec();
+        envs.push(("VBLOCK_FAILPOINTS", &spec));
+        nodes[owner].kill9();
+        nodes[owner].set_envs(&envs);
+        nodes[owner].start_again();
+        let uri = mount_via(&nodes[owner], &id, names[owner]);
+        let (writes, flushes, _) = volume.write_until_killed(&nodes[owner], &uri, None);
+        let died =
+            common::daemon::wait_until(Duration::from_secs(30), || nodes[owner].exited().is_some());
+        assert!(
+            died && nodes[owner]
+                .log()
+                .contains(&format!("fail point {point}: aborting")),
+            "round {round}: the owner did not die at {point}"
+        );
+        assert!(flushes > 0, "round {round}: no flush went through first");
+        println!("round {round} ({point}): {writes} writes, {flushes} flushes");
+        let uri = mount_via(&nodes[next], &id, names[next]);
+        volume.read_back(&nodes[next], &uri, &format!("round {round} ({point})"));
+        nodes[owner].kill9();
+        nodes[owner].set_envs(&common::s3::S3Server::env());
+        nodes[owner].start_again();
+    }
 }
 
 /// Issue test 6 with `--cluster` daemons: every node's local disk is lost. The owner of a
@@ -960,7 +1039,7 @@ fn every_local_disk_lost_loses_no_flushed_write() {
     let id = a.create_volume(1);
     let mut volume = Generations::new(seed);
     let uri = mount_via(&a, &id, "a");
-    let (writes, flushes, _) = volume.write_until_killed(&a, &uri, 300..800);
+    let (writes, flushes, _) = volume.write_until_killed(&a, &uri, Some(300..800));
     a.kill9();
     b.kill9();
     println!("{writes} writes and {flushes} flushes acknowledged before the kill");
@@ -1305,6 +1384,18 @@ fn one_catalog_serves_every_node() {
     assert!(
         !chunks.is_empty() && chunks.iter().all(|c| Some(*c) < checkpoint),
         "checkpoint {checkpoint:?}, chunks {chunks:?}"
+    );
+    // Nobody holds it now, and c never did: c describes its space from that checkpoint.
+    let space = node_request(
+        &nats,
+        "c",
+        "describevolumespace",
+        json!({"VolumeIds": [id]}),
+    );
+    assert_eq!(
+        space["VolumeSpaces"][0]["AllocatedBytes"],
+        (1 << 20) + (64 << 10),
+        "{space}"
     );
     let deleted = node_request(&nats, "c", "deletevolume", json!({"VolumeId": id}));
     assert_eq!(deleted["Return"], true, "{deleted}");

@@ -833,12 +833,18 @@ impl Control {
         }
         for id in here {
             let s = match self.engine.volume_space(&id).await {
-                // Forwarded: the asking node tells which asked volume is missing.
-                Err(VolumeError::VolumeNotFound(_))
-                    if (listing || forwarded) && self.cluster.is_some() =>
-                {
-                    tracing::info!(volume = %id, "describevolumespace: no node holds the volume and this node has no copy of its map; left out");
-                    continue;
+                // Cluster mode: no node holds it and this node has no copy of its map; its
+                // newest map checkpoint in the bucket describes it (a drained unmount stores
+                // one). Forwarded: the asking node tells which asked volume is missing.
+                Err(VolumeError::VolumeNotFound(_)) if self.cluster.is_some() => {
+                    match self.stored_space(&id, forwarded).await? {
+                        Some(s) => s,
+                        None if listing || forwarded => {
+                            tracing::info!(volume = %id, "describevolumespace: no node holds the volume, and neither this node nor the bucket has its map; left out");
+                            continue;
+                        }
+                        None => return Err(VolumeError::VolumeNotFound(id).into()),
+                    }
                 }
                 other => other?,
             };
@@ -867,6 +873,27 @@ impl Control {
             }
         }
         Ok(body(&DescribeVolumeSpaceReply { volume_spaces }))
+    }
+
+    /// Cluster mode: the space of volume `id` from its newest map checkpoint in the bucket
+    /// (`None` without a catalog record or a checkpoint; not asked when `forwarded`: the
+    /// owner answers for what it has).
+    ///
+    /// Errors: catalog and backend errors; a corrupt checkpoint.
+    async fn stored_space(
+        &self,
+        id: &VolumeId,
+        forwarded: bool,
+    ) -> Result<Option<crate::gc::VolumeSpace>, ApiError> {
+        if forwarded {
+            return Ok(None);
+        }
+        let size = match self.volume_at(id).await {
+            Ok((rec, _)) => rec.size_bytes,
+            Err(VolumeError::VolumeNotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(self.engine.stored_volume_space(id, size).await?)
     }
 
     /// Cluster mode: the space of volumes `ids` as node `node`, which holds their leases,
