@@ -194,6 +194,31 @@ fn a_kept_lease_reports_its_loss() {
     });
 }
 
+/// Node names are unique in a cluster: a second daemon started with the name of a node that
+/// serves stops at start with exit code 2, naming it; once that node is gone, a daemon of its
+/// name starts (a restart).
+#[test]
+fn a_node_name_in_use_is_refused() {
+    let nats = Nats::start_jetstream();
+    let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
+    let mut a = cluster_daemon(&nats, &s3, "vblock-names", "a");
+    let args = cluster_args(&s3, "vblock-names", "a", "2s");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, log) = common::daemon::Daemon::start_expect_failure(
+        &nats.url(),
+        &args,
+        &common::s3::S3Server::env(),
+    );
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("another daemon already serves cluster node name \"a\""),
+        "{log}"
+    );
+    a.kill9();
+    a.start_again();
+    a.create_volume(1);
+}
+
 /// `--kv-replicas` reaches JetStream: a bucket created with 3 copies is refused by a single
 /// server (it cannot keep them), with 1 it is made.
 #[test]

@@ -317,10 +317,20 @@ pub async fn run(mut a: ServeArgs) -> Result<(), ServeError> {
     tracing::info!(version = crate::VERSION, nbd = %nbd_addr, advertise = %advertise, nats = %a.nats_url, %metrics, data_dir = %a.data_dir.display(), "vblock serving");
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ServeError::Config(format!("cannot install SIGTERM handler: {e}")))?;
+    let mut failed = None;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-        Some(r) = tasks.join_next() => tracing::error!(result = ?r.map(|r| r.err()), "a server task ended"),
+        Some(r) = tasks.join_next() => {
+            tracing::error!(result = ?r.as_ref().map(|r| r.as_ref().err()), "a server task ended");
+            // A control plane that cannot serve is a configuration error (exit 2).
+            if let Ok(Err(e)) = &r {
+                let stopped = e.get_ref().and_then(|e| e.downcast_ref::<vblock::control::ControlError>());
+                if let Some(stopped) = stopped {
+                    failed = Some(ServeError::Config(stopped.to_string()));
+                }
+            }
+        }
     }
     tasks.abort_all();
     let closing = engine.close_all();
@@ -334,7 +344,7 @@ pub async fn run(mut a: ServeArgs) -> Result<(), ServeError> {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("vblock stopped");
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Server tasks: each runs until the daemon stops (an error ends the daemon).
@@ -541,8 +551,9 @@ async fn spawn_servers(
     tasks.spawn({
         let engine = engine.clone();
         async move {
-            vblock::control::run(engine, control).await;
-            Ok(())
+            vblock::control::run(engine, control)
+                .await
+                .map_err(std::io::Error::other)
         }
     });
     Ok((nbd_addr, advertise))

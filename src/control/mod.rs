@@ -67,9 +67,23 @@ pub const LEASE_BUCKET: &str = "vblock-leases";
 /// The JetStream KV bucket of the cluster's catalog (volume and snapshot records).
 pub const CATALOG_BUCKET: &str = "vblock-catalog";
 
+/// Why the control plane cannot serve at all (the daemon stops).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Cluster mode: a daemon already answers on `vblock.NODE.*` for this `--node` name. Node
+    /// names must be unique in a cluster (requests addressed to a node would reach both).
+    #[error("another daemon already serves cluster node name {0:?} (it answers on vblock.{0}.*); node names must be unique in a cluster")]
+    NodeNameTaken(String),
+}
+
+/// How long a starting cluster node waits for another daemon of its name to answer.
+const NODE_NAME_PROBE: Duration = Duration::from_secs(2);
+
 /// Serves the control plane until the process ends. Connects in the background and reconnects
 /// for ever, logging each disconnect and reconnect; NBD keeps serving meanwhile.
-pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
+///
+/// Errors: [`ControlError::NodeNameTaken`] (cluster mode, at start).
+pub async fn run(engine: Arc<Engine>, config: ControlConfig) -> Result<(), ControlError> {
     let scheme = if config.nbd_tls { "nbds" } else { "nbd" };
     let options = |url: String| {
         async_nats::ConnectOptions::new()
@@ -100,6 +114,20 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             }
         }
     };
+    if let (Some(_), Some(node)) = (config.lease_ttl, &config.node) {
+        // Before this process subscribes: a daemon already answering for this node name is
+        // another process (a restarted one's earlier process is dead: NATS dropped its
+        // subscriptions with its connection). Two starting at once are not caught.
+        let subject = format!("vblock.{node}.describevolumes");
+        let asked = tokio::time::timeout(
+            NODE_NAME_PROBE,
+            client.request(subject, bytes::Bytes::from_static(b"{}")),
+        )
+        .await;
+        if let Ok(Ok(_)) = asked {
+            return Err(ControlError::NodeNameTaken(node.clone()));
+        }
+    }
     let cluster = match (config.lease_ttl, &config.node) {
         (Some(ttl), Some(node)) => loop {
             let opened = async {
@@ -221,6 +249,7 @@ pub async fn run(engine: Arc<Engine>, config: ControlConfig) {
             }
         });
     }
+    Ok(())
 }
 
 /// The operation label of `subject`: its last token when it is a served operation, else `other`.
