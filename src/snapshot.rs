@@ -162,8 +162,24 @@ impl Engine {
         if self.config.cluster {
             // Cluster mode: the pending record copy tells every node's garbage collection that
             // the volume's chunks wait for this snapshot's map (src/gc.rs), should the volume
-            // move to another node before the map is stored.
-            if let Err(e) = store_snapshot_record(&self.backend, &rec).await {
+            // move to another node before the map is stored. Stored only if no copy is there:
+            // one is when another node settled the snapshot as abandoned meanwhile (this node
+            // was slow to take it; `Engine::settle_unstored_snapshot`).
+            let stored = match put_if_absent_retried(
+                &self.backend,
+                &snapshot_record_key(&rec.snapshot_id),
+                record_json(&rec)?,
+            )
+            .await
+            {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(VolumeError::IncorrectState(format!(
+                    "snapshot {} was settled by another node before it was taken (this node was too slow); take a new one",
+                    rec.snapshot_id
+                ))),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = stored {
                 // Not taken after all: its frozen map would pin chunks here for good.
                 let (meta, id) = (self.meta.clone(), rec.snapshot_id.clone());
                 if let Err(e) = blocking(move || meta.delete_snapshot(&id)).await {
@@ -263,6 +279,29 @@ impl Engine {
             };
             store_snapshot_record(&self.backend, &failed).await?;
             tracing::warn!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "a snapshot the volume's earlier owner never stored is marked error");
+        }
+        Ok(outcome)
+    }
+
+    /// Cluster mode: settles snapshot `rec` (a catalog record with no copy in the bucket: its
+    /// node died before taking it, or is slow) through its outcome: `error` (and an error
+    /// record copy, so a late taker's pending copy is refused) unless its node stored it and
+    /// won the outcome first, then `completed` (its node writes the copy). Returns the
+    /// outcome.
+    ///
+    /// Errors: backend errors; an unreadable outcome.
+    pub(crate) async fn settle_unstored_snapshot(
+        &self,
+        rec: &SnapshotRecord,
+    ) -> Result<SnapshotStateName, VolumeError> {
+        let outcome =
+            settle_snapshot(&self.backend, &rec.snapshot_id, SnapshotStateName::Error).await?;
+        if outcome == SnapshotStateName::Error {
+            let failed = SnapshotRecord {
+                state: SnapshotStateName::Error,
+                ..rec.clone()
+            };
+            store_snapshot_record(&self.backend, &failed).await?;
         }
         Ok(outcome)
     }
@@ -719,9 +758,20 @@ async fn store_snapshot_record(
     backend: &SharedBackend,
     rec: &SnapshotRecord,
 ) -> Result<(), VolumeError> {
-    let json = serde_json::to_vec(rec).map_err(|e| VolumeError::Internal(e.to_string()))?;
-    put_retried(backend, &snapshot_record_key(&rec.snapshot_id), json.into()).await?;
+    put_retried(
+        backend,
+        &snapshot_record_key(&rec.snapshot_id),
+        record_json(rec)?,
+    )
+    .await?;
     Ok(())
+}
+
+/// Snapshot record `rec` as its record copy's JSON.
+fn record_json(rec: &SnapshotRecord) -> Result<Bytes, VolumeError> {
+    serde_json::to_vec(rec)
+        .map(Bytes::from)
+        .map_err(|e| VolumeError::Internal(e.to_string()))
 }
 
 /// Copies a snapshot's frozen map and then its record to the backend and marks it `completed`

@@ -202,6 +202,8 @@ fn a_node_name_in_use_is_refused() {
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
     let mut a = cluster_daemon(&nats, &s3, "vblock-names", "a");
+    // Asked until a's control plane has subscribed (bounded): it answers the probe then.
+    node_request(&nats, "a", "describevolumes", serde_json::json!({}));
     let args = cluster_args(&s3, "vblock-names", "a", "2s");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, log) = common::daemon::Daemon::start_expect_failure(
@@ -243,7 +245,12 @@ fn a_nats_restart_across_a_renewal_keeps_the_lease() {
     let mut nats = Nats::start_jetstream();
     let ttl = Duration::from_secs(6);
     let lease = async |nats: &Nats| {
-        let client = async_nats::connect(nats.url()).await.expect("connect");
+        // As the daemon's client: reconnects at most 250 ms apart.
+        let client = async_nats::ConnectOptions::new()
+            .reconnect_delay_callback(|n| Duration::from_millis((1u64 << n.min(8)).min(250)))
+            .connect(nats.url())
+            .await
+            .expect("connect");
         Arc::new(
             Leases::open(client, "vblock-leases", ttl, 1)
                 .await
@@ -993,8 +1000,8 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
 }
 
 /// Issue test 5, inside WAL shipping: the owner dies at a crash point of its shipped-WAL PUT
-/// (`ship-before-put`: the local WAL synced, the object not yet stored; `ship-after-put`: the
-/// object stored, its flushes not yet answered), after a few flushes went through, and the
+/// (`ship-before-put`: the object not yet stored, the local WAL's sync running beside it;
+/// `ship-after-put`: the object stored, its flushes not yet answered), after a few flushes went through, and the
 /// other node takes the volume over: every flushed generation reads back, as a prefix of the
 /// writes. The two nodes take turns.
 #[test]

@@ -422,9 +422,25 @@ impl Leases {
                 // request waits for a reconnect otherwise).
                 let left = give_up.saturating_sub(renewed.elapsed());
                 let sending = Instant::now();
-                let renewal = tokio::time::timeout(left, leases.renew(&id, &holder, revision))
-                    .await
-                    .unwrap_or_else(|_| Err(LeaseError::Kv("renewal timed out".into())));
+                let renewal = tokio::time::timeout(left, async {
+                    match leases.renew(&id, &holder, revision).await {
+                        // An earlier renewal whose answer was lost may have landed: the key
+                        // then holds this holder at a newer revision, which is taken up.
+                        Err(LeaseError::Lost(lost)) => match leases.holder(&id).await {
+                            Ok(Some((o, r))) if o.same_holder(&holder) && r > revision => {
+                                revision = r;
+                                Err(LeaseError::Kv(
+                                    "an earlier renewal had landed; renewing at its revision"
+                                        .into(),
+                                ))
+                            }
+                            _ => Err(LeaseError::Lost(lost)),
+                        },
+                        other => other,
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| Err(LeaseError::Kv("renewal timed out".into())));
                 let answer = match renewal {
                     Ok(r) => {
                         renewals("ok");

@@ -29,7 +29,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a `describevolumespace` forwarded to a volume's owner may take (the owner reads
 /// its map's stats: a hung owner must not hold a listing for [`FORWARD_TIMEOUT`]).
-pub(super) const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Cluster mode's state in the control plane.
 pub struct ClusterMode {

@@ -754,11 +754,12 @@ impl Control {
     /// `ebs.describevolumespace`. In cluster mode each volume is described by the node that
     /// holds its lease (its map is the current one; `vblock.NODE.describevolumespace`, one
     /// request per node with all of its volumes, every node asked at once, each answering
-    /// within [`DESCRIBE_TIMEOUT`](super::cluster::DESCRIBE_TIMEOUT)) unless the request was
-    /// forwarded; a volume nobody holds, from this node's copy of its map. Asked for every
-    /// volume, the volumes no node can describe that way (unheld and never held here, or held
-    /// by a node that does not answer) are left out (logged); asked for some by id, that is
-    /// `InvalidVolume.NotFound` (unheld) or the owner's error. Volumes come in the order asked
+    /// within [`DESCRIBE_TIMEOUT`](super::cluster::DESCRIBE_TIMEOUT) plus 20 ms per volume)
+    /// unless the request was forwarded; a volume nobody holds (or its owner left out), from
+    /// this node's copy of its map, else from its newest map checkpoint in the bucket. Asked
+    /// for every volume, the volumes no node can describe that way (no map anywhere, held by
+    /// a node that does not answer, or an error) are left out (logged); asked for some by id,
+    /// that is `InvalidVolume.NotFound` or the error. Volumes come in the order asked
     /// (a listing: the catalog's).
     async fn describe_volume_space(
         &self,
@@ -819,7 +820,16 @@ impl Control {
                 });
                 for (node, ids, spaces) in futures::future::join_all(asked).await {
                     match spaces {
-                        Ok(spaces) => volume_spaces.extend(spaces),
+                        Ok(spaces) => {
+                            // One the owner left out (not rebuilt yet, or gone there) is
+                            // described here, from the bucket if need be.
+                            let got: std::collections::HashSet<&str> =
+                                spaces.iter().map(|v| v.volume_id.as_str()).collect();
+                            here.extend(
+                                ids.iter().filter(|id| !got.contains(id.as_str())).cloned(),
+                            );
+                            volume_spaces.extend(spaces);
+                        }
                         // One owner that does not answer (a dead node whose lease has not
                         // been taken over) does not fail the listing of every volume.
                         Err(e) if listing => {
@@ -831,31 +841,28 @@ impl Control {
             }
             _ => here = ids,
         }
-        for id in here {
-            let s = match self.engine.volume_space(&id).await {
-                // Cluster mode: no node holds it and this node has no copy of its map; its
-                // newest map checkpoint in the bucket describes it (a drained unmount stores
-                // one). Forwarded: the asking node tells which asked volume is missing.
-                Err(VolumeError::VolumeNotFound(_)) if self.cluster.is_some() => {
-                    match self.stored_space(&id, forwarded).await? {
-                        Some(s) => s,
-                        None if listing || forwarded => {
-                            tracing::info!(volume = %id, "describevolumespace: no node holds the volume, and neither this node nor the bucket has its map; left out");
-                            continue;
-                        }
-                        None => return Err(VolumeError::VolumeNotFound(id).into()),
-                    }
+        // 16 at a time: one from the bucket costs a LIST and a GET.
+        let described: Vec<_> = futures::stream::iter(here)
+            .map(|id| async move {
+                let space = self.space_here(&id, forwarded).await;
+                (id, space)
+            })
+            .buffered(16)
+            .collect()
+            .await;
+        for (id, space) in described {
+            match space {
+                Ok(Some(space)) => volume_spaces.push(space),
+                // Forwarded: the asking node tells which asked volume is missing.
+                Ok(None) if listing || forwarded => {
+                    tracing::info!(volume = %id, "describevolumespace: no node holds the volume, and neither this node nor the bucket has its map; left out");
                 }
-                other => other?,
-            };
-            volume_spaces.push(VolumeSpace {
-                volume_id: id.to_string(),
-                size_bytes: s.size_bytes,
-                allocated_bytes: s.allocated_bytes,
-                stored_bytes: s.stored_bytes,
-                dead_bytes: s.dead_bytes,
-                compression_ratio: (s.compression_ratio * 100.0).round() / 100.0,
-            });
+                Ok(None) => return Err(VolumeError::VolumeNotFound(id).into()),
+                Err(e) if listing && self.cluster.is_some() => {
+                    tracing::warn!(volume = %id, error = %e.message, "describevolumespace: cannot describe the volume; left out");
+                }
+                Err(e) => return Err(e),
+            }
         }
         volume_spaces.sort_by_key(|v| order.get(&v.volume_id).copied());
         if !listing && !forwarded {
@@ -873,6 +880,37 @@ impl Control {
             }
         }
         Ok(body(&DescribeVolumeSpaceReply { volume_spaces }))
+    }
+
+    /// The space of volume `id` from this node's copy of its map; in cluster mode, without
+    /// one, from its newest map checkpoint in the bucket ([`Control::stored_space`]). `None`:
+    /// neither has it.
+    ///
+    /// Errors: metadata, catalog and backend errors.
+    async fn space_here(
+        &self,
+        id: &VolumeId,
+        forwarded: bool,
+    ) -> Result<Option<VolumeSpace>, ApiError> {
+        let s = match self.engine.volume_space(id).await {
+            Ok(s) => s,
+            Err(VolumeError::VolumeNotFound(_)) if self.cluster.is_some() => {
+                match self.stored_space(id, forwarded).await? {
+                    Some(s) => s,
+                    None => return Ok(None),
+                }
+            }
+            Err(VolumeError::VolumeNotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(VolumeSpace {
+            volume_id: id.to_string(),
+            size_bytes: s.size_bytes,
+            allocated_bytes: s.allocated_bytes,
+            stored_bytes: s.stored_bytes,
+            dead_bytes: s.dead_bytes,
+            compression_ratio: (s.compression_ratio * 100.0).round() / 100.0,
+        }))
     }
 
     /// Cluster mode: the space of volume `id` from its newest map checkpoint in the bucket
@@ -912,9 +950,9 @@ impl Control {
         };
         let payload = serde_json::to_vec(&request)
             .map_err(|e| ApiError::internal(format!("encoding a request: {e}")))?;
-        // Its volumes are described one after another there.
+        // Its volumes are described 16 at a time there.
         let timeout = super::cluster::DESCRIBE_TIMEOUT
-            + std::time::Duration::from_millis(100) * ids.len() as u32;
+            + std::time::Duration::from_millis(20) * ids.len() as u32;
         let reply = cluster
             .forward_within(node, "describevolumespace", &payload, timeout)
             .await?;

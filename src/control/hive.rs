@@ -269,7 +269,7 @@ impl Control {
                         tracing::warn!(volume = %id, error = %e, "storing a map checkpoint at the unmount failed (the next owner reads the chunks instead)")
                     }
                     Err(_) => {
-                        tracing::warn!(volume = %id, "no map checkpoint at the unmount: the GC lock stayed busy (the next owner reads the chunks instead)")
+                        tracing::warn!(volume = %id, "no map checkpoint at the unmount: it did not finish within 10 s (the GC lock busy, or a slow PUT; the next owner reads the chunks instead)")
                     }
                 }
             }

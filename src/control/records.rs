@@ -158,7 +158,7 @@ impl Control {
             // `error` unless its node stored it and won the outcome first.
             None if cluster.abandoned(&key, 0, &rec.start_time) => {
                 tracing::warn!(snapshot = %rec.snapshot_id, "a snapshot recorded but not taken by its node; settling its outcome");
-                let state = self.engine.abandon_snapshot(rec).await?;
+                let state = self.engine.settle_unstored_snapshot(rec).await?;
                 let settled = SnapshotRecord {
                     state,
                     progress: if state == SnapshotStateName::Completed {
