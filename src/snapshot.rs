@@ -259,8 +259,7 @@ impl Engine {
         &self,
         rec: &SnapshotRecord,
     ) -> Result<SnapshotStateName, VolumeError> {
-        let outcome =
-            settle_snapshot(&self.backend, &rec.snapshot_id, SnapshotStateName::Error).await?;
+        let outcome = self.settle_unstored_snapshot(rec).await?;
         if outcome == SnapshotStateName::Completed {
             // Its taker won after storing the map, but its completed record copy never
             // landed: completed here from the map.
@@ -273,11 +272,6 @@ impl Engine {
             store_snapshot_record(&self.backend, &done).await?;
             self.install_stored_snapshot(&done).await?;
         } else if outcome == SnapshotStateName::Error {
-            let failed = SnapshotRecord {
-                state: SnapshotStateName::Error,
-                ..rec.clone()
-            };
-            store_snapshot_record(&self.backend, &failed).await?;
             tracing::warn!(snapshot = %rec.snapshot_id, volume = %rec.volume_id, "a snapshot the volume's earlier owner never stored is marked error");
         }
         Ok(outcome)

@@ -802,6 +802,17 @@ fn gen_block(b: u64, g: u64) -> Vec<u8> {
     v
 }
 
+/// The random seed of test `what`: `VBLOCK_TEST_SEED` when set (to replay a run), else a new
+/// one; printed either way.
+fn test_seed(what: &str) -> u64 {
+    let seed = std::env::var("VBLOCK_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("{what} seed {seed} (VBLOCK_TEST_SEED={seed} replays it)");
+    seed
+}
+
 /// Per-block generations written through NBD to a volume of [`Generations::BLOCKS`] blocks
 /// while its owner is killed: what each block may read back afterwards.
 struct Generations {
@@ -956,8 +967,8 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let seed: u64 = rand::random();
-    println!("failover test seed {seed}, {rounds} rounds");
+    let seed = test_seed("failover test");
+    println!("{rounds} rounds");
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
     let mut nodes = [
@@ -1001,13 +1012,12 @@ fn owners_killed_under_writes_lose_no_flushed_write() {
 
 /// Issue test 5, inside WAL shipping: the owner dies at a crash point of its shipped-WAL PUT
 /// (`ship-before-put`: the object not yet stored, the local WAL's sync running beside it;
-/// `ship-after-put`: the object stored, its flushes not yet answered), after a few flushes went through, and the
-/// other node takes the volume over: every flushed generation reads back, as a prefix of the
-/// writes. The two nodes take turns.
+/// `ship-after-put`: the object stored, its flushes not yet answered), after a few flushes
+/// went through, and the other node takes the volume over: every flushed generation reads
+/// back, as a prefix of the writes. The two nodes take turns.
 #[test]
 fn owners_crashed_inside_wal_shipping_lose_no_flushed_write() {
-    let seed: u64 = rand::random();
-    println!("shipping crash test seed {seed}");
+    let seed = test_seed("shipping crash test");
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
     let bucket = "vblock-ship-crash";
@@ -1052,13 +1062,11 @@ fn owners_crashed_inside_wal_shipping_lose_no_flushed_write() {
 /// Issue test 6 with `--cluster` daemons: every node's local disk is lost. The owner of a
 /// volume is killed (-9) inside its write+flush stream, and so is the other node; neither
 /// comes back. A new node on an empty data directory, with only the bucket and the catalog,
-/// serves the volume on its first mount: every flush-acknowledged generation, and nothing
-/// never written. A second volume, unmounted before the loss, reads
-/// back whole.
+/// serves the volume on its first mount: every flush-acknowledged generation, as a prefix of
+/// the writes. A second volume, unmounted before the loss, reads back whole.
 #[test]
 fn every_local_disk_lost_loses_no_flushed_write() {
-    let seed: u64 = rand::random();
-    println!("disk loss test seed {seed}");
+    let seed = test_seed("disk loss test");
     let nats = Nats::start_jetstream();
     let s3 = common::s3::S3Server::start(common::s3::Kind::S3sFs);
     let mut a = cluster_daemon(&nats, &s3, "vblock-disks", "a");
