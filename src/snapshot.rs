@@ -475,36 +475,25 @@ impl Engine {
             .collect())
     }
 
-    /// Cluster mode: removes pin `name` (as [`Engine::mark_snapshot_deleted`] lists it) on
-    /// snapshot `id`, one whose clone is gone.
-    ///
-    /// Errors: backend errors.
-    pub async fn remove_pin(&self, id: &SnapshotId, name: &str) -> Result<(), VolumeError> {
-        let key = format!("{}{name}", snapshot_pins_prefix(id));
-        Ok(delete_retried(&self.backend, &key).await?)
-    }
-
     /// Whether volume `id`'s record copy (`VOLUMEID/volume.json`) is in the backend: the
     /// volume exists, or is being deleted or created.
     ///
     /// Errors: backend errors.
     pub async fn volume_copy_exists(&self, id: &VolumeId) -> Result<bool, VolumeError> {
-        let key = crate::backend::volume_record_key(id);
-        match crate::retry::retry(&RetryPolicy::reads(), &key, || self.backend.get(&key)).await {
-            Ok(_) => Ok(true),
-            Err(BackendError::NotFound(_)) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        self.object_exists(&crate::backend::volume_record_key(id))
+            .await
     }
 
     /// Cluster mode: whether a delete of snapshot `id` has begun (its delete marker is stored).
     ///
     /// Errors: backend errors.
     pub async fn snapshot_delete_begun(&self, id: &SnapshotId) -> Result<bool, VolumeError> {
-        let marker = snapshot_deleted_key(id);
-        match crate::retry::retry(&RetryPolicy::reads(), &marker, || self.backend.get(&marker))
-            .await
-        {
+        self.object_exists(&snapshot_deleted_key(id)).await
+    }
+
+    /// Whether an object is stored under `key` (a GET, retried like other control-plane reads).
+    async fn object_exists(&self, key: &str) -> Result<bool, VolumeError> {
+        match crate::retry::retry(&RetryPolicy::reads(), key, || self.backend.get(key)).await {
             Ok(_) => Ok(true),
             Err(BackendError::NotFound(_)) => Ok(false),
             Err(e) => Err(e.into()),

@@ -193,7 +193,7 @@ pub fn snapshot_pins_prefix(snapshot: &SnapshotId) -> String {
 /// one is listed, a delete of the snapshot keeps its record copy and map (FORMAT.md, "Clone
 /// pins").
 pub fn snapshot_pin_key(snapshot: &SnapshotId, volume: &VolumeId) -> String {
-    format!("{snapshot}/clones/{volume}")
+    format!("{}{volume}", snapshot_pins_prefix(snapshot))
 }
 
 /// Key of a snapshot's delete marker (`SNAPID/deleted`, cluster mode, empty): stored by a

@@ -412,14 +412,13 @@ impl Control {
             }
         };
         if let Some(advertised) = kept_here {
-            if let Some(Err(e)) = match advertised {
-                Some(a) => Some(a.await),
-                None => None,
-            } {
-                cluster.release(id, purpose).await;
-                return Err(VolumeError::IncorrectState(format!(
-                    "volume {id}: its lease could not take this mount's URI ({e}); try again"
-                )));
+            if let Some(advertised) = advertised {
+                if let Err(e) = advertised.await {
+                    cluster.release(id, purpose).await;
+                    return Err(VolumeError::IncorrectState(format!(
+                        "volume {id}: its lease could not take this mount's URI ({e}); try again"
+                    )));
+                }
             }
             return Ok(Owned::Here);
         }
@@ -1167,22 +1166,23 @@ impl Control {
             .collect();
         let mut cloned = !clones.is_empty();
         for pin in pins.iter().filter(|p| !clones.contains(*p)) {
+            let key = format!("pin/{id}/{pin}");
             let gone = match (VolumeId::parse(pin), &self.cluster) {
-                (Ok(vol), Some(cluster)) => {
-                    !self.engine.volume_copy_exists(&vol).await?
-                        && cluster.abandoned(&format!("pin/{id}/{pin}"), 0, "")
+                (Ok(vol), Some(cluster))
+                    if !self.engine.volume_copy_exists(&vol).await?
+                        && cluster.abandoned(&key, 0, "") =>
+                {
+                    Some((vol, cluster))
                 }
-                _ => false,
+                _ => None,
             };
-            if !gone {
+            let Some((vol, cluster)) = gone else {
                 cloned = true;
                 continue;
-            }
-            tracing::warn!(snapshot = %id, clone = %pin, "removing a pin whose clone is gone");
-            self.engine.remove_pin(id, pin).await?;
-            if let Some(cluster) = &self.cluster {
-                cluster.forget(&format!("pin/{id}/{pin}"));
-            }
+            };
+            tracing::warn!(snapshot = %id, clone = %vol, "removing a pin whose clone is gone");
+            self.engine.unpin_snapshot(id, &vol).await?;
+            cluster.forget(&key);
         }
         self.engine.delete_snapshot_copies(id, !cloned).await?;
         Ok(!cloned)

@@ -865,26 +865,12 @@ impl Control {
             }
         }
         volume_spaces.sort_by_key(|v| order.get(&v.volume_id).copied());
-        if !listing && !forwarded {
-            // Asked by id: each must be there (an owner leaves out one it no longer has).
-            let described: std::collections::HashSet<&str> =
-                volume_spaces.iter().map(|v| v.volume_id.as_str()).collect();
-            let mut asked: Vec<(&String, &usize)> = order.iter().collect();
-            asked.sort_by_key(|(_, i)| **i);
-            if let Some((id, _)) = asked
-                .iter()
-                .find(|(id, _)| !described.contains(id.as_str()))
-            {
-                let id = parse_volume_id(id)?;
-                return Err(VolumeError::VolumeNotFound(id).into());
-            }
-        }
         Ok(body(&DescribeVolumeSpaceReply { volume_spaces }))
     }
 
     /// The space of volume `id` from this node's copy of its map; in cluster mode, without
-    /// one, from its newest map checkpoint in the bucket ([`Control::stored_space`]). `None`:
-    /// neither has it.
+    /// one and unless `forwarded` (the asking node looks there), from its newest map checkpoint
+    /// in the bucket ([`Control::stored_space`]). `None`: neither has it.
     ///
     /// Errors: metadata, catalog and backend errors.
     async fn space_here(
@@ -894,8 +880,8 @@ impl Control {
     ) -> Result<Option<VolumeSpace>, ApiError> {
         let s = match self.engine.volume_space(id).await {
             Ok(s) => s,
-            Err(VolumeError::VolumeNotFound(_)) if self.cluster.is_some() => {
-                match self.stored_space(id, forwarded).await? {
+            Err(VolumeError::VolumeNotFound(_)) if self.cluster.is_some() && !forwarded => {
+                match self.stored_space(id).await? {
                     Some(s) => s,
                     None => return Ok(None),
                 }
@@ -914,18 +900,13 @@ impl Control {
     }
 
     /// Cluster mode: the space of volume `id` from its newest map checkpoint in the bucket
-    /// (`None` without a catalog record or a checkpoint; not asked when `forwarded`: the
-    /// owner answers for what it has).
+    /// (`None` without a catalog record or a checkpoint).
     ///
     /// Errors: catalog and backend errors; a corrupt checkpoint.
     async fn stored_space(
         &self,
         id: &VolumeId,
-        forwarded: bool,
     ) -> Result<Option<crate::gc::VolumeSpace>, ApiError> {
-        if forwarded {
-            return Ok(None);
-        }
         let size = match self.volume_at(id).await {
             Ok((rec, _)) => rec.size_bytes,
             Err(VolumeError::VolumeNotFound(_)) => return Ok(None),

@@ -138,19 +138,11 @@ impl Control {
             return Ok(None);
         }
         let key = format!("snapshot/{}", rec.snapshot_id);
-        match self.engine.stored_snapshot(&rec.snapshot_id).await? {
-            Some(copy) if copy.state != SnapshotStateName::Pending => {
-                cluster
-                    .catalog
-                    .finish_snapshot(&copy)
-                    .await
-                    .map_err(catalog_err)?;
-                cluster.forget(&key);
-                Ok(Some(copy))
-            }
+        let settled = match self.engine.stored_snapshot(&rec.snapshot_id).await? {
+            Some(copy) if copy.state != SnapshotStateName::Pending => copy,
             Some(_) => {
                 cluster.forget(&key);
-                Ok(None)
+                return Ok(None);
             }
             // Recorded, never taken: its node died before it stored the pending copy (which
             // it does right after taking it), or is slow. Once this node has seen it so for
@@ -159,7 +151,7 @@ impl Control {
             None if cluster.abandoned(&key, 0, &rec.start_time) => {
                 tracing::warn!(snapshot = %rec.snapshot_id, "a snapshot recorded but not taken by its node; settling its outcome");
                 let state = self.engine.settle_unstored_snapshot(rec).await?;
-                let settled = SnapshotRecord {
+                SnapshotRecord {
                     state,
                     progress: if state == SnapshotStateName::Completed {
                         100
@@ -167,16 +159,16 @@ impl Control {
                         rec.progress
                     },
                     ..rec.clone()
-                };
-                cluster
-                    .catalog
-                    .finish_snapshot(&settled)
-                    .await
-                    .map_err(catalog_err)?;
-                cluster.forget(&key);
-                Ok(Some(settled))
+                }
             }
-            None => Ok(None),
-        }
+            None => return Ok(None),
+        };
+        cluster
+            .catalog
+            .finish_snapshot(&settled)
+            .await
+            .map_err(catalog_err)?;
+        cluster.forget(&key);
+        Ok(Some(settled))
     }
 }
